@@ -1,0 +1,383 @@
+"""Coordinate transforms between Cartesian configurations and the coordinates a flow sees.
+
+``InternalCoordinates`` is a global bond/angle/torsion transform built automatically from a
+Topology's bond graph (Z-matrix conventions in :mod:`cmt_openmm.zmatrix`), batched in torch
+with exact log-determinants; ``CartesianCoordinates`` is the identity for toy targets.
+Hand-written because the transform must be built from any topology, handle constraints and
+chirality, and be vectorised over placement generations; bgflow-style transforms need a
+hand-made Z-matrix and do not fix chirality.
+
+Frame and density conventions:
+
+* The standard frame puts seed ``a0`` at the origin, ``a1`` on +x and ``a2`` in the xy plane
+  with y > 0.  ``inverse`` returns configurations in that frame; ``frame(x)`` gives the
+  rotation and translation that map it back onto ``x``.
+* The log-determinants are those of the map between ``z`` and the 3N-6 standard-frame
+  Cartesian coordinates (x of ``a1``; x, y of ``a2``; x, y, z of the rest):
+  ``log|det dx/dz| = log r_a2 + sum_{i >= 3} (2 log r_i + log sin theta_i)``.  A relative
+  torsion is a shift of the placement dihedral by the sibling's torsion, which leaves the
+  Jacobian unchanged.  So ``log q(x) = log q_z(z) + log|det dz/dx|`` with the rigid-body
+  degrees of freedom fixed.
+* Constrained bond lengths are constants, excluded from ``z``; the log-determinant is the same
+  formula with those lengths held at their constraint values (the density of ``x`` relative to
+  the unconstrained coordinates with a delta on each constrained length).
+* Proper torsions are wrapped to [-pi, pi) and are circular.  A relative torsion (azimuth of
+  the atom around the parent-axis bond minus that of its reference sibling) is wrapped to
+  [ref - pi, ref + pi) around its reference value, so it is an ordinary narrow interval
+  coordinate; on four-neighbour (chiral) centres its valid bounds are the half interval
+  (0, pi) or (-pi, 0) that contains the reference, which keeps the reference chirality.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from cmt_openmm.errors import CMTInputError
+from cmt_openmm.zmatrix import RELATIVE, TORSION, build_zmatrix
+
+_PI = math.pi
+_MIN_REFERENCE_ANGLE = 0.05  # rad; reference angles closer to 0 or pi (linear groups) are refused
+
+
+def wrap_angle(a: Tensor) -> Tensor:
+    """Wrap angles (rad) to [-pi, pi)."""
+    w = torch.remainder(a + _PI, 2 * _PI) - _PI
+    return torch.where(w >= _PI, w - 2 * _PI, w)
+
+
+def _angle(u: Tensor, v: Tensor) -> Tensor:
+    """Angle (rad, in [0, pi]) between vectors u and v (..., 3)."""
+    return torch.atan2(torch.linalg.cross(u, v).norm(dim=-1), (u * v).sum(-1))
+
+
+def dihedral(p0: Tensor, p1: Tensor, p2: Tensor, p3: Tensor) -> Tensor:
+    """IUPAC dihedral p0-p1-p2-p3 (rad, in [-pi, pi]) of points (..., 3)."""
+    b0, b1, b2 = p0 - p1, p2 - p1, p3 - p2
+    b1 = b1 / b1.norm(dim=-1, keepdim=True)
+    v = b0 - (b0 * b1).sum(-1, keepdim=True) * b1
+    w = b2 - (b2 * b1).sum(-1, keepdim=True) * b1
+    return torch.atan2((torch.linalg.cross(b1, v) * w).sum(-1), (v * w).sum(-1))
+
+
+def _place(a: Tensor, b: Tensor, c: Tensor, r: Tensor, theta: Tensor, phi: Tensor) -> Tensor:
+    """NeRF: the point d with |c d| = r, angle b-c-d = theta, dihedral a-b-c-d = phi."""
+    bc = c - b
+    bc = bc / bc.norm(dim=-1, keepdim=True)
+    n = torch.linalg.cross(b - a, bc)
+    n = n / n.norm(dim=-1, keepdim=True)
+    m = torch.linalg.cross(n, bc)
+    sin_t = torch.sin(theta)
+    return c + r * (-torch.cos(theta) * bc + sin_t * torch.cos(phi) * m + sin_t * torch.sin(phi) * n)
+
+
+def _positions_nm(positions, n_atoms: int) -> np.ndarray:
+    """Strip openmm units (to nm) and check the shape (n_atoms, 3) and finiteness."""
+    if hasattr(positions, "value_in_unit"):
+        import openmm.unit as unit
+
+        positions = positions.value_in_unit(unit.nanometer)
+    if isinstance(positions, Tensor):
+        positions = positions.detach().cpu().numpy()
+    arr = np.asarray(positions, dtype=np.float64)
+    if arr.shape != (n_atoms, 3) or not np.all(np.isfinite(arr)):
+        raise CMTInputError(f"Reference positions must be a finite ({n_atoms}, 3) array in nm, "
+                            f"got shape {arr.shape}; pass one configuration of this topology.")
+    return arr
+
+
+def _length_nm(length) -> float:
+    if hasattr(length, "value_in_unit"):
+        import openmm.unit as unit
+
+        length = length.value_in_unit(unit.nanometer)
+    return float(length)
+
+
+class CoordinateTransform(torch.nn.Module):
+    """Common interface: Cartesian x (B, n_atoms, 3) nm <-> flow coordinates z (B, dim).
+
+    Attributes: ``dim``, ``n_atoms``, ``kinds`` (per coordinate), buffers ``circular_mask``
+    (dim,) bool, ``reference_z`` (dim,), ``valid_bounds`` (dim, 2).
+    """
+
+    dim: int
+    n_atoms: int
+    kinds: list[str]
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x (B, n_atoms, 3) nm -> z (B, dim), log|det dz/dx| (B,)."""
+        raise NotImplementedError
+
+    def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """z (B, dim) -> x (B, n_atoms, 3) nm in the standard frame, log|det dx/dz| (B,)."""
+        raise NotImplementedError
+
+    def frame(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """R (B, 3, 3), t (B, 3) such that x == x_std @ R.T + t."""
+        raise NotImplementedError
+
+    def chirality_flipped(self, x) -> Tensor:
+        """(B,) bool: True where any reference chiral centre has the opposite handedness."""
+        raise NotImplementedError
+
+    def flipped_fraction(self, x) -> float:
+        """Fraction of configurations x (B, n_atoms, 3) with a flipped chiral centre."""
+        return float(self.chirality_flipped(x).double().mean())
+
+    def _check_x(self, x: Tensor) -> None:
+        if x.dim() != 3 or tuple(x.shape[1:]) != (self.n_atoms, 3):
+            raise CMTInputError(f"Expected configurations of shape (B, {self.n_atoms}, 3), got "
+                                f"{tuple(x.shape)}; add a batch dimension or check the system.")
+
+    def _check_z(self, z: Tensor) -> None:
+        if z.dim() != 2 or z.shape[1] != self.dim:
+            raise CMTInputError(f"Expected coordinates of shape (B, {self.dim}), got "
+                                f"{tuple(z.shape)}; add a batch dimension or check the transform.")
+
+
+class InternalCoordinates(CoordinateTransform):
+    """Global internal coordinates (bonds, angles, torsions) from a Topology's bond graph.
+
+    ``z`` = [free bond lengths (nm), angles (rad), dihedrals (rad)], each block in placement
+    order; ``kinds`` says which dihedral is a circular "torsion" and which a narrow
+    "relative_torsion".  ``dim = 3N - 6 - len(constraints)``.  ``constraints``: (i, j, length)
+    for bonds of the spanning tree only.  ``seeds``: optional (a0, a1, a2) override.
+    All index/reference buffers are derived from the topology and reference positions and
+    are not part of the state dict.
+
+    Example::
+
+        ic = InternalCoordinates(pdb.topology, pdb.positions)
+        z, logdet = ic(x)            # x (B, n, 3) nm
+        x_std, logdet_inv = ic.inverse(z)
+    """
+
+    def __init__(self, topology, reference_positions, constraints=(), dtype: torch.dtype = torch.float64,
+                 seeds: tuple[int, int, int] | None = None):
+        super().__init__()
+        n = topology.getNumAtoms()
+        pos = _positions_nm(reference_positions, n)
+        atoms = list(topology.atoms())
+        is_h = [(a.element.atomic_number == 1) if a.element is not None else a.name.upper().startswith("H")
+                for a in atoms]
+        bonds = [(a.index, b.index) for a, b in topology.bonds()]
+        zm = build_zmatrix(n, bonds, is_h, seeds)
+        self.zmatrix = zm
+        self.n_atoms = n
+        self.seeds = zm.seeds
+        rows = zm.rows
+        pos_of = {row.atom: p for p, row in enumerate(rows)}
+        drows = rows[3:]
+        nd = len(drows)
+        drow_of = {row.atom: p for p, row in enumerate(drows)}
+
+        # Constraints: constant bond lengths on tree bonds.
+        bond_row = {frozenset((row.atom, row.j)): p for p, row in enumerate(rows[1:])}
+        constant = {}
+        for c in constraints:
+            i, j, length = int(c[0]), int(c[1]), _length_nm(c[2])
+            p = bond_row.get(frozenset((i, j)))
+            if p is None:
+                raise CMTInputError(f"Constraint between atoms {i} and {j} is not on a bond of the "
+                                    "Z-matrix spanning tree (e.g. a rigid-water H-H or ring-closure "
+                                    "constraint); remove it (create the System without it).")
+            if not length > 0:
+                raise CMTInputError(f"Constraint between atoms {i} and {j} has length {length} nm; "
+                                    "constraint lengths must be positive.")
+            constant[p] = length
+        free = [p for p in range(n - 1) if p not in constant]
+        fixed = sorted(constant)
+        self.n_constrained = len(fixed)
+        self.dim = 3 * n - 6 - len(fixed)
+
+        lng = dict(dtype=torch.long)
+        reg = lambda name, value: self.register_buffer(name, value, persistent=False)  # noqa: E731
+        reg("_bond_i", torch.tensor([r.atom for r in rows[1:]], **lng))
+        reg("_bond_j", torch.tensor([r.j for r in rows[1:]], **lng))
+        reg("_angle_ijk", torch.tensor([[r.atom, r.j, r.k] for r in rows[2:]], **lng).reshape(-1, 3))
+        reg("_dihedral_ijkm", torch.tensor(
+            [[r.atom, r.j, r.k, r.sibling if r.kind == RELATIVE else r.l] for r in drows], **lng).reshape(-1, 4))
+        reg("_is_relative", torch.tensor([r.kind == RELATIVE for r in drows], dtype=torch.bool))
+        reg("_free", torch.tensor(free, **lng))
+        reg("_fixed", torch.tensor(fixed, **lng))
+        reg("_fixed_length", torch.tensor([constant[p] for p in fixed], dtype=dtype))
+        # bond rows as positions in cat([free, fixed]):
+        reg("_bond_perm", torch.tensor(np.argsort(free + fixed), **lng))
+        # placement: positions of j, k, l in the placement order; dihedral offset (sibling's torsion).
+        reg("_place_jkl", torch.tensor([[pos_of[r.j], pos_of[r.k], pos_of[r.l]] for r in drows], **lng).reshape(-1, 3))
+        reg("_offset", torch.tensor([drow_of[r.sibling] if r.kind == RELATIVE and r.sibling != r.l else nd
+                                     for r in drows], **lng))
+        reg("_atom_pos", torch.tensor([pos_of[a] for a in range(n)], **lng))
+        gens = [r.generation for r in drows]
+        self._generations = [(gens.index(g), len(gens) - gens[::-1].index(g)) for g in sorted(set(gens))]
+
+        # Chirality of the reference structure.
+        chiral = torch.tensor(zm.chiral, **lng).reshape(-1, 4)
+        reg("_chiral", chiral)
+        ref_t = torch.as_tensor(pos, dtype=torch.float64)[None]
+        reg("_chiral_sign", torch.sign(self._volumes(ref_t)[0]).to(dtype))
+        self.chiral_centres = [c[0] for c in zm.chiral]
+
+        # Reference coordinates and bounds (relative torsions are centred on their reference).
+        r_ref, theta_ref, d_ref = (t[0] for t in self._measure(ref_t))
+        if theta_ref.numel() and (torch.sin(theta_ref).min() < math.sin(_MIN_REFERENCE_ANGLE)):
+            bad = int(rows[2 + int(torch.sin(theta_ref).argmin())].atom)
+            raise CMTInputError(f"The reference bond angle at atom {bad} is (nearly) linear; internal "
+                                "coordinates cannot represent linear groups, use CartesianCoordinates.")
+        reg("_relative_centre", d_ref.to(dtype))
+        kinds = ["bond"] * len(free) + ["angle"] * (n - 2) + [r.kind for r in drows]
+        self.kinds = kinds
+        reg("circular_mask", torch.tensor([k == TORSION for k in kinds], dtype=torch.bool))
+        z_ref, _ = self.forward(ref_t)
+        reg("reference_z", z_ref[0].to(dtype))
+        centres = set(self.chiral_centres)
+        bounds = [(0.3 * float(r_ref[p]), 3.0 * float(r_ref[p])) for p in free]
+        bounds += [(0.0, _PI)] * (n - 2)
+        for r, d in zip(drows, d_ref.tolist()):
+            if r.kind == TORSION:
+                bounds.append((-_PI, _PI))
+            elif r.j in centres:
+                bounds.append((0.0, _PI) if d >= 0 else (-_PI, 0.0))
+            else:
+                bounds.append((d - _PI, d + _PI))
+        reg("valid_bounds", torch.tensor(bounds, dtype=dtype).reshape(-1, 2))
+        label = lambda a: f"{atoms[a].name}({atoms[a].residue.name}{atoms[a].residue.id})"  # noqa: E731
+        self.names = ([f"bond {label(rows[p + 1].atom)}-{label(rows[p + 1].j)}" for p in free]
+                      + [f"angle {label(r.atom)}-{label(r.j)}-{label(r.k)}" for r in rows[2:]]
+                      + [f"{r.kind} {label(r.atom)}-{label(r.j)}-{label(r.k)}-"
+                         f"{label(r.sibling if r.kind == RELATIVE else r.l)}" for r in drows])
+        self.to(dtype)
+
+    def extra_repr(self) -> str:
+        return (f"n_atoms={self.n_atoms}, dim={self.dim}, circular={int(self.circular_mask.sum())}, "
+                f"constrained={self.n_constrained}, chiral_centres={len(self.chiral_centres)}")
+
+    def _measure(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Raw bond lengths (B, n-1), angles (B, n-2) and dihedrals (B, n-3) in placement order."""
+        r = (x[:, self._bond_i] - x[:, self._bond_j]).norm(dim=-1)
+        a = self._angle_ijk
+        theta = _angle(x[:, a[:, 0]] - x[:, a[:, 1]], x[:, a[:, 2]] - x[:, a[:, 1]])
+        d = self._dihedral_ijkm
+        phi = dihedral(x[:, d[:, 0]], x[:, d[:, 1]], x[:, d[:, 2]], x[:, d[:, 3]])
+        return r, theta, phi
+
+    def _log_jacobian(self, r: Tensor, theta: Tensor) -> Tensor:
+        """log|det dx/dz| from all bond lengths (B, n-1) and angles (B, n-2)."""
+        return torch.log(r[:, 1]) + (2 * torch.log(r[:, 2:]) + torch.log(torch.sin(theta[:, 1:]))).sum(-1)
+
+    def _all_bonds(self, free: Tensor) -> Tensor:
+        fixed = self._fixed_length.to(free).expand(free.shape[0], -1)
+        return torch.cat([free, fixed], dim=-1)[:, self._bond_perm]
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x (B, n_atoms, 3) nm -> z (B, dim), log|det dz/dx| (B,) (standard-frame coordinates)."""
+        self._check_x(x)
+        r, theta, d = self._measure(x)
+        centre = self._relative_centre.to(d)
+        d = torch.where(self._is_relative, centre + wrap_angle(d - centre), wrap_angle(d))
+        free = r[:, self._free]
+        z = torch.cat([free, theta, d], dim=-1)
+        return z, -self._log_jacobian(self._all_bonds(free), theta)
+
+    def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """z (B, dim) -> x (B, n_atoms, 3) nm in the standard frame, log|det dx/dz| (B,)."""
+        self._check_z(z)
+        n, nf = self.n_atoms, len(self._free)
+        r = self._all_bonds(z[:, :nf])
+        theta = z[:, nf:nf + n - 2]
+        d = z[:, nf + n - 2:]
+        phase = d + torch.cat([d, torch.zeros_like(d[:, :1])], dim=-1)[:, self._offset]
+        zero = torch.zeros_like(r[:, 0])
+        x0 = torch.stack([zero, zero, zero], dim=-1)
+        x1 = torch.stack([r[:, 0], zero, zero], dim=-1)
+        x2 = torch.stack([r[:, 1] * torch.cos(theta[:, 0]), r[:, 1] * torch.sin(theta[:, 0]), zero], dim=-1)
+        placed = torch.stack([x0, x1, x2], dim=1)
+        for start, end in self._generations:
+            jkl = self._place_jkl[start:end]
+            new = _place(placed[:, jkl[:, 2]], placed[:, jkl[:, 1]], placed[:, jkl[:, 0]],
+                         r[:, 2 + start:2 + end, None], theta[:, 1 + start:1 + end, None],
+                         phase[:, start:end, None])
+            placed = torch.cat([placed, new], dim=1)
+        return placed[:, self._atom_pos], self._log_jacobian(r, theta)
+
+    def frame(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """R (B, 3, 3) proper rotation, t (B, 3) nm with x == x_std @ R.T + t."""
+        self._check_x(x)
+        a0, a1, a2 = self.seeds
+        t = x[:, a0]
+        e1 = x[:, a1] - t
+        e1 = e1 / e1.norm(dim=-1, keepdim=True)
+        v = x[:, a2] - t
+        e2 = v - (v * e1).sum(-1, keepdim=True) * e1
+        e2 = e2 / e2.norm(dim=-1, keepdim=True)
+        return torch.stack([e1, e2, torch.linalg.cross(e1, e2)], dim=-1), t
+
+    def _volumes(self, x: Tensor) -> Tensor:
+        """Signed volumes (B, n_centres) of the three recorded neighbours around each centre."""
+        c = self._chiral
+        centre = x[:, c[:, 0]]
+        u, v, w = (x[:, c[:, m]] - centre for m in (1, 2, 3))
+        return (u * torch.linalg.cross(v, w)).sum(-1)
+
+    def flipped_centres(self, x) -> Tensor:
+        """(B, n_centres) bool, columns as ``chiral_centres``; flat or non-finite counts as flipped."""
+        x = torch.as_tensor(x)
+        self._check_x(x)
+        return ~(self._volumes(x) * self._chiral_sign.to(x) > 0)
+
+    def chirality_flipped(self, x) -> Tensor:
+        """(B,) bool: True where any reference chiral centre (four-neighbour atom) is flipped."""
+        return self.flipped_centres(x).any(dim=-1)
+
+
+class CartesianCoordinates(CoordinateTransform):
+    """Identity transform for toy targets without a molecule: z = x flattened (B, 3 n_atoms).
+
+    ``box``: (3 n_atoms, 2) lower/upper bounds in nm (becomes ``valid_bounds``);
+    ``reference_positions`` (optional, nm) becomes ``reference_z``, else the box centre.
+    """
+
+    def __init__(self, n_atoms: int, box, reference_positions=None, dtype: torch.dtype = torch.float64):
+        super().__init__()
+        self.n_atoms = int(n_atoms)
+        self.dim = 3 * self.n_atoms
+        box = torch.as_tensor(np.asarray(box, dtype=np.float64))
+        if box.shape != (self.dim, 2) or not bool(torch.isfinite(box).all()) or not bool((box[:, 0] < box[:, 1]).all()):
+            raise CMTInputError(f"The box must be a finite ({self.dim}, 2) array of lower < upper "
+                                f"bounds in nm, got shape {tuple(box.shape)}; set the target's box.")
+        ref = box.mean(dim=1) if reference_positions is None else torch.as_tensor(
+            _positions_nm(reference_positions, self.n_atoms)).reshape(-1)
+        self.kinds = ["cartesian"] * self.dim
+        self.register_buffer("circular_mask", torch.zeros(self.dim, dtype=torch.bool), persistent=False)
+        self.register_buffer("valid_bounds", box.to(dtype), persistent=False)
+        self.register_buffer("reference_z", ref.to(dtype), persistent=False)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x (B, n_atoms, 3) -> z (B, 3 n_atoms), log|det| = 0."""
+        self._check_x(x)
+        return x.reshape(x.shape[0], self.dim), x.new_zeros(x.shape[0])
+
+    def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """z (B, 3 n_atoms) -> x (B, n_atoms, 3), log|det| = 0."""
+        self._check_z(z)
+        return z.reshape(z.shape[0], self.n_atoms, 3), z.new_zeros(z.shape[0])
+
+    def frame(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Identity rotation and zero translation (no rigid-body degrees of freedom removed)."""
+        b = x.shape[0]
+        return torch.eye(3, dtype=x.dtype, device=x.device).expand(b, 3, 3), x.new_zeros(b, 3)
+
+    def chirality_flipped(self, x) -> Tensor:
+        """All False: there are no chiral centres."""
+        x = torch.as_tensor(x)
+        return torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+
+
+def coordinates_for(target, dtype: torch.dtype = torch.float64) -> CoordinateTransform:
+    """The transform for a Target: internal coordinates for molecules, else Cartesian over its box."""
+    if target.has_molecule:
+        return InternalCoordinates(target.topology, target.positions, target.constraints, dtype=dtype)
+    return CartesianCoordinates(target.n_atoms, target.box, target.positions, dtype=dtype)
