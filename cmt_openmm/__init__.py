@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 _PUBLIC = {
     "CMTInputError": "errors",
     "Target": "target",
+    "ToyTarget": "toys",
     "get_target": "systems",
     "list_targets": "systems",
     "OpenMMEnergy": "energy",

@@ -1,0 +1,70 @@
+"""Named benchmark targets: alanine dipeptide in three solvent models, and the toy targets.
+
+All alanine dipeptide targets use openmmtools' ``alanine-dipeptide-gbsa`` structure (22 atoms,
+ACE-ALA-NME) as reference positions and share one topology (same atoms, bonds, no
+constraints), so a generator trained on one can be evaluated on another. No cutoffs, no
+constraints, no periodic box:
+
+- ``aldp-vacuum``: amber99sbildn.xml in vacuum (NonbondedForce).
+- ``aldp-obc``: amber99sbildn.xml + amber99_obc.xml (native GBSAOBCForce).
+- ``aldp-implicit``: openmmtools ``AlanineDipeptideImplicit(constraints=None)`` (AMBER ff96 with
+  OBC1 as a CustomGBForce, ~20x slower per energy than GBSAOBCForce on CPUs).
+- ``toy-double-well``, ``toy-gaussian-mixture``: see `cmt_openmm.toys`.
+
+Example:
+    >>> target = get_target("aldp-vacuum", temperature=300.0)
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable
+
+import openmm.app as app
+
+from cmt_openmm import toys
+from cmt_openmm.errors import CMTInputError
+from cmt_openmm.target import Target
+
+
+def aldp_pdb_path() -> Path:
+    """Path of openmmtools' alanine dipeptide PDB (found without importing openmmtools, which is slow)."""
+    spec = importlib.util.find_spec("openmmtools")
+    if spec is None or not spec.submodule_search_locations:
+        raise CMTInputError("the alanine dipeptide targets need openmmtools: install the project's pinned environment.")
+    return Path(spec.submodule_search_locations[0]) / "data" / "alanine-dipeptide-gbsa" / "alanine-dipeptide.pdb"
+
+
+def _aldp_from_xmls(temperature: Any, xmls: list[str], name: str) -> Target:
+    return Target.from_pdb(aldp_pdb_path(), xmls, temperature, name=name)
+
+
+def _aldp_implicit(temperature: Any) -> Target:
+    from openmmtools.testsystems import AlanineDipeptideImplicit
+
+    testsystem = AlanineDipeptideImplicit(constraints=None)
+    positions = app.PDBFile(str(aldp_pdb_path())).positions  # the same reference structure as the other aldp targets
+    return Target(testsystem.system, testsystem.topology, positions, temperature, name="aldp-implicit")
+
+
+_BUILDERS: dict[str, Callable[[Any], Target]] = {
+    "aldp-vacuum": partial(_aldp_from_xmls, xmls=["amber99sbildn.xml"], name="aldp-vacuum"),
+    "aldp-obc": partial(_aldp_from_xmls, xmls=["amber99sbildn.xml", "amber99_obc.xml"], name="aldp-obc"),
+    "aldp-implicit": _aldp_implicit,
+    "toy-double-well": toys.double_well_3d,
+    "toy-gaussian-mixture": toys.gaussian_mixture,
+}
+
+
+def list_targets() -> list[str]:
+    """Names accepted by `get_target`."""
+    return list(_BUILDERS)
+
+
+def get_target(name: str, temperature: Any = 300.0) -> Target:
+    """The built-in target ``name`` at ``temperature`` (K or an `openmm.unit` temperature)."""
+    if name not in _BUILDERS:
+        raise CMTInputError(f"unknown target {name!r}: choose one of {', '.join(list_targets())}.")
+    return _BUILDERS[name](temperature)

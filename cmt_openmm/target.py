@@ -1,0 +1,234 @@
+"""The target distribution: an OpenMM System + Topology + reference positions + temperature.
+
+`Target` is the single source of truth for the reduced potential u(x) = U(x) / kT that every
+other layer (energy bridge, coordinates, training, reweighting) works with. It checks its
+inputs once, at the boundary, and strips units: positions in nm, energies in kJ/mol, kT in
+kJ/mol, temperature in K. Inputs the library cannot handle yet (periodic boxes, virtual sites)
+are refused with a one-sentence `CMTInputError` instead of failing later in a flow.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import openmm
+import openmm.app as app
+import openmm.unit as unit
+
+from cmt_openmm.errors import CMTInputError
+
+_R_KJ_PER_MOL_K = unit.MOLAR_GAS_CONSTANT_R.value_in_unit(unit.kilojoule_per_mole / unit.kelvin)
+
+
+def kelvin(temperature: Any) -> float:
+    """Temperature as a float in K, from a float or an `openmm.unit` temperature; refuses T <= 0."""
+    if unit.is_quantity(temperature):
+        if not temperature.unit.is_compatible(unit.kelvin):
+            raise CMTInputError(f"temperature {temperature} is not a temperature: pass kelvin or a float in K.")
+        temperature = temperature.value_in_unit(unit.kelvin)
+    try:
+        value = float(temperature)
+    except (TypeError, ValueError):
+        raise CMTInputError(f"temperature {temperature!r} is not a number: pass a float in K.") from None
+    if not (math.isfinite(value) and value > 0.0):
+        raise CMTInputError(f"temperature must be a finite positive number of kelvin, got {value}.")
+    return value
+
+
+def nanometers(positions: Any) -> np.ndarray:
+    """Positions as a float64 array in nm, from an array (nm) or an `openmm.unit` length quantity."""
+    if unit.is_quantity(positions):
+        if not positions.unit.is_compatible(unit.nanometer):
+            raise CMTInputError(f"positions have unit {positions.unit}, not a length: pass nm or a length quantity.")
+        positions = positions.value_in_unit(unit.nanometer)
+    try:
+        return np.array(positions, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise CMTInputError("positions could not be read as an (n_atoms, 3) array of numbers in nm.") from None
+
+
+class Target:
+    """An OpenMM System at a temperature, with its topology and a reference structure.
+
+    Attributes: ``system`` (openmm.System), ``topology`` (openmm.app.Topology), ``positions``
+    ((n_atoms, 3) float64, nm), ``temperature`` (K), ``kT`` (kJ/mol), ``n_atoms``,
+    ``constraints`` (list of (i, j, length_nm)), ``name`` and ``box`` ((3 n_atoms, 2) lower/upper
+    bounds in nm for Cartesian toy targets, else None).
+
+    Example:
+        >>> from openmmtools.testsystems import AlanineDipeptideVacuum
+        >>> target = Target.from_openmmtools(AlanineDipeptideVacuum(constraints=None), 300.0)
+        >>> u = target.reduced_potential(target.positions)   # dimensionless, U / kT
+    """
+
+    def __init__(
+        self,
+        system: openmm.System,
+        topology: app.Topology,
+        positions: Any,
+        temperature: Any,
+        name: str = "custom",
+        box: np.ndarray | None = None,
+    ) -> None:
+        _check_system(system, topology)
+        self.system = system
+        self.topology = topology
+        self.n_atoms = system.getNumParticles()
+        self.positions = _check_positions(nanometers(positions), self.n_atoms)
+        self.temperature = kelvin(temperature)
+        self.kT = _R_KJ_PER_MOL_K * self.temperature
+        self.name = str(name)
+        self.box = None if box is None else _check_box(box, self.n_atoms)
+        self.constraints = [_constraint(system, k) for k in range(system.getNumConstraints())]
+        self._context: openmm.Context | None = None
+
+    @classmethod
+    def from_openmmtools(cls, testsystem: Any, temperature: Any, name: str | None = None) -> Target:
+        """Target from an openmmtools `TestSystem` (its system, topology and positions)."""
+        return cls(
+            testsystem.system,
+            testsystem.topology,
+            testsystem.positions,
+            temperature,
+            name=type(testsystem).__name__ if name is None else name,
+        )
+
+    @classmethod
+    def from_pdb(
+        cls,
+        pdb_path: str | Path,
+        forcefield_xmls: list[str] | str,
+        temperature: Any,
+        name: str | None = None,
+        **create_system_kwargs: Any,
+    ) -> Target:
+        """Target from a PDB (or PDBx/mmCIF) file and OpenMM force-field XML files.
+
+        ``create_system_kwargs`` go to `ForceField.createSystem`; the defaults here are
+        ``nonbondedMethod=NoCutoff``, ``constraints=None`` and ``rigidWater=False`` (no
+        constraints unless asked for).
+        """
+        path = Path(pdb_path)
+        if not path.is_file():
+            raise CMTInputError(f"structure file {path} does not exist: pass the path of a PDB or PDBx/mmCIF file.")
+        xmls = [forcefield_xmls] if isinstance(forcefield_xmls, str) else list(forcefield_xmls)
+        structure = app.PDBxFile(str(path)) if path.suffix.lower() in (".cif", ".pdbx") else app.PDBFile(str(path))
+        kwargs = {"nonbondedMethod": app.NoCutoff, "constraints": None, "rigidWater": False}
+        kwargs.update(create_system_kwargs)
+        try:
+            system = app.ForceField(*xmls).createSystem(structure.topology, **kwargs)
+        except (ValueError, OSError) as error:
+            reason = re.split(r"\.\s", str(error).strip(), maxsplit=1)[0]  # OpenMM's first sentence only
+            raise CMTInputError(
+                f"OpenMM could not build a System for {path.name} with {xmls} ({reason}); "
+                "check the force-field files and that the structure has all its hydrogens (e.g. via pdbfixer)."
+            ) from error
+        name = path.stem if name is None else name
+        return cls(system, structure.topology, structure.positions, temperature, name=name)
+
+    def with_temperature(self, temperature: Any) -> Target:
+        """The same system (shared, not copied) at another temperature."""
+        return Target(self.system, self.topology, self.positions, temperature, name=self.name, box=self.box)
+
+    def reduced_potential(self, positions: Any) -> float:
+        """u = U / kT of one configuration ((n_atoms, 3), nm) on a Reference Context; +inf on failure.
+
+        Meant for checks and single structures; use `cmt_openmm.OpenMMEnergy` for batches.
+        """
+        x = nanometers(positions)
+        if x.shape != (self.n_atoms, 3):
+            raise CMTInputError(f"positions have shape {x.shape}, expected ({self.n_atoms}, 3) for {self.name}.")
+        if not np.all(np.isfinite(x)):
+            return math.inf
+        if self._context is None:
+            platform = openmm.Platform.getPlatformByName("Reference")
+            self._context = openmm.Context(self.system, openmm.VerletIntegrator(0.001), platform)
+        try:
+            self._context.setPositions(x)
+            energy = self._context.getState(getEnergy=True).getPotentialEnergy()
+        except openmm.OpenMMException:
+            return math.inf
+        u = energy.value_in_unit(unit.kilojoule_per_mole) / self.kT
+        return u if math.isfinite(u) else math.inf
+
+    def topology_fingerprint(self) -> str:
+        """sha256 of the atoms (name, element, residue), the bonds and the constraints."""
+        atoms = [
+            [a.name, a.element.symbol if a.element is not None else "", a.residue.name, a.residue.index]
+            for a in self.topology.atoms()
+        ]
+        bonds = sorted(sorted((b[0].index, b[1].index)) for b in self.topology.bonds())
+        constraints = sorted([min(i, j), max(i, j), f"{d:.6f}"] for i, j, d in self.constraints)
+        blob = json.dumps({"atoms": atoms, "bonds": bonds, "constraints": constraints}, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def system_fingerprint(self) -> str:
+        """sha256 of the serialised System (without the OpenMM version stamp)."""
+        xml = re.sub(r' openmmVersion="[^"]*"', "", openmm.XmlSerializer.serialize(self.system), count=1)
+        return hashlib.sha256(xml.encode()).hexdigest()
+
+    @property
+    def has_molecule(self) -> bool:
+        """True when the topology has bonds and at least 3 atoms (internal coordinates apply)."""
+        return self.n_atoms >= 3 and self.topology.getNumBonds() > 0
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_context"] = None  # a Context cannot be pickled; rebuilt lazily
+        return state
+
+    def __repr__(self) -> str:
+        forces = sorted({type(f).__name__ for f in self.system.getForces()} - {"CMMotionRemover"})
+        return (
+            f"{type(self).__name__}(name={self.name!r}, n_atoms={self.n_atoms}, "
+            f"temperature={self.temperature:g} K, forces={forces}, constraints={len(self.constraints)})"
+        )
+
+
+def _check_system(system: openmm.System, topology: app.Topology) -> None:
+    if system.usesPeriodicBoundaryConditions():
+        raise CMTInputError(
+            "periodic systems are not supported yet: build the System without periodic boundaries "
+            "(e.g. nonbondedMethod=NoCutoff, implicit solvent)."
+        )
+    n = system.getNumParticles()
+    if n != topology.getNumAtoms():
+        raise CMTInputError(
+            f"the System has {n} particles but the Topology has {topology.getNumAtoms()} atoms: "
+            "pass the topology the System was built from."
+        )
+    for i in range(n):
+        if system.isVirtualSite(i):
+            raise CMTInputError(
+                f"particle {i} is a virtual site, which is not supported: use a force field without virtual sites."
+            )
+        if system.getParticleMass(i).value_in_unit(unit.dalton) <= 0.0:
+            raise CMTInputError(
+                f"particle {i} has zero mass (fixed in OpenMM), which is not supported: give every particle a mass."
+            )
+
+
+def _check_positions(x: np.ndarray, n_atoms: int) -> np.ndarray:
+    if x.shape != (n_atoms, 3):
+        raise CMTInputError(f"reference positions have shape {x.shape}, expected ({n_atoms}, 3) in nm.")
+    if not np.all(np.isfinite(x)):
+        raise CMTInputError("reference positions contain NaN or inf: pass a finite structure in nm.")
+    return x
+
+
+def _check_box(box: Any, n_atoms: int) -> np.ndarray:
+    b = nanometers(box)
+    if b.shape != (3 * n_atoms, 2) or not np.all(np.isfinite(b)) or not np.all(b[:, 0] < b[:, 1]):
+        raise CMTInputError(f"box must be a finite ({3 * n_atoms}, 2) array of lower < upper bounds in nm.")
+    return b
+
+
+def _constraint(system: openmm.System, k: int) -> tuple[int, int, float]:
+    i, j, d = system.getConstraintParameters(k)
+    return int(i), int(j), float(d.value_in_unit(unit.nanometer) if unit.is_quantity(d) else d)
