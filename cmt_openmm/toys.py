@@ -158,8 +158,8 @@ class ToyTarget(Target):
 
     def _flat(self, x: Any) -> tuple[np.ndarray, Callable[[np.ndarray], Any]]:
         """x (B, n_atoms, 3) as float64 numpy (B, 3 n_atoms), and a function giving answers in x's kind."""
-        device = getattr(x, "device", None)
-        if hasattr(x, "detach"):  # a torch tensor
+        device = x.device if hasattr(x, "detach") else None  # numpy 2 arrays have .device too
+        if device is not None:  # a torch tensor
             x = x.detach().cpu().numpy()
         x = np.asarray(x, dtype=np.float64)
         if x.ndim != 3 or x.shape[1:] != (self.n_atoms, 3):

@@ -1,0 +1,529 @@
+"""Reweighted ensembles: a trained generator's samples with importance weights towards a Target.
+
+`reweight(generator, target, n)` draws N samples x ~ q in batches, evaluates their raw OpenMM
+reduced energies u(x) and returns a `ReweightedEnsemble` with log-weights
+``log w = -u(x) - log q(x)`` (``-inf`` where the energy failed or the sample's chirality is
+flipped: weight 0, still counted in N). From it: ESS, self-normalised expectations of any
+observable with error bars, free-energy profiles and surfaces along collective variables,
+systematic resampling to an unweighted ensemble, reweighting to another temperature or another
+System of the same topology without retraining, and export (mdtraj, DCD + PDB, weights as
+.npy/.csv, the ``cmt-openmm sample`` npz).
+
+Error bars (one standard error) are computed one of two ways, always stated by the ``error``
+argument: ``"bootstrap"`` (default; the standard deviation over ``n_bootstrap`` resamplings of
+the N samples with replacement, seeded) or ``"delta"`` (linearisation of the self-normalised
+estimator: Var ≈ Σ w̄_i² (f_i - μ)²). Both treat the N samples as independent, which they are
+for a generator. Hand-written: a few lines of NumPy on top of `cmt_openmm.metrics`, with the
+project's conventions for failed samples and units.
+
+Example:
+    >>> ens = reweight(generator, target, 10_000, seed=0)          # doctest: +SKIP
+    >>> ens.ess, ens.expectation(lambda x: x[:, 0, 0])              # doctest: +SKIP
+    >>> fes = ens.free_energy_surface(ens.ramachandran_angles()[:, 0], bins=60,
+    ...                               range=[(-np.pi, np.pi)] * 2)   # doctest: +SKIP
+    >>> hot = ens.reweight_to(400.0)                                # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from cmt_openmm import metrics
+from cmt_openmm.errors import CMTInputError
+from cmt_openmm.metrics import Estimate
+from cmt_openmm.target import Target, kelvin
+
+__all__ = [
+    "reweight",
+    "ReweightedEnsemble",
+    "FreeEnergyProfile",
+    "FreeEnergySurface",
+    "LowESSWarning",
+]
+
+
+class LowESSWarning(UserWarning):
+    """The effective sample size collapsed: the reweighted estimates are unreliable."""
+
+
+@dataclass
+class FreeEnergyProfile:
+    """F(s) = -kT ln ρ(s) along a CV, shifted so that its minimum is 0.
+
+    ``edges`` (bins+1,) and ``centers`` (bins,) in the CV's unit; ``probabilities`` (bins,) the
+    weighted bin probabilities (mass outside the range not included); ``free_energy`` and
+    ``error`` (bins,) in kT (+inf / inf in empty bins); ``kT`` in kJ/mol; ``error_method``.
+    """
+
+    edges: np.ndarray
+    centers: np.ndarray
+    probabilities: np.ndarray
+    free_energy: np.ndarray
+    error: np.ndarray
+    kT: float
+    error_method: str
+
+    @property
+    def free_energy_kjmol(self) -> np.ndarray:
+        """F in kJ/mol."""
+        return self.free_energy * self.kT
+
+    @property
+    def error_kjmol(self) -> np.ndarray:
+        """Standard error of F in kJ/mol."""
+        return self.error * self.kT
+
+
+@dataclass
+class FreeEnergySurface:
+    """F(s1, s2) = -kT ln ρ(s1, s2) on a 2-D grid, minimum 0; arrays (bins1, bins2), axis 0 = s1.
+
+    ``edges`` is a pair of edge arrays; other fields as in `FreeEnergyProfile`.
+    """
+
+    edges: tuple[np.ndarray, np.ndarray]
+    probabilities: np.ndarray
+    free_energy: np.ndarray
+    error: np.ndarray
+    kT: float
+    error_method: str
+
+    @property
+    def free_energy_kjmol(self) -> np.ndarray:
+        """F in kJ/mol."""
+        return self.free_energy * self.kT
+
+    @property
+    def error_kjmol(self) -> np.ndarray:
+        """Standard error of F in kJ/mol."""
+        return self.error * self.kT
+
+
+class ReweightedEnsemble:
+    """N configurations with log q, raw reduced energies and importance log-weights towards ``target``.
+
+    Args:
+        target: the Target whose Boltzmann distribution the weights point to.
+        positions: (N, n_atoms, 3) nm; log_q: (N,) generator log density (Cartesian convention);
+        reduced_energy: (N,) raw u = U / kT of ``target`` (+inf where evaluation failed);
+        invalid: (N,) bool, samples to give weight 0 (e.g. flipped chirality); default none.
+        metadata: JSON-able provenance (seed, generator hash, ...), saved with `save_npz`.
+
+    Attributes: ``positions``, ``log_q``, ``reduced_energy``, ``invalid``, ``log_weights`` (N,)
+    = -u - log q, -inf where invalid, u not finite or log q not finite.
+    """
+
+    def __init__(
+        self,
+        target: Target,
+        positions: Any,
+        log_q: Any,
+        reduced_energy: Any,
+        invalid: Any = None,
+        metadata: dict | None = None,
+    ) -> None:
+        x = metrics._as_numpy(positions)
+        if x.ndim != 3 or x.shape[1:] != (target.n_atoms, 3):
+            raise CMTInputError(f"positions have shape {x.shape}, expected (N, {target.n_atoms}, 3) in nm.")
+        n = x.shape[0]
+        lq, u = metrics._as_numpy(log_q).reshape(-1), metrics._as_numpy(reduced_energy).reshape(-1)
+        bad = np.zeros(n, bool) if invalid is None else np.asarray(metrics._as_numpy(invalid), bool).reshape(-1)
+        if not (lq.shape == u.shape == bad.shape == (n,)):
+            raise CMTInputError(f"log_q, reduced_energy and invalid must each have shape ({n},), one per configuration.")
+        self.target = target
+        self.positions, self.log_q, self.reduced_energy, self.invalid = x, lq, u, bad
+        self.metadata = dict(metadata or {})
+        with np.errstate(invalid="ignore"):
+            lw = -u - lq
+        self.log_weights = np.where(bad | ~np.isfinite(u) | ~np.isfinite(lq), -np.inf, lw)
+
+    # -- weights ---------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return self.positions.shape[0]
+
+    @property
+    def weights(self) -> np.ndarray:
+        """Self-normalised weights w̄ (N,), summing to 1 (all 0 when no sample has a positive weight)."""
+        return metrics.normalized_weights(self.log_weights)
+
+    @property
+    def ess(self) -> float:
+        """Normalised reverse ESS (Σw)² / (N Σw²) in [0, 1]."""
+        return metrics.reverse_ess(self.log_weights)
+
+    def ess_clipped(self, clip_fraction: float = 1e-4) -> float:
+        """Reverse ESS with the largest ``clip_fraction`` of log-weights clipped (TA-BG's report)."""
+        return metrics.reverse_ess(self.log_weights, clip_fraction)
+
+    @property
+    def n_failed(self) -> int:
+        """Samples with weight 0 by construction (failed energy, invalid, non-finite log q)."""
+        return int(np.isneginf(self.log_weights).sum())
+
+    def summary(self) -> dict:
+        """JSON-able numbers: n, ESS (raw and clipped at 1e-4), failed samples, temperature."""
+        return {
+            "n": len(self),
+            "ess": self.ess,
+            "ess_clipped_1e-4": self.ess_clipped(1e-4),
+            "n_failed": self.n_failed,
+            "n_invalid": int(self.invalid.sum()),
+            "temperature": self.target.temperature,
+            "target": self.target.name,
+        }
+
+    def _require_weight(self) -> np.ndarray:
+        w = self.weights
+        if not w.any():
+            raise CMTInputError("no sample has a positive weight (all energies failed?): draw more or better samples.")
+        return w
+
+    # -- observables -----------------------------------------------------------------------
+    def _evaluate(self, observable: Callable | Any, trajectory: bool, batch_size: int | None, mask: np.ndarray):
+        """Values (N, ...) of an observable (array or callable) with rows outside ``mask`` set to 0."""
+        n = len(self)
+        if not callable(observable):
+            values = metrics._as_numpy(observable)
+            if values.shape[:1] != (n,):
+                raise CMTInputError(f"observable values have shape {values.shape}, expected ({n}, ...).")
+            return np.where(mask.reshape((n,) + (1,) * (values.ndim - 1)), values, 0.0)
+        idx = np.flatnonzero(mask)
+        step = len(idx) if batch_size is None else int(batch_size)
+        parts = []
+        for start in range(0, len(idx), max(step, 1)):
+            rows = idx[start : start + step]
+            arg = self.to_mdtraj(rows) if trajectory else self.positions[rows]
+            parts.append(metrics._as_numpy(observable(arg)))
+        values = np.concatenate(parts)
+        if values.shape[:1] != (len(idx),):
+            raise CMTInputError("the observable must return one value (or array) per configuration: shape (B, ...).")
+        full = np.zeros((n,) + values.shape[1:])
+        full[idx] = values
+        return full
+
+    def expectation(
+        self,
+        observable: Callable | Any,
+        error: str = "bootstrap",
+        n_bootstrap: int = 200,
+        seed: int = 0,
+        trajectory: bool = False,
+        batch_size: int | None = None,
+    ) -> Estimate:
+        """Self-normalised estimate of E_p[f] with its standard error (see the module docstring).
+
+        ``observable``: a callable on positions (B, n_atoms, 3) nm -> (B, ...) (numpy or torch),
+        or, with ``trajectory=True``, on an `mdtraj.Trajectory` of B frames -> (B, ...); or
+        precomputed values (N, ...). Only samples with a positive weight are evaluated, in
+        batches of ``batch_size`` (None: all at once). Returns ``Estimate(value, error)``
+        (floats for a scalar observable, arrays of shape (...) otherwise).
+        """
+        w = self._require_weight()
+        values = self._evaluate(observable, trajectory, batch_size, w > 0)
+        return metrics.weighted_mean(values, w, error=error, n_bootstrap=n_bootstrap, seed=seed)
+
+    def ramachandran_angles(self) -> np.ndarray:
+        """Backbone (φ, ψ) of every sample: (N, n_pairs, 2) radians in [-π, π)."""
+        return metrics.ramachandran_angles(self.target.topology, self.positions)
+
+    # -- free energies ---------------------------------------------------------------------
+    def _cv(self, cv: Callable | Any, dim: int, trajectory: bool) -> np.ndarray:
+        w = self._require_weight()
+        values = self._evaluate(cv, trajectory, None, w > 0)
+        values = values.reshape(len(self), -1) if dim == 2 else values.reshape(len(self))
+        if dim == 2 and values.shape[1] != 2:
+            raise CMTInputError(f"a 2-D free-energy surface needs two CV values per sample, got {values.shape[1]}.")
+        return values
+
+    def _binned_free_energy(self, index: np.ndarray, n_bins: int, volumes: np.ndarray, error: str,
+                            n_bootstrap: int, seed: int):
+        """p (n_bins,), F (kT, min 0) and its standard error from bin indices (N,) (n_bins = outside)."""
+        w = self._require_weight()
+        p = np.bincount(index, weights=w, minlength=n_bins + 1)[:n_bins]
+        with np.errstate(divide="ignore"):
+            f_raw = -np.log(p / volumes)
+        if error == "delta":
+            s_b = np.bincount(index, weights=w * w, minlength=n_bins + 1)[:n_bins]
+            var_p = np.clip(s_b * (1 - 2 * p) + p * p * np.sum(w * w), 0.0, None)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                err = np.where(p > 0, np.sqrt(var_p) / p, np.inf)
+        elif error == "bootstrap":
+            rng = np.random.default_rng(seed)
+            n = len(w)
+            reps = np.empty((n_bootstrap, n_bins))
+            for r in range(n_bootstrap):
+                cw = np.bincount(rng.integers(0, n, n), minlength=n) * w
+                reps[r] = np.bincount(index, weights=cw, minlength=n_bins + 1)[:n_bins] / max(cw.sum(), 1e-300)
+            with np.errstate(divide="ignore"):
+                f_reps = -np.log(reps / volumes)
+            finite = np.isfinite(f_reps)
+            count = finite.sum(axis=0)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                mean = np.where(finite, f_reps, 0.0).sum(axis=0) / count
+                sq = np.where(finite, (f_reps - mean) ** 2, 0.0).sum(axis=0)
+                err = np.where(count > 1, np.sqrt(sq / (count - 1)), np.inf)
+            err = np.where(p > 0, err, np.inf)
+        else:
+            raise CMTInputError(f"error must be 'bootstrap' or 'delta', got {error!r}.")
+        shift = np.min(f_raw[np.isfinite(f_raw)]) if np.isfinite(f_raw).any() else 0.0
+        return p, f_raw - shift, err
+
+    def free_energy_profile(
+        self,
+        cv: Callable | Any,
+        bins: int | Sequence[float] = 50,
+        range: tuple[float, float] | None = None,
+        error: str = "bootstrap",
+        n_bootstrap: int = 200,
+        seed: int = 0,
+        trajectory: bool = False,
+    ) -> FreeEnergyProfile:
+        """1-D free-energy profile F(s) = -kT ln ρ(s) (kT and kJ/mol) with per-bin standard errors.
+
+        ``cv``: values (N,) or a callable like `expectation`'s observable returning (B,);
+        ``bins``: a count or edges; ``range``: (lo, hi) (default: the span of samples with
+        positive weight; use (-π, π) for a torsion). Errors: the bootstrap (or delta-method)
+        standard error of -ln p_bin; empty bins have F = +inf.
+        """
+        s = self._cv(cv, 1, trajectory)
+        keep = self.weights > 0
+        edges = np.histogram_bin_edges(s[keep], bins=bins, range=range)
+        n_bins = len(edges) - 1
+        index = np.clip(np.searchsorted(edges, s, side="right") - 1, 0, None)
+        index[s == edges[-1]] = n_bins - 1
+        index[(s < edges[0]) | (s > edges[-1]) | ~np.isfinite(s)] = n_bins
+        p, f, err = self._binned_free_energy(index, n_bins, np.diff(edges), error, n_bootstrap, seed)
+        return FreeEnergyProfile(edges, 0.5 * (edges[1:] + edges[:-1]), p, f, err, self.target.kT, error)
+
+    def free_energy_surface(
+        self,
+        cv2: Callable | Any,
+        bins: int | Sequence[Any] = 50,
+        range: Sequence[tuple[float, float]] | None = None,
+        error: str = "bootstrap",
+        n_bootstrap: int = 200,
+        seed: int = 0,
+        trajectory: bool = False,
+    ) -> FreeEnergySurface:
+        """2-D free-energy surface F(s1, s2) (e.g. s = (φ, ψ) of `ramachandran_angles()[:, 0]`).
+
+        ``cv2``: values (N, 2) or a callable returning (B, 2); ``bins``/``range`` as for
+        `numpy.histogram2d`; errors as in `free_energy_profile`.
+        """
+        s = self._cv(cv2, 2, trajectory)
+        keep = self.weights > 0
+        _, e1, e2 = np.histogram2d(s[keep, 0], s[keep, 1], bins=bins, range=range)
+        idx = []
+        for k, e in enumerate((e1, e2)):
+            i = np.clip(np.searchsorted(e, s[:, k], side="right") - 1, 0, len(e) - 2)
+            idx.append((i, (s[:, k] < e[0]) | (s[:, k] > e[-1]) | ~np.isfinite(s[:, k])))
+        n1, n2 = len(e1) - 1, len(e2) - 1
+        index = np.where(idx[0][1] | idx[1][1], n1 * n2, idx[0][0] * n2 + idx[1][0])
+        volumes = np.outer(np.diff(e1), np.diff(e2)).ravel()
+        p, f, err = self._binned_free_energy(index, n1 * n2, volumes, error, n_bootstrap, seed)
+        shape = (n1, n2)
+        return FreeEnergySurface((e1, e2), p.reshape(shape), f.reshape(shape), err.reshape(shape), self.target.kT, error)
+
+    # -- resampling ------------------------------------------------------------------------
+    def resample_indices(self, n: int | None = None, seed: int = 0) -> np.ndarray:
+        """Systematic resampling: n indices (default N) drawn in proportion to the weights.
+
+        One uniform offset u ~ U[0, 1) from ``numpy.random.default_rng(seed)``; sample i is taken
+        ⌊n w̄_i⌋ or ⌊n w̄_i⌋ + 1 times: unbiased for weighted means, with less resampling noise
+        than multinomial resampling.
+        """
+        w = self._require_weight()
+        n = len(self) if n is None else int(n)
+        if n < 1:
+            raise CMTInputError(f"n must be at least 1, got {n}.")
+        u = (np.random.default_rng(seed).random() + np.arange(n)) / n
+        cdf = np.cumsum(w)
+        cdf[-1] = 1.0
+        return np.searchsorted(cdf, u, side="right")
+
+    def resample(self, n: int | None = None, seed: int = 0) -> np.ndarray:
+        """Unweighted configurations (n, n_atoms, 3) nm by systematic resampling (see `resample_indices`)."""
+        return self.positions[self.resample_indices(n, seed)].copy()
+
+    # -- other targets ---------------------------------------------------------------------
+    def reweight_to(
+        self,
+        new: Target | Any,
+        energy: Callable | None = None,
+        batch_size: int = 1000,
+        progress: bool = False,
+        ess_warning: float = 0.01,
+    ) -> ReweightedEnsemble:
+        """The same samples reweighted to another temperature or another System (same topology).
+
+        ``new``: a temperature (K or Quantity) — u is rescaled by kT_old / kT_new, no energy
+        evaluation — or a Target with the same topology (energies evaluated with ``energy``,
+        default `OpenMMEnergy(new)`; a Target with the same System only rescales). Warns
+        (`LowESSWarning`) when the new ESS is below ``ess_warning``.
+        """
+        if isinstance(new, Target):
+            if new.topology_fingerprint() != self.target.topology_fingerprint():
+                raise CMTInputError(
+                    f"{new.name} has another topology than {self.target.name}: reweighting needs the same atoms and bonds."
+                )
+            target = new
+            same_system = energy is None and new.system_fingerprint() == self.target.system_fingerprint()
+        else:
+            target = self.target.with_temperature(kelvin(new))
+            same_system = True
+        if same_system:
+            u = self.reduced_energy * (self.target.kT / target.kT)
+        else:
+            u = _energies(target, self.positions, energy, batch_size, progress)
+        out = ReweightedEnsemble(
+            target, self.positions, self.log_q, u, self.invalid,
+            {**self.metadata, "reweighted_from": {"target": self.target.name, "temperature": self.target.temperature}},
+        )
+        if out.ess < ess_warning:
+            warnings.warn(
+                f"reweighting to {target.name} at {target.temperature:g} K leaves an ESS of {out.ess:.2%} "
+                f"(< {ess_warning:.0%}): estimates rest on a few samples; sample closer to that state.",
+                LowESSWarning,
+                stacklevel=2,
+            )
+        return out
+
+    # -- export ----------------------------------------------------------------------------
+    def to_mdtraj(self, indices: Any = None):
+        """An `mdtraj.Trajectory` of the samples (or of ``indices``), positions in nm."""
+        import mdtraj
+
+        x = self.positions if indices is None else self.positions[np.asarray(indices)]
+        return mdtraj.Trajectory(x.astype(np.float32), mdtraj.Topology.from_openmm(self.target.topology))
+
+    def save_dcd(self, path_dcd: str | os.PathLike, path_pdb: str | os.PathLike | None = None) -> None:
+        """Write the samples as a DCD trajectory and (optionally) the first one as a topology PDB.
+
+        DCD stores single-precision Å: positions round-trip to ~1e-6 nm. Weights are not in
+        the DCD: write them with `save_weights`.
+        """
+        traj = self.to_mdtraj()
+        traj.save_dcd(str(path_dcd))
+        if path_pdb is not None:
+            traj[0].save_pdb(str(path_pdb))
+
+    def save_weights(self, path: str | os.PathLike) -> None:
+        """Normalised weights w̄ (N,) as ``.npy``, or ``.csv`` with columns index, log_weight, weight."""
+        path = Path(path)
+        w = self.weights
+        if path.suffix == ".npy":
+            np.save(path, w)
+        elif path.suffix == ".csv":
+            rows = np.column_stack([np.arange(len(w)), self.log_weights, w])
+            np.savetxt(path, rows, delimiter=",", header="index,log_weight,weight", comments="",
+                       fmt=["%d", "%.17g", "%.17g"])
+        else:
+            raise CMTInputError(f"weights file {path.name} must end in .npy or .csv.")
+
+    def save_npz(self, path: str | os.PathLike) -> None:
+        """The ``cmt-openmm sample`` file: positions (N, n_atoms, 3) nm, log_q, reduced_energy
+        (raw, +inf where failed), log_weights (N,), invalid (N,) bool, temperature (K), and
+        ``metadata`` (JSON: target name, fingerprints, summary, provenance).
+        """
+        meta = {
+            **self.metadata,
+            **self.summary(),
+            "topology_fingerprint": self.target.topology_fingerprint(),
+            "system_fingerprint": self.target.system_fingerprint(),
+        }
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as handle:
+            np.savez(
+                handle, positions=self.positions, log_q=self.log_q, reduced_energy=self.reduced_energy,
+                log_weights=self.log_weights, invalid=self.invalid, temperature=np.float64(self.target.temperature),
+                metadata=np.array(json.dumps(meta, default=float)),
+            )
+        os.replace(tmp, path)
+
+    @classmethod
+    def load_npz(cls, path: str | os.PathLike, target: Target) -> ReweightedEnsemble:
+        """Read a `save_npz` file back for ``target`` (its topology must match; the file's
+        temperature is applied to ``target`` when it differs)."""
+        with np.load(Path(path), allow_pickle=False) as data:
+            meta = json.loads(str(data["metadata"])) if "metadata" in data else {}
+            fingerprint = meta.get("topology_fingerprint")
+            if fingerprint is not None and fingerprint != target.topology_fingerprint():
+                raise CMTInputError(f"{path} holds samples of another topology than {target.name}: pass the right target.")
+            if "temperature" in data and not math.isclose(float(data["temperature"]), target.temperature):
+                target = target.with_temperature(float(data["temperature"]))
+            invalid = data["invalid"] if "invalid" in data else None
+            return cls(target, data["positions"], data["log_q"], data["reduced_energy"], invalid, meta)
+
+
+def _energies(target: Target, positions: np.ndarray, energy: Callable | None, batch_size: int, progress: bool):
+    from tqdm.auto import tqdm
+
+    own = energy is None
+    if own:
+        from cmt_openmm.energy import OpenMMEnergy
+
+        energy = OpenMMEnergy(target)
+    try:
+        parts = []
+        for start in tqdm(range(0, len(positions), batch_size), disable=not progress, desc="energies", unit="batch"):
+            parts.append(metrics._as_numpy(energy(positions[start : start + batch_size])).reshape(-1))
+    finally:
+        if own:
+            energy.close()
+    u = np.concatenate(parts) if parts else np.zeros(0)
+    return np.where(np.isnan(u), np.inf, u)
+
+
+def reweight(
+    generator: Any,
+    target: Target,
+    n: int,
+    batch_size: int = 1000,
+    seed: int = 0,
+    energy: Callable | None = None,
+    progress: bool = True,
+) -> ReweightedEnsemble:
+    """Draw ``n`` samples from ``generator`` in batches and weight them towards ``target``.
+
+    ``generator``: a `BoltzmannGenerator` (or any object with ``sample(n, generator) -> (x, log_q)``
+    and optionally ``chirality_flipped(x)``); samples with flipped chirality get weight 0.
+    ``energy``: a callable (B, n_atoms, 3) -> u (B,) (default: `OpenMMEnergy(target)` on the
+    Reference platform, closed afterwards). ``seed`` seeds the ``torch.Generator`` used for
+    sampling. Raw energies are used (never regularised).
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    if int(n) < 1 or int(batch_size) < 1:
+        raise CMTInputError(f"n ({n}) and batch_size ({batch_size}) must be positive integers.")
+    fingerprint = getattr(generator, "topology_fingerprint", None)
+    if isinstance(fingerprint, str) and fingerprint != target.topology_fingerprint():
+        raise CMTInputError(f"the generator was trained on another topology than {target.name}: pass its own target.")
+    rng = torch.Generator().manual_seed(int(seed))
+    xs, lqs, flips = [], [], []
+    with torch.no_grad(), tqdm(total=int(n), disable=not progress, desc="sampling", unit="sample") as bar:
+        for start in range(0, int(n), int(batch_size)):
+            b = min(int(batch_size), int(n) - start)
+            x, log_q = generator.sample(b, generator=rng)
+            flipped = generator.chirality_flipped(x) if hasattr(generator, "chirality_flipped") else None
+            xs.append(metrics._as_numpy(x))
+            lqs.append(metrics._as_numpy(log_q).reshape(-1))
+            flips.append(np.zeros(b, bool) if flipped is None else np.asarray(metrics._as_numpy(flipped), bool))
+            bar.update(b)
+    positions = np.concatenate(xs)
+    u = _energies(target, positions, energy, int(batch_size), progress=False)
+    metadata = {"seed": int(seed), "n": int(n)}
+    content_hash = getattr(generator, "content_hash", None)
+    if callable(content_hash):
+        metadata["generator_hash"] = content_hash()
+    return ReweightedEnsemble(target, positions, np.concatenate(lqs), u, np.concatenate(flips), metadata)

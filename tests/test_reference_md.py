@@ -1,0 +1,87 @@
+"""Replica-exchange reference data: file layout, resume, seeding, settings check, toy distribution."""
+import json
+
+import numpy as np
+import pytest
+
+from cmt_openmm.errors import CMTInputError
+from cmt_openmm.reference_md import load_reference, run_reference_md, temperature_ladder
+from cmt_openmm.target import Target
+from cmt_openmm.toys import double_well_3d
+
+TINY = dict(n_replicas=3, t_max=600.0, steps_per_iteration=20, progress=False)
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return double_well_3d(300.0)
+
+
+def test_ladder():
+    np.testing.assert_allclose(temperature_ladder(300.0, 1200.0, 3), [300.0, 600.0, 1200.0])
+    assert temperature_ladder(300.0, 300.0, 1).tolist() == [300.0]
+    with pytest.raises(CMTInputError):
+        temperature_ladder(300.0, 200.0, 3)
+
+
+def test_tiny_run_writes_frames_and_resumes(toy, tmp_path):
+    out = tmp_path / "ref.npz"
+    first = run_reference_md(toy, out, n_iterations=3, seed=7, **TINY)
+    assert first.positions.shape == (3, 1, 3) and first.reduced_energy.shape == (3,)
+    assert (tmp_path / "ref.nc").exists() and (tmp_path / "ref_checkpoint.nc").exists()
+    # u stored by openmmtools at state 0 is the target's reduced potential
+    assert first.reduced_energy[-1] == pytest.approx(toy.reduced_potential(first.positions[-1]), rel=1e-5)
+
+    resumed = run_reference_md(toy, out, n_iterations=5, seed=7, **TINY)
+    assert resumed.positions.shape == (5, 1, 3)
+    np.testing.assert_array_equal(resumed.positions[:3], first.positions)
+    positions, provenance = load_reference(out)
+    np.testing.assert_array_equal(positions, resumed.positions)
+    assert positions.dtype == np.float64
+    assert provenance["system"] == "toy-double-well" and provenance["n_frames"] == 5
+    assert provenance["temperatures"] == pytest.approx([300.0, 300.0 * 2**0.5, 600.0])
+    assert provenance["steps_per_iteration"] == 20 and provenance["seed"] == 7
+    assert provenance["openmm"] and provenance["openmmtools"]
+    with np.load(out) as data:
+        assert json.loads(str(data["provenance"]))["timestep_fs"] == 1.0
+
+    # same seed, fresh run: the same first 5 frames; other settings on resume are refused
+    fresh = run_reference_md(toy, tmp_path / "fresh.npz", n_iterations=5, seed=7, **TINY)
+    np.testing.assert_array_equal(fresh.positions[:3], first.positions)
+    with pytest.raises(CMTInputError, match="steps_per_iteration"):
+        run_reference_md(toy, out, n_iterations=6, seed=7, **{**TINY, "steps_per_iteration": 21})
+    again = run_reference_md(toy, out, n_iterations=2, seed=7, resume=False, **TINY)
+    assert again.positions.shape == (2, 1, 3) and again.provenance["n_iterations_stored"] == 2
+
+
+def test_aldp_vacuum_tiny_run(tmp_path):
+    from openmmtools.testsystems import AlanineDipeptideVacuum
+
+    target = Target.from_openmmtools(AlanineDipeptideVacuum(constraints=None), 300.0, name="aldp-vacuum")
+    ref = run_reference_md(target, tmp_path / "aldp.npz", n_replicas=2, t_max=400.0, n_iterations=2,
+                           steps_per_iteration=10, n_equilibration=1, progress=False)
+    assert ref.positions.shape == (1, 22, 3) and np.all(np.isfinite(ref.positions))
+    assert ref.provenance["n_equilibration"] == 1
+
+
+def test_bad_inputs(toy, tmp_path):
+    with pytest.raises(CMTInputError):
+        run_reference_md(toy, tmp_path / "x.npz", n_iterations=0, **TINY)
+    with pytest.raises(CMTInputError):
+        run_reference_md(toy, tmp_path / "x.npz", n_iterations=2, platform="NoSuchPlatform", **TINY)
+    with pytest.raises(CMTInputError):
+        load_reference(tmp_path / "missing.npz")
+
+
+def test_toy_frames_follow_the_exact_distribution(toy, tmp_path):
+    # 200 iterations x 200 steps (0.2 ps, ~independent frames); seed fixed so the test is deterministic
+    ref = run_reference_md(toy, tmp_path / "dw.npz", n_replicas=3, t_max=1200.0, n_iterations=200,
+                           steps_per_iteration=200, seed=3, progress=False)
+    n = len(ref.positions)
+    left = np.mean(np.asarray(toy.mode_of(ref.positions)) == 0)
+    p = toy.mode_weights()[0]
+    assert abs(left - p) < 4 * np.sqrt(2 * p * (1 - p) / n)  # x2 for residual correlation
+    edges = np.linspace(-0.3, 0.3, 7)
+    counts, _ = np.histogram(ref.positions[:, 0, 1], bins=edges)
+    expected = toy.marginal(1, edges) * n
+    assert np.all(np.abs(counts - expected) < 4 * np.sqrt(2 * expected) + 2)
