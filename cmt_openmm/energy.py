@@ -1,0 +1,238 @@
+"""Batched reduced energies u(x) = U(x)/kT from OpenMM as a differentiable torch function.
+
+The bridge between the flow (torch batches of configurations) and OpenMM (the truth for the
+potential). Hand-written rather than taken from bgflow's ``OpenMMBridge`` to avoid its known
+pitfalls: each worker process evaluates one contiguous slice of the batch per message (not one
+configuration; the batch itself travels through shared memory), a failed evaluation is
+u = +inf with zero force (never 0), nothing is cached, workers are started with ``spawn`` and
+build their Context inside the worker (openmm issue 2602), and a dead worker raises at once
+instead of hanging. The process side lives in :mod:`cmt_openmm._energy_worker`.
+
+>>> energy = OpenMMEnergy(get_target("aldp-vacuum"), n_workers=2)     # doctest: +SKIP
+>>> x = torch.tensor(energy.target.positions)[None].requires_grad_()  # doctest: +SKIP
+>>> energy(x).sum().backward()   # x.grad == -F(x)/kT                  # doctest: +SKIP
+>>> energy.close()                                                    # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import warnings
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import openmm
+import openmm.unit as unit
+import torch
+from torch.autograd.function import once_differentiable
+
+from ._energy_worker import (
+    GPU_PLATFORMS,
+    ContextEvaluator,
+    WorkerError,
+    WorkerPool,
+    load_torch_plugins,
+    threads_per_worker,
+)
+from .errors import CMTInputError
+
+load_torch_plugins()  # openmm may have been imported before torch (see the function)
+
+if TYPE_CHECKING:
+    from .target import Target
+
+__all__ = ["OpenMMEnergy", "WorkerError", "regularize_energy"]
+
+
+def regularize_energy(u: torch.Tensor, threshold: float = 1e3) -> torch.Tensor:
+    """Lin-log regularised reduced energy for training: ``u`` below ``threshold``,
+    ``threshold + log1p(u - threshold)`` above; +inf maps to ``threshold + ~710`` (finite, zero
+    gradient). Differentiable; shape and dtype of ``u`` are kept. Weights, ESS and MCMC
+    acceptance must use the raw energy instead.
+    """
+    excess = (u - threshold).clamp(min=0.0, max=torch.finfo(u.dtype).max)
+    return torch.where(u > threshold, threshold + torch.log1p(excess), u)
+
+
+def _serialize(system: openmm.System) -> tuple[str | None, str]:
+    """XML of ``system`` for the workers, or None and the reason it cannot be serialised."""
+    try:
+        return openmm.XmlSerializer.serialize(system), ""
+    except Exception as error:  # e.g. a PythonForce whose function cannot be pickled
+        return None, str(error).strip()
+
+
+class _ReducedEnergy(torch.autograd.Function):
+    """u(x) with gradient -F(x)/kT taken from the forces OpenMM returns with the energies."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, energy: "OpenMMEnergy") -> torch.Tensor:
+        u, f = energy._evaluate(energy._positions(x), forces=True)
+        ctx.save_for_backward(torch.from_numpy(-f).to(x.device))
+        ctx.input_dtype = x.dtype
+        return torch.from_numpy(u).to(x.device)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_u: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (grad,) = ctx.saved_tensors
+        return (grad_u.to(grad.dtype)[:, None, None] * grad).to(ctx.input_dtype), None
+
+
+class OpenMMEnergy:
+    """Reduced energies u = U/kT (B,) float64 of batches (B, n_atoms, 3) nm, evaluated by OpenMM.
+
+    Args:
+        target: the :class:`~cmt_openmm.target.Target` (its ``system``, ``kT`` and ``n_atoms``).
+        platform: OpenMM platform name. ``Reference``/``CPU`` use a pool of ``n_workers``
+            spawned processes with one Context each; ``CUDA``/``OpenCL`` one Context in-process.
+        n_workers: worker processes for Reference/CPU. With 1 (default) the single Context lives
+            in this process: no inter-process overhead, measured faster than one worker.
+        platform_properties: OpenMM platform properties (strings). On ``CPU`` with workers,
+            ``Threads`` defaults to cores // n_workers.
+        in_process: force (True) or forbid (False) evaluation in this process; None chooses as
+            above. A System that cannot be serialised (a PythonForce whose function cannot be
+            pickled) is always evaluated in-process, with a warning when ``n_workers > 1``;
+            so is one whose workers fail to start (e.g. a PythonForce function that cannot be
+            imported in a fresh process), unless ``in_process=False``.
+
+    Calling on a tensor that requires grad returns a differentiable u with gradient -F/kT (cast
+    back to the input dtype); otherwise only energies are computed. A configuration that fails
+    (non-finite positions, OpenMM exception, non-finite energy or force) gets u = +inf and zero
+    force and is counted in ``n_failed``; ``n_evaluations`` counts every configuration
+    evaluated. Workers start on the first call and stop on :meth:`close`, on leaving a ``with``
+    block, on garbage collection and at interpreter exit; a later call starts them again.
+    A dead worker raises :class:`WorkerError` (and the pool restarts on the next call).
+    """
+
+    def __init__(
+        self,
+        target: "Target",
+        platform: str = "Reference",
+        n_workers: int = 1,
+        platform_properties: dict[str, Any] | None = None,
+        *,
+        in_process: bool | None = None,
+    ):
+        if isinstance(n_workers, bool) or not isinstance(n_workers, int) or n_workers < 1:
+            raise CMTInputError(f"n_workers={n_workers!r} is not a positive integer; pass 1 or more.")
+        available = [openmm.Platform.getPlatform(i).getName() for i in range(openmm.Platform.getNumPlatforms())]
+        if platform not in available:
+            raise CMTInputError(
+                f"OpenMM platform {platform!r} is not available here; use one of {', '.join(available)}."
+            )
+        self.target = target
+        self.platform = platform
+        self.n_workers = n_workers
+        self.n_evaluations = 0
+        self.n_failed = 0
+        self._kT = float(target.kT)
+        self._n_atoms = int(target.n_atoms)
+        self._properties = {str(k): str(v) for k, v in (platform_properties or {}).items()}
+        self._system_xml, reason = _serialize(target.system)
+        self._in_process_requested = in_process
+        self.in_process = self._choose_in_process(in_process, reason)
+        if not self.in_process and platform == "CPU":
+            self._properties.setdefault("Threads", str(threads_per_worker(n_workers)))
+        self._evaluator: ContextEvaluator | None = None
+        self._pool: WorkerPool | None = None
+
+    def _choose_in_process(self, requested: bool | None, reason: str) -> bool:
+        if self.platform in GPU_PLATFORMS or self._system_xml is None:
+            why = (
+                f"the {self.platform} platform uses one Context in this process"
+                if self.platform in GPU_PLATFORMS
+                else f"the System cannot be sent to worker processes ({reason}); define a "
+                "PythonForce's function at the top level of a module to allow workers"
+            )
+            if requested is False:
+                raise CMTInputError(f"in_process=False is impossible: {why}.")
+            if self.n_workers > 1:
+                warnings.warn(f"OpenMMEnergy evaluates in-process, ignoring n_workers={self.n_workers}: {why}.")
+            return True
+        return self.n_workers == 1 if requested is None else bool(requested)
+
+    # -- evaluation ---------------------------------------------------------------------------
+    def _positions(self, x: Any) -> np.ndarray:
+        """(B, n_atoms, 3) float64 nm C-contiguous array from a tensor, array or Quantity."""
+        if isinstance(x, unit.Quantity):
+            x = x.value_in_unit(unit.nanometer)
+        if isinstance(x, torch.Tensor):
+            x = x.detach().to("cpu", torch.float64).numpy()
+        x = np.ascontiguousarray(x, dtype=np.float64)
+        if x.ndim != 3 or x.shape[1:] != (self._n_atoms, 3):
+            raise CMTInputError(
+                f"Positions have shape {x.shape}; pass a batch of shape (B, {self._n_atoms}, 3) in nm."
+            )
+        return x
+
+    def _evaluate(self, positions: np.ndarray, forces: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        """Reduced energies (B,) and reduced forces F/kT (B, n_atoms, 3) in 1/nm (or None)."""
+        if len(positions) == 0:
+            return np.zeros(0), (np.zeros_like(positions) if forces else None)
+        if self.in_process:
+            if self._evaluator is None:
+                self._evaluator = ContextEvaluator(self.target.system, self.platform, self._properties)
+            energies, f = np.empty(len(positions)), (np.empty(positions.shape) if forces else None)
+            self._evaluator.evaluate(positions, energies, f)
+        else:
+            if self._pool is None or not self._pool.processes:
+                self._start_pool()
+            if self._pool is None:
+                return self._evaluate(positions, forces)
+            energies, f = self._pool.evaluate(positions, forces)
+        self.n_evaluations += len(positions)
+        self.n_failed += int(np.isposinf(energies).sum())
+        return energies / self._kT, (f / self._kT if forces else None)
+
+    def _start_pool(self) -> None:
+        """Start the workers; if they cannot start and in-process was not forbidden, warn and
+        evaluate in-process from now on (e.g. a PythonForce whose function cannot be
+        unpickled in a fresh process)."""
+        try:
+            self._pool = WorkerPool(self._system_xml, self._n_atoms, self.platform, self._properties, self.n_workers)
+        except WorkerError as error:
+            if self._in_process_requested is False:
+                raise
+            warnings.warn(f"OpenMMEnergy evaluates in-process because its workers could not start: {error}")
+            self._pool, self.in_process = None, True
+
+    def __call__(self, x: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """Reduced energies (B,) float64 on x's device; differentiable when x requires grad."""
+        if isinstance(x, torch.Tensor) and x.requires_grad and torch.is_grad_enabled():
+            return _ReducedEnergy.apply(x, self)
+        u, _ = self._evaluate(self._positions(x), forces=False)
+        return torch.from_numpy(u).to(x.device if isinstance(x, torch.Tensor) else "cpu")
+
+    def energy_and_forces(self, x: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Reduced energies u (B,) and reduced forces f = -du/dx (B, n_atoms, 3) in 1/nm."""
+        return self._evaluate(self._positions(x), forces=True)
+
+    def regularized(self, x: torch.Tensor | np.ndarray, threshold: float = 1e3) -> torch.Tensor:
+        """:func:`regularize_energy` of ``self(x)``, differentiable like ``self(x)``."""
+        return regularize_energy(self(x), threshold)
+
+    # -- lifetime -----------------------------------------------------------------------------
+    def close(self) -> None:
+        """Stop the worker processes and drop the in-process Context (idempotent)."""
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+        self._evaluator = None
+
+    @property
+    def worker_pids(self) -> list[int]:
+        """Process ids of the running workers (empty when in-process or not started)."""
+        return [p.pid for p in self._pool.processes] if self._pool is not None else []
+
+    def __getstate__(self) -> dict:
+        """Pickle/deepcopy without workers or Context: the copy starts its own on first use."""
+        return self.__dict__ | {"_pool": None, "_evaluator": None}
+
+    def __enter__(self) -> "OpenMMEnergy":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        where = "in-process" if self.in_process else f"{self.n_workers} workers"
+        return f"OpenMMEnergy({getattr(self.target, 'name', 'target')!r}, {self.platform}, {where})"
