@@ -1,0 +1,288 @@
+"""The Boltzmann generator: a spline flow on a target's flow coordinates, seen in Cartesian space.
+
+``BoltzmannGenerator`` = :class:`~cmt_openmm.flows.SplineFlow` ∘ the target's
+:class:`~cmt_openmm.coordinates.CoordinateTransform`. Its density is the one every part of the
+library uses (method.md, "Density conventions"): for a Cartesian configuration x (nm),
+
+    log q(x) = log q_z(z(x)) + log|det dz/dx|,
+
+the flow density on the internal (or toy Cartesian) coordinates plus the log-Jacobian of the
+Cartesian -> coordinate map with the rigid-body degrees of freedom fixed (so log q is in
+log nm^-(3N-6) for molecules, log nm^-(3N) for toys). It is invariant under rigid motions of x,
+so ``log_prob`` accepts any orientation; ``sample`` returns configurations in the transform's
+standard frame. The flow runs in float32 by default; coordinates and densities are float64.
+
+Files: ``save`` writes one ``.safetensors`` file (the flow's tensors plus JSON metadata:
+settings, the target's topology and system fingerprints and name, the reference structure,
+the format version) atomically; ``load`` reads only safetensors and JSON, never pickle, so a
+file from a stranger cannot run code.
+
+Example::
+
+    target = cmt_openmm.get_target("aldp-vacuum")
+    bg = BoltzmannGenerator.build(target, seed=0)
+    x, log_q = bg.sample(1000, torch.Generator().manual_seed(1))   # (1000, 22, 3) nm, (1000,)
+    bg.save("bg.safetensors")
+    bg2 = BoltzmannGenerator.load("bg.safetensors", target)
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import struct
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
+from torch import Tensor, nn
+
+from .coordinates import CoordinateTransform, coordinates_for
+from .errors import CMTInputError
+from .flows import DEFAULT_SCALES, SplineFlow
+
+FORMAT = "cmt_openmm.BoltzmannGenerator/1"
+_META_KEY = "cmt_openmm"
+_MAX_HEADER = 100_000_000  # bytes; safetensors' own limit
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+_REQUIRED = {"settings", "topology_fingerprint", "system_fingerprint", "target_name", "temperature", "n_atoms",
+             "coordinates"}
+
+
+class BoltzmannGenerator(nn.Module):
+    """Samples and densities of configurations x (B, n_atoms, 3) nm; see the module docstring.
+
+    Attributes: ``coordinates`` (CoordinateTransform), ``flow`` (SplineFlow), ``settings``
+    (JSON-able flow settings), ``topology_fingerprint``, ``system_fingerprint``,
+    ``target_name``, ``reference_positions`` ((n_atoms, 3) nm, the structure the coordinates
+    were built on), ``temperature`` (K, of the target it was built for; informational).
+    """
+
+    def __init__(
+        self,
+        coordinates: CoordinateTransform,
+        settings: dict[str, Any],
+        topology_fingerprint: str,
+        system_fingerprint: str,
+        target_name: str,
+        reference_positions: np.ndarray,
+        temperature: float | None = None,
+    ) -> None:
+        super().__init__()
+        s = settings
+        self.coordinates = coordinates
+        self.flow = SplineFlow(
+            coordinates.circular_mask, coordinates.kinds, coordinates.reference_z, coordinates.valid_bounds,
+            n_layers=s["n_layers"], hidden=s["hidden"], depth=s["depth"], n_bins=s["n_bins"], mask=s["mask"],
+            seed=s["seed"], bound=s["bound"], scales=s["scales"], margin=s["margin"], dtype=_DTYPES[s["dtype"]],
+        )
+        self.settings = dict(settings)
+        self.topology_fingerprint = topology_fingerprint
+        self.system_fingerprint = system_fingerprint
+        self.target_name = target_name
+        self.reference_positions = np.array(reference_positions, dtype=np.float64)
+        self.temperature = temperature
+
+    @classmethod
+    def build(
+        cls,
+        target,
+        n_layers: int = 8,
+        hidden: int = 128,
+        n_bins: int = 8,
+        seed: int = 0,
+        dtype: torch.dtype = torch.float32,
+        *,
+        depth: int = 2,
+        mask: str = "random",
+        bound: float = 6.0,
+        scales: dict[str, float] | None = None,
+        margin: float = 1e-4,
+    ) -> BoltzmannGenerator:
+        """A new generator for ``target``, the identity flow on its prior (weights from ``seed``).
+
+        ``n_layers`` coupling layers of RQ splines with ``n_bins`` bins, conditioners with
+        ``depth`` hidden layers of width ``hidden``; ``mask``, ``bound``, ``scales``, ``margin``:
+        see :mod:`cmt_openmm.flows`. ``dtype``: torch.float32 or torch.float64 for the flow.
+        """
+        names = {v: k for k, v in _DTYPES.items()}
+        if dtype not in names:
+            raise CMTInputError(f"dtype must be torch.float32 or torch.float64, not {dtype}.")
+        settings = dict(n_layers=int(n_layers), hidden=int(hidden), depth=int(depth), n_bins=int(n_bins),
+                        mask=str(mask), seed=int(seed), bound=float(bound),
+                        scales={k: float(v) for k, v in {**DEFAULT_SCALES, **(scales or {})}.items()},
+                        margin=float(margin),
+                        dtype=names[dtype])
+        return cls(coordinates_for(target), settings, target.topology_fingerprint(), target.system_fingerprint(),
+                   target.name, target.positions, target.temperature)
+
+    @property
+    def n_atoms(self) -> int:
+        return self.coordinates.n_atoms
+
+    @property
+    def dim(self) -> int:
+        return self.coordinates.dim
+
+    def rsample(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """n configurations x (n, n_atoms, 3) float64 nm and log q(x) (n,) float64.
+
+        Differentiable with respect to the flow's parameters (reparameterised, for reverse KL).
+        """
+        z, log_q_z = self.flow.rsample(int(n), generator)
+        x, log_det_xz = self.coordinates.inverse(z)
+        return x, log_q_z - log_det_xz
+
+    @torch.no_grad()
+    def sample(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """Like :meth:`rsample`, without gradients."""
+        return self.rsample(n, generator)
+
+    def log_prob(self, x) -> Tensor:
+        """log q(x) (B,) float64 of x (B, n_atoms, 3) nm (array, tensor or Quantity), any orientation.
+
+        Differentiable with respect to the flow's parameters; -inf outside the flow's support
+        (e.g. a flipped chiral centre, a coordinate beyond the flow's interval) and for
+        degenerate or non-finite x.
+        """
+        z, log_det_zx = self.coordinates(self._positions(x))
+        log_q = self.flow.log_prob(z) + log_det_zx
+        return torch.where(torch.isnan(log_q), torch.full_like(log_q, -torch.inf), log_q)
+
+    def chirality_flipped(self, x) -> Tensor:
+        """(B,) bool: True where a chiral centre of the reference structure is mirrored in x."""
+        return self.coordinates.chirality_flipped(self._positions(x))
+
+    def _positions(self, x) -> Tensor:
+        if hasattr(x, "value_in_unit"):
+            from .target import nanometers
+
+            x = nanometers(x)
+        device = self.flow.scaling.center.device
+        x = torch.as_tensor(x, dtype=torch.float64, device=device)
+        if x.dim() != 3 or tuple(x.shape[1:]) != (self.n_atoms, 3):
+            raise CMTInputError(f"Expected positions of shape (B, {self.n_atoms}, 3) in nm, got "
+                                f"{tuple(x.shape)}; add a batch dimension or check the system.")
+        return x
+
+    # ------------------------------------------------------------------ files
+    def _metadata(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "settings": self.settings,
+            "topology_fingerprint": self.topology_fingerprint,
+            "system_fingerprint": self.system_fingerprint,
+            "target_name": self.target_name,
+            "temperature": self.temperature,
+            "n_atoms": self.n_atoms,
+            "coordinates": {"dim": self.dim, "kinds": list(self.coordinates.kinds),
+                            "circular": self.coordinates.circular_mask.tolist()},
+        }
+
+    def to_bytes(self) -> bytes:
+        """The safetensors file content (deterministic for given weights and metadata)."""
+        tensors = {f"flow.{k}": v.detach().cpu().contiguous() for k, v in self.flow.state_dict().items()}
+        tensors["reference_positions"] = torch.as_tensor(self.reference_positions)
+        meta = json.dumps(self._metadata(), sort_keys=True, separators=(",", ":"))
+        return save_tensors(tensors, metadata={_META_KEY: meta})
+
+    def content_hash(self) -> str:
+        """sha256 (hex) of :meth:`to_bytes`, i.e. of the file :meth:`save` writes."""
+        return hashlib.sha256(self.to_bytes()).hexdigest()
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the generator to ``path`` (a single .safetensors file), atomically."""
+        path = Path(path)
+        data = self.to_bytes()
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, target=None) -> BoltzmannGenerator:
+        """Read a generator saved by :meth:`save` for ``target``.
+
+        ``target`` is needed to rebuild the coordinate transform; when None, the built-in
+        target named in the file is used. A target with another topology is refused; a target
+        whose System differs (e.g. another force field on the same molecule) gives a warning.
+        """
+        path = Path(path)
+        try:
+            data = path.read_bytes()
+        except OSError as error:
+            raise CMTInputError(f"Cannot read generator file {path} ({error.strerror}); check the path.") from None
+        meta = _read_metadata(data, path)
+        if target is None:
+            from .systems import get_target
+
+            try:
+                target = get_target(meta["target_name"], temperature=meta["temperature"] or 300.0)
+            except CMTInputError:
+                raise CMTInputError(f"{path} was trained on {meta['target_name']!r}, which is not a built-in "
+                                    "target; pass target= to load it.") from None
+        if target.topology_fingerprint() != meta["topology_fingerprint"]:
+            raise CMTInputError(f"{path} was trained on a different molecule ({meta['target_name']!r}) than "
+                                f"{target.name!r}; load it with the target it was trained for.")
+        if target.system_fingerprint() != meta["system_fingerprint"]:
+            warnings.warn(f"{path} was trained on another System ({meta['target_name']!r}) with the same "
+                          f"topology as {target.name!r}; its densities are unchanged but its weights will be "
+                          "for the new target.", stacklevel=2)
+        try:
+            tensors = load_tensors(data)
+        except Exception:  # safetensors' own error type is not part of its public API
+            raise CMTInputError(f"{path} is damaged: its tensors cannot be read; re-save it.") from None
+        try:
+            reference = tensors.pop("reference_positions").double().numpy()
+            if not np.array_equal(reference, target.positions):
+                target = copy.copy(target)  # the coordinates depend on the reference structure
+                target.positions = reference
+            generator = cls(coordinates_for(target), meta["settings"], meta["topology_fingerprint"],
+                            meta["system_fingerprint"], meta["target_name"], reference, meta["temperature"])
+            if generator._metadata()["coordinates"] != meta["coordinates"]:
+                raise CMTInputError(f"{path}: the coordinates built for {target.name!r} differ from the saved "
+                                    "ones (another cmt_openmm version?); retrain or use the matching version.")
+            generator.flow.load_state_dict({k[len("flow."):]: v for k, v in tensors.items()}, strict=True)
+        except CMTInputError:
+            raise
+        except (KeyError, TypeError, ValueError, RuntimeError) as error:
+            raise CMTInputError(f"{path} is damaged or from an incompatible version ({type(error).__name__}); "
+                                "retrain or re-save it.") from None
+        return generator
+
+
+def _read_metadata(data: bytes, path: Path) -> dict[str, Any]:
+    """Parse and check the safetensors header of a generator file; never unpickles."""
+    refusal = CMTInputError(f"{path} is not a cmt_openmm generator file (a .safetensors file written by "
+                            "BoltzmannGenerator.save); refusing to read it.")
+    if len(data) < 8:
+        raise refusal
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > min(len(data) - 8, _MAX_HEADER):
+        raise refusal
+    try:
+        header = json.loads(data[8 : 8 + n].decode("utf-8"))
+        meta = json.loads(header["__metadata__"][_META_KEY])
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+        raise refusal from None
+    if not isinstance(meta, dict):
+        raise refusal
+    if meta.get("format") != FORMAT:
+        raise CMTInputError(f"{path} has format {meta.get('format')!r}, this cmt_openmm reads {FORMAT!r}; "
+                            "re-save it with a matching version.")
+    missing = _REQUIRED - set(meta)
+    if missing:
+        raise CMTInputError(f"{path} is damaged: its metadata lacks {sorted(missing)}; re-save it.")
+    return meta
