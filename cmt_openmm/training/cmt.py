@@ -1,0 +1,115 @@
+"""Constrained Mass Transport: one annealing step = buffer, dual, weights, weighted fit.
+
+Per step (method.md): draw N samples x_n ~ q_i with log q_i(x_n) (the Cartesian-space density
+the generator reports, rigid-body frame fixed) and evaluate the raw reduced energies once
+each (log p̃ = −u, failed energies → −inf → weight 0, no regularisation in the weights);
+solve the dual for (λ, η) (:func:`~cmt_openmm.training.dual.solve_dual`); fit the flow to
+q_{i+1} ∝ q_i^{λ/s} p̃^{1/s} by importance-weighted forward KL on that buffer. The density
+space matters for the entropy constraint only; it is the one of ``BoltzmannGenerator.log_prob``.
+
+Fit: ``fit_steps`` Adam steps (default: one pass over the buffer, ceil(N / batch_size) steps,
+which the calibration found better than fitting hard) on minibatches drawn ∝ w̄ with
+replacement (``resample=True``, loss −mean log q_θ) or uniformly with the weights in the loss
+(−Σ N w̄_b log q_θ(x_b) / B). The Adam state carries over between annealing steps.
+
+Stops when the dual returns λ = η = 0 (the next distribution is the target itself), after
+``steps_after_target`` more steps (their learning rate shrinking by ``lr_decay_after_target``
+per step); the shared loop also stops on max_steps or the budget.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from .dual import solve_dual
+from .loop import Trainer
+
+
+def fit_to_buffer(
+    generator,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    log_weights: np.ndarray | torch.Tensor,
+    n_steps: int,
+    batch_size: int,
+    resample: bool,
+    rng: torch.Generator,
+) -> float:
+    """Importance-weighted maximum likelihood −Σ w̄ log q_θ(x) on a buffer; mean loss (nats).
+
+    x: (N, n_atoms, 3) nm; log_weights: (N,) normalised log w̄ (−inf = weight 0).
+    """
+    log_w = torch.as_tensor(np.asarray(log_weights), dtype=torch.float64)
+    w = torch.exp(log_w - torch.logsumexp(log_w, 0))
+    n = x.shape[0]
+    losses = []
+    for _ in range(n_steps):
+        if resample:
+            idx = torch.multinomial(w, batch_size, replacement=True, generator=rng)
+            loss = -generator.log_prob(x[idx]).mean()
+        else:
+            idx = torch.randint(n, (batch_size,), generator=rng)
+            # failed-energy samples (w = 0) stay out of the sum, even if log q were -inf
+            keep = w[idx] > 0
+            loss = -(n * w[idx][keep] * generator.log_prob(x[idx][keep])).sum() / batch_size
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    return float(np.mean(losses)) if losses else math.nan
+
+
+class CMTTrainer(Trainer):
+    """The CMT method in the shared loop (see the module docstring)."""
+
+    def __init__(self, target, generator, energy, config, rng):
+        self.settings = config.cmt
+        super().__init__(target, generator, energy, config, rng, lr=self.settings.lr)
+        c = self.settings
+        self.fit_steps = c.fit_steps or math.ceil(c.n_samples / c.batch_size)
+        self.reached_at: int | None = None  # steps_done when the dual first gave λ = η = 0
+
+    def step_cost(self) -> int:
+        return self.settings.n_samples
+
+    @property
+    def done(self) -> str | None:
+        if self.reached_at is not None and self.steps_done - self.reached_at >= self.settings.steps_after_target:
+            return "target reached"
+        return None
+
+    def step(self) -> dict:
+        c = self.settings
+        if self.reached_at is not None and c.lr_decay_after_target != 1.0:
+            self.set_lr(self.optimizer.param_groups[0]["lr"] * c.lr_decay_after_target)
+        x, log_q = self.generator.sample(c.n_samples, generator=self.rng)
+        with torch.no_grad():
+            log_p = -self.energy(x)
+        sol = solve_dual(log_q, log_p, c.eps_tr, c.eps_ent)
+        loss = fit_to_buffer(
+            self.generator, self.optimizer, x, sol.log_weights, self.fit_steps, c.batch_size, c.resample, self.rng
+        )
+        if sol.target_reached and self.reached_at is None:
+            self.reached_at = self.steps_done + 1  # counted after this step
+        return {
+            "lam": sol.lam,
+            "eta": sol.eta,
+            "kl": sol.kl,
+            "entropy": sol.entropy,
+            "entropy_drop": sol.entropy_drop,
+            "ess_step": sol.ess,
+            "trust_active": sol.trust_active,
+            "entropy_active": sol.entropy_active,
+            **self.target_stats(log_p, log_q),
+            "loss": loss,
+            "lr": self.optimizer.param_groups[0]["lr"],
+        }
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "reached_at": -1 if self.reached_at is None else self.reached_at}
+
+    def load_state_dict(self, state) -> None:
+        super().load_state_dict(state)
+        self.reached_at = None if int(state["reached_at"]) < 0 else int(state["reached_at"])

@@ -1,0 +1,237 @@
+"""Training settings: one validated, serialisable configuration for every training method.
+
+A run is reproducible from its config file: :class:`TrainConfig` loads from a plain dict (as
+parsed from YAML), refuses unknown keys and bad values with one sentence
+(:class:`~cmt_openmm.errors.CMTInputError`), and ``to_dict()`` round-trips. Hand-written
+dataclasses rather than pydantic keep the dependency list short and the messages ours.
+Numbers may be given as YAML strings such as ``1e6`` (PyYAML reads those as text).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from ..errors import CMTInputError
+
+METHODS = ("cmt", "reverse_kl", "forward_kl", "temperature_annealing")
+
+
+def _positive(v) -> bool:
+    return v > 0
+
+
+def _non_negative(v) -> bool:
+    return v >= 0
+
+
+def _check(pred, what: str) -> dict:
+    return {"check": pred, "what": what}
+
+
+POSITIVE = _check(_positive, "a positive number")
+NON_NEGATIVE = _check(_non_negative, "a number >= 0")
+
+
+@dataclass
+class FlowConfig:
+    """Size of the spline coupling flow (same architecture for every method)."""
+
+    n_layers: int = field(default=8, metadata=POSITIVE)
+    hidden: int = field(default=128, metadata=POSITIVE)
+    n_bins: int = field(default=8, metadata=POSITIVE)
+
+
+@dataclass
+class EnergyConfig:
+    """OpenMM energy bridge: platform name, worker processes, regularisation threshold (kT)."""
+
+    platform: str = "Reference"
+    n_workers: int = field(default=1, metadata=POSITIVE)
+    threshold: float = field(default=1e3, metadata=POSITIVE)
+
+
+@dataclass
+class CMTConfig:
+    """Constrained Mass Transport (method.md; defaults from its calibration section).
+
+    fit_steps: Adam steps per annealing step; None = one pass over the buffer
+    (ceil(n_samples / batch_size)). resample: minibatches drawn ∝ w̄ (else uniform with
+    weights in the loss). steps_after_target: annealing steps to continue once the dual first
+    returns λ = η = 0 (the target is reached); each solves the dual again, and the learning
+    rate is multiplied by lr_decay_after_target before each of them (1 = constant; < 1 damps
+    the step-to-step fluctuation of the final flow).
+    """
+
+    eps_tr: float = field(default=0.5, metadata=POSITIVE)
+    eps_ent: float = field(default=1.0, metadata=POSITIVE)
+    n_samples: int = field(default=8000, metadata=POSITIVE)
+    fit_steps: typing.Optional[int] = field(default=None, metadata=POSITIVE)
+    batch_size: int = field(default=256, metadata=POSITIVE)
+    lr: float = field(default=5e-4, metadata=POSITIVE)
+    resample: bool = True
+    steps_after_target: int = field(default=0, metadata=NON_NEGATIVE)
+    lr_decay_after_target: float = field(default=1.0, metadata=_check(lambda v: 0 < v <= 1, "a number in (0, 1]"))
+
+
+@dataclass
+class ReverseKLConfig:
+    """Reverse KL by reparameterised gradients; one record every steps_per_record Adam steps."""
+
+    batch_size: int = field(default=256, metadata=POSITIVE)
+    lr: float = field(default=5e-4, metadata=POSITIVE)
+    steps_per_record: int = field(default=50, metadata=POSITIVE)
+
+
+@dataclass
+class ForwardKLConfig:
+    """Maximum likelihood on given samples: data = .npz with ``positions`` (M, n_atoms, 3) nm.
+
+    eval_samples: flow samples per record for the reverse ESS (their energies are counted).
+    """
+
+    data: typing.Optional[str] = None
+    batch_size: int = field(default=256, metadata=POSITIVE)
+    lr: float = field(default=5e-4, metadata=POSITIVE)
+    steps_per_record: int = field(default=50, metadata=POSITIVE)
+    eval_samples: int = field(default=1000, metadata=NON_NEGATIVE)
+
+
+@dataclass
+class TemperatureAnnealingConfig:
+    """TA-BG: reverse KL at t_high (K), then importance-weighted fits down a geometric ladder.
+
+    The ladder has n_temperatures levels from t_high to the target temperature (both
+    included); the reverse-KL stage takes reverse_kl_steps Adam steps (a record every
+    steps_per_record), then each lower level gets steps_per_temperature annealing steps of
+    n_samples buffer samples and fit_steps Adam steps (None = one pass over the buffer), and
+    the target temperature final_steps more.
+    """
+
+    t_high: float = field(default=1200.0, metadata=POSITIVE)
+    n_temperatures: int = field(default=8, metadata=_check(lambda v: v >= 2, "an integer >= 2"))
+    reverse_kl_steps: int = field(default=500, metadata=NON_NEGATIVE)
+    steps_per_record: int = field(default=50, metadata=POSITIVE)
+    batch_size: int = field(default=256, metadata=POSITIVE)
+    lr: float = field(default=5e-4, metadata=POSITIVE)
+    n_samples: int = field(default=8000, metadata=POSITIVE)
+    fit_steps: typing.Optional[int] = field(default=None, metadata=POSITIVE)
+    resample: bool = True
+    steps_per_temperature: int = field(default=1, metadata=POSITIVE)
+    final_steps: int = field(default=0, metadata=NON_NEGATIVE)
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs besides the target.
+
+    method: "cmt" | "reverse_kl" | "forward_kl" | "temperature_annealing"; seed: the only
+    source of randomness; budget: maximum number of energy evaluations (a step that would
+    exceed it is not started); max_steps: maximum number of steps (annealing steps for CMT and
+    the ladder, records of steps_per_record Adam steps for the gradient methods).
+
+    >>> cfg = TrainConfig.from_dict({"method": "cmt", "budget": "1e5", "cmt": {"eps_tr": 0.3}})
+    >>> cfg.budget, cfg.cmt.eps_tr, TrainConfig.from_dict(cfg.to_dict()) == cfg
+    (100000, 0.3, True)
+    """
+
+    method: str = field(default="cmt", metadata=_check(lambda v: v in METHODS, "one of " + ", ".join(METHODS)))
+    seed: int = field(default=0, metadata=NON_NEGATIVE)
+    budget: int = field(default=1_000_000, metadata=POSITIVE)
+    max_steps: int = field(default=1000, metadata=POSITIVE)
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    energy: EnergyConfig = field(default_factory=EnergyConfig)
+    cmt: CMTConfig = field(default_factory=CMTConfig)
+    reverse_kl: ReverseKLConfig = field(default_factory=ReverseKLConfig)
+    forward_kl: ForwardKLConfig = field(default_factory=ForwardKLConfig)
+    temperature_annealing: TemperatureAnnealingConfig = field(default_factory=TemperatureAnnealingConfig)
+
+    @classmethod
+    def from_dict(cls, data: typing.Mapping | None) -> "TrainConfig":
+        """Build and validate from a (YAML-parsed) mapping; missing keys take defaults."""
+        config = _from_dict(cls, data or {}, "")
+        if config.method == "forward_kl" and not config.forward_kl.data:
+            raise CMTInputError("method forward_kl needs forward_kl.data, an .npz file with `positions` in nm.")
+        return config
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "TrainConfig":
+        """Load a YAML file holding the mapping of :meth:`from_dict`."""
+        try:
+            data = yaml.safe_load(Path(path).read_text())
+        except (OSError, yaml.YAMLError) as exc:
+            raise CMTInputError(f"cannot read training config {path}: {exc}.") from None
+        if not isinstance(data, dict):
+            raise CMTInputError(f"training config {path} must hold a mapping of settings.")
+        return cls.from_dict(data)
+
+    def to_dict(self) -> dict:
+        """Plain, YAML-safe dict; ``TrainConfig.from_dict(c.to_dict()) == c``."""
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @property
+    def method_config(self):
+        """The settings section of the selected method."""
+        return getattr(self, self.method)
+
+
+def _from_dict(cls, data, prefix: str):
+    if isinstance(data, cls):
+        return data
+    if not isinstance(data, typing.Mapping):
+        raise CMTInputError(f"training setting {prefix.rstrip('.') or 'config'} must be a mapping, got {data!r}.")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise CMTInputError(
+            f"unknown training setting {prefix}{unknown[0]}; known keys here are {', '.join(fields)}."
+        )
+    values = {}
+    for name, value in data.items():
+        key = prefix + name
+        kind = hints[name]
+        if dataclasses.is_dataclass(kind):
+            values[name] = _from_dict(kind, value, key + ".")
+            continue
+        values[name] = _coerce(kind, value, key)
+        meta = fields[name].metadata
+        if values[name] is not None and "check" in meta and not meta["check"](values[name]):
+            raise CMTInputError(f"training setting {key} must be {meta['what']}, got {value!r}.")
+    return cls(**values)
+
+
+def _coerce(kind, value, key: str):
+    optional = typing.get_origin(kind) is typing.Union
+    if optional:
+        if value is None:
+            return None
+        kind = next(a for a in typing.get_args(kind) if a is not type(None))
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise CMTInputError(f"training setting {key} must be true or false, got {value!r}.")
+    if kind is str:
+        if isinstance(value, str) and value:
+            return value
+        raise CMTInputError(f"training setting {key} must be a non-empty string, got {value!r}.")
+    number = value
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+    if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number):
+        raise CMTInputError(f"training setting {key} must be a finite number, got {value!r}.")
+    if kind is int:
+        if float(number) != int(number):
+            raise CMTInputError(f"training setting {key} must be a whole number, got {value!r}.")
+        return int(number)
+    return float(number)

@@ -1,0 +1,327 @@
+"""The training loop shared by every method: budget, records, checkpoints and exact resume.
+
+All methods (CMT, reverse KL, forward KL, temperature annealing) run through :func:`train`, so
+they share the flow architecture, the energy-evaluation accounting (``energy.n_evaluations``,
+one per configuration sent to OpenMM), the per-step records and the checkpoints; budgets
+therefore compare one to one. A method is a :class:`Trainer`: it performs one *step* (an
+annealing step for CMT and the temperature ladder, ``steps_per_record`` Adam steps for the
+gradient methods) and says how many energy evaluations its next step will use, so a step
+that would overrun the budget is never started.
+
+Run directory (``run_dir``): ``config.yaml`` (the :class:`TrainConfig`), ``checkpoint.pt``
+(written atomically after every step: tmp file + ``os.replace``), ``metrics.jsonl`` (one record
+per step) and, at the end, ``generator.safetensors``. A killed run loses at most the step in
+progress; ``resume=True`` reloads generator weights, optimizer state, the torch RNG state,
+the method's state, the step counter, the history and the energy counters, and continues to
+the same result as an uninterrupted run with the same seed. Checkpoints hold only tensors
+and plain Python values and are read with ``torch.load(weights_only=True)``: loading one
+cannot run code.
+
+Randomness: one ``torch.Generator`` seeded from ``config.seed`` drives sampling and
+minibatches; the flow is initialised from the same seed. No global or numpy RNG is used.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import CMTInputError
+from ..metrics import reverse_ess
+from .config import TrainConfig
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+CONFIG = "config.yaml"
+GENERATOR = "generator.safetensors"
+_FORMAT = "cmt_openmm.checkpoint/1"
+_RESUMABLE_CHANGES = {"max_steps", "budget"}  # settings a resumed run may change
+CLIP_FRACTION = 1e-4  # reverse ESS is also reported with the largest 1e-4 of log-weights clipped
+
+
+@dataclass
+class TrainResult:
+    """Outcome of :func:`train`: the trained generator, the per-step records, the run directory,
+    and why training stopped ("target reached", "schedule finished", "max_steps", "budget")."""
+
+    generator: Any
+    history: list[dict]
+    run_dir: Path | None
+    stop_reason: str
+
+
+class Trainer(ABC):
+    """One training method inside the shared loop.
+
+    Subclasses implement :meth:`step` and :meth:`step_cost`; state beyond the generator, the
+    optimizer (Adam, learning rate ``lr``) and the RNG goes in :meth:`state_dict`.
+    """
+
+    def __init__(self, target, generator, energy, config: TrainConfig, rng: torch.Generator, lr: float):
+        self.target = target
+        self.generator = generator
+        self.energy = energy
+        self.config = config
+        self.rng = rng
+        self.optimizer = torch.optim.Adam(generator.parameters(), lr=lr)
+        self.steps_done = 0
+
+    @abstractmethod
+    def step_cost(self) -> int:
+        """Energy evaluations the next :meth:`step` will use (at most)."""
+
+    @abstractmethod
+    def step(self) -> dict:
+        """Perform one step; return its record fields (JSON-able scalars)."""
+
+    @property
+    def done(self) -> str | None:
+        """Why the method has finished on its own (None while it has not)."""
+        return None
+
+    def state_dict(self) -> dict:
+        return {"steps_done": self.steps_done}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.steps_done = int(state["steps_done"])
+
+    # -- helpers shared by the methods -------------------------------------------------------
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def target_stats(self, log_p: torch.Tensor, log_q: torch.Tensor) -> dict:
+        """Reverse ESS of flow samples against the target (raw energies; −inf → weight 0)."""
+        log_w = (log_p.detach().double() - log_q.detach().double()).cpu().numpy()
+        return {
+            "reverse_ess": reverse_ess(log_w),
+            "reverse_ess_clipped": reverse_ess(log_w, CLIP_FRACTION),
+            "n_failed_batch": int(np.sum(~np.isfinite(log_w))),
+        }
+
+
+def train(
+    target,
+    config: TrainConfig | Mapping | None = None,
+    run_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    energy=None,
+) -> TrainResult:
+    """Train a Boltzmann generator for ``target`` with ``config.method``.
+
+    Args:
+        target: a :class:`~cmt_openmm.target.Target` (or toy target).
+        config: :class:`TrainConfig` or a mapping for :meth:`TrainConfig.from_dict`.
+        run_dir: directory for config, checkpoints, records and the final generator
+            (None: nothing is written, no resume possible).
+        resume: continue the run in ``run_dir`` from its checkpoint; only ``max_steps`` and
+            ``budget`` may differ from the stored config.
+        progress: show a tqdm progress bar.
+        energy: an :class:`~cmt_openmm.energy.OpenMMEnergy` for ``target`` to use (and not
+            close); by default one is built from ``config.energy`` and closed at the end.
+
+    Returns a :class:`TrainResult`. Stops when the method finishes (CMT: λ = η = 0), after
+    ``max_steps`` steps, or before a step that would exceed ``budget`` energy evaluations.
+
+    >>> from cmt_openmm.systems import get_target                              # doctest: +SKIP
+    >>> result = train(get_target("toy-double-well"), {"max_steps": 5}, "runs/toy")  # doctest: +SKIP
+    """
+    from ..energy import OpenMMEnergy
+    from ..generator import BoltzmannGenerator
+    from .baselines import ForwardKLTrainer, ReverseKLTrainer, TemperatureAnnealingTrainer
+    from .cmt import CMTTrainer
+
+    trainers = {
+        "cmt": CMTTrainer,
+        "reverse_kl": ReverseKLTrainer,
+        "forward_kl": ForwardKLTrainer,
+        "temperature_annealing": TemperatureAnnealingTrainer,
+    }
+    config = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
+    run_dir = Path(run_dir) if run_dir is not None else None
+    checkpoint = _prepare_run_dir(run_dir, config, resume)
+
+    generator = BoltzmannGenerator.build(
+        target,
+        n_layers=config.flow.n_layers,
+        hidden=config.flow.hidden,
+        n_bins=config.flow.n_bins,
+        seed=config.seed,
+    )
+    rng = torch.Generator().manual_seed(config.seed)
+    own_energy = energy is None
+    if own_energy:
+        energy = OpenMMEnergy(target, platform=config.energy.platform, n_workers=config.energy.n_workers)
+    try:
+        trainer = trainers[config.method](target, generator, energy, config, rng)
+        state = {"step": 0, "evaluations": 0, "n_failed": 0, "wall_time": 0.0, "history": []}
+        if checkpoint is not None:
+            _restore(checkpoint, generator, trainer, rng, state)
+            _write_metrics(run_dir, state["history"])
+        stop_reason = _run(trainer, config, run_dir, state, progress)
+    finally:
+        if own_energy:
+            energy.close()
+    if run_dir is not None:
+        generator.save(run_dir / GENERATOR)
+    return TrainResult(generator, state["history"], run_dir, stop_reason)
+
+
+def _run(trainer: Trainer, config: TrainConfig, run_dir: Path | None, state: dict, progress: bool) -> str:
+    energy = trainer.energy
+    with tqdm(
+        total=config.max_steps,
+        initial=state["step"],
+        desc=f"{config.method}",
+        disable=not progress,
+        dynamic_ncols=True,
+    ) as bar:
+        while True:
+            if trainer.done:
+                return trainer.done
+            if state["step"] >= config.max_steps:
+                return "max_steps"
+            if state["evaluations"] + trainer.step_cost() > config.budget:
+                return "budget"
+            start, n_eval, n_failed = time.perf_counter(), energy.n_evaluations, energy.n_failed
+            record = trainer.step()
+            trainer.steps_done += 1
+            state["evaluations"] += energy.n_evaluations - n_eval
+            state["n_failed"] += energy.n_failed - n_failed
+            state["wall_time"] += time.perf_counter() - start
+            state["step"] += 1
+            record = {
+                "step": state["step"],
+                "method": config.method,
+                **record,
+                "energy_evaluations": state["evaluations"],
+                "n_failed": state["n_failed"],
+                "wall_time": state["wall_time"],
+            }
+            record = {k: _json_value(v) for k, v in record.items()}
+            state["history"].append(record)
+            if run_dir is not None:
+                _save_checkpoint(run_dir, trainer, config, state)
+                with open(run_dir / METRICS, "a") as fh:
+                    fh.write(json.dumps(record) + "\n")
+            bar.update(1)
+            bar.set_postfix(_postfix(record), refresh=False)
+
+
+def _postfix(record: dict) -> dict:
+    keys = ("lam", "eta", "temperature", "reverse_ess", "loss")
+    return {k: f"{record[k]:.3g}" for k in keys if isinstance(record.get(k), (int, float))}
+
+
+def _json_value(v):
+    """Plain JSON scalar: numpy/torch numbers to Python, non-finite floats to None."""
+    if isinstance(v, (np.generic, torch.Tensor)):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+# -- run directory and checkpoints -----------------------------------------------------------
+def _prepare_run_dir(run_dir: Path | None, config: TrainConfig, resume: bool) -> dict | None:
+    """Create run_dir and write config.yaml; on resume return the loaded checkpoint."""
+    if run_dir is None:
+        if resume:
+            raise CMTInputError("resume=True needs the run_dir of the run to continue.")
+        return None
+    path = run_dir / CHECKPOINT
+    if resume:
+        if not path.exists():
+            raise CMTInputError(f"no checkpoint {path} to resume from; start the run without resume.")
+        checkpoint = _load_checkpoint(path)
+        stored = json.loads(checkpoint["config"])
+        new = config.to_dict()
+        changed = sorted(k for k in set(stored) | set(new) if stored.get(k) != new.get(k))
+        if set(changed) - _RESUMABLE_CHANGES:
+            raise CMTInputError(
+                f"the config differs from the run being resumed in {', '.join(changed)}; "
+                f"only {' and '.join(sorted(_RESUMABLE_CHANGES))} may change on resume."
+            )
+    else:
+        if path.exists():
+            raise CMTInputError(f"{run_dir} already holds a run; pass resume=True or choose a new run_dir.")
+        checkpoint = None
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / METRICS).unlink(missing_ok=True)
+    _atomic_write(run_dir / CONFIG, config.to_yaml().encode())
+    return checkpoint
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _save_checkpoint(run_dir: Path, trainer: Trainer, config: TrainConfig, state: dict) -> None:
+    payload = {
+        "format": _FORMAT,
+        "config": json.dumps(config.to_dict()),
+        "generator": trainer.generator.state_dict(),
+        "optimizer": trainer.optimizer.state_dict(),
+        "rng": trainer.rng.get_state(),
+        "trainer": trainer.state_dict(),
+        "step": state["step"],
+        "evaluations": state["evaluations"],
+        "n_failed": state["n_failed"],
+        "wall_time": state["wall_time"],
+        "history": json.dumps(state["history"]),
+    }
+    tmp = run_dir / (CHECKPOINT + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, run_dir / CHECKPOINT)
+
+
+def _load_checkpoint(path: Path) -> dict:
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt file, or one holding objects we refuse to unpickle
+        raise CMTInputError(f"cannot read checkpoint {path} ({type(exc).__name__}); it is not a cmt_openmm checkpoint.") from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != _FORMAT:
+        raise CMTInputError(f"{path} is not a cmt_openmm training checkpoint ({_FORMAT}).")
+    return checkpoint
+
+
+def _restore(checkpoint: dict, generator, trainer: Trainer, rng: torch.Generator, state: dict) -> None:
+    generator.load_state_dict(checkpoint["generator"])
+    trainer.optimizer.load_state_dict(checkpoint["optimizer"])
+    trainer.load_state_dict(checkpoint["trainer"])
+    rng.set_state(checkpoint["rng"])
+    state.update(
+        step=int(checkpoint["step"]),
+        evaluations=int(checkpoint["evaluations"]),
+        n_failed=int(checkpoint["n_failed"]),
+        wall_time=float(checkpoint["wall_time"]),
+        history=json.loads(checkpoint["history"]),
+    )
+
+
+def _write_metrics(run_dir: Path, history: list[dict]) -> None:
+    """Rewrite metrics.jsonl from the checkpoint's history (drops a record written after it)."""
+    _atomic_write(run_dir / METRICS, "".join(json.dumps(r) + "\n" for r in history).encode())
+
+
+def load_history(run_dir: str | os.PathLike) -> list[dict]:
+    """The per-step records of a run directory's ``metrics.jsonl``."""
+    path = Path(run_dir) / METRICS
+    if not path.exists():
+        raise CMTInputError(f"{path} does not exist; is {run_dir} a training run directory?")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

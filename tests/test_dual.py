@@ -1,0 +1,119 @@
+"""The CMT dual against brute force on synthetic Gaussian buffers (method.md's checks)."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from cmt_openmm.errors import CMTInputError
+from cmt_openmm.training.dual import dual_objective, solve_dual
+
+
+def _buffer(n, dim, mu, sigma, seed=0):
+    """x ~ q = N(0, I_dim); log q exact; log p̃ of N(mu, sigma² I) without its normaliser."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, dim))
+    log_q = -0.5 * np.sum(x**2, axis=1) - 0.5 * dim * math.log(2 * math.pi)
+    log_p = -0.5 * np.sum((x - mu) ** 2, axis=1) / sigma**2 + 7.0  # arbitrary constant
+    return log_q, log_p
+
+
+CASES = {
+    # name: (mu, sigma, eps_tr, eps_ent, trust active, entropy active)
+    "both": ((3.0, 0.0), 0.2, 0.5, 0.3, True, True),
+    "trust-only": ((4.0, 0.0), 1.0, 0.5, 1.0, True, False),
+    "entropy-only": ((0.0, 0.0), 0.5, 5.0, 0.1, False, True),
+    "none": ((0.1, 0.0), 1.0, 0.5, 1.0, False, False),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_dual_matches_grid_search(name):
+    mu, sigma, eps_tr, eps_ent, trust, entropy = CASES[name]
+    log_q, log_p = _buffer(3000, 2, np.array(mu), sigma)
+    sol = solve_dual(log_q, log_p, eps_tr, eps_ent)
+    assert sol.trust_active is trust and sol.entropy_active is entropy
+    assert sol.target_reached is (not trust and not entropy)
+
+    g_best = dual_objective(log_q, log_p, sol.lam, sol.eta, eps_tr, eps_ent)
+    # Brute force: a coarse grid around the solution and out to far values, boundaries included.
+    axis = lambda c: np.unique(np.concatenate([[0.0], np.linspace(0, 3 * c + 1, 25), np.geomspace(1e-3, 1e3, 25)]))
+    grid = [(l, e) for l in axis(sol.lam) for e in axis(sol.eta)]
+    g_grid = np.array([dual_objective(log_q, log_p, l, e, eps_tr, eps_ent) for l, e in grid])
+    assert g_best >= g_grid.max() - 1e-9
+    # The grid's best point approaches the solution (g is concave, its maximiser unique here).
+    lam_g, eta_g = grid[int(np.argmax(g_grid))]
+    step = lambda c: (3 * c + 1) / 24
+    assert abs(lam_g - sol.lam) <= step(sol.lam) + 1e-9
+    assert abs(eta_g - sol.eta) <= step(sol.eta) + 1e-9
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_active_constraints_hold_exactly(name):
+    mu, sigma, eps_tr, eps_ent, _, _ = CASES[name]
+    log_q, log_p = _buffer(3000, 2, np.array(mu), sigma, seed=1)
+    sol = solve_dual(log_q, log_p, eps_tr, eps_ent)
+    if sol.trust_active:
+        assert sol.kl == pytest.approx(eps_tr, abs=1e-8)
+    else:
+        assert sol.kl <= eps_tr + 1e-12
+    if sol.entropy_active:
+        assert sol.entropy_drop == pytest.approx(eps_ent, abs=1e-8)
+    else:
+        assert sol.entropy_drop <= eps_ent + 1e-12
+    # Weights are normalised; entropy estimate is that of q_i.
+    assert np.exp(sol.log_weights).sum() == pytest.approx(1.0, abs=1e-12)
+    assert sol.entropy == pytest.approx(-log_q.mean())
+
+
+def test_weights_match_the_geometric_mixture():
+    log_q, log_p = _buffer(2000, 2, np.array([3.0, 0.0]), 0.2)
+    sol = solve_dual(log_q, log_p, 0.5, 0.3)
+    s = 1.0 + sol.lam + sol.eta
+    log_next = (sol.lam * log_q + log_p) / s  # log q_{i+1} up to a constant
+    expected = log_next - log_q
+    expected -= np.logaddexp.reduce(expected)
+    np.testing.assert_allclose(sol.log_weights, expected, atol=1e-10)
+
+
+@pytest.mark.parametrize("eps_tr", [0.1, 0.5])
+def test_ess_between_steps(eps_tr):
+    """ESS ≈ exp(−2 KL) for log-normal weights; method.md quotes ≳ 1/(1+2 ε_tr)."""
+    log_q, log_p = _buffer(20000, 2, np.array([5.0, 0.0]), 1.0, seed=2)
+    sol = solve_dual(log_q, log_p, eps_tr, 10.0)
+    assert sol.trust_active and not sol.entropy_active
+    assert sol.ess == pytest.approx(math.exp(-2 * eps_tr), rel=0.1)
+    assert sol.ess >= 0.7 / (1 + 2 * eps_tr)
+
+
+def test_failed_energies_get_zero_weight_and_torch_inputs():
+    log_q, log_p = _buffer(2000, 2, np.array([3.0, 0.0]), 1.0)
+    log_p[::10] = -np.inf
+    sol = solve_dual(torch.from_numpy(log_q), torch.from_numpy(log_p), 0.5, 1.0)
+    assert np.all(np.isneginf(sol.log_weights[::10]))
+    assert np.isfinite(sol.log_weights[1::10]).all()
+    assert sol.kl == pytest.approx(0.5, abs=1e-8)
+    assert np.isfinite([sol.kl, sol.entropy_drop, sol.ess]).all()
+
+
+def test_target_already_reached():
+    log_q, _ = _buffer(500, 2, np.zeros(2), 1.0)
+    sol = solve_dual(log_q, log_q + 3.0, 0.5, 1.0)  # p̃ ∝ q_i
+    assert sol.target_reached
+    assert sol.kl == pytest.approx(0.0, abs=1e-12) and sol.ess == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(
+    "log_q, log_p, eps",
+    [
+        ([0.0, 1.0], [0.0], (0.5, 1.0)),
+        ([0.0, np.nan], [0.0, 0.0], (0.5, 1.0)),
+        ([0.0, 0.0], [-np.inf, -np.inf], (0.5, 1.0)),
+        ([0.0, 0.0], [0.0, np.nan], (0.5, 1.0)),
+        ([0.0, 0.0], [0.0, 0.0], (0.0, 1.0)),
+        ([], [], (0.5, 1.0)),
+    ],
+)
+def test_bad_inputs_refused(log_q, log_p, eps):
+    with pytest.raises(CMTInputError):
+        solve_dual(np.array(log_q), np.array(log_p), *eps)

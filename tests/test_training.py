@@ -1,0 +1,237 @@
+"""The shared training loop: CMT on toy targets, baselines, config, checkpoints and resume."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from cmt_openmm.energy import OpenMMEnergy
+from cmt_openmm.errors import CMTInputError
+from cmt_openmm.metrics import reverse_ess
+from cmt_openmm.systems import get_target
+from cmt_openmm.training import TrainConfig, load_history, train
+from cmt_openmm.training.loop import CHECKPOINT, CONFIG, GENERATOR, METRICS
+
+TINY_FLOW = {"n_layers": 2, "hidden": 16, "n_bins": 6}
+
+
+@pytest.fixture(scope="module")
+def mixture():
+    return get_target("toy-gaussian-mixture")
+
+
+@pytest.fixture(scope="module")
+def double_well():
+    return get_target("toy-double-well")
+
+
+def _tiny_cmt(**cmt):
+    return {
+        "method": "cmt",
+        "seed": 3,
+        "max_steps": 4,
+        "budget": 100_000,
+        "flow": TINY_FLOW,
+        "cmt": {"n_samples": 400, "batch_size": 100, "lr": 5e-3, "fit_steps": 4, **cmt},
+    }
+
+
+# -- config ---------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"methd": "cmt"},
+        {"method": "fab"},
+        {"cmt": {"eps_tr": -0.5}},
+        {"cmt": {"eps_tr": "big"}},
+        {"cmt": {"n_samples": 10.5}},
+        {"cmt": {"resample": "yes"}},
+        {"cmt": {"typo": 1}},
+        {"flow": [8, 128]},
+        {"budget": True},
+        {"method": "forward_kl"},
+        {"temperature_annealing": {"n_temperatures": 1}},
+    ],
+)
+def test_bad_config_refused_with_one_sentence(bad):
+    with pytest.raises(CMTInputError) as info:
+        TrainConfig.from_dict(bad)
+    msg = str(info.value)
+    assert "\n" not in msg and msg.endswith(".") and ". " not in msg
+
+
+def test_config_round_trip(tmp_path):
+    cfg = TrainConfig.from_dict({"method": "temperature_annealing", "budget": "2e5", "seed": 7,
+                                 "temperature_annealing": {"t_high": 900, "fit_steps": 5}})
+    assert cfg.budget == 200_000 and cfg.temperature_annealing.t_high == 900.0
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+    path = tmp_path / "c.yaml"
+    path.write_text(cfg.to_yaml())
+    assert TrainConfig.from_yaml(path) == cfg
+
+
+# -- CMT ------------------------------------------------------------------------------------
+def test_cmt_constraints_hold_on_real_steps(double_well):
+    eps_tr, eps_ent = 0.5, 0.2
+    result = train(double_well, _tiny_cmt(eps_tr=eps_tr, eps_ent=eps_ent), progress=False)
+    history = result.history
+    assert len(history) == 4 and result.stop_reason == "max_steps"
+    assert any(r["trust_active"] for r in history) and any(r["entropy_active"] for r in history)
+    for r in history:
+        if r["trust_active"]:
+            assert r["kl"] == pytest.approx(eps_tr, abs=1e-6)
+        else:
+            assert r["lam"] == 0.0 and r["kl"] <= eps_tr + 1e-9
+        if r["entropy_active"]:
+            assert r["entropy_drop"] == pytest.approx(eps_ent, abs=1e-6)
+        else:
+            assert r["eta"] == 0.0 and r["entropy_drop"] <= eps_ent + 1e-9
+    assert [r["energy_evaluations"] for r in history] == [400, 800, 1200, 1600]
+
+
+def test_cmt_learns_the_gaussian_mixture(mixture):
+    """Reverse ESS ≥ 90 % and every mode's (reweighted) weight within 5 % of exact."""
+    config = {
+        "method": "cmt",
+        "seed": 0,
+        "max_steps": 40,
+        "budget": 200_000,
+        "flow": {"n_layers": 4, "hidden": 96, "n_bins": 16},
+        "cmt": {"eps_tr": 0.5, "eps_ent": 1.0, "n_samples": 8000, "batch_size": 1024, "lr": 3e-3,
+                "fit_steps": 16, "steps_after_target": 10, "lr_decay_after_target": 0.75},
+    }
+    result = train(mixture, config, progress=False)
+    assert result.stop_reason == "target reached"
+    assert result.history[-1]["energy_evaluations"] == 8000 * len(result.history)
+    x, log_q = result.generator.sample(20_000, torch.Generator().manual_seed(1))
+    with OpenMMEnergy(mixture) as energy:
+        log_w = (-energy(x) - log_q).numpy()
+    assert reverse_ess(log_w) >= 0.9
+    w = np.exp(log_w - log_w.max())
+    w /= w.sum()
+    modes = np.asarray(mixture.mode_of(x.numpy()))
+    exact = mixture.mode_weights()
+    estimated = np.array([w[modes == k].sum() for k in range(len(exact))])
+    np.testing.assert_allclose(estimated, exact, rtol=0.05)
+    # The flow itself keeps every mode (no reweighting needed to see them).
+    raw = np.array([np.mean(modes == k) for k in range(len(exact))])
+    np.testing.assert_allclose(raw, exact, atol=0.05)
+
+
+def test_budget_stops_before_overrun(double_well):
+    result = train(double_well, {**_tiny_cmt(), "budget": 1000}, progress=False)
+    assert result.stop_reason == "budget"
+    assert len(result.history) == 2 and result.history[-1]["energy_evaluations"] == 800
+
+
+# -- run directory, checkpoints, resume -----------------------------------------------------
+def _assert_same_history(a, b):
+    assert len(a) == len(b)
+    for ra, rb in zip(a, b):
+        assert ra.keys() == rb.keys()
+        for k in ra:
+            if k == "wall_time":
+                continue
+            if isinstance(ra[k], float):
+                assert math.isclose(ra[k], rb[k], rel_tol=1e-9, abs_tol=1e-12), (k, ra[k], rb[k])
+            else:
+                assert ra[k] == rb[k], k
+
+
+@pytest.mark.parametrize("method", ["cmt", "cmt-after-target", "temperature_annealing"])
+def test_resume_is_exact(double_well, tmp_path, method):
+    config = _tiny_cmt()
+    if method == "cmt-after-target":  # reaches λ = η = 0 at once, then decays the learning rate
+        config = _tiny_cmt(eps_tr=20.0, eps_ent=20.0, steps_after_target=10, lr_decay_after_target=0.5)
+        method = "cmt"
+    config["method"] = method
+    config["temperature_annealing"] = {"n_temperatures": 3, "reverse_kl_steps": 4, "steps_per_record": 2,
+                                       "batch_size": 50, "n_samples": 300, "fit_steps": 3, "lr": 5e-3}
+    full = train(double_well, config, tmp_path / "full", progress=False)
+    train(double_well, {**config, "max_steps": 2}, tmp_path / "split", progress=False)
+    resumed = train(double_well, config, tmp_path / "split", resume=True, progress=False)
+    assert len(full.history) == 4
+    if config["cmt"].get("steps_after_target"):
+        assert full.history[0]["lam"] == full.history[0]["eta"] == 0.0
+        assert [r["lr"] for r in full.history] == [5e-3, 2.5e-3, 1.25e-3, 6.25e-4]
+    _assert_same_history(resumed.history, full.history)
+    a, b = full.generator.state_dict(), resumed.generator.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7)
+    assert load_history(tmp_path / "split") == resumed.history
+
+
+def test_run_dir_contents_and_refusals(double_well, tmp_path):
+    run = tmp_path / "run"
+    result = train(double_well, {**_tiny_cmt(), "max_steps": 2}, run, progress=False)
+    for name in (CONFIG, CHECKPOINT, METRICS, GENERATOR):
+        assert (run / name).exists()
+    assert TrainConfig.from_yaml(run / CONFIG) == TrainConfig.from_dict({**_tiny_cmt(), "max_steps": 2})
+    assert [json.loads(line)["step"] for line in (run / METRICS).read_text().splitlines()] == [1, 2]
+    assert result.run_dir == run
+    with pytest.raises(CMTInputError, match="already holds a run"):
+        train(double_well, _tiny_cmt(), run, progress=False)
+    with pytest.raises(CMTInputError, match="eps_tr|cmt"):
+        train(double_well, _tiny_cmt(eps_tr=0.3), run, resume=True, progress=False)
+    with pytest.raises(CMTInputError, match="no checkpoint"):
+        train(double_well, _tiny_cmt(), tmp_path / "empty", resume=True, progress=False)
+
+
+class _Payload:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def test_checkpoint_never_unpickles_objects(double_well, tmp_path):
+    run = tmp_path / "evil"
+    run.mkdir()
+    torch.save({"format": "cmt_openmm.checkpoint/1", "x": _Payload()}, run / CHECKPOINT)
+    with pytest.raises(CMTInputError, match="cannot read checkpoint"):
+        train(double_well, _tiny_cmt(), run, resume=True, progress=False)
+
+
+# -- baselines ------------------------------------------------------------------------------
+def test_reverse_kl_reduces_loss_and_counts_evaluations(double_well):
+    config = {"method": "reverse_kl", "seed": 1, "max_steps": 4, "flow": TINY_FLOW,
+              "reverse_kl": {"batch_size": 64, "lr": 1e-2, "steps_per_record": 10}}
+    result = train(double_well, config, progress=False)
+    history = result.history
+    assert [r["energy_evaluations"] for r in history] == [640 * k for k in range(1, 5)]
+    assert history[-1]["loss"] < history[0]["loss"]
+    assert all(0.0 <= r["reverse_ess"] <= 1.0 for r in history)
+
+
+def test_forward_kl_on_samples(double_well, tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    blob = double_well.positions[None] + 0.05 * torch.randn(2000, 1, 3, generator=gen, dtype=torch.float64).numpy()
+    np.savez(tmp_path / "data.npz", positions=blob)
+    config = {"method": "forward_kl", "seed": 1, "max_steps": 3, "flow": TINY_FLOW,
+              "forward_kl": {"data": str(tmp_path / "data.npz"), "batch_size": 128, "lr": 1e-2,
+                             "steps_per_record": 10, "eval_samples": 100}}
+    history = train(double_well, config, progress=False).history
+    assert history[-1]["loss"] < history[0]["loss"]
+    assert [r["energy_evaluations"] for r in history] == [100, 200, 300]
+    np.savez(tmp_path / "wrong.npz", positions=np.zeros((5, 2, 3)))
+    config["forward_kl"]["data"] = str(tmp_path / "wrong.npz")
+    with pytest.raises(CMTInputError, match="shape"):
+        train(double_well, config, progress=False)
+
+
+def test_temperature_annealing_ladder(double_well):
+    config = {"method": "temperature_annealing", "seed": 2, "max_steps": 10, "flow": TINY_FLOW,
+              "temperature_annealing": {"t_high": 1200, "n_temperatures": 3, "reverse_kl_steps": 20,
+                                        "steps_per_record": 10, "batch_size": 64, "lr": 1e-2,
+                                        "n_samples": 500, "fit_steps": 5, "final_steps": 1}}
+    result = train(double_well, config, progress=False)
+    history = result.history
+    assert result.stop_reason == "schedule finished"
+    assert [r["phase"] for r in history] == ["reverse_kl"] * 2 + ["fit"] * 3
+    temps = [r["temperature"] for r in history]
+    assert temps[:2] == [1200.0, 1200.0] and temps[2] == pytest.approx(600.0) and temps[3:] == [300.0, 300.0]
+    assert history[1]["loss"] < history[0]["loss"]
+    assert [r["energy_evaluations"] for r in history] == [640, 1280, 1780, 2280, 2780]
+    assert all(0.0 < r["ess_step"] <= 1.0 for r in history[2:])
+    with pytest.raises(CMTInputError, match="t_high"):
+        train(double_well, {**config, "temperature_annealing": {"t_high": 250}}, progress=False)
