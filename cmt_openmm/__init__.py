@@ -28,6 +28,8 @@ _PUBLIC = {
     "solve_dual": "training",
     "reweight": "reweighting",
     "FlowIndependenceMove": "moves",
+    "FlowMoveReporter": "moves",
+    "register_target": "moves",
 }
 
 __all__ = sorted(_PUBLIC) + ["__version__"]
