@@ -1,0 +1,243 @@
+"""CMT vs reverse KL vs temperature annealing (TA-BG) on alanine dipeptide, same flow and budget.
+
+Every method trains the same spline flow on the same target with the same energy-evaluation
+budget (each configuration sent to OpenMM counts, method.md's accounting), for several seeds,
+optionally under a wall-clock limit per run. Each trained generator is then judged on fresh
+samples: reverse ESS (median of several draws with the spread, and with the top 1e-4 of the
+log-weights clipped), the φ > 0 basin population (αL ∪ C7ax) and every ALDP basin — CMT must
+not lose one — and, given MD reference frames (``cmt-openmm reference-md``), forward ESS,
+EUBO and Ramachandran TV. Prints a table in the paper's format beside method.md's published
+numbers (AlanineDipeptideImplicit, 1e8 evaluations, GPUs: a scale this CPU benchmark does not
+reach) and writes ``results.json``.
+
+    python benchmarks/aldp_methods.py --system aldp-vacuum --budget 2e6 --seeds 0 1 2 \\
+        --reference runs/ref_aldp_vacuum.npz --out runs/bench_methods
+    python benchmarks/aldp_methods.py --tiny          # a seconds-long smoke run
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from cmt_openmm.cli import write_run_report  # noqa: E402
+from cmt_openmm.config import build_target, parse_run_config  # noqa: E402
+from cmt_openmm.training import train  # noqa: E402
+
+PUBLISHED = {  # method.md, ALDP (AlanineDipeptideImplicit), mean of 4 runs
+    "reverse_kl": {"evals": 2.56e8, "ess": 94.13, "ram_tv": 1.36e-2},
+    "temperature_annealing": {"evals": 1e8, "ess": 95.76, "ram_tv": 1.24e-2},
+    "cmt": {"evals": 1e8, "ess": 97.69, "ram_tv": 9.43e-3},
+}
+LOST_POPULATION = 1e-4  # without a reference: a basin below this reweighted population counts as lost
+LOST_FRACTION = 0.1  # with a reference: below this fraction of the reference population
+LABEL = {"cmt": "CMT", "reverse_kl": "reverse KL", "temperature_annealing": "TA-BG", "forward_kl": "forward KL"}
+
+
+def method_settings(budget: int, tiny: bool, buffer: int = 8000, lr: float = 5e-4) -> dict:
+    """Per-method sections: CMT per method.md's calibration, TA-BG's reverse-KL stage ~1/4 of the budget."""
+    if tiny:
+        return {
+            "cmt": {"eps_tr": 0.5, "eps_ent": 1.0, "n_samples": 256, "fit_steps": 4, "batch_size": 64, "lr": 1e-3},
+            "reverse_kl": {"batch_size": 64, "lr": 1e-3, "steps_per_record": 4},
+            "temperature_annealing": {"t_high": 1200.0, "n_temperatures": 3, "reverse_kl_steps": 4, "steps_per_record": 2,
+                                      "batch_size": 64, "lr": 1e-3, "n_samples": 256, "fit_steps": 4, "final_steps": 1000},
+        }
+    batch = 256
+    return {
+        "cmt": {"eps_tr": 0.5, "eps_ent": 1.0, "n_samples": buffer, "batch_size": batch, "lr": lr},
+        "reverse_kl": {"batch_size": batch, "lr": lr, "steps_per_record": 50},
+        "temperature_annealing": {"t_high": 1200.0, "n_temperatures": 8, "steps_per_record": 50,
+                                  "reverse_kl_steps": max(50, int(budget / 4 / batch) // 50 * 50),
+                                  "batch_size": batch, "lr": lr, "n_samples": buffer, "final_steps": 100_000},
+        }
+
+
+def max_steps_for(method: str, section: dict, budget: int) -> int:
+    """Steps the budget allows (so that progress bars show a real total); the budget still stops runs."""
+    if method == "reverse_kl":
+        return max(1, budget // (section["batch_size"] * section["steps_per_record"]))
+    ladder = budget // section["n_samples"]
+    if method == "temperature_annealing":
+        ladder += -(-section["reverse_kl_steps"] // section["steps_per_record"])
+    return max(1, ladder)
+
+
+def train_limited(target, config: dict, run_dir: Path, time_limit: float | None, chunk: int):
+    """``train`` until budget/max_steps/the method stops it, or ``time_limit`` s of training wall time.
+
+    The limit is applied between chunks of ``chunk`` steps, resuming from the checkpoint, so
+    it may be overrun by up to one chunk.
+    """
+    if time_limit is None:
+        return train(target, config, run_dir=run_dir, progress=True)
+    final_max = config["max_steps"]
+    cfg = {**config, "max_steps": min(chunk, final_max)}
+    result = train(target, cfg, run_dir=run_dir, progress=True)
+    while (result.stop_reason == "max_steps" and cfg["max_steps"] < final_max
+           and result.history and result.history[-1]["wall_time"] < time_limit):
+        cfg["max_steps"] = min(cfg["max_steps"] + chunk, final_max)
+        result = train(target, cfg, run_dir=run_dir, resume=True, progress=True)
+    if result.stop_reason == "max_steps" and cfg["max_steps"] < final_max:
+        result.stop_reason = "time_limit"
+    return result
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--system", default="aldp-vacuum", help="aldp-vacuum | aldp-obc | aldp-implicit")
+    p.add_argument("--temperature", type=float, default=300.0)
+    p.add_argument("--methods", nargs="+", default=["cmt", "reverse_kl", "temperature_annealing"])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--budget", type=float, default=2e6, help="energy evaluations per run (same for every method)")
+    p.add_argument("--time-limit", dest="time_limit", type=float, help="training wall-clock seconds per run")
+    p.add_argument("--reference", help="MD reference .npz (positions nm) for forward ESS, EUBO, Ram TV")
+    p.add_argument("--n-layers", dest="n_layers", type=int, default=8)
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--n-bins", dest="n_bins", type=int, default=8)
+    p.add_argument("--buffer", type=int, default=8000, help="CMT / TA-BG samples per annealing step")
+    p.add_argument("--lr", type=float, default=5e-4, help="Adam learning rate (every method)")
+    p.add_argument("--samples", type=int, default=10_000, help="flow samples per evaluation draw")
+    p.add_argument("--draws", type=int, default=5, help="evaluation draws (ESS = median over draws)")
+    p.add_argument("--out", default="runs/bench_aldp_methods")
+    p.add_argument("--tiny", action="store_true", help="a smoke run: tiny flow and budget, one seed")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    if args.tiny:
+        args.budget, args.seeds, args.samples, args.draws = 3000, args.seeds[:1], 300, 2
+        args.n_layers, args.hidden, args.n_bins = 2, 16, 4
+    budget = int(args.budget)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    target = build_target(args.system, args.temperature)
+    settings = method_settings(budget, args.tiny, args.buffer, args.lr)
+    rows = []
+    for method in args.methods:
+        for seed in args.seeds:
+            run_dir = out / f"{method}-seed{seed}"
+            data = {
+                "system": args.system, "temperature": args.temperature, "method": method, "seed": seed,
+                "budget": budget, "max_steps": max_steps_for(method, settings[method], budget),
+                "flow": {"n_layers": args.n_layers, "hidden": args.hidden, "n_bins": args.n_bins},
+                method: copy.deepcopy(settings[method]),
+                "report": {"n_samples": args.samples, "n_draws": args.draws},
+            }
+            spec = parse_run_config(data)
+            if (run_dir / "checkpoint.pt").exists():
+                import shutil
+
+                shutil.rmtree(run_dir)
+            run_dir.mkdir(parents=True)
+            (run_dir / "run.yaml").write_text(json.dumps(spec.to_dict()))  # YAML is a superset of JSON
+            print(f"\n=== {LABEL[method]} seed {seed} ===", flush=True)
+            start = time.perf_counter()
+            result = train_limited(target, spec.train, run_dir, args.time_limit, chunk=5 if method != "reverse_kl" else 10)
+            report = write_run_report(run_dir, spec, target, result.generator, result.history, result.stop_reason,
+                                      reference=args.reference)
+            rows.append(row_of(method, seed, report, time.perf_counter() - start))
+            print(format_row(rows[-1]), flush=True)
+    summary = aggregate(rows)
+    table = format_table(rows, summary, args)
+    print("\n" + table)
+    results = {"settings": {**vars(args), "budget": budget, "method_settings": settings,
+                            "torch_threads": torch.get_num_threads()},
+               "runs": rows, "summary": summary, "published": PUBLISHED}
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "table.md").write_text(table + "\n")
+    print(f"\nwrote {out / 'results.json'} and {out / 'table.md'}")
+    return 0
+
+
+def row_of(method: str, seed: int, report: dict, total_wall: float) -> dict:
+    s, tr, ref = report["samples"], report["training"], report.get("reference") or {}
+    pops = s.get("basin_populations", {})
+    row = {
+        "method": method, "seed": seed,
+        "ess": s["reverse_ess"]["median"], "ess_min": s["reverse_ess"]["min"], "ess_max": s["reverse_ess"]["max"],
+        "ess_clipped": s["reverse_ess_clipped"]["median"],
+        "evaluations": tr["energy_evaluations"], "steps": tr["steps"], "stop_reason": tr["stop_reason"],
+        "train_wall_s": tr["wall_time_s"], "total_wall_s": total_wall,
+        "phi_positive": (s.get("phi_positive_population") or {}).get("value"),
+        "phi_positive_error": (s.get("phi_positive_population") or {}).get("error"),
+        "basins": {k: v["value"] for k, v in pops.items()},
+        "lost_basins": [k for k, v in pops.items() if (v["value"] or 0.0) < LOST_POPULATION],
+        "chirality_flips": s["chirality_flips"],
+    }
+    if ref:
+        row.update(eubo=ref.get("eubo"), ram_tv=ref.get("ramachandran_tv"), forward_ess=ref.get("forward_ess"),
+                   reference_phi_positive=(ref.get("reference_populations", {}).get("phi_positive_population") or {}).get("value"))
+        ref_pops = ref.get("reference_populations", {}).get("basin_populations", {})
+        row["lost_basins"] = [k for k, v in pops.items()
+                              if (v["value"] or 0.0) < LOST_FRACTION * ((ref_pops.get(k) or {}).get("value") or 0.0)]
+    return row
+
+
+def _mean_std(values):
+    v = [x for x in values if x is not None and math.isfinite(x)]
+    if not v:
+        return None, None
+    return float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0
+
+
+def aggregate(rows: list[dict]) -> dict:
+    out = {}
+    for method in dict.fromkeys(r["method"] for r in rows):
+        rs = [r for r in rows if r["method"] == method]
+        out[method] = {key: _mean_std([r.get(key) for r in rs])
+                       for key in ("ess", "ess_clipped", "eubo", "ram_tv", "evaluations", "train_wall_s", "phi_positive")}
+        out[method]["n_runs"] = len(rs)
+        out[method]["lost_basins"] = sorted({b for r in rs for b in r["lost_basins"]})
+    return out
+
+
+def _fmt(ms, scale=1.0, fmt="{:.2f}"):
+    mean, std = ms
+    if mean is None:
+        return "–"
+    return fmt.format(scale * mean) + (" ± " + fmt.format(scale * std) if std else "")
+
+
+def format_row(r: dict) -> str:
+    return (f"{LABEL[r['method']]:<11} seed {r['seed']}: ESS {100 * r['ess']:.2f} % [{100 * r['ess_min']:.2f}, "
+            f"{100 * r['ess_max']:.2f}], clipped {100 * r['ess_clipped']:.2f} %, evals {r['evaluations']:,}, "
+            f"train {r['train_wall_s']:.0f} s, φ>0 {'n/a' if r['phi_positive'] is None else format(r['phi_positive'], '.2e')}, "
+            f"lost basins {r['lost_basins'] or 'none'} ({r['stop_reason']})")
+
+
+def format_table(rows: list[dict], summary: dict, args) -> str:
+    head = (f"ALDP ({args.system}, {args.temperature:g} K), budget {int(args.budget):,} evaluations, "
+            f"flow {args.n_layers}x{args.hidden} ({args.n_bins} bins), seeds {args.seeds}; "
+            "mean ± std over seeds, ESS = median of draws")
+    lines = [head, "",
+             "| method | evals | ESS % | ESS % (clipped 1e-4) | EUBO (kT) | Ram TV | wall (s) | φ>0 pop. | lost basins | published ESS % | published Ram TV | published evals |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for method, s in summary.items():
+        pub = PUBLISHED.get(method, {})
+        lines.append(
+            f"| {LABEL[method]} | {_fmt(s['evaluations'], fmt='{:.3g}')} | {_fmt(s['ess'], 100)} | {_fmt(s['ess_clipped'], 100)} "
+            f"| {_fmt(s['eubo'])} | {_fmt(s['ram_tv'], fmt='{:.2e}')} | {_fmt(s['train_wall_s'], fmt='{:.0f}')} "
+            f"| {_fmt(s['phi_positive'], fmt='{:.4f}')} | {', '.join(s['lost_basins']) or 'none'} "
+            f"| {pub.get('ess', '–')} | {pub.get('ram_tv', '–')} | {pub.get('evals', '–'):.3g} |"
+            if pub else
+            f"| {LABEL[method]} | {_fmt(s['evaluations'], fmt='{:.3g}')} | {_fmt(s['ess'], 100)} | {_fmt(s['ess_clipped'], 100)} "
+            f"| {_fmt(s['eubo'])} | {_fmt(s['ram_tv'], fmt='{:.2e}')} | {_fmt(s['train_wall_s'], fmt='{:.0f}')} "
+            f"| {_fmt(s['phi_positive'], fmt='{:.4f}')} | {', '.join(s['lost_basins']) or 'none'} | – | – | – |")
+    ref_phi = [r.get("reference_phi_positive") for r in rows if r.get("reference_phi_positive") is not None]
+    if ref_phi:
+        lines += ["", f"reference MD φ>0 (αL ∪ C7ax) population: {ref_phi[0]:.4f}"]
+    lines += ["", "Published: AlanineDipeptideImplicit (ff96 + OBC1), 300 K, GPU-scale budgets (method.md)."]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

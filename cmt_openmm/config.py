@@ -1,0 +1,165 @@
+"""Run files and run directories: what ``cmt-openmm train`` reads, writes and reloads.
+
+A run file (YAML) holds the target (``system``: a built-in name such as ``aldp-vacuum`` or
+``toy-double-well``, or ``{pdb: file.pdb, forcefield: [a.xml, ...]}``; relative paths are
+relative to the file), ``temperature`` (K), an optional ``report`` section (``n_samples``,
+``n_draws``, ``seed``: the flow samples of the final report) and the training settings of
+:class:`cmt_openmm.training.TrainConfig` (method, seed, budget, max_steps, flow, energy and
+the method's section)::
+
+    system: aldp-vacuum
+    temperature: 300
+    method: cmt
+    budget: 5e5
+    flow: {n_layers: 6, hidden: 64, n_bins: 8}
+    cmt: {eps_tr: 0.5, eps_ent: 1.0, n_samples: 2000}
+
+A run directory holds ``run.yaml`` (the validated run file, defaults filled in and paths
+made absolute) beside what training writes (``config.yaml``, ``checkpoint.pt``,
+``metrics.jsonl``, ``generator.safetensors``), so that ``sample`` and ``evaluate`` can rebuild
+the target and load the generator from the directory alone. Every problem with a run file is
+a :class:`~cmt_openmm.errors.CMTInputError` of one sentence.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import CMTInputError
+
+RUN_FILE = "run.yaml"
+GENERATOR_FILE = "generator.safetensors"
+CHECKPOINT_FILE = "checkpoint.pt"
+RESUMABLE = ("max_steps", "budget")  # training settings a resumed run may change
+_REPORT_DEFAULTS = {"n_samples": 5000, "n_draws": 5, "seed": 1_000_003}
+
+
+@dataclass
+class RunSpec:
+    """A run file split into the target's part, the training part and the report settings."""
+
+    system: Any
+    temperature: float
+    train: dict
+    report: dict
+
+    def to_dict(self) -> dict:
+        return {"system": self.system, "temperature": self.temperature, **self.train, "report": self.report}
+
+
+def read_yaml(path: str | os.PathLike) -> Any:
+    """Parse a YAML file, turning missing files and syntax errors into one-sentence errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise CMTInputError(f"config file {path} does not exist; pass the path of a YAML run file.")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or "invalid syntax"
+        raise CMTInputError(f"config file {path} is not valid YAML ({problem}{where}); fix the file.") from None
+
+
+def parse_run_config(data: Any, base_dir: str | os.PathLike = ".") -> RunSpec:
+    """Validate a run mapping (YAML-parsed) and resolve relative PDB/XML paths against ``base_dir``."""
+    from .training import TrainConfig
+
+    if not isinstance(data, dict):
+        raise CMTInputError("a run file must be a YAML mapping with at least a `system` key.")
+    data = dict(data)
+    if "system" not in data:
+        raise CMTInputError("the run file names no `system`; add e.g. `system: aldp-vacuum`.")
+    system = resolve_system(data.pop("system"), Path(base_dir))
+    temperature = data.pop("temperature", 300.0)
+    try:
+        temperature = float(temperature)
+    except (TypeError, ValueError):
+        raise CMTInputError(f"temperature must be a number in kelvin, got {temperature!r}.") from None
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise CMTInputError(f"temperature must be a positive number of kelvin, got {temperature}.")
+    report = data.pop("report", None) or {}
+    if not isinstance(report, dict) or set(report) - set(_REPORT_DEFAULTS):
+        raise CMTInputError(f"the report section may only set {', '.join(_REPORT_DEFAULTS)}.")
+    report = {**_REPORT_DEFAULTS, **report}
+    for key, value in report.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if key == "seed" else 1):
+            raise CMTInputError(f"report.{key} must be a positive whole number, got {value!r}.")
+    if data.get("method") == "forward_kl" and isinstance(data.get("forward_kl"), dict) and data["forward_kl"].get("data"):
+        data["forward_kl"] = {**data["forward_kl"], "data": str(_existing(data["forward_kl"]["data"], base_dir, "forward_kl.data"))}
+    train = TrainConfig.from_dict(data).to_dict()  # validates; defaults filled in
+    return RunSpec(system, temperature, train, report)
+
+
+def _existing(path: str, base_dir: str | os.PathLike, what: str) -> Path:
+    p = Path(os.path.expanduser(str(path)))
+    p = p if p.is_absolute() else Path(base_dir) / p
+    if not p.is_file():
+        raise CMTInputError(f"{what} file {p} does not exist; fix the path in the run file.")
+    return p.resolve()
+
+
+def resolve_system(system: Any, base_dir: Path) -> Any:
+    from .systems import list_targets
+
+    if isinstance(system, str):
+        if system not in list_targets():
+            raise CMTInputError(f"unknown system {system!r}; use one of {', '.join(list_targets())} or {{pdb: ..., forcefield: [...]}}.")
+        return system
+    if isinstance(system, dict) and set(system) <= {"pdb", "forcefield", "name"} and "pdb" in system:
+        xmls = system.get("forcefield") or []
+        xmls = [xmls] if isinstance(xmls, str) else list(xmls)
+        if not xmls or not all(isinstance(x, str) for x in xmls):
+            raise CMTInputError("system.forcefield must list force-field XML files, e.g. [amber99sbildn.xml].")
+        # Bundled OpenMM force fields are given by name; anything that exists on disk by path.
+        resolved = [str(_existing(x, base_dir, "force-field")) if (base_dir / x).is_file() or os.path.isabs(x) else x for x in xmls]
+        out = {"pdb": str(_existing(system["pdb"], base_dir, "PDB")), "forcefield": resolved}
+        if "name" in system:
+            out["name"] = str(system["name"])
+        return out
+    raise CMTInputError("system must be a built-in name or a mapping {pdb: file.pdb, forcefield: [xml, ...]}.")
+
+
+def build_target(system: Any, temperature: float):
+    """The Target a (resolved) ``system`` entry names, at ``temperature`` K."""
+    if isinstance(system, str):
+        from .systems import get_target
+
+        return get_target(system, temperature)
+    from .target import Target
+
+    try:
+        return Target.from_pdb(system["pdb"], system["forcefield"], temperature,
+                               name=system.get("name", Path(system["pdb"]).stem))
+    except (ValueError, KeyError, OSError) as exc:
+        if isinstance(exc, CMTInputError):
+            raise
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CMTInputError(f"OpenMM cannot build a System from {system['pdb']} with {system['forcefield']}: {message}.") from None
+
+
+def load_run(run_dir: str | os.PathLike) -> tuple[RunSpec, Any]:
+    """The RunSpec and Target of an existing run directory."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CMTInputError(f"run directory {run_dir} does not exist; train first with `cmt-openmm train`.")
+    path = run_dir / RUN_FILE
+    if not path.is_file():
+        raise CMTInputError(f"{run_dir} holds no {RUN_FILE}; is it a directory written by `cmt-openmm train`?")
+    spec = parse_run_config(read_yaml(path), run_dir)
+    return spec, build_target(spec.system, spec.temperature)
+
+
+def load_generator(run_dir: str | os.PathLike, target):
+    """The trained generator of ``run_dir`` (refused when it belongs to another system)."""
+    from .generator import BoltzmannGenerator
+
+    path = Path(run_dir) / GENERATOR_FILE
+    if not path.is_file():
+        raise CMTInputError(f"{path} does not exist; finish training with `cmt-openmm train --out {run_dir} --resume`.")
+    return BoltzmannGenerator.load(path, target)

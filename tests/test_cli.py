@@ -1,0 +1,186 @@
+"""The `cmt-openmm` command line end to end: train (preset, YAML, resume), sample, evaluate, errors.
+
+One toy run (the `toy-quick` preset) is trained once per module and shared; the real-ALDP test
+trains a tiny flow for two CMT annealing steps on OpenMM energies, then samples and reweights.
+"""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from cmt_openmm.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(capsys, *argv):
+    """main(argv) -> (exit code, stdout, stderr)."""
+    rc = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("toy") / "run"
+    assert main(["train", "--preset", "toy-quick", "--out", str(out), "--quiet"]) == 0
+    return out
+
+
+def test_train_preset_writes_run_directory(toy_run):
+    for name in ("run.yaml", "config.yaml", "checkpoint.pt", "metrics.jsonl", "generator.safetensors",
+                 "report.json", "report.md", "training_curves.png", "marginal_x.png"):
+        assert (toy_run / name).is_file(), name
+    records = [json.loads(line) for line in (toy_run / "metrics.jsonl").read_text().splitlines()]
+    assert records and all("lam" in r and "energy_evaluations" in r for r in records)
+    report = json.loads((toy_run / "report.json").read_text())
+    assert report["system"] == "toy-double-well" and report["method"] == "cmt"
+    assert report["training"]["steps"] == len(records)
+    assert report["training"]["energy_evaluations"] == records[-1]["energy_evaluations"] > 0
+    ess = report["samples"]["reverse_ess"]
+    assert len(ess["draws"]) == 3 and 0 < ess["min"] <= ess["median"] <= ess["max"] <= 1
+    modes = report["samples"]["modes"]
+    assert np.isclose(sum(modes["reweighted"]), 1.0) and len(modes["exact"]) == 2
+    assert "reverse ESS" in (toy_run / "report.md").read_text()
+
+
+def test_resume_finished_run_changes_nothing(toy_run, capsys):
+    before = (toy_run / "metrics.jsonl").read_text()
+    rc, out, _ = run(capsys, "train", "--out", toy_run, "--resume", "--quiet")
+    assert rc == 0
+    assert (toy_run / "metrics.jsonl").read_text() == before
+    assert json.loads(out)["training"]["steps"] == len(before.splitlines())
+
+
+def test_resume_partial_run(tmp_path, capsys):
+    config = tmp_path / "toy.yaml"
+    config.write_text(yaml.safe_dump({
+        "system": "toy-double-well", "method": "cmt", "seed": 3, "max_steps": 1,
+        "flow": {"n_layers": 1, "hidden": 8},
+        "cmt": {"n_samples": 200, "fit_steps": 2, "batch_size": 100},
+        "report": {"n_samples": 200, "n_draws": 2},
+    }))
+    out = tmp_path / "run"
+    assert run(capsys, "train", config, "--out", out, "--quiet")[0] == 0
+    rc, stdout, _ = run(capsys, "train", config, "--out", out, "--resume", "--max-steps", 3, "--quiet")
+    assert rc == 0
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+    assert json.loads(stdout)["training"]["energy_evaluations"] == 600
+
+
+def test_sample_writes_npz_pdb_dcd_and_weights(toy_run, tmp_path, capsys):
+    import mdtraj
+
+    npz, pdb, dcd, csv = (tmp_path / f"s.{ext}" for ext in ("npz", "pdb", "dcd", "csv"))
+    rc, out, _ = run(capsys, "sample", toy_run, "--n", 300, "--out", npz, "--pdb", pdb, "--dcd", dcd,
+                     "--weights", csv, "--resample", 40, "--quiet")
+    assert rc == 0
+    summary = json.loads(out)
+    assert summary["n"] == 300 and 0 < summary["ess"] <= 1
+    with np.load(npz) as data:
+        assert data["positions"].shape == (300, 1, 3)
+        for key in ("log_q", "reduced_energy", "log_weights"):
+            assert data[key].shape == (300,)
+        assert np.isfinite(data["log_weights"]).all()
+        np.testing.assert_allclose(data["log_weights"], -data["reduced_energy"] - data["log_q"])
+        assert data["resampled_indices"].shape == (40,)
+    traj = mdtraj.load(str(dcd), top=str(pdb))
+    assert traj.n_frames == 40 and traj.n_atoms == 1
+    rows = np.loadtxt(csv, delimiter=",", skiprows=1)
+    assert rows.shape == (300, 3) and np.isclose(rows[:, 2].sum(), 1.0)
+    assert json.loads(npz.with_suffix(".json").read_text())["n"] == 300
+
+
+def test_evaluate_with_reference(toy_run, tmp_path, capsys):
+    target_positions = np.random.default_rng(0).normal([-0.5, 0.0, 0.0], 0.05, size=(100, 1, 3))
+    ref = tmp_path / "ref.npz"
+    np.savez(ref, positions=target_positions)
+    rc, out, _ = run(capsys, "evaluate", toy_run, "--reference", ref, "--n", 300, "--draws", 2, "--quiet")
+    assert rc == 0
+    result = json.loads(out)
+    assert result["reference"]["n_reference"] == 100
+    assert 0 <= result["reference"]["forward_ess"] <= 1
+    assert len(result["samples"]["reverse_ess"]["draws"]) == 2
+    assert json.loads((toy_run / "evaluation.json").read_text())["reference"]["n_reference"] == 100
+
+
+@pytest.mark.parametrize("content, expected", [
+    ({"system": "toy-double-well", "method": "sgd"}, "method"),
+    ({"system": "no-such-system"}, "unknown system"),
+    ({"system": "toy-double-well", "cmt": {"eps_tr": -1}}, "eps_tr"),
+    ({"system": {"pdb": "missing.pdb", "forcefield": ["amber99sbildn.xml"]}}, "missing.pdb"),
+    ("system: [unclosed", "not valid YAML"),
+])
+def test_bad_config_is_one_sentence_exit_2(tmp_path, capsys, content, expected):
+    config = tmp_path / "bad.yaml"
+    config.write_text(content if isinstance(content, str) else yaml.safe_dump(content))
+    rc, _, err = run(capsys, "train", config, "--out", tmp_path / "run", "--quiet")
+    assert rc == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0] and "Traceback" not in err
+
+
+def test_missing_files_and_run_dirs_exit_2(tmp_path, capsys):
+    for argv in (("train", tmp_path / "nope.yaml", "--out", tmp_path / "r"),
+                 ("sample", tmp_path, "--n", 10, "--out", tmp_path / "s.npz"),
+                 ("evaluate", tmp_path / "nowhere"),
+                 ("sample", tmp_path, "--n", 10, "--out", tmp_path / "s.txt")):
+        rc, _, err = run(capsys, *argv)
+        assert rc == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_console_entry_point_error_has_no_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "cmt_openmm", "train", str(tmp_path / "x.yaml"), "--out", str(tmp_path)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and "does not exist" in proc.stderr
+
+
+def test_aldp_openmm_cmt_samples_reweighting_end_to_end(tmp_path, capsys):
+    """The real path: OpenMM energies of alanine dipeptide -> CMT steps -> samples -> weights."""
+    config = tmp_path / "aldp.yaml"
+    config.write_text(yaml.safe_dump({
+        "system": "aldp-vacuum", "temperature": 300, "method": "cmt", "seed": 0, "max_steps": 2,
+        "flow": {"n_layers": 2, "hidden": 16, "n_bins": 4},
+        "cmt": {"n_samples": 256, "fit_steps": 4, "batch_size": 64, "eps_tr": 0.5, "eps_ent": 1.0},
+        "report": {"n_samples": 200, "n_draws": 2},
+    }))
+    out = tmp_path / "run"
+    rc, stdout, _ = run(capsys, "train", config, "--out", out, "--quiet")
+    assert rc == 0
+    report = json.loads(stdout)
+    assert report["training"]["steps"] == 2 and report["training"]["energy_evaluations"] == 512
+    assert report["samples"]["chirality_flips"] == 0
+    assert "basin_populations" in report["samples"] and (out / "ramachandran_fes.png").is_file()
+    npz = tmp_path / "aldp.npz"
+    rc, stdout, _ = run(capsys, "sample", out, "--n", 300, "--out", npz, "--quiet")
+    assert rc == 0
+    with np.load(npz) as data:
+        assert data["positions"].shape == (300, 22, 3)
+        assert not data["invalid"].any()  # no chirality flips
+        assert np.isfinite(data["log_weights"]).all()
+    ess = json.loads(stdout)["ess"]
+    assert 0 < ess <= 1
+
+
+def test_reference_md_command_writes_frames(tmp_path, capsys):
+    out = tmp_path / "ref.npz"
+    rc, stdout, _ = run(capsys, "reference-md", "toy-double-well", "--out", out, "--iterations", 3,
+                        "--steps-per-iteration", 5, "--replicas", 2, "--quiet")
+    assert rc == 0
+    summary = json.loads(stdout)
+    with np.load(out) as data:
+        assert data["positions"].shape == (summary["n_frames"], 1, 3) and summary["n_frames"] >= 2
+    assert json.loads(out.with_suffix(".json").read_text())["n_frames"] == summary["n_frames"]
+
+
+def test_resume_with_other_settings_is_refused_and_keeps_run_file(toy_run, tmp_path, capsys):
+    before = (toy_run / "run.yaml").read_text()
+    rc, _, err = run(capsys, "train", "--preset", "toy-quick", "--out", toy_run, "--resume", "--seed", 7, "--quiet")
+    assert rc == 2 and "seed" in err and len(err.strip().splitlines()) == 1
+    assert (toy_run / "run.yaml").read_text() == before
