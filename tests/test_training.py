@@ -90,6 +90,19 @@ def test_cmt_constraints_hold_on_real_steps(double_well):
     assert [r["energy_evaluations"] for r in history] == [400, 800, 1200, 1600]
 
 
+def test_two_phase_entropy_constraint(double_well):
+    """eps_ent_warmup bounds the entropy drop of the first warmup_steps steps, eps_ent the rest."""
+    config = _tiny_cmt(eps_tr=0.5, eps_ent=5.0)
+    config["max_steps"] = 5
+    config["cmt"].update(eps_ent_warmup=0.2, warmup_steps=4)
+    history = train(double_well, config, progress=False).history
+    assert [r["eps_ent"] for r in history] == [0.2] * 4 + [5.0]
+    assert all(r["entropy_drop"] <= 0.2 + 1e-6 for r in history[:4])
+    assert any(r["entropy_active"] and r["entropy_drop"] == pytest.approx(0.2, abs=1e-6) for r in history[:4])
+    no_warmup = train(double_well, _tiny_cmt(eps_tr=0.5, eps_ent=5.0), progress=False).history
+    assert max(r["entropy_drop"] for r in no_warmup) > 0.2  # so the warm-up constraint did bind
+
+
 def test_cmt_learns_the_gaussian_mixture(mixture):
     """Reverse ESS ≥ 90 % and every mode's (reweighted) weight within 5 % of exact."""
     config = {

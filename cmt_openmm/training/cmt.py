@@ -87,7 +87,9 @@ class CMTTrainer(Trainer):
         x, log_q = self.generator.sample(c.n_samples, generator=self.rng)
         with torch.no_grad():
             log_p = -self.energy(x)
-        sol = solve_dual(log_q, log_p, c.eps_tr, c.eps_ent)
+        warming_up = c.eps_ent_warmup is not None and self.steps_done < c.warmup_steps
+        eps_ent = c.eps_ent_warmup if warming_up else c.eps_ent
+        sol = solve_dual(log_q, log_p, c.eps_tr, eps_ent)
         loss = fit_to_buffer(
             self.generator, self.optimizer, x, sol.log_weights, self.fit_steps, c.batch_size, c.resample, self.rng
         )
@@ -96,6 +98,7 @@ class CMTTrainer(Trainer):
         return {
             "lam": sol.lam,
             "eta": sol.eta,
+            "eps_ent": eps_ent,
             "kl": sol.kl,
             "entropy": sol.entropy,
             "entropy_drop": sol.entropy_drop,

@@ -1,0 +1,385 @@
+"""Which CMT settings keep every alanine-dipeptide basin (φ > 0 above all) on a CPU budget?
+
+Runs named CMT configurations (``CONFIGS``) on ``aldp-vacuum`` at 300 K, each stopped by a
+wall-clock and a CPU-time limit, and prints one table: settings, annealing steps, energy
+evaluations, wall/CPU seconds, final λ/η, the last step with the entropy constraint active (η > 0.05),
+reverse ESS (median of 5 draws of 5,000 flow samples, with min/max), the flow's raw φ > 0
+fraction, the reweighted φ > 0 population with its (delta-method) error, the "MD gap" and
+every reweighted basin population, beside the replica-exchange reference (``--reference``).
+
+MD gap = log E_{p|φ>0}[q/p̃] − log E_{p|φ<0}[q/p̃] on the reference frames: how much of the
+flow's density lies on the true φ > 0 basin relative to the φ < 0 one (0: carried in the right
+proportion; −5: under-weighted e^5 times, i.e. the basin's shape is lost even where the flow
+still puts samples at φ > 0). During training it is computed every 5 steps on all φ > 0 frames
+and 300 φ < 0 frames, at the end on all frames.
+
+The trainer is the library's ``CMTTrainer`` run through ``cmt_openmm.training.train``; the
+script swaps in a subclass that (a) adds per-step diagnostics of each buffer to the records
+(raw φ > 0 and C7ax fractions, the φ > 0 fraction under the target weights p̃/q and under the
+dual's weights w̄, i.e. in q_{i+1}, the MD gap), (b) stops at the time limits, and (c)
+prototypes two trainer mechanisms selected by a config's ``study`` section (not part of the
+library): a two-phase entropy constraint and a defensive mixture. Per-step records go to
+``<out>/<name>/metrics.jsonl``, the evaluation to ``<out>/<name>/eval.json``.
+
+    .ci/with-env nice -n 5 python benchmarks/cmt_settings_study.py run n4k_fit8_warm120_ent1 --cpu 450 --wall 700
+    .ci/with-env python benchmarks/cmt_settings_study.py table --trajectory n4k_fit8_warm120_ent1
+    .ci/with-env python benchmarks/cmt_settings_study.py eval n4k_fit8_warm120_ent1 --draws 20
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from cmt_openmm import metrics  # noqa: E402
+from cmt_openmm.systems import get_target  # noqa: E402
+from cmt_openmm.training import cmt as cmt_module  # noqa: E402
+from cmt_openmm.training import load_history, train  # noqa: E402
+from cmt_openmm.training.cmt import CMTTrainer, fit_to_buffer  # noqa: E402
+from cmt_openmm.training.dual import solve_dual  # noqa: E402
+
+SYSTEM = "aldp-vacuum"
+BASE = {  # the aldp-quick preset's training keys
+    "method": "cmt",
+    "seed": 0,
+    "budget": 10_000_000,
+    "max_steps": 100_000,
+    "flow": {"n_layers": 6, "hidden": 64, "n_bins": 8},
+    "cmt": {"eps_tr": 0.5, "eps_ent": 1.0, "n_samples": 2000, "batch_size": 256, "lr": 1e-3},
+}
+# "study" keys are this script's, not TrainConfig's: the two prototype mechanisms
+#   eps_ent_warmup, warmup_steps: ε_ent = eps_ent_warmup for the first warmup_steps annealing
+#     steps, then cmt.eps_ent (the two-phase entropy constraint proposed for the trainer)
+#   defensive: α of a defensive mixture, fit weights (1 − α) w̄ + α / N
+# The run limits (--wall, --cpu) are set on the command line.
+_N4K = {"n_samples": 4000, "fit_steps": 8}
+_WARM = {"eps_ent_warmup": 0.5, "warmup_steps": 120}
+CONFIGS: dict[str, dict] = {
+    "base": {},
+    "ent03": {"cmt": {"eps_ent": 0.3}},
+    "8x128": {"flow": {"n_layers": 8, "hidden": 128}},
+    "n4k": {"cmt": {"n_samples": 4000}},
+    "n4k_fit8": {"cmt": _N4K},
+    "n4k_fit8_cpu450": {"cmt": _N4K},
+    "n4k_fit8_lr2e-3": {"cmt": {**_N4K, "lr": 2e-3}},
+    "n4k_fit8_ent05": {"cmt": {**_N4K, "eps_ent": 0.5}},
+    "n4k_fit8_def02": {"cmt": _N4K, "study": {"defensive": 0.2}},
+    "n4k_fit8_warm120_ent1": {"cmt": {**_N4K, "eps_ent": 1.0}, "study": _WARM},
+    "n4k_fit8_warm120_ent1_seed1": {"seed": 1, "cmt": {**_N4K, "eps_ent": 1.0}, "study": _WARM},
+    "n4k_fit8_warm03x120_ent1_seed1": {"seed": 1, "cmt": {**_N4K, "eps_ent": 1.0},
+                                       "study": {"eps_ent_warmup": 0.3, "warmup_steps": 120}},
+    "n4k_fit8_warm03x120_ent1_seed2": {"seed": 2, "cmt": {**_N4K, "eps_ent": 1.0},
+                                       "study": {"eps_ent_warmup": 0.3, "warmup_steps": 120}},
+    "n4k_fit8_warm120_ent2": {"cmt": {**_N4K, "eps_ent": 2.0}, "study": _WARM},
+}
+
+
+def deep_update(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in extra.items():
+        out[k] = deep_update(out.get(k, {}), v) if isinstance(v, dict) else v
+    return out
+
+
+def phi_positive(topology, x) -> np.ndarray:
+    """(B,) bool: φ ∈ [0, π) for configurations x (B, n_atoms, 3) nm."""
+    return metrics.ramachandran_angles(topology, np.asarray(x))[:, 0, 0] >= 0.0
+
+
+def weighted_fraction(mask: np.ndarray, log_w: np.ndarray) -> float:
+    w = metrics.normalized_weights(log_w)
+    return float(np.sum(w[mask]))
+
+
+class StudyCMTTrainer(CMTTrainer):
+    """CMTTrainer plus per-step φ diagnostics, wall/CPU limits and the prototype mechanisms."""
+
+    study: dict = {}  # set per run by run_config (train() constructs the trainer itself)
+
+    def __init__(self, target, generator, energy, config, rng):
+        super().__init__(target, generator, energy, config, rng)
+        self.wall = float(self.study.get("wall", math.inf))
+        self.defensive = float(self.study.get("defensive", 0.0))
+        self.eps_ent_warmup = self.study.get("eps_ent_warmup")
+        self.warmup_steps = int(self.study.get("warmup_steps", 0))
+        self.started = time.perf_counter()
+        self.cpu_limit = float(self.study.get("cpu", math.inf))
+        self.cpu_start = time.process_time()
+        self.md = _md_frames(self.study.get("reference"), target)
+
+    @property
+    def done(self):
+        if time.perf_counter() - self.started > self.wall:
+            return "wall"
+        if time.process_time() - self.cpu_start > self.cpu_limit:
+            return "cpu"
+        return super().done
+
+    def _solve(self, log_q, log_p):
+        c = self.settings
+        eps_ent = c.eps_ent
+        if self.eps_ent_warmup is not None and self.steps_done < self.warmup_steps:
+            # two-phase entropy constraint (prototype): a tight ε_ent while the flow learns every
+            # basin's shape at a high effective temperature, then the run's ε_ent to cool.
+            eps_ent = float(self.eps_ent_warmup)
+        return solve_dual(log_q, log_p, c.eps_tr, eps_ent), eps_ent
+
+    def step(self) -> dict:
+        c = self.settings
+        if self.reached_at is not None and c.lr_decay_after_target != 1.0:
+            self.set_lr(self.optimizer.param_groups[0]["lr"] * c.lr_decay_after_target)
+        x, log_q = self.generator.sample(c.n_samples, generator=self.rng)
+        with torch.no_grad():
+            log_p = -self.energy(x)
+        sol, eps_ent = self._solve(log_q, log_p)
+        fit_lw = sol.log_weights
+        if self.defensive:
+            # defensive mixture (prototype): fit (1 − α) q_{i+1} + α q_i, i.e. w̄ → (1 − α) w̄ + α / N
+            a, n = self.defensive, len(fit_lw)
+            fit_lw = np.logaddexp(np.log1p(-a) + np.asarray(fit_lw), math.log(a / n))
+        loss = fit_to_buffer(self.generator, self.optimizer, x, fit_lw, self.fit_steps, c.batch_size,
+                             c.resample, self.rng)
+        if sol.target_reached and self.reached_at is None:
+            self.reached_at = self.steps_done + 1
+        angles = metrics.ramachandran_angles(self.target.topology, x.numpy())[:, 0]
+        pos = angles[:, 0] >= 0.0
+        inside = metrics.basin_indicators(angles, metrics.ALDP_BASINS)
+        lw_target = (log_p.double() - log_q.double()).numpy()
+        extra = {}
+        if self.md is not None and (self.steps_done + 1) % 5 == 0:
+            extra["md_gap"] = self._md_gap()
+        return {
+            "lam": sol.lam, "eta": sol.eta, "kl": sol.kl, "entropy": sol.entropy,
+            "entropy_drop": sol.entropy_drop, "ess_step": sol.ess, "trust_active": sol.trust_active,
+            "entropy_active": sol.entropy_active, "eps_ent_used": eps_ent,
+            **self.target_stats(log_p, log_q), "loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
+            "phi_pos_raw": float(pos.mean()),
+            "phi_pos_target_w": weighted_fraction(pos, lw_target),
+            "phi_pos_next": weighted_fraction(pos, sol.log_weights),
+            "n_phi_pos": int(pos.sum()),
+            "raw_C7ax": float(inside["C7ax"].mean()),
+            "raw_alphaL": float(inside["alphaL"].mean()),
+            "next_C7ax": weighted_fraction(inside["C7ax"], sol.log_weights),
+            **extra,
+            "cpu_time": time.process_time(),
+        }
+
+    def _md_gap(self) -> float:
+        """log(q(φ>0)/p(φ>0)) − log(q(φ<0)/p(φ<0)) estimated on reference MD frames (nats).
+
+        Each term is log E_{p|half}[q/p̃] + const, i.e. how much of the flow's mass lies on the
+        reference frames of that half; 0 means the φ > 0 basin is carried in the right
+        proportion, −10 means the flow under-weights it by e^10 (lost).
+        """
+        x, u, pos = self.md
+        with torch.no_grad():
+            lq = self.generator.log_prob(x).double().numpy()
+        r = lq + u
+        return float(_logsumexp(r[pos]) - math.log(pos.sum()) - _logsumexp(r[~pos]) + math.log((~pos).sum()))
+
+
+def _logsumexp(a: np.ndarray) -> float:
+    m = np.max(a[np.isfinite(a)])
+    return float(m + np.log(np.sum(np.exp(a[np.isfinite(a)] - m))))
+
+
+def _md_frames(path, target, n_neg: int = 300):
+    """(x, u, φ>0 mask) of all φ > 0 reference frames and n_neg φ < 0 ones, or None."""
+    if not path or not Path(path).exists():
+        return None
+    data = np.load(path)
+    x, u = data["positions"], data["reduced_energy"]
+    pos = phi_positive(target.topology, x)
+    keep = np.concatenate([np.flatnonzero(pos), np.flatnonzero(~pos)[:: max(1, (~pos).sum() // n_neg)]])
+    return torch.as_tensor(x[keep]), u[keep].astype(np.float64), pos[keep]
+
+
+def run_config(name: str, out: Path, wall: float, cpu: float, reference: str | None) -> None:
+    extra = copy.deepcopy(CONFIGS[name])
+    study = {"wall": wall, "cpu": cpu, "reference": reference, **extra.pop("study", {})}
+    config = deep_update(BASE, extra)
+    run_dir = out / name
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    target = get_target(SYSTEM, 300.0)
+    StudyCMTTrainer.study = study
+    cmt_module.CMTTrainer, original = StudyCMTTrainer, cmt_module.CMTTrainer
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    try:
+        result = train(target, config, run_dir, progress=False)
+    finally:
+        cmt_module.CMTTrainer = original
+    info = {"name": name, "config": config, "study": study, "stop_reason": result.stop_reason,
+            "train_wall": time.perf_counter() - wall0, "train_cpu": time.process_time() - cpu0}
+    info.update(evaluate(target, result.generator, reference=study["reference"]))
+    (run_dir / "eval.json").write_text(json.dumps(info, indent=1))
+    print(f"[{name}] done: {result.stop_reason}, {len(result.history)} steps, "
+          f"ESS {info['ess_median']:.4f}, φ>0 {info['phi_pos_rew'][0]:.4f}", flush=True)
+
+
+def evaluate(target, generator, n: int = 5000, draws: int = 5, reference: str | None = None) -> dict:
+    """Reverse ESS per draw, raw and reweighted φ > 0 fractions and basin populations (pooled)."""
+    from cmt_openmm.energy import OpenMMEnergy
+
+    esses, xs, lws = [], [], []
+    with OpenMMEnergy(target) as energy:
+        for d in range(draws):
+            x, log_q = generator.sample(n, torch.Generator().manual_seed(1000 + d))
+            flipped = generator.chirality_flipped(x).numpy()
+            lw = (-energy(x).double() - log_q.double()).numpy()
+            lw[flipped | ~np.isfinite(lw)] = -np.inf
+            esses.append(metrics.reverse_ess(lw))
+            xs.append(x.numpy())
+            lws.append(lw)
+    x, lw = np.concatenate(xs), np.concatenate(lws)
+    angles = metrics.ramachandran_angles(target.topology, x)[:, 0]
+    w = metrics.normalized_weights(lw)
+    basins = metrics.basin_populations(angles, w, metrics.aldp_basins(include_halves=True))
+    raw = metrics.basin_populations(angles, None, metrics.aldp_basins(include_halves=True))
+    md = _md_frames(reference, target, n_neg=10**9)
+    if md is not None:
+        trainer = StudyCMTTrainer.__new__(StudyCMTTrainer)
+        trainer.generator, trainer.md = generator, md
+        md_gap = trainer._md_gap()
+    else:
+        md_gap = None
+    return {
+        "md_gap": md_gap,
+        "ess_draws": esses,
+        "ess_median": float(np.median(esses)),
+        "ess_pooled": metrics.reverse_ess(lw),
+        "phi_pos_raw": raw["phi>0"].value,
+        "phi_pos_rew": list(basins["phi>0"]),
+        "basins_rew": {k: list(v) for k, v in basins.items()},
+        "basins_raw": {k: v.value for k, v in raw.items()},
+    }
+
+
+def reference_populations(path: str, n_blocks: int = 10) -> dict:
+    """Basin populations of the reference frames; error = standard error over n_blocks time blocks.
+
+    REMD frames are correlated (the φ > 0 basin is visited a dozen times in 4,000 frames), so
+    the i.i.d. error would be several times too small.
+    """
+    target = get_target(SYSTEM, 300.0)
+    x = np.load(path)["positions"]
+    angles = metrics.ramachandran_angles(target.topology, x)[:, 0]
+    inside = metrics.basin_indicators(angles, metrics.aldp_basins(True))
+    out = {}
+    for name, mask in inside.items():
+        blocks = np.array_split(mask.astype(float), n_blocks)
+        means = np.array([b.mean() for b in blocks])
+        out[name] = [float(mask.mean()), float(means.std(ddof=1) / math.sqrt(n_blocks))]
+    return out
+
+
+def describe(config: dict, study: dict) -> str:
+    c, f = config["cmt"], config["flow"]
+    parts = [f"tr{c['eps_tr']:g}", f"ent{c['eps_ent']:g}", f"N{c['n_samples']}",
+             f"fit{c.get('fit_steps') or 'pass'}", f"lr{c['lr']:g}", f"{f['n_layers']}x{f['hidden']}",
+             "res" if c.get("resample", True) else "wtd"] + ([f"seed{config['seed']}"] if config.get("seed") else [])
+    parts += [f"{k}={v}" for k, v in study.items() if k not in ("wall", "cpu", "reference")]
+    return " ".join(parts)
+
+
+def table(out: Path, reference: str | None) -> str:
+    ref = reference_populations(reference) if reference and Path(reference).exists() else None
+    names = ["C7eq", "C5", "alphaR", "alphaL", "C7ax"]
+    head = ("| run | settings | steps | evals | wall s | cpu s | λ | η | last η>0.05 | ESS % med [min, max] "
+            "| raw φ>0 | rew φ>0 ± | MD gap | " + " | ".join(names) + " |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    if ref:
+        lines.append("| **reference (REMD)** |" + " |" * 10 + f" {ref['phi>0'][0]:.4f} ± {ref['phi>0'][1]:.4f} | 0 | "
+                     + " | ".join(f"{ref[k][0]:.4f}" for k in names) + " |")
+    for d in sorted(p for p in out.iterdir() if (p / "eval.json").exists()):
+        e = json.loads((d / "eval.json").read_text())
+        h = load_history(d)
+        last = h[-1]
+        active = [r["step"] for r in h if r.get("eta") and r["eta"] > 0.05]
+        ess = np.array(e["ess_draws"]) * 100
+        rb = e["basins_rew"]
+        lines.append(
+            f"| {e['name']} | {describe(e['config'], e['study'])} | {len(h)} | {last['energy_evaluations']:.2e} | "
+            f"{e['train_wall']:.0f} | {e['train_cpu']:.0f} | {last['lam']:.3g} | {last['eta']:.3g} | "
+            f"{max(active) if active else 0} | {np.median(ess):.2f} [{ess.min():.2f}, {ess.max():.2f}] | "
+            f"{e['phi_pos_raw']:.3f} | {e['phi_pos_rew'][0]:.4f} ± {e['phi_pos_rew'][1]:.4f} | "
+            f"{e.get('md_gap') if e.get('md_gap') is None else round(e['md_gap'], 1)} | "
+            + " | ".join(f"{rb[k][0]:.4f}" for k in names) + " |")
+    return "\n".join(lines)
+
+
+def trajectory(out: Path, name: str, every: int = 5) -> str:
+    """Per-step φ > 0 diagnostics of one run (every `every` steps)."""
+    h = load_history(out / name)
+    rows = ["step  lam  eta  ESS%  raw_phi>0  tw_phi>0  next_phi>0  n_pos  raw_C7ax  next_C7ax  md_gap  cpu"]
+    for r in h:
+        if r["step"] % every == 0 or r["step"] <= 3 or r is h[-1]:
+            gap = r.get("md_gap")
+            rows.append(f"{r['step']:4d}  {r['lam']:.3g}  {r['eta']:.3g}  {100 * r['reverse_ess']:.2f}  "
+                        f"{r['phi_pos_raw']:.4f}  {r['phi_pos_target_w']:.2e}  {r['phi_pos_next']:.2e}  "
+                        f"{r['n_phi_pos']}  {r.get('raw_C7ax', math.nan):.4f}  {r.get('next_C7ax', math.nan):.2e}  "
+                        f"{gap if gap is None else round(gap, 1)}  {r.get('cpu_time', 0):.0f}")
+    return "\n".join(rows)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="train and evaluate named configs, one after the other")
+    r.add_argument("names", nargs="+", choices=sorted(CONFIGS))
+    r.add_argument("--wall", type=float, default=600.0, help="training wall-clock limit per run (s)")
+    r.add_argument("--cpu", type=float, default=math.inf, help="training CPU-time limit per run (s)")
+    r.add_argument("--out", default="runs/study")
+    r.add_argument("--reference", default="runs/ref/aldp-vacuum-ref.npz",
+                   help="MD frames (npz: positions, reduced_energy) for the per-step md_gap diagnostic")
+    v = sub.add_parser("eval", help="re-evaluate finished runs with more samples (writes eval_<draws>x<samples>.json)")
+    v.add_argument("names", nargs="+")
+    v.add_argument("--draws", type=int, default=20)
+    v.add_argument("--samples", type=int, default=5000)
+    v.add_argument("--out", default="runs/study")
+    v.add_argument("--reference", default="runs/ref/aldp-vacuum-ref.npz")
+    t = sub.add_parser("table", help="print the table of finished runs")
+    t.add_argument("--out", default="runs/study")
+    t.add_argument("--reference", default="runs/ref/aldp-vacuum-ref.npz")
+    t.add_argument("--trajectory", nargs="*", default=[], help="also print per-step diagnostics of these runs")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    out = Path(args.out)
+    if args.cmd == "run":
+        out.mkdir(parents=True, exist_ok=True)
+        for name in args.names:
+            run_config(name, out, args.wall, args.cpu, args.reference)
+    elif args.cmd == "eval":
+        from cmt_openmm.generator import BoltzmannGenerator
+
+        target = get_target(SYSTEM, 300.0)
+        for name in args.names:
+            generator = BoltzmannGenerator.load(out / name / "generator.safetensors", target)
+            e = evaluate(target, generator, args.samples, args.draws, args.reference)
+            (out / name / f"eval_{args.draws}x{args.samples}.json").write_text(json.dumps(e, indent=1))
+            ess = 100 * np.array(e["ess_draws"])
+            print(f"{name}: ESS % median {np.median(ess):.2f} [{ess.min():.2f}, {ess.max():.2f}], pooled "
+                  f"{100 * e['ess_pooled']:.2f}; raw φ>0 {e['phi_pos_raw']:.4f}; reweighted φ>0 "
+                  f"{e['phi_pos_rew'][0]:.4f} ± {e['phi_pos_rew'][1]:.4f}; MD gap {e['md_gap']:.1f}; "
+                  + ", ".join(f"{k} {v[0]:.4f}±{v[1]:.4f}" for k, v in e["basins_rew"].items() if "phi" not in k),
+                  flush=True)
+    else:
+        print(table(out, args.reference))
+        for name in args.trajectory:
+            print(f"\n{name}\n" + trajectory(out, name))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
