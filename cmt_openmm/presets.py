@@ -44,7 +44,7 @@ _PRESETS: dict[str, dict] = {
         "system": "aldp-vacuum",
         "temperature": 300.0,
         "method": "cmt",
-        "seed": 2,
+        "seed": 0,
         "budget": 1_440_000,
         "max_steps": 360,
         "flow": {"n_layers": 6, "hidden": 64, "n_bins": 8},
