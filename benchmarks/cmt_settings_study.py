@@ -58,13 +58,14 @@ BASE = {  # the aldp-quick preset's training keys
     "flow": {"n_layers": 6, "hidden": 64, "n_bins": 8},
     "cmt": {"eps_tr": 0.5, "eps_ent": 1.0, "n_samples": 2000, "batch_size": 256, "lr": 1e-3},
 }
-# "study" keys are this script's, not TrainConfig's: the two prototype mechanisms
-#   eps_ent_warmup, warmup_steps: ε_ent = eps_ent_warmup for the first warmup_steps annealing
-#     steps, then cmt.eps_ent (the two-phase entropy constraint proposed for the trainer)
+# "study" keys are this script's, not TrainConfig's: the prototype mechanism
 #   defensive: α of a defensive mixture, fit weights (1 − α) w̄ + α / N
+# (the two-phase entropy constraint prototyped here is now TrainConfig's cmt.eps_ent_warmup /
+# cmt.warmup_steps)
 # The run limits (--wall, --cpu) are set on the command line.
 _N4K = {"n_samples": 4000, "fit_steps": 8}
 _WARM = {"eps_ent_warmup": 0.5, "warmup_steps": 120}
+_WARM03 = {"eps_ent_warmup": 0.3, "warmup_steps": 120}
 CONFIGS: dict[str, dict] = {
     "base": {},
     "ent03": {"cmt": {"eps_ent": 0.3}},
@@ -75,13 +76,11 @@ CONFIGS: dict[str, dict] = {
     "n4k_fit8_lr2e-3": {"cmt": {**_N4K, "lr": 2e-3}},
     "n4k_fit8_ent05": {"cmt": {**_N4K, "eps_ent": 0.5}},
     "n4k_fit8_def02": {"cmt": _N4K, "study": {"defensive": 0.2}},
-    "n4k_fit8_warm120_ent1": {"cmt": {**_N4K, "eps_ent": 1.0}, "study": _WARM},
-    "n4k_fit8_warm120_ent1_seed1": {"seed": 1, "cmt": {**_N4K, "eps_ent": 1.0}, "study": _WARM},
-    "n4k_fit8_warm03x120_ent1_seed1": {"seed": 1, "cmt": {**_N4K, "eps_ent": 1.0},
-                                       "study": {"eps_ent_warmup": 0.3, "warmup_steps": 120}},
-    "n4k_fit8_warm03x120_ent1_seed2": {"seed": 2, "cmt": {**_N4K, "eps_ent": 1.0},
-                                       "study": {"eps_ent_warmup": 0.3, "warmup_steps": 120}},
-    "n4k_fit8_warm120_ent2": {"cmt": {**_N4K, "eps_ent": 2.0}, "study": _WARM},
+    "n4k_fit8_warm120_ent1": {"cmt": {**_N4K, "eps_ent": 1.0, **_WARM}},
+    "n4k_fit8_warm120_ent1_seed1": {"seed": 1, "cmt": {**_N4K, "eps_ent": 1.0, **_WARM}},
+    "n4k_fit8_warm03x120_ent1_seed1": {"seed": 1, "cmt": {**_N4K, "eps_ent": 1.0, **_WARM03}},
+    "n4k_fit8_warm03x120_ent1_seed2": {"seed": 2, "cmt": {**_N4K, "eps_ent": 1.0, **_WARM03}},
+    "n4k_fit8_warm120_ent2": {"cmt": {**_N4K, "eps_ent": 2.0, **_WARM}},
 }
 
 
@@ -111,8 +110,6 @@ class StudyCMTTrainer(CMTTrainer):
         super().__init__(target, generator, energy, config, rng)
         self.wall = float(self.study.get("wall", math.inf))
         self.defensive = float(self.study.get("defensive", 0.0))
-        self.eps_ent_warmup = self.study.get("eps_ent_warmup")
-        self.warmup_steps = int(self.study.get("warmup_steps", 0))
         self.started = time.perf_counter()
         self.cpu_limit = float(self.study.get("cpu", math.inf))
         self.cpu_start = time.process_time()
@@ -126,15 +123,6 @@ class StudyCMTTrainer(CMTTrainer):
             return "cpu"
         return super().done
 
-    def _solve(self, log_q, log_p):
-        c = self.settings
-        eps_ent = c.eps_ent
-        if self.eps_ent_warmup is not None and self.steps_done < self.warmup_steps:
-            # two-phase entropy constraint (prototype): a tight ε_ent while the flow learns every
-            # basin's shape at a high effective temperature, then the run's ε_ent to cool.
-            eps_ent = float(self.eps_ent_warmup)
-        return solve_dual(log_q, log_p, c.eps_tr, eps_ent), eps_ent
-
     def step(self) -> dict:
         c = self.settings
         if self.reached_at is not None and c.lr_decay_after_target != 1.0:
@@ -142,7 +130,8 @@ class StudyCMTTrainer(CMTTrainer):
         x, log_q = self.generator.sample(c.n_samples, generator=self.rng)
         with torch.no_grad():
             log_p = -self.energy(x)
-        sol, eps_ent = self._solve(log_q, log_p)
+        eps_ent = self.entropy_budget()
+        sol = solve_dual(log_q, log_p, c.eps_tr, eps_ent)
         fit_lw = sol.log_weights
         if self.defensive:
             # defensive mixture (prototype): fit (1 − α) q_{i+1} + α q_i, i.e. w̄ → (1 − α) w̄ + α / N
@@ -289,6 +278,8 @@ def describe(config: dict, study: dict) -> str:
     parts = [f"tr{c['eps_tr']:g}", f"ent{c['eps_ent']:g}", f"N{c['n_samples']}",
              f"fit{c.get('fit_steps') or 'pass'}", f"lr{c['lr']:g}", f"{f['n_layers']}x{f['hidden']}",
              "res" if c.get("resample", True) else "wtd"] + ([f"seed{config['seed']}"] if config.get("seed") else [])
+    if c.get("eps_ent_warmup") is not None:
+        parts.append(f"warm{c['eps_ent_warmup']:g}x{c.get('warmup_steps', 0)}")
     parts += [f"{k}={v}" for k, v in study.items() if k not in ("wall", "cpu", "reference")]
     return " ".join(parts)
 

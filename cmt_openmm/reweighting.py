@@ -54,8 +54,26 @@ class LowESSWarning(UserWarning):
     """The effective sample size collapsed: the reweighted estimates are unreliable."""
 
 
+class _KilojoulesPerMole:
+    """F and its error in kJ/mol from the kT-unit fields ``free_energy``, ``error`` and ``kT``."""
+
+    free_energy: np.ndarray
+    error: np.ndarray
+    kT: float
+
+    @property
+    def free_energy_kjmol(self) -> np.ndarray:
+        """F in kJ/mol."""
+        return self.free_energy * self.kT
+
+    @property
+    def error_kjmol(self) -> np.ndarray:
+        """Standard error of F in kJ/mol."""
+        return self.error * self.kT
+
+
 @dataclass
-class FreeEnergyProfile:
+class FreeEnergyProfile(_KilojoulesPerMole):
     """F(s) = -kT ln ρ(s) along a CV, shifted so that its minimum is 0.
 
     ``edges`` (bins+1,) and ``centers`` (bins,) in the CV's unit; ``probabilities`` (bins,) the
@@ -71,19 +89,9 @@ class FreeEnergyProfile:
     kT: float
     error_method: str
 
-    @property
-    def free_energy_kjmol(self) -> np.ndarray:
-        """F in kJ/mol."""
-        return self.free_energy * self.kT
-
-    @property
-    def error_kjmol(self) -> np.ndarray:
-        """Standard error of F in kJ/mol."""
-        return self.error * self.kT
-
 
 @dataclass
-class FreeEnergySurface:
+class FreeEnergySurface(_KilojoulesPerMole):
     """F(s1, s2) = -kT ln ρ(s1, s2) on a 2-D grid, minimum 0; arrays (bins1, bins2), axis 0 = s1.
 
     ``edges`` is a pair of edge arrays; other fields as in `FreeEnergyProfile`.
@@ -95,16 +103,6 @@ class FreeEnergySurface:
     error: np.ndarray
     kT: float
     error_method: str
-
-    @property
-    def free_energy_kjmol(self) -> np.ndarray:
-        """F in kJ/mol."""
-        return self.free_energy * self.kT
-
-    @property
-    def error_kjmol(self) -> np.ndarray:
-        """Standard error of F in kJ/mol."""
-        return self.error * self.kT
 
 
 class ReweightedEnsemble:

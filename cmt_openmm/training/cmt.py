@@ -80,6 +80,12 @@ class CMTTrainer(Trainer):
             return "target reached"
         return None
 
+    def entropy_budget(self) -> float:
+        """ε_ent of the next annealing step: eps_ent_warmup during the warm-up, then eps_ent."""
+        c = self.settings
+        warming_up = c.eps_ent_warmup is not None and self.steps_done < c.warmup_steps
+        return c.eps_ent_warmup if warming_up else c.eps_ent
+
     def step(self) -> dict:
         c = self.settings
         if self.reached_at is not None and c.lr_decay_after_target != 1.0:
@@ -87,8 +93,7 @@ class CMTTrainer(Trainer):
         x, log_q = self.generator.sample(c.n_samples, generator=self.rng)
         with torch.no_grad():
             log_p = -self.energy(x)
-        warming_up = c.eps_ent_warmup is not None and self.steps_done < c.warmup_steps
-        eps_ent = c.eps_ent_warmup if warming_up else c.eps_ent
+        eps_ent = self.entropy_budget()
         sol = solve_dual(log_q, log_p, c.eps_tr, eps_ent)
         loss = fit_to_buffer(
             self.generator, self.optimizer, x, sol.log_weights, self.fit_steps, c.batch_size, c.resample, self.rng
