@@ -10,8 +10,8 @@ EUBO and Ramachandran TV. Prints a table in the paper's format beside method.md'
 numbers (AlanineDipeptideImplicit, 1e8 evaluations, GPUs: a scale this CPU benchmark does not
 reach) and writes ``results.json``.
 
-    python benchmarks/aldp_methods.py --system aldp-vacuum --budget 2e6 --seeds 0 1 2 \\
-        --reference runs/ref_aldp_vacuum.npz --out runs/bench_methods
+    python benchmarks/aldp_methods.py --system aldp-vacuum --budget 2e6 --seeds 0 1 2 --jobs 2 \\
+        --reference runs/ref/aldp-vacuum-ref.npz --out runs/bench_methods
     python benchmarks/aldp_methods.py --tiny          # a seconds-long smoke run
 """
 from __future__ import annotations
@@ -20,8 +20,11 @@ import argparse
 import copy
 import json
 import math
+import multiprocessing
+import shutil
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from cmt_openmm.cli import write_run_report  # noqa: E402
 from cmt_openmm.config import build_target, parse_run_config  # noqa: E402
+from cmt_openmm.presets import get_preset  # noqa: E402
 from cmt_openmm.training import train  # noqa: E402
 
 PUBLISHED = {  # method.md, ALDP (AlanineDipeptideImplicit), mean of 4 runs
@@ -44,8 +48,11 @@ LOST_FRACTION = 0.1  # with a reference: below this fraction of the reference po
 LABEL = {"cmt": "CMT", "reverse_kl": "reverse KL", "temperature_annealing": "TA-BG", "forward_kl": "forward KL"}
 
 
-def method_settings(budget: int, tiny: bool, buffer: int = 8000, lr: float = 5e-4) -> dict:
-    """Per-method sections: CMT per method.md's calibration, TA-BG's reverse-KL stage ~1/4 of the budget."""
+def method_settings(budget: int, tiny: bool, buffer: int, fit_steps: int, lr: float) -> dict:
+    """Per-method sections. CMT = the ``aldp-quick`` preset's settings (its two-phase entropy
+    constraint included) with this run's buffer / fit steps / lr; TA-BG uses the same buffer and
+    fit, spends ~1/4 of the budget on its reverse-KL stage and ~1/2 of the rest going down
+    the ladder; reverse KL gets the same batch size and lr."""
     if tiny:
         return {
             "cmt": {"eps_tr": 0.5, "eps_ent": 1.0, "n_samples": 256, "fit_steps": 4, "batch_size": 64, "lr": 1e-3},
@@ -53,14 +60,19 @@ def method_settings(budget: int, tiny: bool, buffer: int = 8000, lr: float = 5e-
             "temperature_annealing": {"t_high": 1200.0, "n_temperatures": 3, "reverse_kl_steps": 4, "steps_per_record": 2,
                                       "batch_size": 64, "lr": 1e-3, "n_samples": 256, "fit_steps": 4, "final_steps": 1000},
         }
-    batch = 256
+    cmt = {**get_preset("aldp-quick")["cmt"], "n_samples": buffer, "fit_steps": fit_steps, "lr": lr}
+    batch = cmt["batch_size"]
+    n_temperatures = 8
+    ladder_steps = budget * 3 // 4 // buffer
     return {
-        "cmt": {"eps_tr": 0.5, "eps_ent": 1.0, "n_samples": buffer, "batch_size": batch, "lr": lr},
+        "cmt": cmt,
         "reverse_kl": {"batch_size": batch, "lr": lr, "steps_per_record": 50},
-        "temperature_annealing": {"t_high": 1200.0, "n_temperatures": 8, "steps_per_record": 50,
+        "temperature_annealing": {"t_high": 1200.0, "n_temperatures": n_temperatures, "steps_per_record": 50,
                                   "reverse_kl_steps": max(50, int(budget / 4 / batch) // 50 * 50),
-                                  "batch_size": batch, "lr": lr, "n_samples": buffer, "final_steps": 100_000},
-        }
+                                  "steps_per_temperature": max(1, ladder_steps // 2 // (n_temperatures - 1)),
+                                  "batch_size": batch, "lr": lr, "n_samples": buffer, "fit_steps": fit_steps,
+                                  "final_steps": 100_000},
+    }
 
 
 def max_steps_for(method: str, section: dict, budget: int) -> int:
@@ -73,24 +85,53 @@ def max_steps_for(method: str, section: dict, budget: int) -> int:
     return max(1, ladder)
 
 
-def train_limited(target, config: dict, run_dir: Path, time_limit: float | None, chunk: int):
+def train_limited(target, config: dict, run_dir: Path, time_limit: float | None, chunk: int, progress: bool):
     """``train`` until budget/max_steps/the method stops it, or ``time_limit`` s of training wall time.
 
     The limit is applied between chunks of ``chunk`` steps, resuming from the checkpoint, so
     it may be overrun by up to one chunk.
     """
     if time_limit is None:
-        return train(target, config, run_dir=run_dir, progress=True)
+        return train(target, config, run_dir=run_dir, progress=progress)
     final_max = config["max_steps"]
     cfg = {**config, "max_steps": min(chunk, final_max)}
-    result = train(target, cfg, run_dir=run_dir, progress=True)
+    result = train(target, cfg, run_dir=run_dir, progress=progress)
     while (result.stop_reason == "max_steps" and cfg["max_steps"] < final_max
            and result.history and result.history[-1]["wall_time"] < time_limit):
         cfg["max_steps"] = min(cfg["max_steps"] + chunk, final_max)
-        result = train(target, cfg, run_dir=run_dir, resume=True, progress=True)
+        result = train(target, cfg, run_dir=run_dir, resume=True, progress=progress)
     if result.stop_reason == "max_steps" and cfg["max_steps"] < final_max:
         result.stop_reason = "time_limit"
     return result
+
+
+def run_one(args: argparse.Namespace, settings: dict, method: str, seed: int) -> dict:
+    """Train one (method, seed) from scratch, write its report, return its table row."""
+    torch.set_num_threads(1)
+    budget = int(args.budget)
+    target = build_target(args.system, args.temperature)
+    run_dir = Path(args.out) / f"{method}-seed{seed}"
+    data = {
+        "system": args.system, "temperature": args.temperature, "method": method, "seed": seed,
+        "budget": budget, "max_steps": max_steps_for(method, settings[method], budget),
+        "flow": {"n_layers": args.n_layers, "hidden": args.hidden, "n_bins": args.n_bins},
+        method: copy.deepcopy(settings[method]),
+        "report": {"n_samples": args.samples, "n_draws": args.draws},
+    }
+    spec = parse_run_config(data)
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
+    (run_dir / "run.yaml").write_text(json.dumps(spec.to_dict()))  # YAML is a superset of JSON
+    print(f"=== {LABEL[method]} seed {seed}: started ===", flush=True)
+    start = time.perf_counter()
+    result = train_limited(target, spec.train, run_dir, args.time_limit, chunk=5 if method != "reverse_kl" else 10,
+                           progress=args.jobs == 1)
+    report = write_run_report(run_dir, spec, target, result.generator, result.history, result.stop_reason,
+                              reference=args.reference)
+    row = row_of(method, seed, report, time.perf_counter() - start)
+    print(format_row(row), flush=True)
+    return row
 
 
 def main(argv=None) -> int:
@@ -102,55 +143,35 @@ def main(argv=None) -> int:
     p.add_argument("--budget", type=float, default=2e6, help="energy evaluations per run (same for every method)")
     p.add_argument("--time-limit", dest="time_limit", type=float, help="training wall-clock seconds per run")
     p.add_argument("--reference", help="MD reference .npz (positions nm) for forward ESS, EUBO, Ram TV")
-    p.add_argument("--n-layers", dest="n_layers", type=int, default=8)
-    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--n-layers", dest="n_layers", type=int, default=6)
+    p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--n-bins", dest="n_bins", type=int, default=8)
-    p.add_argument("--buffer", type=int, default=8000, help="CMT / TA-BG samples per annealing step")
-    p.add_argument("--lr", type=float, default=5e-4, help="Adam learning rate (every method)")
+    p.add_argument("--buffer", type=int, default=4000, help="CMT / TA-BG samples per annealing step")
+    p.add_argument("--fit-steps", dest="fit_steps", type=int, default=8, help="CMT / TA-BG Adam steps per annealing step")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (every method)")
     p.add_argument("--samples", type=int, default=10_000, help="flow samples per evaluation draw")
     p.add_argument("--draws", type=int, default=5, help="evaluation draws (ESS = median over draws)")
+    p.add_argument("--jobs", type=int, default=1, help="runs trained at once (one core each; 1 shows progress bars)")
     p.add_argument("--out", default="runs/bench_aldp_methods")
     p.add_argument("--tiny", action="store_true", help="a smoke run: tiny flow and budget, one seed")
     args = p.parse_args(argv)
-    torch.set_num_threads(1)
     if args.tiny:
         args.budget, args.seeds, args.samples, args.draws = 3000, args.seeds[:1], 300, 2
         args.n_layers, args.hidden, args.n_bins = 2, 16, 4
     budget = int(args.budget)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    target = build_target(args.system, args.temperature)
-    settings = method_settings(budget, args.tiny, args.buffer, args.lr)
-    rows = []
-    for method in args.methods:
-        for seed in args.seeds:
-            run_dir = out / f"{method}-seed{seed}"
-            data = {
-                "system": args.system, "temperature": args.temperature, "method": method, "seed": seed,
-                "budget": budget, "max_steps": max_steps_for(method, settings[method], budget),
-                "flow": {"n_layers": args.n_layers, "hidden": args.hidden, "n_bins": args.n_bins},
-                method: copy.deepcopy(settings[method]),
-                "report": {"n_samples": args.samples, "n_draws": args.draws},
-            }
-            spec = parse_run_config(data)
-            if (run_dir / "checkpoint.pt").exists():
-                import shutil
-
-                shutil.rmtree(run_dir)
-            run_dir.mkdir(parents=True)
-            (run_dir / "run.yaml").write_text(json.dumps(spec.to_dict()))  # YAML is a superset of JSON
-            print(f"\n=== {LABEL[method]} seed {seed} ===", flush=True)
-            start = time.perf_counter()
-            result = train_limited(target, spec.train, run_dir, args.time_limit, chunk=5 if method != "reverse_kl" else 10)
-            report = write_run_report(run_dir, spec, target, result.generator, result.history, result.stop_reason,
-                                      reference=args.reference)
-            rows.append(row_of(method, seed, report, time.perf_counter() - start))
-            print(format_row(rows[-1]), flush=True)
+    settings = method_settings(budget, args.tiny, args.buffer, args.fit_steps, args.lr)
+    runs = [(method, seed) for method in args.methods for seed in args.seeds]
+    if args.jobs == 1:
+        rows = [run_one(args, settings, method, seed) for method, seed in runs]
+    else:
+        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            rows = list(pool.map(run_one, *zip(*[(args, settings, m, s) for m, s in runs])))
     summary = aggregate(rows)
     table = format_table(rows, summary, args)
     print("\n" + table)
-    results = {"settings": {**vars(args), "budget": budget, "method_settings": settings,
-                            "torch_threads": torch.get_num_threads()},
+    results = {"settings": {**vars(args), "budget": budget, "method_settings": settings, "torch_threads": 1},
                "runs": rows, "summary": summary, "published": PUBLISHED}
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "table.md").write_text(table + "\n")

@@ -66,6 +66,7 @@ BASE = {  # the aldp-quick preset's training keys
 _N4K = {"n_samples": 4000, "fit_steps": 8}
 _WARM = {"eps_ent_warmup": 0.5, "warmup_steps": 120}
 _WARM03 = {"eps_ent_warmup": 0.3, "warmup_steps": 120}
+_TORS9 = {"n_layers": 9, "mask": "torsions"}
 CONFIGS: dict[str, dict] = {
     "base": {},
     "ent03": {"cmt": {"eps_ent": 0.3}},
@@ -81,6 +82,12 @@ CONFIGS: dict[str, dict] = {
     "n4k_fit8_warm03x120_ent1_seed1": {"seed": 1, "cmt": {**_N4K, "eps_ent": 1.0, **_WARM03}},
     "n4k_fit8_warm03x120_ent1_seed2": {"seed": 2, "cmt": {**_N4K, "eps_ent": 1.0, **_WARM03}},
     "n4k_fit8_warm120_ent2": {"cmt": {**_N4K, "eps_ent": 2.0, **_WARM}},
+    "n4k_fit16_warm120_ent1": {"cmt": {**_N4K, "fit_steps": 16, **_WARM}},
+    "n4k_fit16_warm120_ent1_seed1": {"seed": 1, "cmt": {**_N4K, "fit_steps": 16, **_WARM}},
+    "tors9_warm120_ent1": {"flow": _TORS9, "cmt": {**_N4K, **_WARM}},
+    "tors9_warm120_ent1_seed1": {"seed": 1, "flow": _TORS9, "cmt": {**_N4K, **_WARM}},
+    "tr2_warm120_ent1": {"cmt": {**_N4K, **_WARM, "eps_tr": 2.0}},
+    "tr2_warm120_ent1_seed1": {"seed": 1, "cmt": {**_N4K, **_WARM, "eps_tr": 2.0}},
 }
 
 
@@ -276,7 +283,7 @@ def reference_populations(path: str, n_blocks: int = 10) -> dict:
 def describe(config: dict, study: dict) -> str:
     c, f = config["cmt"], config["flow"]
     parts = [f"tr{c['eps_tr']:g}", f"ent{c['eps_ent']:g}", f"N{c['n_samples']}",
-             f"fit{c.get('fit_steps') or 'pass'}", f"lr{c['lr']:g}", f"{f['n_layers']}x{f['hidden']}",
+             f"fit{c.get('fit_steps') or 'pass'}", f"lr{c['lr']:g}", f"{f['n_layers']}x{f['hidden']}" + ("" if f.get("mask", "random") == "random" else f"-{f['mask']}"),
              "res" if c.get("resample", True) else "wtd"] + ([f"seed{config['seed']}"] if config.get("seed") else [])
     if c.get("eps_ent_warmup") is not None:
         parts.append(f"warm{c['eps_ent_warmup']:g}x{c.get('warmup_steps', 0)}")

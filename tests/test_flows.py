@@ -154,6 +154,32 @@ def test_masks_cover_every_coordinate():
     assert y.shape == (3, 1)
 
 
+def test_torsions_mask_conditions_every_other_coordinate_on_all_torsions():
+    circular = torch.tensor([False, True, False, False, True, False, False, True, False])
+    torsions = torch.nonzero(circular).flatten().tolist()
+    flow = CouplingFlow(circular, -torch.ones(9), torch.ones(9), n_layers=6, hidden=4, mask="torsions")
+    for cycle in (flow.layers[0:3], flow.layers[3:6]):
+        assert cycle[0].transformed.tolist() == torsions
+        halves = [layer.transformed.tolist() for layer in cycle[1:]]
+        assert sorted(halves[0] + halves[1]) == [i for i in range(9) if i not in torsions]
+        for layer in cycle[1:]:
+            assert layer.cond_circular.tolist() == torsions  # every torsion is an input
+    # a new random split of the others every cycle, and an exact inverse
+    assert flow.layers[1].transformed.tolist() != flow.layers[4].transformed.tolist()
+    tors = _toy_flow(mask="torsions", n_layers=6)
+    _perturb(tors, 0.2)
+    y0 = tors.prior.sample(32, torch.Generator().manual_seed(1))
+    y, logdet = tors.couplings(y0)
+    y_back, logdet_inv = tors.couplings.inverse(y)
+    torch.testing.assert_close(y_back, y0, atol=1e-10, rtol=0)
+    torch.testing.assert_close(logdet_inv, -logdet, atol=1e-9, rtol=0)
+    # without torsions (a Cartesian toy) it is the random mask
+    cartesian = torch.zeros(4, dtype=torch.bool)
+    a = CouplingFlow(cartesian, -torch.ones(4), torch.ones(4), n_layers=2, hidden=4, mask="torsions")
+    b = CouplingFlow(cartesian, -torch.ones(4), torch.ones(4), n_layers=2, hidden=4, mask="random")
+    assert [la.transformed.tolist() for la in a.layers] == [lb.transformed.tolist() for lb in b.layers]
+
+
 def test_bad_settings_refused():
     with pytest.raises(CMTInputError):
         _toy_flow(mask="checkerboard")

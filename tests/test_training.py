@@ -49,6 +49,7 @@ def _tiny_cmt(**cmt):
         {"cmt": {"resample": "yes"}},
         {"cmt": {"typo": 1}},
         {"flow": [8, 128]},
+        {"flow": {"mask": "checkerboard"}},
         {"budget": True},
         {"method": "forward_kl"},
         {"temperature_annealing": {"n_temperatures": 1}},
@@ -63,8 +64,9 @@ def test_bad_config_refused_with_one_sentence(bad):
 
 def test_config_round_trip(tmp_path):
     cfg = TrainConfig.from_dict({"method": "temperature_annealing", "budget": "2e5", "seed": 7,
-                                 "temperature_annealing": {"t_high": 900, "fit_steps": 5}})
-    assert cfg.budget == 200_000 and cfg.temperature_annealing.t_high == 900.0
+                                 "temperature_annealing": {"t_high": 900, "fit_steps": 5},
+                                 "flow": {"mask": "torsions"}})
+    assert cfg.budget == 200_000 and cfg.temperature_annealing.t_high == 900.0 and cfg.flow.mask == "torsions"
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg
     path = tmp_path / "c.yaml"
     path.write_text(cfg.to_yaml())

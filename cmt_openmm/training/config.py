@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 
 from ..errors import CMTInputError
+from ..flows import MASKS
 
 METHODS = ("cmt", "reverse_kl", "forward_kl", "temperature_annealing")
 
@@ -44,6 +45,7 @@ class FlowConfig:
     n_layers: int = field(default=8, metadata=POSITIVE)
     hidden: int = field(default=128, metadata=POSITIVE)
     n_bins: int = field(default=8, metadata=POSITIVE)
+    mask: str = field(default="random", metadata=_check(lambda v: v in MASKS, "one of " + ", ".join(MASKS)))
 
 
 @dataclass

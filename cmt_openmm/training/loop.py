@@ -156,6 +156,7 @@ def train(
         n_layers=config.flow.n_layers,
         hidden=config.flow.hidden,
         n_bins=config.flow.n_bins,
+        mask=config.flow.mask,
         seed=config.seed,
     )
     rng = torch.Generator().manual_seed(config.seed)
