@@ -154,7 +154,11 @@ def main(argv=None) -> int:
     p.add_argument("--jobs", type=int, default=1, help="runs trained at once (one core each; 1 shows progress bars)")
     p.add_argument("--out", default="runs/bench_aldp_methods")
     p.add_argument("--tiny", action="store_true", help="a smoke run: tiny flow and budget, one seed")
+    p.add_argument("--combine", nargs="+", metavar="DIR",
+                   help="train nothing: one table from the results.json of earlier runs (e.g. methods run separately)")
     args = p.parse_args(argv)
+    if args.combine:
+        return combine(args.combine, Path(args.out))
     if args.tiny:
         args.budget, args.seeds, args.samples, args.draws = 3000, args.seeds[:1], 300, 2
         args.n_layers, args.hidden, args.n_bins = 2, 16, 4
@@ -168,14 +172,38 @@ def main(argv=None) -> int:
     else:
         with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
             rows = list(pool.map(run_one, *zip(*[(args, settings, m, s) for m, s in runs])))
+    args.budget = budget
+    write_results(out, rows, args, settings)
+    return 0
+
+
+def write_results(out: Path, rows: list[dict], args: argparse.Namespace, settings: dict) -> None:
     summary = aggregate(rows)
     table = format_table(rows, summary, args)
     print("\n" + table)
-    results = {"settings": {**vars(args), "budget": budget, "method_settings": settings, "torch_threads": 1},
+    results = {"settings": {**vars(args), "method_settings": settings, "torch_threads": 1},
                "runs": rows, "summary": summary, "published": PUBLISHED}
+    out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "table.md").write_text(table + "\n")
     print(f"\nwrote {out / 'results.json'} and {out / 'table.md'}")
+
+
+def combine(dirs: list[str], out: Path) -> int:
+    """One table and results.json from several earlier runs of this script (same system and budget)."""
+    parts = [json.loads((Path(d) / "results.json").read_text()) for d in dirs]
+    first = parts[0]["settings"]
+    for part in parts[1:]:
+        other = part["settings"]
+        for key in ("system", "temperature", "budget", "n_layers", "hidden", "n_bins"):
+            if other[key] != first[key]:
+                raise SystemExit(f"cannot combine runs with different {key} ({first[key]} vs {other[key]}); "
+                                 "combine runs of one benchmark setting only.")
+    rows = [row for part in parts for row in part["runs"]]
+    settings = {m: s for part in parts for m, s in part["settings"]["method_settings"].items()
+                if m in {r["method"] for r in part["runs"]}}
+    args = argparse.Namespace(**{**first, "seeds": sorted({r["seed"] for r in rows}), "combined_from": dirs})
+    write_results(out, rows, args, settings)
     return 0
 
 

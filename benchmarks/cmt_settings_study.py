@@ -88,6 +88,13 @@ CONFIGS: dict[str, dict] = {
     "tors9_warm120_ent1_seed1": {"seed": 1, "flow": _TORS9, "cmt": {**_N4K, **_WARM}},
     "tr2_warm120_ent1": {"cmt": {**_N4K, **_WARM, "eps_tr": 2.0}},
     "tr2_warm120_ent1_seed1": {"seed": 1, "cmt": {**_N4K, **_WARM, "eps_tr": 2.0}},
+    "tr1_warm120_ent1": {"cmt": {**_N4K, **_WARM, "eps_tr": 1.0}},
+    "tr2_fit16_warm120_ent1": {"cmt": {**_N4K, **_WARM, "eps_tr": 2.0, "fit_steps": 16}},
+    "tr1_ent2": {"cmt": {**_N4K, "eps_tr": 1.0, "eps_ent": 2.0}},
+    "tr1_ent4": {"cmt": {**_N4K, "eps_tr": 1.0, "eps_ent": 4.0}},
+    "tr1_ent1": {"cmt": {**_N4K, "eps_tr": 1.0, "eps_ent": 1.0}},
+    "tr1_ent1.5": {"cmt": {**_N4K, "eps_tr": 1.0, "eps_ent": 1.5}},
+    "tr1_ent1_seed1": {"seed": 1, "cmt": {**_N4K, "eps_tr": 1.0, "eps_ent": 1.0}},
 }
 
 

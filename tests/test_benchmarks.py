@@ -13,17 +13,22 @@ def _load(name: str):
     return module
 
 
-def test_aldp_methods_tiny_run_writes_one_row_per_method_within_budget(tmp_path):
+def test_aldp_methods_tiny_runs_within_budget_and_combine_into_one_table(tmp_path):
     bench = _load("aldp_methods")
-    assert bench.main(["--tiny", "--out", str(tmp_path)]) == 0
-    results = json.loads((tmp_path / "results.json").read_text())
+    a, b, both = tmp_path / "a", tmp_path / "b", tmp_path / "both"
+    assert bench.main(["--tiny", "--methods", "cmt", "temperature_annealing", "--out", str(a)]) == 0
+    assert bench.main(["--tiny", "--methods", "reverse_kl", "--out", str(b)]) == 0
+    assert bench.main(["--combine", str(a), str(b), "--out", str(both)]) == 0
+    results = json.loads((both / "results.json").read_text())
     budget = results["settings"]["budget"]
-    assert [r["method"] for r in results["runs"]] == ["cmt", "reverse_kl", "temperature_annealing"]
+    assert [r["method"] for r in results["runs"]] == ["cmt", "temperature_annealing", "reverse_kl"]
+    assert set(results["summary"]) == {"cmt", "temperature_annealing", "reverse_kl"}
     for run in results["runs"]:
         assert 0 < run["evaluations"] <= budget  # same budget, counted the same way for every method
         assert 0.0 < run["ess"] <= 1.0
-        assert (tmp_path / f"{run['method']}-seed0" / "report.json").exists()
-    assert "| CMT |" in (tmp_path / "table.md").read_text()
+    assert (a / "cmt-seed0" / "report.json").exists() and (b / "reverse_kl-seed0" / "report.json").exists()
+    table = (both / "table.md").read_text()
+    assert "| CMT |" in table and "| reverse KL |" in table and "| TA-BG |" in table
 
 
 def test_cmt_benchmark_settings_are_the_preset_with_the_run_overrides():
