@@ -210,7 +210,9 @@ class CouplingFlow(nn.Module):
     the other half, then that other half. Every bond and angle is thus transformed once per
     cycle with every torsion among its inputs, so it can follow the conformation (alanine
     dipeptide's backbone angles shift by about one standard deviation between the φ < 0 and
-    φ > 0 basins; with random halves some angles never see φ). Without circular coordinates
+    φ > 0 basins; with random halves some angles never see φ); in the ALDP settings study it
+    cost the same CPU as ``"random"`` at 9 vs 6 layers and did not keep that basin more often
+    (benchmarks/cmt_settings_study.py, ``tors9_*``). Without circular coordinates
     (Cartesian toys), or with nothing else, it falls back to ``"random"``. Circular seam offsets
     are drawn at random per layer. All from ``seed``.
     """
