@@ -263,6 +263,16 @@ def format_row(r: dict) -> str:
             f"lost basins {r['lost_basins'] or 'none'} ({r['stop_reason']})")
 
 
+def reference_tv_floor(reference: str, system: str, temperature: float) -> tuple[float, int]:
+    """Ramachandran TV between the two halves of the reference frames, and the number of frames."""
+    from cmt_openmm import metrics
+
+    angles = metrics.ramachandran_angles(build_target(system, temperature).topology,
+                                         np.load(reference)["positions"])
+    half = len(angles) // 2
+    return float(metrics.ramachandran_tv(angles[:half], angles[half:])), len(angles)
+
+
 def format_table(rows: list[dict], summary: dict, args) -> str:
     head = (f"ALDP ({args.system}, {args.temperature:g} K), budget {int(args.budget):,} evaluations, "
             f"flow {args.n_layers}x{args.hidden} ({args.n_bins} bins), seeds {args.seeds}; "
@@ -284,6 +294,11 @@ def format_table(rows: list[dict], summary: dict, args) -> str:
     ref_phi = [r.get("reference_phi_positive") for r in rows if r.get("reference_phi_positive") is not None]
     if ref_phi:
         lines += ["", f"reference MD φ>0 (αL ∪ C7ax) population: {ref_phi[0]:.4f}"]
+    if getattr(args, "reference", None):
+        floor, n = reference_tv_floor(args.reference, args.system, args.temperature)
+        lines += [f"Ram TV noise floor: the reference's first and second halves ({n // 2} frames each) differ by "
+                  f"TV = {floor:.3f}; a model compared with all {n} frames carries roughly half of that from "
+                  "the reference's own noise (TV ~ 1/sqrt(frames)), more where frames are correlated."]
     lines += ["", "Published: AlanineDipeptideImplicit (ff96 + OBC1), 300 K, GPU-scale budgets (method.md)."]
     return "\n".join(lines)
 
