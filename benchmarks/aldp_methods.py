@@ -246,6 +246,7 @@ def aggregate(rows: list[dict]) -> dict:
                        for key in ("ess", "ess_clipped", "eubo", "ram_tv", "evaluations", "train_wall_s", "phi_positive")}
         out[method]["n_runs"] = len(rs)
         out[method]["lost_basins"] = sorted({b for r in rs for b in r["lost_basins"]})
+        out[method]["runs_keeping_every_basin"] = sum(not r["lost_basins"] for r in rs)
     return out
 
 
@@ -278,19 +279,19 @@ def format_table(rows: list[dict], summary: dict, args) -> str:
             f"flow {args.n_layers}x{args.hidden} ({args.n_bins} bins), seeds {args.seeds}; "
             "mean ± std over seeds, ESS = median of draws")
     lines = [head, "",
-             "| method | evals | ESS % | ESS % (clipped 1e-4) | EUBO (kT) | Ram TV | wall (s) | φ>0 pop. | lost basins | published ESS % | published Ram TV | published evals |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| method | evals | ESS % | ESS % (clipped 1e-4) | EUBO (kT) | Ram TV | wall (s) | φ>0 pop. | runs keeping every basin | basins lost (any run) | published ESS % | published Ram TV | published evals |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for method, s in summary.items():
         pub = PUBLISHED.get(method, {})
         lines.append(
             f"| {LABEL[method]} | {_fmt(s['evaluations'], fmt='{:.3g}')} | {_fmt(s['ess'], 100)} | {_fmt(s['ess_clipped'], 100)} "
             f"| {_fmt(s['eubo'])} | {_fmt(s['ram_tv'], fmt='{:.2e}')} | {_fmt(s['train_wall_s'], fmt='{:.0f}')} "
-            f"| {_fmt(s['phi_positive'], fmt='{:.4f}')} | {', '.join(s['lost_basins']) or 'none'} "
+            f"| {_fmt(s['phi_positive'], fmt='{:.4f}')} | {s['runs_keeping_every_basin']}/{s['n_runs']} | {', '.join(s['lost_basins']) or 'none'} "
             f"| {pub.get('ess', '–')} | {pub.get('ram_tv', '–')} | {pub.get('evals', '–'):.3g} |"
             if pub else
             f"| {LABEL[method]} | {_fmt(s['evaluations'], fmt='{:.3g}')} | {_fmt(s['ess'], 100)} | {_fmt(s['ess_clipped'], 100)} "
             f"| {_fmt(s['eubo'])} | {_fmt(s['ram_tv'], fmt='{:.2e}')} | {_fmt(s['train_wall_s'], fmt='{:.0f}')} "
-            f"| {_fmt(s['phi_positive'], fmt='{:.4f}')} | {', '.join(s['lost_basins']) or 'none'} | – | – | – |")
+            f"| {_fmt(s['phi_positive'], fmt='{:.4f}')} | {s['runs_keeping_every_basin']}/{s['n_runs']} | {', '.join(s['lost_basins']) or 'none'} | – | – | – |")
     ref_phi = [r.get("reference_phi_positive") for r in rows if r.get("reference_phi_positive") is not None]
     if ref_phi:
         lines += ["", f"reference MD φ>0 (αL ∪ C7ax) population: {ref_phi[0]:.4f}"]

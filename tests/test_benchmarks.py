@@ -23,6 +23,9 @@ def test_aldp_methods_tiny_runs_within_budget_and_combine_into_one_table(tmp_pat
     budget = results["settings"]["budget"]
     assert [r["method"] for r in results["runs"]] == ["cmt", "temperature_annealing", "reverse_kl"]
     assert set(results["summary"]) == {"cmt", "temperature_annealing", "reverse_kl"}
+    for method, summary in results["summary"].items():
+        runs = [r for r in results["runs"] if r["method"] == method]
+        assert summary["runs_keeping_every_basin"] == sum(not r["lost_basins"] for r in runs)
     for run in results["runs"]:
         assert 0 < run["evaluations"] <= budget  # same budget, counted the same way for every method
         assert 0.0 < run["ess"] <= 1.0
