@@ -96,6 +96,8 @@ CONFIGS: dict[str, dict] = {
     "tr1_ent1.5": {"cmt": {**_N4K, "eps_tr": 1.0, "eps_ent": 1.5}},
     "tr1_ent1_seed1": {"seed": 1, "cmt": {**_N4K, "eps_tr": 1.0, "eps_ent": 1.0}},
     "n8k_fit8_warm120_ent1_seed1": {"seed": 1, "cmt": {"n_samples": 8000, "fit_steps": 8, **_WARM}},
+    "n4k_fit16_lr5e-4_warm120_ent1_seed1": {"seed": 1, "cmt": {**_N4K, "fit_steps": 16, "lr": 5e-4, **_WARM}},
+    "n4k_fit16_lr5e-4_warm120_ent1_seed3": {"seed": 3, "cmt": {**_N4K, "fit_steps": 16, "lr": 5e-4, **_WARM}},
 }
 
 
