@@ -17,8 +17,8 @@ The trainer is the library's ``CMTTrainer`` run through ``cmt_openmm.training.tr
 script swaps in a subclass that (a) adds per-step diagnostics of each buffer to the records
 (raw φ > 0 and C7ax fractions, the φ > 0 fraction under the target weights p̃/q and under the
 dual's weights w̄, i.e. in q_{i+1}, the MD gap), (b) stops at the time limits, and (c)
-prototypes two trainer mechanisms selected by a config's ``study`` section (not part of the
-library): a two-phase entropy constraint and a defensive mixture. Per-step records go to
+prototypes a defensive mixture (a config's ``study`` section, not part of the library) through
+``CMTTrainer.fit_log_weights``. Per-step records go to
 ``<out>/<name>/metrics.jsonl``, the evaluation to ``<out>/<name>/eval.json``.
 
     .ci/with-env nice -n 5 python benchmarks/cmt_settings_study.py run n4k_fit8_warm120_ent1 --cpu 450 --wall 700
@@ -46,8 +46,7 @@ from cmt_openmm import metrics  # noqa: E402
 from cmt_openmm.systems import get_target  # noqa: E402
 from cmt_openmm.training import cmt as cmt_module  # noqa: E402
 from cmt_openmm.training import load_history, train  # noqa: E402
-from cmt_openmm.training.cmt import CMTTrainer, fit_to_buffer  # noqa: E402
-from cmt_openmm.training.dual import solve_dual  # noqa: E402
+from cmt_openmm.training.cmt import CMTTrainer  # noqa: E402
 
 SYSTEM = "aldp-vacuum"
 BASE = {  # the aldp-quick preset's training keys
@@ -140,24 +139,18 @@ class StudyCMTTrainer(CMTTrainer):
             return "cpu"
         return super().done
 
+    def fit_log_weights(self, sol):
+        self.solution = sol  # for the diagnostics of step()
+        if not self.defensive:
+            return sol.log_weights
+        # defensive mixture (prototype): fit (1 − α) q_{i+1} + α q_i, i.e. w̄ → (1 − α) w̄ + α / N
+        a, n = self.defensive, len(sol.log_weights)
+        return np.logaddexp(np.log1p(-a) + np.asarray(sol.log_weights), math.log(a / n))
+
     def step(self) -> dict:
-        c = self.settings
-        if self.reached_at is not None and c.lr_decay_after_target != 1.0:
-            self.set_lr(self.optimizer.param_groups[0]["lr"] * c.lr_decay_after_target)
-        x, log_q = self.generator.sample(c.n_samples, generator=self.rng)
-        with torch.no_grad():
-            log_p = -self.energy(x)
-        eps_ent = self.entropy_budget()
-        sol = solve_dual(log_q, log_p, c.eps_tr, eps_ent)
-        fit_lw = sol.log_weights
-        if self.defensive:
-            # defensive mixture (prototype): fit (1 − α) q_{i+1} + α q_i, i.e. w̄ → (1 − α) w̄ + α / N
-            a, n = self.defensive, len(fit_lw)
-            fit_lw = np.logaddexp(np.log1p(-a) + np.asarray(fit_lw), math.log(a / n))
-        loss = fit_to_buffer(self.generator, self.optimizer, x, fit_lw, self.fit_steps, c.batch_size,
-                             c.resample, self.rng)
-        if sol.target_reached and self.reached_at is None:
-            self.reached_at = self.steps_done + 1
+        x, log_q, log_p = self.draw_buffer()
+        record = self.anneal(x, log_q, log_p)
+        sol = self.solution
         angles = metrics.ramachandran_angles(self.target.topology, x.numpy())[:, 0]
         pos = angles[:, 0] >= 0.0
         inside = metrics.basin_indicators(angles, metrics.ALDP_BASINS)
@@ -166,10 +159,7 @@ class StudyCMTTrainer(CMTTrainer):
         if self.md is not None and (self.steps_done + 1) % 5 == 0:
             extra["md_gap"] = self._md_gap()
         return {
-            "lam": sol.lam, "eta": sol.eta, "kl": sol.kl, "entropy": sol.entropy,
-            "entropy_drop": sol.entropy_drop, "ess_step": sol.ess, "trust_active": sol.trust_active,
-            "entropy_active": sol.entropy_active, "eps_ent_used": eps_ent,
-            **self.target_stats(log_p, log_q), "loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
+            **record, "eps_ent_used": record["eps_ent"],
             "phi_pos_raw": float(pos.mean()),
             "phi_pos_target_w": weighted_fraction(pos, lw_target),
             "phi_pos_next": weighted_fraction(pos, sol.log_weights),

@@ -87,16 +87,29 @@ class CMTTrainer(Trainer):
         return c.eps_ent_warmup if warming_up else c.eps_ent
 
     def step(self) -> dict:
+        return self.anneal(*self.draw_buffer())
+
+    def draw_buffer(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """N flow samples x (N, n_atoms, 3) nm with log q_i(x) and log p̃(x) = −u(x) (N,), one evaluation each."""
+        x, log_q = self.generator.sample(self.settings.n_samples, generator=self.rng)
+        with torch.no_grad():
+            log_p = -self.energy(x)
+        return x, log_q, log_p
+
+    def fit_log_weights(self, sol) -> np.ndarray:
+        """Normalised log-weights the flow is fitted to: the dual's, i.e. q_{i+1} (N,)."""
+        return sol.log_weights
+
+    def anneal(self, x: torch.Tensor, log_q: torch.Tensor, log_p: torch.Tensor) -> dict:
+        """Dual, weights and weighted fit on one buffer (see :meth:`draw_buffer`); the step's record."""
         c = self.settings
         if self.reached_at is not None and c.lr_decay_after_target != 1.0:
             self.set_lr(self.optimizer.param_groups[0]["lr"] * c.lr_decay_after_target)
-        x, log_q = self.generator.sample(c.n_samples, generator=self.rng)
-        with torch.no_grad():
-            log_p = -self.energy(x)
         eps_ent = self.entropy_budget()
         sol = solve_dual(log_q, log_p, c.eps_tr, eps_ent)
         loss = fit_to_buffer(
-            self.generator, self.optimizer, x, sol.log_weights, self.fit_steps, c.batch_size, c.resample, self.rng
+            self.generator, self.optimizer, x, self.fit_log_weights(sol), self.fit_steps, c.batch_size, c.resample,
+            self.rng,
         )
         if sol.target_reached and self.reached_at is None:
             self.reached_at = self.steps_done + 1  # counted after this step
