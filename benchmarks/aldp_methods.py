@@ -191,6 +191,9 @@ def write_results(out: Path, rows: list[dict], args: argparse.Namespace, setting
 
 def combine(dirs: list[str], out: Path) -> int:
     """One table and results.json from several earlier runs of this script (same system and budget)."""
+    missing = [d for d in dirs if not (Path(d) / "results.json").is_file()]
+    if missing:
+        raise SystemExit(f"no results.json in {', '.join(missing)}; pass the --out directories of finished runs.")
     parts = [json.loads((Path(d) / "results.json").read_text()) for d in dirs]
     first = parts[0]["settings"]
     for part in parts[1:]:

@@ -3,6 +3,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -32,6 +34,8 @@ def test_aldp_methods_tiny_runs_within_budget_and_combine_into_one_table(tmp_pat
     assert (a / "cmt-seed0" / "report.json").exists() and (b / "reverse_kl-seed0" / "report.json").exists()
     table = (both / "table.md").read_text()
     assert "| CMT |" in table and "| reverse KL |" in table and "| TA-BG |" in table
+    with pytest.raises(SystemExit, match="no results.json in .*nowhere"):
+        bench.main(["--combine", str(a), str(tmp_path / "nowhere"), "--out", str(both)])
 
 
 def test_cmt_benchmark_settings_are_the_preset_with_the_run_overrides():
