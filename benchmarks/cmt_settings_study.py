@@ -97,6 +97,14 @@ CONFIGS: dict[str, dict] = {
     "n8k_fit8_warm120_ent1_seed1": {"seed": 1, "cmt": {"n_samples": 8000, "fit_steps": 8, **_WARM}},
     "n4k_fit16_lr5e-4_warm120_ent1_seed1": {"seed": 1, "cmt": {**_N4K, "fit_steps": 16, "lr": 5e-4, **_WARM}},
     "n4k_fit16_lr5e-4_warm120_ent1_seed3": {"seed": 3, "cmt": {**_N4K, "fit_steps": 16, "lr": 5e-4, **_WARM}},
+    "strat_warm120_ent1": {"cmt": {**_N4K, **_WARM, "strata": "phi-sign"}},
+    "strat_warm120_ent1_seed1": {"seed": 1, "cmt": {**_N4K, **_WARM, "strata": "phi-sign"}},
+    "strat_warm120_ent1_seed2": {"seed": 2, "cmt": {**_N4K, **_WARM, "strata": "phi-sign"}},
+    "strat_warm120_ent1_seed3": {"seed": 3, "cmt": {**_N4K, **_WARM, "strata": "phi-sign"}},
+    "floor01_warm120_ent1_seed1": {"seed": 1, "cmt": {**_N4K, **_WARM, "strata": "phi-sign", "strata_floor": 0.1}},
+    "floor01_warm120_ent1_seed3": {"seed": 3, "cmt": {**_N4K, **_WARM, "strata": "phi-sign", "strata_floor": 0.1}},
+    "floor01_warm120_ent1": {"cmt": {**_N4K, **_WARM, "strata": "phi-sign", "strata_floor": 0.1}},
+    "floor01_warm120_ent1_seed2": {"seed": 2, "cmt": {**_N4K, **_WARM, "strata": "phi-sign", "strata_floor": 0.1}},
 }
 
 
@@ -139,10 +147,11 @@ class StudyCMTTrainer(CMTTrainer):
             return "cpu"
         return super().done
 
-    def fit_log_weights(self, sol):
+    def fit_log_weights(self, sol, x, log_q, log_p):
         self.solution = sol  # for the diagnostics of step()
+        self.fitted = super().fit_log_weights(sol, x, log_q, log_p)
         if not self.defensive:
-            return sol.log_weights
+            return self.fitted
         # defensive mixture (prototype): fit (1 − α) q_{i+1} + α q_i, i.e. w̄ → (1 − α) w̄ + α / N
         a, n = self.defensive, len(sol.log_weights)
         return np.logaddexp(np.log1p(-a) + np.asarray(sol.log_weights), math.log(a / n))
@@ -163,6 +172,7 @@ class StudyCMTTrainer(CMTTrainer):
             "phi_pos_raw": float(pos.mean()),
             "phi_pos_target_w": weighted_fraction(pos, lw_target),
             "phi_pos_next": weighted_fraction(pos, sol.log_weights),
+            "phi_pos_fit": weighted_fraction(pos, self.fitted),
             "n_phi_pos": int(pos.sum()),
             "raw_C7ax": float(inside["C7ax"].mean()),
             "raw_alphaL": float(inside["alphaL"].mean()),
