@@ -45,22 +45,33 @@ PUBLISHED = {  # method.md, ALDP (AlanineDipeptideImplicit), mean of 4 runs
 }
 LOST_POPULATION = 1e-4  # without a reference: a basin below this reweighted population counts as lost
 LOST_FRACTION = 0.1  # with a reference: below this fraction of the reference population
-LABEL = {"cmt": "CMT", "reverse_kl": "reverse KL", "temperature_annealing": "TA-BG", "forward_kl": "forward KL"}
+LABEL = {"cmt": "CMT", "cmt_strata": "CMT + φ strata", "reverse_kl": "reverse KL", "temperature_annealing": "TA-BG",
+         "forward_kl": "forward KL"}
 
 
-def method_settings(budget: int, tiny: bool, buffer: int, fit_steps: int, lr: float) -> dict:
+def group_of(method: str, section: dict) -> str:
+    """Table row a run belongs to: its method, with CMT split by whether it used strata."""
+    return "cmt_strata" if method == "cmt" and section.get("strata", "none") != "none" else method
+
+
+def method_settings(budget: int, tiny: bool, buffer: int, fit_steps: int, lr: float, strata: bool = True) -> dict:
     """Per-method sections. CMT = the ``aldp-quick`` preset's settings (its two-phase entropy
-    constraint included) with this run's buffer / fit steps / lr; TA-BG uses the same buffer and
+    constraint and φ-sign strata included; strata=False drops the strata) with this run's
+    buffer / fit steps / lr; TA-BG uses the same buffer and
     fit, spends ~1/4 of the budget on its reverse-KL stage and ~1/2 of the rest going down
     the ladder; reverse KL gets the same batch size and lr."""
     if tiny:
+        strata_section = {"strata": "phi-sign", "strata_floor": 0.1} if strata else {"strata": "none"}
         return {
-            "cmt": {"eps_tr": 0.5, "eps_ent": 1.0, "n_samples": 256, "fit_steps": 4, "batch_size": 64, "lr": 1e-3},
+            "cmt": {"eps_tr": 0.5, "eps_ent": 1.0, "n_samples": 256, "fit_steps": 4, "batch_size": 64, "lr": 1e-3,
+                    **strata_section},
             "reverse_kl": {"batch_size": 64, "lr": 1e-3, "steps_per_record": 4},
             "temperature_annealing": {"t_high": 1200.0, "n_temperatures": 3, "reverse_kl_steps": 4, "steps_per_record": 2,
                                       "batch_size": 64, "lr": 1e-3, "n_samples": 256, "fit_steps": 4, "final_steps": 1000},
         }
     cmt = {**get_preset("aldp-quick")["cmt"], "n_samples": buffer, "fit_steps": fit_steps, "lr": lr}
+    if not strata:
+        cmt.update(strata="none", strata_floor=0.0)
     batch = cmt["batch_size"]
     n_temperatures = 8
     ladder_steps = budget * 3 // 4 // buffer
@@ -130,6 +141,7 @@ def run_one(args: argparse.Namespace, settings: dict, method: str, seed: int) ->
     report = write_run_report(run_dir, spec, target, result.generator, result.history, result.stop_reason,
                               reference=args.reference)
     row = row_of(method, seed, report, time.perf_counter() - start)
+    row["group"] = group_of(method, settings[method])
     print(format_row(row), flush=True)
     return row
 
@@ -149,6 +161,8 @@ def main(argv=None) -> int:
     p.add_argument("--buffer", type=int, default=4000, help="CMT / TA-BG samples per annealing step")
     p.add_argument("--fit-steps", dest="fit_steps", type=int, default=8, help="CMT / TA-BG Adam steps per annealing step")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (every method)")
+    p.add_argument("--no-strata", dest="strata", action="store_false",
+                   help="CMT without the preset's φ-sign strata (the method exactly as published)")
     p.add_argument("--samples", type=int, default=10_000, help="flow samples per evaluation draw")
     p.add_argument("--draws", type=int, default=5, help="evaluation draws (ESS = median over draws)")
     p.add_argument("--jobs", type=int, default=1, help="runs trained at once (one core each; 1 shows progress bars)")
@@ -165,7 +179,7 @@ def main(argv=None) -> int:
     budget = int(args.budget)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    settings = method_settings(budget, args.tiny, args.buffer, args.fit_steps, args.lr)
+    settings = method_settings(budget, args.tiny, args.buffer, args.fit_steps, args.lr, args.strata)
     runs = [(method, seed) for method in args.methods for seed in args.seeds]
     if args.jobs == 1:
         rows = [run_one(args, settings, method, seed) for method, seed in runs]
@@ -202,9 +216,13 @@ def combine(dirs: list[str], out: Path) -> int:
             if other[key] != first[key]:
                 raise SystemExit(f"cannot combine runs with different {key} ({first[key]} vs {other[key]}); "
                                  "combine runs of one benchmark setting only.")
-    rows = [row for part in parts for row in part["runs"]]
-    settings = {m: s for part in parts for m, s in part["settings"]["method_settings"].items()
-                if m in {r["method"] for r in part["runs"]}}
+    rows, settings = [], {}
+    for part in parts:
+        for row in part["runs"]:
+            section = part["settings"]["method_settings"][row["method"]]
+            row.setdefault("group", group_of(row["method"], section))
+            settings[row["group"]] = section
+            rows.append(row)
     args = argparse.Namespace(**{**first, "seeds": sorted({r["seed"] for r in rows}), "combined_from": dirs})
     write_results(out, rows, args, settings)
     return 0
@@ -243,13 +261,14 @@ def _mean_std(values):
 
 def aggregate(rows: list[dict]) -> dict:
     out = {}
-    for method in dict.fromkeys(r["method"] for r in rows):
-        rs = [r for r in rows if r["method"] == method]
-        out[method] = {key: _mean_std([r.get(key) for r in rs])
-                       for key in ("ess", "ess_clipped", "eubo", "ram_tv", "evaluations", "train_wall_s", "phi_positive")}
-        out[method]["n_runs"] = len(rs)
-        out[method]["lost_basins"] = sorted({b for r in rs for b in r["lost_basins"]})
-        out[method]["runs_keeping_every_basin"] = sum(not r["lost_basins"] for r in rs)
+    for group in dict.fromkeys(r.get("group", r["method"]) for r in rows):
+        rs = [r for r in rows if r.get("group", r["method"]) == group]
+        out[group] = {key: _mean_std([r.get(key) for r in rs])
+                      for key in ("ess", "ess_clipped", "eubo", "ram_tv", "evaluations", "train_wall_s", "phi_positive")}
+        out[group]["method"] = rs[0]["method"]
+        out[group]["n_runs"] = len(rs)
+        out[group]["lost_basins"] = sorted({b for r in rs for b in r["lost_basins"]})
+        out[group]["runs_keeping_every_basin"] = sum(not r["lost_basins"] for r in rs)
     return out
 
 
@@ -261,7 +280,7 @@ def _fmt(ms, scale=1.0, fmt="{:.2f}"):
 
 
 def format_row(r: dict) -> str:
-    return (f"{LABEL[r['method']]:<11} seed {r['seed']}: ESS {100 * r['ess']:.2f} % [{100 * r['ess_min']:.2f}, "
+    return (f"{LABEL[r.get('group', r['method'])]:<14} seed {r['seed']}: ESS {100 * r['ess']:.2f} % [{100 * r['ess_min']:.2f}, "
             f"{100 * r['ess_max']:.2f}], clipped {100 * r['ess_clipped']:.2f} %, evals {r['evaluations']:,}, "
             f"train {r['train_wall_s']:.0f} s, φ>0 {'n/a' if r['phi_positive'] is None else format(r['phi_positive'], '.2e')}, "
             f"lost basins {r['lost_basins'] or 'none'} ({r['stop_reason']})")
@@ -284,15 +303,15 @@ def format_table(rows: list[dict], summary: dict, args) -> str:
     lines = [head, "",
              "| method | evals | ESS % | ESS % (clipped 1e-4) | EUBO (kT) | Ram TV | wall (s) | φ>0 pop. | runs keeping every basin | basins lost (any run) | published ESS % | published Ram TV | published evals |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for method, s in summary.items():
-        pub = PUBLISHED.get(method, {})
+    for group, s in summary.items():
+        pub = PUBLISHED.get(s["method"], {})
         lines.append(
-            f"| {LABEL[method]} | {_fmt(s['evaluations'], fmt='{:.3g}')} | {_fmt(s['ess'], 100)} | {_fmt(s['ess_clipped'], 100)} "
+            f"| {LABEL[group]} | {_fmt(s['evaluations'], fmt='{:.3g}')} | {_fmt(s['ess'], 100)} | {_fmt(s['ess_clipped'], 100)} "
             f"| {_fmt(s['eubo'])} | {_fmt(s['ram_tv'], fmt='{:.2e}')} | {_fmt(s['train_wall_s'], fmt='{:.0f}')} "
             f"| {_fmt(s['phi_positive'], fmt='{:.4f}')} | {s['runs_keeping_every_basin']}/{s['n_runs']} | {', '.join(s['lost_basins']) or 'none'} "
             f"| {pub.get('ess', '–')} | {pub.get('ram_tv', '–')} | {pub.get('evals', '–'):.3g} |"
             if pub else
-            f"| {LABEL[method]} | {_fmt(s['evaluations'], fmt='{:.3g}')} | {_fmt(s['ess'], 100)} | {_fmt(s['ess_clipped'], 100)} "
+            f"| {LABEL[group]} | {_fmt(s['evaluations'], fmt='{:.3g}')} | {_fmt(s['ess'], 100)} | {_fmt(s['ess_clipped'], 100)} "
             f"| {_fmt(s['eubo'])} | {_fmt(s['ram_tv'], fmt='{:.2e}')} | {_fmt(s['train_wall_s'], fmt='{:.0f}')} "
             f"| {_fmt(s['phi_positive'], fmt='{:.4f}')} | {s['runs_keeping_every_basin']}/{s['n_runs']} | {', '.join(s['lost_basins']) or 'none'} | – | – | – |")
     ref_phi = [r.get("reference_phi_positive") for r in rows if r.get("reference_phi_positive") is not None]

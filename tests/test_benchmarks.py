@@ -19,21 +19,25 @@ def test_aldp_methods_tiny_runs_within_budget_and_combine_into_one_table(tmp_pat
     bench = _load("aldp_methods")
     a, b, both = tmp_path / "a", tmp_path / "b", tmp_path / "both"
     assert bench.main(["--tiny", "--methods", "cmt", "temperature_annealing", "--out", str(a)]) == 0
-    assert bench.main(["--tiny", "--methods", "reverse_kl", "--out", str(b)]) == 0
+    assert bench.main(["--tiny", "--methods", "reverse_kl", "cmt", "--no-strata", "--out", str(b)]) == 0
     assert bench.main(["--combine", str(a), str(b), "--out", str(both)]) == 0
     results = json.loads((both / "results.json").read_text())
     budget = results["settings"]["budget"]
-    assert [r["method"] for r in results["runs"]] == ["cmt", "temperature_annealing", "reverse_kl"]
-    assert set(results["summary"]) == {"cmt", "temperature_annealing", "reverse_kl"}
-    for method, summary in results["summary"].items():
-        runs = [r for r in results["runs"] if r["method"] == method]
+    assert [r["method"] for r in results["runs"]] == ["cmt", "temperature_annealing", "reverse_kl", "cmt"]
+    # CMT with and without strata are separate rows
+    assert list(results["summary"]) == ["cmt_strata", "temperature_annealing", "reverse_kl", "cmt"]
+    assert results["settings"]["method_settings"]["cmt_strata"]["strata"] == "phi-sign"
+    assert results["settings"]["method_settings"]["cmt"]["strata"] == "none"
+    for group, summary in results["summary"].items():
+        runs = [r for r in results["runs"] if r["group"] == group]
+        assert summary["n_runs"] == len(runs) == 1
         assert summary["runs_keeping_every_basin"] == sum(not r["lost_basins"] for r in runs)
     for run in results["runs"]:
         assert 0 < run["evaluations"] <= budget  # same budget, counted the same way for every method
         assert 0.0 < run["ess"] <= 1.0
     assert (a / "cmt-seed0" / "report.json").exists() and (b / "reverse_kl-seed0" / "report.json").exists()
     table = (both / "table.md").read_text()
-    assert "| CMT |" in table and "| reverse KL |" in table and "| TA-BG |" in table
+    assert all(f"| {label} |" in table for label in ("CMT", "CMT + φ strata", "reverse KL", "TA-BG"))
     with pytest.raises(SystemExit, match="no results.json in .*nowhere"):
         bench.main(["--combine", str(a), str(tmp_path / "nowhere"), "--out", str(both)])
 
