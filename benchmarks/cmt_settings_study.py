@@ -16,7 +16,8 @@ and 300 φ < 0 frames, at the end on all frames.
 The trainer is the library's ``CMTTrainer`` run through ``cmt_openmm.training.train``; the
 script swaps in a subclass that (a) adds per-step diagnostics of each buffer to the records
 (raw φ > 0 and C7ax fractions, the φ > 0 fraction under the target weights p̃/q and under the
-dual's weights w̄, i.e. in q_{i+1}, the MD gap), (b) stops at the time limits, and (c)
+dual's weights w̄, i.e. in q_{i+1}, and under the fitted weights, which differ from w̄ when a
+config sets ``cmt.strata``; the MD gap), (b) stops at the time limits, and (c)
 prototypes a defensive mixture (a config's ``study`` section, not part of the library) through
 ``CMTTrainer.fit_log_weights``. Per-step records go to
 ``<out>/<name>/metrics.jsonl``, the evaluation to ``<out>/<name>/eval.json``.
