@@ -8,18 +8,20 @@ the mass ∫_S q_i^a p̃^b, which by Hölder is at most
 with equality only when q_i's shape inside S is already the tempered shape p̃^γ. A small basin
 whose shape the flow has not learned yet (ALDP's φ > 0 states: their bond angles differ from
 the φ < 0 ones by about 1σ) loses mass at every step by that Hölder gap, and the loss
-compounds until the basin is gone (benchmarks/cmt_settings_study.py). Stratifying fixes it:
-inside each stratum the fit target keeps the dual's weights (the CMT shape update), but the
-strata's masses are set to M_S, the mass update the trust region would make if every shape
-were right. With λ = 0 (a = 0) M_S is the dual's own stratum mass, so the tempered phase and
+compounds until the basin is gone (benchmarks/cmt_settings_study.py). Stratifying removes
+that drain: inside each stratum the fit target keeps the dual's weights (the CMT shape
+update), but the strata's masses are set to M_S, the mass update the trust region would make
+if every shape were right. With λ = 0 (a = 0) M_S is the dual's own stratum mass, so the tempered phase and
 the final target (λ = η = 0) are unchanged; the correction acts only while the trust region
 binds, damped by the power 1 − a.
 
-A floor ρ adds defensive sampling at the level of strata: the fitted masses become
+On ALDP that alone kept the φ > 0 samples but not the basin's shape: while the path cooled,
+the few φ > 0 samples were too few to learn it, and the importance estimate of Z_S then fell
+too. A floor ρ adds defensive sampling at the level of strata: the fitted masses become
 (1 − ρ) M_S + ρ / K, so a basin the target gives 2 % is sampled at ≥ ρ / K and its shape keeps
-being learned from enough samples. The generator is then a slightly over-dispersed proposal
-(what it costs in ESS is at most about the floor's mass: importance weights are exact either
-way) that cannot lose a stratum while it still has buffer samples.
+being learned from enough samples. The generator is then a slightly over-dispersed proposal:
+importance weights stay exact, and at the level of strata the ESS falls by at most a factor
+1 − ρ (Σ_S p_S² / q_S ≤ 1 / (1 − ρ)).
 
 Strata are labels of configurations. ``phi-sign`` labels a peptide by the signs of its
 backbone φ angles (the slow, left-handed αL/C7ax states sit at φ > 0), up to 2^R labels for R
