@@ -71,7 +71,7 @@ def method_settings(budget: int, tiny: bool, buffer: int, fit_steps: int, lr: fl
         }
     cmt = {**get_preset("aldp-quick")["cmt"], "n_samples": buffer, "fit_steps": fit_steps, "lr": lr}
     if not strata:
-        cmt.update(strata="none", strata_floor=0.0)
+        cmt["strata"] = "none"
     batch = cmt["batch_size"]
     n_temperatures = 8
     ladder_steps = budget * 3 // 4 // buffer

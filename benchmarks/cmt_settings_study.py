@@ -18,8 +18,7 @@ script swaps in a subclass that (a) adds per-step diagnostics of each buffer to 
 (raw φ > 0 and C7ax fractions, the φ > 0 fraction under the target weights p̃/q and under the
 dual's weights w̄, i.e. in q_{i+1}, and under the fitted weights, which differ from w̄ when a
 config sets ``cmt.strata``; the MD gap), (b) stops at the time limits, and (c)
-prototypes a defensive mixture and a floor on the dual's φ-sign strata masses without the
-library's Hölder masses (a config's ``study`` section, not part of the library) through
+prototypes a defensive mixture (a config's ``study`` section, not part of the library) through
 ``CMTTrainer.fit_log_weights``. Per-step records go to
 ``<out>/<name>/metrics.jsonl``, the evaluation to ``<out>/<name>/eval.json``.
 
@@ -61,8 +60,6 @@ BASE = {  # the aldp-quick preset's training keys
 }
 # "study" keys are this script's, not TrainConfig's: the prototype mechanism
 #   defensive: α of a defensive mixture, fit weights (1 − α) w̄ + α / N
-#   dual_floor: ρ, the dual's own φ-sign strata masses M mixed as (1 − ρ) M + ρ / K (an
-#     ablation of cmt.strata_floor without the Hölder masses)
 # (the two-phase entropy constraint prototyped here is now TrainConfig's cmt.eps_ent_warmup /
 # cmt.warmup_steps)
 # The run limits (--wall, --cpu) are set on the command line.
@@ -101,15 +98,9 @@ CONFIGS: dict[str, dict] = {
     "n8k_fit8_warm120_ent1_seed1": {"seed": 1, "cmt": {"n_samples": 8000, "fit_steps": 8, **_WARM}},
     "n4k_fit16_lr5e-4_warm120_ent1_seed1": {"seed": 1, "cmt": {**_N4K, "fit_steps": 16, "lr": 5e-4, **_WARM}},
     "n4k_fit16_lr5e-4_warm120_ent1_seed3": {"seed": 3, "cmt": {**_N4K, "fit_steps": 16, "lr": 5e-4, **_WARM}},
-    "strat_warm120_ent1": {"cmt": {**_N4K, **_WARM, "strata": "phi-sign"}},
-    "strat_warm120_ent1_seed1": {"seed": 1, "cmt": {**_N4K, **_WARM, "strata": "phi-sign"}},
-    "strat_warm120_ent1_seed2": {"seed": 2, "cmt": {**_N4K, **_WARM, "strata": "phi-sign"}},
-    "strat_warm120_ent1_seed3": {"seed": 3, "cmt": {**_N4K, **_WARM, "strata": "phi-sign"}},
     "floor01_warm120_ent1_seed1": {"seed": 1, "cmt": {**_N4K, **_WARM, "strata": "phi-sign", "strata_floor": 0.1}},
     "floor01_warm120_ent1_seed3": {"seed": 3, "cmt": {**_N4K, **_WARM, "strata": "phi-sign", "strata_floor": 0.1}},
     "floor01_warm120_ent1": {"cmt": {**_N4K, **_WARM, "strata": "phi-sign", "strata_floor": 0.1}},
-    "dualfloor01_warm120_ent1_seed1": {"seed": 1, "cmt": {**_N4K, **_WARM}, "study": {"dual_floor": 0.1}},
-    "dualfloor01_warm120_ent1_seed3": {"seed": 3, "cmt": {**_N4K, **_WARM}, "study": {"dual_floor": 0.1}},
     "floor01_warm120_ent1_seed2": {"seed": 2, "cmt": {**_N4K, **_WARM, "strata": "phi-sign", "strata_floor": 0.1}},
 }
 
@@ -126,17 +117,6 @@ def phi_positive(topology, x) -> np.ndarray:
     return metrics.ramachandran_angles(topology, np.asarray(x))[:, 0, 0] >= 0.0
 
 
-def floor_strata(log_w: np.ndarray, labels: np.ndarray, floor: float) -> np.ndarray:
-    """Normalised log-weights with each label's total M mixed as (1 − floor) M + floor / K."""
-    out = log_w.copy()
-    present = [k for k in np.unique(labels) if np.isfinite(log_w[labels == k]).any()]
-    for k in present:
-        inside = labels == k
-        mass = _logsumexp(log_w[inside])
-        out[inside] += np.logaddexp(math.log1p(-floor) + mass, math.log(floor / len(present))) - mass
-    return out
-
-
 def weighted_fraction(mask: np.ndarray, log_w: np.ndarray) -> float:
     w = metrics.normalized_weights(log_w)
     return float(np.sum(w[mask]))
@@ -151,7 +131,6 @@ class StudyCMTTrainer(CMTTrainer):
         super().__init__(target, generator, energy, config, rng)
         self.wall = float(self.study.get("wall", math.inf))
         self.defensive = float(self.study.get("defensive", 0.0))
-        self.dual_floor = float(self.study.get("dual_floor", 0.0))
         self.started = time.perf_counter()
         self.cpu_limit = float(self.study.get("cpu", math.inf))
         self.cpu_start = time.process_time()
@@ -165,12 +144,9 @@ class StudyCMTTrainer(CMTTrainer):
             return "cpu"
         return super().done
 
-    def fit_log_weights(self, sol, x, log_q, log_p):
+    def fit_log_weights(self, sol, x):
         self.solution = sol  # for the diagnostics of step()
-        self.fitted = super().fit_log_weights(sol, x, log_q, log_p)
-        if self.dual_floor:
-            labels = phi_positive(self.target.topology, x.numpy()).astype(int)
-            self.fitted = floor_strata(np.asarray(self.fitted), labels, self.dual_floor)
+        self.fitted = super().fit_log_weights(sol, x)
         if not self.defensive:
             return self.fitted
         # defensive mixture (prototype): fit (1 − α) q_{i+1} + α q_i, i.e. w̄ → (1 − α) w̄ + α / N

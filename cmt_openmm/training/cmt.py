@@ -6,9 +6,9 @@ each (log p̃ = −u, failed energies → −inf → weight 0, no regularisation
 solve the dual for (λ, η) (:func:`~cmt_openmm.training.dual.solve_dual`); fit the flow to
 q_{i+1} ∝ q_i^{λ/s} p̃^{1/s} by importance-weighted forward KL on that buffer. The density
 space matters for the entropy constraint only; it is the one of ``BoltzmannGenerator.log_prob``.
-With ``strata`` set, the fit weights keep the dual's shape inside each stratum but move the
-strata's masses without the trust region's shape penalty (:mod:`.strata`), so that a basin the
-flow has not yet learned well is not drained step after step.
+With ``strata`` set, the fit weights keep the dual's shape inside each stratum but give every
+stratum at least ``strata_floor`` / K of the mass (:mod:`.strata`), so that a basin the flow has
+not yet learned well is not drained step after step.
 
 Fit: ``fit_steps`` Adam steps (default: one pass over the buffer, ceil(N / batch_size) steps,
 which the calibration found better than fitting hard) on minibatches drawn ∝ w̄ with
@@ -28,7 +28,7 @@ import torch
 
 from .dual import solve_dual
 from .loop import Trainer
-from .strata import stratified_log_weights, stratifier
+from .strata import floored_log_weights, stratifier
 
 
 def fit_to_buffer(
@@ -101,15 +101,11 @@ class CMTTrainer(Trainer):
             log_p = -self.energy(x)
         return x, log_q, log_p
 
-    def fit_log_weights(self, sol, x: torch.Tensor, log_q: torch.Tensor, log_p: torch.Tensor) -> np.ndarray:
+    def fit_log_weights(self, sol, x: torch.Tensor) -> np.ndarray:
         """Normalised log-weights (N,) the flow is fitted to: the dual's (q_{i+1}), stratified if configured."""
         if self.strata_of is None:
             return sol.log_weights
-        labels = self.strata_of(x.detach().cpu().numpy())
-        return stratified_log_weights(
-            log_q.detach().double().cpu().numpy(), log_p.detach().double().cpu().numpy(), labels, sol.lam, sol.eta,
-            sol.log_weights, self.settings.strata_floor,
-        )
+        return floored_log_weights(sol.log_weights, self.strata_of(x.detach().cpu().numpy()), self.settings.strata_floor)
 
     def anneal(self, x: torch.Tensor, log_q: torch.Tensor, log_p: torch.Tensor) -> dict:
         """Dual, weights and weighted fit on one buffer (see :meth:`draw_buffer`); the step's record."""
@@ -118,7 +114,7 @@ class CMTTrainer(Trainer):
             self.set_lr(self.optimizer.param_groups[0]["lr"] * c.lr_decay_after_target)
         eps_ent = self.entropy_budget()
         sol = solve_dual(log_q, log_p, c.eps_tr, eps_ent)
-        log_weights = self.fit_log_weights(sol, x, log_q, log_p)
+        log_weights = self.fit_log_weights(sol, x)
         loss = fit_to_buffer(
             self.generator, self.optimizer, x, log_weights, self.fit_steps, c.batch_size, c.resample, self.rng
         )

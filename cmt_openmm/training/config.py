@@ -72,9 +72,8 @@ class CMTConfig:
     eps_ent throughout); a tight value keeps the path hot (η > 0) while the flow learns the shape
     of every basin, then eps_ent lets it cool (benchmarks/cmt_settings_study.py: on ALDP it kept
     the φ > 0 basin in 2 of 4 runs, against 0 of 7 without). strata: "none" or "phi-sign"
-    (peptides): fit to stratified weights, the strata's masses moved without the trust
-    region's shape penalty; strata_floor: ρ, each of the K strata in the buffer is fitted with
-    at least mass ρ / K (:mod:`cmt_openmm.training.strata`).
+    (peptides); with strata, each of the K strata in the buffer is fitted with at least mass
+    strata_floor / K, the dual's weights kept inside each (:mod:`cmt_openmm.training.strata`).
     """
 
     eps_tr: float = field(default=0.5, metadata=POSITIVE)
@@ -89,7 +88,7 @@ class CMTConfig:
     steps_after_target: int = field(default=0, metadata=NON_NEGATIVE)
     lr_decay_after_target: float = field(default=1.0, metadata=_check(lambda v: 0 < v <= 1, "a number in (0, 1]"))
     strata: str = field(default="none", metadata=_check(lambda v: v in STRATA, "one of " + ", ".join(STRATA)))
-    strata_floor: float = field(default=0.0, metadata=_check(lambda v: 0 <= v < 1, "a number in [0, 1)"))
+    strata_floor: float = field(default=0.1, metadata=_check(lambda v: 0 < v < 1, "a number in (0, 1)"))
 
 
 @dataclass
@@ -170,8 +169,6 @@ class TrainConfig:
         config = _from_dict(cls, data or {}, "")
         if config.method == "forward_kl" and not config.forward_kl.data:
             raise CMTInputError("method forward_kl needs forward_kl.data, an .npz file with `positions` in nm.")
-        if config.cmt.strata_floor > 0 and config.cmt.strata == "none":
-            raise CMTInputError("cmt.strata_floor needs strata to act on; set cmt.strata (e.g. 'phi-sign') or drop the floor.")
         return config
 
     @classmethod

@@ -1,31 +1,29 @@
-"""Stratified CMT weights: move mass between metastable states without the shape penalty.
+"""Strata with a floor: CMT fits that cannot lose a metastable state while it has samples.
 
 Why. The CMT step target q_{i+1} ∝ q_i^a p̃^b (a = λ/(1+λ+η), b = 1/(1+λ+η)) gives a region S
-the mass ∫_S q_i^a p̃^b, which by Hölder is at most
-
-    M_S = q_i(S)^a · Z_S^{1−a},    Z_S = ∫_S p̃^γ,   γ = b / (1 − a) = 1 / (1 + η),
-
+the mass ∫_S q_i^a p̃^b, which by Hölder is at most q_i(S)^a (∫_S p̃^γ)^{1−a} (γ = 1/(1+η)),
 with equality only when q_i's shape inside S is already the tempered shape p̃^γ. A small basin
 whose shape the flow has not learned yet (ALDP's φ > 0 states: their bond angles differ from
-the φ < 0 ones by about 1σ) loses mass at every step by that Hölder gap, and the loss
-compounds until the basin is gone (benchmarks/cmt_settings_study.py). Stratifying removes
-that drain: inside each stratum the fit target keeps the dual's weights (the CMT shape
-update), but the strata's masses are set to M_S, the mass update the trust region would make
-if every shape were right. With λ = 0 (a = 0) M_S is the dual's own stratum mass, so the tempered phase and
-the final target (λ = η = 0) are unchanged; the correction acts only while the trust region
-binds, damped by the power 1 − a.
+the φ < 0 ones by about 1σ) loses mass at every step by that Hölder gap; the loss compounds,
+the basin's few samples cannot teach the flow its shape, and the basin is gone
+(benchmarks/cmt_settings_study.py).
 
-On ALDP that alone kept the φ > 0 samples but not the basin's shape: while the path cooled,
-the few φ > 0 samples were too few to learn it, and the importance estimate of Z_S then fell
-too. A floor ρ adds defensive sampling at the level of strata: the fitted masses become
-(1 − ρ) M_S + ρ / K, so a basin the target gives 2 % is sampled at ≥ ρ / K and its shape keeps
-being learned from enough samples. The generator is then a slightly over-dispersed proposal:
-importance weights stay exact, and at the level of strata the ESS falls by at most a factor
-1 − ρ (Σ_S p_S² / q_S ≤ 1 / (1 − ρ)).
+The floor is defensive sampling at the level of strata. Inside each stratum the fit keeps the
+dual's weights (the CMT update of the shape); the strata's masses M_S become
+(1 − ρ) M_S + ρ / K over the K strata with buffer samples, so a basin the target gives 2 % is
+fitted at ≥ ρ / K and keeps enough samples to learn its shape. The generator is then a slightly
+over-dispersed proposal: importance weights stay exact, and at the level of strata the ESS
+falls by at most a factor 1 − ρ (Σ_S p_S² / q_S ≤ 1 / (1 − ρ)). A stratum with no buffer sample
+keeps weight 0: the floor keeps basins, it cannot find new ones.
+
+We also tried moving the strata's masses by the Hölder bound itself (no shape penalty, no
+floor): on ALDP it kept the φ > 0 samples through the hot phase but not the basin's shape,
+whose reweighted population ended at 0.06 % against 1.8 %; with the floor added it did no
+better than the floor alone, so only the floor is here.
 
 Strata are labels of configurations. ``phi-sign`` labels a peptide by the signs of its
 backbone φ angles (the slow, left-handed αL/C7ax states sit at φ > 0), up to 2^R labels for R
-residues; a stratum with no buffer sample keeps weight 0 (nothing can be moved into it).
+residues.
 """
 from __future__ import annotations
 
@@ -58,36 +56,20 @@ def phi_sign_labels(topology, x) -> np.ndarray:
     return ((phi >= 0.0) * (1 << np.arange(phi.shape[1]))).sum(axis=1)
 
 
-def stratified_log_weights(log_q, log_p, labels, lam: float, eta: float, log_weights, floor: float = 0.0) -> np.ndarray:
-    """The dual's normalised log w̄ with each stratum's total moved to M_S (module docstring).
+def floored_log_weights(log_weights, labels, floor: float) -> np.ndarray:
+    """Normalised log w̄ (N,) with each stratum's total M_S moved to (1 − floor) M_S + floor / K.
 
-    log_q, log_p: (N,) log q_i and log p̃ = −u on the buffer (log p̃ = −inf: failed energy);
-    labels: (N,) stratum of each sample; lam, eta: the dual's multipliers; log_weights: (N,)
-    the dual's normalised log w̄; floor: ρ in [0, 1), the strata masses become
-    (1 − ρ) M_S + ρ / K over the K strata with samples. Returns (N,) float64, normalised
-    (logsumexp = 0).
+    log_weights: (N,) the dual's log w̄ (−inf: weight 0, kept); labels: (N,) the
+    stratum of each sample; floor: ρ in [0, 1); K: the strata holding positive weight.
+    Returns (N,) float64 with logsumexp 0; inside a stratum the ratios are unchanged.
     """
-    log_q, log_p = np.asarray(log_q, np.float64), np.asarray(log_p, np.float64)
     log_w = np.asarray(log_weights, np.float64)
     labels = np.asarray(labels)
-    a = lam / (1.0 + lam + eta)
-    gamma = 1.0 / (1.0 + eta)
-    n = log_q.shape[0]
-    ok = np.isfinite(log_p) & np.isfinite(log_w)
-    strata = [s for s in np.unique(labels) if np.any(ok & (labels == s))]
-    log_mass_cmt, log_mass_ideal = [], []
+    ok = np.isfinite(log_w)
+    strata = np.unique(labels[ok])
+    out = log_w - logsumexp(log_w[ok])
     for s in strata:
-        inside = labels == s
-        both = inside & ok
-        log_m = math.log(inside.sum() / n)  # q_i(S), from all samples in S
-        log_z = logsumexp(gamma * log_p[both] - log_q[both]) - math.log(n)  # Ẑ_S ≈ E_q[1_S p̃^γ / q]
-        log_mass_ideal.append(a * log_m + (1.0 - a) * log_z)
-        log_mass_cmt.append(logsumexp(log_w[both]))
-    log_mass_ideal = np.asarray(log_mass_ideal) - logsumexp(log_mass_ideal)
-    if floor > 0.0:
-        log_mass_ideal = np.logaddexp(math.log1p(-floor) + log_mass_ideal, math.log(floor / len(strata)))
-    out = np.full(n, -np.inf)
-    for s, cmt, ideal in zip(strata, log_mass_cmt, log_mass_ideal):
-        both = (labels == s) & ok
-        out[both] = log_w[both] - cmt + ideal
+        inside = (labels == s) & ok
+        mass = logsumexp(out[inside])
+        out[inside] += np.logaddexp(math.log1p(-floor) + mass, math.log(floor / len(strata))) - mass
     return out
