@@ -40,7 +40,7 @@ _PRESETS: dict[str, dict] = {
     # with a full pass (ESS 20 % vs 6 % at equal CPU), and a two-phase entropy constraint
     # (eps_ent 0.5 for the first 120 steps, then 1.0) kept the phi > 0 basin in 2 of 4 seeds;
     # phi-sign strata with a 0.1 floor (cmt_openmm.training.strata) kept it in the seeds that
-    # had lost it (phi > 0 at 2.4-2.5 % against 1.8 +- 0.7 % from replica exchange).
+    # had lost it (phi > 0 at 1.7-2.1 % against 1.8 +- 0.7 % from replica exchange).
     "aldp-quick": {
         "system": "aldp-vacuum",
         "temperature": 300.0,
