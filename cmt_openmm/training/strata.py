@@ -10,7 +10,7 @@ the basin's few samples cannot teach the flow its shape, and the basin is gone
 
 The floor is defensive sampling at the level of strata. Inside each stratum the fit keeps the
 dual's weights (the CMT update of the shape); the strata's masses M_S become
-(1 − ρ) M_S + ρ / K over the K strata with buffer samples, so a basin the target gives 2 % is
+(1 − ρ) M_S + ρ / K over the K strata holding samples of positive weight, so a basin the target gives 2 % is
 fitted at ≥ ρ / K and keeps enough samples to learn its shape. The generator is then a slightly
 over-dispersed proposal: importance weights stay exact, and at the level of strata the ESS
 falls by at most a factor 1 − ρ (Σ_S p_S² / q_S ≤ 1 / (1 − ρ)). A stratum with no buffer sample
