@@ -60,8 +60,9 @@ def method_settings(budget: int, tiny: bool, buffer: int, fit_steps: int, lr: fl
     buffer / fit steps / lr; TA-BG uses the same buffer and
     fit, spends ~1/4 of the budget on its reverse-KL stage and ~1/2 of the rest going down
     the ladder; reverse KL gets the same batch size and lr."""
+    preset = get_preset("aldp-quick")["cmt"]
+    strata_section = {"strata": preset["strata"], "strata_floor": preset["strata_floor"]} if strata else {"strata": "none"}
     if tiny:
-        strata_section = {"strata": "phi-sign", "strata_floor": 0.1} if strata else {"strata": "none"}
         return {
             "cmt": {"eps_tr": 0.5, "eps_ent": 1.0, "n_samples": 256, "fit_steps": 4, "batch_size": 64, "lr": 1e-3,
                     **strata_section},
@@ -69,9 +70,7 @@ def method_settings(budget: int, tiny: bool, buffer: int, fit_steps: int, lr: fl
             "temperature_annealing": {"t_high": 1200.0, "n_temperatures": 3, "reverse_kl_steps": 4, "steps_per_record": 2,
                                       "batch_size": 64, "lr": 1e-3, "n_samples": 256, "fit_steps": 4, "final_steps": 1000},
         }
-    cmt = {**get_preset("aldp-quick")["cmt"], "n_samples": buffer, "fit_steps": fit_steps, "lr": lr}
-    if not strata:
-        cmt["strata"] = "none"
+    cmt = {**preset, "n_samples": buffer, "fit_steps": fit_steps, "lr": lr, **strata_section}
     batch = cmt["batch_size"]
     n_temperatures = 8
     ladder_steps = budget * 3 // 4 // buffer
@@ -261,8 +260,8 @@ def _mean_std(values):
 
 def aggregate(rows: list[dict]) -> dict:
     out = {}
-    for group in dict.fromkeys(r.get("group", r["method"]) for r in rows):
-        rs = [r for r in rows if r.get("group", r["method"]) == group]
+    for group in dict.fromkeys(r["group"] for r in rows):
+        rs = [r for r in rows if r["group"] == group]
         out[group] = {key: _mean_std([r.get(key) for r in rs])
                       for key in ("ess", "ess_clipped", "eubo", "ram_tv", "evaluations", "train_wall_s", "phi_positive")}
         out[group]["method"] = rs[0]["method"]
@@ -280,7 +279,7 @@ def _fmt(ms, scale=1.0, fmt="{:.2f}"):
 
 
 def format_row(r: dict) -> str:
-    return (f"{LABEL[r.get('group', r['method'])]:<14} seed {r['seed']}: ESS {100 * r['ess']:.2f} % [{100 * r['ess_min']:.2f}, "
+    return (f"{LABEL[r['group']]:<14} seed {r['seed']}: ESS {100 * r['ess']:.2f} % [{100 * r['ess_min']:.2f}, "
             f"{100 * r['ess_max']:.2f}], clipped {100 * r['ess_clipped']:.2f} %, evals {r['evaluations']:,}, "
             f"train {r['train_wall_s']:.0f} s, φ>0 {'n/a' if r['phi_positive'] is None else format(r['phi_positive'], '.2e')}, "
             f"lost basins {r['lost_basins'] or 'none'} ({r['stop_reason']})")
@@ -304,16 +303,13 @@ def format_table(rows: list[dict], summary: dict, args) -> str:
              "| method | evals | ESS % | ESS % (clipped 1e-4) | EUBO (kT) | Ram TV | wall (s) | φ>0 pop. | runs keeping every basin | basins lost (any run) | published ESS % | published Ram TV | published evals |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for group, s in summary.items():
-        pub = PUBLISHED.get(s["method"], {})
+        pub = PUBLISHED.get(s["method"])
+        published = f"{pub['ess']} | {pub['ram_tv']} | {pub['evals']:.3g}" if pub else "– | – | –"
         lines.append(
             f"| {LABEL[group]} | {_fmt(s['evaluations'], fmt='{:.3g}')} | {_fmt(s['ess'], 100)} | {_fmt(s['ess_clipped'], 100)} "
             f"| {_fmt(s['eubo'])} | {_fmt(s['ram_tv'], fmt='{:.2e}')} | {_fmt(s['train_wall_s'], fmt='{:.0f}')} "
-            f"| {_fmt(s['phi_positive'], fmt='{:.4f}')} | {s['runs_keeping_every_basin']}/{s['n_runs']} | {', '.join(s['lost_basins']) or 'none'} "
-            f"| {pub.get('ess', '–')} | {pub.get('ram_tv', '–')} | {pub.get('evals', '–'):.3g} |"
-            if pub else
-            f"| {LABEL[group]} | {_fmt(s['evaluations'], fmt='{:.3g}')} | {_fmt(s['ess'], 100)} | {_fmt(s['ess_clipped'], 100)} "
-            f"| {_fmt(s['eubo'])} | {_fmt(s['ram_tv'], fmt='{:.2e}')} | {_fmt(s['train_wall_s'], fmt='{:.0f}')} "
-            f"| {_fmt(s['phi_positive'], fmt='{:.4f}')} | {s['runs_keeping_every_basin']}/{s['n_runs']} | {', '.join(s['lost_basins']) or 'none'} | – | – | – |")
+            f"| {_fmt(s['phi_positive'], fmt='{:.4f}')} | {s['runs_keeping_every_basin']}/{s['n_runs']} "
+            f"| {', '.join(s['lost_basins']) or 'none'} | {published} |")
     ref_phi = [r.get("reference_phi_positive") for r in rows if r.get("reference_phi_positive") is not None]
     if ref_phi:
         lines += ["", f"reference MD φ>0 (αL ∪ C7ax) population: {ref_phi[0]:.4f}"]

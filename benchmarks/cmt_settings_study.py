@@ -150,8 +150,8 @@ class StudyCMTTrainer(CMTTrainer):
         if not self.defensive:
             return self.fitted
         # defensive mixture (prototype): fit (1 − α) q_{i+1} + α q_i, i.e. w̄ → (1 − α) w̄ + α / N
-        a, n = self.defensive, len(sol.log_weights)
-        return np.logaddexp(np.log1p(-a) + np.asarray(sol.log_weights), math.log(a / n))
+        a, n = self.defensive, len(self.fitted)
+        return np.logaddexp(np.log1p(-a) + np.asarray(self.fitted), math.log(a / n))
 
     def step(self) -> dict:
         x, log_q, log_p = self.draw_buffer()
