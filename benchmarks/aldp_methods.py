@@ -33,9 +33,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cmt_openmm.cli import write_run_report  # noqa: E402
-from cmt_openmm.config import build_target, parse_run_config  # noqa: E402
-from cmt_openmm.presets import get_preset  # noqa: E402
+from cmt_openmm.cli.main import write_run_report  # noqa: E402
+from cmt_openmm.cli.run_files import build_target, parse_run_config  # noqa: E402
+from cmt_openmm.cli.presets import get_preset  # noqa: E402
 from cmt_openmm.training import train  # noqa: E402
 
 PUBLISHED = {  # method.md, ALDP (AlanineDipeptideImplicit), mean of 4 runs
@@ -287,12 +287,13 @@ def format_row(r: dict) -> str:
 
 def reference_tv_floor(reference: str, system: str, temperature: float) -> tuple[float, int]:
     """Ramachandran TV between the two halves of the reference frames, and the number of frames."""
-    from cmt_openmm import metrics
+    from cmt_openmm.analysis.metrics import ramachandran_tv
+    from cmt_openmm.coordinates.backbone import ramachandran_angles
 
-    angles = metrics.ramachandran_angles(build_target(system, temperature).topology,
+    angles = ramachandran_angles(build_target(system, temperature).topology,
                                          np.load(reference)["positions"])
     half = len(angles) // 2
-    return float(metrics.ramachandran_tv(angles[:half], angles[half:])), len(angles)
+    return float(ramachandran_tv(angles[:half], angles[half:])), len(angles)
 
 
 def format_table(rows: list[dict], summary: dict, args) -> str:

@@ -43,7 +43,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cmt_openmm import metrics  # noqa: E402
+from cmt_openmm.coordinates.backbone import ramachandran_angles  # noqa: E402
+from cmt_openmm.importance import normalized_weights, reverse_ess  # noqa: E402
+from cmt_openmm.sampling.estimators import ALDP_BASINS, aldp_basins, basin_indicators, basin_populations  # noqa: E402
 from cmt_openmm.systems import get_target  # noqa: E402
 from cmt_openmm.training import cmt as cmt_module  # noqa: E402
 from cmt_openmm.training import load_history, train  # noqa: E402
@@ -114,11 +116,11 @@ def deep_update(base: dict, extra: dict) -> dict:
 
 def phi_positive(topology, x) -> np.ndarray:
     """(B,) bool: φ ∈ [0, π) for configurations x (B, n_atoms, 3) nm."""
-    return metrics.ramachandran_angles(topology, np.asarray(x))[:, 0, 0] >= 0.0
+    return ramachandran_angles(topology, np.asarray(x))[:, 0, 0] >= 0.0
 
 
 def weighted_fraction(mask: np.ndarray, log_w: np.ndarray) -> float:
-    w = metrics.normalized_weights(log_w)
+    w = normalized_weights(log_w)
     return float(np.sum(w[mask]))
 
 
@@ -157,9 +159,9 @@ class StudyCMTTrainer(CMTTrainer):
         x, log_q, log_p = self.draw_buffer()
         record = self.anneal(x, log_q, log_p)
         sol = self.solution
-        angles = metrics.ramachandran_angles(self.target.topology, x.numpy())[:, 0]
+        angles = ramachandran_angles(self.target.topology, x.numpy())[:, 0]
         pos = angles[:, 0] >= 0.0
-        inside = metrics.basin_indicators(angles, metrics.ALDP_BASINS)
+        inside = basin_indicators(angles, ALDP_BASINS)
         lw_target = (log_p.double() - log_q.double()).numpy()
         extra = {}
         if self.md is not None and (self.steps_done + 1) % 5 == 0:
@@ -242,14 +244,14 @@ def evaluate(target, generator, n: int = 5000, draws: int = 5, reference: str | 
             flipped = generator.chirality_flipped(x).numpy()
             lw = (-energy(x).double() - log_q.double()).numpy()
             lw[flipped | ~np.isfinite(lw)] = -np.inf
-            esses.append(metrics.reverse_ess(lw))
+            esses.append(reverse_ess(lw))
             xs.append(x.numpy())
             lws.append(lw)
     x, lw = np.concatenate(xs), np.concatenate(lws)
-    angles = metrics.ramachandran_angles(target.topology, x)[:, 0]
-    w = metrics.normalized_weights(lw)
-    basins = metrics.basin_populations(angles, w, metrics.aldp_basins(include_halves=True))
-    raw = metrics.basin_populations(angles, None, metrics.aldp_basins(include_halves=True))
+    angles = ramachandran_angles(target.topology, x)[:, 0]
+    w = normalized_weights(lw)
+    basins = basin_populations(angles, w, aldp_basins(include_halves=True))
+    raw = basin_populations(angles, None, aldp_basins(include_halves=True))
     md = _md_frames(reference, target, n_neg=10**9)
     if md is not None:
         trainer = StudyCMTTrainer.__new__(StudyCMTTrainer)
@@ -261,7 +263,7 @@ def evaluate(target, generator, n: int = 5000, draws: int = 5, reference: str | 
         "md_gap": md_gap,
         "ess_draws": esses,
         "ess_median": float(np.median(esses)),
-        "ess_pooled": metrics.reverse_ess(lw),
+        "ess_pooled": reverse_ess(lw),
         "phi_pos_raw": raw["phi>0"].value,
         "phi_pos_rew": list(basins["phi>0"]),
         "basins_rew": {k: list(v) for k, v in basins.items()},
@@ -277,8 +279,8 @@ def reference_populations(path: str, n_blocks: int = 10) -> dict:
     """
     target = get_target(SYSTEM, 300.0)
     x = np.load(path)["positions"]
-    angles = metrics.ramachandran_angles(target.topology, x)[:, 0]
-    inside = metrics.basin_indicators(angles, metrics.aldp_basins(True))
+    angles = ramachandran_angles(target.topology, x)[:, 0]
+    inside = basin_indicators(angles, aldp_basins(True))
     out = {}
     for name, mask in inside.items():
         blocks = np.array_split(mask.astype(float), n_blocks)

@@ -6,7 +6,7 @@ Three samplers of ALDP at 300 K get the same number of OpenMM energy evaluations
 - Langevin MD + flow moves (:class:`cmt_openmm.FlowIndependenceMove` applied to the
   ``Simulation`` every ``--flow-interval`` MD steps, ``--flow-proposals`` proposals each):
   one evaluation per MD step and per proposal;
-- openmmtools temperature replica exchange (``cmt_openmm.reference_md.run_reference_md``,
+- openmmtools temperature replica exchange (``cmt_openmm.sampling.reference_md.run_reference_md``,
   geometric ladder, Langevin between swaps): n_replicas × (steps per iteration + 1)
   evaluations per iteration (the +1: each replica's energy for the swap matrix, which
   openmmtools computes once per replica for a temperature ladder); the frames of the 300 K
@@ -43,11 +43,13 @@ import openmm  # noqa: E402
 import openmm.app as app  # noqa: E402
 import openmm.unit as unit  # noqa: E402
 
-from cmt_openmm import metrics  # noqa: E402
-from cmt_openmm.cli import run_training  # noqa: E402
-from cmt_openmm.config import build_target, load_generator, load_run, parse_run_config  # noqa: E402
-from cmt_openmm.presets import get_preset  # noqa: E402
-from cmt_openmm.report import PHI_POSITIVE  # noqa: E402
+from cmt_openmm.coordinates.backbone import ramachandran_angles  # noqa: E402
+from cmt_openmm.sampling.estimators import Estimate, weighted_mean  # noqa: E402
+from cmt_openmm.cli.main import run_training  # noqa: E402
+from cmt_openmm.cli.run_files import build_target, load_run, parse_run_config
+from cmt_openmm.generator import load_generator  # noqa: E402
+from cmt_openmm.cli.presets import get_preset  # noqa: E402
+from cmt_openmm.sampling.estimators import PHI_POSITIVE  # noqa: E402
 
 PHI_POS_CORE = (math.radians(20.0), math.radians(100.0))
 PHI_NEG_CORE = (math.radians(-20.0), math.radians(140.0))  # φ <= -20° or φ >= 140°
@@ -56,7 +58,7 @@ N_BLOCKS = 20
 
 def phi_of(target, positions: np.ndarray) -> np.ndarray:
     """φ (radians) of configurations (B, n_atoms, 3) nm."""
-    return metrics.ramachandran_angles(target.topology, positions)[:, 0, 0]
+    return ramachandran_angles(target.topology, positions)[:, 0, 0]
 
 
 def count_transitions(phi: np.ndarray) -> int:
@@ -139,7 +141,7 @@ def run_md(target, args, seed: int, move=None) -> dict:
 
 
 def run_remd(target, args, seed: int, workdir: Path) -> dict:
-    from cmt_openmm.reference_md import run_reference_md
+    from cmt_openmm.sampling.reference_md import run_reference_md
 
     per_iteration = args.replicas * (args.remd_steps + 1)
     iterations = max(2, int(args.evaluations) // per_iteration)
@@ -160,7 +162,7 @@ def get_generator(args, target, workdir: Path):
         path = Path(args.generator)
         if path.is_dir():
             _, run_target = load_run(path)
-            return load_generator(path, run_target), str(path)
+            return load_generator(path, target=run_target), str(path)
         from cmt_openmm.generator import BoltzmannGenerator
 
         return BoltzmannGenerator.load(path, target), str(path)
@@ -171,7 +173,7 @@ def get_generator(args, target, workdir: Path):
                       cmt={"n_samples": 256, "fit_steps": 4, "batch_size": 64})
     run_dir = workdir / "generator_run"
     run_training(parse_run_config(preset), run_dir, progress=True, report=False)
-    return load_generator(run_dir, target), str(run_dir)
+    return load_generator(run_dir, target=target), str(run_dir)
 
 
 def main(argv=None) -> int:
@@ -208,8 +210,8 @@ def main(argv=None) -> int:
     ens = reweight(generator, target, args.reweight_samples, seed=12345)
     lo, hi = PHI_POSITIVE["phi>0"][0]
     phi_gen = phi_of(target, ens.positions)
-    flow_pop = metrics.weighted_mean(((phi_gen >= lo) & (phi_gen < hi)).astype(float), ens.weights) \
-        if ens.weights.any() else metrics.Estimate(float("nan"), float("nan"))
+    flow_pop = weighted_mean(((phi_gen >= lo) & (phi_gen < hi)).astype(float), ens.weights) \
+        if ens.weights.any() else Estimate(float("nan"), float("nan"))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import importlib
 import json
 import os
 import struct
@@ -44,7 +45,9 @@ from torch import Tensor, nn
 
 from .coordinates import CoordinateTransform, coordinates_for
 from .errors import CMTInputError
+from .files import atomic_write
 from .flows import DEFAULT_SCALES, SplineFlow
+from .units import nanometers
 
 FORMAT = "cmt_openmm.BoltzmannGenerator/1"
 _META_KEY = "cmt_openmm"
@@ -160,8 +163,6 @@ class BoltzmannGenerator(nn.Module):
 
     def _positions(self, x) -> Tensor:
         if hasattr(x, "value_in_unit"):
-            from .target import nanometers
-
             x = nanometers(x)
         device = self.flow.scaling.center.device
         x = torch.as_tensor(x, dtype=torch.float64, device=device)
@@ -197,27 +198,16 @@ class BoltzmannGenerator(nn.Module):
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the generator to ``path`` (a single .safetensors file), atomically."""
-        path = Path(path)
-        data = self.to_bytes()
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
-        return path
+        return atomic_write(path, self.to_bytes())
 
     @classmethod
     def load(cls, path: str | os.PathLike, target=None) -> BoltzmannGenerator:
         """Read a generator saved by :meth:`save` for ``target``.
 
-        ``target`` is needed to rebuild the coordinate transform; when None, the built-in
-        target named in the file is used. A target with another topology is refused; a target
-        whose System differs (e.g. another force field on the same molecule) gives a warning.
+        ``target`` is needed to rebuild the coordinate transform; when None, a target given to
+        :func:`register_target` with the file's topology is used, else the built-in target
+        named in the file. A target with another topology is refused; a target whose System
+        differs (e.g. another force field on the same molecule) gives a warning.
         """
         path = Path(path)
         try:
@@ -226,13 +216,7 @@ class BoltzmannGenerator(nn.Module):
             raise CMTInputError(f"Cannot read generator file {path} ({error.strerror}); check the path.") from None
         meta = _read_metadata(data, path)
         if target is None:
-            from .systems import get_target
-
-            try:
-                target = get_target(meta["target_name"], temperature=meta["temperature"] or 300.0)
-            except CMTInputError:
-                raise CMTInputError(f"{path} was trained on {meta['target_name']!r}, which is not a built-in "
-                                    "target; pass target= to load it.") from None
+            target = _target_for(meta, path)
         if target.topology_fingerprint() != meta["topology_fingerprint"]:
             raise CMTInputError(f"{path} was trained on a different molecule ({meta['target_name']!r}) than "
                                 f"{target.name!r}; load it with the target it was trained for.")
@@ -286,3 +270,75 @@ def _read_metadata(data: bytes, path: Path) -> dict[str, Any]:
     if missing:
         raise CMTInputError(f"{path} is damaged: its metadata lacks {sorted(missing)}; re-save it.")
     return meta
+
+
+# ---------------------------------------------------------------------------------------------
+# Targets for files, and generators shared per process
+# ---------------------------------------------------------------------------------------------
+GENERATOR_FILE = "generator.safetensors"
+"""The generator's file name in a run directory."""
+
+_TARGETS: list[Any] = []  # targets of non-built-in systems (register_target)
+_LOADED: dict[tuple[str, str], Any] = {}  # (realpath, content hash) -> generator
+_FILE_HASH: dict[str, tuple[int, int, str]] = {}  # realpath -> (mtime_ns, size, content hash)
+
+
+def register_target(target) -> None:
+    """Make ``target`` known to :meth:`BoltzmannGenerator.load` without ``target=``: needed to load
+    generators of a System that is not built in (e.g. when a replica-exchange run is resumed)."""
+    if not any(t is target for t in _TARGETS):
+        _TARGETS.append(target)
+
+
+def _target_for(meta: dict[str, Any], path: Path):
+    """The registered target with the file's topology, else the built-in target it names."""
+    for target in _TARGETS:
+        if target.topology_fingerprint() == meta["topology_fingerprint"]:
+            return target
+    from .systems import get_target
+
+    try:
+        return get_target(meta["target_name"], temperature=meta["temperature"] or 300.0)
+    except CMTInputError:
+        raise CMTInputError(f"{path} was trained on {meta['target_name']!r}, which is not a built-in target; "
+                            "pass target= to load it, or call cmt_openmm.register_target(target) first.") from None
+
+
+def load_generator(path: str | os.PathLike, content_hash: str | None = None,
+                   class_path: str = "cmt_openmm.generator.BoltzmannGenerator", target=None) -> Any:
+    """The generator saved at ``path`` (a file, or a run directory holding :data:`GENERATOR_FILE`),
+    loaded once per process and shared: callers only read it.
+
+    ``content_hash`` (sha256 of the file, :meth:`BoltzmannGenerator.content_hash`) refuses a file
+    that changed; None accepts what the file holds. ``class_path``: the generator class (any
+    class with ``load(path[, target])`` and ``content_hash()``). ``target``: as in
+    :meth:`BoltzmannGenerator.load`.
+    """
+    path = Path(path)
+    if path.is_dir():
+        if not (path / GENERATOR_FILE).is_file():
+            raise CMTInputError(f"{path / GENERATOR_FILE} does not exist; finish training with "
+                                f"`cmt-openmm train --out {path} --resume`.")
+        path = path / GENERATOR_FILE
+    real = os.path.realpath(path)
+    if content_hash is not None and (real, content_hash) in _LOADED:
+        return _LOADED[(real, content_hash)]
+    if not os.path.isfile(real):
+        raise CMTInputError(f"The generator file {real} does not exist; pass the path of a "
+                            "generator saved with BoltzmannGenerator.save().")
+    stat = os.stat(real)
+    known = _FILE_HASH.get(real)
+    if known is not None and known[:2] == (stat.st_mtime_ns, stat.st_size) \
+            and (content_hash is None or known[2] == content_hash):
+        return _LOADED[(real, known[2])]
+    module_name, _, class_name = class_path.rpartition(".")
+    cls = getattr(importlib.import_module(module_name), class_name)
+    generator = cls.load(real) if target is None else cls.load(real, target)
+    actual = generator.content_hash()
+    if content_hash is not None and actual != content_hash:
+        raise CMTInputError(f"The generator file {real} has changed since it was referenced "
+                            f"(content hash {actual[:12]}..., expected {content_hash[:12]}...); "
+                            "restore the original file to resume.")
+    _LOADED[(real, actual)] = generator
+    _FILE_HASH[real] = (stat.st_mtime_ns, stat.st_size, actual)
+    return generator

@@ -21,37 +21,8 @@ import openmm
 import openmm.app as app
 import openmm.unit as unit
 
-from cmt_openmm.errors import CMTInputError
-
-_R_KJ_PER_MOL_K = unit.MOLAR_GAS_CONSTANT_R.value_in_unit(unit.kilojoule_per_mole / unit.kelvin)
-
-
-def kelvin(temperature: Any) -> float:
-    """Temperature as a float in K, from a float or an `openmm.unit` temperature; refuses T <= 0."""
-    if unit.is_quantity(temperature):
-        if not temperature.unit.is_compatible(unit.kelvin):
-            raise CMTInputError(f"temperature {temperature} is not a temperature: pass kelvin or a float in K.")
-        temperature = temperature.value_in_unit(unit.kelvin)
-    try:
-        value = float(temperature)
-    except (TypeError, ValueError):
-        raise CMTInputError(f"temperature {temperature!r} is not a number: pass a float in K.") from None
-    if not (math.isfinite(value) and value > 0.0):
-        raise CMTInputError(f"temperature must be a finite positive number of kelvin, got {value}.")
-    return value
-
-
-def nanometers(positions: Any) -> np.ndarray:
-    """Positions as a float64 array in nm, from an array (nm) or an `openmm.unit` length quantity."""
-    if unit.is_quantity(positions):
-        if not positions.unit.is_compatible(unit.nanometer):
-            raise CMTInputError(f"positions have unit {positions.unit}, not a length: pass nm or a length quantity.")
-        positions = positions.value_in_unit(unit.nanometer)
-    try:
-        return np.array(positions, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise CMTInputError("positions could not be read as an (n_atoms, 3) array of numbers in nm.") from None
-
+from .errors import CMTInputError
+from .units import kT, kelvin, nanometers
 
 class Target:
     """An OpenMM System at a temperature, with its topology and a reference structure.
@@ -82,7 +53,7 @@ class Target:
         self.n_atoms = system.getNumParticles()
         self.positions = _check_positions(nanometers(positions), self.n_atoms)
         self.temperature = kelvin(temperature)
-        self.kT = _R_KJ_PER_MOL_K * self.temperature
+        self.kT = kT(self.temperature)
         self.name = str(name)
         self.box = None if box is None else _check_box(box, self.n_atoms)
         self.constraints = [_constraint(system, k) for k in range(system.getNumConstraints())]

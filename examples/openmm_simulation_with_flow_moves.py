@@ -22,7 +22,8 @@ import openmm
 import openmm.app as app
 from openmm import unit
 
-from cmt_openmm.moves import FlowIndependenceMove, FlowMoveReporter
+from cmt_openmm.sampling.moves import FlowIndependenceMove
+from cmt_openmm.sampling.reporters import FlowMoveReporter
 from cmt_openmm.systems import aldp_pdb_path
 
 FORCEFIELDS = {"aldp-vacuum": ["amber99sbildn.xml"],

@@ -19,8 +19,9 @@ import openmm
 from openmm import unit
 from openmmtools import cache, mcmc, multistate, states
 
-from cmt_openmm.metrics import aldp_basins, basin_indicators, ramachandran_angles
-from cmt_openmm.moves import FlowIndependenceMove
+from cmt_openmm.coordinates.backbone import ramachandran_angles
+from cmt_openmm.sampling.estimators import aldp_basins, basin_indicators
+from cmt_openmm.sampling.moves import FlowIndependenceMove
 from cmt_openmm.systems import get_target
 
 

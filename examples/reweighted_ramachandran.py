@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 import cmt_openmm
-from cmt_openmm import metrics
-from cmt_openmm.plots import plot_free_energy_surface
+from cmt_openmm.sampling.estimators import basin_free_energies, basin_populations
+from cmt_openmm.analysis.plots import plot_free_energy_surface
 
 
 def tiny_generator(target, seed: int):
@@ -36,10 +36,11 @@ def tiny_generator(target, seed: int):
 def load(args):
     """(target, generator) from a run directory, a generator file, or a tiny training run."""
     if args.run:
-        from cmt_openmm.config import load_generator, load_run
+        from cmt_openmm.cli.run_files import load_run
+        from cmt_openmm.generator import load_generator
 
         _, target = load_run(args.run)
-        return target, load_generator(args.run, target)
+        return target, load_generator(args.run, target=target)
     target = cmt_openmm.get_target(args.system, args.temperature)
     if args.generator:
         return target, cmt_openmm.BoltzmannGenerator.load(args.generator, target)
@@ -73,9 +74,9 @@ def main(argv=None):
         fes.free_energy, fes.edges[0], fes.edges[1], args.out, uncertainty=fes.error,
         title=f"{target.name}, {target.temperature:g} K, reweighted (ESS {100 * ensemble.ess:.1f} %)")
 
-    populations = metrics.basin_populations(phi_psi, ensemble.weights)  # delta-method errors
+    populations = basin_populations(phi_psi, ensemble.weights)  # delta-method errors
     populated = {k: v for k, v in populations.items() if v.value > 0}
-    free_energies = metrics.basin_free_energies(populated, kT=1.0) if populated else {}
+    free_energies = basin_free_energies(populated, kT=1.0) if populated else {}
     print(f"{'basin':<8} {'population':>20} {'ΔF (kT)':>16}")
     for name, (value, error) in populations.items():
         dF = free_energies.get(name)

@@ -1,22 +1,12 @@
 """The methods benchmark runs end to end at smoke size and keeps its accounting honest."""
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from helpers import load_script
 
 
 def test_aldp_methods_tiny_runs_within_budget_and_combine_into_one_table(tmp_path):
-    bench = _load("aldp_methods")
+    bench = load_script("benchmarks/aldp_methods.py")
     a, b, both = tmp_path / "a", tmp_path / "b", tmp_path / "both"
     assert bench.main(["--tiny", "--methods", "cmt", "temperature_annealing", "--out", str(a)]) == 0
     assert bench.main(["--tiny", "--methods", "reverse_kl", "cmt", "--no-strata", "--out", str(b)]) == 0
@@ -43,8 +33,8 @@ def test_aldp_methods_tiny_runs_within_budget_and_combine_into_one_table(tmp_pat
 
 
 def test_cmt_benchmark_settings_are_the_preset_with_the_run_overrides():
-    bench = _load("aldp_methods")
-    from cmt_openmm.presets import get_preset
+    bench = load_script("benchmarks/aldp_methods.py")
+    from cmt_openmm.cli.presets import get_preset
 
     settings = bench.method_settings(2_000_000, tiny=False, buffer=3000, fit_steps=5, lr=2e-3)
     expected = {**get_preset("aldp-quick")["cmt"], "n_samples": 3000, "fit_steps": 5, "lr": 2e-3}

@@ -11,9 +11,10 @@ import torch
 from openmm.app import element
 from openmmtools.testsystems import get_data_filename
 
-from cmt_openmm.coordinates import (CartesianCoordinates, InternalCoordinates, coordinates_for,
-                                    wrap_angle)
+from cmt_openmm.coordinates import CartesianCoordinates, InternalCoordinates, coordinates_for
 from cmt_openmm.errors import CMTInputError
+from cmt_openmm.units import wrap_angle
+from helpers import random_rotation
 
 ALDP_PDB = "data/alanine-dipeptide-gbsa/alanine-dipeptide.pdb"
 
@@ -66,19 +67,12 @@ def _water(n_molecules=1):
     return top, np.array(pos) + 0.5 * np.arange(n_molecules).repeat(3)[:, None]
 
 
-def _random_rigid(x, gen):
-    q, r = torch.linalg.qr(torch.randn(3, 3, generator=gen, dtype=torch.float64))
-    q = q * torch.sign(torch.diagonal(r))
-    if torch.det(q) < 0:
-        q[:, 0] = -q[:, 0]
-    return x @ q.T.to(x) + torch.randn(3, generator=gen, dtype=torch.float64).to(x)
-
-
 def _perturbed(pos, batch, scale, dtype=torch.float64, seed=0):
     gen = torch.Generator().manual_seed(seed)
     x = torch.as_tensor(pos, dtype=torch.float64).expand(batch, -1, -1)
     x = x + scale * torch.randn(x.shape, generator=gen, dtype=torch.float64)
-    return _random_rigid(x, gen).to(dtype)
+    x = x @ torch.as_tensor(random_rotation(seed)).T + torch.randn(3, generator=gen, dtype=torch.float64)
+    return x.to(dtype)
 
 
 def _frame_vector(ic, x_std):

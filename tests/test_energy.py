@@ -188,7 +188,7 @@ def test_interpreter_exit_stops_workers_and_killed_parent_leaves_no_orphans(targ
         """
         import os, signal, sys
         import numpy as np
-        from cmt_openmm._energy_worker import WorkerPool
+        from cmt_openmm.energy._worker import WorkerPool
         pool = WorkerPool(sys.stdin.read(), 22, "Reference", {}, n_workers=2)
         pool.evaluate(np.zeros((2, 22, 3)), forces=True)
         print(*(process.pid for process in pool.processes), flush=True)

@@ -5,19 +5,8 @@ flow moves are attempted and counted, the replica-exchange run is stored and res
 """
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
-
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-
-
-def load_example(name: str):
-    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from helpers import load_script
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +21,7 @@ def generator_file(tmp_path_factory) -> str:
 
 
 def test_openmm_simulation_example(generator_file, tmp_path):
-    example = load_example("openmm_simulation_with_flow_moves")
+    example = load_script("examples/openmm_simulation_with_flow_moves.py")
     log = tmp_path / "flow.csv"
     stats = example.main(["--generator", generator_file, "--tiny", "--flow-log", str(log)])
     assert stats["n_proposed"] == 200 // 50 * 4
@@ -41,7 +30,7 @@ def test_openmm_simulation_example(generator_file, tmp_path):
 
 
 def test_replica_exchange_example_runs_and_resumes(generator_file, tmp_path):
-    example = load_example("replica_exchange_with_flow_moves")
+    example = load_script("examples/replica_exchange_with_flow_moves.py")
     storage = str(tmp_path / "re.nc")
     summary = example.main(["--generator", generator_file, "--tiny", "--storage", storage])
     assert summary["iteration"] == 3 and len(summary["states"]) == 2

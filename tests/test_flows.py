@@ -6,14 +6,8 @@ import pytest
 import torch
 
 from cmt_openmm.errors import CMTInputError
+from helpers import perturb_parameters
 from cmt_openmm.flows import IDENTITY_DERIVATIVE, CouplingFlow, SplineFlow, rq_spline
-
-
-def _perturb(module: torch.nn.Module, scale: float, seed: int = 0) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=gen, dtype=p.dtype))
 
 
 def _toy_flow(dtype=torch.float64, **kwargs) -> SplineFlow:
@@ -68,7 +62,7 @@ def test_rq_spline_identity_and_circular_ends():
 
 def test_coupling_flow_inverse_logdet_and_seam():
     flow = _toy_flow()
-    _perturb(flow, 0.2)
+    perturb_parameters(flow, 0.2)
     couplings = flow.couplings
     y0 = flow.prior.sample(64, torch.Generator().manual_seed(3))
     y, logdet = couplings(y0)
@@ -102,7 +96,7 @@ def test_identity_at_initialisation():
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-9), (torch.float32, 1e-3)])
 def test_log_prob_matches_sample_and_support(dtype, tol):
     flow = _toy_flow(dtype=dtype)
-    _perturb(flow, 0.1)
+    perturb_parameters(flow, 0.1)
     z, log_q = flow.sample(500, torch.Generator().manual_seed(5))
     torch.testing.assert_close(flow.log_prob(z), log_q, atol=tol, rtol=0)
     s = flow.scaling
@@ -120,7 +114,7 @@ def test_density_integrates_to_one_2d():
     flow = SplineFlow(circular, ["torsion", "angle"], torch.tensor([0.0, 1.0], dtype=torch.float64),
                       torch.tensor([[-math.pi, math.pi], [0.0, math.pi]], dtype=torch.float64),
                       n_layers=4, hidden=16, n_bins=5, dtype=torch.float64, bound=3.0)
-    _perturb(flow, 0.3)
+    perturb_parameters(flow, 0.3)
     n = 300  # midpoint rule over the support [lower, upper] of z
     lo, hi = (flow.scaling.from_flow(b[None])[0] for b in (flow.scaling.lower, flow.scaling.upper))
     edges = [torch.linspace(float(lo[i]), float(hi[i]), n + 1, dtype=torch.float64) for i in range(2)]
@@ -167,7 +161,7 @@ def test_torsions_mask_conditions_every_other_coordinate_on_all_torsions():
     # a new random split of the others every cycle, and an exact inverse
     assert flow.layers[1].transformed.tolist() != flow.layers[4].transformed.tolist()
     tors = _toy_flow(mask="torsions", n_layers=6)
-    _perturb(tors, 0.2)
+    perturb_parameters(tors, 0.2)
     y0 = tors.prior.sample(32, torch.Generator().manual_seed(1))
     y, logdet = tors.couplings(y0)
     y_back, logdet_inv = tors.couplings.inverse(y)

@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 from cmt_openmm.errors import CMTInputError
 from cmt_openmm.generator import BoltzmannGenerator
 from cmt_openmm.systems import get_target
+from helpers import perturbed_generator, random_rotation
 
 
 @pytest.fixture(scope="module")
@@ -26,33 +27,19 @@ def toy():
     return get_target("toy-double-well")
 
 
-def _perturbed(target, scale=0.05, seed=0, **kwargs) -> BoltzmannGenerator:
-    bg = BoltzmannGenerator.build(target, **kwargs)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in bg.flow.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=gen, dtype=p.dtype))
-    return bg
-
-
-def _rotation(seed: int) -> torch.Tensor:
-    q, _ = torch.linalg.qr(torch.randn(3, 3, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
-    return q * torch.sign(torch.det(q))
-
-
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-3), (torch.float64, 1e-8)])
 def test_aldp_log_prob_matches_sample(aldp, dtype, tol):
-    bg = _perturbed(aldp, hidden=32, dtype=dtype)
+    bg = perturbed_generator(aldp, hidden=32, dtype=dtype)
     x, log_q = bg.sample(300, torch.Generator().manual_seed(1))
     assert x.shape == (300, 22, 3) and x.dtype == torch.float64 and log_q.dtype == torch.float64
     assert bool(torch.isfinite(log_q).all())
     torch.testing.assert_close(bg.log_prob(x), log_q, atol=tol, rtol=0)
-    moved = x @ _rotation(2).T + torch.tensor([0.3, -1.0, 2.0], dtype=torch.float64)
+    moved = x @ torch.as_tensor(random_rotation(2)).T + torch.tensor([0.3, -1.0, 2.0], dtype=torch.float64)
     torch.testing.assert_close(bg.log_prob(moved), log_q, atol=tol, rtol=0)  # rigid-motion invariant
 
 
 def test_aldp_chirality_kept(aldp):
-    bg = _perturbed(aldp, scale=0.1, hidden=32)
+    bg = perturbed_generator(aldp, scale=0.1, hidden=32)
     x, _ = bg.sample(2000, torch.Generator().manual_seed(3))
     assert int(bg.chirality_flipped(x).sum()) == 0
     mirrored = -x[:10]
@@ -89,7 +76,7 @@ def test_rsample_is_differentiable(aldp):
 
 
 def test_toy_density_integrates_to_one(toy):
-    bg = _perturbed(toy, scale=0.1, hidden=32)
+    bg = perturbed_generator(toy, scale=0.1, hidden=32)
     x, log_q = bg.sample(500, torch.Generator().manual_seed(5))
     torch.testing.assert_close(bg.log_prob(x), log_q, atol=1e-3, rtol=0)
     n = 48  # midpoint rule over the flow's support, a box inside the target's box
@@ -105,7 +92,7 @@ def test_toy_density_integrates_to_one(toy):
 
 
 def test_save_load_round_trip(aldp, tmp_path):
-    bg = _perturbed(aldp, hidden=32, n_layers=4)
+    bg = perturbed_generator(aldp, hidden=32, n_layers=4)
     path = bg.save(tmp_path / "bg.safetensors")
     assert [p.name for p in tmp_path.iterdir()] == ["bg.safetensors"]  # no temporary file left
     assert hashlib.sha256(path.read_bytes()).hexdigest() == bg.content_hash()

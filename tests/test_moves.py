@@ -18,9 +18,12 @@ import yaml
 from openmm import unit
 from openmmtools import cache, mcmc, multistate, states, utils
 
-from cmt_openmm import moves
+from cmt_openmm import generator as generator_module
+from cmt_openmm.generator import load_generator
 from cmt_openmm.errors import CMTInputError
-from cmt_openmm.moves import FlowIndependenceMove, FlowMoveReporter
+from helpers import random_rotation
+from cmt_openmm.sampling.moves import FlowIndependenceMove
+from cmt_openmm.sampling.reporters import FlowMoveReporter
 from test_moves_exactness import GaussianProposal
 
 R = 0.00831446261815324  # kJ/(mol K)
@@ -209,8 +212,8 @@ def test_changed_generator_file_is_refused_on_load(tmp_path, monkeypatch):
     move = FlowIndependenceMove(GaussianProposal.load(path), generator_path=path, seed=0)
     state = utils.serialize(move)
     GaussianProposal(1, [[0.1, 0.0, 0.0]], SIGMA).save(path)
-    monkeypatch.setattr(moves, "_LOADED", {})
-    monkeypatch.setattr(moves, "_FILE_HASH", {})
+    monkeypatch.setattr(generator_module, "_LOADED", {})
+    monkeypatch.setattr(generator_module, "_FILE_HASH", {})
     with pytest.raises(CMTInputError, match="changed"):
         utils.deserialize(state)
     with pytest.raises(CMTInputError, match="differs"):
@@ -347,9 +350,7 @@ def aldp():
 
 def posed(x: np.ndarray, seed: int = 0) -> np.ndarray:
     """x under a random proper rotation and a shift."""
-    q, _ = np.linalg.qr(np.random.default_rng(seed).normal(size=(3, 3)))
-    q *= np.sign(np.linalg.det(q))
-    return x @ q.T + np.array([1.0, -2.0, 0.5])
+    return x @ random_rotation(seed).T + np.array([1.0, -2.0, 0.5])
 
 
 def test_proposals_are_placed_in_the_frame_of_the_current_configuration(aldp):
@@ -377,7 +378,7 @@ def test_aldp_move_in_openmmtools_and_simulation(aldp, tmp_path):
     assert move.generator_path == str(path) and move.generator.n_atoms == 22
     sequence = mcmc.SequenceMove([mcmc.LangevinDynamicsMove(n_steps=10), move])
     clone = copy.deepcopy(sequence)  # through __getstate__/__setstate__: finds the file again
-    assert clone.move_list[1].generator is moves.load_generator(path, move._hash)
+    assert clone.move_list[1].generator is load_generator(path, move._hash)
     thermo = states.ThermodynamicState(target.system, 300 * unit.kelvin)
     sampler_state = states.SamplerState(posed(target.positions) * unit.nanometer)
     clone.apply(thermo, sampler_state, context_cache=reference_cache())

@@ -38,9 +38,9 @@ from openmm import unit
 from openmmtools import cache, mcmc, states
 from scipy import stats
 
-from cmt_openmm import toys
+from cmt_openmm.systems import toys
 from cmt_openmm.coordinates import CartesianCoordinates
-from cmt_openmm.moves import FlowIndependenceMove
+from cmt_openmm.sampling.moves import FlowIndependenceMove
 
 N_BATCHES = 25
 ALPHA = 1e-3
@@ -213,7 +213,7 @@ def test_gaussian_mixture_mode_weights():
 
 def test_briefly_trained_boltzmann_generator_reproduces_exact_marginals(double_well):
     """The real generator (a few seconds of CMT on the toy: ESS ~ 75 %) as proposal."""
-    from cmt_openmm.presets import get_preset
+    from cmt_openmm.cli.presets import get_preset
     from cmt_openmm.training import train
 
     config = {k: v for k, v in get_preset("toy-quick").items()
@@ -239,7 +239,8 @@ def aldp_basin_comparison(target, generator, n_samples: int = 40_000, n_iteratio
     """Basin populations of a Langevin + flow chain (batch-means errors) and of reweighted
     generator samples (delta-method errors), for the φ halves and the named basins."""
     from cmt_openmm.energy import OpenMMEnergy
-    from cmt_openmm.metrics import aldp_basins, basin_indicators, basin_populations, ramachandran_angles
+    from cmt_openmm.coordinates.backbone import ramachandran_angles
+    from cmt_openmm.sampling.estimators import aldp_basins, basin_indicators, basin_populations
 
     basins = aldp_basins(include_halves=True)
     rng = torch.Generator().manual_seed(seed)

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 from cmt_openmm.errors import CMTInputError
-from cmt_openmm.reference_md import load_reference, run_reference_md, temperature_ladder
+from cmt_openmm.sampling.reference_md import load_reference, run_reference_md, temperature_ladder
 from cmt_openmm.target import Target
-from cmt_openmm.toys import double_well_3d
+from cmt_openmm.systems.toys import double_well_3d
 
 TINY = dict(n_replicas=3, t_max=600.0, steps_per_iteration=20, progress=False)
 

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from cmt_openmm import metrics
+from cmt_openmm.sampling.estimators import weighted_mean
 from cmt_openmm.errors import CMTInputError
-from cmt_openmm.reweighting import LowESSWarning, ReweightedEnsemble, reweight
-from cmt_openmm.toys import double_well_3d
+from cmt_openmm.sampling.reweighting import LowESSWarning, ReweightedEnsemble, reweight
+from cmt_openmm.systems.toys import double_well_3d
 
 N = 20_000
 
@@ -145,7 +145,7 @@ def test_reweight_to_another_system_and_ess_warning(ensemble, toy):
     assert abs(left.value - other.mode_weights()[0]) < 4 * left.error
     with pytest.warns(LowESSWarning):
         ensemble.reweight_to(3.0)
-    from cmt_openmm.toys import gaussian_mixture
+    from cmt_openmm.systems.toys import gaussian_mixture
     import openmm.app as app
 
     mixture = gaussian_mixture(300.0)
@@ -205,7 +205,7 @@ def test_mdtraj_observables_and_ramachandran_on_aldp():
     phi_md = ens.expectation(lambda t: md.compute_phi(t)[1][:, 0], trajectory=True, error="delta")
     angles = ens.ramachandran_angles()
     assert angles.shape == (40, 1, 2)
-    phi = metrics.weighted_mean(angles[:, 0, 0], ens.weights, error="delta")
+    phi = weighted_mean(angles[:, 0, 0], ens.weights, error="delta")
     assert phi_md.value == pytest.approx(phi.value, abs=1e-5)
     fes = ens.free_energy_surface(angles[:, 0], bins=10, range=[(-np.pi, np.pi)] * 2, n_bootstrap=20)
     assert fes.free_energy.shape == (10, 10)

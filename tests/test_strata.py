@@ -4,9 +4,9 @@ import pytest
 from scipy.special import logsumexp
 
 from cmt_openmm.errors import CMTInputError
-from cmt_openmm.metrics import ramachandran_angles
+from cmt_openmm.coordinates.backbone import ramachandran_angles
 from cmt_openmm.systems import get_target
-from cmt_openmm.toys import double_well_3d
+from cmt_openmm.systems.toys import double_well_3d
 from cmt_openmm.training.config import TrainConfig
 from cmt_openmm.training.strata import floored_log_weights, phi_sign_labels, stratifier
 

@@ -7,7 +7,7 @@ import pytest
 
 from cmt_openmm.errors import CMTInputError
 from cmt_openmm.systems import get_target, list_targets
-from cmt_openmm.toys import ToyTarget
+from cmt_openmm.systems.toys import ToyTarget
 
 ALDP = {
     "aldp-vacuum": {"NonbondedForce"},

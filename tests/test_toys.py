@@ -13,7 +13,7 @@ from scipy.special import logsumexp
 from scipy.stats import norm
 
 from cmt_openmm.errors import CMTInputError
-from cmt_openmm.toys import ToyTarget, double_well_3d, gaussian_mixture
+from cmt_openmm.systems.toys import ToyTarget, double_well_3d, gaussian_mixture
 
 R = 0.00831446261815324  # kJ/(mol K)
 MEANS = np.array([[0.6, 0.0], [-0.3, 0.3 * math.sqrt(3.0)], [-0.3, -0.3 * math.sqrt(3.0)]])

@@ -8,10 +8,11 @@ import torch
 
 from cmt_openmm.energy import OpenMMEnergy
 from cmt_openmm.errors import CMTInputError
-from cmt_openmm.metrics import reverse_ess
+from cmt_openmm.importance import reverse_ess
 from cmt_openmm.systems import get_target
 from cmt_openmm.training import TrainConfig, load_history, train
-from cmt_openmm.training.loop import CHECKPOINT, CONFIG, GENERATOR, METRICS
+from cmt_openmm.generator import GENERATOR_FILE as GENERATOR
+from cmt_openmm.training.loop import CHECKPOINT_FILE as CHECKPOINT, CONFIG_FILE as CONFIG, METRICS_FILE as METRICS
 
 TINY_FLOW = {"n_layers": 2, "hidden": 16, "n_bins": 6}
 

@@ -20,10 +20,10 @@ import math
 import numpy as np
 import torch
 
-from ..energy import regularize_energy
+from ..energy.regularize import regularize_energy
 from ..errors import CMTInputError
 from .cmt import fit_to_buffer
-from .loop import Trainer
+from .loop import Trainer, register_method
 
 
 def reverse_kl_steps(t: Trainer, n_steps: int, batch_size: int, scale: float = 1.0) -> dict:
@@ -52,6 +52,7 @@ def reverse_kl_steps(t: Trainer, n_steps: int, batch_size: int, scale: float = 1
     }
 
 
+@register_method("reverse_kl")
 class ReverseKLTrainer(Trainer):
     """Reverse KL; one step = ``steps_per_record`` Adam steps of ``batch_size`` samples."""
 
@@ -66,6 +67,7 @@ class ReverseKLTrainer(Trainer):
         return reverse_kl_steps(self, self.settings.steps_per_record, self.settings.batch_size)
 
 
+@register_method("forward_kl")
 class ForwardKLTrainer(Trainer):
     """Maximum likelihood on given samples; ``eval_samples`` flow samples per record for the ESS."""
 
@@ -111,6 +113,7 @@ def _load_positions(path: str, n_atoms: int) -> torch.Tensor:
     return torch.from_numpy(positions)
 
 
+@register_method("temperature_annealing")
 class TemperatureAnnealingTrainer(Trainer):
     """TA-BG: reverse KL at t_high, then weighted fits down a geometric temperature ladder.
 

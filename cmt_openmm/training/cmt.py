@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from .dual import solve_dual
-from .loop import Trainer
+from .loop import Trainer, register_method
 from .strata import floored_log_weights, stratifier
 
 
@@ -65,6 +65,7 @@ def fit_to_buffer(
     return float(np.mean(losses)) if losses else math.nan
 
 
+@register_method("cmt")
 class CMTTrainer(Trainer):
     """The CMT method in the shared loop (see the module docstring)."""
 

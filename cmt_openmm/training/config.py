@@ -21,6 +21,14 @@ from ..flows import MASKS
 from .strata import STRATA
 
 METHODS = ("cmt", "reverse_kl", "forward_kl", "temperature_annealing")
+RESUMABLE = ("budget", "max_steps")
+"""Training settings a resumed run may change."""
+
+
+def resume_conflicts(stored: typing.Mapping, new: typing.Mapping) -> list[str]:
+    """Sorted names of the settings that differ between a run's stored and new config (dicts of
+    :meth:`TrainConfig.to_dict`) and may not change on resume."""
+    return sorted(k for k in set(stored) | set(new) if stored.get(k) != new.get(k) and k not in RESUMABLE)
 
 
 def _positive(v) -> bool:

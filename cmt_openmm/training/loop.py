@@ -36,16 +36,26 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import CMTInputError
-from ..metrics import reverse_ess
-from .config import TrainConfig
+from ..files import atomic_write, atomic_writer
+from ..generator import GENERATOR_FILE, BoltzmannGenerator
+from ..importance import CLIP_FRACTION, reverse_ess
+from .config import RESUMABLE, TrainConfig, resume_conflicts
 
-CHECKPOINT = "checkpoint.pt"
-METRICS = "metrics.jsonl"
-CONFIG = "config.yaml"
-GENERATOR = "generator.safetensors"
+CHECKPOINT_FILE = "checkpoint.pt"
+METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "config.yaml"
 _FORMAT = "cmt_openmm.checkpoint/1"
-_RESUMABLE_CHANGES = {"max_steps", "budget"}  # settings a resumed run may change
-CLIP_FRACTION = 1e-4  # reverse ESS is also reported with the largest 1e-4 of log-weights clipped
+
+METHODS: dict[str, type["Trainer"]] = {}
+"""Trainer class of each method name, filled by :func:`register_method` (cmt.py, baselines.py)."""
+
+
+def register_method(name: str):
+    """Class decorator: make a :class:`Trainer` subclass the trainer of ``config.method == name``."""
+    def register(cls: type["Trainer"]) -> type["Trainer"]:
+        METHODS[name] = cls
+        return cls
+    return register
 
 
 @dataclass
@@ -137,16 +147,7 @@ def train(
     >>> result = train(get_target("toy-double-well"), {"max_steps": 5}, "runs/toy")  # doctest: +SKIP
     """
     from ..energy import OpenMMEnergy
-    from ..generator import BoltzmannGenerator
-    from .baselines import ForwardKLTrainer, ReverseKLTrainer, TemperatureAnnealingTrainer
-    from .cmt import CMTTrainer
 
-    trainers = {
-        "cmt": CMTTrainer,
-        "reverse_kl": ReverseKLTrainer,
-        "forward_kl": ForwardKLTrainer,
-        "temperature_annealing": TemperatureAnnealingTrainer,
-    }
     config = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
     run_dir = Path(run_dir) if run_dir is not None else None
     checkpoint = _prepare_run_dir(run_dir, config, resume)
@@ -164,7 +165,7 @@ def train(
     if own_energy:
         energy = OpenMMEnergy(target, platform=config.energy.platform, n_workers=config.energy.n_workers)
     try:
-        trainer = trainers[config.method](target, generator, energy, config, rng)
+        trainer = METHODS[config.method](target, generator, energy, config, rng)
         state = {"step": 0, "evaluations": 0, "n_failed": 0, "wall_time": 0.0, "history": []}
         if checkpoint is not None:
             _restore(checkpoint, generator, trainer, rng, state)
@@ -174,7 +175,7 @@ def train(
         if own_energy:
             energy.close()
     if run_dir is not None:
-        generator.save(run_dir / GENERATOR)
+        generator.save(run_dir / GENERATOR_FILE)
     return TrainResult(generator, state["history"], run_dir, stop_reason)
 
 
@@ -213,7 +214,7 @@ def _run(trainer: Trainer, config: TrainConfig, run_dir: Path | None, state: dic
             state["history"].append(record)
             if run_dir is not None:
                 _save_checkpoint(run_dir, trainer, config, state)
-                with open(run_dir / METRICS, "a") as fh:
+                with open(run_dir / METRICS_FILE, "a") as fh:
                     fh.write(json.dumps(record) + "\n")
             bar.update(1)
             bar.set_postfix(_postfix(record), refresh=False)
@@ -240,36 +241,25 @@ def _prepare_run_dir(run_dir: Path | None, config: TrainConfig, resume: bool) ->
         if resume:
             raise CMTInputError("resume=True needs the run_dir of the run to continue.")
         return None
-    path = run_dir / CHECKPOINT
+    path = run_dir / CHECKPOINT_FILE
     if resume:
         if not path.exists():
             raise CMTInputError(f"no checkpoint {path} to resume from; start the run without resume.")
         checkpoint = _load_checkpoint(path)
-        stored = json.loads(checkpoint["config"])
-        new = config.to_dict()
-        changed = sorted(k for k in set(stored) | set(new) if stored.get(k) != new.get(k))
-        if set(changed) - _RESUMABLE_CHANGES:
+        conflicts = resume_conflicts(json.loads(checkpoint["config"]), config.to_dict())
+        if conflicts:
             raise CMTInputError(
-                f"the config differs from the run being resumed in {', '.join(changed)}; "
-                f"only {' and '.join(sorted(_RESUMABLE_CHANGES))} may change on resume."
+                f"the config differs from the run being resumed in {', '.join(conflicts)}; "
+                f"only {' and '.join(RESUMABLE)} may change on resume."
             )
     else:
         if path.exists():
             raise CMTInputError(f"{run_dir} already holds a run; pass resume=True or choose a new run_dir.")
         checkpoint = None
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / METRICS).unlink(missing_ok=True)
-    _atomic_write(run_dir / CONFIG, config.to_yaml().encode())
+        (run_dir / METRICS_FILE).unlink(missing_ok=True)
+    atomic_write(run_dir / CONFIG_FILE, config.to_yaml())
     return checkpoint
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def _save_checkpoint(run_dir: Path, trainer: Trainer, config: TrainConfig, state: dict) -> None:
@@ -286,9 +276,8 @@ def _save_checkpoint(run_dir: Path, trainer: Trainer, config: TrainConfig, state
         "wall_time": state["wall_time"],
         "history": json.dumps(state["history"]),
     }
-    tmp = run_dir / (CHECKPOINT + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, run_dir / CHECKPOINT)
+    with atomic_writer(run_dir / CHECKPOINT_FILE) as handle:
+        torch.save(payload, handle)
 
 
 def _load_checkpoint(path: Path) -> dict:
@@ -317,12 +306,12 @@ def _restore(checkpoint: dict, generator, trainer: Trainer, rng: torch.Generator
 
 def _write_metrics(run_dir: Path, history: list[dict]) -> None:
     """Rewrite metrics.jsonl from the checkpoint's history (drops a record written after it)."""
-    _atomic_write(run_dir / METRICS, "".join(json.dumps(r) + "\n" for r in history).encode())
+    atomic_write(run_dir / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in history))
 
 
 def load_history(run_dir: str | os.PathLike) -> list[dict]:
     """The per-step records of a run directory's ``metrics.jsonl``."""
-    path = Path(run_dir) / METRICS
+    path = Path(run_dir) / METRICS_FILE
     if not path.exists():
         raise CMTInputError(f"{path} does not exist; is {run_dir} a training run directory?")
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -32,7 +32,7 @@ import math
 import numpy as np
 from scipy.special import logsumexp
 
-from .. import metrics
+from ..coordinates.backbone import backbone_dihedrals, ramachandran_angles
 from ..errors import CMTInputError
 
 STRATA = ("none", "phi-sign")
@@ -42,7 +42,7 @@ def stratifier(name: str, topology):
     """The labelling function x (B, n_atoms, 3) nm -> (B,) int of strata ``name``; None for "none"."""
     if name == "none":
         return None
-    if not metrics.backbone_dihedrals(topology):
+    if not backbone_dihedrals(topology):
         raise CMTInputError(
             "cmt.strata 'phi-sign' needs a peptide with backbone φ angles and this target has none; "
             "set cmt.strata to 'none'."
@@ -52,7 +52,7 @@ def stratifier(name: str, topology):
 
 def phi_sign_labels(topology, x) -> np.ndarray:
     """(B,) int labels Σ_j 2^j [φ_j ≥ 0] of configurations x (B, n_atoms, 3) nm."""
-    phi = metrics.ramachandran_angles(topology, np.asarray(x))[..., 0]
+    phi = ramachandran_angles(topology, np.asarray(x))[..., 0]
     return ((phi >= 0.0) * (1 << np.arange(phi.shape[1]))).sum(axis=1)
 
 

@@ -7,7 +7,7 @@ through a pipe (~4 µs per alanine dipeptide configuration, ~20 % of its evaluat
 module imports neither torch nor the rest of ``cmt_openmm`` (torch only for a System with a
 TorchForce), so a worker's start-up is mostly spent re-importing the parent's ``__main__``
 module, as ``spawn`` does. Energies here are in kJ/mol and forces in kJ/mol/nm; reduction by
-kT happens in :mod:`cmt_openmm.energy`.
+kT happens in :mod:`cmt_openmm.energy.openmm_bridge`.
 """
 from __future__ import annotations
 

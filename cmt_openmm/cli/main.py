@@ -1,8 +1,8 @@
 """The ``cmt-openmm`` command line: train, sample, evaluate, reference-md, demo, presets.
 
-``cmt-openmm train RUN.yaml --out DIR`` (run files: :mod:`cmt_openmm.config`) or
-``--preset NAME`` (:mod:`cmt_openmm.presets`) trains into a run directory and finishes with
-``report.json`` / ``report.md`` and PNG plots (:mod:`cmt_openmm.report`); ``sample``,
+``cmt-openmm train RUN.yaml --out DIR`` (run files: :mod:`.run_files`) or
+``--preset NAME`` (:mod:`.presets`) trains into a run directory and finishes with
+``report.json`` / ``report.md`` and PNG plots (:mod:`cmt_openmm.analysis.report`); ``sample``,
 ``evaluate`` work on that directory; ``reference-md`` writes MD reference frames; ``demo`` is
 the README's main job. Commands print progress on stderr and their result (JSON, or the
 demo's summary) on stdout; library banners are kept off stdout. Bad input ends with one
@@ -15,7 +15,6 @@ import argparse
 import contextlib
 import io
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -23,10 +22,22 @@ from typing import Sequence
 import numpy as np
 import yaml
 
-from .config import (CHECKPOINT_FILE, RESUMABLE, RUN_FILE, RunSpec, build_target, load_generator, load_run,
-                     parse_run_config, read_yaml, resolve_system)
-from .errors import CMTInputError
+from ..coordinates.backbone import is_peptide, ramachandran_angles
+from ..errors import CMTInputError
+from ..files import atomic_write, atomic_writer, json_default, to_json
+from ..generator import load_generator
+from ..training.config import RESUMABLE, resume_conflicts
+from ..training.loop import CHECKPOINT_FILE
 from .presets import get_preset, list_presets
+from .run_files import (
+    RUN_FILE,
+    RunSpec,
+    build_target,
+    load_run,
+    parse_run_config,
+    read_yaml,
+    resolve_system,
+)
 
 EXIT_INPUT = 2
 
@@ -67,7 +78,7 @@ def run_training(spec: RunSpec, out: Path, resume: bool = False, progress: bool 
     Returns the report dictionary (or, with ``report=False``, the run directory and why
     training stopped).
     """
-    from .training import train
+    from ..training import train
 
     out = Path(out)
     stored_path = out / RUN_FILE
@@ -78,8 +89,7 @@ def run_training(spec: RunSpec, out: Path, resume: bool = False, progress: bool 
             stored = parse_run_config(read_yaml(stored_path), out)
             if (stored.system, stored.temperature) != (spec.system, spec.temperature):
                 raise CMTInputError(f"{out} was trained on {stored.system} at {stored.temperature} K; resume it with the same system.")
-            changed = sorted(k for k in set(stored.train) | set(spec.train)
-                             if stored.train.get(k) != spec.train.get(k) and k not in RESUMABLE)
+            changed = resume_conflicts(stored.train, spec.train)
             if changed:
                 raise CMTInputError(f"the run in {out} was trained with other {', '.join(changed)} settings; "
                                     f"only {' and '.join(RESUMABLE)} may change on --resume.")
@@ -87,7 +97,7 @@ def run_training(spec: RunSpec, out: Path, resume: bool = False, progress: bool 
         raise CMTInputError(f"{out} already holds a run; pass --resume to continue it or choose another --out.")
     target = build_target(spec.system, spec.temperature)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_text(stored_path, yaml.safe_dump(spec.to_dict(), sort_keys=False))
+    atomic_write(stored_path, yaml.safe_dump(spec.to_dict(), sort_keys=False))
     _say(f"training {spec.train['method']} on {target.name} at {spec.temperature:g} K into {out}")
     result = train(target, spec.train, run_dir=out, resume=resume, progress=progress)
     if not report:
@@ -98,37 +108,20 @@ def run_training(spec: RunSpec, out: Path, resume: bool = False, progress: bool 
 def write_run_report(run_dir: Path, spec: RunSpec, target, generator, history, stop_reason: str | None,
                      progress: bool = True, reference: str | None = None, n_samples: int | None = None,
                      n_draws: int | None = None, name: str = "report") -> dict:
-    """Draw samples, compute the report's metrics, draw the plots, write ``name``.json/.md."""
-    from . import report as rep
+    """The run's report (:func:`cmt_openmm.analysis.report.write_run_report`) with the run file's settings."""
+    from ..analysis.report import write_run_report as write
 
     n_samples = n_samples or spec.report["n_samples"]
     n_draws = n_draws or spec.report["n_draws"]
     _say(f"report: {n_draws} draws of {n_samples} samples")
-    ensembles = rep.draw_ensembles(generator, target, n_samples, n_draws, spec.report["seed"], progress)
-    samples = rep.sample_metrics(ensembles)
-    pooled = rep.pool(ensembles)
-    result = {
-        "system": target.name,
-        "temperature": spec.temperature,
-        "method": spec.train["method"],
-        "seed": spec.train["seed"],
-        "run_dir": str(Path(run_dir).resolve()),
-        "training": rep.training_summary(history, stop_reason),
-        "samples": samples,
-    }
-    if reference is not None:
-        result["reference"] = rep.reference_metrics(generator, target, _reference_positions(reference, target), pooled)
-        result["reference"]["file"] = str(reference)
-    title = f"{target.name}, {spec.train['method']}, {spec.temperature:g} K"
-    # The training report draws the training curves; an evaluation only its own sample plots.
-    result["plots"] = rep.make_plots(Path(run_dir), history if name == "report" else (), pooled, title,
-                                     prefix="" if name == "report" else f"{name}_")
-    rep.write_report(run_dir, result, name)
-    return result
+    return write(run_dir, target, generator, history, stop_reason, method=spec.train["method"],
+                 seed=spec.train["seed"], n_samples=n_samples, n_draws=n_draws, sample_seed=spec.report["seed"],
+                 progress=progress, reference_file=reference, name=name,
+                 reference_positions=None if reference is None else _reference_positions(reference, target))
 
 
 def _reference_positions(path: str, target) -> np.ndarray:
-    from .reference_md import load_reference
+    from ..sampling.reference_md import load_reference
 
     positions, _ = load_reference(path)
     if positions.shape[1] != target.n_atoms:
@@ -137,7 +130,7 @@ def _reference_positions(path: str, target) -> np.ndarray:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from .reweighting import reweight
+    from ..sampling.reweighting import reweight
 
     if args.n < 1:
         raise CMTInputError(f"--n must be a positive number of samples, got {args.n}.")
@@ -151,7 +144,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         if path is not None and not Path(path).resolve().parent.is_dir():
             raise CMTInputError(f"the folder of {path} does not exist; create it first.")
     spec, target = load_run(args.run_dir)
-    generator = load_generator(args.run_dir, target)
+    generator = load_generator(args.run_dir, target=target)
     ens = reweight(generator, target, args.n, batch_size=args.batch_size, seed=args.seed, progress=not args.quiet)
     if args.temperature is not None:
         ens = ens.reweight_to(args.temperature)
@@ -175,7 +168,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         if args.pdb:
             traj[0].save_pdb(str(args.pdb))
             summary["pdb"] = str(args.pdb)
-    _atomic_text(out.with_suffix(".json"), json.dumps(summary, indent=2, default=_json_default) + "\n")
+    atomic_write(out.with_suffix(".json"), to_json(summary))
     _emit(summary, args)
     return 0
 
@@ -184,17 +177,15 @@ def _add_to_npz(path: Path, **arrays: np.ndarray) -> None:
     with np.load(path, allow_pickle=False) as data:
         content = {k: data[k] for k in data.files}
     content.update(arrays)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as handle:
+    with atomic_writer(path) as handle:
         np.savez(handle, **content)
-    os.replace(tmp, path)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .training import load_history
+    from ..training import load_history
 
     spec, target = load_run(args.run_dir)
-    generator = load_generator(args.run_dir, target)
+    generator = load_generator(args.run_dir, target=target)
     if args.reference is not None:
         _reference_positions(args.reference, target)  # fail before sampling
     history = load_history(args.run_dir)
@@ -204,7 +195,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     result = write_run_report(Path(args.run_dir), spec, target, generator, history, stop, not args.quiet,
                               reference=args.reference, n_samples=args.n, n_draws=args.draws, name="evaluation")
     if args.out:
-        _atomic_text(Path(args.out), json.dumps(result, indent=2, default=_json_default) + "\n")
+        atomic_write(Path(args.out), to_json(result))
     _emit(result, args)
     return 0
 
@@ -217,7 +208,7 @@ def _stored_stop_reason(run_dir: Path) -> str | None:
 
 
 def cmd_reference_md(args: argparse.Namespace) -> int:
-    from .reference_md import run_reference_md
+    from ..sampling.reference_md import run_reference_md
 
     if Path(args.system).suffix in (".yaml", ".yml"):
         spec = parse_run_config(read_yaml(args.system), Path(args.system).resolve().parent)
@@ -235,15 +226,12 @@ def cmd_reference_md(args: argparse.Namespace) -> int:
         n_equilibration=args.equilibration, platform=args.platform,
     )
     summary = {"out": str(result.path), "n_frames": int(result.positions.shape[0]), **result.provenance}
-    if target.has_molecule:
-        from . import metrics
+    if is_peptide(target):
+        from ..analysis.metrics import peptide_populations
 
-        if metrics.backbone_dihedrals(target.topology):
-            from .report import peptide_populations
-
-            summary["populations"] = peptide_populations(
-                metrics.ramachandran_angles(target.topology, result.positions), None, target.kT)
-    _atomic_text(Path(args.out).with_suffix(".json"), json.dumps(summary, indent=2, default=_json_default) + "\n")
+        summary["populations"] = peptide_populations(
+            ramachandran_angles(target.topology, result.positions), None, target.kT)
+    atomic_write(Path(args.out).with_suffix(".json"), to_json(summary))
     _emit(summary, args)
     return 0
 
@@ -280,7 +268,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
-    from .systems import list_targets
+    from ..systems import list_targets
 
     if args.name:
         _emit(yaml.safe_dump(get_preset(args.name), sort_keys=False).rstrip(), args)
@@ -296,25 +284,10 @@ def _say(message: str) -> None:
     print(f"[cmt-openmm] {message}", file=sys.stderr, flush=True)
 
 
-def _json_default(obj):
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, (np.ndarray, Path)):
-        return obj.tolist() if isinstance(obj, np.ndarray) else str(obj)
-    raise TypeError(f"not JSON-serialisable: {type(obj).__name__}")
-
-
 def _emit(result: dict | str, args: argparse.Namespace) -> None:
     """Print a command's result (JSON, or text) on the command's stdout."""
-    text = result if isinstance(result, str) else json.dumps(result, indent=2, default=_json_default)
+    text = result if isinstance(result, str) else json.dumps(result, indent=2, default=json_default)
     print(text, file=getattr(args, "stdout", None) or sys.stdout, flush=True)
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -401,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _version() -> str:
-    from . import __version__
+    from .. import __version__
 
     return f"cmt-openmm {__version__}"
 

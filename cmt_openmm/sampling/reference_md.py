@@ -35,8 +35,10 @@ import openmm.unit as unit
 from openmmtools import cache, mcmc, states
 from openmmtools.multistate import MultiStateReporter, ReplicaExchangeSampler
 
-from cmt_openmm.errors import CMTInputError
-from cmt_openmm.target import Target, kelvin
+from ..errors import CMTInputError
+from ..files import atomic_writer
+from ..target import Target
+from ..units import kelvin
 
 __all__ = ["run_reference_md", "load_reference", "temperature_ladder", "ReferenceMD", "SeededLangevinMove"]
 
@@ -253,10 +255,8 @@ def run_reference_md(
         "cmt_openmm": _version("cmt_openmm"),
     }
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    with open(tmp, "wb") as handle:
+    with atomic_writer(out_path) as handle:
         np.savez(handle, positions=positions, reduced_energy=u, provenance=np.array(json.dumps(provenance)))
-    os.replace(tmp, out_path)
     return ReferenceMD(out_path, positions, u, provenance)
 
 

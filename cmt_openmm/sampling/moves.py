@@ -9,7 +9,7 @@ u the reduced potential of the thermodynamic state the move is applied at (so th
 exact at every temperature of a replica-exchange ladder). openmmtools' ``MetropolizedMove``
 assumes a symmetric proposal and has no Hastings term, hence this hand-written move.
 The same move works on the ``Context`` of a plain ``openmm.app.Simulation``
-(:meth:`FlowIndependenceMove.apply_to_simulation`, :class:`FlowMoveReporter`).
+(:meth:`FlowIndependenceMove.apply_to_simulation`, :class:`~cmt_openmm.sampling.reporters.FlowMoveReporter`).
 
 Why it is exact:
 - the generator density is a density over the 3N-6 internal (frame) coordinates; a proposal is
@@ -31,7 +31,6 @@ not, the chain stays exact but cannot leave such a state by a flow move.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import os
 from typing import Any, Callable
 
@@ -41,39 +40,11 @@ import torch
 from openmm import unit
 from openmmtools import mcmc
 
-from .errors import CMTInputError
+from ..errors import CMTInputError
+from ..generator import load_generator, register_target
+from ..units import MOLAR_GAS_CONSTANT
 
-_MOLAR_GAS_CONSTANT = 0.00831446261815324  # kJ/(mol K)
 _DEFAULT_CLASS = "cmt_openmm.generator.BoltzmannGenerator"
-
-# Generators loaded from files, once per process: (realpath, content_hash) -> generator, and
-# realpath -> (mtime_ns, size, content_hash) so that an unchanged file is not read twice.
-_LOADED: dict[tuple[str, str], Any] = {}
-_FILE_HASH: dict[str, tuple[int, int, str]] = {}
-# Targets that generators of non-built-in systems are loaded with (see register_target).
-_TARGETS: list[Any] = []
-
-
-def register_target(target: Any) -> None:
-    """Make ``target`` available for loading generators trained on it (needed for a System
-    that is not a built-in target, e.g. when a replica-exchange run is resumed)."""
-    if not any(t is target for t in _TARGETS):
-        _TARGETS.append(target)
-
-
-def _load_file(cls: Any, path: str) -> Any:
-    """``cls.load(path)``, trying the registered targets when the file's target is not built in."""
-    try:
-        return cls.load(path)
-    except CMTInputError as error:
-        for target in _TARGETS:
-            try:
-                return cls.load(path, target)
-            except CMTInputError:
-                continue
-        raise CMTInputError(f"The generator file {path} cannot be loaded on its own ({error}); "
-                            "call cmt_openmm.moves.register_target(target) with the Target it was "
-                            "trained for first.") from None
 
 
 def _file_sha256(path: str | os.PathLike) -> str | None:
@@ -88,37 +59,6 @@ def _file_sha256(path: str | os.PathLike) -> str | None:
 def _class_path(obj: Any) -> str:
     cls = type(obj)
     return f"{cls.__module__}.{cls.__qualname__}"
-
-
-def load_generator(path: str | os.PathLike, content_hash: str | None = None,
-                   class_path: str = _DEFAULT_CLASS) -> Any:
-    """Load a saved generator once per process; refuse a file whose content hash changed.
-
-    ``content_hash`` None accepts whatever the file holds. Returns the shared instance, which
-    moves only read.
-    """
-    real = os.path.realpath(os.fspath(path))
-    if content_hash is not None and (real, content_hash) in _LOADED:
-        return _LOADED[(real, content_hash)]
-    if not os.path.isfile(real):
-        raise CMTInputError(f"The generator file {real} does not exist; pass the path of a "
-                            "generator saved with BoltzmannGenerator.save().")
-    stat = os.stat(real)
-    known = _FILE_HASH.get(real)
-    if known is not None and known[:2] == (stat.st_mtime_ns, stat.st_size) \
-            and (content_hash is None or known[2] == content_hash):
-        return _LOADED[(real, known[2])]
-    module_name, _, class_name = class_path.rpartition(".")
-    cls = getattr(importlib.import_module(module_name), class_name)
-    generator = _load_file(cls, real)
-    actual = generator.content_hash()
-    if content_hash is not None and actual != content_hash:
-        raise CMTInputError(f"The generator file {real} has changed since this move was stored "
-                            f"(content hash {actual[:12]}..., expected {content_hash[:12]}...); "
-                            "restore the original file to resume.")
-    _LOADED[(real, actual)] = generator
-    _FILE_HASH[real] = (stat.st_mtime_ns, stat.st_size, actual)
-    return generator
 
 
 class _Proposals:
@@ -344,7 +284,7 @@ class FlowIndependenceMove(mcmc.MCMCMove):
         with it otherwise. Call it between ``simulation.step()`` calls. Returns this call's
         ``{"n_proposed", "n_accepted"}``.
         """
-        kT = _MOLAR_GAS_CONSTANT * _temperature_of(simulation.integrator, temperature)
+        kT = MOLAR_GAS_CONSTANT * _temperature_of(simulation.integrator, temperature)
         context = simulation.context
         state = context.getState(getPositions=True, getEnergy=True)
         x = np.asarray(state.getPositions(asNumpy=True).value_in_unit(unit.nanometer), np.float64)
@@ -363,7 +303,7 @@ class FlowIndependenceMove(mcmc.MCMCMove):
         finally:  # the Context holds the last proposal: put the chain's state back
             context.setPositions(x_new)
         if accepted:
-            context.setVelocitiesToTemperature(kT / _MOLAR_GAS_CONSTANT,
+            context.setVelocitiesToTemperature(kT / MOLAR_GAS_CONSTANT,
                                                int(self._rng.integers(1, 2**31 - 1)))
         return dict(n_proposed=self.n_proposed - before[0], n_accepted=self.n_accepted - before[1])
 
@@ -429,59 +369,6 @@ class FlowIndependenceMove(mcmc.MCMCMove):
     def __str__(self) -> str:
         return (f"FlowIndependenceMove(generator={self._path or '<unsaved>'}, "
                 f"n_steps={self.n_steps}, batch_size={self.batch_size})")
-
-
-class FlowMoveReporter:
-    """An OpenMM reporter that applies flow moves every ``report_interval`` steps and logs them.
-
-    Two lines added to an existing script::
-
-        move = FlowIndependenceMove("generator.safetensors", n_steps=10)
-        simulation.reporters.append(FlowMoveReporter(move, "flow_moves.csv", 1000))
-
-    ``simulation.step(n)`` then attempts ``move.n_steps`` flow proposals after every
-    ``report_interval`` MD steps. Each row: step, proposals and acceptances in the interval,
-    the cumulative acceptance rate. With ``apply_moves=False`` it only logs a move that the
-    script applies itself (``move.apply_to_simulation(simulation)``). ``temperature`` as in
-    :meth:`FlowIndependenceMove.apply_to_simulation`. Reporters later in the list see the
-    state after the flow move; those earlier, the state before it.
-    """
-
-    def __init__(self, move: FlowIndependenceMove, file, report_interval: int,
-                 temperature=None, apply_moves: bool = True):
-        if int(report_interval) < 1:
-            raise CMTInputError(f"report_interval must be a positive number of steps, "
-                                f"got {report_interval}.")
-        self.move = move
-        self.report_interval = int(report_interval)
-        self.temperature = temperature
-        self.apply_moves = apply_moves
-        self._own_file = isinstance(file, (str, os.PathLike))
-        self._out = open(file, "w") if self._own_file else file
-        self._last = (move.n_proposed, move.n_accepted)
-        print('#"Step","Flow proposals","Flow accepted","Acceptance rate (total)"',
-              file=self._out, flush=True)
-
-    def describeNextReport(self, simulation) -> dict:
-        steps = self.report_interval - simulation.currentStep % self.report_interval
-        return dict(steps=steps, periodic=None, include=[])
-
-    def report(self, simulation, state) -> None:
-        if self.apply_moves:
-            self.move.apply_to_simulation(simulation, temperature=self.temperature)
-        proposed, accepted = self.move.n_proposed, self.move.n_accepted
-        rate = accepted / proposed if proposed else float("nan")
-        print(f"{simulation.currentStep},{proposed - self._last[0]},{accepted - self._last[1]},"
-              f"{rate:.4f}", file=self._out, flush=True)
-        self._last = (proposed, accepted)
-
-    def close(self) -> None:
-        """Close the file when the reporter opened it."""
-        if getattr(self, "_own_file", False) and not self._out.closed:
-            self._out.close()
-
-    def __del__(self):
-        self.close()
 
 
 def _potential_energy(context: openmm.Context) -> float:

@@ -13,7 +13,7 @@ Error bars (one standard error) are computed one of two ways, always stated by t
 argument: ``"bootstrap"`` (default; the standard deviation over ``n_bootstrap`` resamplings of
 the N samples with replacement, seeded) or ``"delta"`` (linearisation of the self-normalised
 estimator: Var ≈ Σ w̄_i² (f_i - μ)²). Both treat the N samples as independent, which they are
-for a generator. Hand-written: a few lines of NumPy on top of `cmt_openmm.metrics`, with the
+for a generator. Hand-written: a few lines of NumPy on top of :mod:`.estimators`, with the
 project's conventions for failed samples and units.
 
 Example:
@@ -30,16 +30,18 @@ import json
 import math
 import os
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from cmt_openmm import metrics
-from cmt_openmm.errors import CMTInputError
-from cmt_openmm.metrics import Estimate
-from cmt_openmm.target import Target, kelvin
+from ..coordinates.backbone import ramachandran_angles
+from ..errors import CMTInputError
+from ..files import atomic_writer
+from ..importance import normalized_weights, reverse_ess
+from ..target import Target
+from ..units import as_float64, kelvin
+from .estimators import Estimate, FreeEnergyProfile, FreeEnergySurface, binned_free_energy, weighted_mean
 
 __all__ = [
     "reweight",
@@ -52,57 +54,6 @@ __all__ = [
 
 class LowESSWarning(UserWarning):
     """The effective sample size collapsed: the reweighted estimates are unreliable."""
-
-
-class _KilojoulesPerMole:
-    """F and its error in kJ/mol from the kT-unit fields ``free_energy``, ``error`` and ``kT``."""
-
-    free_energy: np.ndarray
-    error: np.ndarray
-    kT: float
-
-    @property
-    def free_energy_kjmol(self) -> np.ndarray:
-        """F in kJ/mol."""
-        return self.free_energy * self.kT
-
-    @property
-    def error_kjmol(self) -> np.ndarray:
-        """Standard error of F in kJ/mol."""
-        return self.error * self.kT
-
-
-@dataclass
-class FreeEnergyProfile(_KilojoulesPerMole):
-    """F(s) = -kT ln ρ(s) along a CV, shifted so that its minimum is 0.
-
-    ``edges`` (bins+1,) and ``centers`` (bins,) in the CV's unit; ``probabilities`` (bins,) the
-    weighted bin probabilities (mass outside the range not included); ``free_energy`` and
-    ``error`` (bins,) in kT (+inf / inf in empty bins); ``kT`` in kJ/mol; ``error_method``.
-    """
-
-    edges: np.ndarray
-    centers: np.ndarray
-    probabilities: np.ndarray
-    free_energy: np.ndarray
-    error: np.ndarray
-    kT: float
-    error_method: str
-
-
-@dataclass
-class FreeEnergySurface(_KilojoulesPerMole):
-    """F(s1, s2) = -kT ln ρ(s1, s2) on a 2-D grid, minimum 0; arrays (bins1, bins2), axis 0 = s1.
-
-    ``edges`` is a pair of edge arrays; other fields as in `FreeEnergyProfile`.
-    """
-
-    edges: tuple[np.ndarray, np.ndarray]
-    probabilities: np.ndarray
-    free_energy: np.ndarray
-    error: np.ndarray
-    kT: float
-    error_method: str
 
 
 class ReweightedEnsemble:
@@ -128,12 +79,12 @@ class ReweightedEnsemble:
         invalid: Any = None,
         metadata: dict | None = None,
     ) -> None:
-        x = metrics._as_numpy(positions)
+        x = as_float64(positions)
         if x.ndim != 3 or x.shape[1:] != (target.n_atoms, 3):
             raise CMTInputError(f"positions have shape {x.shape}, expected (N, {target.n_atoms}, 3) in nm.")
         n = x.shape[0]
-        lq, u = metrics._as_numpy(log_q).reshape(-1), metrics._as_numpy(reduced_energy).reshape(-1)
-        bad = np.zeros(n, bool) if invalid is None else np.asarray(metrics._as_numpy(invalid), bool).reshape(-1)
+        lq, u = as_float64(log_q).reshape(-1), as_float64(reduced_energy).reshape(-1)
+        bad = np.zeros(n, bool) if invalid is None else np.asarray(as_float64(invalid), bool).reshape(-1)
         if not (lq.shape == u.shape == bad.shape == (n,)):
             raise CMTInputError(f"log_q, reduced_energy and invalid must each have shape ({n},), one per configuration.")
         self.target = target
@@ -143,6 +94,13 @@ class ReweightedEnsemble:
             lw = -u - lq
         self.log_weights = np.where(bad | ~np.isfinite(u) | ~np.isfinite(lq), -np.inf, lw)
 
+    @classmethod
+    def concatenate(cls, ensembles: Sequence[ReweightedEnsemble]) -> ReweightedEnsemble:
+        """One ensemble holding every sample of ``ensembles`` (same target; metadata dropped)."""
+        target = ensembles[0].target
+        cat = lambda name: np.concatenate([getattr(e, name) for e in ensembles])  # noqa: E731
+        return cls(target, cat("positions"), cat("log_q"), cat("reduced_energy"), cat("invalid"))
+
     # -- weights ---------------------------------------------------------------------------
     def __len__(self) -> int:
         return self.positions.shape[0]
@@ -150,16 +108,16 @@ class ReweightedEnsemble:
     @property
     def weights(self) -> np.ndarray:
         """Self-normalised weights w̄ (N,), summing to 1 (all 0 when no sample has a positive weight)."""
-        return metrics.normalized_weights(self.log_weights)
+        return normalized_weights(self.log_weights)
 
     @property
     def ess(self) -> float:
         """Normalised reverse ESS (Σw)² / (N Σw²) in [0, 1]."""
-        return metrics.reverse_ess(self.log_weights)
+        return reverse_ess(self.log_weights)
 
     def ess_clipped(self, clip_fraction: float = 1e-4) -> float:
         """Reverse ESS with the largest ``clip_fraction`` of log-weights clipped (TA-BG's report)."""
-        return metrics.reverse_ess(self.log_weights, clip_fraction)
+        return reverse_ess(self.log_weights, clip_fraction)
 
     @property
     def n_failed(self) -> int:
@@ -189,7 +147,7 @@ class ReweightedEnsemble:
         """Values (N, ...) of an observable (array or callable) with rows outside ``mask`` set to 0."""
         n = len(self)
         if not callable(observable):
-            values = metrics._as_numpy(observable)
+            values = as_float64(observable)
             if values.shape[:1] != (n,):
                 raise CMTInputError(f"observable values have shape {values.shape}, expected ({n}, ...).")
             return np.where(mask.reshape((n,) + (1,) * (values.ndim - 1)), values, 0.0)
@@ -199,7 +157,7 @@ class ReweightedEnsemble:
         for start in range(0, len(idx), max(step, 1)):
             rows = idx[start : start + step]
             arg = self.to_mdtraj(rows) if trajectory else self.positions[rows]
-            parts.append(metrics._as_numpy(observable(arg)))
+            parts.append(as_float64(observable(arg)))
         values = np.concatenate(parts)
         if values.shape[:1] != (len(idx),):
             raise CMTInputError("the observable must return one value (or array) per configuration: shape (B, ...).")
@@ -226,11 +184,11 @@ class ReweightedEnsemble:
         """
         w = self._require_weight()
         values = self._evaluate(observable, trajectory, batch_size, w > 0)
-        return metrics.weighted_mean(values, w, error=error, n_bootstrap=n_bootstrap, seed=seed)
+        return weighted_mean(values, w, error=error, n_bootstrap=n_bootstrap, seed=seed)
 
     def ramachandran_angles(self) -> np.ndarray:
         """Backbone (φ, ψ) of every sample: (N, n_pairs, 2) radians in [-π, π)."""
-        return metrics.ramachandran_angles(self.target.topology, self.positions)
+        return ramachandran_angles(self.target.topology, self.positions)
 
     # -- free energies ---------------------------------------------------------------------
     def _cv(self, cv: Callable | Any, dim: int, trajectory: bool) -> np.ndarray:
@@ -240,39 +198,6 @@ class ReweightedEnsemble:
         if dim == 2 and values.shape[1] != 2:
             raise CMTInputError(f"a 2-D free-energy surface needs two CV values per sample, got {values.shape[1]}.")
         return values
-
-    def _binned_free_energy(self, index: np.ndarray, n_bins: int, volumes: np.ndarray, error: str,
-                            n_bootstrap: int, seed: int):
-        """p (n_bins,), F (kT, min 0) and its standard error from bin indices (N,) (n_bins = outside)."""
-        w = self._require_weight()
-        p = np.bincount(index, weights=w, minlength=n_bins + 1)[:n_bins]
-        with np.errstate(divide="ignore"):
-            f_raw = -np.log(p / volumes)
-        if error == "delta":
-            s_b = np.bincount(index, weights=w * w, minlength=n_bins + 1)[:n_bins]
-            var_p = np.clip(s_b * (1 - 2 * p) + p * p * np.sum(w * w), 0.0, None)
-            with np.errstate(divide="ignore", invalid="ignore"):
-                err = np.where(p > 0, np.sqrt(var_p) / p, np.inf)
-        elif error == "bootstrap":
-            rng = np.random.default_rng(seed)
-            n = len(w)
-            reps = np.empty((n_bootstrap, n_bins))
-            for r in range(n_bootstrap):
-                cw = np.bincount(rng.integers(0, n, n), minlength=n) * w
-                reps[r] = np.bincount(index, weights=cw, minlength=n_bins + 1)[:n_bins] / max(cw.sum(), 1e-300)
-            with np.errstate(divide="ignore"):
-                f_reps = -np.log(reps / volumes)
-            finite = np.isfinite(f_reps)
-            count = finite.sum(axis=0)
-            with np.errstate(invalid="ignore", divide="ignore"):
-                mean = np.where(finite, f_reps, 0.0).sum(axis=0) / count
-                sq = np.where(finite, (f_reps - mean) ** 2, 0.0).sum(axis=0)
-                err = np.where(count > 1, np.sqrt(sq / (count - 1)), np.inf)
-            err = np.where(p > 0, err, np.inf)
-        else:
-            raise CMTInputError(f"error must be 'bootstrap' or 'delta', got {error!r}.")
-        shift = np.min(f_raw[np.isfinite(f_raw)]) if np.isfinite(f_raw).any() else 0.0
-        return p, f_raw - shift, err
 
     def free_energy_profile(
         self,
@@ -298,7 +223,7 @@ class ReweightedEnsemble:
         index = np.clip(np.searchsorted(edges, s, side="right") - 1, 0, None)
         index[s == edges[-1]] = n_bins - 1
         index[(s < edges[0]) | (s > edges[-1]) | ~np.isfinite(s)] = n_bins
-        p, f, err = self._binned_free_energy(index, n_bins, np.diff(edges), error, n_bootstrap, seed)
+        p, f, err = binned_free_energy(index, n_bins, np.diff(edges), self._require_weight(), error, n_bootstrap, seed)
         return FreeEnergyProfile(edges, 0.5 * (edges[1:] + edges[:-1]), p, f, err, self.target.kT, error)
 
     def free_energy_surface(
@@ -326,7 +251,7 @@ class ReweightedEnsemble:
         n1, n2 = len(e1) - 1, len(e2) - 1
         index = np.where(idx[0][1] | idx[1][1], n1 * n2, idx[0][0] * n2 + idx[1][0])
         volumes = np.outer(np.diff(e1), np.diff(e2)).ravel()
-        p, f, err = self._binned_free_energy(index, n1 * n2, volumes, error, n_bootstrap, seed)
+        p, f, err = binned_free_energy(index, n1 * n2, volumes, self._require_weight(), error, n_bootstrap, seed)
         shape = (n1, n2)
         return FreeEnergySurface((e1, e2), p.reshape(shape), f.reshape(shape), err.reshape(shape), self.target.kT, error)
 
@@ -439,14 +364,12 @@ class ReweightedEnsemble:
         }
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as handle:
+        with atomic_writer(path) as handle:
             np.savez(
                 handle, positions=self.positions, log_q=self.log_q, reduced_energy=self.reduced_energy,
                 log_weights=self.log_weights, invalid=self.invalid, temperature=np.float64(self.target.temperature),
                 metadata=np.array(json.dumps(meta, default=float)),
             )
-        os.replace(tmp, path)
 
     @classmethod
     def load_npz(cls, path: str | os.PathLike, target: Target) -> ReweightedEnsemble:
@@ -468,13 +391,13 @@ def _energies(target: Target, positions: np.ndarray, energy: Callable | None, ba
 
     own = energy is None
     if own:
-        from cmt_openmm.energy import OpenMMEnergy
+        from ..energy import OpenMMEnergy
 
         energy = OpenMMEnergy(target)
     try:
         parts = []
         for start in tqdm(range(0, len(positions), batch_size), disable=not progress, desc="energies", unit="batch"):
-            parts.append(metrics._as_numpy(energy(positions[start : start + batch_size])).reshape(-1))
+            parts.append(as_float64(energy(positions[start : start + batch_size])).reshape(-1))
     finally:
         if own:
             energy.close()
@@ -514,9 +437,9 @@ def reweight(
             b = min(int(batch_size), int(n) - start)
             x, log_q = generator.sample(b, generator=rng)
             flipped = generator.chirality_flipped(x) if hasattr(generator, "chirality_flipped") else None
-            xs.append(metrics._as_numpy(x))
-            lqs.append(metrics._as_numpy(log_q).reshape(-1))
-            flips.append(np.zeros(b, bool) if flipped is None else np.asarray(metrics._as_numpy(flipped), bool))
+            xs.append(as_float64(x))
+            lqs.append(as_float64(log_q).reshape(-1))
+            flips.append(np.zeros(b, bool) if flipped is None else np.asarray(as_float64(flipped), bool))
             bar.update(b)
     positions = np.concatenate(xs)
     u = _energies(target, positions, energy, int(batch_size), progress=False)

@@ -9,7 +9,7 @@ constraints, no periodic box:
 - ``aldp-obc``: amber99sbildn.xml + amber99_obc.xml (native GBSAOBCForce).
 - ``aldp-implicit``: openmmtools ``AlanineDipeptideImplicit(constraints=None)`` (AMBER ff96 with
   OBC1 as a CustomGBForce, ~20x slower per energy than GBSAOBCForce on CPUs).
-- ``toy-double-well``, ``toy-gaussian-mixture``: see `cmt_openmm.toys`.
+- ``toy-double-well``, ``toy-gaussian-mixture``: see `cmt_openmm.systems.toys`.
 
 Example:
     >>> target = get_target("aldp-vacuum", temperature=300.0)
@@ -24,9 +24,9 @@ from typing import Any, Callable
 
 import openmm.app as app
 
-from cmt_openmm import toys
-from cmt_openmm.errors import CMTInputError
-from cmt_openmm.target import Target
+from ..errors import CMTInputError
+from ..target import Target
+from . import toys
 
 
 def aldp_pdb_path() -> Path:

@@ -1,9 +1,8 @@
-"""Coordinate transforms between Cartesian configurations and the coordinates a flow sees.
+"""Global internal coordinates (bonds, angles, torsions) built from a Topology's bond graph.
 
-``InternalCoordinates`` is a global bond/angle/torsion transform built automatically from a
-Topology's bond graph (Z-matrix conventions in :mod:`cmt_openmm.zmatrix`), batched in torch
-with exact log-determinants; ``CartesianCoordinates`` is the identity for toy targets.
-Hand-written because the transform must be built from any topology, handle constraints and
+``InternalCoordinates`` is a bond/angle/torsion transform built automatically from a
+Topology's bond graph (Z-matrix conventions in :mod:`cmt_openmm.coordinates.zmatrix`), batched
+in torch with exact log-determinants. Hand-written because the transform must be built from any topology, handle constraints and
 chirality, and be vectorised over placement generations; bgflow-style transforms need a
 hand-made Z-matrix and do not fix chirality.
 
@@ -35,31 +34,18 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cmt_openmm.errors import CMTInputError
-from cmt_openmm.zmatrix import RELATIVE, TORSION, build_zmatrix
+from ..errors import CMTInputError
+from ..units import dihedral, wrap_angle
+from .base import CoordinateTransform, reference_positions_nm
+from .zmatrix import RELATIVE, TORSION, build_zmatrix
 
 _PI = math.pi
 _MIN_REFERENCE_ANGLE = 0.05  # rad; reference angles closer to 0 or pi (linear groups) are refused
 
 
-def wrap_angle(a: Tensor) -> Tensor:
-    """Wrap angles (rad) to [-pi, pi)."""
-    w = torch.remainder(a + _PI, 2 * _PI) - _PI
-    return torch.where(w >= _PI, w - 2 * _PI, w)
-
-
 def _angle(u: Tensor, v: Tensor) -> Tensor:
     """Angle (rad, in [0, pi]) between vectors u and v (..., 3)."""
     return torch.atan2(torch.linalg.cross(u, v).norm(dim=-1), (u * v).sum(-1))
-
-
-def dihedral(p0: Tensor, p1: Tensor, p2: Tensor, p3: Tensor) -> Tensor:
-    """IUPAC dihedral p0-p1-p2-p3 (rad, in [-pi, pi]) of points (..., 3)."""
-    b0, b1, b2 = p0 - p1, p2 - p1, p3 - p2
-    b1 = b1 / b1.norm(dim=-1, keepdim=True)
-    v = b0 - (b0 * b1).sum(-1, keepdim=True) * b1
-    w = b2 - (b2 * b1).sum(-1, keepdim=True) * b1
-    return torch.atan2((torch.linalg.cross(b1, v) * w).sum(-1), (v * w).sum(-1))
 
 
 def _place(a: Tensor, b: Tensor, c: Tensor, r: Tensor, theta: Tensor, phi: Tensor) -> Tensor:
@@ -73,69 +59,12 @@ def _place(a: Tensor, b: Tensor, c: Tensor, r: Tensor, theta: Tensor, phi: Tenso
     return c + r * (-torch.cos(theta) * bc + sin_t * torch.cos(phi) * m + sin_t * torch.sin(phi) * n)
 
 
-def _positions_nm(positions, n_atoms: int) -> np.ndarray:
-    """Strip openmm units (to nm) and check the shape (n_atoms, 3) and finiteness."""
-    if hasattr(positions, "value_in_unit"):
-        import openmm.unit as unit
-
-        positions = positions.value_in_unit(unit.nanometer)
-    if isinstance(positions, Tensor):
-        positions = positions.detach().cpu().numpy()
-    arr = np.asarray(positions, dtype=np.float64)
-    if arr.shape != (n_atoms, 3) or not np.all(np.isfinite(arr)):
-        raise CMTInputError(f"Reference positions must be a finite ({n_atoms}, 3) array in nm, "
-                            f"got shape {arr.shape}; pass one configuration of this topology.")
-    return arr
-
-
 def _length_nm(length) -> float:
     if hasattr(length, "value_in_unit"):
         import openmm.unit as unit
 
         length = length.value_in_unit(unit.nanometer)
     return float(length)
-
-
-class CoordinateTransform(torch.nn.Module):
-    """Common interface: Cartesian x (B, n_atoms, 3) nm <-> flow coordinates z (B, dim).
-
-    Attributes: ``dim``, ``n_atoms``, ``kinds`` (per coordinate), buffers ``circular_mask``
-    (dim,) bool, ``reference_z`` (dim,), ``valid_bounds`` (dim, 2).
-    """
-
-    dim: int
-    n_atoms: int
-    kinds: list[str]
-
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """x (B, n_atoms, 3) nm -> z (B, dim), log|det dz/dx| (B,)."""
-        raise NotImplementedError
-
-    def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        """z (B, dim) -> x (B, n_atoms, 3) nm in the standard frame, log|det dx/dz| (B,)."""
-        raise NotImplementedError
-
-    def frame(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """R (B, 3, 3), t (B, 3) such that x == x_std @ R.T + t."""
-        raise NotImplementedError
-
-    def chirality_flipped(self, x) -> Tensor:
-        """(B,) bool: True where any reference chiral centre has the opposite handedness."""
-        raise NotImplementedError
-
-    def flipped_fraction(self, x) -> float:
-        """Fraction of configurations x (B, n_atoms, 3) with a flipped chiral centre."""
-        return float(self.chirality_flipped(x).double().mean())
-
-    def _check_x(self, x: Tensor) -> None:
-        if x.dim() != 3 or tuple(x.shape[1:]) != (self.n_atoms, 3):
-            raise CMTInputError(f"Expected configurations of shape (B, {self.n_atoms}, 3), got "
-                                f"{tuple(x.shape)}; add a batch dimension or check the system.")
-
-    def _check_z(self, z: Tensor) -> None:
-        if z.dim() != 2 or z.shape[1] != self.dim:
-            raise CMTInputError(f"Expected coordinates of shape (B, {self.dim}), got "
-                                f"{tuple(z.shape)}; add a batch dimension or check the transform.")
 
 
 class InternalCoordinates(CoordinateTransform):
@@ -159,7 +88,7 @@ class InternalCoordinates(CoordinateTransform):
                  seeds: tuple[int, int, int] | None = None):
         super().__init__()
         n = topology.getNumAtoms()
-        pos = _positions_nm(reference_positions, n)
+        pos = reference_positions_nm(reference_positions, n)
         atoms = list(topology.atoms())
         is_h = [(a.element.atomic_number == 1) if a.element is not None else a.name.upper().startswith("H")
                 for a in atoms]
@@ -331,53 +260,3 @@ class InternalCoordinates(CoordinateTransform):
     def chirality_flipped(self, x) -> Tensor:
         """(B,) bool: True where any reference chiral centre (four-neighbour atom) is flipped."""
         return self.flipped_centres(x).any(dim=-1)
-
-
-class CartesianCoordinates(CoordinateTransform):
-    """Identity transform for toy targets without a molecule: z = x flattened (B, 3 n_atoms).
-
-    ``box``: (3 n_atoms, 2) lower/upper bounds in nm (becomes ``valid_bounds``);
-    ``reference_positions`` (optional, nm) becomes ``reference_z``, else the box centre.
-    """
-
-    def __init__(self, n_atoms: int, box, reference_positions=None, dtype: torch.dtype = torch.float64):
-        super().__init__()
-        self.n_atoms = int(n_atoms)
-        self.dim = 3 * self.n_atoms
-        box = torch.as_tensor(np.asarray(box, dtype=np.float64))
-        if box.shape != (self.dim, 2) or not bool(torch.isfinite(box).all()) or not bool((box[:, 0] < box[:, 1]).all()):
-            raise CMTInputError(f"The box must be a finite ({self.dim}, 2) array of lower < upper "
-                                f"bounds in nm, got shape {tuple(box.shape)}; set the target's box.")
-        ref = box.mean(dim=1) if reference_positions is None else torch.as_tensor(
-            _positions_nm(reference_positions, self.n_atoms)).reshape(-1)
-        self.kinds = ["cartesian"] * self.dim
-        self.register_buffer("circular_mask", torch.zeros(self.dim, dtype=torch.bool), persistent=False)
-        self.register_buffer("valid_bounds", box.to(dtype), persistent=False)
-        self.register_buffer("reference_z", ref.to(dtype), persistent=False)
-
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """x (B, n_atoms, 3) -> z (B, 3 n_atoms), log|det| = 0."""
-        self._check_x(x)
-        return x.reshape(x.shape[0], self.dim), x.new_zeros(x.shape[0])
-
-    def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        """z (B, 3 n_atoms) -> x (B, n_atoms, 3), log|det| = 0."""
-        self._check_z(z)
-        return z.reshape(z.shape[0], self.n_atoms, 3), z.new_zeros(z.shape[0])
-
-    def frame(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Identity rotation and zero translation (no rigid-body degrees of freedom removed)."""
-        b = x.shape[0]
-        return torch.eye(3, dtype=x.dtype, device=x.device).expand(b, 3, 3), x.new_zeros(b, 3)
-
-    def chirality_flipped(self, x) -> Tensor:
-        """All False: there are no chiral centres."""
-        x = torch.as_tensor(x)
-        return torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-
-
-def coordinates_for(target, dtype: torch.dtype = torch.float64) -> CoordinateTransform:
-    """The transform for a Target: internal coordinates for molecules, else Cartesian over its box."""
-    if target.has_molecule:
-        return InternalCoordinates(target.topology, target.positions, target.constraints, dtype=dtype)
-    return CartesianCoordinates(target.n_atoms, target.box, target.positions, dtype=dtype)

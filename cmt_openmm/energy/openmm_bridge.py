@@ -6,7 +6,7 @@ pitfalls: each worker process evaluates one contiguous slice of the batch per me
 configuration; the batch itself travels through shared memory), a failed evaluation is
 u = +inf with zero force (never 0), nothing is cached, workers are started with ``spawn`` and
 build their Context inside the worker (openmm issue 2602), and a dead worker raises at once
-instead of hanging. The process side lives in :mod:`cmt_openmm._energy_worker`.
+instead of hanging. The process side lives in :mod:`cmt_openmm.energy._worker`.
 
 >>> energy = OpenMMEnergy(get_target("aldp-vacuum"), n_workers=2)     # doctest: +SKIP
 >>> x = torch.tensor(energy.target.positions)[None].requires_grad_()  # doctest: +SKIP
@@ -24,7 +24,8 @@ import openmm.unit as unit
 import torch
 from torch.autograd.function import once_differentiable
 
-from ._energy_worker import (
+from ..errors import CMTInputError
+from ._worker import (
     GPU_PLATFORMS,
     ContextEvaluator,
     WorkerError,
@@ -32,24 +33,14 @@ from ._energy_worker import (
     load_torch_plugins,
     threads_per_worker,
 )
-from .errors import CMTInputError
+from .regularize import regularize_energy
 
 load_torch_plugins()  # openmm may have been imported before torch (see the function)
 
 if TYPE_CHECKING:
-    from .target import Target
+    from ..target import Target
 
-__all__ = ["OpenMMEnergy", "WorkerError", "regularize_energy"]
-
-
-def regularize_energy(u: torch.Tensor, threshold: float = 1e3) -> torch.Tensor:
-    """Lin-log regularised reduced energy for training: ``u`` below ``threshold``,
-    ``threshold + log1p(u - threshold)`` above; +inf maps to ``threshold + ~710`` (finite, zero
-    gradient). Differentiable; shape and dtype of ``u`` are kept. Weights, ESS and MCMC
-    acceptance must use the raw energy instead.
-    """
-    excess = (u - threshold).clamp(min=0.0, max=torch.finfo(u.dtype).max)
-    return torch.where(u > threshold, threshold + torch.log1p(excess), u)
+__all__ = ["OpenMMEnergy", "WorkerError"]
 
 
 def _serialize(system: openmm.System) -> tuple[str | None, str]:

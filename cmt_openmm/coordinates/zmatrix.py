@@ -26,7 +26,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from cmt_openmm.errors import CMTInputError
+from ..errors import CMTInputError
 
 TORSION = "torsion"
 RELATIVE = "relative_torsion"

@@ -29,12 +29,12 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import openmm
 import openmm.app as app
-import openmm.unit as unit
 from scipy.optimize import brentq
 from scipy.special import logsumexp
 
-from cmt_openmm.errors import CMTInputError
-from cmt_openmm.target import Target, kelvin
+from ..errors import CMTInputError
+from ..target import Target
+from ..units import kT, kelvin
 
 _TAIL = 1e-11        # allowed mass beyond each side of each box dimension (6 sides: < 1e-10 in all)
 _N_SUB = {1: 200, 2: 64}  # quadrature subintervals per box dimension, by factor dimension (1-D, 2-D)
@@ -247,7 +247,6 @@ def _gl_nodes(boundaries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 # ---------------------------------------------------------------- builders -------------------------------------------
 
-_KJ_PER_MOL_PER_K = unit.MOLAR_GAS_CONSTANT_R.value_in_unit(unit.kilojoule_per_mole / unit.kelvin)
 _MASS_DALTON = 1.008  # a hydrogen-like particle: light, so MD explores the toy quickly
 
 
@@ -299,7 +298,7 @@ def double_well_3d(temperature: Any = 300.0, *, barrier: float = 5.0, major_weig
     """
     if not (barrier > 0 and 0.5 <= major_weight < 1.0):
         raise CMTInputError("double_well_3d needs barrier > 0 (in kT) and 0.5 <= major_weight < 1.")
-    kT0 = _KJ_PER_MOL_PER_K * kelvin(temperature)
+    kT0 = kT(kelvin(temperature))
     half, sigma = 0.5, 0.1
     try:
         tilt = brentq(lambda c: _left_weight(barrier, c) - major_weight, 0.0, 1.5 * barrier, xtol=1e-14)
@@ -356,7 +355,7 @@ def gaussian_mixture(temperature: Any = 300.0, *, weights: Sequence[float] = (0.
     w = tuple(float(v) for v in weights)
     if len(w) != 3 or min(w) <= 0 or abs(sum(w) - 1.0) > 1e-9:
         raise CMTInputError("gaussian_mixture needs 3 positive weights that sum to 1.")
-    kT0 = _KJ_PER_MOL_PER_K * kelvin(temperature)
+    kT0 = kT(kelvin(temperature))
     defs, sum_terms = [], []
     for k, (wk, (mx, my), s) in enumerate(zip(w, _MIX_MEANS, _MIX_SIGMAS)):
         defs.append(f"e{k}=-((x-({mx!r}))^2+(y-({my!r}))^2)/{2 * s * s!r}")

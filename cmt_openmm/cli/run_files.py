@@ -22,7 +22,6 @@ a :class:`~cmt_openmm.errors.CMTInputError` of one sentence.
 """
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,12 +29,10 @@ from typing import Any
 
 import yaml
 
-from .errors import CMTInputError
+from ..errors import CMTInputError
+from ..units import kelvin
 
 RUN_FILE = "run.yaml"
-GENERATOR_FILE = "generator.safetensors"
-CHECKPOINT_FILE = "checkpoint.pt"
-RESUMABLE = ("max_steps", "budget")  # training settings a resumed run may change
 _REPORT_DEFAULTS = {"n_samples": 5000, "n_draws": 5, "seed": 1_000_003}
 
 
@@ -68,7 +65,7 @@ def read_yaml(path: str | os.PathLike) -> Any:
 
 def parse_run_config(data: Any, base_dir: str | os.PathLike = ".") -> RunSpec:
     """Validate a run mapping (YAML-parsed) and resolve relative PDB/XML paths against ``base_dir``."""
-    from .training import TrainConfig
+    from ..training import TrainConfig
 
     if not isinstance(data, dict):
         raise CMTInputError("a run file must be a YAML mapping with at least a `system` key.")
@@ -76,13 +73,7 @@ def parse_run_config(data: Any, base_dir: str | os.PathLike = ".") -> RunSpec:
     if "system" not in data:
         raise CMTInputError("the run file names no `system`; add e.g. `system: aldp-vacuum`.")
     system = resolve_system(data.pop("system"), Path(base_dir))
-    temperature = data.pop("temperature", 300.0)
-    try:
-        temperature = float(temperature)
-    except (TypeError, ValueError):
-        raise CMTInputError(f"temperature must be a number in kelvin, got {temperature!r}.") from None
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise CMTInputError(f"temperature must be a positive number of kelvin, got {temperature}.")
+    temperature = kelvin(data.pop("temperature", 300.0))
     report = data.pop("report", None) or {}
     if not isinstance(report, dict) or set(report) - set(_REPORT_DEFAULTS):
         raise CMTInputError(f"the report section may only set {', '.join(_REPORT_DEFAULTS)}.")
@@ -105,7 +96,7 @@ def _existing(path: str, base_dir: str | os.PathLike, what: str) -> Path:
 
 
 def resolve_system(system: Any, base_dir: Path) -> Any:
-    from .systems import list_targets
+    from ..systems import list_targets
 
     if isinstance(system, str):
         if system not in list_targets():
@@ -128,10 +119,10 @@ def resolve_system(system: Any, base_dir: Path) -> Any:
 def build_target(system: Any, temperature: float):
     """The Target a (resolved) ``system`` entry names, at ``temperature`` K."""
     if isinstance(system, str):
-        from .systems import get_target
+        from ..systems import get_target
 
         return get_target(system, temperature)
-    from .target import Target
+    from ..target import Target
 
     try:
         return Target.from_pdb(system["pdb"], system["forcefield"], temperature,
@@ -153,13 +144,3 @@ def load_run(run_dir: str | os.PathLike) -> tuple[RunSpec, Any]:
         raise CMTInputError(f"{run_dir} holds no {RUN_FILE}; is it a directory written by `cmt-openmm train`?")
     spec = parse_run_config(read_yaml(path), run_dir)
     return spec, build_target(spec.system, spec.temperature)
-
-
-def load_generator(run_dir: str | os.PathLike, target):
-    """The trained generator of ``run_dir`` (refused when it belongs to another system)."""
-    from .generator import BoltzmannGenerator
-
-    path = Path(run_dir) / GENERATOR_FILE
-    if not path.is_file():
-        raise CMTInputError(f"{path} does not exist; finish training with `cmt-openmm train --out {run_dir} --resume`.")
-    return BoltzmannGenerator.load(path, target)

@@ -13,6 +13,13 @@ from typing import Sequence
 import numpy as np
 from matplotlib.figure import Figure
 
+from ..coordinates.backbone import is_peptide
+from ..files import atomic_writer
+from ..sampling.reweighting import ReweightedEnsemble
+
+FES_BINS = 60
+"""Bins per axis of the reweighted Ramachandran free-energy surface."""
+
 _CURVES = (
     ("reverse_ess", "reverse ESS (target)", "log"),
     ("ess_step", "ESS between steps", "linear"),
@@ -26,9 +33,8 @@ _CURVES = (
 def _save(fig: Figure, path: str | os.PathLike) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    os.replace(tmp, path)
+    with atomic_writer(path) as handle:
+        fig.savefig(handle, format=path.suffix.lstrip(".") or "png", dpi=110, bbox_inches="tight")
     return path
 
 
@@ -137,3 +143,42 @@ def plot_marginal(
         ax.set_title(title)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def make_plots(run_dir: Path, history: Sequence[dict], pooled: ReweightedEnsemble | None, title: str,
+               prefix: str = "") -> list[str]:
+    """Training curves, and the reweighted Ramachandran FES (peptides) or x-marginal (toys).
+
+    Files are ``{prefix}training_curves.png`` and ``{prefix}ramachandran_fes.png`` or
+    ``{prefix}marginal_x.png`` in ``run_dir``; returns their names.
+    """
+    run_dir = Path(run_dir)
+    written = []
+    if history:
+        written.append(plot_training_curves(history, run_dir / f"{prefix}training_curves.png", title))
+    if pooled is not None and pooled.weights.any():
+        target = pooled.target
+        if is_peptide(target):
+            written.append(plot_ramachandran(pooled, run_dir / f"{prefix}ramachandran_fes.png", title))
+        elif getattr(target, "box", None) is not None:
+            written.append(plot_toy_marginal(pooled, run_dir / f"{prefix}marginal_x.png", title))
+    return [str(Path(p).name) for p in written]
+
+
+def plot_ramachandran(pooled: ReweightedEnsemble, path: Path, title: str = "", bins: int = FES_BINS) -> Path:
+    """Reweighted (φ, ψ) free-energy surface of the first backbone pair, with bootstrap errors."""
+    angles = pooled.ramachandran_angles()[:, 0]
+    fes = pooled.free_energy_surface(angles, bins=bins, range=[(-np.pi, np.pi)] * 2, n_bootstrap=50)
+    return plot_free_energy_surface(fes.free_energy, fes.edges[0], fes.edges[1], path,
+                                          uncertainty=fes.error, title=title or "reweighted FES")
+
+
+def plot_toy_marginal(pooled: ReweightedEnsemble, path: Path, title: str = "", bins: int = 60) -> Path:
+    """Marginal of the first coordinate: reweighted flow, raw flow and the exact one when known."""
+    target = pooled.target
+    edges = np.linspace(target.box[0, 0], target.box[0, 1], bins + 1)
+    x = pooled.positions[:, 0, 0]
+    model = np.histogram(x, edges, weights=pooled.weights)[0]
+    raw = np.histogram(x, edges)[0] / max(len(x), 1)
+    exact = target.marginal(0, edges) if hasattr(target, "marginal") else None
+    return plot_marginal(edges, model, path, exact=exact, raw=raw, title=title)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 
-from .errors import CMTInputError
+from ..errors import CMTInputError
 
 _PRESETS: dict[str, dict] = {
     # Seconds on one core; the CLI tests use it end to end. A one-particle double well with

@@ -1,0 +1,238 @@
+"""The metrics of a trained generator: what the report and the benchmarks print.
+
+Two kinds, both following method.md (Metrics):
+
+- Ramachandran histograms and their TV / KL distances (functions of angles and weights);
+- the report's sample and reference metrics, computed from reweighted draws: reverse ESS as
+  the median over several independent draws with the spread (one draw scatters by several
+  times), with and without clipping the largest 1e-4 of the log-weights; basin populations and
+  free energies (peptides) or exact-vs-model mode weights (toys); forward ESS, EUBO and
+  Ramachandran TV/KL against reference MD frames.
+
+Hand-written glue over :mod:`cmt_openmm.importance`, :mod:`cmt_openmm.sampling.estimators` and
+:mod:`cmt_openmm.sampling.reweighting`; the conventions (which KL direction, how empty bins are
+treated, where angles wrap) are the documented ones.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..coordinates.backbone import is_peptide, ramachandran_angles
+from ..errors import CMTInputError
+from ..importance import CLIP_FRACTION, eubo, forward_ess
+from ..sampling.estimators import (ALDP_BASINS, PHI_POSITIVE, Estimate, as_weights, basin_free_energies,
+                                   basin_populations)
+from ..sampling.reweighting import ReweightedEnsemble
+from ..units import as_float64, wrap_angle
+
+KL_EPSILON = 1e-10
+"""Added to every bin of both histograms (then renormalised) before a KL divergence."""
+
+
+def ramachandran_histogram(angles: Any, weights: Any = None, bins: int = 100) -> np.ndarray:
+    """Normalised (φ, ψ) histogram(s) on [-π, π)² with bins×bins bins.
+
+    ``angles`` (B, 2) -> (bins, bins), or (B, n_pairs, 2) -> (n_pairs, bins, bins); axis -2 is
+    φ, axis -1 is ψ. ``weights`` (B,), non-negative, any normalisation (None: uniform). Every
+    histogram sums to 1.
+    """
+    a = wrap_angle(angles)
+    single = a.ndim == 2
+    if single:
+        a = a[:, None, :]
+    if a.ndim != 3 or a.shape[-1] != 2:
+        raise CMTInputError(f"angles have shape {a.shape}, expected (B, 2) or (B, n_pairs, 2).")
+    w = as_weights(weights, a.shape[0])
+    edges = np.linspace(-np.pi, np.pi, bins + 1)
+    hists = np.stack(
+        [np.histogram2d(a[:, k, 0], a[:, k, 1], bins=(edges, edges), weights=w)[0] for k in range(a.shape[1])]
+    )
+    hists /= hists.sum(axis=(-2, -1), keepdims=True)
+    return hists[0] if single else hists
+
+
+def _check_pair(p: Any, q: Any) -> tuple[np.ndarray, np.ndarray]:
+    p, q = as_float64(p), as_float64(q)
+    if p.shape != q.shape:
+        raise CMTInputError(f"histograms have shapes {p.shape} and {q.shape}: compare histograms with the same bins.")
+    return p, q
+
+
+def histogram_tv(p: Any, q: Any, axis: int | Sequence[int] | None = None) -> np.ndarray | float:
+    """Total variation ½ Σ |P - Q| of two normalised histograms (summed over ``axis``; None: all)."""
+    p, q = _check_pair(p, q)
+    tv = 0.5 * np.abs(p - q).sum(axis=None if axis is None else tuple(np.atleast_1d(axis)))
+    return float(tv) if np.ndim(tv) == 0 else tv
+
+
+def histogram_kl(p: Any, q: Any, axis: int | Sequence[int] | None = None, epsilon: float = KL_EPSILON) -> np.ndarray | float:
+    """KL(P ‖ Q) = Σ P log(P / Q) of two histograms (P: reference, Q: model).
+
+    ``epsilon`` (default 1e-10) is added to every bin of both, which are then renormalised over
+    ``axis`` (None: all axes), so bins empty in Q give a large finite penalty instead of +inf.
+    """
+    p, q = _check_pair(p, q)
+    ax = None if axis is None else tuple(np.atleast_1d(axis))
+    p = (p + epsilon) / (p + epsilon).sum(axis=ax, keepdims=True)
+    q = (q + epsilon) / (q + epsilon).sum(axis=ax, keepdims=True)
+    kl = np.sum(p * np.log(p / q), axis=ax)
+    return float(kl) if np.ndim(kl) == 0 else kl
+
+
+def ramachandran_tv(angles_model: Any, angles_ref: Any, weights_model: Any = None, bins: int = 100) -> float:
+    """Ramachandran TV averaged over backbone pairs (the "Ram TV" of method.md's tables).
+
+    ``angles_model`` (B, n_pairs, 2) with optional importance weights; ``angles_ref`` (M, n_pairs, 2)
+    unweighted reference (MD) angles.
+    """
+    pm = ramachandran_histogram(angles_model, weights_model, bins)
+    pr = ramachandran_histogram(angles_ref, None, bins)
+    return float(np.mean(histogram_tv(pm, pr, axis=(-2, -1))))
+
+
+# ---------------------------------------------------------------------------------------------
+# The report's metrics
+# ---------------------------------------------------------------------------------------------
+
+
+def spread(values: Sequence[float]) -> dict:
+    """Median, min, max and every value of repeated measurements."""
+    v = np.asarray(list(values), dtype=float)
+    return {
+        "median": float(np.median(v)),
+        "min": float(v.min()),
+        "max": float(v.max()),
+        "draws": [float(x) for x in v],
+    }
+
+
+def _estimate(e: Estimate) -> dict:
+    return {"value": _finite(e.value), "error": _finite(e.error)}
+
+
+def _finite(x: float) -> float | None:
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def training_summary(history: Sequence[dict], stop_reason: str | None = None) -> dict:
+    """Steps, energy evaluations, wall time and the last record's main fields."""
+    if not history:
+        return {"steps": 0, "energy_evaluations": 0, "wall_time_s": 0.0, "stop_reason": stop_reason}
+    last = history[-1]
+    keys = ("lam", "eta", "temperature", "reverse_ess", "reverse_ess_clipped", "ess_step", "loss", "entropy")
+    return {
+        "method": last.get("method"),
+        "steps": int(last.get("step", len(history))),
+        "energy_evaluations": int(last.get("energy_evaluations", 0)),
+        "failed_evaluations": int(last.get("n_failed", 0)),
+        "wall_time_s": float(last.get("wall_time", 0.0)),
+        "stop_reason": stop_reason,
+        "final": {k: last[k] for k in keys if k in last},
+    }
+
+
+def sample_metrics(ensembles: Sequence[ReweightedEnsemble]) -> dict:
+    """ESS (median of draws with spread, clipped and not), failures, and state populations."""
+    pooled = ReweightedEnsemble.concatenate(ensembles)
+    target = pooled.target
+    out = {
+        "n_draws": len(ensembles),
+        "n_samples_per_draw": len(ensembles[0]),
+        "reverse_ess": spread(e.ess for e in ensembles),
+        "reverse_ess_clipped": spread(e.ess_clipped(CLIP_FRACTION) for e in ensembles),
+        "clip_fraction": CLIP_FRACTION,
+        "reverse_ess_pooled": pooled.ess,
+        "failed_energies": int(np.sum(~np.isfinite(pooled.reduced_energy))),
+        "chirality_flips": int(pooled.invalid.sum()),
+    }
+    if not pooled.weights.any():
+        return out
+    if is_peptide(target):
+        out.update(peptide_populations(pooled.ramachandran_angles(), pooled.weights, target.kT))
+    elif hasattr(target, "mode_weights"):
+        out["modes"] = toy_modes(pooled)
+    return out
+
+
+def peptide_populations(angles: np.ndarray, weights: np.ndarray | None, kT: float) -> dict:
+    """Basin populations with delta-method errors: the ALDP boxes and the φ > 0 basin
+    (:data:`PHI_POSITIVE`) for one backbone pair, the φ > 0 basin per residue for longer peptides."""
+    out: dict[str, Any] = {}
+    if angles.shape[1] == 1:
+        pops = basin_populations(angles[:, 0], weights, {**ALDP_BASINS, **PHI_POSITIVE})
+        basins = {k: v for k, v in pops.items() if k in ALDP_BASINS}
+        out["basin_populations"] = {k: _estimate(v) for k, v in basins.items()}
+        out["phi_positive_population"] = _estimate(pops["phi>0"])
+        if any(v.value > 0 for v in basins.values()):
+            dF = basin_free_energies(basins, kT=1.0)
+            out["basin_free_energies_kT"] = {k: _estimate(v) for k, v in dF.items()}
+    else:
+        out["phi_positive_population"] = {
+            f"residue_{i + 1}": _estimate(basin_populations(angles[:, i], weights, PHI_POSITIVE)["phi>0"])
+            for i in range(angles.shape[1])
+        }
+    return out
+
+
+def toy_modes(pooled: ReweightedEnsemble) -> dict:
+    """Reweighted, raw and exact mode weights of a toy target."""
+    target = pooled.target
+    labels = np.asarray(target.mode_of(pooled.positions), dtype=int)
+    exact = np.asarray(target.mode_weights(), dtype=float)
+    w = pooled.weights
+    model = np.bincount(labels, weights=w, minlength=len(exact))[: len(exact)]
+    raw = np.bincount(labels, minlength=len(exact))[: len(exact)] / len(labels)
+    return {
+        "exact": exact.tolist(),
+        "reweighted": model.tolist(),
+        "raw_flow": raw.tolist(),
+        "max_abs_error": float(np.max(np.abs(model - exact))),
+    }
+
+
+def reference_metrics(generator, target, reference_positions: np.ndarray, pooled: ReweightedEnsemble | None,
+                      batch_size: int = 1000, energy=None) -> dict:
+    """Forward ESS, EUBO (kT) and, for peptides, Ramachandran TV/KL against MD reference frames."""
+    import torch
+
+    from ..energy import OpenMMEnergy
+
+    ref = np.asarray(reference_positions, dtype=np.float64)
+    own = energy is None
+    energy = OpenMMEnergy(target) if own else energy
+    try:
+        u = np.concatenate([np.asarray(energy(ref[i : i + batch_size]), dtype=float).reshape(-1)
+                            for i in range(0, len(ref), batch_size)])
+    finally:
+        if own:
+            energy.close()
+    u = np.where(np.isnan(u), np.inf, u)
+    with torch.no_grad():
+        log_q = np.concatenate([
+            generator.log_prob(torch.as_tensor(ref[i : i + batch_size])).double().cpu().numpy().reshape(-1)
+            for i in range(0, len(ref), batch_size)
+        ])
+    log_p = -u
+    with np.errstate(invalid="ignore"):
+        log_w = np.where(np.isfinite(log_p), log_p - log_q, -np.inf)
+    out = {
+        "n_reference": int(len(ref)),
+        "forward_ess": forward_ess(log_w),
+        "eubo": _finite(eubo(log_p, log_q)),
+        "reference_outside_flow_support": int(np.sum(~np.isfinite(log_q))),
+    }
+    if is_peptide(target):
+        ref_angles = ramachandran_angles(target.topology, ref)
+        out["reference_populations"] = peptide_populations(ref_angles, None, target.kT)
+        if pooled is not None and pooled.weights.any():
+            model_angles = pooled.ramachandran_angles()
+            out["ramachandran_tv"] = ramachandran_tv(model_angles, ref_angles, pooled.weights)
+            pm = ramachandran_histogram(model_angles, pooled.weights)
+            pr = ramachandran_histogram(ref_angles)
+            out["ramachandran_kl"] = float(np.mean(histogram_kl(pr, pm, axis=(-2, -1))))
+    return out

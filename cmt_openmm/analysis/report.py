@@ -1,0 +1,146 @@
+"""The report of a trained generator: ``report.json``, ``report.md`` and the plots, assembled.
+
+Metrics are computed in :mod:`cmt_openmm.analysis.metrics`, pictures drawn in
+:mod:`cmt_openmm.analysis.plots`; this module draws the samples, calls both and writes the
+files (atomically).
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..files import atomic_write, to_json
+from ..sampling.reweighting import ReweightedEnsemble, reweight
+from . import metrics, plots
+
+
+def write_run_report(run_dir: str | os.PathLike, target, generator, history: Sequence[dict],
+                     stop_reason: str | None, *, method: str, seed: int, n_samples: int, n_draws: int,
+                     sample_seed: int, progress: bool = True, reference_positions: np.ndarray | None = None,
+                     reference_file: str | None = None, name: str = "report") -> dict:
+    """Draw ``n_draws`` reweighted draws of ``n_samples``, compute the metrics, draw the plots and
+    write ``name``.json / ``name``.md into ``run_dir``; returns the report dictionary.
+
+    ``history``: the training records (empty: no training curves); ``reference_positions``:
+    (M, n_atoms, 3) nm MD frames for forward ESS, EUBO and Ramachandran TV/KL.
+    """
+    run_dir = Path(run_dir)
+    ensembles = draw_ensembles(generator, target, n_samples, n_draws, sample_seed, progress)
+    pooled = ReweightedEnsemble.concatenate(ensembles)
+    report = {
+        "system": target.name,
+        "temperature": target.temperature,
+        "method": method,
+        "seed": seed,
+        "run_dir": str(run_dir.resolve()),
+        "training": metrics.training_summary(history, stop_reason),
+        "samples": metrics.sample_metrics(ensembles),
+    }
+    if reference_positions is not None:
+        report["reference"] = metrics.reference_metrics(generator, target, reference_positions, pooled)
+        report["reference"]["file"] = None if reference_file is None else str(reference_file)
+    title = f"{target.name}, {method}, {target.temperature:g} K"
+    # The training report draws the training curves; an evaluation only its own sample plots.
+    curves = history if name == "report" else ()
+    report["plots"] = plots.make_plots(run_dir, curves, pooled, title, prefix="" if name == "report" else f"{name}_")
+    write_report(run_dir, report, name)
+    return report
+
+
+def draw_ensembles(generator, target, n_samples: int, n_draws: int, seed: int,
+                   progress: bool = True, energy=None) -> list[ReweightedEnsemble]:
+    """``n_draws`` independent reweighted draws of ``n_samples`` flow samples each (seeds seed+k)."""
+    from tqdm.auto import tqdm
+
+    out = []
+    for k in tqdm(range(n_draws), desc="report draws", disable=not progress, unit="draw"):
+        out.append(reweight(generator, target, n_samples, seed=seed + k, progress=False, energy=energy))
+    return out
+
+
+def write_report(run_dir: str | os.PathLike, report: dict, name: str = "report") -> tuple[Path, Path]:
+    """Write ``name.json`` and ``name.md`` atomically into ``run_dir``."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    json_path = atomic_write(run_dir / f"{name}.json", to_json(report))
+    md_path = atomic_write(run_dir / f"{name}.md", render_markdown(report))
+    return json_path, md_path
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.2f} %"
+
+
+def _pm(e: dict | None, scale: float = 1.0, fmt: str = "{:.4f}") -> str:
+    if not e or e.get("value") is None:
+        return "n/a"
+    err = e.get("error")
+    return (fmt.format(scale * e["value"]) + " ± " + fmt.format(scale * err)) if err is not None else fmt.format(scale * e["value"])
+
+
+def render_markdown(report: dict) -> str:
+    """Human-readable summary of a report dictionary."""
+    lines = [f"# cmt-openmm report: {report.get('system', '?')} at {report.get('temperature', '?')} K", ""]
+    tr = report.get("training") or {}
+    if tr:
+        lines += [
+            "## Training",
+            "",
+            f"- method: {tr.get('method') or report.get('method')}, seed {report.get('seed')}",
+            f"- steps: {tr.get('steps')} (stopped: {tr.get('stop_reason') or 'n/a'})",
+            f"- energy evaluations: {tr.get('energy_evaluations'):,} (failed: {tr.get('failed_evaluations', 0)})",
+            f"- wall time: {tr.get('wall_time_s', 0.0):.1f} s",
+        ]
+        final = tr.get("final") or {}
+        if final:
+            lines.append("- last step: " + ", ".join(f"{k} = {v:.4g}" for k, v in final.items() if isinstance(v, (int, float))))
+        lines.append("")
+    s = report.get("samples") or {}
+    if s:
+        ess, essc = s["reverse_ess"], s["reverse_ess_clipped"]
+        lines += [
+            "## Samples",
+            "",
+            f"{s['n_draws']} draws of {s['n_samples_per_draw']} samples each (median [min, max] over draws).",
+            "",
+            "| metric | median | min | max |",
+            "|---|---|---|---|",
+            f"| reverse ESS | {_pct(ess['median'])} | {_pct(ess['min'])} | {_pct(ess['max'])} |",
+            f"| reverse ESS, top {s['clip_fraction']:g} log-weights clipped | {_pct(essc['median'])} | {_pct(essc['min'])} | {_pct(essc['max'])} |",
+            "",
+            f"- failed energies: {s['failed_energies']}, chirality flips: {s['chirality_flips']}",
+        ]
+        if "phi_positive_population" in s:
+            php = s["phi_positive_population"]
+            if "value" in php:
+                lines.append(f"- φ > 0 basin (αL ∪ C7ax, 0° ≤ φ < 120°) population, reweighted: {_pm(php)}")
+            else:
+                lines += [f"- φ > 0 population, {k}: {_pm(v)}" for k, v in php.items()]
+        if "basin_populations" in s:
+            ref = ((report.get("reference") or {}).get("reference_populations") or {}).get("basin_populations", {})
+            dF = s.get("basin_free_energies_kT", {})
+            lines += ["", "| basin | population (reweighted) | ΔF (kT) | reference population |", "|---|---|---|---|"]
+            for name, pop in s["basin_populations"].items():
+                lines.append(f"| {name} | {_pm(pop)} | {_pm(dF.get(name), fmt='{:.2f}')} | {_pm(ref.get(name))} |")
+        if "modes" in s:
+            m = s["modes"]
+            lines += ["", "| mode | exact | reweighted | raw flow |", "|---|---|---|---|"]
+            for k, (e, r, q) in enumerate(zip(m["exact"], m["reweighted"], m["raw_flow"])):
+                lines.append(f"| {k} | {e:.4f} | {r:.4f} | {q:.4f} |")
+        lines.append("")
+    ref = report.get("reference")
+    if ref:
+        lines += ["## Against reference samples", "", f"- reference frames: {ref['n_reference']}",
+                  f"- forward ESS: {_pct(ref.get('forward_ess'))}",
+                  f"- EUBO: {ref['eubo']:.3f} kT" if ref.get("eubo") is not None else "- EUBO: inf"]
+        if "ramachandran_tv" in ref:
+            lines += [f"- Ramachandran TV: {ref['ramachandran_tv']:.4f}", f"- Ramachandran KL: {ref['ramachandran_kl']:.4f}"]
+        lines.append("")
+    if report.get("plots"):
+        lines += ["## Plots", ""] + [f"![{p}]({p})" for p in report["plots"]] + [""]
+    lines.append(f"_written {time.strftime('%Y-%m-%d %H:%M:%S')}_")
+    return "\n".join(lines) + "\n"

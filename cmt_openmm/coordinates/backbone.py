@@ -1,0 +1,60 @@
+"""A peptide's backbone dihedrals (φ, ψ) found from its Topology, and their values in configurations.
+
+Used by every layer that speaks of conformations: the φ-sign strata of training, reweighted
+basin populations, Ramachandran metrics and plots. The angles agree with mdtraj's
+``compute_phi`` / ``compute_psi`` (tested).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ..errors import CMTInputError
+from ..units import dihedral_angles
+
+
+def backbone_dihedrals(topology: Any) -> list[tuple[tuple[int, int, int, int], tuple[int, int, int, int]]]:
+    """Backbone (φ, ψ) atom quadruples of every residue that has both, in chain order.
+
+    φ_i = C(i-1)-N(i)-CA(i)-C(i) and ψ_i = N(i)-CA(i)-C(i)-N(i+1), found from atom names
+    (``N``, ``CA``, ``C``) of consecutive residues of one chain; when the topology has bonds,
+    the peptide bonds C(i-1)-N(i) and C(i)-N(i+1) must be among them. Caps (ACE, NME) supply
+    the outer C / N, so alanine dipeptide gives one pair. Accepts an `openmm.app.Topology` or
+    an `mdtraj.Topology`.
+    """
+    if hasattr(topology, "to_openmm"):  # mdtraj.Topology
+        topology = topology.to_openmm()
+    bonds = {frozenset((a.index, b.index)) for a, b in topology.bonds()}
+
+    def linked(i: int | None, j: int | None) -> bool:
+        return i is not None and j is not None and (not bonds or frozenset((i, j)) in bonds)
+
+    pairs = []
+    for chain in topology.chains():
+        residues = list(chain.residues())
+        names = [{atom.name: atom.index for atom in residue.atoms()} for residue in residues]
+        for k, atoms in enumerate(names):
+            n, ca, c = atoms.get("N"), atoms.get("CA"), atoms.get("C")
+            if n is None or ca is None or c is None:
+                continue
+            prev_c = names[k - 1].get("C") if k > 0 else None
+            next_n = names[k + 1].get("N") if k + 1 < len(names) else None
+            if linked(prev_c, n) and linked(c, next_n):
+                pairs.append(((prev_c, n, ca, c), (n, ca, c, next_n)))
+    return pairs
+
+
+def ramachandran_angles(topology: Any, x: Any) -> np.ndarray:
+    """(φ, ψ) of every backbone pair: x (B, n_atoms, 3) nm -> (B, n_pairs, 2) radians in [-π, π)."""
+    pairs = backbone_dihedrals(topology)
+    if not pairs:
+        raise CMTInputError("the topology has no backbone (φ, ψ) pair: Ramachandran metrics need a peptide.")
+    quads = [quad for pair in pairs for quad in pair]
+    angles = dihedral_angles(x, quads)
+    return angles.reshape(angles.shape[0], len(pairs), 2)
+
+
+def is_peptide(target) -> bool:
+    """True when the topology has at least one backbone (φ, ψ) pair."""
+    return target.has_molecule and bool(backbone_dihedrals(target.topology))

@@ -1,0 +1,23 @@
+"""Batched reduced energies u(x) = U(x)/kT and their forces.
+
+- :mod:`.openmm_bridge`: :class:`OpenMMEnergy`, OpenMM itself on any platform (worker pool on CPUs);
+- :mod:`._worker`: the worker processes' side (imports neither torch nor the rest of the package);
+- :mod:`.regularize`: the lin-log regularisation used by training losses.
+
+Names load on first use, so that a spawned worker importing :mod:`._worker` does not import torch.
+"""
+from importlib import import_module
+
+_NAMES = {
+    "OpenMMEnergy": "openmm_bridge",
+    "WorkerError": "_worker",
+    "regularize_energy": "regularize",
+}
+
+__all__ = sorted(_NAMES)
+
+
+def __getattr__(name: str):
+    if name in _NAMES:
+        return getattr(import_module(f".{_NAMES[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,60 @@
+"""An OpenMM reporter that applies flow moves between MD steps of a plain ``Simulation`` and logs them."""
+from __future__ import annotations
+
+import os
+
+from ..errors import CMTInputError
+from .moves import FlowIndependenceMove
+
+
+class FlowMoveReporter:
+    """An OpenMM reporter that applies flow moves every ``report_interval`` steps and logs them.
+
+    Two lines added to an existing script::
+
+        move = FlowIndependenceMove("generator.safetensors", n_steps=10)
+        simulation.reporters.append(FlowMoveReporter(move, "flow_moves.csv", 1000))
+
+    ``simulation.step(n)`` then attempts ``move.n_steps`` flow proposals after every
+    ``report_interval`` MD steps. Each row: step, proposals and acceptances in the interval,
+    the cumulative acceptance rate. With ``apply_moves=False`` it only logs a move that the
+    script applies itself (``move.apply_to_simulation(simulation)``). ``temperature`` as in
+    :meth:`FlowIndependenceMove.apply_to_simulation`. Reporters later in the list see the
+    state after the flow move; those earlier, the state before it.
+    """
+
+    def __init__(self, move: FlowIndependenceMove, file, report_interval: int,
+                 temperature=None, apply_moves: bool = True):
+        if int(report_interval) < 1:
+            raise CMTInputError(f"report_interval must be a positive number of steps, "
+                                f"got {report_interval}.")
+        self.move = move
+        self.report_interval = int(report_interval)
+        self.temperature = temperature
+        self.apply_moves = apply_moves
+        self._own_file = isinstance(file, (str, os.PathLike))
+        self._out = open(file, "w") if self._own_file else file
+        self._last = (move.n_proposed, move.n_accepted)
+        print('#"Step","Flow proposals","Flow accepted","Acceptance rate (total)"',
+              file=self._out, flush=True)
+
+    def describeNextReport(self, simulation) -> dict:
+        steps = self.report_interval - simulation.currentStep % self.report_interval
+        return dict(steps=steps, periodic=None, include=[])
+
+    def report(self, simulation, state) -> None:
+        if self.apply_moves:
+            self.move.apply_to_simulation(simulation, temperature=self.temperature)
+        proposed, accepted = self.move.n_proposed, self.move.n_accepted
+        rate = accepted / proposed if proposed else float("nan")
+        print(f"{simulation.currentStep},{proposed - self._last[0]},{accepted - self._last[1]},"
+              f"{rate:.4f}", file=self._out, flush=True)
+        self._last = (proposed, accepted)
+
+    def close(self) -> None:
+        """Close the file when the reporter opened it."""
+        if getattr(self, "_own_file", False) and not self._out.closed:
+            self._out.close()
+
+    def __del__(self):
+        self.close()
