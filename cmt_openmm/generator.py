@@ -4,18 +4,27 @@
 :class:`~cmt_openmm.coordinates.CoordinateTransform`. Its density is the one every part of the
 library uses (method.md, "Density conventions"): for a Cartesian configuration x (nm),
 
-    log q(x) = log q_z(z(x)) + log|det dz/dx|,
+    log q(x) = log q_z(z(x)) - log J(z(x)),
 
-the flow density on the internal (or toy Cartesian) coordinates plus the log-Jacobian of the
-Cartesian -> coordinate map with the rigid-body degrees of freedom fixed (so log q is in
-log nm^-(3N-6) for molecules, log nm^-(3N) for toys). It is invariant under rigid motions of x,
-so ``log_prob`` accepts any orientation; ``sample`` returns configurations in the transform's
-standard frame. The flow runs in float32 by default; coordinates and densities are float64.
+the flow density on the internal (or toy Cartesian) coordinates minus the log-Jacobian of the
+map z -> x. For molecules J = prod over every placed bond of r^2 times prod over every placed
+angle of sin(theta), seed atoms included, so q is a density of x with respect to dx / (dt dR),
+the Lebesgue measure on R^{3N} with the translation t and the rotation R (Haar measure) factored
+out (log nm^-(3N-6)); for toys J = 1 and q is a density of x in R^{3N}. Importance weights
+p̃(x)/q(x) = exp(-u(x))/q(x) and the Metropolis-Hastings moves of :mod:`cmt_openmm.sampling.moves`
+are therefore exact for the Boltzmann distribution exp(-u(x)) dx (see
+:mod:`cmt_openmm.coordinates.internal` for the derivation and the constrained case). q is
+invariant under rigid motions of x, so ``log_prob`` accepts any orientation; ``sample`` returns
+configurations in the transform's standard frame. The flow runs in float32 by default;
+coordinates and densities are float64.
 
 Files: ``save`` writes one ``.safetensors`` file (the flow's tensors plus JSON metadata:
 settings, the target's topology and system fingerprints and name, the reference structure,
 the format version) atomically; ``load`` reads only safetensors and JSON, never pickle, so a
-file from a stranger cannot run code.
+file from a stranger cannot run code. Format 2 (this version) reports the density above; a
+format-1 file (whose densities lacked the seed atoms' Jacobian) still loads, with a one-line
+warning: its flow is a valid proposal and is now given the physical density, so weights and
+moves are exact, but it was trained towards a slightly different target.
 
 Example::
 
@@ -49,7 +58,8 @@ from .files import atomic_write
 from .flows import DEFAULT_SCALES, SplineFlow
 from .units import nanometers
 
-FORMAT = "cmt_openmm.BoltzmannGenerator/1"
+FORMAT = "cmt_openmm.BoltzmannGenerator/2"
+_OLD_FORMAT = "cmt_openmm.BoltzmannGenerator/1"  # densities without the seed atoms' Jacobian
 _META_KEY = "cmt_openmm"
 _MAX_HEADER = 100_000_000  # bytes; safetensors' own limit
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -263,7 +273,11 @@ def _read_metadata(data: bytes, path: Path) -> dict[str, Any]:
         raise refusal from None
     if not isinstance(meta, dict):
         raise refusal
-    if meta.get("format") != FORMAT:
+    if meta.get("format") == _OLD_FORMAT:
+        warnings.warn(f"{path} was trained before the seed atoms' Jacobian entered the density (format 1); "
+                      "it loads as a proposal with exact weights and moves, but retrain it for the best ESS.",
+                      stacklevel=3)
+    elif meta.get("format") != FORMAT:
         raise CMTInputError(f"{path} has format {meta.get('format')!r}, this cmt_openmm reads {FORMAT!r}; "
                             "re-save it with a matching version.")
     missing = _REQUIRED - set(meta)

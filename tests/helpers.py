@@ -6,8 +6,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy import stats
 
 ROOT = Path(__file__).resolve().parents[1]
+
+N_BATCHES = 25
+"""Batches of a chain for batch-means standard errors (test_moves_exactness.py explains the design)."""
+ALPHA = 1e-3
+"""False-alarm probability of one exactness test (Bonferroni over its bins)."""
 
 
 def load_script(relative_path: str):
@@ -42,3 +48,21 @@ def perturbed_generator(target, scale: float = 0.05, seed: int = 0, **build_kwar
     generator = BoltzmannGenerator.build(target, **build_kwargs)
     perturb_parameters(generator.flow, scale, seed)
     return generator
+
+
+def bin_z_scores(values: np.ndarray, exact: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """z per bin of the chain's bin frequencies vs exact probabilities, SE from batch means.
+
+    values: (T,) bin index per recorded state (burn-in already dropped); exact: (n_bins,).
+    """
+    n = len(values) // N_BATCHES * N_BATCHES
+    onehot = (values[:n, None] == labels[None, :]).astype(float)
+    batch_means = onehot.reshape(N_BATCHES, -1, len(labels)).mean(axis=1)
+    estimate = batch_means.mean(axis=0)
+    se = batch_means.std(axis=0, ddof=1) / np.sqrt(N_BATCHES)
+    se = np.maximum(se, 1.0 / n)  # a bin the chain never (or always) visits still gets a finite z
+    return (estimate - exact) / se
+
+
+def critical_z(n_bins: int) -> float:
+    return float(stats.t.ppf(1 - ALPHA / (2 * n_bins), df=N_BATCHES - 1))

@@ -75,21 +75,6 @@ def _perturbed(pos, batch, scale, dtype=torch.float64, seed=0):
     return x.to(dtype)
 
 
-def _frame_vector(ic, x_std):
-    """The 3N-6 standard-frame Cartesian coordinates of one configuration (n, 3)."""
-    a0, a1, a2 = ic.seeds
-    rest = [a for a in range(ic.n_atoms) if a not in ic.seeds]
-    return torch.cat([x_std[a1, :1], x_std[a2, :2], x_std[rest].reshape(-1)])
-
-
-def _from_frame_vector(ic, u):
-    a0, a1, a2 = ic.seeds
-    rest = [a for a in range(ic.n_atoms) if a not in ic.seeds]
-    atoms = [a1, a2, a2] + [a for a in rest for _ in range(3)]
-    comps = [0, 0, 1] + [0, 1, 2] * len(rest)
-    return torch.zeros(ic.n_atoms, 3, dtype=u.dtype).index_put((torch.tensor(atoms), torch.tensor(comps)), u)
-
-
 def _molecule(name, aldp, ring):
     return aldp if name == "aldp" else ring
 
@@ -138,19 +123,36 @@ def test_inverse_then_forward_is_identity(aldp):
     assert (z2 - z).abs().max() < 1e-10
 
 
+def _euler_rotation(angles: torch.Tensor) -> torch.Tensor:
+    """Z-Y-Z Euler rotation R(alpha, beta, gamma); its Haar measure is sin(beta) dalpha dbeta dgamma."""
+    def about(axis: int, a: torch.Tensor) -> torch.Tensor:
+        c, s = torch.cos(a), torch.sin(a)
+        i, j = [k for k in range(3) if k != axis]
+        m = torch.eye(3, dtype=a.dtype)
+        return m.index_put((torch.tensor([i, i, j, j]), torch.tensor([i, j, i, j])), torch.stack([c, -s, s, c]))
+    return about(2, angles[0]) @ about(1, angles[1]) @ about(2, angles[2])
+
+
 @pytest.mark.parametrize("name", ["aldp", "ring"])
-def test_logdet_matches_autograd_jacobian(name, aldp, ring):
+def test_logdet_is_the_physical_density_of_cartesian_space(name, aldp, ring):
+    """x = R x_std(z) + t maps (t, Euler angles, z) onto all 3N Cartesian coordinates; its full
+    Jacobian must be sin(beta) (the Haar measure of R) times the transform's exp(log|det dx/dz|),
+    so that exp(log q_z - logdet) is a density of x with respect to dx / (dt dR)."""
     top, pos = _molecule(name, aldp, ring)
     ic = InternalCoordinates(top, pos)
-    x = _perturbed(pos, 1, 0.01)
-    z, logdet = ic(x)
-    x_std, logdet_inv = ic.inverse(z)
-    u = _frame_vector(ic, x_std[0])
-    jac_fwd = torch.autograd.functional.jacobian(lambda v: ic(_from_frame_vector(ic, v)[None])[0][0], u)
-    jac_inv = torch.autograd.functional.jacobian(lambda w: _frame_vector(ic, ic.inverse(w[None])[0][0]), z[0])
-    assert jac_fwd.shape == (ic.dim, ic.dim) == (3 * ic.n_atoms - 6, 3 * ic.n_atoms - 6)
-    assert torch.linalg.slogdet(jac_fwd)[1].item() == pytest.approx(logdet.item(), abs=1e-8)
-    assert torch.linalg.slogdet(jac_inv)[1].item() == pytest.approx(logdet_inv.item(), abs=1e-8)
+    z, logdet = ic(_perturbed(pos, 1, 0.01))
+    _, logdet_inv = ic.inverse(z)
+    euler = torch.tensor([0.4, 1.1, -2.0], dtype=torch.float64)
+    shift = torch.tensor([0.3, -0.2, 1.0], dtype=torch.float64)
+
+    def cartesian(v):
+        x_std, _ = ic.inverse(v[6:][None])
+        return (x_std[0] @ _euler_rotation(v[3:6]).T + v[:3]).reshape(-1)
+
+    jac = torch.autograd.functional.jacobian(cartesian, torch.cat([shift, euler, z[0]]))
+    assert jac.shape == (3 * ic.n_atoms, 3 * ic.n_atoms)
+    expected = math.log(math.sin(euler[1])) + logdet_inv.item()
+    assert torch.linalg.slogdet(jac)[1].item() == pytest.approx(expected, abs=1e-8)
     assert (logdet + logdet_inv).abs().item() < 1e-10
 
 

@@ -36,15 +36,11 @@ import pytest
 import torch
 from openmm import unit
 from openmmtools import cache, mcmc, states
-from scipy import stats
 
 from cmt_openmm.systems import toys
 from cmt_openmm.coordinates import CartesianCoordinates
 from cmt_openmm.sampling.moves import FlowIndependenceMove
-
-N_BATCHES = 25
-ALPHA = 1e-3
-
+from helpers import N_BATCHES, bin_z_scores, critical_z
 
 class GaussianProposal(torch.nn.Module):
     """Stand-in generator: independent Gaussian (mean, sigma per coordinate) with exact log q.
@@ -105,24 +101,6 @@ class SeededLangevinMove(mcmc.LangevinDynamicsMove):
         integrator = super()._get_integrator(thermodynamic_state)
         integrator.setRandomNumberSeed(self.seed)
         return integrator
-
-
-def bin_z_scores(values: np.ndarray, exact: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """z per bin of the chain's bin frequencies vs exact probabilities, SE from batch means.
-
-    values: (T,) bin index per recorded state (burn-in already dropped); exact: (n_bins,).
-    """
-    n = len(values) // N_BATCHES * N_BATCHES
-    onehot = (values[:n, None] == labels[None, :]).astype(float)
-    batch_means = onehot.reshape(N_BATCHES, -1, len(labels)).mean(axis=1)
-    estimate = batch_means.mean(axis=0)
-    se = batch_means.std(axis=0, ddof=1) / np.sqrt(N_BATCHES)
-    se = np.maximum(se, 1.0 / n)  # a bin the chain never (or always) visits still gets a finite z
-    return (estimate - exact) / se
-
-
-def critical_z(n_bins: int) -> float:
-    return float(stats.t.ppf(1 - ALPHA / (2 * n_bins), df=N_BATCHES - 1))
 
 
 def x_bins(target, values: np.ndarray, n_inner: int = 8):

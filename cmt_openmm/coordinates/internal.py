@@ -11,15 +11,28 @@ Frame and density conventions:
 * The standard frame puts seed ``a0`` at the origin, ``a1`` on +x and ``a2`` in the xy plane
   with y > 0.  ``inverse`` returns configurations in that frame; ``frame(x)`` gives the
   rotation and translation that map it back onto ``x``.
-* The log-determinants are those of the map between ``z`` and the 3N-6 standard-frame
-  Cartesian coordinates (x of ``a1``; x, y of ``a2``; x, y, z of the rest):
-  ``log|det dx/dz| = log r_a2 + sum_{i >= 3} (2 log r_i + log sin theta_i)``.  A relative
-  torsion is a shift of the placement dihedral by the sibling's torsion, which leaves the
-  Jacobian unchanged.  So ``log q(x) = log q_z(z) + log|det dz/dx|`` with the rigid-body
-  degrees of freedom fixed.
-* Constrained bond lengths are constants, excluded from ``z``; the log-determinant is the same
-  formula with those lengths held at their constraint values (the density of ``x`` relative to
-  the unconstrained coordinates with a delta on each constrained length).
+* Density convention (method.md, "Density conventions"). The Boltzmann distribution is
+  exp(-u(x)) dx on R^{3N}. Splitting x into the translation t (the position of ``a0``), the
+  rotation R of the standard frame and the internal coordinates gives
+
+      dx = dt dR J(z) dz,   J(z) = r_1^2 . r_2^2 sin(theta_2) . prod_{i >= 3} r_i^2 sin(theta_i),
+
+  with dR the Haar measure on SO(3) (total mass 8 pi^2), r_1 = |a0 a1|, r_2 = |a0 a2|,
+  theta_2 = angle a1-a0-a2 and (r_i, theta_i) the bond and angle that place atom i. So
+  ``log|det dx/dz| = sum over every placed bond of 2 log r + sum over every placed angle of
+  log sin theta``, the seed atoms included, and ``log q(x) = log q_z(z) - log J(z)`` is a
+  density of x with respect to dx / (dt dR): rigid-motion invariant, and the density whose
+  Metropolis-Hastings moves and importance weights target exactly the Boltzmann distribution
+  (a flow move keeps t and R and changes z, whose Boltzmann marginal is exp(-u) J(z)). A
+  relative torsion is a shift of the placement dihedral by the sibling's torsion, which leaves
+  J unchanged. (Before format 2 of the generator files the seed factor r_1^2 r_2 sin(theta_2)
+  was missing: MCMC and reweighting then targeted exp(-u) dz, wrong for every molecule.)
+* Constrained bond lengths are constants, excluded from ``z``; J keeps their r^2 at the
+  constraint length (a constant factor). The flow's density on the constraint manifold is then
+  exp(-u) J restricted to the manifold. Constrained MD samples that times the Fixman factor
+  |det G|^(1/2) (G the mass-weighted Gram matrix of the constraint gradients), which is left
+  out: for X-H bond constraints G is nearly diagonal (off-diagonal terms ~ cos(HXH) / m_X) and
+  the factor varies by ~1e-4 relative over thermal fluctuations of the angles.
 * Proper torsions are wrapped to [-pi, pi) and are circular.  A relative torsion (azimuth of
   the atom around the parent-axis bond minus that of its reference sibling) is wrapped to
   [ref - pi, ref + pi) around its reference value, so it is an ordinary narrow interval
@@ -194,8 +207,9 @@ class InternalCoordinates(CoordinateTransform):
         return r, theta, phi
 
     def _log_jacobian(self, r: Tensor, theta: Tensor) -> Tensor:
-        """log|det dx/dz| from all bond lengths (B, n-1) and angles (B, n-2)."""
-        return torch.log(r[:, 1]) + (2 * torch.log(r[:, 2:]) + torch.log(torch.sin(theta[:, 1:]))).sum(-1)
+        """log J(z) = sum 2 log r + sum log sin theta over all bonds (B, n-1) and angles (B, n-2),
+        seeds included (see the module docstring)."""
+        return 2 * torch.log(r).sum(-1) + torch.log(torch.sin(theta)).sum(-1)
 
     def _all_bonds(self, free: Tensor) -> Tensor:
         fixed = self._fixed_length.to(free).expand(free.shape[0], -1)
