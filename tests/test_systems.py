@@ -24,7 +24,8 @@ def aldp():
 
 
 def test_list_targets():
-    assert list_targets() == ["aldp-vacuum", "aldp-obc", "aldp-implicit", "toy-double-well", "toy-gaussian-mixture"]
+    assert list_targets() == ["aldp-vacuum", "aldp-obc", "aldp-implicit", "ala4", "ala4-hbonds", "ala6", "ala6-hbonds",
+                              "elil", "elil-hbonds", "toy-double-well", "toy-gaussian-mixture"]
 
 
 @pytest.mark.parametrize("name", list(ALDP))

@@ -9,6 +9,10 @@ constraints, no periodic box:
 - ``aldp-obc``: amber99sbildn.xml + amber99_obc.xml (native GBSAOBCForce).
 - ``aldp-implicit``: openmmtools ``AlanineDipeptideImplicit(constraints=None)`` (AMBER ff96 with
   OBC1 as a CustomGBForce, ~20x slower per energy than GBSAOBCForce on CPUs).
+- ``ala4`` (Ace-Ala3-Nme, 42 atoms), ``ala6`` (Ace-Ala5-Nme, 62 atoms), ``elil`` (ELIL, charged
+  termini, 75 atoms): peptides built offline by `cmt_openmm.systems.peptides.peptide` with
+  amber99sbildn.xml + amber99_obc.xml, no cutoff, no constraints; ``ala4-hbonds``,
+  ``ala6-hbonds``, ``elil-hbonds``: the same with HBonds constraints.
 - ``toy-double-well``, ``toy-gaussian-mixture``: see `cmt_openmm.systems.toys`.
 
 Example:
@@ -27,6 +31,7 @@ import openmm.app as app
 from ..errors import CMTInputError
 from ..target import Target
 from . import toys
+from .peptides import peptide
 
 
 def aldp_pdb_path() -> Path:
@@ -49,10 +54,20 @@ def _aldp_implicit(temperature: Any) -> Target:
     return Target(testsystem.system, testsystem.topology, positions, temperature, name="aldp-implicit")
 
 
+def _peptide(temperature: Any, sequence: str, termini: str, constraints: str | None, name: str) -> Target:
+    return peptide(sequence, termini=termini, constraints=constraints, temperature=temperature, name=name)
+
+
 _BUILDERS: dict[str, Callable[[Any], Target]] = {
     "aldp-vacuum": partial(_aldp_from_xmls, xmls=["amber99sbildn.xml"], name="aldp-vacuum"),
     "aldp-obc": partial(_aldp_from_xmls, xmls=["amber99sbildn.xml", "amber99_obc.xml"], name="aldp-obc"),
     "aldp-implicit": _aldp_implicit,
+    "ala4": partial(_peptide, sequence="AAA", termini="capped", constraints=None, name="ala4"),
+    "ala4-hbonds": partial(_peptide, sequence="AAA", termini="capped", constraints="HBonds", name="ala4-hbonds"),
+    "ala6": partial(_peptide, sequence="AAAAA", termini="capped", constraints=None, name="ala6"),
+    "ala6-hbonds": partial(_peptide, sequence="AAAAA", termini="capped", constraints="HBonds", name="ala6-hbonds"),
+    "elil": partial(_peptide, sequence="ELIL", termini="zwitterion", constraints=None, name="elil"),
+    "elil-hbonds": partial(_peptide, sequence="ELIL", termini="zwitterion", constraints="HBonds", name="elil-hbonds"),
     "toy-double-well": toys.double_well_3d,
     "toy-gaussian-mixture": toys.gaussian_mixture,
 }
