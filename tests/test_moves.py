@@ -99,7 +99,7 @@ def test_flipped_chirality_is_rejected_and_counted():
     move.apply(states.ThermodynamicState(system, 300 * unit.kelvin), sampler_state,
                context_cache=reference_cache())
     assert move.statistics == dict(n_proposed=20, n_accepted=0, n_chirality_rejected=20,
-                                   n_energy_failed=0)
+                                   n_energy_failed=0, n_log_q_failed=0)
     assert np.array_equal(sampler_state.positions, before)
 
 
@@ -150,7 +150,7 @@ def test_statistics_setter_and_sequence_move():
     move = FlowIndependenceMove(exact_proposal(), seed=0)
     move.statistics = dict(n_proposed=7, n_accepted=3)
     assert move.statistics == dict(n_proposed=7, n_accepted=3, n_chirality_rejected=0,
-                                   n_energy_failed=0)
+                                   n_energy_failed=0, n_log_q_failed=0)
     sequence = mcmc.SequenceMove([mcmc.LangevinDynamicsMove(n_steps=2), move])
     assert sequence.statistics[1]["n_accepted"] == 3
     move.reset_statistics()
@@ -248,7 +248,9 @@ def test_replica_exchange_with_storage_and_resume(tmp_path):
     sampler.run()
     flows = [m.move_list[1] for m in sampler._mcmc_moves]
     assert [f.n_proposed for f in flows] == [9, 9]
-    assert flows[0]._rng.random() != flows[1]._rng.random()  # replicas never share proposals
+    # replicas never share proposals: their proposal batches differ
+    batches = [f._proposals._x for f in flows]
+    assert batches[0].shape == batches[1].shape and not np.allclose(batches[0], batches[1])
     stats = [f.statistics for f in flows]
     del sampler
     reporter.close()
@@ -321,21 +323,121 @@ def test_reporter_can_log_a_move_applied_by_the_script(tmp_path):
     assert [r.split(",")[1] for r in rows[1:]] == ["0", "1"]
 
 
-def test_proposals_that_break_constraints_are_refused():
-    system = openmm.System()
-    for _ in range(2):
-        system.addParticle(12.0)
-    system.addConstraint(0, 1, 0.15)
-    force = openmm.CustomExternalForce("x^2+y^2+z^2")
-    force.addParticle(0, [])
-    force.addParticle(1, [])
-    system.addForce(force)
-    proposal = GaussianProposal(2, [[0.0, 0.0, 0.0], [0.15, 0.0, 0.0]], 0.05)
-    move = FlowIndependenceMove(proposal, seed=0)
-    sampler_state = states.SamplerState(np.array([[0.0, 0.0, 0.0], [0.15, 0.0, 0.0]]) * unit.nanometer)
-    with pytest.raises(CMTInputError, match="constraint between atoms 0 and 1"):
-        move.apply(states.ThermodynamicState(system, 300 * unit.kelvin), sampler_state,
-                   context_cache=reference_cache())
+class OutsideSupport(GaussianProposal):
+    """Proposals whose log q is -inf (outside the flow's support)."""
+
+    def sample(self, n, generator=None):
+        x, log_q = super().sample(n, generator)
+        return x, torch.full_like(log_q, -math.inf)
+
+
+def test_proposals_outside_the_support_are_counted_as_such_without_an_energy():
+    system, _ = harmonic_system("sqrt(x) + 0*y*z")  # an energy evaluation would fail (x < 0)
+    move = FlowIndependenceMove(OutsideSupport(1, [[-1.0, 0.0, 0.0]], 0.01), n_steps=4, seed=0)
+    move.apply(states.ThermodynamicState(system, 300 * unit.kelvin),
+               states.SamplerState(np.array([[0.5, 0.0, 0.0]]) * unit.nanometer), context_cache=reference_cache())
+    assert move.statistics == dict(n_proposed=4, n_accepted=0, n_chirality_rejected=0, n_energy_failed=0,
+                                   n_log_q_failed=4)
+
+
+def test_nan_positions_are_refused_in_one_sentence():
+    simulation = make_simulation()
+    simulation.context.setPositions(np.array([[np.nan, 0.0, 0.0]]))
+    with pytest.raises(CMTInputError, match="NaN or inf"):
+        FlowIndependenceMove(exact_proposal(), seed=0).apply_to_simulation(simulation)
+
+
+def test_apply_to_simulation_uses_only_the_integrated_force_groups():
+    """A force the integrator does not integrate (group 1) is not part of the chain's target:
+    with it counted, the exact proposal would be rejected almost always."""
+    system, topology = harmonic_system()
+    wall = openmm.CustomExternalForce("1e4*(x^2+y^2+z^2)")
+    wall.addParticle(0, [])
+    wall.setForceGroup(1)
+    system.addForce(wall)
+    integrator = openmm.LangevinMiddleIntegrator(300 * unit.kelvin, 1 / unit.picosecond, 2 * unit.femtosecond)
+    integrator.setIntegrationForceGroups({0})
+    simulation = app.Simulation(topology, system, integrator, openmm.Platform.getPlatformByName("Reference"))
+    simulation.context.setPositions(np.array([[0.05, 0.0, 0.0]]))
+    move = FlowIndependenceMove(exact_proposal(), n_steps=20, seed=0)
+    assert move.apply_to_simulation(simulation) == dict(n_proposed=20, n_accepted=20)
+
+
+def test_moves_on_different_mpi_ranks_use_different_streams(monkeypatch):
+    from cmt_openmm.sampling import moves
+
+    draws = []
+    for rank in (0, 1, 0):
+        monkeypatch.setattr(moves, "_mpi_rank", lambda rank=rank: rank)
+        draws.append(FlowIndependenceMove(exact_proposal(), seed=3)._rng.random())
+    assert draws[0] == draws[2] != draws[1]
+
+
+def test_a_dcd_reporter_due_at_the_same_step_writes_the_state_before_the_flow_moves(tmp_path):
+    """As FlowMoveReporter documents: OpenMM fetches one State for all reporters due at a step."""
+    import mdtraj
+
+    simulation = make_simulation()
+    _, topology = harmonic_system()
+    move = FlowIndependenceMove(exact_proposal(), n_steps=1, seed=0)  # exact: always accepted
+    simulation.reporters.append(FlowMoveReporter(move, str(tmp_path / "flow.csv"), 10))
+    simulation.reporters.append(app.DCDReporter(str(tmp_path / "x.dcd"), 10))
+    simulation.step(9)
+    before = simulation.context.getState(getPositions=True).getPositions(asNumpy=True).value_in_unit(unit.nanometer)
+    simulation.step(1)
+    after = simulation.context.getState(getPositions=True).getPositions(asNumpy=True).value_in_unit(unit.nanometer)
+    simulation.reporters[1]._out.close()
+    frame = mdtraj.load_dcd(str(tmp_path / "x.dcd"), top=mdtraj.Topology.from_openmm(topology)).xyz[0]
+    assert move.n_accepted == 1 and not np.allclose(frame, after, atol=1e-3)
+    assert np.abs(frame - before).max() < 0.05  # one MD step (2 fs) from `before`, far from the flow sample
+
+
+# ------------------------------------------------------------------ constraints
+@pytest.fixture(scope="module")
+def aldp_hbonds():
+    """ALDP with HBonds constraints, its generator, and the unconstrained System."""
+    from cmt_openmm.generator import BoltzmannGenerator
+    from cmt_openmm.systems import aldp_pdb_path, get_target
+    from cmt_openmm.target import Target
+
+    constrained = Target.from_pdb(aldp_pdb_path(), ["amber99sbildn.xml", "amber99_obc.xml"], 300.0,
+                                  constraints=app.HBonds)
+    plain = get_target("aldp-obc")
+    return (constrained, BoltzmannGenerator.build(constrained, n_layers=1, hidden=4),
+            plain, BoltzmannGenerator.build(plain, n_layers=1, hidden=4))
+
+
+@pytest.mark.parametrize("generator_constrained", [True, False], ids=["HBonds-generator", "plain-generator"])
+def test_generator_and_system_with_other_constraints_are_refused(aldp_hbonds, generator_constrained):
+    constrained, constrained_generator, plain, plain_generator = aldp_hbonds
+    generator, system_target = ((constrained_generator, plain) if generator_constrained
+                                else (plain_generator, constrained))
+    move = FlowIndependenceMove(generator, n_steps=2, seed=0)
+    simulation = app.Simulation(system_target.topology, system_target.system,
+                                openmm.LangevinMiddleIntegrator(300, 1, 0.001),
+                                openmm.Platform.getPlatformByName("Reference"))
+    simulation.context.setPositions(system_target.positions)
+    with pytest.raises(CMTInputError, match="distance constraints"):
+        move.apply_to_simulation(simulation)
+    with pytest.raises(CMTInputError, match="distance constraints"):
+        move.apply(states.ThermodynamicState(system_target.system, 300 * unit.kelvin),
+                   states.SamplerState(system_target.positions * unit.nanometer), context_cache=reference_cache())
+    assert move.n_proposed == 0
+
+
+def test_a_constrained_generator_in_a_constrained_simulation_keeps_the_constraints(aldp_hbonds):
+    constrained, generator, _, _ = aldp_hbonds
+    move = FlowIndependenceMove(generator, n_steps=50, batch_size=50, seed=0)
+    simulation = app.Simulation(constrained.topology, constrained.system,
+                                openmm.LangevinMiddleIntegrator(300, 1, 0.002),
+                                openmm.Platform.getPlatformByName("Reference"))
+    simulation.context.setPositions(constrained.positions)
+    simulation.step(10)
+    move.apply_to_simulation(simulation)
+    assert move.n_proposed == 50
+    x = simulation.context.getState(getPositions=True).getPositions(asNumpy=True).value_in_unit(unit.nanometer)
+    for i, j, length in constrained.constraints:
+        assert abs(np.linalg.norm(x[i] - x[j]) - length) < 1e-4 * length
 
 
 # ------------------------------------------------------------------ a real generator (alanine dipeptide)
@@ -358,7 +460,7 @@ def test_proposals_are_placed_in_the_frame_of_the_current_configuration(aldp):
     move = FlowIndependenceMove(generator, batch_size=8, seed=0)
     x = posed(target.positions)
     seen = []
-    move._run(x, 0.0, lambda p: seen.append(p) or 0.0, 6, None)
+    move._run(x, 0.0, lambda p: seen.append(p) or 0.0, 6)
     frame = generator.coordinates.frame(torch.as_tensor(x[None]))
     for p in seen:
         rotation, shift = generator.coordinates.frame(torch.as_tensor(p[None]))
@@ -381,10 +483,18 @@ def test_aldp_move_in_openmmtools_and_simulation(aldp, tmp_path):
     assert clone.move_list[1].generator is load_generator(path, move._hash)
     thermo = states.ThermodynamicState(target.system, 300 * unit.kelvin)
     sampler_state = states.SamplerState(posed(target.positions) * unit.nanometer)
+    start = sampler_state.positions.value_in_unit(unit.nanometer).copy()
     clone.apply(thermo, sampler_state, context_cache=reference_cache())
     stats = clone.move_list[1].statistics
     assert stats["n_proposed"] == 5
-    assert stats["n_accepted"] + stats["n_chirality_rejected"] + stats["n_energy_failed"] <= 5
+    # the sampler state holds the chain's state: the Langevin steps moved it, and its stored
+    # energy is the OpenMM energy of its positions (also after a flow move, accepted or not)
+    after = sampler_state.positions.value_in_unit(unit.nanometer)
+    assert not np.allclose(after, start)
+    context = openmm.Context(target.system, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName("Reference"))
+    context.setPositions(after)
+    energy = context.getState(getEnergy=True).getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
+    assert sampler_state.potential_energy.value_in_unit(unit.kilojoule_per_mole) == pytest.approx(energy, rel=1e-6)
 
     simulation = app.Simulation(target.topology, target.system,
                                 openmm.LangevinMiddleIntegrator(300, 1, 0.001),

@@ -21,13 +21,15 @@ def reference_positions_nm(positions, n_atoms: int) -> np.ndarray:
 class CoordinateTransform(torch.nn.Module):
     """Common interface: Cartesian x (B, n_atoms, 3) nm <-> flow coordinates z (B, dim).
 
-    Attributes: ``dim``, ``n_atoms``, ``kinds`` (per coordinate), buffers ``circular_mask``
+    Attributes: ``dim``, ``n_atoms``, ``kinds`` (per coordinate), ``constraints`` (sorted
+    (i, j, length nm) with i < j: the bond lengths held fixed), buffers ``circular_mask``
     (dim,) bool, ``reference_z`` (dim,), ``valid_bounds`` (dim, 2).
     """
 
     dim: int
     n_atoms: int
     kinds: list[str]
+    constraints: tuple[tuple[int, int, float], ...] = ()
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x (B, n_atoms, 3) nm -> z (B, dim), log|det dz/dx| (B,)."""

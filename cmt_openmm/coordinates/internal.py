@@ -133,6 +133,8 @@ class InternalCoordinates(CoordinateTransform):
         free = [p for p in range(n - 1) if p not in constant]
         fixed = sorted(constant)
         self.n_constrained = len(fixed)
+        self.constraints = tuple(sorted((min(rows[p + 1].atom, rows[p + 1].j), max(rows[p + 1].atom, rows[p + 1].j),
+                                         constant[p]) for p in fixed))
         self.dim = 3 * n - 6 - len(fixed)
 
         lng = dict(dtype=torch.long)

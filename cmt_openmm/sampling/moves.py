@@ -132,7 +132,7 @@ class FlowIndependenceMove(mcmc.MCMCMove):
     ...                           FlowIndependenceMove("aldp.safetensors", n_steps=10)])  # doctest: +SKIP
     >>> move.apply(thermodynamic_state, sampler_state)                              # doctest: +SKIP
     >>> move.move_list[1].statistics                                                # doctest: +SKIP
-    {'n_proposed': 10, 'n_accepted': 3, 'n_chirality_rejected': 0, 'n_energy_failed': 0}
+    {'n_proposed': 10, 'n_accepted': 3, 'n_chirality_rejected': 0, 'n_energy_failed': 0, 'n_log_q_failed': 0}
     """
 
     def __init__(self, generator: Any, n_steps: int = 1, batch_size: int = 64,
@@ -186,10 +186,11 @@ class FlowIndependenceMove(mcmc.MCMCMove):
 
     @property
     def statistics(self) -> dict[str, int]:
-        """Counts: proposals, acceptances, chirality rejections, failed energies."""
+        """Counts: proposals, acceptances, chirality rejections, failed energies, and proposals whose
+        log q is not finite (outside the flow's support; rejected without an energy evaluation)."""
         return dict(n_proposed=self.n_proposed, n_accepted=self.n_accepted,
                     n_chirality_rejected=self.n_chirality_rejected,
-                    n_energy_failed=self.n_energy_failed)
+                    n_energy_failed=self.n_energy_failed, n_log_q_failed=self.n_log_q_failed)
 
     @statistics.setter
     def statistics(self, value: dict[str, int]) -> None:
@@ -197,6 +198,7 @@ class FlowIndependenceMove(mcmc.MCMCMove):
         self.n_accepted = int(value.get("n_accepted", 0))
         self.n_chirality_rejected = int(value.get("n_chirality_rejected", 0))
         self.n_energy_failed = int(value.get("n_energy_failed", 0))
+        self.n_log_q_failed = int(value.get("n_log_q_failed", 0))
 
     def reset_statistics(self) -> None:
         """Set all counts to zero."""
@@ -231,14 +233,19 @@ class FlowIndependenceMove(mcmc.MCMCMove):
         """Copy settings and statistics and share the generator (saved or not)."""
         new = type(self).__new__(type(self))
         new.__dict__.update({k: v for k, v in self.__dict__.items()
-                             if k not in ("_proposals", "_rng", "_seed_seq")})
+                             if k not in ("_proposals", "_rng", "_seed_seq", "_checked_system")})
         new._start_stream(self._seed_seq.spawn(1)[0])
         memo[id(self)] = new
         return new
 
     def _start_stream(self, seed_seq: np.random.SeedSequence) -> None:
-        """A fresh random stream and an empty proposal buffer."""
+        """A fresh random stream and an empty proposal buffer. Under MPI (openmmtools runs one
+        copy of each move per rank) every rank but 0 derives its own stream from its rank."""
+        rank = _mpi_rank()
+        if rank:
+            seed_seq = np.random.SeedSequence(seed_seq.entropy, spawn_key=(*seed_seq.spawn_key, 2**32 + rank))
         self._seed_seq = seed_seq
+        self._checked_system = None
         self._rng = np.random.Generator(np.random.PCG64(seed_seq))
         self._proposals = _Proposals(self._generator, self.batch_size)
         self._cached_x, self._cached_log_q, self._cached_frame = None, 0.0, None
@@ -267,8 +274,8 @@ class FlowIndependenceMove(mcmc.MCMCMove):
             context.setPositions(positions)
             return _potential_energy(context) / kT + offset
 
-        x_new, accepted = self._run(x, u_x, reduced_potential, self.n_steps,
-                                    _constraints(context.getSystem()))
+        self._check_constraints_match(context.getSystem())
+        x_new, accepted = self._run(x, u_x, reduced_potential, self.n_steps)
         if accepted:
             context.setPositions(x_new)
             context.setVelocitiesToTemperature(thermodynamic_state.temperature,
@@ -285,21 +292,22 @@ class FlowIndependenceMove(mcmc.MCMCMove):
         ``{"n_proposed", "n_accepted"}``.
         """
         kT = MOLAR_GAS_CONSTANT * _temperature_of(simulation.integrator, temperature)
+        self._check_constraints_match(simulation.system)
         context = simulation.context
-        state = context.getState(getPositions=True, getEnergy=True)
+        groups = simulation.integrator.getIntegrationForceGroups()  # the forces the dynamics feel
+        state = context.getState(getPositions=True, getEnergy=True, groups=groups)
         x = np.asarray(state.getPositions(asNumpy=True).value_in_unit(unit.nanometer), np.float64)
 
         def reduced_potential(positions: np.ndarray) -> float:
             context.setPositions(positions)
-            return _potential_energy(context) / kT
+            return _potential_energy(context, groups) / kT
 
         u_x = state.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole) / kT
         before = (self.n_proposed, self.n_accepted)
         x_new = x
         try:
             x_new, accepted = self._run(x, u_x, reduced_potential,
-                                        self.n_steps if n_steps is None else int(n_steps),
-                                        _constraints(simulation.system))
+                                        self.n_steps if n_steps is None else int(n_steps))
         finally:  # the Context holds the last proposal: put the chain's state back
             context.setPositions(x_new)
         if accepted:
@@ -308,14 +316,16 @@ class FlowIndependenceMove(mcmc.MCMCMove):
         return dict(n_proposed=self.n_proposed - before[0], n_accepted=self.n_accepted - before[1])
 
     def _run(self, x: np.ndarray, u_x: float, reduced_potential: Callable[[np.ndarray], float],
-             n_steps: int, constraints: np.ndarray | None) -> tuple[np.ndarray, bool]:
+             n_steps: int) -> tuple[np.ndarray, bool]:
         """The Metropolis–Hastings chain from x (n, 3) nm with reduced potential u_x: returns
-        the final positions and whether any proposal was accepted. ``constraints`` (k, 3):
-        rows (i, j, length nm) that every proposal must satisfy."""
+        the final positions and whether any proposal was accepted."""
         if x.shape != (self._generator.coordinates.n_atoms, 3):
             raise CMTInputError(f"The system has {x.shape[0]} particles but the generator was "
                                 f"built for {self._generator.coordinates.n_atoms}; use a "
                                 "generator trained for this system.")
+        if not np.isfinite(x).all():
+            raise CMTInputError("The positions flow moves start from contain NaN or inf (the simulation "
+                                "has blown up); restart it from a finite state before applying flow moves.")
         u_x = _finite_or_inf(u_x)
         log_q_x, frame = self._current(x)
         accepted = False
@@ -328,14 +338,13 @@ class FlowIndependenceMove(mcmc.MCMCMove):
             if frame is None:
                 frame = self._frame(x)
             proposal = x_std @ frame[0].T + frame[1]
-            u_new = np.inf
-            if np.isfinite(log_q_new) and np.isfinite(proposal).all():
-                if constraints is not None:
-                    _check_constraints(proposal, constraints)
-                try:
-                    u_new = _finite_or_inf(reduced_potential(proposal))
-                except Exception:  # OpenMM raises for some failed evaluations
-                    u_new = np.inf
+            if not (np.isfinite(log_q_new) and np.isfinite(proposal).all()):
+                self.n_log_q_failed += 1
+                continue
+            try:
+                u_new = _finite_or_inf(reduced_potential(proposal))
+            except Exception:  # OpenMM raises for some failed evaluations
+                u_new = np.inf
             if not np.isfinite(u_new):
                 self.n_energy_failed += 1
                 continue
@@ -349,6 +358,25 @@ class FlowIndependenceMove(mcmc.MCMCMove):
     def _log_acceptance(u_x: float, u_new: float, log_q_x: float, log_q_new: float) -> float:
         """log of the Metropolis–Hastings ratio p(x') q(x) / (p(x) q(x'))."""
         return -u_new + u_x + log_q_x - log_q_new
+
+    def _check_constraints_match(self, system: openmm.System) -> None:
+        """Refuse a System whose distance constraints are not the generator's (checked once per System).
+
+        A generator trained with constraints samples the constraint manifold, a set of measure
+        zero for an unconstrained System (and vice versa): the pairing cannot be exact.
+        """
+        if self._checked_system is system:
+            return
+        ours = {(i, j): length for i, j, length in getattr(self._generator.coordinates, "constraints", ())}
+        theirs = {}
+        for k in range(system.getNumConstraints()):
+            i, j, length = system.getConstraintParameters(k)
+            theirs[(min(i, j), max(i, j))] = length.value_in_unit(unit.nanometer)
+        if set(ours) != set(theirs) or any(abs(ours[b] - theirs[b]) > 1e-6 * theirs[b] for b in theirs):
+            raise CMTInputError(f"The generator was trained with {len(ours)} distance constraints but the System has "
+                                f"{len(theirs)} (or other ones); flow moves are exact only when both constrain the "
+                                "same bonds to the same lengths, so use a generator trained on this System.")
+        self._checked_system = system
 
     def _current(self, x: np.ndarray) -> tuple[float, tuple[np.ndarray, np.ndarray] | None]:
         """log q(x) from the generator's inverse pass and x's rigid-body frame (None: not yet
@@ -371,30 +399,20 @@ class FlowIndependenceMove(mcmc.MCMCMove):
                 f"n_steps={self.n_steps}, batch_size={self.batch_size})")
 
 
-def _potential_energy(context: openmm.Context) -> float:
-    """Potential energy in kJ/mol of the Context's current positions."""
-    return context.getState(getEnergy=True).getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
+def _potential_energy(context: openmm.Context, groups: int | set[int] = -1) -> float:
+    """Potential energy in kJ/mol of the Context's current positions (force ``groups``: all by default)."""
+    state = context.getState(getEnergy=True, groups=groups)
+    return state.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
 
 
-def _constraints(system: openmm.System) -> np.ndarray | None:
-    """The System's distance constraints as rows (i, j, length nm), None when it has none."""
-    n = system.getNumConstraints()
-    if n == 0:
-        return None
-    rows = [system.getConstraintParameters(k) for k in range(n)]
-    return np.array([(i, j, d.value_in_unit(unit.nanometer)) for i, j, d in rows])
-
-
-def _check_constraints(x: np.ndarray, constraints: np.ndarray) -> None:
-    """Refuse proposals x (n, 3) nm that break a constraint (relative tolerance 1e-3)."""
-    i, j, length = constraints[:, 0].astype(int), constraints[:, 1].astype(int), constraints[:, 2]
-    distance = np.linalg.norm(x[i] - x[j], axis=-1)
-    bad = np.flatnonzero(~(np.abs(distance - length) <= 1e-3 * length))
-    if bad.size:
-        k = bad[0]
-        raise CMTInputError(f"Flow proposals break the System's constraint between atoms {i[k]} "
-                            f"and {j[k]} ({distance[k]:.4f} nm instead of {length[k]:.4f} nm); "
-                            "use a generator built for a System with the same constraints.")
+def _mpi_rank() -> int:
+    """This process's MPI rank under openmmtools' mpiplus (0 without MPI)."""
+    try:
+        import mpiplus
+    except ImportError:
+        return 0
+    comm = mpiplus.get_mpicomm()
+    return 0 if comm is None else int(comm.rank)
 
 
 def _finite_or_inf(u: float) -> float:

@@ -19,8 +19,15 @@ class FlowMoveReporter:
     ``report_interval`` MD steps. Each row: step, proposals and acceptances in the interval,
     the cumulative acceptance rate. With ``apply_moves=False`` it only logs a move that the
     script applies itself (``move.apply_to_simulation(simulation)``). ``temperature`` as in
-    :meth:`FlowIndependenceMove.apply_to_simulation`. Reporters later in the list see the
-    state after the flow move; those earlier, the state before it.
+    :meth:`FlowIndependenceMove.apply_to_simulation`.
+
+    What other reporters see: at a step where several reporters are due, OpenMM fetches one
+    ``State`` for all of them before calling any (``Simulation._generate_reports``), so a
+    ``DCDReporter`` or ``StateDataReporter`` due at the same step writes the configuration from
+    *before* this step's flow moves, wherever it stands in the list; reports at later steps see
+    the moved chain. Both are states of the same exact chain. To record the configurations
+    right after the flow moves, offset the other reporters' intervals, or call
+    ``move.apply_to_simulation(simulation)`` between ``simulation.step`` calls yourself.
     """
 
     def __init__(self, move: FlowIndependenceMove, file, report_interval: int,
