@@ -33,7 +33,9 @@ Frame and density conventions:
   |det G|^(1/2) (G the mass-weighted Gram matrix of the constraint gradients), which is left
   out: for X-H bond constraints G is nearly diagonal (off-diagonal terms ~ cos(HXH) / m_X) and
   the factor varies by ~1e-4 relative over thermal fluctuations of the angles.
-* Proper torsions are wrapped to [-pi, pi) and are circular.  A relative torsion (azimuth of
+* Proper torsions are wrapped to [-pi, pi) and are circular, except ring torsions (about a bond
+  on a ring, see :mod:`.zmatrix`), which ring closure keeps near their reference value: like
+  relative torsions they are narrow interval coordinates on [ref - pi, ref + pi).  A relative torsion (azimuth of
   the atom around the parent-axis bond minus that of its reference sibling) is wrapped to
   [ref - pi, ref + pi) around its reference value, so it is an ordinary narrow interval
   coordinate; on four-neighbour (chiral) centres its valid bounds are the half interval
@@ -50,7 +52,7 @@ from torch import Tensor
 from ..errors import CMTInputError
 from ..units import dihedral, wrap_angle
 from .base import CoordinateTransform, reference_positions_nm
-from .zmatrix import RELATIVE, TORSION, build_zmatrix
+from .zmatrix import RELATIVE, RING, TORSION, build_zmatrix
 
 _PI = math.pi
 _MIN_REFERENCE_ANGLE = 0.05  # rad; reference angles closer to 0 or pi (linear groups) are refused
@@ -144,7 +146,7 @@ class InternalCoordinates(CoordinateTransform):
         reg("_angle_ijk", torch.tensor([[r.atom, r.j, r.k] for r in rows[2:]], **lng).reshape(-1, 3))
         reg("_dihedral_ijkm", torch.tensor(
             [[r.atom, r.j, r.k, r.sibling if r.kind == RELATIVE else r.l] for r in drows], **lng).reshape(-1, 4))
-        reg("_is_relative", torch.tensor([r.kind == RELATIVE for r in drows], dtype=torch.bool))
+        reg("_is_narrow", torch.tensor([r.kind in (RELATIVE, RING) for r in drows], dtype=torch.bool))
         reg("_free", torch.tensor(free, **lng))
         reg("_fixed", torch.tensor(fixed, **lng))
         reg("_fixed_length", torch.tensor([constant[p] for p in fixed], dtype=dtype))
@@ -183,7 +185,7 @@ class InternalCoordinates(CoordinateTransform):
         for r, d in zip(drows, d_ref.tolist()):
             if r.kind == TORSION:
                 bounds.append((-_PI, _PI))
-            elif r.j in centres:
+            elif r.kind == RELATIVE and r.j in centres:
                 bounds.append((0.0, _PI) if d >= 0 else (-_PI, 0.0))
             else:
                 bounds.append((d - _PI, d + _PI))
@@ -222,7 +224,7 @@ class InternalCoordinates(CoordinateTransform):
         self._check_x(x)
         r, theta, d = self._measure(x)
         centre = self._relative_centre.to(d)
-        d = torch.where(self._is_relative, centre + wrap_angle(d - centre), wrap_angle(d))
+        d = torch.where(self._is_narrow, centre + wrap_angle(d - centre), wrap_angle(d))
         free = r[:, self._free]
         z = torch.cat([free, theta, d], dim=-1)
         return z, -self._log_jacobian(self._all_bonds(free), theta)

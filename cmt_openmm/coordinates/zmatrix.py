@@ -17,6 +17,9 @@ Conventions (see :func:`build_zmatrix`):
   *relative torsion* ``i-j-k-s`` with ``s`` the first child (for ``j == a0``: ``s = a2``):
   the azimuth of ``i`` around the ``j-k`` axis minus that of ``s``, about +-2.1 rad on a
   tetrahedral centre and about pi on a planar one.  Its sign fixes the chirality at ``j``.
+* A proper torsion about a ring bond (a bond on a cycle of the graph, e.g. inside a phenyl or
+  the proline ring, or proline's N-CA) is a *ring torsion*: ring closure keeps it near its
+  reference value, so it is a narrow interval coordinate, not a free circular one.
 * Chiral centres are the atoms with exactly four neighbours; the chirality of each is the
   sign of the signed volume of three neighbours ``(k, s, i)`` where ``i`` is the first child
   with a relative torsion, so keeping that relative torsion's sign keeps the chirality.
@@ -30,14 +33,15 @@ from ..errors import CMTInputError
 
 TORSION = "torsion"
 RELATIVE = "relative_torsion"
+RING = "ring_torsion"
 
 
 @dataclass(frozen=True)
 class ZRow:
     """Placement of one atom: ``atom`` is bonded to ``j``, angle ``atom-j-k``, dihedral ``atom-j-k-l``.
 
-    ``kind`` is ``None`` for the seeds ``a1``/``a2`` (no dihedral), ``"torsion"`` or
-    ``"relative_torsion"``.  For a relative torsion the measured coordinate is the dihedral
+    ``kind`` is ``None`` for the seeds ``a1``/``a2`` (no dihedral), ``"torsion"``,
+    ``"ring_torsion"`` (a torsion about a ring bond) or ``"relative_torsion"``.  For a relative torsion the measured coordinate is the dihedral
     ``atom-j-k-sibling`` and the placement dihedral w.r.t. ``l`` is that value plus the
     sibling's torsion (``sibling == l`` for children of ``a0``, whose offset is zero).
     """
@@ -92,6 +96,24 @@ def _distances(nbrs: list[list[int]], source: int) -> list[int]:
                 dist[b] = dist[a] + 1
                 queue.append(b)
     return dist
+
+
+def _ring_bonds(nbrs: list[list[int]]) -> set[frozenset[int]]:
+    """Bonds that lie on a cycle (those whose removal leaves their atoms connected)."""
+    rings = set()
+    for a, bs in enumerate(nbrs):
+        for b in bs:
+            if a < b:
+                seen, queue = {a}, deque([a])
+                while queue and b not in seen:
+                    c = queue.popleft()
+                    for d in nbrs[c]:
+                        if d not in seen and not (c == a and d == b):
+                            seen.add(d)
+                            queue.append(d)
+                if b in seen:
+                    rings.add(frozenset((a, b)))
+    return rings
 
 
 def _choose_seeds(nbrs, is_h) -> tuple[int, int, int]:
@@ -149,6 +171,7 @@ def build_zmatrix(n_atoms: int, bonds, is_hydrogen, seeds: tuple[int, int, int] 
     def axis(j: int) -> int:
         return a1 if j == a0 else parent[j]
 
+    ring_bonds = _ring_bonds(nbrs)
     rows = {a0: ZRow(a0), a1: ZRow(a1, j=a0), a2: ZRow(a2, j=a0, k=a1)}
     generation = {a0: 0, a1: 0, a2: 0}
     for i in bfs[3:]:
@@ -162,7 +185,7 @@ def build_zmatrix(n_atoms: int, bonds, is_hydrogen, seeds: tuple[int, int, int] 
         if j == a0:
             kind, sibling, l = RELATIVE, a2, a2
         elif i == first:
-            kind, sibling = TORSION, -1
+            kind, sibling = (RING if frozenset((j, k)) in ring_bonds else TORSION), -1
         else:
             kind, sibling = RELATIVE, first
         generation[i] = 1 + max(generation[j], generation[k], generation[l])

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from ..errors import CMTInputError
 from ..units import wrap_angle
 
-DEFAULT_SCALES: dict[str, float] = {"bond": 0.005, "angle": 0.1, "relative_torsion": 0.2}
+DEFAULT_SCALES: dict[str, float] = {"bond": 0.005, "angle": 0.1, "relative_torsion": 0.2, "ring_torsion": 0.2}
 """Scale of each non-circular coordinate kind around the reference (nm for bonds, rad else)."""
 
 
