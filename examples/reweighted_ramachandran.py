@@ -75,12 +75,14 @@ def main(argv=None):
         title=f"{target.name}, {target.temperature:g} K, reweighted (ESS {100 * ensemble.ess:.1f} %)")
 
     populations = basin_populations(phi_psi, ensemble.weights)  # delta-method errors
-    populated = {k: v for k, v in populations.items() if v.value > 0}
-    free_energies = basin_free_energies(populated, kT=1.0) if populated else {}
+    # ΔF relative to the most populated basin, errors from the weights (basin covariances included)
+    free_energies = basin_free_energies(phi_psi, ensemble.weights, kT=1.0) if ensemble.weights.any() else {}
+    if not ensemble.reliable:
+        print(f"only {ensemble.n_effective:.1f} effective samples: the estimates below are unreliable")
     print(f"{'basin':<8} {'population':>20} {'ΔF (kT)':>16}")
     for name, (value, error) in populations.items():
         dF = free_energies.get(name)
-        dF_text = f"{dF.value:.2f} ± {dF.error:.2f}" if dF is not None else "empty"
+        dF_text = f"{dF.value:.2f} ± {dF.error:.2f}" if dF is not None and value > 0 else "empty"
         print(f"{name:<8} {value:>11.4f} ± {error:.4f} {dF_text:>16}")
     print(f"wrote {png}")
     return {"png": Path(png), "ess": ensemble.ess, "populations": populations, "free_energies": free_energies,

@@ -10,9 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from cmt_openmm.cli import main
+from cmt_openmm.importance import forward_ess, reverse_ess
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,7 +44,18 @@ def test_train_preset_writes_run_directory(toy_run):
     assert report["training"]["steps"] == len(records)
     assert report["training"]["energy_evaluations"] == records[-1]["energy_evaluations"] > 0
     ess = report["samples"]["reverse_ess"]
-    assert len(ess["draws"]) == 3 and 0 < ess["min"] <= ess["median"] <= ess["max"] <= 1
+    assert len(ess["draws"]) == 3
+    assert (ess["median"], ess["min"], ess["max"]) == (np.median(ess["draws"]), min(ess["draws"]), max(ess["draws"]))
+    # each draw's ESS is the ESS of that draw's samples: redraw the first one from the saved generator
+    from cmt_openmm.cli.run_files import load_run
+    from cmt_openmm.generator import load_generator
+    from cmt_openmm.sampling.reweighting import reweight
+
+    spec, target = load_run(toy_run)
+    first = reweight(load_generator(toy_run, target=target), target, spec.report["n_samples"],
+                     seed=spec.report["seed"], progress=False, min_effective_samples=0)
+    assert first.ess == pytest.approx(ess["draws"][0], rel=1e-9)
+    assert report["samples"]["n_effective"] > 100 and report["samples"]["reliable"] is True
     modes = report["samples"]["modes"]
     assert np.isclose(sum(modes["reweighted"]), 1.0) and len(modes["exact"]) == 2
     assert "reverse ESS" in (toy_run / "report.md").read_text()
@@ -81,8 +94,9 @@ def test_sample_writes_npz_pdb_dcd_and_weights(toy_run, tmp_path, capsys):
                      "--weights", csv, "--resample", 40, "--quiet")
     assert rc == 0
     summary = json.loads(out)
-    assert summary["n"] == 300 and 0 < summary["ess"] <= 1
+    assert summary["n"] == 300
     with np.load(npz) as data:
+        assert summary["ess"] == pytest.approx(reverse_ess(data["log_weights"]), rel=1e-12)  # of the stored samples
         assert data["positions"].shape == (300, 1, 3)
         for key in ("log_q", "reduced_energy", "log_weights"):
             assert data[key].shape == (300,)
@@ -104,9 +118,51 @@ def test_evaluate_with_reference(toy_run, tmp_path, capsys):
     assert rc == 0
     result = json.loads(out)
     assert result["reference"]["n_reference"] == 100
-    assert 0 <= result["reference"]["forward_ess"] <= 1
+    # the forward ESS of the reference frames, recomputed from the generator and the energies
+    from cmt_openmm.cli.run_files import load_run
+    from cmt_openmm.energy import OpenMMEnergy
+    from cmt_openmm.generator import load_generator
+
+    _, target = load_run(toy_run)
+    with torch.no_grad():
+        log_q = load_generator(toy_run, target=target).log_prob(torch.as_tensor(target_positions)).numpy()
+    with OpenMMEnergy(target) as energy:
+        u = np.asarray(energy(target_positions), dtype=float)
+    assert result["reference"]["forward_ess"] == pytest.approx(forward_ess(-u - log_q), rel=1e-9)
     assert len(result["samples"]["reverse_ess"]["draws"]) == 2
     assert json.loads((toy_run / "evaluation.json").read_text())["reference"]["n_reference"] == 100
+
+
+def test_budget_below_one_step_exits_2_without_a_report(tmp_path, capsys):
+    out = tmp_path / "run"
+    rc, stdout, err = run(capsys, "train", "--preset", "toy-quick", "--out", out, "--budget", 500, "--quiet")
+    assert rc == 2 and stdout == ""
+    errors = [line for line in err.strip().splitlines() if "error:" in line]
+    assert len(errors) == 1 and "budget of 500" in errors[0] and "(1,000 evaluations)" in errors[0]
+    assert errors[0] == err.strip().splitlines()[-1]
+    assert "Traceback" not in err and not (out / "report.json").exists()
+
+
+def test_demo_summary_marks_an_unreliable_population(tmp_path, capsys, monkeypatch):
+    """With a handful of effective samples the demo prints "unreliable (N_eff = …)", not "0.0000 ± 0.0000"."""
+    import importlib
+
+    cli = importlib.import_module("cmt_openmm.cli.main")
+    ess = {"median": 3e-4, "min": 2e-4, "max": 4e-4, "draws": [2e-4, 3e-4, 4e-4]}
+    result = {"system": "aldp-vacuum", "temperature": 300.0, "method": "cmt", "plots": [],
+              "training": {"steps": 1, "energy_evaluations": 4000, "wall_time_s": 1.0, "stop_reason": "max_steps"},
+              "samples": {"reverse_ess": ess, "n_draws": 3, "n_effective": 1.5, "reliable": False,
+                          "phi_positive_population": {"value": 2e-7, "error": 1e-7, "n_effective": 1.5,
+                                                      "reliable": False}}}
+    monkeypatch.setattr(cli, "run_training", lambda *a, **k: result)
+    monkeypatch.setattr(cli, "cmd_sample", lambda args: 0)
+    rc, out, _ = run(capsys, "demo", "--out", tmp_path / "demo", "--quiet")
+    assert rc == 0
+    assert "phi > 0 basin population (reweighted): unreliable (N_eff = 1.5 effective samples)" in out
+    assert "±" not in out
+    result["samples"]["phi_positive_population"].update(value=0.02, error=0.003, n_effective=800.0, reliable=True)
+    rc, out, _ = run(capsys, "demo", "--out", tmp_path / "demo", "--quiet")
+    assert "phi > 0 basin population (reweighted): 0.0200 ± 0.0030" in out
 
 
 @pytest.mark.parametrize("content, expected", [
@@ -157,6 +213,12 @@ def test_aldp_openmm_cmt_samples_reweighting_end_to_end(tmp_path, capsys):
     assert report["training"]["steps"] == 2 and report["training"]["energy_evaluations"] == 512
     assert report["samples"]["chirality_flips"] == 0
     assert "basin_populations" in report["samples"] and (out / "ramachandran_fes.png").is_file()
+    # two annealing steps of a tiny flow: a handful of samples carry the weight, and the report says so
+    samples = report["samples"]
+    assert samples["reliable"] is False and samples["n_effective"] < 100
+    assert samples["phi_positive_population"]["reliable"] is False
+    md = (out / "report.md").read_text()
+    assert "unreliable (N_eff = " in md and "0.0000 ± 0.0000" not in md
     npz = tmp_path / "aldp.npz"
     rc, stdout, _ = run(capsys, "sample", out, "--n", 300, "--out", npz, "--quiet")
     assert rc == 0
@@ -164,8 +226,8 @@ def test_aldp_openmm_cmt_samples_reweighting_end_to_end(tmp_path, capsys):
         assert data["positions"].shape == (300, 22, 3)
         assert not data["invalid"].any()  # no chirality flips
         assert np.isfinite(data["log_weights"]).all()
-    ess = json.loads(stdout)["ess"]
-    assert 0 < ess <= 1
+    with np.load(npz) as data:
+        assert json.loads(stdout)["ess"] == pytest.approx(reverse_ess(data["log_weights"]), rel=1e-12)
 
 
 def test_reference_md_command_writes_frames(tmp_path, capsys):

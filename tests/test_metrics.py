@@ -10,7 +10,8 @@ from openmmtools.testsystems import AlanineDipeptideVacuum
 from cmt_openmm.analysis.metrics import histogram_kl, histogram_tv, ramachandran_histogram, ramachandran_tv
 from cmt_openmm.coordinates.backbone import backbone_dihedrals, ramachandran_angles
 from cmt_openmm.importance import eubo, forward_ess, reverse_ess
-from cmt_openmm.sampling.estimators import ALDP_BASINS, ALDP_HALVES, Estimate, aldp_basins, basin_free_energies, basin_indicators, basin_populations, weighted_mean
+from cmt_openmm.sampling.estimators import (ALDP_BASINS, ALDP_HALVES, aldp_basins, basin_free_energies,
+                                           basin_indicators, basin_populations, statistical_inefficiency, weighted_mean)
 from cmt_openmm.units import wrap_angle
 from cmt_openmm.errors import CMTInputError
 
@@ -156,17 +157,148 @@ def test_basins_partition_and_populations():
     assert 0 < pops_w["alphaL"].error < 0.01
 
 
-def test_basin_free_energies():
-    pops = {"a": Estimate(0.8, 0.01), "b": Estimate(0.2, 0.01), "c": Estimate(0.0, 0.0)}
-    f = basin_free_energies(pops)
-    assert f["a"] == (0.0, 0.0)
-    assert f["b"].value == pytest.approx(math.log(4.0))
-    assert f["b"].error == pytest.approx(math.hypot(0.01 / 0.2, 0.01 / 0.8))
-    assert f["c"].value == math.inf
-    f_kj = basin_free_energies(pops, kT=2.494, reference="b")
-    assert f_kj["a"].value == pytest.approx(-2.494 * math.log(4.0))
-    with pytest.raises(CMTInputError):
-        basin_free_energies(pops, reference="c")
+# A 1-D setup with a known truth, numpy only: x ~ q = N(0.3, 1.3²) weighted towards p = N(0, 1),
+# and "angles" φ = 2 arctan(x) (ψ = 0), so that each φ box is an x interval with a known mass.
+HALF_BASINS = {
+    "neg": ((-math.pi, 0.0), (-math.pi, math.pi)),  # x < 0: 0.5
+    "low": ((0.0, math.pi / 2), (-math.pi, math.pi)),  # 0 ≤ x < 1: 0.3413
+    "high": ((math.pi / 2, -math.pi), (-math.pi, math.pi)),  # x ≥ 1: 0.1587
+}
+
+
+def _weighted_draw(rng, n, mu=0.3, s=1.3):
+    x = rng.normal(mu, s, n)
+    log_w = -0.5 * x**2 + 0.5 * ((x - mu) / s) ** 2
+    return x, np.exp(log_w - log_w.max()), np.stack([2 * np.arctan(x), np.zeros(n)], axis=1)
+
+
+def test_basin_free_energy_errors_match_repeated_sampling():
+    """ΔF errors include the (negative) covariance of disjoint basins: over independent draws the
+    spread of ΔF equals the mean reported error (dropping the covariance: 1.33× / 1.17× too small)."""
+    rng = np.random.default_rng(10)
+    values, errors = [], []
+    for _ in range(1000):
+        _, w, angles = _weighted_draw(rng, 1000)
+        f = basin_free_energies(angles, w, HALF_BASINS, reference="neg")
+        values.append([f["low"].value, f["high"].value])
+        errors.append([f["low"].error, f["high"].error])
+    ratio = np.std(values, axis=0, ddof=1) / np.mean(errors, axis=0)
+    np.testing.assert_allclose(ratio, 1.0, atol=0.1)
+
+
+def test_basin_free_energies_values_reference_and_refusals():
+    rng = np.random.default_rng(11)
+    _, w, angles = _weighted_draw(rng, 4000)
+    pops = basin_populations(angles, w, HALF_BASINS)
+    f = basin_free_energies(angles, w, HALF_BASINS)  # default reference: the most populated ("neg")
+    assert f["neg"] == (0.0, 0.0)
+    assert f["low"].value == pytest.approx(-math.log(pops["low"].value / pops["neg"].value), rel=1e-12)
+    assert 0 < f["low"].error < 0.1
+    f_kj = basin_free_energies(angles, w, HALF_BASINS, kT=2.494, reference="low")
+    assert f_kj["neg"].value == pytest.approx(-2.494 * f["low"].value)
+    assert f_kj["neg"].error == pytest.approx(2.494 * f["low"].error)
+    boot = basin_free_energies(angles, w, HALF_BASINS, error="bootstrap", n_bootstrap=200, seed=1)
+    assert boot["low"].value == f["low"].value and boot["low"].error == pytest.approx(f["low"].error, rel=0.25)
+    empty = {**HALF_BASINS, "none": ((3.0, 3.1), (1.0, 1.1))}
+    f = basin_free_energies(angles, w, empty)
+    assert f["none"] == (math.inf, math.inf)
+    with pytest.raises(CMTInputError, match="empty"):
+        basin_free_energies(angles, w, empty, reference="none")
+    with pytest.raises(CMTInputError, match="not one of"):
+        basin_free_energies(angles, w, HALF_BASINS, reference="C5")
+
+
+def _ar1(rng, rho, n):
+    e = rng.normal(size=n)
+    x = np.empty(n)
+    x[0] = e[0] / math.sqrt(1 - rho**2)
+    for t in range(1, n):
+        x[t] = rho * x[t - 1] + e[t]
+    return x
+
+
+def test_correlated_error_of_an_ar1_series_matches_the_analytic_one():
+    """AR(1), ρ = 0.9: Var(mean) ≈ σ² g / N with σ² = 1/(1−ρ²) and g = (1+ρ)/(1−ρ) = 19."""
+    rho, n = 0.9, 50_000
+    x = _ar1(np.random.default_rng(12), rho, n)
+    analytic = math.sqrt((1 / (1 - rho**2)) * (1 + rho) / (1 - rho) / n)
+    corr = weighted_mean(x, error="correlated")
+    assert corr.value == pytest.approx(np.mean(x), rel=1e-12)
+    assert corr.error == pytest.approx(analytic, rel=0.1)
+    assert statistical_inefficiency(x) == pytest.approx((1 + rho) / (1 - rho), rel=0.15)
+    assert weighted_mean(x).error < 0.3 * analytic  # the i.i.d. error is ~4.4× too small here
+    # independent samples: g ≈ 1, the correlated error is the i.i.d. one; constants give g = 1
+    iid = np.random.default_rng(13).normal(size=20_000)
+    assert weighted_mean(iid, error="correlated").error == pytest.approx(weighted_mean(iid).error, rel=0.1)
+    assert statistical_inefficiency(np.ones(100)) == 1.0
+    vec = weighted_mean(np.stack([x, iid[:1] + 0 * x], axis=1), error="correlated")
+    assert vec.error.shape == (2,) and vec.error[0] == pytest.approx(corr.error) and vec.error[1] < 1e-12
+
+
+def test_reference_populations_use_correlated_errors():
+    """MD frames (weights=None) get errors from the statistical inefficiency; weighted samples the
+    delta method; every estimate carries its effective sample count and a reliability flag."""
+    from cmt_openmm.analysis.metrics import peptide_populations
+
+    rng = np.random.default_rng(14)
+    phi = wrap_angle(np.cumsum(0.05 * rng.normal(size=20_000)))  # a slow walk: strongly correlated basins
+    psi = wrap_angle(rng.uniform(-np.pi, np.pi, 20_000))
+    angles = np.stack([phi, psi], axis=1)[:, None]
+    ref = peptide_populations(angles, None, kT=2.494)
+    assert "statistical inefficiency" in ref["error_method"]
+    ind = basin_indicators(angles[:, 0], ALDP_BASINS)["C7eq"].astype(float)
+    iid = weighted_mean(ind)
+    corr = ref["basin_populations"]["C7eq"]
+    assert corr["value"] == pytest.approx(iid.value)
+    assert corr["error"] == pytest.approx(weighted_mean(ind, error="correlated").error)
+    assert corr["error"] > 3 * iid.error  # the i.i.d. error is far too small on these frames
+    assert corr["n_effective"] == pytest.approx(20_000 / statistical_inefficiency(ind))
+    assert corr["reliable"] is (corr["n_effective"] >= 100)
+    assert all("reliable" in v for v in ref["basin_free_energies_kT"].values())
+    weighted = peptide_populations(angles, np.ones(20_000), kT=2.494)
+    assert weighted["basin_populations"]["C7eq"]["error"] == pytest.approx(iid.error)
+    assert weighted["basin_populations"]["C7eq"]["n_effective"] == pytest.approx(20_000)
+    assert "Kish" in weighted["error_method"]
+
+
+def test_low_ess_estimates_are_reported_as_unreliable():
+    """A population resting on ~1.5 effective samples is "unreliable (N_eff = 1.5)" in report.md,
+    with "reliable": false and the effective count in report.json, never "0.0000 ± 0.0000"."""
+    from cmt_openmm.analysis.metrics import peptide_populations
+    from cmt_openmm.analysis.report import render_markdown
+
+    rng = np.random.default_rng(15)
+    angles = rng.uniform(-np.pi, np.pi, size=(10_000, 1, 2))
+    angles[:, 0, 0] = -np.abs(angles[:, 0, 0]) - 1e-3  # no sample in φ > 0
+    w = np.full(10_000, 1e-12)
+    w[:2] = [1.0, 0.5]  # two samples carry the weight: N_eff = (1.5)² / 1.25 = 1.8
+    pops = peptide_populations(angles, w, kT=1.0)
+    php = pops["phi_positive_population"]
+    assert php["reliable"] is False and php["n_effective"] == pytest.approx(1.8, rel=1e-6)
+    assert php["value"] == 0.0
+    good = peptide_populations(angles, None, kT=1.0)["phi_positive_population"]
+    assert good["reliable"] is True
+    ess = {"median": 1.8e-4, "min": 1.8e-4, "max": 1.8e-4, "draws": [1.8e-4]}
+    report = {"system": "aldp-vacuum", "temperature": 300.0,
+              "samples": {"n_draws": 1, "n_samples_per_draw": 10_000, "reverse_ess": ess, "reverse_ess_clipped": ess,
+                          "clip_fraction": 1e-4, "failed_energies": 0, "chirality_flips": 0, "n_effective": 1.8,
+                          "min_effective_samples": 100.0, "reliable": False, **pops}}
+    md = render_markdown(report)
+    assert "unreliable (N_eff = 1.8)" in md and "0.0000 ± 0.0000" not in md
+    assert "φ > 0 basin (αL ∪ C7ax, 0° ≤ φ < 120°) population, reweighted: unreliable (N_eff = 1.8)" in md
+    report["samples"].update(n_effective=5000.0, reliable=True, **peptide_populations(angles, None, kT=1.0))
+    md = render_markdown(report)
+    assert "unreliable (N_eff" not in md and " ± " in md
+    assert "population, reweighted: 0 (no samples)" in md  # not "0.0000 ± 0.0000" either
+    # a reference from few effective MD frames keeps its value, flagged, with the error method named
+    slow = np.stack([wrap_angle(np.cumsum(0.05 * rng.normal(size=5000))), np.zeros(5000)], axis=1)[:, None]
+    ref = peptide_populations(slow, None, kT=1.0)
+    report["reference"] = {"n_reference": 5000, "forward_ess": 0.1, "eubo": -200.0, "reference_populations": ref}
+    md = render_markdown(report)
+    php = ref["phi_positive_population"]
+    assert php["reliable"] is False
+    assert f"reference: {php['value']:.4f} ± {php['error']:.4f} (unreliable: N_eff = " in md
+    assert "pymbar.timeseries.statistical_inefficiency" in md
 
 
 def test_weighted_mean_errors_agree():

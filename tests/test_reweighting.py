@@ -55,7 +55,8 @@ def test_samples_energies_and_weights(ensemble, toy):
     assert 0.05 < ensemble.ess < 0.5  # imperfect (~17 %), but usable
     assert ensemble.ess_clipped(1e-4) >= ensemble.ess
     # same seed and batches, same samples
-    runs = [reweight(GaussianProposal(), toy, 30, batch_size=20, seed=5, progress=False) for _ in range(2)]
+    runs = [reweight(GaussianProposal(), toy, 30, batch_size=20, seed=5, progress=False, min_effective_samples=0)
+            for _ in range(2)]
     np.testing.assert_array_equal(runs[0].positions, runs[1].positions)
     np.testing.assert_array_equal(runs[0].log_weights, runs[1].log_weights)
 
@@ -155,6 +156,32 @@ def test_reweight_to_another_system_and_ess_warning(ensemble, toy):
         ensemble.reweight_to(mixture)
 
 
+def test_reweight_warns_when_a_few_samples_carry_the_weight(ensemble, toy):
+    """reweight() and reweight_to() share one low-ESS check: N·ESS below 100 effective samples warns."""
+    import warnings
+
+    far = GaussianProposal(mean=(0.9, 0.2, 0.2), scale=(0.08, 0.05, 0.05))  # misses the wells: ESS ≪ 1 %
+    with pytest.warns(LowESSWarning, match="effective") as record:
+        poor = reweight(far, toy, 2000, seed=0, progress=False)
+    assert poor.n_effective == pytest.approx(len(poor) * poor.ess) and poor.n_effective < 100
+    assert not poor.reliable and f"{poor.n_effective:.1f} effective of 2000" in str(record[0].message)
+    assert record[0].filename == __file__  # points at the caller
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LowESSWarning)
+        good = reweight(GaussianProposal(), toy, 2000, seed=0, progress=False)  # ~350 effective samples
+        assert good.reliable and good.n_effective > 100
+        ensemble.reweight_to(310.0)
+    with pytest.warns(LowESSWarning, match="fewer than 1e"):
+        ensemble.reweight_to(310.0, min_effective_samples=1e9)  # the same check as reweight()
+
+
+def test_reweight_to_a_temperature_refuses_an_energy(ensemble):
+    with pytest.raises(CMTInputError, match="energy= is only used with a Target") as info:
+        ensemble.reweight_to(450.0, energy=lambda x: np.zeros(len(x)))
+    msg = str(info.value)
+    assert "\n" not in msg and msg.endswith(".") and ". " not in msg
+
+
 def test_systematic_resampling_keeps_weighted_means(ensemble):
     idx = ensemble.resample_indices(seed=7)
     counts = np.bincount(idx, minlength=N)
@@ -190,7 +217,8 @@ def test_exports_round_trip(ensemble, toy, tmp_path):
         assert data["positions"].shape == (50, 1, 3)
     back = ReweightedEnsemble.load_npz(tmp_path / "samples.npz", toy)
     np.testing.assert_array_equal(back.log_weights, small.log_weights)
-    hot = small.reweight_to(400.0)
+    with pytest.warns(LowESSWarning):  # 50 samples: fewer than 100 effective
+        hot = small.reweight_to(400.0)
     hot.save_npz(tmp_path / "hot.npz")
     assert ReweightedEnsemble.load_npz(tmp_path / "hot.npz", toy).target.temperature == 400.0
 
@@ -220,7 +248,8 @@ def test_reweight_a_boltzmann_generator(toy):
         noise = torch.Generator().manual_seed(1)
         for p in gen.flow.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=noise))
-    ens = reweight(gen, toy, N, batch_size=5000, seed=0, progress=False)
+    with pytest.warns(LowESSWarning):  # a random flow: a few dozen effective samples
+        ens = reweight(gen, toy, N, batch_size=5000, seed=0, progress=False)
     assert ens.positions.shape == (N, 1, 3) and ens.n_failed == 0
     with torch.no_grad():
         np.testing.assert_allclose(gen.log_prob(torch.tensor(ens.positions[:64])).numpy(), ens.log_q[:64], atol=1e-4)

@@ -9,6 +9,13 @@ Two kinds, both following method.md (Metrics):
   free energies (peptides) or exact-vs-model mode weights (toys); forward ESS, EUBO and
   Ramachandran TV/KL against reference MD frames.
 
+Every population and free energy carries ``n_effective`` and ``reliable``: reweighted estimates
+rest on N · ESS effective samples (Kish), reference-MD estimates on N / g (g the statistical
+inefficiency of the frames, which are a correlated time series); below
+:data:`~cmt_openmm.sampling.estimators.MIN_EFFECTIVE_SAMPLES` (100) the estimate and its error
+bar are marked unreliable (``"reliable": false``) and the report prints "unreliable" instead
+of a precise-looking number.
+
 Hand-written glue over :mod:`cmt_openmm.importance`, :mod:`cmt_openmm.sampling.estimators` and
 :mod:`cmt_openmm.sampling.reweighting`; the conventions (which KL direction, how empty bins are
 treated, where angles wrap) are the documented ones.
@@ -24,8 +31,9 @@ import numpy as np
 from ..coordinates.backbone import is_peptide, ramachandran_angles
 from ..errors import CMTInputError
 from ..importance import CLIP_FRACTION, eubo, forward_ess
-from ..sampling.estimators import (ALDP_BASINS, PHI_POSITIVE, Estimate, as_weights, basin_free_energies,
-                                   basin_populations)
+from ..sampling.estimators import (ALDP_BASINS, MIN_EFFECTIVE_SAMPLES, PHI_POSITIVE, Estimate, as_weights,
+                                   basin_free_energies, basin_indicators, basin_populations, effective_samples,
+                                   statistical_inefficiency)
 from ..sampling.reweighting import ReweightedEnsemble
 from ..units import as_float64, wrap_angle
 
@@ -110,8 +118,13 @@ def spread(values: Sequence[float]) -> dict:
     }
 
 
-def _estimate(e: Estimate) -> dict:
-    return {"value": _finite(e.value), "error": _finite(e.error)}
+def _estimate(e: Estimate, n_effective: float | None = None) -> dict:
+    """{"value", "error"} (None where not finite), with ``n_effective`` and ``reliable`` when given."""
+    out = {"value": _finite(e.value), "error": _finite(e.error)}
+    if n_effective is not None:
+        out["n_effective"] = float(n_effective)
+        out["reliable"] = bool(n_effective >= MIN_EFFECTIVE_SAMPLES)
+    return out
 
 
 def _finite(x: float) -> float | None:
@@ -137,9 +150,14 @@ def training_summary(history: Sequence[dict], stop_reason: str | None = None) ->
 
 
 def sample_metrics(ensembles: Sequence[ReweightedEnsemble]) -> dict:
-    """ESS (median of draws with spread, clipped and not), failures, and state populations."""
+    """ESS (median of draws with spread, clipped and not), failures, and state populations.
+
+    ``n_effective`` is N · ESS of the pooled draws and ``reliable`` whether it reaches
+    :data:`MIN_EFFECTIVE_SAMPLES`; the populations (and a toy's mode weights) inherit both.
+    """
     pooled = ReweightedEnsemble.concatenate(ensembles)
     target = pooled.target
+    n_eff = pooled.n_effective
     out = {
         "n_draws": len(ensembles),
         "n_samples_per_draw": len(ensembles[0]),
@@ -149,33 +167,70 @@ def sample_metrics(ensembles: Sequence[ReweightedEnsemble]) -> dict:
         "reverse_ess_pooled": pooled.ess,
         "failed_energies": int(np.sum(~np.isfinite(pooled.reduced_energy))),
         "chirality_flips": int(pooled.invalid.sum()),
+        "n_effective": float(n_eff),
+        "min_effective_samples": MIN_EFFECTIVE_SAMPLES,
+        "reliable": bool(n_eff >= MIN_EFFECTIVE_SAMPLES),
     }
     if not pooled.weights.any():
         return out
     if is_peptide(target):
         out.update(peptide_populations(pooled.ramachandran_angles(), pooled.weights, target.kT))
     elif hasattr(target, "mode_weights"):
-        out["modes"] = toy_modes(pooled)
+        out["modes"] = {**toy_modes(pooled), "n_effective": float(n_eff), "reliable": out["reliable"]}
     return out
 
 
-def peptide_populations(angles: np.ndarray, weights: np.ndarray | None, kT: float) -> dict:
-    """Basin populations with delta-method errors: the ALDP boxes and the φ > 0 basin
-    (:data:`PHI_POSITIVE`) for one backbone pair, the φ > 0 basin per residue for longer peptides."""
-    out: dict[str, Any] = {}
+ERROR_METHODS = {
+    "delta": "delta method on independent importance-weighted samples; N_eff = N·ESS (Kish)",
+    "correlated": ("delta method × statistical inefficiency g of each estimate's series (frames in time "
+                   "order; pymbar.timeseries.statistical_inefficiency); N_eff = N / g"),
+}
+"""How `peptide_populations` computes its error bars, as written into report.json / report.md."""
+
+
+def peptide_populations(angles: np.ndarray, weights: np.ndarray | None, kT: float, error: str | None = None) -> dict:
+    """Basin populations and free energies with their errors: the ALDP boxes and the φ > 0 basin
+    (:data:`PHI_POSITIVE`) for one backbone pair, the φ > 0 basin per residue for longer peptides.
+
+    ``weights`` (N,): independent importance-weighted samples, delta-method errors (``error``
+    default "delta"). ``weights=None``: MD frames in time order (reference MD: one replica-exchange
+    state per iteration), which are strongly correlated, so ``error`` defaults to "correlated":
+    the standard error is sqrt(var · g / N) with g the statistical inefficiency of each basin's
+    indicator series (pymbar's ``timeseries.statistical_inefficiency``), not the i.i.d. sqrt(var / N).
+    Every estimate has ``n_effective`` (N·ESS, or N / g per estimate for "correlated"; for ΔF the
+    smaller of the two basins') and ``reliable``; ``error_method`` says which errors were used.
+    """
+    error = error or ("correlated" if weights is None else "delta")
+    if error not in ERROR_METHODS:
+        raise CMTInputError(f"error must be one of {sorted(ERROR_METHODS)}, got {error!r}.")
+    n = angles.shape[0]
+    w = as_weights(weights, n)
+    kish = effective_samples(w)
+
+    def n_effective(angles2: np.ndarray, basins: dict) -> dict[str, float]:
+        if error != "correlated":
+            return {k: kish for k in basins}
+        ind = basin_indicators(angles2, basins)
+        return {k: kish / statistical_inefficiency(w * (v - w @ v)) for k, v in ind.items()}
+
+    out: dict[str, Any] = {"error_method": ERROR_METHODS[error]}
     if angles.shape[1] == 1:
-        pops = basin_populations(angles[:, 0], weights, {**ALDP_BASINS, **PHI_POSITIVE})
+        boxes = {**ALDP_BASINS, **PHI_POSITIVE}
+        pops = basin_populations(angles[:, 0], w, boxes, error=error)
+        n_eff = n_effective(angles[:, 0], boxes)
         basins = {k: v for k, v in pops.items() if k in ALDP_BASINS}
-        out["basin_populations"] = {k: _estimate(v) for k, v in basins.items()}
-        out["phi_positive_population"] = _estimate(pops["phi>0"])
+        out["basin_populations"] = {k: _estimate(v, n_eff[k]) for k, v in basins.items()}
+        out["phi_positive_population"] = _estimate(pops["phi>0"], n_eff["phi>0"])
         if any(v.value > 0 for v in basins.values()):
-            dF = basin_free_energies(basins, kT=1.0)
-            out["basin_free_energies_kT"] = {k: _estimate(v) for k, v in dF.items()}
+            ref = max(basins, key=lambda k: basins[k].value)
+            dF = basin_free_energies(angles[:, 0], w, ALDP_BASINS, kT=1.0, reference=ref, error=error)
+            out["basin_free_energies_kT"] = {k: _estimate(v, min(n_eff[k], n_eff[ref])) for k, v in dF.items()}
     else:
-        out["phi_positive_population"] = {
-            f"residue_{i + 1}": _estimate(basin_populations(angles[:, i], weights, PHI_POSITIVE)["phi>0"])
-            for i in range(angles.shape[1])
-        }
+        out["phi_positive_population"] = {}
+        for i in range(angles.shape[1]):
+            est = basin_populations(angles[:, i], w, PHI_POSITIVE, error=error)["phi>0"]
+            n_eff = n_effective(angles[:, i], PHI_POSITIVE)["phi>0"]
+            out["phi_positive_population"][f"residue_{i + 1}"] = _estimate(est, n_eff)
     return out
 
 
@@ -197,7 +252,12 @@ def toy_modes(pooled: ReweightedEnsemble) -> dict:
 
 def reference_metrics(generator, target, reference_positions: np.ndarray, pooled: ReweightedEnsemble | None,
                       batch_size: int = 1000, energy=None) -> dict:
-    """Forward ESS, EUBO (kT) and, for peptides, Ramachandran TV/KL against MD reference frames."""
+    """Forward ESS, EUBO (kT) and, for peptides, Ramachandran TV/KL against MD reference frames.
+
+    ``reference_positions`` are MD frames in time order; their basin populations
+    (``reference_populations``) get correlated errors (statistical inefficiency, see
+    `peptide_populations`).
+    """
     import torch
 
     from ..energy import OpenMMEnergy

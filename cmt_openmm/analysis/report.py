@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 
 from ..files import atomic_write, to_json
-from ..sampling.reweighting import ReweightedEnsemble, reweight
+from ..sampling.reweighting import ReweightedEnsemble, reweight, warn_if_low_ess
 from . import metrics, plots
 
 
@@ -31,6 +31,7 @@ def write_run_report(run_dir: str | os.PathLike, target, generator, history: Seq
     run_dir = Path(run_dir)
     ensembles = draw_ensembles(generator, target, n_samples, n_draws, sample_seed, progress)
     pooled = ReweightedEnsemble.concatenate(ensembles)
+    warn_if_low_ess(pooled, f"the report's {n_draws} draws of {n_samples} samples", stacklevel=2)
     report = {
         "system": target.name,
         "temperature": target.temperature,
@@ -53,12 +54,16 @@ def write_run_report(run_dir: str | os.PathLike, target, generator, history: Seq
 
 def draw_ensembles(generator, target, n_samples: int, n_draws: int, seed: int,
                    progress: bool = True, energy=None) -> list[ReweightedEnsemble]:
-    """``n_draws`` independent reweighted draws of ``n_samples`` flow samples each (seeds seed+k)."""
+    """``n_draws`` independent reweighted draws of ``n_samples`` flow samples each (seeds seed+k).
+
+    A single draw's low ESS is not warned about: the report judges the pooled draws.
+    """
     from tqdm.auto import tqdm
 
     out = []
     for k in tqdm(range(n_draws), desc="report draws", disable=not progress, unit="draw"):
-        out.append(reweight(generator, target, n_samples, seed=seed + k, progress=False, energy=energy))
+        out.append(reweight(generator, target, n_samples, seed=seed + k, progress=False, energy=energy,
+                            min_effective_samples=0))
     return out
 
 
@@ -75,11 +80,35 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.2f} %"
 
 
-def _pm(e: dict | None, scale: float = 1.0, fmt: str = "{:.4f}") -> str:
+def _n_eff(n: float) -> str:
+    return f"{n:.1f}" if n < 10 else f"{n:,.0f}"
+
+
+def _num(x: float, fmt: str) -> str:
+    """``fmt`` of x, or two significant digits when ``fmt`` would round a non-zero x (beyond
+    rounding noise, 1e-12) to zero."""
+    text = fmt.format(x)
+    return f"{x:.1e}" if abs(x) >= 1e-12 and float(text) == 0 else text
+
+
+def _pm(e: dict | None, scale: float = 1.0, fmt: str = "{:.4f}", population: bool = True,
+        reference: bool = False) -> str:
+    """"value ± error", or for an estimate marked ``reliable: false`` "unreliable (N_eff = …)"
+    (reweighted: the value rests on a handful of samples) or "value ± error (unreliable: N_eff = …)"
+    (reference MD: the value stands, its correlated error bar is unreliable); "0 (no samples)"
+    for a population estimated as exactly 0 ± 0."""
     if not e or e.get("value") is None:
         return "n/a"
+    unreliable = e.get("reliable") is False
+    if unreliable and not reference:
+        return f"unreliable (N_eff = {_n_eff(e.get('n_effective', 0.0))})"
     err = e.get("error")
-    return (fmt.format(scale * e["value"]) + " ± " + fmt.format(scale * err)) if err is not None else fmt.format(scale * e["value"])
+    if population and e["value"] == 0 and not err:
+        text = "0 (no samples)"
+    else:
+        value = _num(scale * e["value"], fmt)
+        text = f"{value} ± {_num(scale * err, fmt)}" if err is not None else value
+    return f"{text} (unreliable: N_eff = {_n_eff(e.get('n_effective', 0.0))})" if unreliable else text
 
 
 def render_markdown(report: dict) -> str:
@@ -114,6 +143,12 @@ def render_markdown(report: dict) -> str:
             "",
             f"- failed energies: {s['failed_energies']}, chirality flips: {s['chirality_flips']}",
         ]
+        if "n_effective" in s:
+            lines.append(f"- effective samples N·ESS (all draws pooled): {_n_eff(s['n_effective'])}; estimates resting on "
+                         f"fewer than {s['min_effective_samples']:g} are marked unreliable (their error bars are meaningless)")
+            if not s["reliable"]:
+                lines.append(f"- **the reweighted estimates below are unreliable**: N_eff = {_n_eff(s['n_effective'])} "
+                             f"< {s['min_effective_samples']:g}; a handful of samples carry the weight")
         if "phi_positive_population" in s:
             php = s["phi_positive_population"]
             if "value" in php:
@@ -125,18 +160,25 @@ def render_markdown(report: dict) -> str:
             dF = s.get("basin_free_energies_kT", {})
             lines += ["", "| basin | population (reweighted) | ΔF (kT) | reference population |", "|---|---|---|---|"]
             for name, pop in s["basin_populations"].items():
-                lines.append(f"| {name} | {_pm(pop)} | {_pm(dF.get(name), fmt='{:.2f}')} | {_pm(ref.get(name))} |")
+                lines.append(f"| {name} | {_pm(pop)} | {_pm(dF.get(name), fmt='{:.2f}', population=False)} | {_pm(ref.get(name), reference=True)} |")
         if "modes" in s:
             m = s["modes"]
             lines += ["", "| mode | exact | reweighted | raw flow |", "|---|---|---|---|"]
             for k, (e, r, q) in enumerate(zip(m["exact"], m["reweighted"], m["raw_flow"])):
-                lines.append(f"| {k} | {e:.4f} | {r:.4f} | {q:.4f} |")
+                rw = f"{r:.4f}" if m.get("reliable", True) else f"unreliable (N_eff = {_n_eff(m['n_effective'])})"
+                lines.append(f"| {k} | {e:.4f} | {rw} | {q:.4f} |")
         lines.append("")
     ref = report.get("reference")
     if ref:
         lines += ["## Against reference samples", "", f"- reference frames: {ref['n_reference']}",
                   f"- forward ESS: {_pct(ref.get('forward_ess'))}",
                   f"- EUBO: {ref['eubo']:.3f} kT" if ref.get("eubo") is not None else "- EUBO: inf"]
+        ref_pops = ref.get("reference_populations") or {}
+        if ref_pops.get("error_method"):
+            php = ref_pops.get("phi_positive_population") or {}
+            if "value" in php:
+                lines.append(f"- φ > 0 basin population, reference: {_pm(php, reference=True)}")
+            lines.append(f"- reference population errors: {ref_pops['error_method']}")
         if "ramachandran_tv" in ref:
             lines += [f"- Ramachandran TV: {ref['ramachandran_tv']:.4f}", f"- Ramachandran KL: {ref['ramachandran_kl']:.4f}"]
         lines.append("")

@@ -259,8 +259,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     ]
     if "phi_positive_population" in s and "value" in s["phi_positive_population"]:
         p = s["phi_positive_population"]
-        fmt = ".4f" if p["value"] >= 1e-3 else ".1e"
-        lines.append(f"  phi > 0 basin population (reweighted): {p['value']:{fmt}} ± {p['error'] or 0:{fmt}}")
+        if p.get("reliable") is False:  # N·ESS too small: the delta-method error is meaningless
+            n_eff = p.get("n_effective", 0.0)
+            lines.append(f"  phi > 0 basin population (reweighted): unreliable (N_eff = {n_eff:.1f} effective samples)")
+        else:
+            fmt = ".4f" if p["value"] >= 1e-3 else ".1e"
+            lines.append(f"  phi > 0 basin population (reweighted): {p['value']:{fmt}} ± {p['error'] or 0:{fmt}}")
     lines += [f"  report: {out / 'report.md'}", f"  plots: {', '.join(str(out / p) for p in result['plots'])}",
               f"  samples: {out / 'samples.npz'} (+ samples.pdb, samples.dcd resampled, weights.npy)"]
     _emit("\n".join(lines), args)

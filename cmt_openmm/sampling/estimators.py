@@ -1,11 +1,26 @@
 """Estimators on weighted samples: expectations with error bars, basin populations and free energies.
 
 Weights are importance weights of generator samples (or uniform for MD frames). The error bars
-are one standard error; how each is computed is stated where it is defined. Hand-written on
-NumPy: the conventions for failed samples, empty bins and correlated errors are ours.
+are one standard error; how each is computed is stated where it is defined:
+
+- ``"delta"``: linearisation of the self-normalised estimator, Var ≈ Σ w̄_i² φ_i² with φ_i the
+  estimator's influence function (f_i − μ for a mean); independent samples.
+- ``"bootstrap"``: the standard deviation over resamplings of the N samples with replacement;
+  independent samples.
+- ``"correlated"``: the delta-method variance times the statistical inefficiency g of the
+  influence series in sample order (pymbar's ``timeseries.statistical_inefficiency``), for
+  time-correlated frames such as MD or replica exchange; for unweighted frames this is the
+  familiar sqrt(var · g / N).
+
+An error bar is only as good as the effective number of samples behind it: below
+`MIN_EFFECTIVE_SAMPLES` (Kish's N_eff = (Σw)² / Σw² = N · ESS, or N / g for a correlated series)
+the errors themselves are unreliable (see `effective_samples`). Hand-written on NumPy: the
+conventions for failed samples, empty bins and correlated errors are ours.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 from dataclasses import dataclass
 from typing import Any, Mapping, NamedTuple
@@ -22,14 +37,28 @@ __all__ = [
     "Estimate",
     "FreeEnergyProfile",
     "FreeEnergySurface",
+    "MIN_EFFECTIVE_SAMPLES",
     "aldp_basins",
     "as_weights",
     "basin_free_energies",
     "basin_indicators",
     "basin_populations",
     "binned_free_energy",
+    "effective_samples",
+    "statistical_inefficiency",
     "weighted_mean",
 ]
+
+MIN_EFFECTIVE_SAMPLES = 100.0
+"""Fewest effective samples (N · ESS for importance weights, N / g for a correlated series) at
+which an estimate and its error bar count as reliable.
+
+With fewer, a handful of samples carry the weight: the delta-method and bootstrap errors are
+computed from those same few samples and are themselves unreliable (a 0.03 % ESS gave
+"0.0000 ± 0.0000" for a population that is not known to better than a few percent). Measured
+on importance weights from q = N(0, 1) towards N(2, 0.8²), 600 repeats: 1σ delta-method
+intervals of the mean covered the truth 23 % of the time at N_eff ≈ 4, 51 % at 21, 60 % at 57,
+62 % at 160 and 67 % at 500 (nominal 68 %). `LowESSWarning` and the report use this value."""
 
 
 class Estimate(NamedTuple):
@@ -110,22 +139,69 @@ def basin_indicators(angles: Any, basins: Mapping[str, Any]) -> dict[str, np.nda
     }
 
 
+def effective_samples(weights: Any = None, n: int | None = None) -> float:
+    """Kish's effective number of samples (Σw)² / Σw² = N · ESS of weights (N,) (None: ``n``).
+
+    For importance weights this is N times the normalised reverse ESS; for uniform weights N.
+    For a correlated series divide by its `statistical_inefficiency`.
+    """
+    if weights is None:
+        if n is None:
+            raise CMTInputError("effective_samples needs weights or the number of samples n.")
+        return float(n)
+    w = as_weights(weights, np.asarray(weights).reshape(-1).shape[0])
+    return float(1.0 / np.sum(w * w))
+
+
+def statistical_inefficiency(series: Any) -> float:
+    """Statistical inefficiency g = 1 + 2τ ≥ 1 of a time series (N,), so that N / g samples are effective.
+
+    pymbar's ``timeseries.statistical_inefficiency`` (integrated autocorrelation, summed until
+    the autocorrelation function first goes negative; pymbar 4, imported here with its import
+    banner kept off stdout and stderr). A constant series gives 1, and g is capped at N (one
+    effective sample). Like every such estimate it is too small when the series is not much
+    longer than its slowest relaxation (a basin visited a handful of times).
+    """
+    x = as_float64(series).reshape(-1)
+    n = x.size
+    if n < 2 or not np.all(np.isfinite(x)) or np.ptp(x) == 0:
+        return 1.0
+    banner = io.StringIO()  # pymbar announces itself (JAX, timeseries caveats) on import
+    with contextlib.redirect_stdout(banner), contextlib.redirect_stderr(banner):
+        from pymbar import timeseries
+        from pymbar.utils import ParameterError
+    try:
+        g = float(timeseries.statistical_inefficiency(x))
+    except ParameterError:  # zero sample variance after rounding: nothing is correlated
+        return 1.0
+    return float(min(max(g, 1.0), n))
+
+
 def weighted_mean(
     values: Any, weights: Any = None, error: str = "delta", n_bootstrap: int = 200, seed: int = 0
 ) -> Estimate:
     """Self-normalised weighted mean of values (N, ...) with its standard error.
 
     ``error="delta"``: the delta-method (linearisation) standard error of the self-normalised
-    estimator, sqrt(Σ w̄_i² (f_i - μ)²) — for unweighted samples this is the i.i.d. standard error
-    (no autocorrelation correction: thin correlated MD frames first). ``error="bootstrap"``: the
-    standard deviation of the estimate over ``n_bootstrap`` resamplings of the N samples with
-    replacement (indices drawn with ``numpy.random.default_rng(seed)``).
+    estimator, sqrt(Σ w̄_i² (f_i - μ)²) — for unweighted samples this is the i.i.d. standard error.
+    ``error="bootstrap"``: the standard deviation of the estimate over ``n_bootstrap``
+    resamplings of the N samples with replacement (indices drawn with
+    ``numpy.random.default_rng(seed)``). Both assume independent samples (generator draws).
+    ``error="correlated"``: for a time series (MD frames in time order, usually unweighted):
+    sqrt(g · Σ w̄_i² (f_i - μ)²), g the `statistical_inefficiency` (pymbar) of the series
+    w̄_i (f_i - μ) per component; unweighted, sqrt(var · g / N) with var the population variance.
     """
     f = as_float64(values)
     n = f.shape[0]
     w = as_weights(weights, n)
     flat = f.reshape(n, -1)
     keep = w > 0
+    if error == "correlated":  # keep every frame in place: the order is the time axis
+        mean = w[keep] @ flat[keep]
+        h = np.where(keep[:, None], flat - mean, 0.0) * w[:, None]
+        g = np.array([statistical_inefficiency(h[:, j]) for j in range(h.shape[1])])
+        err = np.sqrt(g * np.sum(h * h, axis=0))
+        return _shaped(f, mean, err)
     flat, w = flat[keep], w[keep]
     mean = w @ flat
     if error == "delta":
@@ -140,7 +216,11 @@ def weighted_mean(
         reps = reps[np.all(np.isfinite(reps), axis=1)]
         err = reps.std(axis=0, ddof=1) if len(reps) > 1 else np.full_like(mean, np.nan)
     else:
-        raise CMTInputError(f"error must be 'delta' or 'bootstrap', got {error!r}.")
+        raise CMTInputError(f"error must be 'delta', 'bootstrap' or 'correlated', got {error!r}.")
+    return _shaped(f, mean, err)
+
+
+def _shaped(f: np.ndarray, mean: np.ndarray, err: np.ndarray) -> Estimate:
     shape = f.shape[1:]
     if shape == ():
         return Estimate(float(mean[0]), float(err[0]))
@@ -158,7 +238,8 @@ def basin_populations(
     """Weighted population of each basin, with its standard error (see `weighted_mean`).
 
     ``angles`` (B, 2) or (B, 1, 2) (φ, ψ), ``weights`` (B,) non-negative (None: uniform),
-    ``basins`` a {name: ((φ_lo, φ_hi), (ψ_lo, ψ_hi))} mapping in radians (default `ALDP_BASINS`).
+    ``basins`` a {name: ((φ_lo, φ_hi), (ψ_lo, ψ_hi))} mapping in radians (default `ALDP_BASINS`),
+    ``error`` "delta", "bootstrap" (independent samples) or "correlated" (MD frames in time order).
     """
     indicators = basin_indicators(angles, ALDP_BASINS if basins is None else basins)
     names = list(indicators)
@@ -168,31 +249,68 @@ def basin_populations(
 
 
 def basin_free_energies(
-    populations: Mapping[str, Estimate], kT: float = 1.0, reference: str | None = None
+    angles: Any,
+    weights: Any = None,
+    basins: Mapping[str, Any] | None = None,
+    kT: float = 1.0,
+    reference: str | None = None,
+    error: str = "delta",
+    n_bootstrap: int = 200,
+    seed: int = 0,
 ) -> dict[str, Estimate]:
-    """Free-energy differences ΔF_b = -kT ln(p_b / p_ref) with delta-method errors.
+    """Free-energy differences ΔF_b = -kT ln(p_b / p_ref) of basins, with their standard errors.
 
-    ``populations`` as returned by `basin_populations`; ``kT`` in the unit wanted for the result
-    (1.0: units of kT; ``target.kT``: kJ/mol); ``reference`` basin (default: the most populated).
-    Error: kT·sqrt((σ_b/p_b)² + (σ_ref/p_ref)²), covariance neglected (it is 0 for b = ref). An
-    empty basin gives ΔF = +inf with an infinite error.
+    ``angles``, ``weights`` and ``basins`` as for `basin_populations`; ``kT`` in the unit wanted
+    for the result (1.0: units of kT; ``target.kT``: kJ/mol); ``reference`` basin (default: the
+    most populated). ΔF and its error come from the weights and indicators directly, so the
+    (negative) covariance between the basins' populations is included:
+
+    - ``"delta"``: Var(ΔF_b) ≈ kT² Σ w̄_i² φ_i² with the influence function
+      φ_i = 1_b(x_i) / p_b − 1_ref(x_i) / p_ref (the normalising constant cancels in the ratio);
+    - ``"correlated"``: the same times the statistical inefficiency of the series w̄_i φ_i (MD frames);
+    - ``"bootstrap"``: the standard deviation of ΔF over resamplings; infinite when basin b is
+      empty in some resampling (ΔF unbounded there).
+
+    An empty basin gives ΔF = +inf with an infinite error; the reference gives Estimate(0, 0).
     """
-    if not populations:
-        raise CMTInputError("populations is empty: pass the output of basin_populations.")
-    ref = max(populations, key=lambda k: populations[k][0]) if reference is None else reference
-    if ref not in populations:
-        raise CMTInputError(f"reference basin {ref!r} is not one of {sorted(populations)}.")
-    p_ref, s_ref = populations[ref]
-    if p_ref <= 0:
-        raise CMTInputError(f"reference basin {ref!r} is empty: choose a populated reference basin.")
+    if error not in ("delta", "bootstrap", "correlated"):
+        raise CMTInputError(f"error must be 'delta', 'bootstrap' or 'correlated', got {error!r}.")
+    indicators = basin_indicators(angles, ALDP_BASINS if basins is None else basins)
+    if not indicators:
+        raise CMTInputError("basins is empty: name at least one (φ, ψ) box.")
+    names = list(indicators)
+    matrix = np.stack([indicators[k] for k in names], axis=1).astype(np.float64)
+    n = matrix.shape[0]
+    w = as_weights(weights, n)
+    p = w @ matrix
+    r = int(np.argmax(p)) if reference is None else (names.index(reference) if reference in names else -1)
+    if r < 0:
+        raise CMTInputError(f"reference basin {reference!r} is not one of {sorted(names)}.")
+    if p[r] <= 0:
+        raise CMTInputError(f"reference basin {names[r]!r} is empty: choose a populated reference basin.")
+    full = [b for b in range(len(names)) if b != r and p[b] > 0]
+    err = np.zeros(len(names))
+    if full and error in ("delta", "correlated"):
+        phi = matrix[:, full] / p[full] - matrix[:, [r]] / p[r]  # influence of ln p_b − ln p_ref
+        err[full] = weighted_mean(phi, w, error=error).error
+    elif full:
+        rng = np.random.default_rng(seed)
+        reps = np.empty((n_bootstrap, len(full)))
+        for k in range(n_bootstrap):
+            cw = np.bincount(rng.integers(0, n, n), minlength=n) * w
+            pb = cw @ matrix
+            with np.errstate(divide="ignore", invalid="ignore"):
+                reps[k] = np.log(pb[r]) - np.log(pb[full])
+        finite = np.isfinite(reps).all(axis=0) & (n_bootstrap > 1)  # a basin emptied by a resampling: unbounded
+        err[full] = np.where(finite, np.where(finite, reps, 0.0).std(axis=0, ddof=min(1, n_bootstrap - 1)), np.inf)
     out = {}
-    for name, (p, s) in populations.items():
-        if name == ref:
+    for b, name in enumerate(names):
+        if b == r:
             out[name] = Estimate(0.0, 0.0)
-        elif p <= 0:
+        elif p[b] <= 0:
             out[name] = Estimate(math.inf, math.inf)
         else:
-            out[name] = Estimate(-kT * math.log(p / p_ref), kT * math.hypot(s / p, s_ref / p_ref))
+            out[name] = Estimate(float(-kT * math.log(p[b] / p[r])), float(kT * err[b]))
     return out
 
 
@@ -225,7 +343,8 @@ class FreeEnergyProfile(_KilojoulesPerMole):
 
     ``edges`` (bins+1,) and ``centers`` (bins,) in the CV's unit; ``probabilities`` (bins,) the
     weighted bin probabilities (mass outside the range not included); ``free_energy`` and
-    ``error`` (bins,) in kT (+inf / inf in empty bins); ``kT`` in kJ/mol; ``error_method``.
+    ``error`` (bins,) in kT (+inf / inf in empty bins; an infinite error also where a bootstrap
+    resampling empties the bin, see `binned_free_energy`); ``kT`` in kJ/mol; ``error_method``.
     """
 
     edges: np.ndarray
@@ -257,7 +376,14 @@ def binned_free_energy(index: np.ndarray, n_bins: int, volumes: np.ndarray, w: n
     """Bin probabilities p (n_bins,), F = −ln(p / volume) (kT, minimum 0) and its standard error.
 
     index: (N,) bin of each sample (n_bins: outside every bin); volumes: (n_bins,) bin sizes;
-    w: (N,) normalised weights; error: "bootstrap" or "delta" (see ReweightedEnsemble).
+    w: (N,) normalised weights; error: "bootstrap" or "delta" (see ReweightedEnsemble). The error
+    is that of −ln p_bin itself (the shift to minimum 0 is not included).
+
+    Empty bins are unconstrained: F = +inf with an infinite error. With ``"bootstrap"`` a bin
+    that is empty in any resampling also gets an infinite error: −ln p is +inf in that
+    resampling, so the bootstrap distribution of F has no finite spread (dropping those
+    resamplings would make the sparsest bins look the most precise). In practice bins holding
+    fewer than about 5–10 samples (200 resamplings) are reported as unconstrained.
     """
     p = np.bincount(index, weights=w, minlength=n_bins + 1)[:n_bins]
     with np.errstate(divide="ignore"):
@@ -274,15 +400,11 @@ def binned_free_energy(index: np.ndarray, n_bins: int, volumes: np.ndarray, w: n
         for r in range(n_bootstrap):
             cw = np.bincount(rng.integers(0, n, n), minlength=n) * w
             reps[r] = np.bincount(index, weights=cw, minlength=n_bins + 1)[:n_bins] / max(cw.sum(), 1e-300)
-        with np.errstate(divide="ignore"):
-            f_reps = -np.log(reps / volumes)
-        finite = np.isfinite(f_reps)
-        count = finite.sum(axis=0)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            mean = np.where(finite, f_reps, 0.0).sum(axis=0) / count
-            sq = np.where(finite, (f_reps - mean) ** 2, 0.0).sum(axis=0)
-            err = np.where(count > 1, np.sqrt(sq / (count - 1)), np.inf)
-        err = np.where(p > 0, err, np.inf)
+        constrained = (p > 0) & np.all(reps > 0, axis=0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            f_reps = -np.log(np.where(constrained, reps, 1.0) / volumes)
+            sd = f_reps.std(axis=0, ddof=1) if n_bootstrap > 1 else np.full(n_bins, np.inf)
+        err = np.where(constrained, sd, np.inf)
     else:
         raise CMTInputError(f"error must be 'bootstrap' or 'delta', got {error!r}.")
     shift = np.min(f_raw[np.isfinite(f_raw)]) if np.isfinite(f_raw).any() else 0.0

@@ -13,7 +13,14 @@ Error bars (one standard error) are computed one of two ways, always stated by t
 argument: ``"bootstrap"`` (default; the standard deviation over ``n_bootstrap`` resamplings of
 the N samples with replacement, seeded) or ``"delta"`` (linearisation of the self-normalised
 estimator: Var ≈ Σ w̄_i² (f_i - μ)²). Both treat the N samples as independent, which they are
-for a generator. Hand-written: a few lines of NumPy on top of :mod:`.estimators`, with the
+for a generator. In free-energy profiles and surfaces an empty bin, or with ``"bootstrap"`` a bin
+left empty by some resampling, is unconstrained: F = +inf or an infinite error.
+
+Both error bars are meaningless when a handful of samples carry the weight: `reweight` and
+`ReweightedEnsemble.reweight_to` warn with `LowESSWarning` when the effective number of samples
+N · ESS falls below ``min_effective_samples`` (default
+:data:`~cmt_openmm.sampling.estimators.MIN_EFFECTIVE_SAMPLES`, 100), and the report marks such
+estimates unreliable. Hand-written: a few lines of NumPy on top of :mod:`.estimators`, with the
 project's conventions for failed samples and units.
 
 Example:
@@ -41,7 +48,8 @@ from ..files import atomic_writer
 from ..importance import normalized_weights, reverse_ess
 from ..target import Target
 from ..units import as_float64, kelvin
-from .estimators import Estimate, FreeEnergyProfile, FreeEnergySurface, binned_free_energy, weighted_mean
+from .estimators import (MIN_EFFECTIVE_SAMPLES, Estimate, FreeEnergyProfile, FreeEnergySurface, binned_free_energy,
+                         weighted_mean)
 
 __all__ = [
     "reweight",
@@ -49,11 +57,33 @@ __all__ = [
     "FreeEnergyProfile",
     "FreeEnergySurface",
     "LowESSWarning",
+    "warn_if_low_ess",
 ]
 
 
 class LowESSWarning(UserWarning):
     """The effective sample size collapsed: the reweighted estimates are unreliable."""
+
+
+def warn_if_low_ess(ens: "ReweightedEnsemble", what: str, min_effective_samples: float = MIN_EFFECTIVE_SAMPLES,
+                    ess_fraction: float = 0.0, stacklevel: int = 3) -> None:
+    """Warn (`LowESSWarning`) when N · ESS < ``min_effective_samples`` or ESS < ``ess_fraction``.
+
+    The one check behind `reweight`, `ReweightedEnsemble.reweight_to` and the report; ``what``
+    names the ensemble in the message; ``stacklevel`` as for `warnings.warn` (3: the caller of
+    the function that calls this one).
+    """
+    n_eff = ens.n_effective
+    reasons = ([f"fewer than {min_effective_samples:g} effective samples"] if n_eff < min_effective_samples else []) + (
+        [f"an ESS below {ess_fraction:.0%}"] if ens.ess < ess_fraction else [])
+    if reasons:
+        warnings.warn(
+            f"{what}: ESS {ens.ess:.2%}, N·ESS = {n_eff:.1f} effective of {len(ens)} samples "
+            f"({' and '.join(reasons)}); estimates and their error bars rest on a few samples and are unreliable, "
+            f"so draw more samples, use a better generator or sample closer to that state.",
+            LowESSWarning,
+            stacklevel=stacklevel,
+        )
 
 
 class ReweightedEnsemble:
@@ -114,6 +144,16 @@ class ReweightedEnsemble:
     def ess(self) -> float:
         """Normalised reverse ESS (Σw)² / (N Σw²) in [0, 1]."""
         return reverse_ess(self.log_weights)
+
+    @property
+    def n_effective(self) -> float:
+        """Effective number of samples N · ESS = (Σw)² / Σw² (Kish); 0 when no weight is positive."""
+        return len(self) * self.ess
+
+    @property
+    def reliable(self) -> bool:
+        """Whether N · ESS reaches :data:`~cmt_openmm.sampling.estimators.MIN_EFFECTIVE_SAMPLES`."""
+        return self.n_effective >= MIN_EFFECTIVE_SAMPLES
 
     def ess_clipped(self, clip_fraction: float = 1e-4) -> float:
         """Reverse ESS with the largest ``clip_fraction`` of log-weights clipped (TA-BG's report)."""
@@ -214,7 +254,8 @@ class ReweightedEnsemble:
         ``cv``: values (N,) or a callable like `expectation`'s observable returning (B,);
         ``bins``: a count or edges; ``range``: (lo, hi) (default: the span of samples with
         positive weight; use (-π, π) for a torsion). Errors: the bootstrap (or delta-method)
-        standard error of -ln p_bin; empty bins have F = +inf.
+        standard error of -ln p_bin; empty bins have F = +inf, and bins left empty by some
+        bootstrap resampling (a few samples) an infinite error: unconstrained, not precise.
         """
         s = self._cv(cv, 1, trajectory)
         keep = self.weights > 0
@@ -284,14 +325,21 @@ class ReweightedEnsemble:
         batch_size: int = 1000,
         progress: bool = False,
         ess_warning: float = 0.01,
+        min_effective_samples: float = MIN_EFFECTIVE_SAMPLES,
     ) -> ReweightedEnsemble:
         """The same samples reweighted to another temperature or another System (same topology).
 
         ``new``: a temperature (K or Quantity) — u is rescaled by kT_old / kT_new, no energy
-        evaluation — or a Target with the same topology (energies evaluated with ``energy``,
-        default `OpenMMEnergy(new)`; a Target with the same System only rescales). Warns
-        (`LowESSWarning`) when the new ESS is below ``ess_warning``.
+        evaluation, so ``energy`` must not be given — or a Target with the same topology
+        (energies evaluated with ``energy``, default `OpenMMEnergy(new)`; a Target with the same
+        System only rescales). Warns (`LowESSWarning`) when the new ESS is below ``ess_warning``
+        or N · ESS below ``min_effective_samples``.
         """
+        if energy is not None and not isinstance(new, Target):
+            raise CMTInputError(
+                f"energy= is only used with a Target, but {new!r} is a temperature (reweighting to it only rescales "
+                f"the stored energies); drop energy= or pass a Target whose System energy should evaluate."
+            )
         if isinstance(new, Target):
             if new.topology_fingerprint() != self.target.topology_fingerprint():
                 raise CMTInputError(
@@ -310,13 +358,8 @@ class ReweightedEnsemble:
             target, self.positions, self.log_q, u, self.invalid,
             {**self.metadata, "reweighted_from": {"target": self.target.name, "temperature": self.target.temperature}},
         )
-        if out.ess < ess_warning:
-            warnings.warn(
-                f"reweighting to {target.name} at {target.temperature:g} K leaves an ESS of {out.ess:.2%} "
-                f"(< {ess_warning:.0%}): estimates rest on a few samples; sample closer to that state.",
-                LowESSWarning,
-                stacklevel=2,
-            )
+        warn_if_low_ess(out, f"reweighting to {target.name} at {target.temperature:g} K", min_effective_samples,
+                         ess_warning)
         return out
 
     # -- export ----------------------------------------------------------------------------
@@ -413,6 +456,7 @@ def reweight(
     seed: int = 0,
     energy: Callable | None = None,
     progress: bool = True,
+    min_effective_samples: float = MIN_EFFECTIVE_SAMPLES,
 ) -> ReweightedEnsemble:
     """Draw ``n`` samples from ``generator`` in batches and weight them towards ``target``.
 
@@ -420,7 +464,10 @@ def reweight(
     and optionally ``chirality_flipped(x)``); samples with flipped chirality get weight 0.
     ``energy``: a callable (B, n_atoms, 3) -> u (B,) (default: `OpenMMEnergy(target)` on the
     Reference platform, closed afterwards). ``seed`` seeds the ``torch.Generator`` used for
-    sampling. Raw energies are used (never regularised).
+    sampling. Raw energies are used (never regularised). Warns (`LowESSWarning`) when the
+    effective number of samples N · ESS is below ``min_effective_samples``: the estimates and
+    their error bars then rest on a few samples (see `ReweightedEnsemble.reliable`; 0 turns
+    the warning off, e.g. for draws that are pooled before use).
     """
     import torch
     from tqdm.auto import tqdm
@@ -447,4 +494,6 @@ def reweight(
     content_hash = getattr(generator, "content_hash", None)
     if callable(content_hash):
         metadata["generator_hash"] = content_hash()
-    return ReweightedEnsemble(target, positions, np.concatenate(lqs), u, np.concatenate(flips), metadata)
+    out = ReweightedEnsemble(target, positions, np.concatenate(lqs), u, np.concatenate(flips), metadata)
+    warn_if_low_ess(out, f"reweighting {int(n)} generator samples to {target.name}", min_effective_samples)
+    return out

@@ -6,7 +6,8 @@ monitoring samples of forward KL), same records and checkpoints as CMT
 
 - Reverse KL: minimise E_q[log q(x) + u_reg(x)] with reparameterised samples; the gradient of
   the lin-log regularised energy comes from OpenMM's forces (``OpenMMEnergy`` autograd).
-- Forward KL: maximum likelihood −E_data[log q(x)] on ``positions`` (nm) from an .npz file.
+- Forward KL: maximum likelihood −E_data[log q(x)] on ``positions`` (nm) from an .npz file;
+  frames outside the flow's support are refused when the trainer is built.
 - Temperature annealing (TA-BG): reverse KL at ``t_high``, then importance-weighted
   forward-KL fits down a geometric temperature ladder to the target temperature — CMT's
   buffer/weights/fit step with the fixed tempered path p̃^{T/T_k}. Energies at T_k are the
@@ -75,6 +76,7 @@ class ForwardKLTrainer(Trainer):
         self.settings = config.forward_kl
         super().__init__(target, generator, energy, config, rng, lr=self.settings.lr)
         self.data = _load_positions(self.settings.data, target.n_atoms)
+        _check_support(generator, self.data, self.settings.data)
 
     def step_cost(self) -> int:
         return self.settings.eval_samples
@@ -111,6 +113,39 @@ def _load_positions(path: str, n_atoms: int) -> torch.Tensor:
     if not np.all(np.isfinite(positions)):
         raise CMTInputError(f"forward_kl.data {path} holds non-finite positions; remove those frames.")
     return torch.from_numpy(positions)
+
+
+def _check_support(generator, data: torch.Tensor, path: str, batch_size: int = 10_000) -> None:
+    """Refuse training frames outside the flow's support (log q = −inf: no gradient, an inf loss).
+
+    A frame is outside when one of its flow coordinates y = scaling.to_flow(z) leaves the flow's
+    interval [lower, upper] (a bond stretched beyond the flow's range, a mirrored chiral centre,
+    a particle outside a toy's box) or its coordinates are not finite (degenerate geometry).
+    """
+    scaling = generator.flow.scaling
+    names = list(getattr(generator.coordinates, "names", None) or [
+        f"{'xyz'[i % 3]} of atom {i // 3}" for i in range(generator.dim)])
+    counts = torch.zeros(generator.dim, dtype=torch.long)
+    bad_frames = 0
+    with torch.no_grad():
+        for start in range(0, data.shape[0], batch_size):
+            x = data[start:start + batch_size].to(scaling.center.device)
+            z, log_det = generator.coordinates(x)
+            y = scaling.to_flow(z)
+            outside = (y < scaling.lower) | (y > scaling.upper) | ~torch.isfinite(y)
+            bad = outside.any(-1) | ~torch.isfinite(log_det)
+            counts += outside.sum(0).cpu()
+            bad_frames += int(bad.sum())
+    if bad_frames:
+        worst = [i for i in torch.argsort(counts, descending=True, stable=True).tolist() if counts[i] > 0]
+        where = ", ".join(f"{names[i]} in {int(counts[i])} frame{'s' if counts[i] > 1 else ''}" for i in worst[:3])
+        more = f" and {len(worst) - 3} more coordinates" if len(worst) > 3 else ""
+        raise CMTInputError(
+            f"{bad_frames} of {data.shape[0]} frames of forward_kl.data {path} lie outside the flow's support "
+            f"({where or 'degenerate geometry'}{more}), where log q = −inf would give them no gradient and an "
+            f"infinite loss; remove those frames or train on data of the system and reference structure the "
+            f"flow is built for."
+        )
 
 
 @register_method("temperature_annealing")

@@ -141,7 +141,9 @@ def train(
             close); by default one is built from ``config.energy`` and closed at the end.
 
     Returns a :class:`TrainResult`. Stops when the method finishes (CMT: λ = η = 0), after
-    ``max_steps`` steps, or before a step that would exceed ``budget`` energy evaluations.
+    ``max_steps`` steps, or before a step that would exceed ``budget`` energy evaluations. A
+    fresh run whose ``budget`` is below the cost of its first step is refused
+    (:class:`~cmt_openmm.errors.CMTInputError`) rather than trained for 0 steps.
 
     >>> from cmt_openmm.systems import get_target                              # doctest: +SKIP
     >>> result = train(get_target("toy-double-well"), {"max_steps": 5}, "runs/toy")  # doctest: +SKIP
@@ -170,6 +172,13 @@ def train(
         if checkpoint is not None:
             _restore(checkpoint, generator, trainer, rng, state)
             _write_metrics(run_dir, state["history"])
+        elif not trainer.done and trainer.step_cost() > config.budget:
+            cost = trainer.step_cost()  # a fresh run that could not take a single step: refuse, don't report
+            raise CMTInputError(
+                f"the budget of {config.budget:,} energy evaluations is below the cost of one {config.method} step "
+                f"({cost:,} evaluations), so the run would train 0 steps; raise budget to at least {cost:,} "
+                f"or make one step cheaper (fewer samples per step in the {config.method} settings)."
+            )
         stop_reason = _run(trainer, config, run_dir, state, progress)
     finally:
         if own_energy:
