@@ -17,6 +17,8 @@ _PUBLIC = {
     "ToyTarget": "systems.toys",
     "get_target": "systems",
     "list_targets": "systems",
+    "target_from_entry": "systems.inputs",
+    "peptide": "systems.peptides",
     "OpenMMEnergy": "energy.openmm_bridge",
     "regularize_energy": "energy.regularize",
     "InternalCoordinates": "coordinates",

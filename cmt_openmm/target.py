@@ -162,11 +162,17 @@ class Target:
         )
 
 
+_WATER = {"HOH", "WAT", "SOL", "TIP3", "TIP4", "TIP5", "SPC", "T3P", "T4P"}
+
+
 def _check_system(system: openmm.System, topology: app.Topology) -> None:
-    if system.usesPeriodicBoundaryConditions():
+    waters = sum(residue.name.upper() in _WATER for residue in topology.residues())
+    if system.usesPeriodicBoundaryConditions() or waters:
+        what = f"{waters} water molecules" if waters else "a periodic box"
         raise CMTInputError(
-            "periodic systems are not supported yet: build the System without periodic boundaries "
-            "(e.g. nonbondedMethod=NoCutoff, implicit solvent)."
+            f"the input holds {what}: explicit solvent and periodic systems are not supported; strip the "
+            "solvent and ions and use implicit solvent without a cutoff (e.g. forcefield [amber14-all.xml, "
+            "implicit/gbn2.xml] or implicitSolvent OBC2 for a prmtop)."
         )
     n = system.getNumParticles()
     if n != topology.getNumAtoms():

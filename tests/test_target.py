@@ -165,7 +165,7 @@ def test_refuses_periodic_system():
     for _ in range(3):
         nonbonded.addParticle(0.0, 0.3, 0.5)
     system.addForce(nonbonded)
-    with pytest.raises(CMTInputError, match="periodic systems are not supported yet") as error:
+    with pytest.raises(CMTInputError, match="explicit solvent and periodic systems are not supported") as error:
         Target(system, topology, POSITIONS, 300.0)
     assert_one_sentence(error)
 

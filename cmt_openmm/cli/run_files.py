@@ -1,8 +1,9 @@
 """Run files and run directories: what ``cmt-openmm train`` reads, writes and reloads.
 
 A run file (YAML) holds the target (``system``: a built-in name such as ``aldp-vacuum`` or
-``toy-double-well``, or ``{pdb: file.pdb, forcefield: [a.xml, ...]}``; relative paths are
-relative to the file), ``temperature`` (K), an optional ``report`` section (``n_samples``,
+``toy-double-well``, or a mapping naming the user's files: PDB + force field, Amber prmtop,
+GROMACS top/gro, a System XML, an openmmtools test system or a peptide sequence, see
+:mod:`cmt_openmm.systems.inputs`; relative paths are relative to the file), ``temperature`` (K), an optional ``report`` section (``n_samples``,
 ``n_draws``, ``seed``: the flow samples of the final report) and the training settings of
 :class:`cmt_openmm.training.TrainConfig` (method, seed, budget, max_steps, flow, energy and
 the method's section)::
@@ -96,42 +97,17 @@ def _existing(path: str, base_dir: str | os.PathLike, what: str) -> Path:
 
 
 def resolve_system(system: Any, base_dir: Path) -> Any:
-    from ..systems import list_targets
+    """The checked ``system`` entry with absolute paths (:func:`cmt_openmm.systems.inputs.resolve_entry`)."""
+    from ..systems.inputs import resolve_entry
 
-    if isinstance(system, str):
-        if system not in list_targets():
-            raise CMTInputError(f"unknown system {system!r}; use one of {', '.join(list_targets())} or {{pdb: ..., forcefield: [...]}}.")
-        return system
-    if isinstance(system, dict) and set(system) <= {"pdb", "forcefield", "name"} and "pdb" in system:
-        xmls = system.get("forcefield") or []
-        xmls = [xmls] if isinstance(xmls, str) else list(xmls)
-        if not xmls or not all(isinstance(x, str) for x in xmls):
-            raise CMTInputError("system.forcefield must list force-field XML files, e.g. [amber99sbildn.xml].")
-        # Bundled OpenMM force fields are given by name; anything that exists on disk by path.
-        resolved = [str(_existing(x, base_dir, "force-field")) if (base_dir / x).is_file() or os.path.isabs(x) else x for x in xmls]
-        out = {"pdb": str(_existing(system["pdb"], base_dir, "PDB")), "forcefield": resolved}
-        if "name" in system:
-            out["name"] = str(system["name"])
-        return out
-    raise CMTInputError("system must be a built-in name or a mapping {pdb: file.pdb, forcefield: [xml, ...]}.")
+    return resolve_entry(system, base_dir)
 
 
 def build_target(system: Any, temperature: float):
     """The Target a (resolved) ``system`` entry names, at ``temperature`` K."""
-    if isinstance(system, str):
-        from ..systems import get_target
+    from ..systems.inputs import target_from_entry
 
-        return get_target(system, temperature)
-    from ..target import Target
-
-    try:
-        return Target.from_pdb(system["pdb"], system["forcefield"], temperature,
-                               name=system.get("name", Path(system["pdb"]).stem))
-    except (ValueError, KeyError, OSError) as exc:
-        if isinstance(exc, CMTInputError):
-            raise
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise CMTInputError(f"OpenMM cannot build a System from {system['pdb']} with {system['forcefield']}: {message}.") from None
+    return target_from_entry(system, temperature)
 
 
 def load_run(run_dir: str | os.PathLike) -> tuple[RunSpec, Any]:
