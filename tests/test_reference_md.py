@@ -24,9 +24,10 @@ def test_ladder():
         temperature_ladder(300.0, 200.0, 3)
 
 
-def test_tiny_run_writes_frames_and_resumes(toy, tmp_path):
+def test_tiny_run_writes_frames_and_resumes(toy, tmp_path, capsys):
     out = tmp_path / "ref.npz"
     first = run_reference_md(toy, out, n_iterations=3, seed=7, **TINY)
+    assert "cite" not in capsys.readouterr().out  # no openmmtools citation banner without progress output
     assert first.positions.shape == (3, 1, 3) and first.reduced_energy.shape == (3,)
     assert (tmp_path / "ref.nc").exists() and (tmp_path / "ref_checkpoint.nc").exists()
     # u stored by openmmtools at state 0 is the target's reduced potential

@@ -195,6 +195,7 @@ def run_reference_md(
     # Our own reporter, closed explicitly: a sampler left to the garbage collector keeps the
     # netCDF files open, and reopening an open HDF5 file can crash the process.
     reporter = MultiStateReporter(str(storage), checkpoint_interval=1, checkpoint_storage=checkpoint.name)
+    ReplicaExchangeSampler._global_citation_silence = not progress  # its citations go to stdout
     try:
         if storage.exists():
             sampler = ReplicaExchangeSampler.from_storage(reporter)
@@ -234,6 +235,7 @@ def run_reference_md(
                 bar.update(1)
         final_iteration = sampler.iteration
     finally:
+        del ReplicaExchangeSampler._global_citation_silence  # back to openmmtools' own setting
         reporter.close()
         np.random.set_state(numpy_state)
         logger.setLevel(log_level)
