@@ -34,6 +34,7 @@ _PUBLIC = {
     "ReweightedEnsemble": "sampling.reweighting",
     "FlowIndependenceMove": "sampling.moves",
     "FlowMoveReporter": "sampling.reporters",
+    "report": "cli.main",
 }
 
 __all__ = sorted(_PUBLIC) + ["__version__"]

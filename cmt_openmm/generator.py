@@ -100,6 +100,8 @@ class BoltzmannGenerator(nn.Module):
         self.target_name = target_name
         self.reference_positions = np.array(reference_positions, dtype=np.float64)
         self.temperature = temperature
+        self.source_path: str | None = None  # the file it was loaded from, and that file's sha256
+        self.source_hash: str | None = None
 
     @classmethod
     def build(
@@ -215,8 +217,10 @@ class BoltzmannGenerator(nn.Module):
         """Read a generator saved by :meth:`save` for ``target``.
 
         ``target`` is needed to rebuild the coordinate transform; when None, a target given to
-        :func:`register_target` with the file's topology is used, else the built-in target
-        named in the file. A target with another topology is refused; a target whose System
+        :func:`register_target` with the file's topology is used, else the one saved in the run
+        directory beside the file (``target/``, written by training), else the built-in target
+        named in the file. The generator remembers its file (``source_path``, ``source_hash``),
+        so that moves built from it serialise by reference to the file. A target with another topology is refused; a target whose System
         differs (e.g. another force field on the same molecule) gives a warning.
         """
         path = Path(path)
@@ -254,6 +258,8 @@ class BoltzmannGenerator(nn.Module):
         except (KeyError, TypeError, ValueError, RuntimeError) as error:
             raise CMTInputError(f"{path} is damaged or from an incompatible version ({type(error).__name__}); "
                                 "retrain or re-save it.") from None
+        generator.source_path = str(path.resolve())
+        generator.source_hash = hashlib.sha256(data).hexdigest()
         return generator
 
 
@@ -305,8 +311,16 @@ def register_target(target) -> None:
 
 
 def _target_for(meta: dict[str, Any], path: Path):
-    """The registered target with the file's topology, else the built-in target it names."""
+    """The registered target with the file's topology, else the target saved beside the file (a
+    run directory's ``target/``), else the built-in target the file names."""
     for target in _TARGETS:
+        if target.topology_fingerprint() == meta["topology_fingerprint"]:
+            return target
+    saved = Path(path).parent / "target"
+    if (saved / "target.json").is_file():
+        from .target import Target
+
+        target = Target.load(saved)
         if target.topology_fingerprint() == meta["topology_fingerprint"]:
             return target
     from .systems import get_target

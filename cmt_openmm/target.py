@@ -10,6 +10,7 @@ are refused with a one-sentence `CMTInputError` instead of failing later in a fl
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import re
@@ -143,6 +144,43 @@ class Target:
         """sha256 of the serialised System (without the OpenMM version stamp)."""
         xml = re.sub(r' openmmVersion="[^"]*"', "", openmm.XmlSerializer.serialize(self.system), count=1)
         return hashlib.sha256(xml.encode()).hexdigest()
+
+    def save(self, directory: str | Path) -> Path:
+        """Write the target into ``directory``: ``system.xml`` (the serialised System),
+        ``structure.pdb`` (topology and reference positions) and ``target.json`` (name,
+        temperature, box, fingerprints and the positions in full precision). Atomic per file."""
+        from .files import atomic_write
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        atomic_write(directory / "system.xml", openmm.XmlSerializer.serialize(self.system))
+        text = io.StringIO()
+        app.PDBFile.writeFile(self.topology, self.positions * 10.0 * unit.angstrom, text, keepIds=True)
+        atomic_write(directory / "structure.pdb", text.getvalue())
+        meta = {"name": self.name, "temperature": self.temperature, "positions_nm": self.positions.tolist(),
+                "box": None if self.box is None else self.box.tolist(),
+                "topology_fingerprint": self.topology_fingerprint(), "system_fingerprint": self.system_fingerprint()}
+        atomic_write(directory / "target.json", json.dumps(meta))
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path) -> Target:
+        """The target :meth:`save` wrote into ``directory`` (refused in one sentence when damaged)."""
+        directory = Path(directory)
+        try:
+            meta = json.loads((directory / "target.json").read_text())
+            system = openmm.XmlSerializer.deserialize((directory / "system.xml").read_text())
+            topology = app.PDBFile(str(directory / "structure.pdb")).topology
+            target = cls(system, topology, meta["positions_nm"], meta["temperature"], name=meta["name"], box=meta["box"])
+        except CMTInputError:
+            raise
+        except Exception as error:  # missing file, bad JSON or XML
+            raise CMTInputError(f"the target saved in {directory} cannot be read ({type(error).__name__}); "
+                                "it is damaged: rebuild it from its inputs.") from None
+        if target.topology_fingerprint() != meta["topology_fingerprint"]:
+            raise CMTInputError(f"the topology read back from {directory / 'structure.pdb'} differs from the saved "
+                                "one (bonds or names changed); rebuild the target from its inputs.")
+        return target
 
     @property
     def has_molecule(self) -> bool:

@@ -4,11 +4,22 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import math
+
 import numpy as np
+import openmm
 import torch
+from openmm import app
 from scipy import stats
 
+from cmt_openmm.target import Target
+from cmt_openmm.units import kT
+
 ROOT = Path(__file__).resolve().parents[1]
+
+R0, SIGMA_R = 0.15, 0.012  # nm: bonds of chain_molecule
+THETA0, SIGMA_THETA = 1.9, 0.15  # rad: its angles
+TORSION = ((1, 2.5), (3, 1.5))  # its torsion: (periodicity, k in kJ/mol), phase 0
 
 N_BATCHES = 25
 """Batches of a chain for batch-means standard errors (test_moves_exactness.py explains the design)."""
@@ -66,3 +77,32 @@ def bin_z_scores(values: np.ndarray, exact: np.ndarray, labels: np.ndarray) -> n
 
 def critical_z(n_bins: int) -> float:
     return float(stats.t.ppf(1 - ALPHA / (2 * n_bins), df=N_BATCHES - 1))
+
+
+def chain_molecule(n_atoms: int) -> Target:
+    """A chain of ``n_atoms`` (3 or 4) carbons at 300 K: harmonic bonds (R0, SIGMA_R), angles
+    (THETA0, SIGMA_THETA) and, for 4 atoms, the torsion TORSION (test_molecular_exactness.py)."""
+    kt = kT(300.0)
+    system, topology = openmm.System(), app.Topology()
+    residue = topology.addResidue("MOL", topology.addChain())
+    atoms = [topology.addAtom(f"C{i}", app.element.carbon, residue) for i in range(n_atoms)]
+    for _ in atoms:
+        system.addParticle(12.0)
+    bonds, angles = openmm.HarmonicBondForce(), openmm.HarmonicAngleForce()
+    for i in range(n_atoms - 1):
+        topology.addBond(atoms[i], atoms[i + 1])
+        bonds.addBond(i, i + 1, R0, kt / SIGMA_R**2)
+    for i in range(n_atoms - 2):
+        angles.addAngle(i, i + 1, i + 2, THETA0, kt / SIGMA_THETA**2)
+    system.addForce(bonds)
+    system.addForce(angles)
+    if n_atoms == 4:
+        torsions = openmm.PeriodicTorsionForce()
+        for n, k in TORSION:
+            torsions.addTorsion(0, 1, 2, 3, n, 0.0, k)
+        system.addForce(torsions)
+    positions = [[0.0, 0.0, 0.0], [R0, 0.0, 0.0]]
+    positions.append([R0 - R0 * math.cos(THETA0), R0 * math.sin(THETA0), 0.0])
+    if n_atoms == 4:  # planar zig-zag: the same bond and angle, phi = 180 deg
+        positions.append([positions[2][0] + R0, positions[2][1], 0.0])
+    return Target(system, topology, positions, 300.0, name=f"chain-{n_atoms}")

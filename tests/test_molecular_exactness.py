@@ -43,43 +43,13 @@ from cmt_openmm.sampling.reporters import FlowMoveReporter
 from cmt_openmm.sampling.reweighting import reweight
 from cmt_openmm.target import Target
 from cmt_openmm.units import dihedral_angles, kT
-from helpers import N_BATCHES, bin_z_scores, critical_z, perturb_parameters
+from helpers import (N_BATCHES, R0, SIGMA_R, SIGMA_THETA, THETA0, TORSION, bin_z_scores, chain_molecule,
+                     critical_z, perturb_parameters)
 
-TEMPERATURE = 300.0
-R0, SIGMA_R = 0.15, 0.012
-THETA0, SIGMA_THETA = 1.9, 0.15
-TORSION = ((1, 2.5), (3, 1.5))  # (periodicity, k in kJ/mol), phase 0
+TEMPERATURE = 300.0  # the molecules' (helpers.chain_molecule)
 
 
 # ------------------------------------------------------------------ molecules and exact marginals
-def _molecule(n_atoms: int) -> Target:
-    """A chain of ``n_atoms`` (3 or 4) carbons with the bonds, angles and torsion of the docstring."""
-    kt = kT(TEMPERATURE)
-    system, topology = openmm.System(), app.Topology()
-    residue = topology.addResidue("MOL", topology.addChain())
-    atoms = [topology.addAtom(f"C{i}", app.element.carbon, residue) for i in range(n_atoms)]
-    for _ in atoms:
-        system.addParticle(12.0)
-    bonds, angles = openmm.HarmonicBondForce(), openmm.HarmonicAngleForce()
-    for i in range(n_atoms - 1):
-        topology.addBond(atoms[i], atoms[i + 1])
-        bonds.addBond(i, i + 1, R0, kt / SIGMA_R**2)
-    for i in range(n_atoms - 2):
-        angles.addAngle(i, i + 1, i + 2, THETA0, kt / SIGMA_THETA**2)
-    system.addForce(bonds)
-    system.addForce(angles)
-    if n_atoms == 4:
-        torsions = openmm.PeriodicTorsionForce()
-        for n, k in TORSION:
-            torsions.addTorsion(0, 1, 2, 3, n, 0.0, k)
-        system.addForce(torsions)
-    positions = [[0.0, 0.0, 0.0], [R0, 0.0, 0.0]]
-    positions.append([R0 - R0 * math.cos(THETA0), R0 * math.sin(THETA0), 0.0])
-    if n_atoms == 4:  # planar zig-zag: the same bond and angle, phi = 180 deg
-        positions.append([positions[2][0] + R0, positions[2][1], 0.0])
-    return Target(system, topology, positions, TEMPERATURE, name=f"chain-{n_atoms}")
-
-
 def _observables(x: np.ndarray) -> dict[str, np.ndarray]:
     """Bond lengths (nm), angles (rad) and, for 4 atoms, the torsion (rad) of x (T, n, 3)."""
     n = x.shape[1]
@@ -250,7 +220,7 @@ def _format_1_jacobian(self, r, theta):
 
 @pytest.fixture(scope="module", params=[3, 4], ids=["triatomic", "four-atom"])
 def molecule(request):
-    return _molecule(request.param)
+    return chain_molecule(request.param)
 
 
 # ------------------------------------------------------------------ the density itself
@@ -259,7 +229,7 @@ def test_triatomic_density_integrates_to_8_pi_squared_over_cartesian_space():
     volume of SO(3) in the Haar measure of the density convention. Monte Carlo in Cartesian
     space, independent of the internal-coordinate algebra: each outer atom is drawn from an
     isotropic density g(y) = N(|y|; r0, s) / (4π|y|²)."""
-    target = _molecule(3)
+    target = chain_molecule(3)
     generator = poor_generator(target)
     rng = np.random.default_rng(0)
     n, s = 400_000, 0.02

@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import io
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -123,7 +124,7 @@ def write_run_report(run_dir: Path, spec: RunSpec, target, generator, history, s
 def _reference_positions(path: str, target) -> np.ndarray:
     from ..sampling.reference_md import load_reference
 
-    positions, _ = load_reference(path)
+    positions, _ = load_reference(path, target.topology)
     if positions.shape[1] != target.n_atoms:
         raise CMTInputError(f"reference {path} has {positions.shape[1]} atoms but {target.name} has {target.n_atoms}; pass frames of the same system.")
     return positions
@@ -181,19 +182,32 @@ def _add_to_npz(path: Path, **arrays: np.ndarray) -> None:
         np.savez(handle, **content)
 
 
-def cmd_evaluate(args: argparse.Namespace) -> int:
+def report(run_dir: str | os.PathLike, reference: str | os.PathLike | None = None, n_samples: int | None = None,
+           n_draws: int | None = None, seed: int | None = None, progress: bool = True, name: str = "evaluation") -> dict:
+    """Evaluate a run directory (made by ``cmt-openmm train`` or ``cmt_openmm.train(..., run_dir=)``):
+    draw reweighted samples, compute the metrics, draw the plots and write ``name``.json/.md there.
+
+    ``reference``: MD frames to compare with (the npz of ``cmt-openmm reference-md`` or a
+    trajectory mdtraj reads with the run's topology: DCD, XTC, netCDF, PDB, ...). Returns the
+    report dictionary; ``cmt-openmm evaluate`` is this function.
+    """
     from ..training import load_history
 
-    spec, target = load_run(args.run_dir)
-    generator = load_generator(args.run_dir, target=target)
-    if args.reference is not None:
-        _reference_positions(args.reference, target)  # fail before sampling
-    history = load_history(args.run_dir)
-    stop = _stored_stop_reason(Path(args.run_dir))
-    if args.seed is not None:
-        spec.report["seed"] = args.seed
-    result = write_run_report(Path(args.run_dir), spec, target, generator, history, stop, not args.quiet,
-                              reference=args.reference, n_samples=args.n, n_draws=args.draws, name="evaluation")
+    run_dir = Path(run_dir)
+    spec, target = load_run(run_dir)
+    generator = load_generator(run_dir, target=target)
+    if reference is not None:
+        _reference_positions(str(reference), target)  # fail before sampling
+    history = load_history(run_dir)
+    if seed is not None:
+        spec.report["seed"] = seed
+    return write_run_report(run_dir, spec, target, generator, history, _stored_stop_reason(run_dir), progress,
+                            reference=None if reference is None else str(reference), n_samples=n_samples,
+                            n_draws=n_draws, name=name)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    result = report(args.run_dir, args.reference, args.n, args.draws, args.seed, not args.quiet)
     if args.out:
         atomic_write(Path(args.out), to_json(result))
     _emit(result, args)
@@ -339,7 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="metrics of a trained generator (JSON)")
     p.add_argument("run_dir")
-    p.add_argument("--reference", help="reference .npz with positions in nm (from reference-md)")
+    p.add_argument("--reference", help="reference frames: the .npz of reference-md, or your own trajectory "
+                                        "(DCD, XTC, netCDF, PDB, ... read by mdtraj with the run's topology)")
     p.add_argument("--n", type=int, help="samples per draw (default: the run's report.n_samples)")
     p.add_argument("--draws", type=int, help="independent draws (default: the run's report.n_draws)")
     p.add_argument("--seed", type=int)

@@ -116,7 +116,31 @@ def load_run(run_dir: str | os.PathLike) -> tuple[RunSpec, Any]:
     if not run_dir.is_dir():
         raise CMTInputError(f"run directory {run_dir} does not exist; train first with `cmt-openmm train`.")
     path = run_dir / RUN_FILE
-    if not path.is_file():
-        raise CMTInputError(f"{run_dir} holds no {RUN_FILE}; is it a directory written by `cmt-openmm train`?")
-    spec = parse_run_config(read_yaml(path), run_dir)
-    return spec, build_target(spec.system, spec.temperature)
+    if path.is_file():
+        spec = parse_run_config(read_yaml(path), run_dir)
+        return spec, build_target(spec.system, spec.temperature)
+    return _run_from_api(run_dir)
+
+
+def _run_from_api(run_dir: Path) -> tuple[RunSpec, Any]:
+    """A run trained through ``cmt_openmm.train(target, config, run_dir)``: no run file, but its
+    ``config.yaml`` and the saved ``target/``; the system entry names the built-in target when
+    the saved one is it, else the saved System XML and PDB."""
+    from ..systems import list_targets
+    from ..target import Target
+    from ..training.loop import CONFIG_FILE, TARGET_DIR
+
+    if not (run_dir / CONFIG_FILE).is_file() or not (run_dir / TARGET_DIR / "target.json").is_file():
+        raise CMTInputError(f"{run_dir} holds neither {RUN_FILE} nor {CONFIG_FILE} with {TARGET_DIR}/; is it a "
+                            "directory written by `cmt-openmm train` or cmt_openmm.train(..., run_dir=...)?")
+    target = Target.load(run_dir / TARGET_DIR)
+    system: Any = {"xml": str(run_dir / TARGET_DIR / "system.xml"), "pdb": str(run_dir / TARGET_DIR / "structure.pdb"),
+                   "name": target.name}
+    if target.name in list_targets():
+        from ..systems import get_target
+
+        builtin = get_target(target.name, target.temperature)
+        if builtin.system_fingerprint() == target.system_fingerprint():
+            system, target = target.name, builtin
+    data = {"system": system, "temperature": target.temperature, **(read_yaml(run_dir / CONFIG_FILE) or {})}
+    return parse_run_config(data, run_dir), target

@@ -112,7 +112,8 @@ class FlowIndependenceMove(mcmc.MCMCMove):
         reproducible from the seed, and a run resumed from storage continues with a fresh
         stream rather than the interrupted one.
     generator_path : str or None
-        Where ``generator`` (an object) is saved, when it is; needed to serialise the move.
+        Where ``generator`` (an object) is saved, when it is; needed to serialise the move. A
+        generator loaded with ``BoltzmannGenerator.load`` and not changed since knows its file.
     target : Target or None
         The target the generator was trained for; only needed when that is not a built-in
         target (see :func:`register_target`), to load the generator from its file.
@@ -154,6 +155,9 @@ class FlowIndependenceMove(mcmc.MCMCMove):
             self._register(generator, self._generator)
         else:
             self._generator = generator
+            source = getattr(generator, "source_path", None)
+            if generator_path is None and source is not None and generator.content_hash() == generator.source_hash:
+                generator_path = source  # loaded from a file it still equals: serialise by reference to it
             if generator_path is not None:
                 self._register(generator_path, generator)
                 if _file_sha256(generator_path) != self._hash and load_generator(

@@ -293,19 +293,45 @@ def _read_state0(storage: Path, checkpoint: Path, first: int, last: int, chunk: 
     return np.concatenate(frames), np.concatenate(u), (float(accepted / proposed) if proposed > 0 else None)
 
 
-def load_reference(path: str | os.PathLike) -> tuple[np.ndarray, dict]:
-    """Reference frames (n_frames, n_atoms, 3) nm and provenance from an npz of `run_reference_md`.
+def load_reference(path: str | os.PathLike, topology: Any = None) -> tuple[np.ndarray, dict]:
+    """Reference frames (n_frames, n_atoms, 3) nm and provenance.
 
-    Also accepts any npz with a ``positions`` array in nm (provenance then ``{}``).
+    ``path``: an npz of `run_reference_md` (or any npz with a ``positions`` array in nm), or a
+    trajectory mdtraj reads (DCD, XTC, TRR, netCDF, HDF5, PDB, ...; provenance ``{}``), whose
+    topology is ``topology`` (an OpenMM Topology; a PDB needs none).
     """
     path = Path(path)
     if not path.is_file():
-        raise CMTInputError(f"reference file {path} does not exist: create it with `cmt-openmm reference-md`.")
-    with np.load(path, allow_pickle=False) as data:
-        if "positions" not in data:
-            raise CMTInputError(f"{path} has no 'positions' array: pass an npz with positions in nm.")
-        positions = np.asarray(data["positions"], dtype=np.float64)
-        provenance = json.loads(str(data["provenance"])) if "provenance" in data else {}
+        raise CMTInputError(f"reference file {path} does not exist: create it with `cmt-openmm reference-md` "
+                            "or pass your own trajectory.")
+    if path.suffix.lower() != ".npz":
+        positions = _trajectory_positions(path, topology)
+        provenance: dict = {}
+    else:
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                if "positions" not in data:
+                    raise CMTInputError(f"{path} has no 'positions' array: pass an npz with positions in nm.")
+                positions = np.asarray(data["positions"], dtype=np.float64)
+                provenance = json.loads(str(data["provenance"])) if "provenance" in data else {}
+        except (OSError, ValueError) as error:
+            raise CMTInputError(f"{path} is not a readable npz ({type(error).__name__}); pass the npz of "
+                                "`cmt-openmm reference-md` or a trajectory file.") from None
     if positions.ndim != 3 or positions.shape[-1] != 3:
         raise CMTInputError(f"{path}: positions have shape {positions.shape}, expected (n_frames, n_atoms, 3) in nm.")
     return positions, provenance
+
+
+def _trajectory_positions(path: Path, topology: Any) -> np.ndarray:
+    """Frames (n, n_atoms, 3) nm of a trajectory file, read by mdtraj with ``topology``."""
+    import mdtraj
+
+    top = None if topology is None else mdtraj.Topology.from_openmm(topology)
+    try:
+        trajectory = mdtraj.load(str(path), top=top) if top is not None or path.suffix.lower() in (".pdb", ".h5") \
+            else mdtraj.load(str(path))
+    except Exception as error:  # mdtraj raises many types for unreadable or mismatched files
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CMTInputError(f"mdtraj cannot read {path} with the run's topology ({message}); pass a trajectory of "
+                            "this system (DCD, XTC, TRR, netCDF, HDF5 or PDB).") from None
+    return np.asarray(trajectory.xyz, dtype=np.float64)

@@ -8,7 +8,8 @@ annealing step for CMT and the temperature ladder, ``steps_per_record`` Adam ste
 gradient methods) and says how many energy evaluations its next step will use, so a step
 that would overrun the budget is never started.
 
-Run directory (``run_dir``): ``config.yaml`` (the :class:`TrainConfig`), ``checkpoint.pt``
+Run directory (``run_dir``): ``config.yaml`` (the :class:`TrainConfig`), ``target/`` (the
+Target: System XML, PDB, temperature; :meth:`~cmt_openmm.target.Target.save`), ``checkpoint.pt``
 (written atomically after every step: tmp file + ``os.replace``), ``metrics.jsonl`` (one record
 per step) and, at the end, ``generator.safetensors``. A killed run loses at most the step in
 progress; ``resume=True`` reloads generator weights, optimizer state, the torch RNG state,
@@ -44,6 +45,7 @@ from .config import RESUMABLE, TrainConfig, resume_conflicts
 CHECKPOINT_FILE = "checkpoint.pt"
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.yaml"
+TARGET_DIR = "target"  # Target.save: system.xml, structure.pdb, target.json
 _FORMAT = "cmt_openmm.checkpoint/1"
 
 METHODS: dict[str, type["Trainer"]] = {}
@@ -153,6 +155,8 @@ def train(
     config = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
     run_dir = Path(run_dir) if run_dir is not None else None
     checkpoint = _prepare_run_dir(run_dir, config, resume)
+    if run_dir is not None:  # the run directory describes itself: sample/evaluate/load need nothing else
+        target.save(run_dir / TARGET_DIR)
 
     generator = BoltzmannGenerator.build(
         target,
@@ -293,7 +297,9 @@ def _load_checkpoint(path: Path) -> dict:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt file, or one holding objects we refuse to unpickle
-        raise CMTInputError(f"cannot read checkpoint {path} ({type(exc).__name__}); it is not a cmt_openmm checkpoint.") from None
+        raise CMTInputError(f"cannot read checkpoint {path} ({type(exc).__name__}): it is damaged or not a cmt_openmm "
+                            "checkpoint (checkpoints are replaced atomically, so it was changed from outside); "
+                            "start the run afresh in another directory, or restore the file from a backup.") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != _FORMAT:
         raise CMTInputError(f"{path} is not a cmt_openmm training checkpoint ({_FORMAT}).")
     return checkpoint
