@@ -296,3 +296,21 @@ def test_temperature_annealing_ladder(double_well):
     assert abs(history[2]["ess_step"] - history[2]["reverse_ess"]) > 0.05
     with pytest.raises(CMTInputError, match="t_high"):
         train(double_well, {**config, "temperature_annealing": {"t_high": 250}}, progress=False)
+
+
+def test_progress_counts_towards_the_limit_that_will_stop_the_run(double_well, capsys):
+    config = {**_tiny_cmt(), "max_steps": 1000, "budget": 1300}  # 400 evaluations a step: 3 steps
+    result = train(double_well, config, progress=True)
+    err = capsys.readouterr().err
+    assert "at most 3 steps (budget limit)" in err and "eval/s" in err
+    assert len(result.history) == 3 and result.stop_reason == "budget"
+
+
+def test_training_uses_the_configured_threads_and_restores_them(double_well, monkeypatch):
+    import torch
+
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: calls.append(n))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 7)
+    train(double_well, {**_tiny_cmt(), "max_steps": 1, "threads": 2}, progress=False)
+    assert calls == [2, 7]

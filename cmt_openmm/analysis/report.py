@@ -21,15 +21,16 @@ from . import metrics, plots
 def write_run_report(run_dir: str | os.PathLike, target, generator, history: Sequence[dict],
                      stop_reason: str | None, *, method: str, seed: int, n_samples: int, n_draws: int,
                      sample_seed: int, progress: bool = True, reference_positions: np.ndarray | None = None,
-                     reference_file: str | None = None, name: str = "report") -> dict:
+                     reference_file: str | None = None, name: str = "report", energy=None) -> dict:
     """Draw ``n_draws`` reweighted draws of ``n_samples``, compute the metrics, draw the plots and
     write ``name``.json / ``name``.md into ``run_dir``; returns the report dictionary.
 
     ``history``: the training records (empty: no training curves); ``reference_positions``:
-    (M, n_atoms, 3) nm MD frames for forward ESS, EUBO and Ramachandran TV/KL.
+    (M, n_atoms, 3) nm MD frames for forward ESS, EUBO and Ramachandran TV/KL; ``energy``: the
+    reduced-energy callable to use (the run's platform; default a Reference ``OpenMMEnergy``).
     """
     run_dir = Path(run_dir)
-    ensembles = draw_ensembles(generator, target, n_samples, n_draws, sample_seed, progress)
+    ensembles = draw_ensembles(generator, target, n_samples, n_draws, sample_seed, progress, energy=energy)
     pooled = ReweightedEnsemble.concatenate(ensembles)
     warn_if_low_ess(pooled, f"the report's {n_draws} draws of {n_samples} samples", stacklevel=2)
     report = {
@@ -42,7 +43,7 @@ def write_run_report(run_dir: str | os.PathLike, target, generator, history: Seq
         "samples": metrics.sample_metrics(ensembles),
     }
     if reference_positions is not None:
-        report["reference"] = metrics.reference_metrics(generator, target, reference_positions, pooled)
+        report["reference"] = metrics.reference_metrics(generator, target, reference_positions, pooled, energy=energy)
         report["reference"]["file"] = None if reference_file is None else str(reference_file)
     title = f"{target.name}, {method}, {target.temperature:g} K"
     # The training report draws the training curves; an evaluation only its own sample plots.

@@ -66,7 +66,7 @@ def _train_spec(args: argparse.Namespace, out: Path) -> RunSpec:
     else:
         raise CMTInputError("name a run file (cmt-openmm train CONFIG.yaml) or a preset (--preset aldp-quick).")
     if isinstance(data, dict):
-        for key in ("max_steps", "budget", "seed"):
+        for key in ("max_steps", "budget", "seed", "threads"):
             if getattr(args, key, None) is not None:
                 data[key] = getattr(args, key)
     return parse_run_config(data, base)
@@ -115,10 +115,20 @@ def write_run_report(run_dir: Path, spec: RunSpec, target, generator, history, s
     n_samples = n_samples or spec.report["n_samples"]
     n_draws = n_draws or spec.report["n_draws"]
     _say(f"report: {n_draws} draws of {n_samples} samples")
-    return write(run_dir, target, generator, history, stop_reason, method=spec.train["method"],
-                 seed=spec.train["seed"], n_samples=n_samples, n_draws=n_draws, sample_seed=spec.report["seed"],
-                 progress=progress, reference_file=reference, name=name,
-                 reference_positions=None if reference is None else _reference_positions(reference, target))
+    with run_energy(spec, target) as energy:
+        return write(run_dir, target, generator, history, stop_reason, method=spec.train["method"],
+                     seed=spec.train["seed"], n_samples=n_samples, n_draws=n_draws, sample_seed=spec.report["seed"],
+                     progress=progress, reference_file=reference, name=name, energy=energy,
+                     reference_positions=None if reference is None else _reference_positions(reference, target))
+
+
+def run_energy(spec: RunSpec, target):
+    """The energy the run's settings name (``energy.platform``, ``energy.n_workers``), for
+    sampling and reports as for training; a context manager that closes it."""
+    from ..energy import OpenMMEnergy
+
+    settings = spec.train["energy"]
+    return OpenMMEnergy(target, platform=settings["platform"], n_workers=settings["n_workers"])
 
 
 def _reference_positions(path: str, target) -> np.ndarray:
@@ -146,7 +156,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
             raise CMTInputError(f"the folder of {path} does not exist; create it first.")
     spec, target = load_run(args.run_dir)
     generator = load_generator(args.run_dir, target=target)
-    ens = reweight(generator, target, args.n, batch_size=args.batch_size, seed=args.seed, progress=not args.quiet)
+    with run_energy(spec, target) as energy:
+        ens = reweight(generator, target, args.n, batch_size=args.batch_size, seed=args.seed, progress=not args.quiet,
+                       energy=energy)
     if args.temperature is not None:
         ens = ens.reweight_to(args.temperature)
     out = Path(args.out)
@@ -322,9 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(p):
         p.add_argument("--quiet", action="store_true", help="no progress bars")
-        p.add_argument("--threads", type=int, default=1,
-                       help="torch CPU threads (default 1: small flows run fastest single-threaded, "
-                            "and more threads than free cores slow training down several times)")
+        p.add_argument("--threads", type=int,
+                       help="torch CPU threads (default 1, or the run file's `threads` for train: small flows "
+                            "run fastest single-threaded, and more threads than free cores slow training down)")
 
     p = sub.add_parser("train", help="train a generator from a run file or a preset")
     p.add_argument("config", nargs="?", help="YAML run file (system, temperature, method, ...)")
@@ -409,12 +421,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.stdout = sys.stdout  # results go here; library chatter (banners) is sent to stderr
     try:
-        if getattr(args, "threads", None) is not None:
-            if args.threads < 1:
+        if hasattr(args, "threads"):
+            if args.threads is not None and args.threads < 1:
                 raise CMTInputError(f"--threads must be at least 1, got {args.threads}.")
             import torch
 
-            torch.set_num_threads(args.threads)
+            torch.set_num_threads(args.threads or 1)  # train() then applies the run's own `threads`
         with contextlib.redirect_stdout(sys.stderr):
             return int(args.func(args) or 0)
     except CMTInputError as exc:

@@ -184,6 +184,9 @@ class TemperatureAnnealingTrainer(Trainer):
     def done(self) -> str | None:
         return "schedule finished" if self.steps_done >= len(self.schedule) else None
 
+    def planned_steps(self) -> int:
+        return len(self.schedule)
+
     def step_cost(self) -> int:
         phase, _, n = self.schedule[self.steps_done]
         return n * self.settings.batch_size if phase == "reverse_kl" else self.settings.n_samples

@@ -21,7 +21,7 @@ from ..flows import MASKS
 from .strata import STRATA
 
 METHODS = ("cmt", "reverse_kl", "forward_kl", "temperature_annealing")
-RESUMABLE = ("budget", "max_steps")
+RESUMABLE = ("budget", "max_steps", "threads")
 """Training settings a resumed run may change."""
 
 
@@ -153,7 +153,8 @@ class TrainConfig:
     method: "cmt" | "reverse_kl" | "forward_kl" | "temperature_annealing"; seed: the only
     source of randomness; budget: maximum number of energy evaluations (a step that would
     exceed it is not started); max_steps: maximum number of steps (annealing steps for CMT and
-    the ladder, records of steps_per_record Adam steps for the gradient methods).
+    the ladder, records of steps_per_record Adam steps for the gradient methods); threads: torch
+    CPU threads while training (the CLI's --threads; 1 is fastest for small flows on few cores).
 
     >>> cfg = TrainConfig.from_dict({"method": "cmt", "budget": "1e5", "cmt": {"eps_tr": 0.3}})
     >>> cfg.budget, cfg.cmt.eps_tr, TrainConfig.from_dict(cfg.to_dict()) == cfg
@@ -164,6 +165,7 @@ class TrainConfig:
     seed: int = field(default=0, metadata=NON_NEGATIVE)
     budget: int = field(default=1_000_000, metadata=POSITIVE)
     max_steps: int = field(default=1000, metadata=POSITIVE)
+    threads: int = field(default=1, metadata=POSITIVE)
     flow: FlowConfig = field(default_factory=FlowConfig)
     energy: EnergyConfig = field(default_factory=EnergyConfig)
     cmt: CMTConfig = field(default_factory=CMTConfig)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -100,6 +101,10 @@ class Trainer(ABC):
         """Why the method has finished on its own (None while it has not)."""
         return None
 
+    def planned_steps(self) -> int | None:
+        """Steps the method's own schedule has in all (None: open-ended, e.g. CMT)."""
+        return None
+
     def state_dict(self) -> dict:
         return {"steps_done": self.steps_done}
 
@@ -167,6 +172,8 @@ def train(
         seed=config.seed,
     )
     rng = torch.Generator().manual_seed(config.seed)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(config.threads)
     own_energy = energy is None
     if own_energy:
         energy = OpenMMEnergy(target, platform=config.energy.platform, n_workers=config.energy.n_workers)
@@ -185,6 +192,7 @@ def train(
             )
         stop_reason = _run(trainer, config, run_dir, state, progress)
     finally:
+        torch.set_num_threads(threads)
         if own_energy:
             energy.close()
     if run_dir is not None:
@@ -192,14 +200,32 @@ def train(
     return TrainResult(generator, state["history"], run_dir, stop_reason)
 
 
+def _expected_steps(trainer: Trainer, config: TrainConfig, state: dict) -> tuple[int, str]:
+    """The step count at which the run will stop (for the progress bar) and the limit that sets it:
+    max_steps, the budget at the next step's cost, or the method's own schedule."""
+    cost = max(trainer.step_cost(), 1)
+    limits = {"max_steps": config.max_steps,
+              "budget": state["step"] + max(config.budget - state["evaluations"], 0) // cost}
+    if trainer.planned_steps() is not None:
+        limits["schedule"] = trainer.planned_steps()
+    limit = min(limits, key=limits.get)
+    return limits[limit], limit
+
+
 def _run(trainer: Trainer, config: TrainConfig, run_dir: Path | None, state: dict, progress: bool) -> str:
     energy = trainer.energy
+    total, limit = _expected_steps(trainer, config, state)
+    if progress:
+        tqdm.write(f"[cmt-openmm] {config.method}: at most {total} steps ({limit} limit), "
+                   f"~{total * trainer.step_cost():,} energy evaluations in all; the bar shows the time left",
+                   file=sys.stderr)
     with tqdm(
-        total=config.max_steps,
+        total=total,
         initial=state["step"],
         desc=f"{config.method}",
         disable=not progress,
         dynamic_ncols=True,
+        file=sys.stderr,
     ) as bar:
         while True:
             if trainer.done:
@@ -229,8 +255,11 @@ def _run(trainer: Trainer, config: TrainConfig, run_dir: Path | None, state: dic
                 _save_checkpoint(run_dir, trainer, config, state)
                 with open(run_dir / METRICS_FILE, "a") as fh:
                     fh.write(json.dumps(record) + "\n")
+            if not trainer.done:  # the limit ahead can move (a schedule's steps differ in cost)
+                bar.total = max(_expected_steps(trainer, config, state)[0], state["step"])
             bar.update(1)
-            bar.set_postfix(_postfix(record), refresh=False)
+            bar.set_postfix({**_postfix(record), "eval/s": f"{state['evaluations'] / max(state['wall_time'], 1e-9):,.0f}"},
+                            refresh=False)
 
 
 def _postfix(record: dict) -> dict:
