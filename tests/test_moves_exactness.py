@@ -234,32 +234,36 @@ def aldp_basin_comparison(target, generator, reference_positions: np.ndarray, n_
     chain = run_chain(target, move, n_iterations, langevin_steps=100, seed=seed,
                       timestep_fs=1.0)[n_iterations // 10:]
     reference = populations(reference_positions)
-    out = {"chain": populations(chain), "reweighted": populations(ensemble.positions, ensemble.weights, "delta"),
-           "reference": reference, "acceptance": move.n_accepted / move.n_proposed, "ess": ensemble.ess}
-    return out
+    return {"chain": populations(chain), "reweighted": populations(ensemble.positions, ensemble.weights, "delta"),
+            "reference": reference, "acceptance": move.n_accepted / move.n_proposed,
+            "reweighting_reliable": ensemble.reliable, "n_effective": ensemble.n_effective}
 
 
 @pytest.mark.slow
 def test_aldp_chain_and_reweighted_populations_agree_with_replica_exchange(tmp_path):
     """Langevin + flow chain and reweighted samples of a briefly trained generator, per basin,
     each against 4-replica temperature replica exchange (an estimator that does not share the
-    generator's log q, so a density error cannot cancel): within 4 combined standard errors."""
+    generator's log q, so a density error cannot cancel): within 4 combined standard errors. The
+    reweighted estimates are compared when they are reliable (N·ESS >= 100) and must say they
+    are not otherwise."""
     from cmt_openmm.sampling.reference_md import run_reference_md
     from cmt_openmm.systems import get_target
     from cmt_openmm.training import train
 
     target = get_target("aldp-vacuum")
-    reference = run_reference_md(target, tmp_path / "ref.npz", n_replicas=4, t_max=600.0, n_iterations=3000,
-                                 steps_per_iteration=250, n_equilibration=300, progress=False)
+    reference = run_reference_md(target, tmp_path / "ref.npz", n_replicas=6, t_max=900.0, n_iterations=4000,
+                                 steps_per_iteration=500, n_equilibration=400, progress=False)
     generator = train(target, ALDP_TRAINING, progress=False).generator
     result = aldp_basin_comparison(target, generator, reference.positions)
     text = "\n".join(f"{k}: {v}" for k, v in result.items())
     print(text)  # shown with pytest -s
     assert result["acceptance"] > 0.002, f"the flow moves were (almost) never accepted:\n{text}"
+    estimators = ["chain"] + (["reweighted"] if result["reweighting_reliable"] else [])
+    assert result["reweighting_reliable"] == (result["n_effective"] >= 100)
     for name, (p_ref, se_ref) in result["reference"].items():
-        for estimator in ("chain", "reweighted"):
+        for estimator in estimators:
             p, se = result[estimator][name]
-            assert abs(p - p_ref) < 4.0 * np.hypot(se, se_ref), f"{estimator}: {name} disagrees:\n{text}"
+            assert abs(p - p_ref) <= 4.0 * np.hypot(se, se_ref), f"{estimator}: {name} disagrees:\n{text}"
 
 
 def test_plain_openmm_simulation_with_flow_moves_reproduces_exact_marginals(double_well):
