@@ -19,8 +19,9 @@ configurations in the transform's standard frame. The flow runs in float32 by de
 coordinates and densities are float64.
 
 Files: ``save`` writes one ``.safetensors`` file (the flow's tensors plus JSON metadata:
-settings, the target's topology and system fingerprints and name, the reference structure,
-the format version) atomically; ``load`` reads only safetensors and JSON, never pickle, so a
+settings, the target itself (System XML, topology, positions, temperature: ``load`` needs
+nothing else), its fingerprints and name, the reference structure, the format version)
+atomically; ``load`` reads only safetensors and JSON, never pickle, so a
 file from a stranger cannot run code. Format 2 (this version) reports the density above; a
 format-1 file (whose densities lacked the seed atoms' Jacobian) still loads, with a one-line
 warning: its flow is a valid proposal and is now given the physical density, so weights and
@@ -85,6 +86,7 @@ class BoltzmannGenerator(nn.Module):
         target_name: str,
         reference_positions: np.ndarray,
         temperature: float | None = None,
+        target_data: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         s = settings
@@ -100,6 +102,7 @@ class BoltzmannGenerator(nn.Module):
         self.target_name = target_name
         self.reference_positions = np.array(reference_positions, dtype=np.float64)
         self.temperature = temperature
+        self.target_data = target_data  # Target.to_dict() of the target it was built for (saved in the file)
         self.source_path: str | None = None  # the file it was loaded from, and that file's sha256
         self.source_hash: str | None = None
 
@@ -134,7 +137,7 @@ class BoltzmannGenerator(nn.Module):
                         margin=float(margin),
                         dtype=names[dtype])
         return cls(coordinates_for(target), settings, target.topology_fingerprint(), target.system_fingerprint(),
-                   target.name, target.positions, target.temperature)
+                   target.name, target.positions, target.temperature, target.to_dict())
 
     @property
     def n_atoms(self) -> int:
@@ -195,6 +198,7 @@ class BoltzmannGenerator(nn.Module):
             "n_atoms": self.n_atoms,
             "coordinates": {"dim": self.dim, "kinds": list(self.coordinates.kinds),
                             "circular": self.coordinates.circular_mask.tolist()},
+            "target": self.target_data,
         }
 
     def to_bytes(self) -> bytes:
@@ -216,10 +220,10 @@ class BoltzmannGenerator(nn.Module):
     def load(cls, path: str | os.PathLike, target=None) -> BoltzmannGenerator:
         """Read a generator saved by :meth:`save` for ``target``.
 
-        ``target`` is needed to rebuild the coordinate transform; when None, a target given to
-        :func:`register_target` with the file's topology is used, else the one saved in the run
-        directory beside the file (``target/``, written by training), else the built-in target
-        named in the file. The generator remembers its file (``source_path``, ``source_hash``),
+        ``target`` rebuilds the coordinate transform; when None, a target given to
+        :func:`register_target` with the file's topology is used, else the target saved in the
+        file itself (its System XML, topology, positions and temperature), else (files of
+        format 1) the built-in target named in the file. The generator remembers its file (``source_path``, ``source_hash``),
         so that moves built from it serialise by reference to the file. A target with another topology is refused; a target whose System
         differs (e.g. another force field on the same molecule) gives a warning.
         """
@@ -248,7 +252,8 @@ class BoltzmannGenerator(nn.Module):
                 target = copy.copy(target)  # the coordinates depend on the reference structure
                 target.positions = reference
             generator = cls(coordinates_for(target), meta["settings"], meta["topology_fingerprint"],
-                            meta["system_fingerprint"], meta["target_name"], reference, meta["temperature"])
+                            meta["system_fingerprint"], meta["target_name"], reference, meta["temperature"],
+                            meta.get("target"))
             if generator._metadata()["coordinates"] != meta["coordinates"]:
                 raise CMTInputError(f"{path}: the coordinates built for {target.name!r} differ from the saved "
                                     "ones (another cmt_openmm version?); retrain or use the matching version.")
@@ -311,18 +316,15 @@ def register_target(target) -> None:
 
 
 def _target_for(meta: dict[str, Any], path: Path):
-    """The registered target with the file's topology, else the target saved beside the file (a
-    run directory's ``target/``), else the built-in target the file names."""
+    """The registered target with the file's topology, else the target saved in the file (format
+    2), else the built-in target the file names (format-1 files)."""
     for target in _TARGETS:
         if target.topology_fingerprint() == meta["topology_fingerprint"]:
             return target
-    saved = Path(path).parent / "target"
-    if (saved / "target.json").is_file():
+    if meta.get("target"):
         from .target import Target
 
-        target = Target.load(saved)
-        if target.topology_fingerprint() == meta["topology_fingerprint"]:
-            return target
+        return Target.from_dict(meta["target"], f"the target saved in {path}")
     from .systems import get_target
 
     try:

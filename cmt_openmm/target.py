@@ -145,42 +145,56 @@ class Target:
         xml = re.sub(r' openmmVersion="[^"]*"', "", openmm.XmlSerializer.serialize(self.system), count=1)
         return hashlib.sha256(xml.encode()).hexdigest()
 
+    def to_dict(self) -> dict[str, Any]:
+        """The target as JSON-able data: System XML, PDB text (topology), positions in full
+        precision (nm), temperature (K), name, box and topology fingerprint."""
+        text = io.StringIO()
+        app.PDBFile.writeFile(self.topology, self.positions * 10.0 * unit.angstrom, text, keepIds=True)
+        return {"name": self.name, "temperature": self.temperature, "system_xml": openmm.XmlSerializer.serialize(self.system),
+                "pdb": text.getvalue(), "positions_nm": self.positions.tolist(),
+                "box": None if self.box is None else self.box.tolist(),
+                "topology_fingerprint": self.topology_fingerprint()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "the saved target") -> Target:
+        """The target of :meth:`to_dict` data (refused in one sentence when damaged)."""
+        try:
+            system = openmm.XmlSerializer.deserialize(data["system_xml"])
+            topology = app.PDBFile(io.StringIO(data["pdb"])).topology
+            target = cls(system, topology, data["positions_nm"], data["temperature"], name=data["name"], box=data["box"])
+        except CMTInputError:
+            raise
+        except Exception as error:  # missing keys, bad XML or PDB
+            raise CMTInputError(f"{where} cannot be read ({type(error).__name__}); it is damaged: rebuild it "
+                                "from its inputs.") from None
+        if target.topology_fingerprint() != data["topology_fingerprint"]:
+            raise CMTInputError(f"the topology read back from {where} differs from the saved one (bonds or names "
+                                "changed); rebuild the target from its inputs.")
+        return target
+
     def save(self, directory: str | Path) -> Path:
-        """Write the target into ``directory``: ``system.xml`` (the serialised System),
-        ``structure.pdb`` (topology and reference positions) and ``target.json`` (name,
-        temperature, box, fingerprints and the positions in full precision). Atomic per file."""
+        """Write the target into ``directory``: ``system.xml``, ``structure.pdb`` (for people and
+        other tools) and ``target.json`` (:meth:`to_dict`, what :meth:`load` reads). Atomic per file."""
         from .files import atomic_write
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        atomic_write(directory / "system.xml", openmm.XmlSerializer.serialize(self.system))
-        text = io.StringIO()
-        app.PDBFile.writeFile(self.topology, self.positions * 10.0 * unit.angstrom, text, keepIds=True)
-        atomic_write(directory / "structure.pdb", text.getvalue())
-        meta = {"name": self.name, "temperature": self.temperature, "positions_nm": self.positions.tolist(),
-                "box": None if self.box is None else self.box.tolist(),
-                "topology_fingerprint": self.topology_fingerprint(), "system_fingerprint": self.system_fingerprint()}
-        atomic_write(directory / "target.json", json.dumps(meta))
+        data = self.to_dict()
+        atomic_write(directory / "system.xml", data["system_xml"])
+        atomic_write(directory / "structure.pdb", data["pdb"])
+        atomic_write(directory / "target.json", json.dumps(data))
         return directory
 
     @classmethod
     def load(cls, directory: str | Path) -> Target:
-        """The target :meth:`save` wrote into ``directory`` (refused in one sentence when damaged)."""
-        directory = Path(directory)
+        """The target :meth:`save` wrote into ``directory``."""
+        path = Path(directory) / "target.json"
         try:
-            meta = json.loads((directory / "target.json").read_text())
-            system = openmm.XmlSerializer.deserialize((directory / "system.xml").read_text())
-            topology = app.PDBFile(str(directory / "structure.pdb")).topology
-            target = cls(system, topology, meta["positions_nm"], meta["temperature"], name=meta["name"], box=meta["box"])
-        except CMTInputError:
-            raise
-        except Exception as error:  # missing file, bad JSON or XML
-            raise CMTInputError(f"the target saved in {directory} cannot be read ({type(error).__name__}); "
-                                "it is damaged: rebuild it from its inputs.") from None
-        if target.topology_fingerprint() != meta["topology_fingerprint"]:
-            raise CMTInputError(f"the topology read back from {directory / 'structure.pdb'} differs from the saved "
-                                "one (bonds or names changed); rebuild the target from its inputs.")
-        return target
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            raise CMTInputError(f"{path} cannot be read; it is missing or damaged: rebuild the target from its "
+                                "inputs.") from None
+        return cls.from_dict(data, str(path))
 
     @property
     def has_molecule(self) -> bool:

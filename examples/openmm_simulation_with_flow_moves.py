@@ -6,8 +6,11 @@ the reporter attempts ``--flow-attempts`` independence Metropolis–Hastings mov
 generator as proposal (exact: the chain still samples the Boltzmann distribution of this
 System at the integrator's temperature) and logs the acceptance to a CSV file.
 
-The System must be the one the generator was trained for: the same atoms and force field,
-and no constraints (the generator proposes every bond length), hence the 1 fs time step.
+The System must be the one the generator was trained for: the same atoms, force field and
+constraints. The common setup is HBonds constraints with a 2 fs time step (a generator trained
+on the HBonds System keeps every X-H bond at its constraint length); a generator trained without
+constraints needs an unconstrained System, hence 1 fs. The script reads which from the generator
+(a mismatch would be refused in one sentence by the move).
 
     python examples/openmm_simulation_with_flow_moves.py --generator runs/aldp/generator.safetensors
     python examples/openmm_simulation_with_flow_moves.py --generator g.safetensors --tiny
@@ -22,6 +25,7 @@ import openmm
 import openmm.app as app
 from openmm import unit
 
+from cmt_openmm.generator import BoltzmannGenerator
 from cmt_openmm.sampling.moves import FlowIndependenceMove
 from cmt_openmm.sampling.reporters import FlowMoveReporter
 from cmt_openmm.systems import aldp_pdb_path
@@ -35,7 +39,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--generator", required=True, help="a saved BoltzmannGenerator (.safetensors)")
     parser.add_argument("--system", choices=sorted(FORCEFIELDS), default="aldp-vacuum",
                         help="force field the generator was trained for")
-    parser.add_argument("--steps", type=int, default=500_000, help="MD steps of 1 fs")
+    parser.add_argument("--steps", type=int, default=500_000, help="MD steps (2 fs with HBonds, else 1 fs)")
     parser.add_argument("--flow-interval", type=int, default=1000, help="MD steps between flow moves")
     parser.add_argument("--flow-attempts", type=int, default=50,
                         help="flow proposals per flow move (one inverse flow pass per move, "
@@ -56,10 +60,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     pdb = app.PDBFile(str(aldp_pdb_path()))
+    generator = BoltzmannGenerator.load(args.generator)
+    hbonds = bool(generator.coordinates.constraints)  # trained with X-H constraints: simulate with them
     forcefield = app.ForceField(*FORCEFIELDS[args.system])
-    system = forcefield.createSystem(pdb.topology, nonbondedMethod=app.NoCutoff, constraints=None)
+    system = forcefield.createSystem(pdb.topology, nonbondedMethod=app.NoCutoff,
+                                     constraints=app.HBonds if hbonds else None)
     integrator = openmm.LangevinMiddleIntegrator(args.temperature * unit.kelvin, 1.0 / unit.picosecond,
-                                                 1.0 * unit.femtosecond)
+                                                 (2.0 if hbonds else 1.0) * unit.femtosecond)
     integrator.setRandomNumberSeed(args.seed + 1)
     simulation = app.Simulation(pdb.topology, system, integrator,
                                 openmm.Platform.getPlatformByName(args.platform))
@@ -70,7 +77,7 @@ def main(argv=None) -> dict:
                                                       speed=True))
 
     # flow moves (1/2): the generator as an exact Metropolis–Hastings proposal
-    move = FlowIndependenceMove(args.generator, n_steps=args.flow_attempts, seed=args.seed)
+    move = FlowIndependenceMove(generator, n_steps=args.flow_attempts, seed=args.seed)
     # flow moves (2/2): applied every flow_interval steps, acceptance logged
     simulation.reporters.append(FlowMoveReporter(move, args.flow_log, args.flow_interval))
 

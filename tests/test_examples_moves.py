@@ -20,6 +20,19 @@ def generator_file(tmp_path_factory) -> str:
     return str(path)
 
 
+def test_openmm_simulation_example_with_hbonds_at_2_fs(tmp_path):
+    from cmt_openmm.generator import BoltzmannGenerator
+    from cmt_openmm.systems.inputs import target_from_entry
+
+    target = target_from_entry({"pdb": str(__import__("cmt_openmm").systems.aldp_pdb_path()),
+                                "forcefield": ["amber99sbildn.xml"], "constraints": "HBonds"})
+    path = tmp_path / "hbonds.safetensors"
+    BoltzmannGenerator.build(target, n_layers=2, hidden=16, n_bins=4, seed=0).save(path)
+    example = load_script("examples/openmm_simulation_with_flow_moves.py")
+    stats = example.main(["--generator", str(path), "--tiny", "--flow-log", str(tmp_path / "flow.csv")])
+    assert stats["n_proposed"] == 200 // 50 * 4  # the move accepted the HBonds System (else refused)
+
+
 def test_openmm_simulation_example(generator_file, tmp_path):
     example = load_script("examples/openmm_simulation_with_flow_moves.py")
     log = tmp_path / "flow.csv"
