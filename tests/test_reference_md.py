@@ -86,3 +86,17 @@ def test_toy_frames_follow_the_exact_distribution(toy, tmp_path):
     counts, _ = np.histogram(ref.positions[:, 0, 1], bins=edges)
     expected = toy.marginal(1, edges) * n
     assert np.all(np.abs(counts - expected) < 4 * np.sqrt(2 * expected) + 2)
+
+
+def test_reference_md_command_for_a_named_peptide_reports_every_residue(tmp_path, capsys, monkeypatch):
+    import json
+
+    from cmt_openmm.cli import main
+
+    monkeypatch.setenv("CMT_OPENMM_CACHE", str(tmp_path))
+    out = tmp_path / "ala4.npz"
+    assert main(["reference-md", "ala4", "--out", str(out), "--iterations", "4", "--steps-per-iteration", "10",
+                 "--replicas", "2", "--quiet"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["n_frames"] == 4 and summary["system"] == "ala4"
+    assert sorted(summary["populations"]["phi_positive_population"]) == ["residue_1", "residue_2", "residue_3"]

@@ -104,3 +104,26 @@ def test_cmt_trainer_fits_to_the_floored_weights(monkeypatch):
         np.testing.assert_array_equal(fitted, expected)
         assert min(np.exp(fitted[labels == s]).sum() for s in (0, 1)) >= 0.15 - 1e-12
         assert record["strata_tv"] == pytest.approx(0.5 * np.abs(np.exp(fitted) - np.exp(sol.log_weights)).sum())
+
+
+def test_phi_sign_strata_of_a_longer_peptide_and_the_floor_over_many_labels(tmp_path, monkeypatch):
+    """ala4 (3 backbone φ): labels agree with mdtraj's φ signs bit by bit, and with 2^3 labels the
+    floor still gives every label present at least floor / K of the fit, K the labels present."""
+    import mdtraj
+    import torch
+
+    from cmt_openmm.generator import BoltzmannGenerator
+
+    monkeypatch.setenv("CMT_OPENMM_CACHE", str(tmp_path))
+    target = get_target("ala4")
+    x, _ = BoltzmannGenerator.build(target, n_layers=1, hidden=4).sample(2000, torch.Generator().manual_seed(0))
+    labels = stratifier("phi-sign", target.topology)(x.numpy())
+    _, phi = mdtraj.compute_phi(mdtraj.Trajectory(x.numpy(), mdtraj.Topology.from_openmm(target.topology)))
+    assert phi.shape[1] == 3
+    assert np.array_equal(labels, ((phi >= 0) * (1 << np.arange(3))).sum(axis=1))
+    assert len(np.unique(labels)) == 8  # the untrained flow's φ are uniform: every label appears
+    log_w = np.where(labels == 0, 0.0, -12.0)  # the dual puts nearly all mass on one label
+    w = np.exp(floored_log_weights(log_w, labels, 0.1))
+    assert w.sum() == pytest.approx(1.0)
+    masses = np.bincount(labels, weights=w, minlength=8)
+    assert masses.min() >= 0.1 / 8 * (1 - 1e-9) and masses[0] > 0.9
