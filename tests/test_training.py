@@ -314,3 +314,29 @@ def test_training_uses_the_configured_threads_and_restores_them(double_well, mon
     monkeypatch.setattr(torch, "get_num_threads", lambda: 7)
     train(double_well, {**_tiny_cmt(), "max_steps": 1, "threads": 2}, progress=False)
     assert calls == [2, 7]
+
+
+def test_device_setting_and_checkpoints_that_move_between_devices(double_well, tmp_path):
+    import torch
+
+    from cmt_openmm.training.config import resolve_device
+
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(CMTInputError, match="no CUDA device"):
+            train(double_well, {**_tiny_cmt(), "device": "cuda"}, progress=False)
+    run = tmp_path / "run"
+    first = train(double_well, {**_tiny_cmt(), "max_steps": 2, "device": "cpu"}, run_dir=run, progress=False)
+    assert next(first.generator.parameters()).device.type == "cpu"
+    checkpoint = torch.load(run / CHECKPOINT, weights_only=True)
+    tensors = [v for v in checkpoint["generator"].values()]
+    tensors += [v for state in checkpoint["optimizer"]["state"].values() for v in state.values()
+                if isinstance(v, torch.Tensor)]
+    assert tensors and all(t.device.type == "cpu" for t in tensors) and checkpoint["rng_device"] == "cpu"
+    # a checkpoint written on another device (its random-stream state does not fit) resumes with a
+    # derived stream instead of failing
+    checkpoint["rng_device"] = "cuda"
+    torch.save(checkpoint, run / CHECKPOINT)
+    resumed = train(double_well, {**_tiny_cmt(), "max_steps": 3, "device": "auto"}, run_dir=run, resume=True,
+                    progress=False)
+    assert [r["step"] for r in resumed.history] == [1, 2, 3]

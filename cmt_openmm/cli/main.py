@@ -66,7 +66,7 @@ def _train_spec(args: argparse.Namespace, out: Path) -> RunSpec:
     else:
         raise CMTInputError("name a run file (cmt-openmm train CONFIG.yaml) or a preset (--preset aldp-quick).")
     if isinstance(data, dict):
-        for key in ("max_steps", "budget", "seed", "threads"):
+        for key in ("max_steps", "budget", "seed", "threads", "device"):
             if getattr(args, key, None) is not None:
                 data[key] = getattr(args, key)
     return parse_run_config(data, base)
@@ -346,6 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", dest="max_steps", type=int, help="override max_steps (may change on resume)")
     p.add_argument("--budget", type=float, help="override the energy-evaluation budget (may change on resume)")
     p.add_argument("--seed", type=int, help="override the seed")
+    p.add_argument("--device", choices=("cpu", "cuda", "auto"), help="override the device (may change on resume)")
     common(p)
     p.set_defaults(func=cmd_train)
 

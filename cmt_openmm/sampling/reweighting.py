@@ -477,7 +477,8 @@ def reweight(
     fingerprint = getattr(generator, "topology_fingerprint", None)
     if isinstance(fingerprint, str) and fingerprint != target.topology_fingerprint():
         raise CMTInputError(f"the generator was trained on another topology than {target.name}: pass its own target.")
-    rng = torch.Generator().manual_seed(int(seed))
+    device = next(iter(generator.parameters()), torch.empty(0)).device if hasattr(generator, "parameters") else "cpu"
+    rng = torch.Generator(device=device).manual_seed(int(seed))  # where the generator samples
     xs, lqs, flips = [], [], []
     with torch.no_grad(), tqdm(total=int(n), disable=not progress, desc="sampling", unit="sample") as bar:
         for start in range(0, int(n), int(batch_size)):

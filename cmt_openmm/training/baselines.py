@@ -75,7 +75,7 @@ class ForwardKLTrainer(Trainer):
     def __init__(self, target, generator, energy, config, rng):
         self.settings = config.forward_kl
         super().__init__(target, generator, energy, config, rng, lr=self.settings.lr)
-        self.data = _load_positions(self.settings.data, target.n_atoms)
+        self.data = _load_positions(self.settings.data, target.n_atoms).to(self.rng.device)
         _check_support(generator, self.data, self.settings.data)
 
     def step_cost(self) -> int:
@@ -85,7 +85,7 @@ class ForwardKLTrainer(Trainer):
         s = self.settings
         losses = []
         for _ in range(s.steps_per_record):
-            idx = torch.randint(self.data.shape[0], (s.batch_size,), generator=self.rng)
+            idx = torch.randint(self.data.shape[0], (s.batch_size,), generator=self.rng, device=self.data.device)
             loss = -self.generator.log_prob(self.data[idx]).mean()
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -201,7 +201,7 @@ class TemperatureAnnealingTrainer(Trainer):
         x, log_q = self.generator.sample(s.n_samples, generator=self.rng)
         with torch.no_grad():
             u = self.energy(x)
-        log_w = (-u * scale - log_q).double().numpy()  # −inf where the energy failed
+        log_w = (-u * scale - log_q).double().cpu().numpy()  # −inf where the energy failed
         if not np.any(np.isfinite(log_w)):
             raise CMTInputError("every energy of the buffer failed; check the system and the flow's samples.")
         log_w = log_w - np.logaddexp.reduce(log_w)

@@ -45,7 +45,7 @@ def fit_to_buffer(
 
     x: (N, n_atoms, 3) nm; log_weights: (N,) normalised log w̄ (−inf = weight 0).
     """
-    log_w = torch.as_tensor(np.asarray(log_weights), dtype=torch.float64)
+    log_w = torch.as_tensor(np.asarray(log_weights), dtype=torch.float64, device=x.device)
     w = torch.exp(log_w - torch.logsumexp(log_w, 0))
     n = x.shape[0]
     losses = []
@@ -54,7 +54,7 @@ def fit_to_buffer(
             idx = torch.multinomial(w, batch_size, replacement=True, generator=rng)
             loss = -generator.log_prob(x[idx]).mean()
         else:
-            idx = torch.randint(n, (batch_size,), generator=rng)
+            idx = torch.randint(n, (batch_size,), generator=rng, device=x.device)
             # failed-energy samples (w = 0) stay out of the sum, even if log q were -inf
             keep = w[idx] > 0
             loss = -(n * w[idx][keep] * generator.log_prob(x[idx][keep])).sum() / batch_size

@@ -21,7 +21,8 @@ from ..flows import MASKS
 from .strata import STRATA
 
 METHODS = ("cmt", "reverse_kl", "forward_kl", "temperature_annealing")
-RESUMABLE = ("budget", "max_steps", "threads")
+RESUMABLE = ("budget", "max_steps", "threads", "device")
+DEVICES = ("cpu", "cuda", "auto")
 """Training settings a resumed run may change."""
 
 
@@ -154,7 +155,8 @@ class TrainConfig:
     source of randomness; budget: maximum number of energy evaluations (a step that would
     exceed it is not started); max_steps: maximum number of steps (annealing steps for CMT and
     the ladder, records of steps_per_record Adam steps for the gradient methods); threads: torch
-    CPU threads while training (the CLI's --threads; 1 is fastest for small flows on few cores).
+    CPU threads while training (the CLI's --threads; 1 is fastest for small flows on few cores);
+    device: "cpu", "cuda" or "auto" (cuda when available) for the flow, buffers and fit.
 
     >>> cfg = TrainConfig.from_dict({"method": "cmt", "budget": "1e5", "cmt": {"eps_tr": 0.3}})
     >>> cfg.budget, cfg.cmt.eps_tr, TrainConfig.from_dict(cfg.to_dict()) == cfg
@@ -166,6 +168,7 @@ class TrainConfig:
     budget: int = field(default=1_000_000, metadata=POSITIVE)
     max_steps: int = field(default=1000, metadata=POSITIVE)
     threads: int = field(default=1, metadata=POSITIVE)
+    device: str = field(default="cpu", metadata=_check(lambda v: v in DEVICES, "one of " + ", ".join(DEVICES)))
     flow: FlowConfig = field(default_factory=FlowConfig)
     energy: EnergyConfig = field(default_factory=EnergyConfig)
     cmt: CMTConfig = field(default_factory=CMTConfig)
@@ -258,3 +261,16 @@ def _coerce(kind, value, key: str):
             raise CMTInputError(f"training setting {key} must be a whole number, got {value!r}.")
         return int(number)
     return float(number)
+
+
+def resolve_device(name: str):
+    """The torch.device of a ``device`` setting ("cpu", "cuda", "auto"); "cuda" without a GPU is refused."""
+    import torch
+
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise CMTInputError("device cuda was asked for but torch sees no CUDA device here; use device: cpu or auto.")
+    if name not in ("cpu", "cuda"):
+        raise CMTInputError(f"device must be one of {', '.join(DEVICES)}, got {name!r}.")
+    return torch.device(name)

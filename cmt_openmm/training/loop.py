@@ -20,6 +20,12 @@ cannot run code.
 
 Randomness: one ``torch.Generator`` seeded from ``config.seed`` drives sampling and
 minibatches; the flow is initialised from the same seed. No global or numpy RNG is used.
+
+Devices: ``config.device`` holds the flow, the buffers, the fit and the random stream; energies
+come back on the samples' device. Checkpoints hold CPU tensors only (weights, optimizer state,
+the random stream's state and its device type), so a run resumes on another device; the random
+stream then restarts from (seed, step), a new but reproducible stream (CUDA and CPU generators
+have different states).
 """
 from __future__ import annotations
 
@@ -41,7 +47,7 @@ from ..errors import CMTInputError
 from ..files import atomic_write, atomic_writer
 from ..generator import GENERATOR_FILE, BoltzmannGenerator
 from ..importance import CLIP_FRACTION, reverse_ess
-from .config import RESUMABLE, TrainConfig, resume_conflicts
+from .config import RESUMABLE, TrainConfig, resolve_device, resume_conflicts
 
 CHECKPOINT_FILE = "checkpoint.pt"
 METRICS_FILE = "metrics.jsonl"
@@ -163,6 +169,7 @@ def train(
     if run_dir is not None:  # the run directory describes itself: sample/evaluate/load need nothing else
         target.save(run_dir / TARGET_DIR)
 
+    device = resolve_device(config.device)
     generator = BoltzmannGenerator.build(
         target,
         n_layers=config.flow.n_layers,
@@ -170,8 +177,8 @@ def train(
         n_bins=config.flow.n_bins,
         mask=config.flow.mask,
         seed=config.seed,
-    )
-    rng = torch.Generator().manual_seed(config.seed)
+    ).to(device)
+    rng = torch.Generator(device=device).manual_seed(config.seed)
     threads = torch.get_num_threads()
     torch.set_num_threads(config.threads)
     own_energy = energy is None
@@ -308,9 +315,10 @@ def _save_checkpoint(run_dir: Path, trainer: Trainer, config: TrainConfig, state
     payload = {
         "format": _FORMAT,
         "config": json.dumps(config.to_dict()),
-        "generator": trainer.generator.state_dict(),
-        "optimizer": trainer.optimizer.state_dict(),
+        "generator": _to_cpu(trainer.generator.state_dict()),
+        "optimizer": _to_cpu(trainer.optimizer.state_dict()),
         "rng": trainer.rng.get_state(),
+        "rng_device": trainer.rng.device.type,
         "trainer": trainer.state_dict(),
         "step": state["step"],
         "evaluations": state["evaluations"],
@@ -334,11 +342,25 @@ def _load_checkpoint(path: Path) -> dict:
     return checkpoint
 
 
+def _to_cpu(value):
+    """A copy of a (nested) state dict with every tensor on the CPU."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_cpu(v) for v in value)
+    return value
+
+
 def _restore(checkpoint: dict, generator, trainer: Trainer, rng: torch.Generator, state: dict) -> None:
     generator.load_state_dict(checkpoint["generator"])
-    trainer.optimizer.load_state_dict(checkpoint["optimizer"])
+    trainer.optimizer.load_state_dict(checkpoint["optimizer"])  # Adam moves its state to the parameters' device
     trainer.load_state_dict(checkpoint["trainer"])
-    rng.set_state(checkpoint["rng"])
+    if checkpoint.get("rng_device", "cpu") == rng.device.type:
+        rng.set_state(checkpoint["rng"])
+    else:  # another device: its generator state does not fit; continue with a derived stream
+        rng.manual_seed(int(np.random.SeedSequence([trainer.config.seed, int(checkpoint["step"])]).generate_state(1)[0]))
     state.update(
         step=int(checkpoint["step"]),
         evaluations=int(checkpoint["evaluations"]),
