@@ -230,14 +230,18 @@ def combine(dirs: list[str], out: Path) -> int:
 def row_of(method: str, seed: int, report: dict, total_wall: float) -> dict:
     s, tr, ref = report["samples"], report["training"], report.get("reference") or {}
     pops = s.get("basin_populations", {})
+    phi = s.get("phi_positive_population") or {}
+    if phi and "value" not in phi:  # a longer peptide: its basins are the φ > 0 states of each residue
+        pops = {f"phi>0 {k}": v for k, v in phi.items()}
+        phi = {}
     row = {
         "method": method, "seed": seed,
         "ess": s["reverse_ess"]["median"], "ess_min": s["reverse_ess"]["min"], "ess_max": s["reverse_ess"]["max"],
         "ess_clipped": s["reverse_ess_clipped"]["median"],
         "evaluations": tr["energy_evaluations"], "steps": tr["steps"], "stop_reason": tr["stop_reason"],
         "train_wall_s": tr["wall_time_s"], "total_wall_s": total_wall,
-        "phi_positive": (s.get("phi_positive_population") or {}).get("value"),
-        "phi_positive_error": (s.get("phi_positive_population") or {}).get("error"),
+        "phi_positive": phi.get("value"),
+        "phi_positive_error": phi.get("error"),
         "basins": {k: v["value"] for k, v in pops.items()},
         "lost_basins": [k for k, v in pops.items() if (v["value"] or 0.0) < LOST_POPULATION],
         "chirality_flips": s["chirality_flips"],
@@ -245,7 +249,9 @@ def row_of(method: str, seed: int, report: dict, total_wall: float) -> dict:
     if ref:
         row.update(eubo=ref.get("eubo"), ram_tv=ref.get("ramachandran_tv"), forward_ess=ref.get("forward_ess"),
                    reference_phi_positive=(ref.get("reference_populations", {}).get("phi_positive_population") or {}).get("value"))
-        ref_pops = ref.get("reference_populations", {}).get("basin_populations", {})
+        ref_phi = ref.get("reference_populations", {}).get("phi_positive_population") or {}
+        ref_pops = ref.get("reference_populations", {}).get("basin_populations") or (
+            {f"phi>0 {k}": v for k, v in ref_phi.items()} if ref_phi and "value" not in ref_phi else {})
         row["lost_basins"] = [k for k, v in pops.items()
                               if (v["value"] or 0.0) < LOST_FRACTION * ((ref_pops.get(k) or {}).get("value") or 0.0)]
     return row

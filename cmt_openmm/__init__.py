@@ -20,6 +20,8 @@ _PUBLIC = {
     "target_from_entry": "systems.inputs",
     "peptide": "systems.peptides",
     "OpenMMEnergy": "energy.openmm_bridge",
+    "TorchEnergy": "energy.torch_energy",
+    "make_energy": "energy.select",
     "regularize_energy": "energy.regularize",
     "InternalCoordinates": "coordinates",
     "CartesianCoordinates": "coordinates",

@@ -43,3 +43,28 @@ def test_cmt_benchmark_settings_are_the_preset_with_the_run_overrides():
     assert ta["n_samples"] == 3000 and ta["fit_steps"] == 5
     # the ladder takes about half of what the reverse-KL stage leaves
     assert ta["steps_per_temperature"] * (ta["n_temperatures"] - 1) * 3000 <= 0.375 * 2_000_000 + 3000
+
+
+def test_gpu_check_runs_every_check_in_tiny_mode_on_cpu(tmp_path):
+    bench = load_script("benchmarks/gpu_check.py")
+    result = bench.main(["--tiny", "--out", str(tmp_path / "check.json")])
+    assert json.loads((tmp_path / "check.json").read_text())["device"] == result["device"]
+    assert "skipped" in result["a_openmm_cuda_vs_reference"] or result["a_openmm_cuda_vs_reference"]["n"] == 8
+    assert all(v["passed"] for k, v in result["b_torch_vs_openmm"].items() if k.endswith("float64"))
+    assert result["c_throughput"]["aldp-implicit"]["torch_configs_per_s@64"] > 0
+    run = result["d_cmt_aldp_implicit"]
+    assert run["stop_reason"] == "max_minutes" and run["steps"] >= 1 and run["energy_backend"] == "torch"
+
+
+def test_paper_table_runs_resumes_and_prints_the_published_numbers(tmp_path, monkeypatch):
+    monkeypatch.setenv("CMT_OPENMM_CACHE", str(tmp_path / "cache"))
+    bench = load_script("benchmarks/paper_table.py")
+    argv = ["--tiny", "--systems", "ala4", "--methods", "cmt", "--out", str(tmp_path / "t")]
+    assert bench.main(argv) == 0
+    row = tmp_path / "t" / "ala4" / "cmt-seed0" / "row.json"
+    before = row.stat().st_mtime_ns
+    assert bench.main(argv) == 0 and row.stat().st_mtime_ns == before  # a finished run is read back, not redone
+    table = (tmp_path / "t" / "table.md").read_text()
+    assert "| ala4 | CMT + φ strata |" in table and "| 68.6 | 0.0143 |" in table
+    result = json.loads((tmp_path / "t" / "results.json").read_text())
+    assert any(b.startswith("phi>0 residue_") for b in result["rows"]["ala4"][0]["basins"])

@@ -340,3 +340,18 @@ def test_device_setting_and_checkpoints_that_move_between_devices(double_well, t
     resumed = train(double_well, {**_tiny_cmt(), "max_steps": 3, "device": "auto"}, run_dir=run, resume=True,
                     progress=False)
     assert [r["step"] for r in resumed.history] == [1, 2, 3]
+
+
+def test_energy_backend_is_chosen_recorded_and_kept_on_resume(double_well, tmp_path):
+    run = tmp_path / "run"
+    first = train(double_well, {**_tiny_cmt(), "max_steps": 1, "energy": {"backend": "torch"}}, run_dir=run,
+                  progress=False)
+    assert first.history[-1]["energy_backend"] == "torch"
+    # resumed with backend auto: the run keeps the backend it started with
+    resumed = train(double_well, {**_tiny_cmt(), "max_steps": 2, "energy": {"backend": "torch"}}, run_dir=run,
+                    resume=True, progress=False)
+    assert [r["energy_backend"] for r in resumed.history] == ["torch", "torch"]
+    openmm = train(double_well, {**_tiny_cmt(), "max_steps": 1, "energy": {"backend": "openmm"}}, progress=False)
+    assert openmm.history[-1]["energy_backend"] == "openmm"
+    # the same seed gives the same first step on both backends (energies agree to ~1e-14)
+    assert openmm.history[0]["lam"] == pytest.approx(first.history[0]["lam"], rel=1e-6)

@@ -144,6 +144,7 @@ def training_summary(history: Sequence[dict], stop_reason: str | None = None) ->
         "energy_evaluations": int(last.get("energy_evaluations", 0)),
         "failed_evaluations": int(last.get("n_failed", 0)),
         "wall_time_s": float(last.get("wall_time", 0.0)),
+        "energy_backend": last.get("energy_backend"),
         "stop_reason": stop_reason,
         "final": {k: last[k] for k in keys if k in last},
     }

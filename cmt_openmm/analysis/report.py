@@ -42,6 +42,7 @@ def write_run_report(run_dir: str | os.PathLike, target, generator, history: Seq
         "training": metrics.training_summary(history, stop_reason),
         "samples": metrics.sample_metrics(ensembles),
     }
+    report["energy"] = energy_record(energy, target, pooled)
     if reference_positions is not None:
         report["reference"] = metrics.reference_metrics(generator, target, reference_positions, pooled, energy=energy)
         report["reference"]["file"] = None if reference_file is None else str(reference_file)
@@ -51,6 +52,19 @@ def write_run_report(run_dir: str | os.PathLike, target, generator, history: Seq
     report["plots"] = plots.make_plots(run_dir, curves, pooled, title, prefix="" if name == "report" else f"{name}_")
     write_report(run_dir, report, name)
     return report
+
+
+def energy_record(energy, target, pooled: ReweightedEnsemble) -> dict:
+    """Which energies the report's weights rest on; for the torch path, its verification at
+    construction and a re-check of 64 of the report's samples against OpenMM."""
+    backend = getattr(energy, "backend", "openmm")
+    record = {"backend": backend, "selection": getattr(energy, "selection", None)}
+    if backend == "torch":
+        from ..energy.select import recheck_against_openmm
+
+        record["verification"] = getattr(energy, "verification", None)
+        record["recheck"] = recheck_against_openmm(target, pooled.positions, pooled.reduced_energy)
+    return record
 
 
 def draw_ensembles(generator, target, n_samples: int, n_draws: int, seed: int,
@@ -123,12 +137,18 @@ def render_markdown(report: dict) -> str:
             f"- method: {tr.get('method') or report.get('method')}, seed {report.get('seed')}",
             f"- steps: {tr.get('steps')} (stopped: {tr.get('stop_reason') or 'n/a'})",
             f"- energy evaluations: {tr.get('energy_evaluations'):,} (failed: {tr.get('failed_evaluations', 0)})",
-            f"- wall time: {tr.get('wall_time_s', 0.0):.1f} s",
+            f"- wall time: {tr.get('wall_time_s', 0.0):.1f} s (energies: {tr.get('energy_backend') or 'openmm'})",
         ]
         final = tr.get("final") or {}
         if final:
             lines.append("- last step: " + ", ".join(f"{k} = {v:.4g}" for k, v in final.items() if isinstance(v, (int, float))))
         lines.append("")
+    energy = report.get("energy") or {}
+    if energy.get("recheck"):
+        check = energy["recheck"]
+        lines += [f"- report energies: torch ({energy.get('selection')}); {check['n_checked']} samples re-checked "
+                  f"against OpenMM: largest difference {check.get('max_abs_difference_kT', float('nan')):.2e} kT "
+                  f"({'agrees' if check.get('passed') else 'DISAGREES'})", ""]
     s = report.get("samples") or {}
     if s:
         ess, essc = s["reverse_ess"], s["reverse_ess_clipped"]

@@ -123,12 +123,13 @@ def write_run_report(run_dir: Path, spec: RunSpec, target, generator, history, s
 
 
 def run_energy(spec: RunSpec, target):
-    """The energy the run's settings name (``energy.platform``, ``energy.n_workers``), for
+    """The energy the run's settings name (``energy.backend``, ``platform``, ``n_workers``), for
     sampling and reports as for training; a context manager that closes it."""
-    from ..energy import OpenMMEnergy
+    from ..energy.select import make_energy
 
     settings = spec.train["energy"]
-    return OpenMMEnergy(target, platform=settings["platform"], n_workers=settings["n_workers"])
+    return make_energy(target, settings.get("backend", "auto"), platform=settings["platform"],
+                       n_workers=settings["n_workers"], compile=settings.get("compile", False))
 
 
 def _reference_positions(path: str, target) -> np.ndarray:

@@ -94,6 +94,8 @@ class OpenMMEnergy:
     A dead worker raises :class:`WorkerError` (and the pool restarts on the next call).
     """
 
+    backend = "openmm"
+
     def __init__(
         self,
         target: "Target",

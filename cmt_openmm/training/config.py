@@ -21,7 +21,7 @@ from ..flows import MASKS
 from .strata import STRATA
 
 METHODS = ("cmt", "reverse_kl", "forward_kl", "temperature_annealing")
-RESUMABLE = ("budget", "max_steps", "threads", "device")
+RESUMABLE = ("budget", "max_steps", "max_minutes", "threads", "device")
 DEVICES = ("cpu", "cuda", "auto")
 """Training settings a resumed run may change."""
 
@@ -60,10 +60,16 @@ class FlowConfig:
 
 @dataclass
 class EnergyConfig:
-    """OpenMM energy bridge: platform name, worker processes, regularisation threshold (kT)."""
+    """Energies: backend ("auto": the faster of torch and OpenMM when torch is supported and
+    verified, see :mod:`cmt_openmm.energy.select`; "torch"; "openmm"), the OpenMM platform and
+    worker processes, torch.compile of the torch path (off: see TorchEnergy), and the training
+    losses' regularisation threshold (kT)."""
 
+    backend: str = field(default="auto", metadata=_check(lambda v: v in ("auto", "torch", "openmm"),
+                                                          "one of auto, torch, openmm"))
     platform: str = "Reference"
     n_workers: int = field(default=1, metadata=POSITIVE)
+    compile: bool = False
     threshold: float = field(default=1e3, metadata=POSITIVE)
 
 
@@ -154,7 +160,8 @@ class TrainConfig:
     method: "cmt" | "reverse_kl" | "forward_kl" | "temperature_annealing"; seed: the only
     source of randomness; budget: maximum number of energy evaluations (a step that would
     exceed it is not started); max_steps: maximum number of steps (annealing steps for CMT and
-    the ladder, records of steps_per_record Adam steps for the gradient methods); threads: torch
+    the ladder, records of steps_per_record Adam steps for the gradient methods); max_minutes:
+    training wall time after which no new step starts (None: no limit); threads: torch
     CPU threads while training (the CLI's --threads; 1 is fastest for small flows on few cores);
     device: "cpu", "cuda" or "auto" (cuda when available) for the flow, buffers and fit.
 
@@ -167,6 +174,7 @@ class TrainConfig:
     seed: int = field(default=0, metadata=NON_NEGATIVE)
     budget: int = field(default=1_000_000, metadata=POSITIVE)
     max_steps: int = field(default=1000, metadata=POSITIVE)
+    max_minutes: typing.Optional[float] = field(default=None, metadata=POSITIVE)
     threads: int = field(default=1, metadata=POSITIVE)
     device: str = field(default="cpu", metadata=_check(lambda v: v in DEVICES, "one of " + ", ".join(DEVICES)))
     flow: FlowConfig = field(default_factory=FlowConfig)

@@ -70,7 +70,8 @@ def register_method(name: str):
 @dataclass
 class TrainResult:
     """Outcome of :func:`train`: the trained generator, the per-step records, the run directory,
-    and why training stopped ("target reached", "schedule finished", "max_steps", "budget")."""
+    and why training stopped ("target reached", "schedule finished", "max_steps", "budget",
+    "max_minutes")."""
 
     generator: Any
     history: list[dict]
@@ -150,18 +151,20 @@ def train(
         resume: continue the run in ``run_dir`` from its checkpoint; only ``max_steps`` and
             ``budget`` may differ from the stored config.
         progress: show a tqdm progress bar.
-        energy: an :class:`~cmt_openmm.energy.OpenMMEnergy` for ``target`` to use (and not
-            close); by default one is built from ``config.energy`` and closed at the end.
+        energy: an energy for ``target`` to use (and not close); by default
+            :func:`~cmt_openmm.energy.select.make_energy` builds one from ``config.energy``
+            (the faster verified backend for "auto") and closes it at the end.
 
     Returns a :class:`TrainResult`. Stops when the method finishes (CMT: λ = η = 0), after
-    ``max_steps`` steps, or before a step that would exceed ``budget`` energy evaluations. A
+    ``max_steps`` steps, after ``max_minutes`` of training, or before a step that would exceed
+    ``budget`` energy evaluations. A
     fresh run whose ``budget`` is below the cost of its first step is refused
     (:class:`~cmt_openmm.errors.CMTInputError`) rather than trained for 0 steps.
 
     >>> from cmt_openmm.systems import get_target                              # doctest: +SKIP
     >>> result = train(get_target("toy-double-well"), {"max_steps": 5}, "runs/toy")  # doctest: +SKIP
     """
-    from ..energy import OpenMMEnergy
+    from ..energy.select import make_energy
 
     config = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
     run_dir = Path(run_dir) if run_dir is not None else None
@@ -182,8 +185,10 @@ def train(
     threads = torch.get_num_threads()
     torch.set_num_threads(config.threads)
     own_energy = energy is None
-    if own_energy:
-        energy = OpenMMEnergy(target, platform=config.energy.platform, n_workers=config.energy.n_workers)
+    if own_energy:  # a resumed run keeps the backend it started with (a reproducible path)
+        backend = checkpoint.get("energy_backend", config.energy.backend) if checkpoint else config.energy.backend
+        energy = make_energy(target, backend, device=device, platform=config.energy.platform,
+                             n_workers=config.energy.n_workers, compile=config.energy.compile)
     try:
         trainer = METHODS[config.method](target, generator, energy, config, rng)
         state = {"step": 0, "evaluations": 0, "n_failed": 0, "wall_time": 0.0, "history": []}
@@ -241,6 +246,8 @@ def _run(trainer: Trainer, config: TrainConfig, run_dir: Path | None, state: dic
                 return "max_steps"
             if state["evaluations"] + trainer.step_cost() > config.budget:
                 return "budget"
+            if config.max_minutes is not None and state["wall_time"] >= 60.0 * config.max_minutes:
+                return "max_minutes"
             start, n_eval, n_failed = time.perf_counter(), energy.n_evaluations, energy.n_failed
             record = trainer.step()
             trainer.steps_done += 1
@@ -255,6 +262,7 @@ def _run(trainer: Trainer, config: TrainConfig, run_dir: Path | None, state: dic
                 "energy_evaluations": state["evaluations"],
                 "n_failed": state["n_failed"],
                 "wall_time": state["wall_time"],
+                "energy_backend": getattr(energy, "backend", None),
             }
             record = {k: _json_value(v) for k, v in record.items()}
             state["history"].append(record)
@@ -319,6 +327,7 @@ def _save_checkpoint(run_dir: Path, trainer: Trainer, config: TrainConfig, state
         "optimizer": _to_cpu(trainer.optimizer.state_dict()),
         "rng": trainer.rng.get_state(),
         "rng_device": trainer.rng.device.type,
+        "energy_backend": getattr(trainer.energy, "backend", "openmm"),
         "trainer": trainer.state_dict(),
         "step": state["step"],
         "evaluations": state["evaluations"],

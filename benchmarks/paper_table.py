@@ -1,0 +1,125 @@
+"""The paper's table side by side: CMT, reverse KL and TA-BG on the paper's four systems.
+
+For each of ``aldp-implicit`` (AlanineDipeptideImplicit, ff96 + OBC1), ``ala4``, ``ala6`` and
+``elil`` (amber99sbildn + amber99_obc, built offline by ``cmt_openmm.systems.peptide``), every
+method trains the same flow with the same energy accounting for several seeds
+(``benchmarks/aldp_methods.py`` does each run: its settings, report and row), and the table
+prints ESS % (clipped and not), Ram TV (with ``--reference SYSTEM=FILE``), evaluations and
+wall time beside the published numbers of method.md. Each run writes ``row.json`` in its own
+directory and is skipped when that file exists, so a long table is built over several
+invocations (``--systems``, ``--methods``, ``--seeds`` pick the part to run now).
+
+Budget presets:
+
+- ``cpu-small``: each system in about an hour on 2 cores (a wall-clock limit per run, the torch
+  energies where they are faster: ``energy.backend: auto``);
+- ``paper``: the published budgets (1e8 evaluations for ALDP and ala4, 4e8 for ala6, 8e8 for
+  ELIL; reverse KL 2.56e8) for a GPU machine.
+
+    python benchmarks/paper_table.py --preset cpu-small --systems aldp-implicit ala4 --out runs/paper
+    python benchmarks/paper_table.py --tiny --out /tmp/paper     # seconds, for the tests
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+_spec = importlib.util.spec_from_file_location("aldp_methods", ROOT / "benchmarks" / "aldp_methods.py")
+methods_bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(methods_bench)
+
+SYSTEMS = ("aldp-implicit", "ala4", "ala6", "elil")
+PUBLISHED = {  # method.md: mean of 4 runs; ESS %, Ram TV, evaluations
+    "aldp-implicit": {"reverse_kl": (94.13, 1.36e-2, 2.56e8), "temperature_annealing": (95.76, 1.24e-2, 1e8),
+                      "cmt": (97.69, 9.43e-3, 1e8)},
+    "ala4": {"reverse_kl": (75.06, 2.89e-2, 2.56e8), "temperature_annealing": (65.81, 1.53e-2, 1e8),
+             "cmt": (68.60, 1.43e-2, 1e8)},
+    "ala6": {"reverse_kl": (21.83, 7.73e-2, 2.56e8), "temperature_annealing": (18.22, 2.59e-2, 4e8),
+             "cmt": (29.63, 2.48e-2, 4e8)},
+    "elil": {"reverse_kl": (1.26, 2.61e-1, 2.56e8), "temperature_annealing": (13.75, 2.54e-2, 8e8),
+             "cmt": (26.06, 3.13e-2, 8e8)},
+}
+PRESETS = {  # budget (evaluations) and training wall-clock limit (s) per run, per system
+    "cpu-small": {"aldp-implicit": (2e6, 900), "ala4": (2e6, 900), "ala6": (2e6, 1200), "elil": (2e6, 1200)},
+    "paper": {"aldp-implicit": (1e8, None), "ala4": (1e8, None), "ala6": (4e8, None), "elil": (8e8, None)},
+}
+
+
+def run_dir(out: Path, system: str, method: str, seed: int) -> Path:
+    return out / system / f"{method}-seed{seed}"
+
+
+def run_system(args: argparse.Namespace, system: str) -> list[dict]:
+    """The rows of one system: finished runs are read back, missing ones are trained."""
+    budget, time_limit = PRESETS[args.preset][system]
+    bench = argparse.Namespace(
+        system=system, temperature=300.0, budget=3000 if args.tiny else budget, time_limit=time_limit,
+        reference=args.references.get(system), n_layers=2 if args.tiny else 6, hidden=16 if args.tiny else 64,
+        n_bins=4 if args.tiny else 8, samples=200 if args.tiny else 10_000, draws=2 if args.tiny else 5,
+        jobs=1, out=str(args.out / system), tiny=args.tiny)
+    settings = methods_bench.method_settings(int(bench.budget), args.tiny, 4000, 8, 1e-3, strata=True)
+    rows = []
+    for method in args.methods:
+        for seed in args.seeds:
+            done = run_dir(args.out, system, method, seed) / "row.json"
+            if done.is_file():
+                rows.append(json.loads(done.read_text()))
+                continue
+            row = methods_bench.run_one(bench, settings, method, seed)
+            row["system"] = system
+            done.write_text(json.dumps(row))
+            rows.append(row)
+    return rows
+
+
+def table(rows_by_system: dict[str, list[dict]], preset: str) -> str:
+    lines = [f"Budget preset {preset}; ours: mean ± std over seeds (ESS = median of draws per run); "
+             "published: method.md (mean of 4 runs, GPU budgets).", "",
+             "| system | method | evals | ESS % | ESS % clipped | Ram TV | wall (s) | basins kept | published ESS % | published Ram TV | published evals |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for system, rows in rows_by_system.items():
+        for group, s in methods_bench.aggregate(rows).items():
+            pub = PUBLISHED[system].get(s["method"])
+            fmt = methods_bench._fmt
+            lines.append(
+                f"| {system} | {methods_bench.LABEL[group]} | {fmt(s['evaluations'], fmt='{:.3g}')} | {fmt(s['ess'], 100)} "
+                f"| {fmt(s['ess_clipped'], 100)} | {fmt(s['ram_tv'], fmt='{:.2e}')} | {fmt(s['train_wall_s'], fmt='{:.0f}')} "
+                f"| {s['runs_keeping_every_basin']}/{s['n_runs']} | "
+                + (f"{pub[0]} | {pub[1]} | {pub[2]:.3g} |" if pub else "– | – | – |"))
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu-small")
+    p.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS))
+    p.add_argument("--methods", nargs="+", default=["cmt", "reverse_kl", "temperature_annealing"])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--reference", nargs="*", default=[], metavar="SYSTEM=FILE",
+                   help="MD reference frames per system (the npz of cmt-openmm reference-md, or a trajectory)")
+    p.add_argument("--out", type=Path, default=Path("runs/paper_table"))
+    p.add_argument("--tiny", action="store_true", help="seconds-long runs (tests)")
+    args = p.parse_args(argv)
+    try:
+        args.references = dict(item.split("=", 1) for item in args.reference)
+    except ValueError:
+        raise SystemExit("--reference takes SYSTEM=FILE pairs, e.g. ala4=runs/ref/ala4.npz.") from None
+    if args.tiny:
+        args.seeds = args.seeds[:1]
+    rows = {system: run_system(args, system) for system in args.systems}
+    text = table(rows, args.preset)
+    print("\n" + text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "table.md").write_text(text + "\n")
+    (args.out / "results.json").write_text(json.dumps({"preset": args.preset, "rows": rows, "published": PUBLISHED},
+                                                      indent=2, default=str) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,244 @@
+"""Throughput of the batched torch energy against the OpenMM bridge (configurations/s, energies + forces).
+
+For aldp-implicit (CustomGBForce OBC1), aldp-obc (GBSAOBCForce) and aldp-vacuum, measured in the
+same run on the same perturbed reference structures (0.01 nm Gaussian noise):
+
+- ``openmm_1w`` / ``openmm_2w``: ``OpenMMEnergy(target, "Reference", n_workers=k).energy_and_forces``
+  (1 worker: the Context in-process, the bridge's default and fastest single-core setting);
+  its cost per configuration does not depend on the batch, so it runs on ``--openmm-batch``
+  configurations (a 16k batch of aldp-implicit would take ~16 s per repeat);
+- ``torch_eager`` / ``torch_compiled``: ``TorchEnergy(target, compile=False / True)
+  .energy_and_forces`` at each of ``--batches`` (1k, 4k, 16k), float64, CPU, torch's
+  intra-op threads (``--threads``, default: all cores). Compilation time is reported apart.
+
+Each method runs ``--repeats`` times, interleaved; the best wall time is kept (the machine is
+shared: slower repeats measure other people's work) and the CPU time of this process and its
+workers is reported too. Memory per configuration: the rise of this process's peak resident
+memory during the largest torch call, divided by its batch (outputs included).
+Targets (issue 11): torch >= 100x the bridge for aldp-implicit, >= 5x for aldp-obc, at 1k-16k.
+Usage: ``python benchmarks/torch_energy_throughput.py [--quick] [--out PATH] [--no-compile]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform as host
+import resource
+import time
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import openmm
+import torch
+
+from cmt_openmm.energy import OpenMMEnergy
+from cmt_openmm.energy.torch_energy import TorchEnergy
+from cmt_openmm.systems import get_target
+
+SYSTEMS = ["aldp-implicit", "aldp-obc", "aldp-vacuum"]
+TARGETS = {"aldp-implicit": 100.0, "aldp-obc": 5.0}
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """CPU time (user + system) of this process and of the processes ``pids`` (Linux /proc)."""
+    ticks = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        ticks += int(fields[11]) + int(fields[12])
+    return time.process_time() + ticks / os.sysconf("SC_CLK_TCK")
+
+
+def peak_rss_bytes(reset: bool = False) -> int:
+    """Peak resident memory of this process (VmHWM; reset through /proc/self/clear_refs)."""
+    try:
+        if reset:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def timed(run, pids: list[int]) -> tuple[float, float]:
+    cpu0, t0 = cpu_seconds(pids), time.perf_counter()
+    run()
+    return time.perf_counter() - t0, cpu_seconds(pids) - cpu0
+
+
+def benchmark(name: str, batches: list[int], openmm_batch: int, repeats: int, compiled: bool, seed: int) -> dict:
+    target = get_target(name)
+    rng = np.random.default_rng(seed)
+    x = target.positions + 0.01 * rng.standard_normal((max(batches + [openmm_batch]), target.n_atoms, 3))
+    result: dict = {"n_atoms": target.n_atoms, "batches": batches, "openmm_batch": openmm_batch}
+
+    start = time.perf_counter()
+    eager = TorchEnergy(target, compile=False)
+    result["torch_construction_and_verification_s"] = time.perf_counter() - start
+    result["verification"] = {k: v for k, v in eager.verification.items() if k != "per_force"}
+    torch_energies = {"torch_eager": eager}
+    if compiled:
+        energy = TorchEnergy(target, compile=True, verify=False)
+        start = time.perf_counter()
+        energy.energy_and_forces(x[:2])  # compiles (or loads torch's on-disk cache)
+        result["torch_compile_s"] = time.perf_counter() - start
+        torch_energies["torch_compiled"] = energy if energy.compile else None
+        if not energy.compile:
+            del torch_energies["torch_compiled"]
+
+    bridges = {
+        "openmm_1w": OpenMMEnergy(target, "Reference", n_workers=1),
+        "openmm_2w": OpenMMEnergy(target, "Reference", n_workers=2),
+    }
+    for bridge in bridges.values():
+        bridge.energy_and_forces(x[:2])  # start the workers
+    # check once that both agree on the benchmark structures
+    u_t, f_t = eager.energy_and_forces(x[:16])
+    u_o, f_o = bridges["openmm_1w"].energy_and_forces(x[:16])
+    result["agreement"] = {
+        "max_abs_energy_diff_kT": float(np.abs(u_t - u_o).max()),
+        "max_abs_force_diff_kT_per_nm": float(np.abs(f_t - f_o).max()),
+    }
+
+    for energy in torch_energies.values():  # warm-up: first-call allocations, thread pool
+        energy.energy_and_forces(x[: min(batches)])
+    times: dict[str, list[float]] = {}
+    cpu: dict[str, float] = {}
+    rates: dict[str, float] = {}
+    for _ in range(repeats):
+        for key, bridge in bridges.items():
+            wall, c = timed(partial(bridge.energy_and_forces, x[:openmm_batch]), bridge.worker_pids)
+            times.setdefault(key, []).append(wall)
+            cpu[key] = cpu.get(key, 0.0) + c
+        for key, energy in torch_energies.items():
+            for batch in batches:
+                label = f"{key}@{batch}"
+                wall, c = timed(partial(energy.energy_and_forces, x[:batch]), [])
+                times.setdefault(label, []).append(wall)
+                cpu[label] = cpu.get(label, 0.0) + c
+    for key in times:
+        n = openmm_batch if key.startswith("openmm") else int(key.split("@")[1])
+        rates[key] = n / min(times[key])
+        cpu[key] = 1e6 * cpu[key] / (repeats * n)
+    memory = {}
+    for key, energy in torch_energies.items():
+        batch = max(batches)
+        before = peak_rss_bytes(reset=True)
+        energy.energy_and_forces(x[:batch])
+        memory[key] = max(0, peak_rss_bytes() - before) / batch
+    for bridge in bridges.values():
+        bridge.close()
+    best_openmm = max(rates["openmm_1w"], rates["openmm_2w"])
+    result.update(
+        {
+            "configs_per_s": rates,
+            "cpu_us_per_config": cpu,
+            "times_s": times,
+            "peak_memory_bytes_per_config": memory,
+            "speedup_vs_openmm_1w": {k: v / rates["openmm_1w"] for k, v in rates.items() if k.startswith("torch")},
+            "speedup_vs_best_openmm": {k: v / best_openmm for k, v in rates.items() if k.startswith("torch")},
+        }
+    )
+    return result
+
+
+def print_table(results: dict, repeats: int) -> None:
+    print(
+        f"\nenergies + forces, configurations/s (float64, best of {repeats}; {os.cpu_count()} cores, "
+        f"{torch.get_num_threads()} torch threads); speed-ups over the OpenMM bridge"
+    )
+    columns = ["system", "method", "batch", "configs/s", "CPU µs/config", "x OpenMM 1w", "x best OpenMM", "MB/1k cfg"]
+    widths = [15, 16, 7, 13, 15, 13, 15, 11]
+    print("".join(f"{c:<{w}}" if k < 2 else f"{c:>{w}}" for k, (c, w) in enumerate(zip(columns, widths))))
+    for name, r in results.items():
+        rows = [
+            (key, r["openmm_batch"], r["configs_per_s"][key], r["cpu_us_per_config"][key], "", "", "")
+            for key in ("openmm_1w", "openmm_2w")
+        ]
+        for key, rate in r["configs_per_s"].items():
+            if key.startswith("torch"):
+                method, batch = key.split("@")
+                mem = r["peak_memory_bytes_per_config"].get(method) if int(batch) == max(r["batches"]) else None
+                rows.append(
+                    (
+                        method,
+                        batch,
+                        rate,
+                        r["cpu_us_per_config"][key],
+                        f"{r['speedup_vs_openmm_1w'][key]:.1f}x",
+                        f"{r['speedup_vs_best_openmm'][key]:.1f}x",
+                        "" if mem is None else f"{mem * 1000 / 2**20:.1f}",
+                    )
+                )
+        for method, batch, rate, cpu, x1, xb, mem in rows:
+            print(f"{name:<15}{method:<16}{batch:>7}{rate:>13,.0f}{cpu:>15.1f}{x1:>13}{xb:>15}{mem:>11}")
+        v = r["verification"]
+        compile_text = f"compile time {r['torch_compile_s']:.1f} s; " if "torch_compile_s" in r else ""
+        print(
+            f"{name:<15}{compile_text}verification: max relative energy/force error "
+            f"{v['max_relative_energy_error']:.1e}/{v['max_relative_force_error']:.1e}"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "torch_energy_throughput.json")
+    parser.add_argument("--systems", nargs="+", default=SYSTEMS, choices=SYSTEMS)
+    parser.add_argument("--batches", nargs="+", type=int, default=[1024, 4096, 16384])
+    parser.add_argument(
+        "--openmm-batch",
+        type=int,
+        default=None,
+        help="configurations per bridge call (default 2000; 300 for aldp-implicit)",
+    )
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: all cores)")
+    parser.add_argument("--no-compile", action="store_true", help="skip the compiled torch energy")
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke size: batches 64/256, 1 repeat, no compilation (a few seconds)"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.batches, args.repeats, args.no_compile = [64, 256], 1, True
+        args.openmm_batch = args.openmm_batch or 32
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    results = {}
+    for name in args.systems:
+        openmm_batch = args.openmm_batch or (300 if name == "aldp-implicit" else 2000)
+        results[name] = benchmark(name, args.batches, openmm_batch, args.repeats, not args.no_compile, args.seed)
+
+    print_table(results, args.repeats)
+    print("targets: torch >= 100x the bridge for aldp-implicit, >= 5x for aldp-obc (batches 1k-16k, 2 cores)")
+    record = {
+        "settings": vars(args) | {"out": str(args.out)},
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "load_average": os.getloadavg(),
+            "python": host.python_version(),
+            "openmm": openmm.__version__,
+            "torch": torch.__version__,
+        },
+        "targets_speedup_vs_openmm": TARGETS,
+        "results": results,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=2))
+    tmp.replace(args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,412 @@
+"""OpenMM's custom energy expressions (Lepton) parsed and compiled to torch.
+
+Expressions are parsed as OpenMM's Lepton parser does (precedence, right-associative ``^``,
+``;``-separated definitions that may use definitions written after them) into a DAG of
+:class:`Expr` with common subexpressions shared (:func:`parse_lepton`), then compiled to a list
+of torch operations (:class:`LeptonExpression`). Subexpressions that do not depend on the
+dynamic variables (parameters, global parameters at their defaults, constants, tabulated-
+function lookups on parameters) are evaluated once, in float64, at construction; the rest run
+on whatever tensors the caller passes, broadcasting as torch does (per-term parameters (P, 1)
+against variables (P, b), per-particle ones (n, 1, 1) and (1, n, 1) against (n, n, b)).
+Units are the caller's (OpenMM's MD units for every force here).
+
+The parser is our own rather than ``sympy.sympify``: Lepton's names (``or``, ``I``, ``E``,
+``gamma``, ``beta``, ``lambda``) collide with Python keywords and sympy's constants and
+functions, and Lepton lets a definition refer to definitions that follow it, which plain
+substitution order gets wrong.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Callable, Iterable, Mapping
+
+import numpy as np
+import openmm
+import torch
+
+from .torch_term import UnsupportedForceError
+
+__all__ = [
+    "DiscreteTable",
+    "Expr",
+    "LeptonExpression",
+    "as_tensor_like",
+    "expression_variables",
+    "parse_lepton",
+    "tabulated_functions",
+]
+
+
+class Expr:
+    """A node of an expression DAG: ``op`` is 'const', 'var', an operator or a function name.
+
+    Nodes are interned (see :func:`_node`): structurally equal subexpressions are the same
+    object, so a subexpression used twice is computed once.
+    """
+
+    __slots__ = ("op", "args", "value", "__weakref__")
+
+    def __init__(self, op: str, args: tuple, value: Any):
+        self.op, self.args, self.value = op, args, value
+
+    def __repr__(self) -> str:
+        if self.op == "const":
+            return repr(self.value)
+        if self.op == "var":
+            return str(self.value)
+        return f"{self.op}({', '.join(map(repr, self.args))})"
+
+
+def _node(table: dict, op: str, args: tuple = (), value: Any = None) -> Expr:
+    """The interned node (op, args, value) of ``table`` (one table per parsed expression)."""
+    key = (op, value if op != "const" else float(value).hex(), tuple(id(a) for a in args))
+    node = table.get(key)
+    if node is None:
+        node = table[key] = Expr(op, args, value)
+    return node
+
+
+# Lepton's built-in functions and their number of arguments.
+# fmt: off
+_FUNCTIONS = {
+    "sqrt": 1, "exp": 1, "log": 1, "sin": 1, "cos": 1, "sec": 1, "csc": 1, "tan": 1, "cot": 1,
+    "asin": 1, "acos": 1, "atan": 1, "atan2": 2, "sinh": 1, "cosh": 1, "tanh": 1, "erf": 1,
+    "erfc": 1, "step": 1, "delta": 1, "square": 1, "cube": 1, "recip": 1, "min": 2, "max": 2,
+    "abs": 1, "floor": 1, "ceil": 1, "select": 3,
+}
+# fmt: on
+_PRECEDENCE = {"+": 0, "-": 0, "*": 1, "/": 1, "^": 3}
+_TOKEN = re.compile(
+    r"\s*(?:(?P<num>(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)|(?P<fn>[^\s()+\-*/^,]+)\(|"
+    r"(?P<var>[^\s()+\-*/^,]+)|(?P<sym>[()+\-*/^,]))"
+)
+
+
+def _tokenize(text: str) -> list[tuple[str, str]]:
+    tokens, pos, text = [], 0, text.strip()
+    while pos < len(text):
+        match = _TOKEN.match(text, pos)
+        if match is None or match.end() == pos:
+            raise ValueError(f"cannot parse {text[pos:]!r}")
+        kind = match.lastgroup
+        tokens.append((kind, match.group(kind)))
+        pos = match.end()
+    return tokens
+
+
+class _Parser:
+    def __init__(
+        self, tokens: list[tuple[str, str]], definitions: dict[str, Expr], functions: Mapping[str, int], table: dict
+    ):
+        self.tokens, self.pos, self.definitions, self.functions, self.table = tokens, 0, definitions, functions, table
+
+    def parse(self) -> Expr:
+        expr = self.precedence(0)
+        if self.pos != len(self.tokens):
+            raise ValueError(f"unexpected {self.tokens[self.pos][1]!r}")
+        return expr
+
+    def precedence(self, level: int) -> Expr:
+        if self.pos == len(self.tokens):
+            raise ValueError("unexpected end of expression")
+        kind, text = self.tokens[self.pos]
+        self.pos += 1
+        if kind == "num":
+            result = _node(self.table, "const", value=float(text))
+        elif kind == "var":
+            result = self.definitions.get(text) or _node(self.table, "var", value=text)
+        elif kind == "sym" and text == "(":
+            result = self.precedence(0)
+            self.expect(")")
+        elif kind == "fn":
+            args = [self.precedence(0)]
+            while self.pos < len(self.tokens) and self.tokens[self.pos] == ("sym", ","):
+                self.pos += 1
+                args.append(self.precedence(0))
+            self.expect(")")
+            arity = _FUNCTIONS.get(text, self.functions.get(text))
+            if arity is None:
+                raise ValueError(f"unknown function {text!r}")
+            if arity != len(args):
+                raise ValueError(f"{text} takes {arity} arguments, got {len(args)}")
+            result = _node(self.table, text, tuple(args))
+        elif kind == "sym" and text == "-":
+            result = _node(self.table, "neg", (self.precedence(2),))
+        else:
+            raise ValueError(f"unexpected {text!r}")
+        while (
+            self.pos < len(self.tokens)
+            and self.tokens[self.pos][0] == "sym"
+            and self.tokens[self.pos][1] in _PRECEDENCE
+        ):
+            op = self.tokens[self.pos][1]
+            if _PRECEDENCE[op] < level:
+                break
+            self.pos += 1
+            right = self.precedence(_PRECEDENCE[op] + (op != "^"))
+            result = _node(self.table, op, (result, right))
+        return result
+
+    def expect(self, symbol: str) -> None:
+        if self.pos == len(self.tokens) or self.tokens[self.pos] != ("sym", symbol):
+            raise ValueError("unbalanced parentheses")
+        self.pos += 1
+
+
+def parse_lepton(text: str, functions: Mapping[str, int] | None = None) -> Expr:
+    """Parse an OpenMM (Lepton) energy expression into an :class:`Expr` DAG.
+
+    ``functions``: names and numbers of arguments of tabulated functions. Definitions after
+    ``;`` are parsed last first, each seeing those after it, as Lepton does.
+
+    >>> parse_lepton("0.5*k*(r-r0)^2")
+    *(*(0.5, k), ^(-(r, r0), 2.0))
+    """
+    functions = dict(functions or {})
+    parts = text.split(";")
+    definitions: dict[str, Expr] = {}
+    table: dict[tuple, Expr] = {}
+    try:
+        for part in reversed(parts[1:]):
+            if not part.strip():
+                continue
+            name, equals, body = part.partition("=")
+            if not equals or not name.strip():
+                raise ValueError(f"definition {part.strip()!r} does not name a variable")
+            definitions[name.strip()] = _Parser(_tokenize(body), definitions, functions, table).parse()
+        return _Parser(_tokenize(parts[0]), definitions, functions, table).parse()
+    except ValueError as error:
+        raise UnsupportedForceError(f"cannot parse the expression {text!r}: {error}.") from None
+
+
+def _postorder(root: Expr) -> list[Expr]:
+    order, seen, stack = [], set(), [(root, False)]
+    while stack:
+        node, expanded = stack.pop()
+        if id(node) in seen:
+            continue
+        if expanded:
+            seen.add(id(node))
+            order.append(node)
+        else:
+            stack.append((node, True))
+            stack.extend((a, False) for a in reversed(node.args) if id(a) not in seen)
+    return order
+
+
+def expression_variables(root: Expr) -> set[str]:
+    """Names of the free variables of an expression."""
+    return {node.value for node in _postorder(root) if node.op == "var"}
+
+
+class DiscreteTable:
+    """An OpenMM Discrete1D/2D/3DFunction: ``values[i + nx*(j + ny*k)]`` at indices rounded
+    half away from zero and clamped to the table (as OpenMM's Reference platform); no gradient."""
+
+    def __init__(self, function: Any):
+        if isinstance(function, openmm.Discrete1DFunction):
+            values = function.getFunctionParameters()
+            self.shape, self.values = (len(values),), np.asarray(values, float)
+        else:
+            *sizes, values = function.getFunctionParameters()
+            self.shape, self.values = tuple(int(s) for s in sizes), np.asarray(values, float)
+        self.arity = len(self.shape)
+        self._tensors: dict[tuple, torch.Tensor] = {}
+
+    def __call__(self, *args: torch.Tensor) -> torch.Tensor:
+        flat, stride = None, 1
+        for arg, size in zip(args, self.shape):
+            index = torch.where(arg >= 0, torch.floor(arg + 0.5), torch.ceil(arg - 0.5)).clamp(0, size - 1).long()
+            flat = index * stride if flat is None else flat + index * stride
+            stride *= size
+        key = (args[0].device, args[0].dtype)
+        if key not in self._tensors:
+            self._tensors[key] = torch.as_tensor(self.values, dtype=args[0].dtype, device=args[0].device)
+        return self._tensors[key][flat]
+
+
+def tabulated_functions(force: Any, label: str) -> dict[str, DiscreteTable]:
+    tables = {}
+    for k in range(force.getNumTabulatedFunctions()):
+        function, name = force.getTabulatedFunction(k), force.getTabulatedFunctionName(k)
+        if not isinstance(function, (openmm.Discrete1DFunction, openmm.Discrete2DFunction, openmm.Discrete3DFunction)):
+            raise UnsupportedForceError(
+                f"{label} uses the tabulated function {name!r} of type {type(function).__name__}, which the torch "
+                "backend does not implement (only Discrete1D/2D/3DFunction); use the OpenMM backend."
+            )
+        tables[name] = DiscreteTable(function)
+    return tables
+
+
+def as_tensor_like(value: Any, like: torch.Tensor) -> torch.Tensor:
+    return (
+        value if isinstance(value, torch.Tensor) else torch.full((), float(value), dtype=like.dtype, device=like.device)
+    )
+
+
+def _select(c, a, b):
+    cond = c != 0
+    like = a if isinstance(a, torch.Tensor) else b if isinstance(b, torch.Tensor) else c
+    return torch.where(cond, as_tensor_like(a, like), as_tensor_like(b, like))
+
+
+def _minmax(which: str):
+    def apply(a, b):
+        if not isinstance(a, torch.Tensor):
+            a, b = b, a
+        if not isinstance(b, torch.Tensor):
+            return torch.clamp(a, max=b) if which == "min" else torch.clamp(a, min=b)
+        return torch.minimum(a, b) if which == "min" else torch.maximum(a, b)
+
+    return apply
+
+
+def _atan2(a, b):
+    like = a if isinstance(a, torch.Tensor) else b
+    return torch.atan2(as_tensor_like(a, like), as_tensor_like(b, like))
+
+
+def _power(exponent: Any) -> Callable:
+    """x^exponent for a static exponent: small integer powers by multiplication (as Lepton)."""
+    if isinstance(exponent, float):
+        if exponent == 2.0:
+            return lambda a, _: a * a
+        if exponent == 3.0:
+            return lambda a, _: a * a * a
+        if exponent == 4.0:
+            return lambda a, _: (a * a) * (a * a)
+        if exponent == 6.0:
+            return lambda a, _: (a * a * a) * (a * a * a)
+        if exponent == 0.5:
+            return lambda a, _: torch.sqrt(a)
+        if exponent == -1.0:
+            return lambda a, _: torch.reciprocal(a)
+        if exponent == 1.0:
+            return lambda a, _: a
+    return lambda a, b: a**b
+
+
+# fmt: off
+_OPS: dict[str, Callable] = {
+    "+": lambda a, b: a + b,
+    "-": lambda a, b: a - b,
+    "*": lambda a, b: a * b,
+    "/": lambda a, b: a / b,
+    "^": lambda a, b: a**b,
+    "neg": lambda a: -a,
+    "sqrt": torch.sqrt, "exp": torch.exp, "log": torch.log, "sin": torch.sin, "cos": torch.cos,
+    "tan": torch.tan, "asin": torch.asin, "acos": torch.acos, "atan": torch.atan,
+    "sinh": torch.sinh, "cosh": torch.cosh, "tanh": torch.tanh, "erf": torch.erf,
+    "erfc": torch.erfc, "abs": torch.abs, "floor": torch.floor, "ceil": torch.ceil,
+    "sec": lambda a: 1.0 / torch.cos(a),
+    "csc": lambda a: 1.0 / torch.sin(a),
+    "cot": lambda a: 1.0 / torch.tan(a),
+    "step": lambda a: (a >= 0).to(a.dtype),
+    "delta": lambda a: (a == 0).to(a.dtype),
+    "square": lambda a: a * a,
+    "cube": lambda a: a * a * a,
+    "recip": torch.reciprocal,
+    "min": _minmax("min"),
+    "max": _minmax("max"),
+    "atan2": _atan2,
+    "select": _select,
+}
+# fmt: on
+
+
+class LeptonExpression:
+    """An expression compiled to torch for given static and dynamic variables.
+
+    ``static``: variables known at construction (floats, or float64 tensors that broadcast
+    with the dynamic ones, e.g. per-particle parameters); every subexpression that depends
+    only on them is evaluated once, here, in float64. ``dynamic``: names supplied at each
+    call as tensors. ``tables``: tabulated functions by name. A variable that is neither is
+    refused with :class:`UnsupportedForceError` (``label`` names the force).
+
+    >>> e = LeptonExpression(parse_lepton("k*(r-r0)^2"), {"k": 2.0, "r0": 0.1}, ["r"])
+    >>> e({"r": torch.tensor([0.2], dtype=torch.float64)})
+    tensor([0.0200], dtype=torch.float64)
+    """
+
+    def __init__(
+        self,
+        root: Expr,
+        static: Mapping[str, Any],
+        dynamic: Iterable[str],
+        tables: Mapping[str, DiscreteTable] | None = None,
+        *,
+        dtype: torch.dtype = torch.float64,
+        device: torch.device | str = "cpu",
+        label: str = "expression",
+    ):
+        tables = dict(tables or {})
+        dynamic = set(dynamic)
+        self.dynamic_names = sorted(dynamic & expression_variables(root))
+        slots: list[Any] = []
+        slot_of: dict[int, int] = {}
+        static_value: dict[int, Any] = {}
+        steps: list[tuple[Callable, tuple[int, ...], int]] = []
+        inputs: dict[str, int] = {}
+        for node in _postorder(root):
+            if node.op == "const":
+                static_value[id(node)] = float(node.value)
+                continue
+            if node.op == "var":
+                name = node.value
+                if name in dynamic:
+                    slot_of[id(node)] = inputs[name] = len(slots)
+                    slots.append(None)
+                elif name in static:
+                    value = static[name]
+                    static_value[id(node)] = (
+                        value.to(torch.float64) if isinstance(value, torch.Tensor) else float(value)
+                    )
+                else:
+                    raise UnsupportedForceError(
+                        f"{label} uses the variable {name!r}, which the torch backend does not know."
+                    )
+                continue
+            if node.op in tables:
+                function: Callable = tables[node.op]
+            elif node.op == "^" and id(node.args[1]) in static_value and id(node.args[0]) not in static_value:
+                function = _power(static_value[id(node.args[1])])
+            else:
+                function = _OPS[node.op]
+            if all(id(a) in static_value for a in node.args):  # fold: evaluate once, in float64
+                args = [torch.as_tensor(static_value[id(a)], dtype=torch.float64) for a in node.args]
+                value = function(*args)
+                static_value[id(node)] = float(value) if value.dim() == 0 else value
+                continue
+            arg_slots = []
+            for a in node.args:
+                if id(a) not in slot_of:  # a static operand: a constant slot in the compute dtype
+                    v = static_value[id(a)]
+                    slot_of[id(a)] = len(slots)
+                    slots.append(v.to(device=device, dtype=dtype) if isinstance(v, torch.Tensor) else v)
+                arg_slots.append(slot_of[id(a)])
+            slot_of[id(node)] = len(slots)
+            slots.append(None)
+            steps.append((function, tuple(arg_slots), slot_of[id(node)]))
+        self._slots, self._steps, self._inputs = slots, steps, inputs
+        if id(root) in static_value:
+            value = static_value[id(root)]
+            self.constant = value.to(device=device, dtype=dtype) if isinstance(value, torch.Tensor) else value
+        else:
+            self.constant = None
+            self._result = slot_of[id(root)]
+
+    @property
+    def n_operations(self) -> int:
+        """Number of torch operations per evaluation (after folding the static parts)."""
+        return len(self._steps)
+
+    def __call__(self, values: Mapping[str, torch.Tensor]) -> Any:
+        if self.constant is not None:
+            return self.constant
+        slots = list(self._slots)
+        for name, slot in self._inputs.items():
+            slots[slot] = values[name]
+        for function, args, out in self._steps:
+            slots[out] = function(*[slots[a] for a in args])
+        return slots[self._result]

@@ -1,0 +1,191 @@
+"""Custom bonded, external and nonbonded forces: a Lepton energy expression (:mod:`.lepton`) of
+one internal variable per term (r nm, theta or phi rad; x, y, z nm for external forces),
+differentiated by autograd with respect to that variable only, then carried onto the atoms by
+the analytic geometry of :mod:`.torch_geometry`.
+
+Per-term parameters are (P, 1) columns against variables (P, b); energies kJ/mol; global
+parameters take their default values.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import openmm
+import torch
+
+from .lepton import LeptonExpression, as_tensor_like, parse_lepton, tabulated_functions
+from .torch_geometry import Angles, Dihedrals, Incidence, PairGeometry, PairList, bond_lengths, internal_autograd
+from .torch_term import ForceTerm, UnsupportedForceError, global_defaults, md_value, per_particle_parameters
+
+__all__ = ["CustomBondedTerm", "CustomExternalTerm", "CustomNonbondedTerm"]
+
+
+class CustomBondedTerm(ForceTerm):
+    """CustomBondForce / CustomAngleForce / CustomTorsionForce: E = sum_terms f(v, params)
+    with v = r (bond length), theta (angle in [0, pi]) or theta (dihedral in (-pi, pi]);
+    f compiled from the force's Lepton expression (global parameters at their defaults),
+    df/dv by autograd over v, then the analytic geometry."""
+
+    def _compile(self, force: Any) -> None:
+        if isinstance(force, openmm.CustomBondForce):
+            kind, count, getter, per_term = "bond", force.getNumBonds(), force.getBondParameters, 2
+            names = [force.getPerBondParameterName(k) for k in range(force.getNumPerBondParameters())]
+        elif isinstance(force, openmm.CustomAngleForce):
+            kind, count, getter, per_term = "angle", force.getNumAngles(), force.getAngleParameters, 3
+            names = [force.getPerAngleParameterName(k) for k in range(force.getNumPerAngleParameters())]
+        else:
+            kind, count, getter, per_term = "torsion", force.getNumTorsions(), force.getTorsionParameters, 4
+            names = [force.getPerTorsionParameterName(k) for k in range(force.getNumPerTorsionParameters())]
+        self.kind, self.count = kind, count
+        rows = [getter(k) for k in range(count)]
+        self.width = max(1, count)
+        if kind == "bond":
+            self.pairs = PairList.build([row[0] for row in rows], [row[1] for row in rows], self.n_atoms, self.device)
+        else:
+            self.atoms, self.incidence = self._atoms(rows, Angles if kind == "angle" else Dihedrals)
+        params = np.array([[md_value(v) for v in row[per_term]] for row in rows], float).reshape(count, len(names))
+        static = {
+            **global_defaults(force),
+            **{name: torch.as_tensor(params[:, k][:, None]) for k, name in enumerate(names)},
+        }
+        self.variable = "r" if kind == "bond" else "theta"
+        self.expression = LeptonExpression(
+            parse_lepton(force.getEnergyFunction()),
+            static,
+            {self.variable},
+            dtype=self.dtype,
+            device=self.device,
+            label=self.label,
+        )
+
+    def __call__(self, geometry: PairGeometry, gradient: bool = False) -> torch.Tensor:
+        if self.count == 0:
+            return geometry.zeros()
+        if self.kind == "bond":
+            q, d = bond_lengths(geometry, self.pairs)
+        else:
+            coords = (Angles if self.kind == "angle" else Dihedrals)(geometry.X, *self.atoms)
+            q = coords.theta if self.kind == "angle" else coords.phi
+        e, de = internal_autograd(lambda v: self.expression({self.variable: v}), q, gradient)
+        if gradient:
+            if self.kind == "bond":
+                geometry.add_pair_gradient(self.pairs, d, de / q)
+            else:
+                coords.backward(geometry, de, self.incidence)
+        return e.sum(0)
+
+
+class CustomExternalTerm(ForceTerm):
+    """CustomExternalForce: E = sum_particles f(x, y, z, params) (global parameters at their
+    defaults); gradient by autograd over the particles' coordinates."""
+
+    def _compile(self, force: openmm.CustomExternalForce) -> None:
+        names = [force.getPerParticleParameterName(k) for k in range(force.getNumPerParticleParameters())]
+        rows = [force.getParticleParameters(k) for k in range(force.getNumParticles())]
+        self.atoms = self._index([row[0] for row in rows])
+        self.incidence = Incidence([row[0] for row in rows], self.n_atoms, self.device)
+        self.width = max(1, len(rows))
+        params = np.array([[md_value(v) for v in row[1]] for row in rows], float).reshape(len(rows), len(names))
+        static = {
+            **global_defaults(force),
+            **{name: torch.as_tensor(params[:, k][:, None]) for k, name in enumerate(names)},
+        }
+        self.expression = LeptonExpression(
+            parse_lepton(force.getEnergyFunction()),
+            static,
+            {"x", "y", "z"},
+            dtype=self.dtype,
+            device=self.device,
+            label=self.label,
+        )
+
+    def __call__(self, geometry: PairGeometry, gradient: bool = False) -> torch.Tensor:
+        if len(self.atoms) == 0:
+            return geometry.zeros()
+        p = geometry.X.index_select(1, self.atoms)  # (3, P, b)
+        with torch.enable_grad() if gradient else torch.no_grad():
+            leaf = p.detach().requires_grad_(gradient)
+            e = as_tensor_like(self.expression({"x": leaf[0], "y": leaf[1], "z": leaf[2]}), p).expand(p.shape[1:])
+            energy = e.sum(0)
+            if gradient:
+                (g,) = torch.autograd.grad(energy.sum(), leaf, allow_unused=True) if energy.requires_grad else (None,)
+        if gradient and g is not None:
+            geometry.add_atoms(self.incidence, g)
+        return energy.detach()
+
+
+class CustomNonbondedTerm(ForceTerm):
+    """CustomNonbondedForce without periodicity: E = sum_{i<j, not excluded} f(r, params_i as
+    "1", params_j as "2") S(r), with r < r_c only and S = 1 - 10t^3 + 15t^4 - 6t^5,
+    t = (r - r_s)/(r_c - r_s) (switching function on) for ``CutoffNonPeriodic``; with
+    interaction groups, each group's pairs (a pair counted once per group), as OpenMM."""
+
+    def _compile(self, force: openmm.CustomNonbondedForce) -> None:
+        if force.getNumComputedValues():
+            raise UnsupportedForceError(
+                f"{self.label} has computed values, which the torch backend does not implement."
+            )
+        self.cutoff = self._method_cutoff(force)
+        self.switch = (
+            md_value(force.getSwitchingDistance())
+            if self.cutoff is not None and force.getUseSwitchingFunction()
+            else None
+        )
+        n = force.getNumParticles()
+        names = [force.getPerParticleParameterName(k) for k in range(force.getNumPerParticleParameters())]
+        params = per_particle_parameters(n, force.getParticleParameters, len(names))
+        excluded = set()
+        for k in range(force.getNumExclusions()):
+            i, j = force.getExclusionParticles(k)
+            excluded.add((min(i, j), max(i, j)))
+        if force.getNumInteractionGroups() == 0:
+            pairs = [(i, j) for i in range(n) for j in range(i + 1, n) if (i, j) not in excluded]
+        else:
+            pairs = []
+            for g in range(force.getNumInteractionGroups()):
+                set1, set2 = (set(s) for s in force.getInteractionGroupParameters(g))
+                seen: set[tuple[int, int]] = set()
+                for a1 in sorted(set1):
+                    for a2 in sorted(set2):
+                        pair = (min(a1, a2), max(a1, a2))
+                        if a1 != a2 and pair not in excluded and pair not in seen:
+                            seen.add(pair)
+                            pairs.append(pair)
+        i = np.array([p[0] for p in pairs], dtype=np.int64)
+        j = np.array([p[1] for p in pairs], dtype=np.int64)
+        self.pairs = PairList.build(i, j, n, self.device)
+        self.width = max(1, len(pairs))
+        static = dict(global_defaults(force))
+        for k, name in enumerate(names):
+            static[name + "1"] = torch.as_tensor(params[i, k][:, None])
+            static[name + "2"] = torch.as_tensor(params[j, k][:, None])
+        tables = tabulated_functions(force, self.label)
+        self.expression = LeptonExpression(
+            parse_lepton(force.getEnergyFunction(), {k: t.arity for k, t in tables.items()}),
+            static,
+            {"r"},
+            tables,
+            dtype=self.dtype,
+            device=self.device,
+            label=self.label,
+        )
+
+    def _pair_energy(self, r: torch.Tensor) -> torch.Tensor:
+        e = as_tensor_like(self.expression({"r": r}), r).expand_as(r)
+        if self.cutoff is None:
+            return e
+        if self.switch is not None:
+            t = torch.clamp((r - self.switch) / (self.cutoff - self.switch), min=0.0)
+            e = e * (1.0 + t * t * t * (-10.0 + t * (15.0 - t * 6.0)))
+        return torch.where(r < self.cutoff, e, torch.zeros_like(e))
+
+    def __call__(self, geometry: PairGeometry, gradient: bool = False) -> torch.Tensor:
+        if len(self.pairs) == 0:
+            return geometry.zeros()
+        r, d = geometry.pairs(self.pairs)
+        e, de = internal_autograd(self._pair_energy, r, gradient)
+        if gradient:
+            geometry.add_pair_gradient(self.pairs, d, de / r)
+        return e.sum(0)

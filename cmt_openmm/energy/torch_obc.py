@@ -1,0 +1,235 @@
+"""Generalized Born of the OBC family, evaluated analytically on the (n, n, b) distance matrix:
+:class:`OBCKernel` (Born radii, polar and ACE energies, gradient through the radii), used by
+GBSAOBCForce (:class:`GBSAOBCTerm`) and by CustomGBForces recognised as OBC1/OBC2
+(:class:`OBCFamilyGBTerm`, see :mod:`.torch_custom_gb`).
+
+Radii nm, charges e, energies kJ/mol; per-atom parameters as (n,) arrays (:class:`OBCParameters`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import openmm
+import torch
+
+from .torch_geometry import PairGeometry, PairList, upper_pairs
+from .torch_term import ONE_4PI_EPS0, ForceTerm, UnsupportedForceError, md_value
+
+__all__ = ["GBSAOBCTerm", "OBCFamilyGBTerm", "OBCKernel", "OBCParameters"]
+
+
+@dataclass
+class OBCParameters:
+    """Parameters of an OBC-family GB model (arrays (n,), nm and kJ/mol; see :class:`OBCKernel`)."""
+
+    charge: np.ndarray
+    offset_radius: np.ndarray  # or_i = radius - offset
+    scaled_radius: np.ndarray  # sr_i = or_i * scale
+    radius: np.ndarray  # R_i in the Born radius: 1/B = 1/or - tanh(...)/R
+    alpha: np.ndarray
+    beta: np.ndarray
+    gamma: np.ndarray
+    self_factor: float  # E_self = self_factor * q^2 / B
+    pair_factor: float  # E_pair = pair_factor * q_i q_j (1/f - [cutoff] 1/r_c)
+    ace_factor: float | None  # E_ACE = ace_factor * (R_ace + probe)^2 (R_ace/B)^6, or None
+    ace_radius: np.ndarray | None = None
+    probe: float = 0.14
+    inner_correction: bool = False  # ReferenceObc's term for atom i inside atom j's scaled sphere
+    cutoff: float | None = None
+
+
+class OBCKernel:
+    """Generalized Born, OBC family (Onufriev, Bashford, Case 2004; HCT pair integrals):
+
+        I_i   = 1/2 sum_{j != i, or_i <= r + sr_j} [1/L - 1/U + (r - sr_j^2/r)(1/U^2 - 1/L^2)/4
+                + log(L/U)/(2r)  (+ 2 (1/or_i - 1/L) if or_i < sr_j - r and ``inner_correction``)],
+              U = r + sr_j, L = max(or_i, |r - sr_j|);
+        psi_i = I_i or_i,   B_i = 1 / (1/or_i - tanh(alpha psi - beta psi^2 + gamma psi^3)/R_i);
+        E     = sum_i [self_factor q_i^2/B_i + ace_factor (R'_i + probe)^2 (R'_i/B_i)^6]
+              + sum_{i<j} pair_factor q_i q_j / f_ij,   f_ij = sqrt(r^2 + B_i B_j exp(-r^2/(4 B_i B_j))).
+
+    With a cutoff, pairs with r > r_c are left out of both sums and pair energies are shifted
+    by -pair_factor q_i q_j / r_c. Analytic gradient as in OpenMM's ReferenceObc: the pair
+    terms' dE/dr, then dE/dB_i carried through the Born radii back onto the pair distances.
+    """
+
+    def __init__(self, p: OBCParameters, device: Any, dtype: torch.dtype):
+        n = len(p.charge)
+        t = lambda a: torch.as_tensor(np.asarray(a, float), dtype=dtype, device=device)  # noqa: E731
+        self.n = n
+        self.or_i = t(p.offset_radius[:, None, None])  # rows: atom i
+        self.inv_or_i = t(1.0 / p.offset_radius[:, None, None])
+        self.sr_j = t(p.scaled_radius[None, :, None])  # columns: atom j
+        self.sr2_j = t(p.scaled_radius[None, :, None] ** 2)
+        col = lambda a: t(np.asarray(a, float)[:, None])  # noqa: E731
+        self.or_vec, self.inv_or, self.inv_radius = (
+            col(p.offset_radius),
+            col(1.0 / p.offset_radius),
+            col(1.0 / p.radius),
+        )
+        self.alpha, self.beta, self.gamma = col(p.alpha), col(p.beta), col(p.gamma)
+        self.offdiag = torch.as_tensor(~np.eye(n, dtype=bool)[:, :, None], device=device)
+        self.q2_self = col(p.self_factor * p.charge**2)
+        qq = p.pair_factor * np.outer(p.charge, p.charge)
+        i, j = upper_pairs(qq != 0.0)
+        self.pairs = PairList.build(i, j, n, device)
+        self.qq = t(qq[i, j][:, None])
+        self.ace = None if p.ace_factor is None else col(p.ace_factor * (p.ace_radius + p.probe) ** 2 * p.ace_radius**6)
+        self.inner = p.inner_correction
+        self.cutoff = p.cutoff
+        if p.cutoff is not None:
+            self.qq_shift = self.qq / p.cutoff
+
+    def __call__(self, geometry: PairGeometry, gradient: bool) -> torch.Tensor:
+        r = geometry.dense()
+        inv_r = geometry.dense_inverse()
+        U = r + self.sr_j
+        diff = r - self.sr_j
+        D = torch.abs(diff)
+        L = torch.maximum(D, self.or_i)
+        inv_L, inv_U = torch.reciprocal(L), torch.reciprocal(U)
+        inv_L2, inv_U2 = inv_L * inv_L, inv_U * inv_U
+        log_ratio = torch.log(L * inv_U)
+        a = r - self.sr2_j * inv_r
+        h = inv_L - inv_U + 0.25 * a * (inv_U2 - inv_L2) + 0.5 * log_ratio * inv_r
+        include = (U >= self.or_i) & self.offdiag
+        if self.cutoff is not None:
+            include = include & (r <= self.cutoff)
+        if self.inner:
+            inside = (self.or_i < self.sr_j - r) & include
+            h = h + inside.to(r.dtype) * (2.0 * (self.inv_or_i - inv_L))
+        maskf = include.to(r.dtype)
+        I = 0.5 * (h * maskf).sum(1)  # (n, b)
+        psi = I * self.or_vec
+        th = torch.tanh(psi * (self.alpha + psi * (self.gamma * psi - self.beta)))
+        B = torch.reciprocal(self.inv_or - th * self.inv_radius)
+        inv_B = torch.reciprocal(B)
+        energy = (self.q2_self * inv_B).sum(0)
+        if self.ace is not None:
+            ib3 = inv_B * inv_B * inv_B
+            ace = self.ace * ib3 * ib3
+            energy = energy + ace.sum(0)
+        pairs = self.pairs
+        rp = r.view(-1, geometry.batch).index_select(0, pairs.flat)
+        Bi, Bj = B.index_select(0, pairs.i), B.index_select(0, pairs.j)
+        BB = Bi * Bj
+        r2 = rp * rp
+        e = torch.exp(-0.25 * r2 / BB)
+        inv_f = torch.rsqrt(r2 + BB * e)
+        pair = self.qq * inv_f
+        if self.cutoff is not None:
+            within = (rp <= self.cutoff).to(rp.dtype)
+            pair = pair * within
+            energy = energy + (pair - self.qq_shift * within).sum(0)
+        else:
+            energy = energy + pair.sum(0)
+        if not gradient:
+            return energy
+        g = -pair * inv_f * inv_f
+        geometry.add_pair_gradient(pairs, None, g * (1.0 - 0.25 * e))  # (dE/dr)/r at fixed Born radii
+        dBB = 0.5 * g * e * (1.0 + 0.25 * r2 / BB)  # dE/d(B_i B_j)
+        dE_dB = -self.q2_self * inv_B * inv_B
+        if self.ace is not None:
+            dE_dB = dE_dB - 6.0 * ace * inv_B
+        dE_dB = dE_dB.expand_as(B).contiguous()
+        dE_dB.index_add_(0, pairs.i, dBB * Bj)
+        dE_dB.index_add_(0, pairs.j, dBB * Bi)
+        dB_dpsi = (
+            B * B * (1.0 - th * th) * (self.alpha + psi * (3.0 * self.gamma * psi - 2.0 * self.beta)) * self.inv_radius
+        )
+        dE_dI = dE_dB * dB_dpsi * self.or_vec  # (n, b)
+        # dh/dr of each ordered pair (i row, j column)
+        dL = torch.sign(diff) * torch.sign(L - self.or_i)  # 0 where L = or_i
+        dinv_L = -inv_L2 * dL
+        dh = (
+            dinv_L
+            + inv_U2
+            + 0.25 * (1.0 + self.sr2_j * inv_r * inv_r) * (inv_U2 - inv_L2)
+            - 0.5 * a * (inv_U * inv_U2 + inv_L * dinv_L)
+            + 0.5 * inv_r * (dL * inv_L - inv_U - log_ratio * inv_r)
+        )
+        if self.inner:
+            dh = dh - inside.to(r.dtype) * (2.0 * dinv_L)
+        c = (0.5 * dE_dI)[:, None, :] * dh * maskf
+        geometry.add_weights((c + c.transpose(0, 1)) * inv_r)
+        return energy
+
+
+class GBSAOBCTerm(ForceTerm):
+    """GBSAOBCForce: OBC2 as OpenMM's ReferenceObc (see :class:`OBCKernel`) with
+    or = radius - 0.009 nm, sr = or * scale, R = radius, (alpha, beta, gamma) = (1, 0.8, 4.85),
+    the inner-sphere correction on, self_factor = pair_factor/2 with
+    pair_factor = -ONE_4PI_EPS0 (1/eps_solute - 1/eps_solvent), and the ACE surface term
+    4 pi gamma_SA (radius + 0.14)^2 (radius/B)^6 (gamma_SA = surface area energy)."""
+
+    needs_dense = True
+
+    def _compile(self, force: openmm.GBSAOBCForce) -> None:
+        method = force.getNonbondedMethod()
+        if method not in (openmm.GBSAOBCForce.NoCutoff, openmm.GBSAOBCForce.CutoffNonPeriodic):
+            raise UnsupportedForceError(
+                f"{self.label} uses periodic boundary conditions, which the torch backend does not implement."
+            )
+        rows = np.array(
+            [[md_value(v) for v in force.getParticleParameters(i)] for i in range(force.getNumParticles())]
+        ).reshape(-1, 3)
+        charge, radius, scale = rows.T
+        offset_radius = radius - 0.009
+        eps_in, eps_out = force.getSoluteDielectric(), force.getSolventDielectric()
+        pref = -ONE_4PI_EPS0 * (1.0 / eps_in - 1.0 / eps_out) if eps_in != 0.0 and eps_out != 0.0 else 0.0
+        n = len(charge)
+        self.kernel = OBCKernel(
+            OBCParameters(
+                charge=charge,
+                offset_radius=offset_radius,
+                scaled_radius=offset_radius * scale,
+                radius=radius,
+                alpha=np.full(n, 1.0),
+                beta=np.full(n, 0.8),
+                gamma=np.full(n, 4.85),
+                self_factor=0.5 * pref,
+                pair_factor=pref,
+                ace_factor=4 * math.pi * md_value(force.getSurfaceAreaEnergy()),
+                ace_radius=radius,
+                probe=0.14,
+                inner_correction=True,
+                cutoff=md_value(force.getCutoffDistance()) if method != openmm.GBSAOBCForce.NoCutoff else None,
+            ),
+            self.device,
+            self.dtype,
+        )
+
+    def __call__(self, geometry: PairGeometry, gradient: bool = False) -> torch.Tensor:
+        return self.kernel(geometry, gradient)
+
+
+class OBCFamilyGBTerm(ForceTerm):
+    """A CustomGBForce recognised as OpenMM's OBC1/OBC2 (:func:`~.torch_custom_gb.recognise_obc`),
+    evaluated by :class:`OBCKernel` without the inner-sphere correction
+    (B = 1/(1/or - tanh(...)/(or + offset))) with analytic gradients;
+    :func:`~.torch_custom_gb.compile_custom_gb` keeps it only when it agrees with
+    :class:`~.torch_custom_gb.CustomGBTerm` on the same force."""
+
+    needs_dense = True
+
+    def __init__(
+        self,
+        force: openmm.CustomGBForce,
+        index: int,
+        parameters: OBCParameters,
+        device: Any = "cpu",
+        dtype: torch.dtype = torch.float64,
+        n_atoms: int | None = None,
+    ):
+        self.parameters = parameters
+        super().__init__(force, index, device, dtype, n_atoms)
+
+    def _compile(self, force: openmm.CustomGBForce) -> None:
+        self.kernel = OBCKernel(self.parameters, self.device, self.dtype)
+
+    def __call__(self, geometry: PairGeometry, gradient: bool = False) -> torch.Tensor:
+        return self.kernel(geometry, gradient)
