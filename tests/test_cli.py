@@ -246,3 +246,12 @@ def test_resume_with_other_settings_is_refused_and_keeps_run_file(toy_run, tmp_p
     rc, _, err = run(capsys, "train", "--preset", "toy-quick", "--out", toy_run, "--resume", "--seed", 7, "--quiet")
     assert rc == 2 and "seed" in err and len(err.strip().splitlines()) == 1
     assert (toy_run / "run.yaml").read_text() == before
+
+
+def test_every_preset_is_a_valid_run_file():
+    from cmt_openmm.cli.presets import get_preset, list_presets
+    from cmt_openmm.cli.run_files import parse_run_config
+
+    for name in list_presets():
+        spec = parse_run_config(get_preset(name))
+        assert spec.train["budget"] >= spec.train["cmt"]["n_samples"], name

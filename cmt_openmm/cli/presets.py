@@ -63,6 +63,58 @@ _PRESETS: dict[str, dict] = {
         },
         "report": {"n_samples": 5_000, "n_draws": 5},
     },
+    # The paper's own ALDP system (AlanineDipeptideImplicit: ff96 + OBC1 as a CustomGBForce, ~1 ms
+    # per configuration in OpenMM): the aldp-quick settings with the torch energies ("auto" picks
+    # them for this System) and a 14-minute limit on 2 cores.
+    "aldp-implicit-quick": {
+        "system": "aldp-implicit",
+        "temperature": 300.0,
+        "method": "cmt",
+        "seed": 0,
+        "budget": 1_440_000,
+        "max_steps": 360,
+        "max_minutes": 14.0,
+        "energy": {"backend": "auto"},
+        "flow": {"n_layers": 6, "hidden": 64, "n_bins": 8},
+        "cmt": {
+            "eps_tr": 0.5,
+            "eps_ent": 1.0,
+            "eps_ent_warmup": 0.5,
+            "warmup_steps": 120,
+            "n_samples": 4_000,
+            "fit_steps": 8,
+            "batch_size": 256,
+            "lr": 1e-3,
+            "strata": "phi-sign",
+            "strata_floor": 0.1,
+        },
+        "report": {"n_samples": 5_000, "n_draws": 5},
+    },
+    # aldp-quick with 4x the budget and a 30-minute limit: the path reaches the target
+    # (lambda = eta = 0) at about step 1,300 (~20 min on 2 cores, issue 12's measurement).
+    "aldp-30min": {
+        "system": "aldp-vacuum",
+        "temperature": 300.0,
+        "method": "cmt",
+        "seed": 0,
+        "budget": 5_760_000,
+        "max_steps": 1_440,
+        "max_minutes": 30.0,
+        "flow": {"n_layers": 6, "hidden": 64, "n_bins": 8},
+        "cmt": {
+            "eps_tr": 0.5,
+            "eps_ent": 1.0,
+            "eps_ent_warmup": 0.5,
+            "warmup_steps": 120,
+            "n_samples": 4_000,
+            "fit_steps": 8,
+            "batch_size": 256,
+            "lr": 1e-3,
+            "strata": "phi-sign",
+            "strata_floor": 0.1,
+        },
+        "report": {"n_samples": 5_000, "n_draws": 5},
+    },
 }
 
 
