@@ -1,6 +1,6 @@
 """Enhanced sampling with a Boltzmann generator: φ transitions of alanine dipeptide per energy evaluation.
 
-Three samplers of ALDP at 300 K get the same number of OpenMM energy evaluations:
+Four samplers of ALDP at 300 K get the same number of OpenMM energy evaluations:
 
 - Langevin MD alone (``LangevinMiddleIntegrator``, Reference platform): one evaluation per step;
 - Langevin MD + flow moves (:class:`cmt_openmm.FlowIndependenceMove` applied to the
@@ -10,18 +10,28 @@ Three samplers of ALDP at 300 K get the same number of OpenMM energy evaluations
   geometric ladder, Langevin between swaps): n_replicas × (steps per iteration + 1)
   evaluations per iteration (the +1: each replica's energy for the swap matrix, which
   openmmtools computes once per replica for a temperature ladder); the frames of the 300 K
-  state are analysed.
+  state are analysed;
+- flow-bridged replica exchange (``cmt_openmm.export.bridge.run_bridge_remd``, ``--samplers bridge``):
+  the same number of replicas on a λ ladder from the generator's own energy U_q = -kT log q
+  (λ = 0) to the target (λ = 1), placed for equal exchange acceptance by a pilot run (its
+  evaluations count), Langevin + flow moves in every state; each iteration costs
+  n_replicas × (steps + evaluated flow proposals + n_replicas) evaluations of U (and as many
+  of U_q: the flow's network, which on ALDP in vacuum costs far more wall time than U); the
+  λ = 1 frames are analysed.
 
 For each: transitions between the φ < 0 and φ > 0 basins per 1e6 evaluations and per wall
 second, and the φ > 0 basin population (αL ∪ C7ax, 0° ≤ φ < 120°) with a block-averaging
 standard error (20 blocks). Transitions are counted between cores with a buffer, so that
 recrossings of the boundary are not counted: φ > 0 core 20°..100°, φ < 0 core φ ≤ -20° or
 φ ≥ 140° (the C5 region wraps across ±180°). The reweighted generator's own estimate of the
-population (independent samples, delta-method error) is printed beside them. Prints a table,
-writes ``results.json``.
+population (independent samples, delta-method error) is printed beside them. For the replica
+exchanges: round trips per replica (state 0 -> last state -> state 0) and the exchange
+acceptance of every neighbour pair; for all: the φ > 0 population against the evaluations spent
+(at 1/8, 1/4, 1/2 and all of the budget). Prints the tables, writes ``results.json``.
 
     python benchmarks/enhanced_sampling.py --generator runs/demo --evaluations 1e6
     python benchmarks/enhanced_sampling.py --tiny      # trains a tiny generator; a smoke run
+    python benchmarks/enhanced_sampling.py --tiny --generator g.safetensors --samplers bridge --evaluations 600
 """
 from __future__ import annotations
 
@@ -46,7 +56,7 @@ import openmm.unit as unit  # noqa: E402
 from cmt_openmm.coordinates.backbone import ramachandran_angles  # noqa: E402
 from cmt_openmm.sampling.estimators import Estimate, weighted_mean  # noqa: E402
 from cmt_openmm.cli.main import run_training  # noqa: E402
-from cmt_openmm.cli.run_files import build_target, load_run, parse_run_config
+from cmt_openmm.cli.run_files import build_target, load_run, parse_run_config  # noqa: E402
 from cmt_openmm.generator import load_generator  # noqa: E402
 from cmt_openmm.cli.presets import get_preset  # noqa: E402
 from cmt_openmm.sampling.estimators import PHI_POSITIVE  # noqa: E402
@@ -54,6 +64,7 @@ from cmt_openmm.sampling.estimators import PHI_POSITIVE  # noqa: E402
 PHI_POS_CORE = (math.radians(20.0), math.radians(100.0))
 PHI_NEG_CORE = (math.radians(-20.0), math.radians(140.0))  # φ <= -20° or φ >= 140°
 N_BLOCKS = 20
+CONVERGENCE_FRACTIONS = (0.125, 0.25, 0.5, 1.0)
 
 
 def phi_of(target, positions: np.ndarray) -> np.ndarray:
@@ -80,15 +91,29 @@ def population(phi: np.ndarray) -> tuple[float, float]:
     return float(inside.mean()), error
 
 
-def leg_result(name: str, target, phi: np.ndarray, evaluations: int, wall: float, **extra) -> dict:
+def convergence(phi: np.ndarray, spent: np.ndarray, budget: float) -> list[dict]:
+    """φ > 0 population (± block error) of the frames recorded within each fraction of the budget
+    (``spent``: evaluations spent when each frame was recorded)."""
+    rows = []
+    for fraction in CONVERGENCE_FRACTIONS:
+        keep = spent <= fraction * budget + 1e-9
+        pop, err = population(phi[keep]) if keep.any() else (float("nan"), float("nan"))
+        rows.append({"fraction": fraction, "evaluations": int(spent[keep].max()) if keep.any() else 0,
+                     "frames": int(keep.sum()), "phi_positive": pop, "phi_positive_error": err})
+    return rows
+
+
+def leg_result(name: str, target, phi: np.ndarray, evaluations: int, wall: float, spent=None, **extra) -> dict:
     transitions = count_transitions(phi)
     pop, err = population(phi)
+    spent = np.linspace(evaluations / max(phi.size, 1), evaluations, phi.size) if spent is None else np.asarray(spent)
     return {
         "sampler": name, "evaluations": int(evaluations), "wall_s": wall, "frames": int(phi.size),
         "transitions": transitions,
         "transitions_per_1e6_evaluations": transitions / evaluations * 1e6,
         "transitions_per_wall_s": transitions / wall if wall > 0 else None,
-        "phi_positive": pop, "phi_positive_error": err, **extra,
+        "phi_positive": pop, "phi_positive_error": err,
+        "convergence": convergence(phi, spent, evaluations), **extra,
     }
 
 
@@ -113,7 +138,7 @@ def run_md(target, args, seed: int, move=None) -> dict:
     sim = make_simulation(target, args, seed)
     budget, stride = int(args.evaluations), args.stride
     interval = args.flow_interval if move is not None else None
-    phis, evaluations, md_steps, since_flow = [], 0, 0, 0
+    phis, spent, evaluations, md_steps, since_flow = [], [], 0, 0, 0
     start = time.perf_counter()
     with tqdm(total=budget, desc="MD + flow" if move else "MD", unit="eval", unit_scale=True, mininterval=1.0) as bar:
         while evaluations < budget:
@@ -123,24 +148,27 @@ def run_md(target, args, seed: int, move=None) -> dict:
             since_flow += n
             evaluations += n
             phis.append(positions_of(sim))
+            spent.append(evaluations)
             if move is not None and since_flow >= interval and evaluations < budget:
                 stats = move.apply_to_simulation(sim, n_steps=min(args.flow_proposals, budget - evaluations))
                 evaluations += stats["n_proposed"]
                 since_flow = 0
                 phis.append(positions_of(sim))
+                spent.append(evaluations)
             bar.n = evaluations
             bar.refresh() if len(phis) % 200 == 0 else None
     wall = time.perf_counter() - start
     phi = phi_of(target, np.stack(phis))
     if move is None:
-        return leg_result("Langevin MD", target, phi, evaluations, wall, md_steps=md_steps)
+        return leg_result("Langevin MD", target, phi, evaluations, wall, spent, md_steps=md_steps)
     s = move.statistics
-    return leg_result("Langevin MD + flow moves", target, phi, evaluations, wall, md_steps=md_steps,
+    return leg_result("Langevin MD + flow moves", target, phi, evaluations, wall, spent, md_steps=md_steps,
                       flow_proposals=s["n_proposed"], flow_accepted=s["n_accepted"],
                       flow_acceptance=s["n_accepted"] / max(s["n_proposed"], 1))
 
 
 def run_remd(target, args, seed: int, workdir: Path) -> dict:
+    from cmt_openmm.export.ladder import exchange_statistics
     from cmt_openmm.sampling.reference_md import run_reference_md
 
     per_iteration = args.replicas * (args.remd_steps + 1)
@@ -151,9 +179,41 @@ def run_remd(target, args, seed: int, workdir: Path) -> dict:
                               collision_rate=args.friction, seed=seed, resume=False, minimize=False)
     wall = time.perf_counter() - start
     phi = phi_of(target, result.positions)
-    return leg_result(f"replica exchange ({args.replicas} replicas, {target.temperature:g}-{args.t_max:g} K)", target, phi,
-                      iterations * per_iteration, wall, iterations=iterations,
-                      exchange_acceptance=result.provenance.get("exchange_acceptance"))
+    exchange = exchange_statistics(result.provenance["storage"], iterations)
+    name = f"replica exchange ({args.replicas} replicas, {target.temperature:g}-{args.t_max:g} K)"
+    return leg_result(name, target, phi, iterations * per_iteration, wall, per_iteration * np.arange(1, phi.size + 1),
+                      iterations=iterations,
+                      exchange_acceptance=result.provenance.get("exchange_acceptance"),
+                      pair_acceptance=exchange["pair_acceptance"], round_trips=exchange["round_trips"],
+                      round_trips_per_replica=exchange["round_trips_per_replica"])
+
+
+def run_bridge(target, generator, args, seed: int, workdir: Path) -> dict:
+    """Flow-bridged replica exchange at the budget: pilot (uniform ladder) + main run on the chosen ladder."""
+    from cmt_openmm.export.bridge import run_bridge_remd
+
+    k = args.replicas
+    per_iteration = k * (args.remd_steps + args.flow_proposals + k)  # an upper bound: every proposal evaluated
+    pilot = max(2, min(args.bridge_pilot, int(0.25 * args.evaluations) // per_iteration))
+    iterations = max(2, (int(args.evaluations) - pilot * per_iteration) // per_iteration)
+    start = time.perf_counter()
+    result = run_bridge_remd(generator, target, workdir / f"bridge-seed{seed}.npz", n_replicas=k,
+                             n_iterations=iterations, lambdas="auto", steps_per_iteration=args.remd_steps,
+                             flow_proposals=args.flow_proposals, timestep=args.timestep, collision_rate=args.friction,
+                             seed=seed, resume=False, progress=True, pilot_iterations=pilot, minimize=False)
+    wall = time.perf_counter() - start
+    p = result.provenance
+    phi = phi_of(target, result.positions)
+    spent = p["pilot"]["energy_evaluations"] + (p["energy_evaluations"] / iterations) * np.arange(1, phi.size + 1)
+    flows = p["flow_moves"]
+    return leg_result(f"flow-bridged replica exchange ({k} replicas, λ = 1..0)", target, phi,
+                      p["energy_evaluations_with_pilot"], wall, spent, iterations=iterations, pilot_iterations=pilot,
+                      lambdas=p["lambdas"], exchange_acceptance=p["exchange_acceptance"],
+                      pair_acceptance=p["pair_acceptance"], round_trips=p["round_trips"],
+                      round_trips_per_replica=p["round_trips_per_replica"],
+                      estimated_pair_acceptance=p["pilot"]["estimated_pair_acceptance"],
+                      flow_acceptance_per_state=[f["acceptance"] for f in flows],
+                      flow_acceptance_at_flow=flows[-1]["acceptance"])
 
 
 def get_generator(args, target, workdir: Path):
@@ -192,14 +252,24 @@ def main(argv=None) -> int:
     p.add_argument("--replicas", type=int, default=4)
     p.add_argument("--t-max", dest="t_max", type=float, default=600.0)
     p.add_argument("--remd-steps", dest="remd_steps", type=int, default=50, help="MD steps per exchange iteration")
-    p.add_argument("--reweight-samples", dest="reweight_samples", type=int, default=20_000)
-    p.add_argument("--samplers", nargs="+", default=["md", "md+flow", "remd"])
+    p.add_argument("--bridge-pilot", dest="bridge_pilot", type=int, default=50,
+                   help="pilot iterations of the flow-bridged replica exchange (at most a quarter of the budget)")
+    p.add_argument("--reweight-samples", dest="reweight_samples", type=int, default=None,
+                   help="independent generator samples reweighted (default 20000; --tiny 1000)")
+    p.add_argument("--samplers", nargs="+", default=["md", "md+flow", "remd", "bridge"],
+                   help="md, md+flow, remd (temperatures), bridge (flow-bridged λ ladder)")
     p.add_argument("--out", default="runs/bench_enhanced_sampling")
-    p.add_argument("--tiny", action="store_true", help="smoke run: tiny generator, 2e4 evaluations")
+    p.add_argument("--tiny", action="store_true", help="smoke run: tiny generator, 2e4 evaluations "
+                                                       "(an explicit --evaluations or --reweight-samples wins)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
+    explicit = set(argv if argv is not None else sys.argv[1:])
+    if args.reweight_samples is None:
+        args.reweight_samples = 1000 if args.tiny else 20_000
     if args.tiny:
-        args.evaluations, args.reweight_samples, args.remd_steps = 2e4, 1000, 20
+        args.remd_steps = 20
+        if "--evaluations" not in explicit:
+            args.evaluations = 2e4
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     target = build_target(args.system, args.temperature)
@@ -224,8 +294,10 @@ def main(argv=None) -> int:
                     row = run_md(target, args, seed, move)
                 elif sampler == "remd":
                     row = run_remd(target, args, seed, Path(tmp))
+                elif sampler == "bridge":
+                    row = run_bridge(target, generator, args, seed, Path(tmp))
                 else:
-                    raise SystemExit(f"unknown sampler {sampler!r}: use md, md+flow, remd")
+                    raise SystemExit(f"unknown sampler {sampler!r}: use md, md+flow, remd, bridge")
                 row["seed"] = seed
                 rows.append(row)
                 print(json.dumps(row), flush=True)
@@ -253,6 +325,22 @@ def format_table(rows, flow_pop, ess, args, source) -> str:
                      f"| {r['phi_positive']:.4f} ± {r['phi_positive_error']:.4f} | {'–' if acc is None else f'{acc:.3f}'} |")
     lines.append(f"| generator, reweighted ({args.reweight_samples:,} independent samples, ESS {100 * ess:.2f} %) | | | | | | "
                  f"| {flow_pop.value:.4f} ± {flow_pop.error:.4f} | |")
+    exchanges = [r for r in rows if "round_trips" in r]
+    if exchanges:
+        lines += ["", "| replica exchange | seed | round trips / replica | neighbour exchange acceptance (state 0 = target) |"
+                  " flow acceptance per state |", "|---|---|---|---|---|"]
+        for r in exchanges:
+            pairs = ", ".join("–" if a is None else f"{a:.2f}" for a in r["pair_acceptance"])
+            flow = ", ".join(f"{a:.2f}" for a in r.get("flow_acceptance_per_state", [])) or "–"
+            ladder = f" (λ = {', '.join(f'{x:.3g}' for x in r['lambdas'])})" if "lambdas" in r else ""
+            lines.append(f"| {r['sampler']}{ladder} | {r['seed']} | {r['round_trips_per_replica']:.2f} | {pairs} | {flow} |")
+    lines += ["", "φ > 0 population against evaluations spent (fraction of the budget: population ± block error):", "",
+              "| sampler | seed | " + " | ".join(f"{f:g}" for f in CONVERGENCE_FRACTIONS) + " |",
+              "|---|---|" + "---|" * len(CONVERGENCE_FRACTIONS)]
+    for r in rows:
+        cells = " | ".join(f"{c['phi_positive']:.4f} ± {c['phi_positive_error']:.4f} ({c['evaluations']:,})"
+                           for c in r["convergence"])
+        lines.append(f"| {r['sampler']} | {r['seed']} | {cells} |")
     md = [r for r in rows if r["sampler"] == "Langevin MD"]
     flow = [r for r in rows if r["sampler"].startswith("Langevin MD + flow")]
     if md and flow:

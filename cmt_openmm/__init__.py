@@ -37,6 +37,8 @@ _PUBLIC = {
     "FlowIndependenceMove": "sampling.moves",
     "FlowMoveReporter": "sampling.reporters",
     "report": "cli.main",
+    "to_openmm_force": "export.force",
+    "run_bridge_remd": "export.bridge",
 }
 
 __all__ = sorted(_PUBLIC) + ["__version__"]

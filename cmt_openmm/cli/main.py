@@ -1,4 +1,4 @@
-"""The ``cmt-openmm`` command line: train, sample, evaluate, reference-md, demo, presets.
+"""The ``cmt-openmm`` command line: train, sample, evaluate, reference-md, bridge-remd, demo, presets.
 
 ``cmt-openmm train RUN.yaml --out DIR`` (run files: :mod:`.run_files`) or
 ``--preset NAME`` (:mod:`.presets`) trains into a run directory and finishes with
@@ -399,6 +399,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=10_000, help="samples written to OUT/samples.npz")
     common(p)
     p.set_defaults(func=cmd_demo)
+
+    from .bridge_remd import add_parser as add_bridge_remd
+
+    add_bridge_remd(sub)
 
     p = sub.add_parser("presets", help="list presets and systems, or print one preset as YAML")
     p.add_argument("name", nargs="?", choices=list_presets())

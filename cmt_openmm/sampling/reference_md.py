@@ -40,7 +40,8 @@ from ..files import atomic_writer
 from ..target import Target
 from ..units import kelvin
 
-__all__ = ["run_reference_md", "load_reference", "temperature_ladder", "ReferenceMD", "SeededLangevinMove"]
+__all__ = ["run_reference_md", "load_reference", "temperature_ladder", "ReferenceMD", "SeededLangevinMove",
+           "seed_everything", "positive_value", "package_version", "read_state0_frames"]
 
 _SEED_MAX = 2**31 - 1
 
@@ -87,7 +88,7 @@ class SeededLangevinMove(mcmc.LangevinDynamicsMove):
         context.setVelocitiesToTemperature(thermodynamic_state.temperature, int(np.random.randint(1, _SEED_MAX)))
 
 
-def _seed_everything(seed: int, iteration: int) -> None:
+def seed_everything(seed: int, iteration: int) -> None:
     derived = int(np.random.SeedSequence([seed, iteration]).generate_state(1)[0]) % _SEED_MAX
     np.random.seed(derived)
     try:
@@ -117,7 +118,7 @@ def _settings(target: Target, temperatures, steps_per_iteration, timestep_fs, co
     }
 
 
-def _value(x: Any, u: unit.Unit, name: str) -> float:
+def positive_value(x: Any, u: unit.Unit, name: str) -> float:
     if unit.is_quantity(x):
         if not x.unit.is_compatible(u):
             raise CMTInputError(f"{name} {x} has the wrong unit: pass {u} or a float in {u}.")
@@ -171,8 +172,8 @@ def run_reference_md(
     n_iterations, steps_per_iteration = int(n_iterations), int(steps_per_iteration)
     if n_iterations < 1 or steps_per_iteration < 1 or not 0 <= n_equilibration < n_iterations:
         raise CMTInputError("need n_iterations >= 1, steps_per_iteration >= 1 and 0 <= n_equilibration < n_iterations.")
-    timestep_fs = _value(timestep, unit.femtosecond, "timestep")
-    rate = _value(collision_rate, unit.picosecond**-1, "collision_rate")
+    timestep_fs = positive_value(timestep, unit.femtosecond, "timestep")
+    rate = positive_value(collision_rate, unit.picosecond**-1, "collision_rate")
     temperatures = temperature_ladder(target.temperature, kelvin(t_max), int(n_replicas))
     out_path = Path(out_path)
     storage = Path(storage) if storage is not None else out_path.with_suffix(".nc")
@@ -210,7 +211,7 @@ def run_reference_md(
                 sampler.number_of_iterations = n_iterations
         else:
             checkpoint.unlink(missing_ok=True)
-            _seed_everything(seed, 0)
+            seed_everything(seed, 0)
             move = SeededLangevinMove(
                 timestep=timestep_fs * unit.femtosecond,
                 collision_rate=rate / unit.picosecond,
@@ -225,7 +226,7 @@ def run_reference_md(
             sampler.create(thermo, sampler_state, reporter, metadata={"cmt_openmm_settings": json.dumps(settings)})
         sampler.energy_context_cache = cache.ContextCache(platform=platform_obj, capacity=4)
         sampler.sampler_context_cache = cache.ContextCache(platform=platform_obj, capacity=4)
-        _seed_everything(seed, sampler.iteration)
+        seed_everything(seed, sampler.iteration)
         if sampler.iteration == 0 and minimize:
             sampler.minimize()
         with tqdm(total=n_iterations, initial=min(sampler.iteration, n_iterations), disable=not progress,
@@ -240,7 +241,7 @@ def run_reference_md(
         np.random.set_state(numpy_state)
         logger.setLevel(log_level)
 
-    positions, u, acceptance = _read_state0(storage, checkpoint, n_equilibration + 1, n_iterations)
+    positions, u, acceptance = read_state0_frames(storage, checkpoint, n_equilibration + 1, n_iterations)
     provenance = {
         **settings,
         "n_replicas": len(temperatures),
@@ -253,8 +254,8 @@ def run_reference_md(
         "storage": str(storage),
         "exchange_acceptance": acceptance,
         "openmm": openmm.__version__,
-        "openmmtools": _version("openmmtools"),
-        "cmt_openmm": _version("cmt_openmm"),
+        "openmmtools": package_version("openmmtools"),
+        "cmt_openmm": package_version("cmt_openmm"),
     }
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_writer(out_path) as handle:
@@ -262,7 +263,7 @@ def run_reference_md(
     return ReferenceMD(out_path, positions, u, provenance)
 
 
-def _version(package: str) -> str:
+def package_version(package: str) -> str:
     from importlib.metadata import PackageNotFoundError, version
 
     try:
@@ -273,7 +274,7 @@ def _version(package: str) -> str:
         return getattr(cmt_openmm, "__version__", "unknown") if package == "cmt_openmm" else "unknown"
 
 
-def _read_state0(storage: Path, checkpoint: Path, first: int, last: int, chunk: int = 2000):
+def read_state0_frames(storage: Path, checkpoint: Path, first: int, last: int, chunk: int = 2000):
     """Frames of thermodynamic state 0 for iterations first..last, with u and the mean acceptance."""
     import netCDF4
 
