@@ -1,12 +1,13 @@
 """Spline flows: exact inverses, log-dets against autograd, circular smoothness, identity at
-initialisation, priors and normalisation."""
+initialisation, priors and normalisation; the fast implementation against the previous one (log q,
+samples, gradients, saved state dicts) and the throughput benchmark's smoke run."""
 import math
 
 import pytest
 import torch
 
 from cmt_openmm.errors import CMTInputError
-from helpers import perturb_parameters
+from helpers import load_script, perturb_parameters
 from cmt_openmm.flows import IDENTITY_DERIVATIVE, CouplingFlow, SplineFlow, rq_spline
 
 
@@ -183,3 +184,148 @@ def test_bad_settings_refused():
         SplineFlow(torch.tensor([False]), ["dihedral_sum"], torch.zeros(1), torch.tensor([[-1.0, 1.0]]))
     with pytest.raises(CMTInputError):  # reference on its bound
         SplineFlow(torch.tensor([False]), ["angle"], torch.zeros(1), torch.tensor([[0.0, 1.0]]))
+
+
+# --------------------------------------------------------------------------- the fast implementation
+# benchmarks/flow_throughput.py keeps the implementation before issue 12 verbatim (``BaselineSplineFlow``,
+# built from a flow with the same weights): the reference the fast one must agree with.
+
+@pytest.fixture(scope="module")
+def bench():
+    return load_script("benchmarks/flow_throughput.py")
+
+
+@pytest.mark.parametrize("inverse", [False, True])
+def test_rq_spline_values_and_gradients_match_the_reference(bench, inverse):
+    gen = torch.Generator().manual_seed(11)
+    n, d, k = 300, 4, 7
+    periodic = torch.tensor([True, False, False, True])
+    x = torch.rand(n, d, generator=gen, dtype=torch.float64)
+    bins = torch.randn(n, d, 2, k, generator=gen, dtype=torch.float64)
+    derivs = torch.randn(n, d, k + 1, generator=gen, dtype=torch.float64)
+    if inverse:  # inputs of the inverse: outputs of the forward map
+        x = bench.rq_spline(x, bins, derivs, periodic)[0]
+    weights = torch.randn(2, n, d, generator=gen, dtype=torch.float64)
+    results = []
+    for spline in (rq_spline, bench.rq_spline):
+        inputs = [t.clone().requires_grad_(True) for t in (x, bins, derivs)]
+        out, logdet = spline(*inputs, periodic, inverse)
+        grads = torch.autograd.grad((out * weights[0]).sum() + (logdet * weights[1]).sum(), inputs)
+        results.append((out, logdet, *grads))
+    for new, old in zip(*results):
+        torch.testing.assert_close(new, old, atol=1e-9, rtol=1e-9)
+
+
+def _agree(new_flow, old_flow, z, atol):
+    with torch.no_grad():
+        new, old = new_flow.log_prob(z), old_flow.log_prob(z)
+    assert torch.equal(torch.isneginf(new), torch.isneginf(old))
+    finite = torch.isfinite(old)
+    torch.testing.assert_close(new[finite], old[finite], atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("mask", ["random", "alternating", "torsions"])
+@pytest.mark.parametrize("depth", [0, 1, 2])
+def test_toy_flow_matches_the_reference(bench, mask, depth):
+    flow = _toy_flow(mask=mask, depth=depth, n_layers=6)
+    perturb_parameters(flow, 0.1)  # (from ~0.2 some inverses are ill-conditioned: ~1e-9 off in either one)
+    old = bench.BaselineSplineFlow(flow)
+    z, log_q = flow.sample(400, torch.Generator().manual_seed(6))
+    z_old, log_q_old = old.sample(400, torch.Generator().manual_seed(6))
+    torch.testing.assert_close(z, z_old, atol=1e-10, rtol=0)
+    torch.testing.assert_close(log_q, log_q_old, atol=1e-10, rtol=0)
+    _agree(flow, old, z, 1e-10)
+
+
+@pytest.fixture(scope="module")
+def aldp_flows(bench):
+    return {dtype: bench.build_flows(dtype=dtype, perturb=0.05) for dtype in (torch.float64, torch.float32)}
+
+
+def _aldp_points(flow, n=400):
+    """Flow samples, samples with a coordinate moved to (just inside) its interval's end, points outside."""
+    z, _ = flow.sample(n, torch.Generator().manual_seed(7))
+    s = flow.scaling
+    lower, upper = s.from_flow(s.lower[None] + 1e-9)[0], s.from_flow(s.upper[None] - 1e-9)[0]
+    ends = z[:40].clone()
+    columns = torch.arange(40) % flow.dim
+    ends[torch.arange(20), columns[:20]] = lower[columns[:20]]
+    ends[torch.arange(20, 40), columns[20:]] = upper[columns[20:]]
+    outside = z[:3].clone()
+    linear = torch.nonzero(~s.circular).flatten()
+    outside[0, linear[0]] = upper[linear[0]] + 1.0
+    outside[1, linear[1]] = float("nan")
+    return torch.cat([z, ends, outside])
+
+
+def test_aldp_flow_matches_the_reference_float64(bench, aldp_flows):
+    """log q, samples and gradients (parameters and z) of the fast flow are the old ones to 1e-10."""
+    flow, old, _ = aldp_flows[torch.float64]
+    assert bool(flow.scaling.circular.any()) and bool((flow.scaling.upper < 6.0).any())  # circular and clipped
+    z = _aldp_points(flow)
+    _agree(flow, old, z, 1e-10)
+    assert int(torch.isneginf(flow.log_prob(z)).sum()) == 2
+    zs, log_q = flow.sample(300, torch.Generator().manual_seed(8))
+    zs_old, log_q_old = old.sample(300, torch.Generator().manual_seed(8))
+    torch.testing.assert_close(zs, zs_old, atol=1e-10, rtol=0)
+    torch.testing.assert_close(log_q, log_q_old, atol=1e-10, rtol=0)
+    weights = torch.randn(300, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    grads = []  # of log q, with respect to z and to the parameters (the closed-form backward passes)
+    for f in (flow, old):
+        zg = zs.clone().requires_grad_(True)
+        grads.append(torch.autograd.grad((f.log_prob(zg) * weights).sum(), [zg, *f.couplings.parameters()]))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-9 * float(b.abs().max()), rtol=1e-7)
+    grads = []  # reparameterised samples (reverse KL): gradients through the forward map
+    for f in (flow, old):
+        zr, lq = f.rsample(200, torch.Generator().manual_seed(10))
+        grads.append(torch.autograd.grad((zr ** 2).sum() + lq.sum(), list(f.couplings.parameters())))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-9 * float(b.abs().max()), rtol=1e-7)
+
+
+def test_aldp_flow_matches_the_reference_float32(bench, aldp_flows):
+    """float32: differences of float32 rounding (log q ~ 100 summed from ~200 spline log-dets)."""
+    flow, old, _ = aldp_flows[torch.float32]
+    z = _aldp_points(flow)
+    with torch.no_grad():
+        new_lp, old_lp = flow.log_prob(z), old.log_prob(z)
+    finite = torch.isfinite(old_lp)
+    assert torch.equal(torch.isneginf(new_lp), torch.isneginf(old_lp)) and int(finite.sum()) == len(z) - 2
+    difference = (new_lp - old_lp)[finite].abs()
+    assert float(difference.max()) < 2e-4 and float(difference.median()) < 2e-5
+    zs, log_q = flow.sample(300, torch.Generator().manual_seed(8))
+    zs_old, log_q_old = old.sample(300, torch.Generator().manual_seed(8))
+    torch.testing.assert_close(zs, zs_old, atol=1e-4, rtol=0)
+    assert float((log_q - log_q_old).abs().max()) < 2e-4 and float((log_q - log_q_old).abs().median()) < 2e-5
+
+
+def test_state_dict_of_the_reference_loads(bench):
+    """Generator files hold ``flow.state_dict()``: the old layout loads, strictly, with the same densities."""
+    from safetensors.torch import load, save
+
+    _, old, _ = bench.build_flows(dtype=torch.float64, perturb=0.05, seed=3)
+    fresh, _, _ = bench.build_flows(dtype=torch.float64, perturb=0.0)  # identity flow, same architecture
+    fresh.load_state_dict(load(save({k: v.contiguous() for k, v in old.state_dict().items()})), strict=True)
+    z, _ = old.sample(200, torch.Generator().manual_seed(4))
+    _agree(fresh, old, z, 1e-10)
+
+
+def test_torsions_mask_flow_can_be_saved():
+    """Layers of the torsions mask transform the same indices: their buffers must not share storage."""
+    from safetensors.torch import save
+
+    flow = _toy_flow(mask="torsions", n_layers=6)
+    save({k: v.contiguous() for k, v in flow.state_dict().items()})
+
+
+def test_flow_throughput_benchmark_quick(bench, tmp_path):
+    import json
+
+    report = bench.main(["--quick", "--out", str(tmp_path / "flow.json")])
+    assert json.loads((tmp_path / "flow.json").read_text())["results"] == report["results"]
+    row = report["results"][0]
+    assert row["batch"] == 256 and row["threads"] == 1
+    assert all(row[task][name]["us_per_sample_best"] > 0
+               for task in ("train", "sample") for name in ("baseline", "new"))
+    assert report["agreement"]["log_prob_max_abs_diff"] < 1e-3

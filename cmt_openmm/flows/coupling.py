@@ -2,10 +2,135 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from ..errors import CMTInputError
-from .splines import IDENTITY_DERIVATIVE, rq_spline
+from .splines import IDENTITY_DERIVATIVE, spline_backward, spline_forward
+
+
+def _wrap_(u: Tensor, periodic: Tensor, mode: str) -> None:
+    """Circular rows of u (Dt, B) taken modulo 1, in place (``periodic``: (Dt, 1) 1.0 / 0.0)."""
+    if mode == "all":
+        u.sub_(torch.floor(u))
+    elif mode == "some":
+        u.sub_(torch.floor(u).mul_(periodic))
+
+
+def _views(raw: Tensor, d: int, k: int) -> tuple[Tensor, Tensor]:
+    """Bins (K, 2, Dt, B) and knot derivatives (K + 1, Dt, B): strided views of the conditioner's
+    output raw (Dt (3K + 1), B), laid out as the last Linear's rows: (Dt, 2, K) bins, then (Dt, K + 1)."""
+    b = raw.shape[1]
+    bins = raw[: 2 * k * d].view(d, 2, k, b).permute(2, 1, 0, 3)
+    derivatives = raw[2 * k * d :].view(d, k + 1, b).transpose(0, 1)
+    return bins, derivatives
+
+
+def _coupling_forward(x: Tensor, raw: Tensor, constants: tuple, inverse: bool, keep: bool):
+    """Transformed coordinates x (Dt, B) -> (new x, log|det| summed per sample (B,), saved).
+
+    raw: (Dt (3K + 1), B), the conditioner's output (see :func:`_views`). The derivative at 1
+    of a circular coordinate is its derivative at 0: that value is copied, in place, into
+    ``raw``'s (otherwise unused) last derivative row of the coordinate.
+    """
+    lower, width, inv_width, shift, periodic, mode, k, circular_rows = constants
+    d = x.shape[0]
+    bins, derivatives = _views(raw, d, k)
+    if mode == "all":
+        derivatives[k].copy_(derivatives[0])
+    elif mode == "some":
+        derivatives[k].index_copy_(0, circular_rows, derivatives[0].index_select(0, circular_rows))
+    u = torch.sub(x, lower).mul_(inv_width)
+    if mode != "none":
+        u.add_(shift)
+        _wrap_(u, periodic, mode)
+    v, logdet, saved = spline_forward(u, bins, derivatives, inverse, keep)
+    if mode != "none":
+        v.sub_(shift)
+        _wrap_(v, periodic, mode)
+    return torch.addcmul(lower, v, width), logdet.sum(0), saved
+
+
+def _coupling_backward(saved, constants: tuple, raw_shape, grad_out: Tensor, grad_logdet: Tensor, inverse: bool):
+    """Gradients (x (Dt, B), raw (Dt (3K + 1), B)) of :func:`_coupling_forward` (new x, summed log|det|)."""
+    _, width, inv_width, _, _, mode, k, circular_rows = constants
+    theta = saved[0]
+    d, b = theta.shape
+    g_raw = theta.new_empty(raw_shape)
+    g_bins, g_derivatives = _views(g_raw, d, k)
+    g_u, _, _ = spline_backward(saved, grad_out * width, grad_logdet.expand(d, b), inverse, g_bins, g_derivatives)
+    if mode == "all":  # the derivative at 1 of circular coordinates is their derivative at 0
+        g_derivatives[0].add_(g_derivatives[k])
+        g_derivatives[k].zero_()
+    elif mode == "some":
+        g_derivatives[0].index_add_(0, circular_rows, g_derivatives[k].index_select(0, circular_rows))
+        g_derivatives[k].index_fill_(0, circular_rows, 0.0)
+    return g_u.mul_(inv_width), g_raw
+
+
+class _CouplingLayer(torch.autograd.Function):
+    """A whole coupling layer as one autograd node: conditioner MLP, spline, rows written back.
+
+    Inputs: y.T (dim, B), the layer, the direction and the MLP's parameters (weight, bias of
+    each Linear, in order). The backward pass is written out (the MLP's in the usual way, the
+    spline's in closed form, :func:`~cmt_openmm.flows.splines.spline_backward`): one node per
+    layer instead of ~15 saves autograd's per-node overhead and several copies.
+    """
+
+    @staticmethod
+    def forward(ctx, y_t: Tensor, layer: SplineCoupling, inverse: bool, *params: Tensor):
+        raw, inputs, pre_activations = layer._mlp(y_t, keep=True)
+        x = y_t.index_select(0, layer.transformed)
+        new, logdet, saved = _coupling_forward(x, raw, layer._constants(), inverse, keep=True)
+        ctx.layer, ctx.inverse, ctx.raw_shape, ctx.y_shape = layer, inverse, raw.shape, y_t.shape
+        ctx.counts = (len(saved), len(inputs), len(pre_activations))
+        ctx.save_for_backward(*saved, *inputs, *pre_activations, *params)
+        return y_t.index_copy(0, layer.transformed, new), logdet
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y: Tensor | None, grad_logdet: Tensor | None):
+        layer = ctx.layer
+        tensors = ctx.saved_tensors
+        n_saved, n_inputs, n_pre = ctx.counts
+        saved = tensors[:n_saved]
+        inputs = tensors[n_saved : n_saved + n_inputs]
+        pre_activations = tensors[n_saved + n_inputs : n_saved + n_inputs + n_pre]
+        params = tensors[n_saved + n_inputs + n_pre :]
+        theta = saved[0]
+        b = theta.shape[1]
+        g_new = theta.new_zeros(theta.shape) if grad_y is None else grad_y.index_select(0, layer.transformed)
+        g_logdet = theta.new_zeros(b) if grad_logdet is None else grad_logdet
+        g_x, g = _coupling_backward(saved, layer._constants(), ctx.raw_shape, g_new, g_logdet, ctx.inverse)
+        need_input, need_params = ctx.needs_input_grad[0], ctx.needs_input_grad[3:]
+        g_params: list[Tensor | None] = [None] * len(params)
+        for i in reversed(range(len(inputs))):  # Linear i: out = W h_i + b (columns), then SiLU
+            if need_params[2 * i]:
+                g_params[2 * i] = torch.mm(g, inputs[i].t())
+            if need_params[2 * i + 1]:
+                g_params[2 * i + 1] = g.sum(1)
+            if i == 0 and not need_input:
+                break
+            g = torch.mm(params[2 * i].t(), g)
+            if i > 0:
+                g = torch.ops.aten.silu_backward(g, pre_activations[i - 1])
+        if not need_input:
+            return (None, None, None, *g_params)
+        g_y = grad_y.clone() if grad_y is not None else theta.new_zeros(ctx.y_shape)
+        g_y.index_copy_(0, layer.transformed, g_x)  # the transformed rows reach the output only through x
+        if len(layer._conditioning):
+            m = layer._n_circular
+            features = inputs[0]  # cos, sin of the circular conditioning coordinates, then the others
+            g_c = g[m:] if m == 0 else torch.cat([
+                torch.mul(g[m : 2 * m], features[:m]).addcmul_(g[:m], features[m : 2 * m], value=-1.0), g[2 * m :]])
+            g_y.index_add_(0, layer._conditioning, g_c)
+        return (g_y, None, None, *g_params)
+
+
+def _rederive(module: SplineCoupling, incompatible_keys) -> None:
+    """load_state_dict post-hook: the derived constants follow the loaded buffers."""
+    module._derive()
 
 
 class SplineCoupling(nn.Module):
@@ -18,6 +143,17 @@ class SplineCoupling(nn.Module):
         hidden, depth: MLP width and number of hidden layers.
         n_bins: spline bins K.
         shift: (Dt,) rotation of circular inputs as a fraction of the circle (0 elsewhere).
+
+    Parameters (``net``: Linear, SiLU, ..., Linear; the last Linear has ``Dt (3K + 1)`` outputs,
+    the (Dt, 2, K) bin widths and heights, then the (Dt, K + 1) knot derivatives) and buffers are
+    those generator files store; everything else (``_``-prefixed, not in the state dict) is
+    derived from them, again after ``load_state_dict``. The layer runs *coordinates first*
+    (:meth:`forward_t` maps y.T (dim, B) to (dim, B)): the MLP is computed as ``W @ h`` on columns,
+    and the spline reads its parameters through strided views of the MLP's output with the bins
+    on the leading dimension (:func:`_views`), so it reduces over leading dimensions. With
+    gradients, the whole layer is one autograd node (:class:`_CouplingLayer`). A circular
+    coordinate's derivative at 1 is its derivative at 0 (the stored row of the last derivative
+    is unused, as before).
     """
 
     def __init__(
@@ -34,7 +170,7 @@ class SplineCoupling(nn.Module):
     ) -> None:
         super().__init__()
         self.n_bins = n_bins
-        self.register_buffer("transformed", transformed.long())
+        self.register_buffer("transformed", transformed.long().clone())  # own storage: safetensors refuses shared
         self.register_buffer("cond_circular", conditioning[circular[conditioning]].long())
         self.register_buffer("cond_linear", conditioning[~circular[conditioning]].long())
         self.register_buffer("periodic", circular[transformed].clone())
@@ -51,25 +187,65 @@ class SplineCoupling(nn.Module):
         with torch.no_grad():  # identity spline: equal bins, unit slopes
             last.bias[len(transformed) * 2 * n_bins :] = IDENTITY_DERIVATIVE
         self.net = nn.Sequential(*layers, last)
+        self._derive()
+        self.register_load_state_dict_post_hook(_rederive)
 
-    def _features(self, y: Tensor) -> Tensor:
-        if len(self.cond_circular) + len(self.cond_linear) == 0:
-            return y.new_ones(y.shape[0], 1)
-        angles = y[:, self.cond_circular]
-        return torch.cat([torch.cos(angles), torch.sin(angles), y[:, self.cond_linear]], dim=-1)
+    def _derive(self) -> None:
+        """Non-persistent constants of the coordinates-first layout, from the stored buffers."""
+        device = self.transformed.device
+        periodic = self.periodic.cpu()
+        self.register_buffer("_circular_rows", torch.nonzero(periodic).flatten().to(device), persistent=False)
+        self.register_buffer("_conditioning", torch.cat([self.cond_circular, self.cond_linear]), persistent=False)
+        self._n_circular = len(self.cond_circular)
+        self.register_buffer("_lower", self.lower[:, None].clone(), persistent=False)
+        self.register_buffer("_width", self.width[:, None].clone(), persistent=False)
+        self.register_buffer("_inv_width", 1.0 / self.width[:, None], persistent=False)
+        self.register_buffer("_shift", self.shift[:, None].clone(), persistent=False)
+        self.register_buffer("_periodic", self.periodic[:, None].to(self.lower.dtype), persistent=False)
+        self._wrap = "all" if bool(periodic.all()) else ("some" if bool(periodic.any()) else "none")
+
+    def _constants(self) -> tuple:
+        return (self._lower, self._width, self._inv_width, self._shift, self._periodic, self._wrap, self.n_bins,
+                self._circular_rows)
+
+    def _mlp(self, y_t: Tensor, keep: bool = False) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        """The spline parameters raw (Dt (3K + 1), B) (see :func:`_views`) of y.T (dim, B); with
+        ``keep``, also the inputs of the Linear layers and the pre-activations of the SiLUs."""
+        if len(self._conditioning) == 0:
+            h = y_t.new_ones(1, y_t.shape[1])
+        else:
+            c = y_t.index_select(0, self._conditioning)
+            m = self._n_circular
+            h = torch.cat([torch.cos(c[:m]), torch.sin(c[:m]), c[m:]]) if m else c
+        inputs: list[Tensor] = []
+        pre_activations: list[Tensor] = []
+        for layer in self.net:  # Linear layers as W @ h: the batch stays the last dimension
+            if isinstance(layer, nn.Linear):
+                if keep:
+                    inputs.append(h)
+                h = torch.addmm(layer.bias[:, None], layer.weight, h)
+            elif isinstance(layer, nn.SiLU):
+                if keep:
+                    pre_activations.append(h)
+                h = F.silu(h)
+            else:
+                raise TypeError(f"Unexpected conditioner layer {layer!r}.")
+        return h, inputs, pre_activations
+
+    def forward_t(self, y_t: Tensor, inverse: bool = False) -> tuple[Tensor, Tensor]:
+        """Map y.T (dim, B) -> (dim, B), coordinates first; returns it and log|det| (B,)."""
+        params = [p for layer in self.net if isinstance(layer, nn.Linear) for p in (layer.weight, layer.bias)]
+        if torch.is_grad_enabled() and (y_t.requires_grad or any(p.requires_grad for p in params)):
+            return _CouplingLayer.apply(y_t, self, inverse, *params)
+        raw = self._mlp(y_t)[0]
+        x = y_t.index_select(0, self.transformed)
+        new, logdet, _ = _coupling_forward(x, raw, self._constants(), inverse, keep=False)
+        return y_t.index_copy(0, self.transformed, new), logdet
 
     def forward(self, y: Tensor, inverse: bool = False) -> tuple[Tensor, Tensor]:
         """Map y (B, dim) -> (B, dim); returns it and log|det| (B,) of the map applied."""
-        params = self.net(self._features(y))  # (B, Dt * 2K) bins, then (B, Dt * (K + 1)) slopes
-        n, k = len(self.transformed), self.n_bins
-        bins = params[:, : n * 2 * k].view(-1, n, 2, k)
-        derivatives = params[:, n * 2 * k :].view(-1, n, k + 1)
-        u = (y[:, self.transformed] - self.lower) / self.width + self.shift
-        u = torch.where(self.periodic, u - torch.floor(u), u)
-        v, logdet = rq_spline(u, bins, derivatives, self.periodic, inverse)
-        v = v - self.shift
-        v = torch.where(self.periodic, v - torch.floor(v), v)
-        return y.index_copy(1, self.transformed, self.lower + v * self.width), logdet.sum(-1)
+        y_t, logdet = self.forward_t(y.t().contiguous(), inverse)
+        return y_t.t().contiguous(), logdet
 
 
 MASKS = ("random", "alternating", "torsions")
@@ -147,16 +323,16 @@ class CouplingFlow(nn.Module):
 
     def forward(self, y0: Tensor) -> tuple[Tensor, Tensor]:
         """Prior sample y0 (B, dim) -> y (B, dim), log|det dy/dy0| (B,)."""
-        logdet = y0.new_zeros(y0.shape[0])
+        y_t, logdet = y0.t().contiguous(), y0.new_zeros(y0.shape[0])
         for layer in self.layers:
-            y0, ld = layer(y0)
+            y_t, ld = layer.forward_t(y_t)
             logdet = logdet + ld
-        return y0, logdet
+        return y_t.t().contiguous(), logdet
 
     def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
         """Data y (B, dim) -> y0 (B, dim), log|det dy0/dy| (B,)."""
-        logdet = y.new_zeros(y.shape[0])
+        y_t, logdet = y.t().contiguous(), y.new_zeros(y.shape[0])
         for layer in reversed(self.layers):
-            y, ld = layer(y, inverse=True)
+            y_t, ld = layer.forward_t(y_t, inverse=True)
             logdet = logdet + ld
-        return y, logdet
+        return y_t.t().contiguous(), logdet

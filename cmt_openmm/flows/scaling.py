@@ -65,11 +65,23 @@ class CoordinateScaling(nn.Module):
         self.register_buffer("lower", lower)
         self.register_buffer("upper", upper)
         self.register_buffer("log_det", -torch.log(scale).sum())  # log|det dy/dz|
+        self.register_buffer("_circular_index", torch.nonzero(circular).flatten(), persistent=False)
 
     def to_flow(self, z: Tensor) -> Tensor:
         """z (B, dim) -> y (B, dim) float64; circular coordinates wrapped to [-pi, pi)."""
         z = z.double()
         return torch.where(self.circular, wrap_angle(z), (z - self.center) / self.scale)
+
+    def to_flow_checked(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """(y, ok): y = :meth:`to_flow` (z) for the samples inside the support (``ok`` (B,) bool,
+        as :meth:`inside` and finite), 0 (the reference structure) for the others; float64."""
+        z = z.double()
+        y = torch.sub(z, self.center).div_(self.scale)
+        if len(self._circular_index):
+            y.index_copy_(1, self._circular_index, wrap_angle(z.index_select(1, self._circular_index)))
+        # inside every interval: clamping changes nothing (NaN and +-inf give NaN or inf, not 0)
+        ok = torch.sub(torch.clamp(y, self.lower, self.upper), y).abs_().sum(-1) == 0.0
+        return torch.where(ok[:, None], y, 0.0), ok
 
     def from_flow(self, y: Tensor) -> Tensor:
         """y (B, dim) -> z (B, dim) float64."""

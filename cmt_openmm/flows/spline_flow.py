@@ -75,10 +75,7 @@ class SplineFlow(nn.Module):
 
     def log_prob(self, z: Tensor) -> Tensor:
         """log q_z(z) (B,) float64 of z (B, dim); -inf outside the support or for non-finite z."""
-        y = self.scaling.to_flow(z)
-        ok = self.scaling.inside(y) & torch.isfinite(y).all(-1)
-        y = torch.where(ok[:, None], y, torch.zeros_like(y))
-        y = torch.minimum(torch.maximum(y, self.scaling.lower), self.scaling.upper).to(self.dtype)
-        y0, logdet = self.couplings.inverse(y)
+        y, ok = self.scaling.to_flow_checked(z)
+        y0, logdet = self.couplings.inverse(y.to(self.dtype))
         log_q = self.prior.log_prob(y0) + logdet.double() + self.scaling.log_det
         return torch.where(ok, log_q, torch.full_like(log_q, -math.inf))
