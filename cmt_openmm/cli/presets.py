@@ -12,6 +12,12 @@ import copy
 
 from ..errors import CMTInputError
 
+# The alanine dipeptide settings every ALDP preset shares (benchmarks/cmt_settings_study.py).
+ALDP_FLOW = {"n_layers": 6, "hidden": 64, "n_bins": 8}
+ALDP_CMT = {"eps_tr": 0.5, "eps_ent": 1.0, "eps_ent_warmup": 0.5, "warmup_steps": 120, "n_samples": 4_000,
+            "fit_steps": 8, "batch_size": 256, "lr": 1e-3, "strata": "phi-sign", "strata_floor": 0.1}
+ALDP_REPORT = {"n_samples": 5_000, "n_draws": 5}
+
 _PRESETS: dict[str, dict] = {
     # Seconds on one core; the CLI tests use it end to end. A one-particle double well with
     # an exact answer, so the report's mode weights can be checked by eye.
@@ -48,20 +54,9 @@ _PRESETS: dict[str, dict] = {
         "seed": 0,
         "budget": 1_440_000,
         "max_steps": 360,
-        "flow": {"n_layers": 6, "hidden": 64, "n_bins": 8},
-        "cmt": {
-            "eps_tr": 0.5,
-            "eps_ent": 1.0,
-            "eps_ent_warmup": 0.5,
-            "warmup_steps": 120,
-            "n_samples": 4_000,
-            "fit_steps": 8,
-            "batch_size": 256,
-            "lr": 1e-3,
-            "strata": "phi-sign",
-            "strata_floor": 0.1,
-        },
-        "report": {"n_samples": 5_000, "n_draws": 5},
+        "flow": ALDP_FLOW,
+        "cmt": ALDP_CMT,
+        "report": ALDP_REPORT,
     },
     # The paper's own ALDP system (AlanineDipeptideImplicit: ff96 + OBC1 as a CustomGBForce, ~1 ms
     # per configuration in OpenMM): the aldp-quick settings with the torch energies ("auto" picks
@@ -75,20 +70,9 @@ _PRESETS: dict[str, dict] = {
         "max_steps": 360,
         "max_minutes": 14.0,
         "energy": {"backend": "auto"},
-        "flow": {"n_layers": 6, "hidden": 64, "n_bins": 8},
-        "cmt": {
-            "eps_tr": 0.5,
-            "eps_ent": 1.0,
-            "eps_ent_warmup": 0.5,
-            "warmup_steps": 120,
-            "n_samples": 4_000,
-            "fit_steps": 8,
-            "batch_size": 256,
-            "lr": 1e-3,
-            "strata": "phi-sign",
-            "strata_floor": 0.1,
-        },
-        "report": {"n_samples": 5_000, "n_draws": 5},
+        "flow": ALDP_FLOW,
+        "cmt": ALDP_CMT,
+        "report": ALDP_REPORT,
     },
     # aldp-quick with 4x the budget and a 30-minute limit: the path reaches the target
     # (lambda = eta = 0) at about step 1,300 (~20 min on 2 cores, issue 12's measurement).
@@ -100,20 +84,9 @@ _PRESETS: dict[str, dict] = {
         "budget": 5_760_000,
         "max_steps": 1_440,
         "max_minutes": 30.0,
-        "flow": {"n_layers": 6, "hidden": 64, "n_bins": 8},
-        "cmt": {
-            "eps_tr": 0.5,
-            "eps_ent": 1.0,
-            "eps_ent_warmup": 0.5,
-            "warmup_steps": 120,
-            "n_samples": 4_000,
-            "fit_steps": 8,
-            "batch_size": 256,
-            "lr": 1e-3,
-            "strata": "phi-sign",
-            "strata_floor": 0.1,
-        },
-        "report": {"n_samples": 5_000, "n_draws": 5},
+        "flow": ALDP_FLOW,
+        "cmt": ALDP_CMT,
+        "report": ALDP_REPORT,
     },
 }
 
