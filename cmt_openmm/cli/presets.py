@@ -80,7 +80,9 @@ _PRESETS: dict[str, dict] = {
         "report": ALDP_REPORT,
     },
     # aldp-quick with 2.5x its budget and a 30-minute limit, for the steps after the target
-    # is reached (steps_after_target, lr decaying) where ESS still grows. Not yet measured.
+    # is reached (steps_after_target, lr decaying) where ESS still grows. Seed 0 on 2 cores:
+    # target at step 1,291, stopped at 3,291 after 22 min of training (24 min in all), reverse
+    # ESS 71.5 % (54.2-73.7, median of 5 draws of 5,000), every basin kept, phi > 0 2.43 +- 0.10 %.
     "aldp-30min": {
         "system": "aldp-vacuum",
         "temperature": 300.0,
