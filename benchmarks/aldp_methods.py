@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 from cmt_openmm.cli.main import write_run_report  # noqa: E402
 from cmt_openmm.cli.run_files import build_target, parse_run_config  # noqa: E402
 from cmt_openmm.cli.presets import get_preset  # noqa: E402
+from cmt_openmm.files import atomic_write  # noqa: E402
 from cmt_openmm.training import train  # noqa: E402
 
 PUBLISHED = {  # method.md, ALDP (AlanineDipeptideImplicit), mean of 4 runs
@@ -143,6 +144,13 @@ def run_one(args: argparse.Namespace, settings: dict, method: str, seed: int) ->
     row["group"] = group_of(method, settings[method])
     print(format_row(row), flush=True)
     return row
+
+
+def run_and_save(args: argparse.Namespace, settings: dict, method: str, seed: int, row_path: Path, extra: dict) -> None:
+    """:func:`run_one` with ``extra`` keys added to its row, written atomically to ``row_path``
+    (module-level, so that process pools of other scripts can pickle it)."""
+    row = {**run_one(args, settings, method, seed), **extra}
+    atomic_write(row_path, json.dumps(row))
 
 
 def main(argv=None) -> int:

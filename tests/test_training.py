@@ -106,6 +106,19 @@ def test_two_phase_entropy_constraint(double_well):
     assert max(r["entropy_drop"] for r in no_warmup) > 0.2  # so the warm-up constraint did bind
 
 
+def test_lr_decay_from_cooled_starts_after_the_warm_up(double_well):
+    """lr_decay_from: cooled shrinks the learning rate from the first post-warm-up step with η = 0,
+    before the target is reached; the default ("target") leaves it alone until λ = η = 0."""
+    cmt = dict(eps_tr=0.5, eps_ent=5.0, eps_ent_warmup=0.2, warmup_steps=2, lr_decay_after_target=0.5)
+    config = {**_tiny_cmt(**cmt, lr_decay_from="cooled", steps_after_target=100), "max_steps": 4}
+    history = train(double_well, config, progress=False).history
+    assert all(r["eta"] == 0.0 and r["lam"] > 0 for r in history)  # η = 0 from the start, target not reached
+    # warm-up steps do not count: the first post-warm-up step (3) marks the path cooled
+    assert [r["lr"] for r in history] == [5e-3, 5e-3, 5e-3, 2.5e-3]
+    default = train(double_well, {**_tiny_cmt(**cmt), "max_steps": 4}, progress=False).history
+    assert [r["lr"] for r in default] == [5e-3] * 4
+
+
 def test_cmt_learns_the_gaussian_mixture(mixture):
     """Reverse ESS ≥ 90 % and every mode's (reweighted) weight within 5 % of exact."""
     config = {
@@ -170,11 +183,15 @@ def _assert_same_history(a, b):
                 assert ra[k] == rb[k], k
 
 
-@pytest.mark.parametrize("method", ["cmt", "cmt-after-target", "temperature_annealing"])
+@pytest.mark.parametrize("method", ["cmt", "cmt-after-target", "cmt-after-cooling", "temperature_annealing"])
 def test_resume_is_exact(double_well, tmp_path, method):
     config = _tiny_cmt()
     if method == "cmt-after-target":  # reaches λ = η = 0 at once, then decays the learning rate
         config = _tiny_cmt(eps_tr=20.0, eps_ent=20.0, steps_after_target=10, lr_decay_after_target=0.5)
+        method = "cmt"
+    if method == "cmt-after-cooling":  # cooled at the first step after a 1-step warm-up; split at 2
+        config = _tiny_cmt(eps_tr=0.5, eps_ent=5.0, eps_ent_warmup=0.2, warmup_steps=1,
+                           lr_decay_after_target=0.5, lr_decay_from="cooled")
         method = "cmt"
     config["method"] = method
     config["temperature_annealing"] = {"n_temperatures": 3, "reverse_kl_steps": 4, "steps_per_record": 2,
@@ -186,6 +203,8 @@ def test_resume_is_exact(double_well, tmp_path, method):
     if config["cmt"].get("steps_after_target"):
         assert full.history[0]["lam"] == full.history[0]["eta"] == 0.0
         assert [r["lr"] for r in full.history] == [5e-3, 2.5e-3, 1.25e-3, 6.25e-4]
+    if config["cmt"].get("lr_decay_from") == "cooled":
+        assert [r["lr"] for r in full.history] == [5e-3, 5e-3, 2.5e-3, 1.25e-3]
     _assert_same_history(resumed.history, full.history)
     a, b = full.generator.state_dict(), resumed.generator.state_dict()
     assert a.keys() == b.keys()

@@ -16,8 +16,10 @@ replacement (``resample=True``, loss −mean log q_θ) or uniformly with the wei
 (−Σ N w̄_b log q_θ(x_b) / B). The Adam state carries over between annealing steps.
 
 Stops when the dual returns λ = η = 0 (the next distribution is the target itself), after
-``steps_after_target`` more steps (their learning rate shrinking by ``lr_decay_after_target``
-per step); the shared loop also stops on max_steps or the budget.
+``steps_after_target`` more steps; the shared loop also stops on max_steps or the budget. The
+learning rate shrinks by ``lr_decay_after_target`` per step from the target on, or, with
+``lr_decay_from: cooled``, from the first step after the warm-up whose entropy constraint is
+inactive (η = 0).
 """
 from __future__ import annotations
 
@@ -75,6 +77,7 @@ class CMTTrainer(Trainer):
         c = self.settings
         self.fit_steps = c.fit_steps or math.ceil(c.n_samples / c.batch_size)
         self.reached_at: int | None = None  # steps_done when the dual first gave λ = η = 0
+        self.cooled_at: int | None = None  # steps_done when, after the warm-up, the dual first gave η = 0
         self.strata_of = stratifier(c.strata, target.topology)
 
     def step_cost(self) -> int:
@@ -111,7 +114,8 @@ class CMTTrainer(Trainer):
     def anneal(self, x: torch.Tensor, log_q: torch.Tensor, log_p: torch.Tensor) -> dict:
         """Dual, weights and weighted fit on one buffer (see :meth:`draw_buffer`); the step's record."""
         c = self.settings
-        if self.reached_at is not None and c.lr_decay_after_target != 1.0:
+        decay_start = self.reached_at if c.lr_decay_from == "target" else self.cooled_at
+        if decay_start is not None and c.lr_decay_after_target != 1.0:
             self.set_lr(self.optimizer.param_groups[0]["lr"] * c.lr_decay_after_target)
         eps_ent = self.entropy_budget()
         sol = solve_dual(log_q, log_p, c.eps_tr, eps_ent)
@@ -121,6 +125,8 @@ class CMTTrainer(Trainer):
         )
         if sol.target_reached and self.reached_at is None:
             self.reached_at = self.steps_done + 1  # counted after this step
+        if not sol.entropy_active and self.cooled_at is None and self.steps_done >= c.warmup_steps:
+            self.cooled_at = self.steps_done + 1
         return {
             "lam": sol.lam,
             "eta": sol.eta,
@@ -139,8 +145,11 @@ class CMTTrainer(Trainer):
         }
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "reached_at": -1 if self.reached_at is None else self.reached_at}
+        marks = {"reached_at": self.reached_at, "cooled_at": self.cooled_at}
+        return {**super().state_dict(), **{k: -1 if v is None else v for k, v in marks.items()}}
 
     def load_state_dict(self, state) -> None:
         super().load_state_dict(state)
         self.reached_at = None if int(state["reached_at"]) < 0 else int(state["reached_at"])
+        cooled = int(state.get("cooled_at", -1))  # absent in checkpoints written before lr_decay_from
+        self.cooled_at = None if cooled < 0 else cooled

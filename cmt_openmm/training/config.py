@@ -82,7 +82,11 @@ class CMTConfig:
     weights in the loss). steps_after_target: annealing steps to continue once the dual first
     returns λ = η = 0 (the target is reached); each solves the dual again, and the learning
     rate is multiplied by lr_decay_after_target before each of them (1 = constant; < 1 damps
-    the step-to-step fluctuation of the final flow). eps_ent_warmup, warmup_steps: a two-phase
+    the step-to-step fluctuation of the final flow). lr_decay_from: when that decay starts,
+    "target" (the first step with λ = η = 0) or "cooled" (the first step after the warm-up whose
+    entropy constraint is inactive, η = 0: the path has cooled and the remaining steps mostly
+    refine the flow at λ ≲ 1, where a shrinking learning rate is what lifts ESS; on ALDP
+    benchmarks/cmt_settings_study.py measured it). eps_ent_warmup, warmup_steps: a two-phase
     entropy constraint, ε_ent = eps_ent_warmup for the first warmup_steps annealing steps (None:
     eps_ent throughout); a tight value keeps the path hot (η > 0) while the flow learns the shape
     of every basin, then eps_ent lets it cool (benchmarks/cmt_settings_study.py: on ALDP it kept
@@ -102,6 +106,8 @@ class CMTConfig:
     resample: bool = True
     steps_after_target: int = field(default=0, metadata=NON_NEGATIVE)
     lr_decay_after_target: float = field(default=1.0, metadata=_check(lambda v: 0 < v <= 1, "a number in (0, 1]"))
+    lr_decay_from: str = field(default="target", metadata=_check(lambda v: v in ("target", "cooled"),
+                                                                  "one of target, cooled"))
     strata: str = field(default="none", metadata=_check(lambda v: v in STRATA, "one of " + ", ".join(STRATA)))
     strata_floor: float = field(default=0.1, metadata=_check(lambda v: 0 < v < 1, "a number in (0, 1)"))
 
