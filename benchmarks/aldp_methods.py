@@ -55,16 +55,20 @@ def group_of(method: str, section: dict) -> str:
     return "cmt_strata" if method == "cmt" and section.get("strata", "none") != "none" else method
 
 
-def method_settings(budget: int, tiny: bool, buffer: int, fit_steps: int, lr: float, strata: bool = True) -> dict:
+def method_settings(budget: int, tiny: bool, buffer: int, fit_steps: int, lr: float, strata: bool = True,
+                    reference: str | None = None) -> dict:
     """Per-method sections. CMT = the ``aldp-quick`` preset's settings (its two-phase entropy
     constraint and φ-sign strata included; strata=False drops the strata) with this run's
     buffer / fit steps / lr; TA-BG uses the same buffer and
     fit, spends ~1/4 of the budget on its reverse-KL stage and ~1/2 of the rest going down
-    the ladder; reverse KL gets the same batch size and lr."""
+    the ladder; reverse KL gets the same batch size and lr; forward KL (only with MD
+    ``reference`` frames) the same batch size and lr on those frames."""
     preset = get_preset("aldp-quick")["cmt"]
     strata_section = {"strata": preset["strata"], "strata_floor": preset["strata_floor"]} if strata else {"strata": "none"}
     if tiny:
         return {
+            **({"forward_kl": {"data": reference, "batch_size": 16, "lr": 1e-3, "steps_per_record": 2,
+                               "eval_samples": 64}} if reference else {}),
             "cmt": {"eps_tr": 0.5, "eps_ent": 1.0, "n_samples": 256, "fit_steps": 4, "batch_size": 64, "lr": 1e-3,
                     **strata_section},
             "reverse_kl": {"batch_size": 64, "lr": 1e-3, "steps_per_record": 4},
@@ -75,7 +79,10 @@ def method_settings(budget: int, tiny: bool, buffer: int, fit_steps: int, lr: fl
     batch = cmt["batch_size"]
     n_temperatures = 8
     ladder_steps = budget * 3 // 4 // buffer
+    forward = {"forward_kl": {"data": reference, "batch_size": batch, "lr": lr, "steps_per_record": 50,
+                              "eval_samples": 1000}} if reference else {}
     return {
+        **forward,
         "cmt": cmt,
         "reverse_kl": {"batch_size": batch, "lr": lr, "steps_per_record": 50},
         "temperature_annealing": {"t_high": 1200.0, "n_temperatures": n_temperatures, "steps_per_record": 50,
@@ -90,6 +97,8 @@ def max_steps_for(method: str, section: dict, budget: int) -> int:
     """Steps the budget allows (so that progress bars show a real total); the budget still stops runs."""
     if method == "reverse_kl":
         return max(1, budget // (section["batch_size"] * section["steps_per_record"]))
+    if method == "forward_kl":  # energies only for its ESS records; 5,000 Adam steps (the time limit may stop it)
+        return 100
     ladder = budget // section["n_samples"]
     if method == "temperature_annealing":
         ladder += -(-section["reverse_kl_steps"] // section["steps_per_record"])
@@ -186,7 +195,7 @@ def main(argv=None) -> int:
     budget = int(args.budget)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    settings = method_settings(budget, args.tiny, args.buffer, args.fit_steps, args.lr, args.strata)
+    settings = method_settings(budget, args.tiny, args.buffer, args.fit_steps, args.lr, args.strata, args.reference)
     runs = [(method, seed) for method in args.methods for seed in args.seeds]
     if args.jobs == 1:
         rows = [run_one(args, settings, method, seed) for method, seed in runs]

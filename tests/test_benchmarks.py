@@ -1,8 +1,11 @@
 """The methods benchmark runs end to end at smoke size and keeps its accounting honest."""
 import json
 
+import numpy as np
 import pytest
 from helpers import load_script
+
+from cmt_openmm.systems import get_target
 
 
 def test_aldp_methods_tiny_runs_within_budget_and_combine_into_one_table(tmp_path):
@@ -73,3 +76,12 @@ def test_paper_table_runs_resumes_and_prints_the_published_numbers(tmp_path, mon
     assert bench.main(argv_parallel) == 0 and row.stat().st_mtime_ns == before
     rows = json.loads((tmp_path / "t" / "results.json").read_text())["rows"]["ala4"]
     assert [r["method"] for r in rows] == ["cmt", "reverse_kl", "temperature_annealing"]
+    # forward KL trains on the MD frames given per system, and is refused without them
+    with pytest.raises(SystemExit, match="--reference ala4=FILE"):
+        bench.main(argv[:4] + ["forward_kl"] + argv[5:])
+    target = get_target("ala4")
+    frames = target.positions[None] + np.random.default_rng(0).normal(0.0, 0.002, (20, target.n_atoms, 3))
+    np.savez(tmp_path / "ref.npz", positions=frames)
+    assert bench.main(argv[:4] + ["forward_kl", "--reference", f"ala4={tmp_path / 'ref.npz'}"] + argv[5:]) == 0
+    rows = json.loads((tmp_path / "t" / "results.json").read_text())["rows"]["ala4"]
+    assert rows[0]["method"] == "forward_kl" and rows[0]["evaluations"] > 0
