@@ -1,4 +1,5 @@
-"""Throughput of the batched torch energy against the OpenMM bridge (configurations/s, energies + forces).
+"""Throughput of the batched torch energy against the OpenMM bridge (configurations/s), energies +
+forces and energies only.
 
 For aldp-implicit (CustomGBForce OBC1), aldp-obc (GBSAOBCForce) and aldp-vacuum, measured in the
 same run on the same perturbed reference structures (0.01 nm Gaussian noise):
@@ -10,6 +11,12 @@ same run on the same perturbed reference structures (0.01 nm Gaussian noise):
 - ``torch_eager`` / ``torch_compiled``: ``TorchEnergy(target, compile=False / True)
   .energy_and_forces`` at each of ``--batches`` (1k, 4k, 16k), float64, CPU, torch's
   intra-op threads (``--threads``, default: all cores). Compilation time is reported apart.
+
+Both are measured twice: energies + forces (``energy_and_forces``; the keys ``configs_per_s``,
+``speedup_vs_*`` of the record) and energies only (``energies_only``: ``energy(x)`` on a tensor
+without grad, what CMT training calls under ``torch.no_grad``, against the bridge's
+energies-only ``bridge(x)``). Speed-ups are given over the 1-worker, the 2-worker and the best
+bridge.
 
 Each method runs ``--repeats`` times, interleaved; the best wall time is kept (the machine is
 shared: slower repeats measure other people's work) and the CPU time of this process and its
@@ -89,6 +96,9 @@ def benchmark(name: str, batches: list[int], openmm_batch: int, repeats: int, co
         start = time.perf_counter()
         energy.energy_and_forces(x[:2])  # compiles (or loads torch's on-disk cache)
         result["torch_compile_s"] = time.perf_counter() - start
+        start = time.perf_counter()
+        _no_grad(energy, torch.as_tensor(x[:2]))  # the energies-only function, compiled apart
+        result["torch_compile_energies_only_s"] = time.perf_counter() - start
         torch_energies["torch_compiled"] = energy if energy.compile else None
         if not energy.compile:
             del torch_energies["torch_compiled"]
@@ -107,26 +117,26 @@ def benchmark(name: str, batches: list[int], openmm_batch: int, repeats: int, co
         "max_abs_force_diff_kT_per_nm": float(np.abs(f_t - f_o).max()),
     }
 
+    x_t = torch.as_tensor(x)
     for energy in torch_energies.values():  # warm-up: first-call allocations, thread pool
         energy.energy_and_forces(x[: min(batches)])
-    times: dict[str, list[float]] = {}
-    cpu: dict[str, float] = {}
-    rates: dict[str, float] = {}
-    for _ in range(repeats):
-        for key, bridge in bridges.items():
-            wall, c = timed(partial(bridge.energy_and_forces, x[:openmm_batch]), bridge.worker_pids)
-            times.setdefault(key, []).append(wall)
-            cpu[key] = cpu.get(key, 0.0) + c
-        for key, energy in torch_energies.items():
-            for batch in batches:
-                label = f"{key}@{batch}"
-                wall, c = timed(partial(energy.energy_and_forces, x[:batch]), [])
-                times.setdefault(label, []).append(wall)
-                cpu[label] = cpu.get(label, 0.0) + c
-    for key in times:
-        n = openmm_batch if key.startswith("openmm") else int(key.split("@")[1])
-        rates[key] = n / min(times[key])
-        cpu[key] = 1e6 * cpu[key] / (repeats * n)
+        with torch.no_grad():
+            energy(x_t[: min(batches)])
+    calls = {  # mode -> method -> (configurations, call)
+        "energies_and_forces": {
+            **{key: (openmm_batch, partial(b.energy_and_forces, x[:openmm_batch])) for key, b in bridges.items()},
+            **{
+                f"{key}@{n}": (n, partial(e.energy_and_forces, x[:n]))
+                for key, e in torch_energies.items()
+                for n in batches
+            },
+        },
+        "energies_only": {
+            **{key: (openmm_batch, partial(b, x_t[:openmm_batch])) for key, b in bridges.items()},
+            **{f"{key}@{n}": (n, partial(_no_grad, e, x_t[:n])) for key, e in torch_energies.items() for n in batches},
+        },
+    }
+    measured = {mode: _measure(methods, bridges, repeats) for mode, methods in calls.items()}
     memory = {}
     for key, energy in torch_energies.items():
         batch = max(batches)
@@ -135,50 +145,78 @@ def benchmark(name: str, batches: list[int], openmm_batch: int, repeats: int, co
         memory[key] = max(0, peak_rss_bytes() - before) / batch
     for bridge in bridges.values():
         bridge.close()
-    best_openmm = max(rates["openmm_1w"], rates["openmm_2w"])
-    result.update(
-        {
-            "configs_per_s": rates,
-            "cpu_us_per_config": cpu,
-            "times_s": times,
-            "peak_memory_bytes_per_config": memory,
-            "speedup_vs_openmm_1w": {k: v / rates["openmm_1w"] for k, v in rates.items() if k.startswith("torch")},
-            "speedup_vs_best_openmm": {k: v / best_openmm for k, v in rates.items() if k.startswith("torch")},
-        }
-    )
+    result.update(measured["energies_and_forces"])
+    result["energies_only"] = measured["energies_only"]
+    result["peak_memory_bytes_per_config"] = memory
     return result
 
 
+def _no_grad(energy, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return energy(x)
+
+
+def _measure(methods: dict, bridges: dict, repeats: int) -> dict:
+    """Best wall time of ``repeats`` interleaved runs of each method, CPU µs per configuration and
+    speed-ups over the 1-worker, the 2-worker and the best bridge."""
+    times: dict[str, list[float]] = {}
+    cpu: dict[str, float] = {}
+    for _ in range(repeats):
+        for key, (_, run) in methods.items():
+            pids = bridges[key].worker_pids if key in bridges else []
+            wall, c = timed(run, pids)
+            times.setdefault(key, []).append(wall)
+            cpu[key] = cpu.get(key, 0.0) + c
+    rates = {key: methods[key][0] / min(t) for key, t in times.items()}
+    cpu = {key: 1e6 * c / (repeats * methods[key][0]) for key, c in cpu.items()}
+    best_openmm = max(rates["openmm_1w"], rates["openmm_2w"])
+    torch_rates = {k: v for k, v in rates.items() if k.startswith("torch")}
+    return {
+        "configs_per_s": rates,
+        "cpu_us_per_config": cpu,
+        "times_s": times,
+        "speedup_vs_openmm_1w": {k: v / rates["openmm_1w"] for k, v in torch_rates.items()},
+        "speedup_vs_openmm_2w": {k: v / rates["openmm_2w"] for k, v in torch_rates.items()},
+        "speedup_vs_best_openmm": {k: v / best_openmm for k, v in torch_rates.items()},
+    }
+
+
 def print_table(results: dict, repeats: int) -> None:
-    print(
-        f"\nenergies + forces, configurations/s (float64, best of {repeats}; {os.cpu_count()} cores, "
-        f"{torch.get_num_threads()} torch threads); speed-ups over the OpenMM bridge"
-    )
-    columns = ["system", "method", "batch", "configs/s", "CPU µs/config", "x OpenMM 1w", "x best OpenMM", "MB/1k cfg"]
-    widths = [15, 16, 7, 13, 15, 13, 15, 11]
-    print("".join(f"{c:<{w}}" if k < 2 else f"{c:>{w}}" for k, (c, w) in enumerate(zip(columns, widths))))
-    for name, r in results.items():
-        rows = [
-            (key, r["openmm_batch"], r["configs_per_s"][key], r["cpu_us_per_config"][key], "", "", "")
-            for key in ("openmm_1w", "openmm_2w")
-        ]
-        for key, rate in r["configs_per_s"].items():
-            if key.startswith("torch"):
-                method, batch = key.split("@")
-                mem = r["peak_memory_bytes_per_config"].get(method) if int(batch) == max(r["batches"]) else None
-                rows.append(
-                    (
-                        method,
-                        batch,
-                        rate,
-                        r["cpu_us_per_config"][key],
-                        f"{r['speedup_vs_openmm_1w'][key]:.1f}x",
-                        f"{r['speedup_vs_best_openmm'][key]:.1f}x",
-                        "" if mem is None else f"{mem * 1000 / 2**20:.1f}",
+    for mode, title in (("energies_and_forces", "energies + forces"), ("energies_only", "energies only (no_grad)")):
+        print(
+            f"\n{title}, configurations/s (float64, best of {repeats}; {os.cpu_count()} cores, "
+            f"{torch.get_num_threads()} torch threads); speed-ups over the OpenMM bridge"
+        )
+        columns = ["system", "method", "batch", "configs/s", "CPU µs/config"]
+        columns += ["x OpenMM 1w", "x OpenMM 2w", "MB/1k cfg"]
+        widths = [15, 16, 7, 13, 15, 13, 13, 11]
+        print("".join(f"{c:<{w}}" if k < 2 else f"{c:>{w}}" for k, (c, w) in enumerate(zip(columns, widths))))
+        for name, r in results.items():
+            m = r if mode == "energies_and_forces" else r[mode]
+            rows = [
+                (key, r["openmm_batch"], m["configs_per_s"][key], m["cpu_us_per_config"][key], "", "", "")
+                for key in ("openmm_1w", "openmm_2w")
+            ]
+            for key, rate in m["configs_per_s"].items():
+                if key.startswith("torch"):
+                    method, batch = key.split("@")
+                    mem = r["peak_memory_bytes_per_config"].get(method) if int(batch) == max(r["batches"]) else None
+                    if mode != "energies_and_forces":
+                        mem = None
+                    rows.append(
+                        (
+                            method,
+                            batch,
+                            rate,
+                            m["cpu_us_per_config"][key],
+                            f"{m['speedup_vs_openmm_1w'][key]:.1f}x",
+                            f"{m['speedup_vs_openmm_2w'][key]:.1f}x",
+                            "" if mem is None else f"{mem * 1000 / 2**20:.1f}",
+                        )
                     )
-                )
-        for method, batch, rate, cpu, x1, xb, mem in rows:
-            print(f"{name:<15}{method:<16}{batch:>7}{rate:>13,.0f}{cpu:>15.1f}{x1:>13}{xb:>15}{mem:>11}")
+            for method, batch, rate, cpu, x1, x2, mem in rows:
+                print(f"{name:<15}{method:<16}{batch:>7}{rate:>13,.0f}{cpu:>15.1f}{x1:>13}{x2:>13}{mem:>11}")
+    for name, r in results.items():
         v = r["verification"]
         compile_text = f"compile time {r['torch_compile_s']:.1f} s; " if "torch_compile_s" in r else ""
         print(
@@ -218,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         results[name] = benchmark(name, args.batches, openmm_batch, args.repeats, not args.no_compile, args.seed)
 
     print_table(results, args.repeats)
-    print("targets: torch >= 100x the bridge for aldp-implicit, >= 5x for aldp-obc (batches 1k-16k, 2 cores)")
+    print("targets: torch >= 100x the 2-worker bridge for aldp-implicit, >= 5x for aldp-obc (batches 1k-16k, 2 cores)")
     record = {
         "settings": vars(args) | {"out": str(args.out)},
         "machine": {

@@ -468,6 +468,10 @@ def test_compiled_evaluation_equals_eager():
     assert compiled.compile is True and compiled._compiled is not None
     np.testing.assert_allclose(u2, u1, rtol=1e-12)
     np.testing.assert_allclose(f2, f1, rtol=1e-9, atol=1e-9 * np.abs(f1).max())
+    with torch.no_grad():  # energies only: a compiled function of its own, without gradients
+        u3 = compiled(torch.as_tensor(x)).numpy()
+    assert compiled._compiled_energy is not None
+    np.testing.assert_allclose(u3, u1, rtol=1e-12)
 
 
 def test_throughput_benchmark_quick_mode_writes_its_record(tmp_path):

@@ -73,7 +73,12 @@ class PeriodicTorsionTerm(ForceTerm):
 
     def _compile(self, force: openmm.PeriodicTorsionForce) -> None:
         rows = [force.getTorsionParameters(k) for k in range(force.getNumTorsions())]
-        self.atoms, self.incidence = self._atoms(rows, Dihedrals)
+        # one dihedral per distinct quadruple of atoms (force fields list several periodicities)
+        quads = {}
+        for row in rows:
+            quads.setdefault(tuple(row[:4]), len(quads))
+        self.atoms, self.incidence = self._atoms(list(quads), Dihedrals)
+        self.quad = self._index([quads[tuple(r[:4])] for r in rows]) if len(quads) < len(rows) else None
         self.width = max(1, len(rows))
         self.n = self._tensor([float(r[4]) for r in rows], column=True)
         self.phase = self._tensor([md_value(r[5]) for r in rows], column=True)
@@ -83,9 +88,13 @@ class PeriodicTorsionTerm(ForceTerm):
         if len(self.k) == 0:
             return geometry.zeros()
         dihedrals = Dihedrals(geometry.X, *self.atoms)
-        arg = self.n * dihedrals.phi - self.phase
+        phi = dihedrals.phi if self.quad is None else dihedrals.phi.index_select(0, self.quad)
+        arg = self.n * phi - self.phase
         if gradient:
-            dihedrals.backward(geometry, -self.k * self.n * torch.sin(arg), self.incidence)
+            dE = -self.k * self.n * torch.sin(arg)
+            if self.quad is not None:
+                dE = dihedrals.phi.new_zeros(dihedrals.phi.shape).index_add_(0, self.quad, dE)
+            dihedrals.backward(geometry, dE, self.incidence)
         return (self.k * (1.0 + torch.cos(arg))).sum(0)
 
 

@@ -17,9 +17,10 @@ when it disagrees, so a silently wrong energy never reaches training or importan
 
 from __future__ import annotations
 
+import os
+import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from functools import partial
 from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
@@ -42,7 +43,8 @@ __all__ = ["TorchEnergy"]
 # Elements per configuration x configurations per chunk. torch runs an elementwise operation on
 # one thread below 32768 elements (its grain size); chunks stay below it and threads take whole
 # chunks, which keeps every core busy without OpenMP's spinning threads (measured to slow small
-# operations 10-100x on a machine whose cores other processes share).
+# operations 10-100x on a machine whose cores other processes share). Tensors of a chunk stay
+# near 256 KB: larger ones (b = 128 of 22 atoms) cost page faults on every allocation.
 _ELEMENT_BUDGET = 32768
 _COMPILED_ELEMENT_BUDGET = 4 * 32768
 COMPILE_MIN_BATCH = 2048  # compile="auto" compiles on the first call with at least this many configurations
@@ -78,15 +80,15 @@ class TorchEnergy:
             :class:`~.verification.VerificationError` on disagreement; the record is
             ``verification``.
         compile: ``torch.compile`` the chunk evaluation (energies and gradients fused into a
-            few loops, ~5x faster on CPUs, after a one-time compilation of ~10-40 s that
-            torch caches on disk). ``"auto"`` compiles on the first call with at least
+            few loops, after a one-time compilation of ~10-40 s that torch caches on disk;
+            energies-only calls compile their own function on first use). ``"auto"`` compiles on the first call with at least
             ``COMPILE_MIN_BATCH`` configurations, so small calls (tests, checks) stay eager;
             ``True`` on the first call; ``False`` (default) never. Off by default: an exception
             in compilation is caught (a warning, then eager), but a crash of the compiler cannot
             be, and torch.compile of the flow with a backward pass has segfaulted on these CPUs.
         chunk_size: configurations per chunk (default: from the size of the terms' tensors).
         n_threads: chunks evaluated at once by a pool of threads, each operation on one core
-            (default: ``torch.get_num_threads()`` on CPU, 1 on GPUs).
+            (default: ``torch.get_num_threads()`` on CPU; GPUs run the chunks in order).
 
     Raises :class:`~cmt_openmm.energy.torch_term.UnsupportedForceError` (a
     :class:`~cmt_openmm.errors.CMTInputError`) naming any force it cannot evaluate.
@@ -140,19 +142,22 @@ class TorchEnergy:
         self.terms: list[ForceTerm] = compile_system(self.target.system, reference, self.device, self.dtype)
         self._reference = torch.as_tensor(reference, dtype=self.dtype, device=self.device)
         self._dense = any(term.needs_dense for term in self.terms)
-        # two groups: terms on the (n, n) distance matrix and the rest (pair lists, bonded), each
-        # with chunks that keep its largest tensors below the budget
+        # two groups: terms on the (n, n) distance matrix (with the pair-list terms that can read
+        # it, e.g. NonbondedForce) and the rest (bonded), each with chunks that keep its largest
+        # tensors near the budget, in multiples of 8 configurations (whole vector registers:
+        # an odd chunk measured ~1.5x slower on broadcasts)
         n2 = self._n_atoms**2
-        dense_terms = [term for term in self.terms if term.needs_dense]
-        light_terms = [term for term in self.terms if not term.needs_dense]
+        dense_terms = [t for t in self.terms if t.needs_dense or (self._dense and t.uses_dense)]
+        light_terms = [t for t in self.terms if t not in dense_terms]
         width = max([term.width for term in light_terms], default=1)
-        self._groups = [
-            (group, dense, self._chunk_size or max(1, _ELEMENT_BUDGET // w))
-            for group, dense, w in ((dense_terms, True, n2), (light_terms, False, width))
+        self._groups = [  # bonded terms hold (3, width, b) tensors
+            (group, dense, self._chunk_size or _rounded(_ELEMENT_BUDGET // w))
+            for group, dense, w in ((dense_terms, True, n2), (light_terms, False, 3 * width))
             if group
         ]
-        self.compiled_chunk_size = self._chunk_size or max(1, _COMPILED_ELEMENT_BUDGET // max(1, n2))
+        self.compiled_chunk_size = self._chunk_size or _rounded(_COMPILED_ELEMENT_BUDGET // max(1, n2))
         self._compiled: Callable | None = None
+        self._compiled_energy: Callable | None = None
 
     # -- evaluation ---------------------------------------------------------------------------
     def _positions(self, x: Any) -> torch.Tensor:
@@ -174,39 +179,34 @@ class TorchEnergy:
         with torch.no_grad():
             return _evaluate_terms(x, terms, any(term.needs_dense for term in terms), gradient)
 
-    def _group_chunk(
-        self, x: torch.Tensor, size: int, terms: list[ForceTerm], dense: bool, gradient: bool, start: int
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Energies and gradients of ``terms`` on the chunk x[start : start + size]."""
-        with torch.no_grad():
-            return _evaluate_terms(x[start : start + size], terms, dense, gradient)
+    def _map(self, run: Callable, jobs: list[tuple]) -> None:
+        """Run ``run(*job)`` for every job (a chunk): on CPUs in a lasting pool of ``n_threads``
+        threads whose torch operations are single-threaded (the calling thread's OpenMP teams,
+        measured to stall 10-100x per operation while other processes share the cores, are
+        never used), elsewhere in order. One barrier per call: a straggling thread (the cores
+        are shared) is waited for once."""
+        if self.device.type != "cpu":
+            for job in jobs:
+                run(*job)
+            return
+        list(_pool(self.n_threads).map(lambda job: run(*job), jobs))
 
-    def _map(self, run: Callable, starts: range, gradient: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Run ``run(start)`` for every chunk (on ``n_threads`` threads) and concatenate."""
-        starts = list(starts)
-        if self.n_threads > 1 and len(starts) > 1:
-            with ThreadPoolExecutor(min(self.n_threads, len(starts))) as pool:
-                results = list(pool.map(run, starts))
-        else:
-            results = [run(s) for s in starts]
-        energy = torch.cat([e for e, _ in results])
-        return energy, (torch.cat([g for _, g in results]) if gradient else None)
-
-    def _compiled_chunk(self) -> Callable | None:
-        """The compiled energy-and-gradient function of a chunk, or None (eager)."""
-        if self._compiled is None:
+    def _compiled_chunk(self, gradient: bool = True) -> Callable | None:
+        """The compiled function of a chunk, energies and gradients (``_compiled``) or energies
+        only (``_compiled_energy``, compiled on the first call without gradients), or None."""
+        compiled = self._compiled if gradient else self._compiled_energy
+        if compiled is None and self.compile is not False:
             terms, dense = self.terms, self._dense
 
-            def chunk(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            def chunk(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
                 with torch.no_grad():
-                    return _evaluate_terms(x, terms, dense, True)
+                    return _evaluate_terms(x, terms, dense, gradient)
 
             try:  # single-threaded kernels: the thread pool spreads the chunks
                 options = {"cpp.threads": 1} if self.device.type == "cpu" else None
                 compiled = torch.compile(chunk, dynamic=False, options=options)
                 probe = self._reference.expand(self.compiled_chunk_size, -1, -1).contiguous()
                 compiled(probe)
-                self._compiled = compiled
             except Exception as error:  # no C++ compiler, unsupported operation, ...
                 reason = (
                     f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
@@ -214,15 +214,20 @@ class TorchEnergy:
                     else type(error).__name__
                 )
                 warnings.warn(f"TorchEnergy stays eager: torch.compile failed ({reason}).", stacklevel=4)
-                self._compiled, self.compile = None, False
-        return self._compiled
+                compiled, self.compile = None, False
+            if gradient:
+                self._compiled = compiled
+            else:
+                self._compiled_energy = compiled
+        return compiled
 
-    def _use_compiled(self, n: int) -> bool:
+    def _use_compiled(self, n: int, gradient: bool) -> bool:
         if self.compile is False or n == 0:
             return False
-        if self.compile == "auto" and self._compiled is None and n < COMPILE_MIN_BATCH:
+        first = self._compiled is None and self._compiled_energy is None
+        if self.compile == "auto" and first and n < COMPILE_MIN_BATCH:
             return False
-        return self._compiled_chunk() is not None
+        return self._compiled_chunk(gradient) is not None
 
     def _evaluate(
         self, x: torch.Tensor, gradient: bool, terms: list[ForceTerm] | None = None, count: bool = True
@@ -232,37 +237,64 @@ class TorchEnergy:
         n = x.shape[0]
         if n == 0:
             return x.new_zeros(0), (torch.zeros_like(x) if gradient else None)
-        bad = ~torch.isfinite(x).flatten(1).all(-1)
+        # whole-batch operations are avoided: above torch's grain size they run on OpenMP
+        # threads, measured 10-20x slower than one core while other processes share the cores
+        rows = max(8, _ELEMENT_BUDGET // (3 * self._n_atoms))
+        bad = torch.cat([~torch.isfinite(x[s : s + rows]).flatten(1).all(-1) for s in range(0, n, rows)])
         if bool(bad.any()):
             x = torch.where(bad[:, None, None], self._reference, x)
-        if terms is None and self._use_compiled(n):
-            size, compiled = self.compiled_chunk_size, self._compiled
+        energy = x.new_empty(n)
+        grad = torch.empty_like(x) if gradient else None  # filled chunk by chunk, by the first group
+        if terms is None and self._use_compiled(n, gradient):
+            size, compiled = self.compiled_chunk_size, self._compiled_chunk(gradient)
 
-            def run(s: int) -> tuple[torch.Tensor, torch.Tensor]:
-                chunk = x[s : s + size]
+            def run_compiled(start: int, stop: int) -> None:
+                chunk = x[start:stop]
                 if len(chunk) < size:  # pad: one compiled shape
                     chunk = torch.cat([chunk, self._reference.expand(size - len(chunk), -1, -1)])
                 e, g = compiled(chunk)
-                return e[: min(size, n - s)], g[: min(size, n - s)]
-
-            energy, grad_sum = self._map(run, range(0, n, size), True)
-        else:
-            energy, grad_sum = x.new_zeros(n), (torch.zeros_like(x) if gradient else None)
-            groups = [(terms, any(t.needs_dense for t in terms), n)] if terms is not None else self._groups
-            for group, dense, size in groups:
-                run = partial(self._group_chunk, x, size, group, dense, gradient)
-                e, g = self._map(run, range(0, n, size), gradient)
-                energy = energy + e
+                energy[start:stop] = e[: stop - start]
                 if gradient:
-                    grad_sum = grad_sum + g
-        u = energy / self._kT
-        failed = bad | ~torch.isfinite(u)
-        grad = None
+                    grad[start:stop] = g[: stop - start]
+
+            self._map(run_compiled, [(s, min(s + size, n)) for s in range(0, n, size)])
+            outputs = [(energy, grad)]
+        else:
+            groups = [(terms, any(t.needs_dense for t in terms), n)] if terms is not None else self._groups
+            # each group writes its own outputs (no two threads add into the same rows), summed below
+            outputs = [(energy, grad)] + [
+                (x.new_empty(n), torch.empty_like(x) if gradient else None) for _ in groups[1:]
+            ]
+            if not groups:
+                energy.zero_()
+                grad = grad.zero_() if gradient else None
+
+            def run(k: int, start: int, stop: int) -> None:
+                group, dense, _ = groups[k]
+                with torch.no_grad():
+                    e, g = _evaluate_terms(x[start:stop], group, dense, gradient)
+                outputs[k][0][start:stop] = e
+                if gradient:
+                    outputs[k][1][start:stop] = g
+
+            jobs = [(k, s, min(s + size, n)) for k, (_, _, size) in enumerate(groups) for s in range(0, n, size)]
+            self._map(run, jobs)
+        failed = bad
+        for start in range(0, n, rows):  # in this thread, slices below the grain size: one core
+            stop = min(start + rows, n)
+            for e, g in outputs[1:]:
+                energy[start:stop] += e[start:stop]
+                if gradient:
+                    grad[start:stop] += g[start:stop]
+            if gradient:
+                g = grad[start:stop].div_(self._kT)
+                failed[start:stop] |= ~torch.isfinite(g).flatten(1).all(-1)
+        u = energy.div_(self._kT)
+        failed |= ~torch.isfinite(u)
         if gradient:
-            grad = grad_sum / self._kT
-            failed = failed | ~torch.isfinite(grad).flatten(1).all(-1)
-            grad = torch.where(failed[:, None, None], torch.zeros_like(grad), grad)
-        u = torch.where(failed, torch.full_like(u, float("inf")), u)
+            for start in range(0, n, rows):
+                grad[start : start + rows].masked_fill_(failed[start : start + rows, None, None], 0.0)
+        u = u.masked_fill_(failed, float("inf"))
         if count:
             self.n_evaluations += n
             self.n_failed += int(failed.sum())
@@ -278,7 +310,8 @@ class TorchEnergy:
     def energy_and_forces(self, x: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Reduced energies u (B,) and reduced forces f = -du/dx (B, n_atoms, 3) in 1/nm, float64 numpy."""
         u, grad = self._evaluate(x, gradient=True)
-        return u.detach().to("cpu", torch.float64).numpy(), (-grad).to("cpu", torch.float64).numpy()
+        # numpy negates on one core (torch would use OpenMP threads on a whole batch)
+        return u.detach().to("cpu", torch.float64).numpy(), np.negative(grad.to("cpu", torch.float64).numpy())
 
     def regularized(self, x: torch.Tensor | np.ndarray, threshold: float = 1e3) -> torch.Tensor:
         """:func:`regularize_energy` of ``self(x)``, differentiable like ``self(x)``."""
@@ -301,7 +334,7 @@ class TorchEnergy:
 
     def __getstate__(self) -> dict:
         """Pickle/deepcopy the target and settings; the copy rebuilds its terms (and compiles its own)."""
-        skip = {"terms", "_reference", "_dense", "_groups", "compiled_chunk_size", "_compiled"}
+        skip = {"terms", "_reference", "_dense", "_groups", "compiled_chunk_size", "_compiled", "_compiled_energy"}
         return {key: value for key, value in self.__dict__.items() if key not in skip}
 
     def __setstate__(self, state: dict) -> None:
@@ -313,6 +346,38 @@ class TorchEnergy:
         return f"TorchEnergy({getattr(self.target, 'name', 'target')!r}, {self.device}, {dtype})"
 
 
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def _forget_pools() -> None:  # a forked child has none of its parent's threads: start its own
+    global _POOLS_LOCK
+    _POOLS.clear()
+    _POOLS_LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pools)
+
+
+def _pool(n_threads: int) -> ThreadPoolExecutor:
+    """A lasting pool of ``n_threads`` threads whose torch operations run on one core each.
+    Threads are kept: a fresh thread starts with a cold malloc arena, and its first chunks
+    page-faulted their memory in (measured +30% CPU time per call)."""
+    n_threads = max(1, n_threads)
+    with _POOLS_LOCK:
+        if n_threads not in _POOLS:
+            _POOLS[n_threads] = ThreadPoolExecutor(
+                n_threads, thread_name_prefix="TorchEnergy", initializer=torch.set_num_threads, initargs=(1,)
+            )
+        return _POOLS[n_threads]
+
+
+def _rounded(size: int) -> int:
+    """A chunk size: ``size`` rounded down to a multiple of 8 (at least 8)."""
+    return max(8, size // 8 * 8)
+
+
 def _evaluate_terms(
     x: torch.Tensor, terms: list[ForceTerm], dense: bool, gradient: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -320,5 +385,5 @@ def _evaluate_terms(
     geometry = PairGeometry.from_batch(x, dense)
     energy = geometry.zeros()
     for term in terms:
-        energy = energy + term(geometry, gradient)
+        energy += term(geometry, gradient)
     return energy, (geometry.gradient().permute(2, 1, 0) if gradient else None)

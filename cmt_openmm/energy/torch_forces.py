@@ -36,7 +36,10 @@ maps of different sizes. Every force counts whatever its force group: OpenMM's d
 ``getState(getEnergy=True)`` sums all 32 groups.
 
 Speed: a chunk is held batch-last, X (3, n_atoms, b) (:mod:`.torch_geometry`), measured several
-times faster than (b, n, 3) on CPUs. Gradients are analytic for the standard forces (bonds,
+times faster than (b, n, 3) on CPUs. With a GB force, the (n, n, b) distance matrix is computed
+once per chunk and shared (OBC/GBn2 pair sums, and the Nonbonded pairs gathered from it); the
+passes over it are few and in place (the OBC kernel needs no masks), since on CPUs their number,
+not arithmetic, sets the speed. Gradients are analytic for the standard forces (bonds,
 angles, torsions, CMAP, nonbonded, OBC); compiled expressions are differentiated by autograd
 with respect to their internal variable only (r, theta, phi; the pair-distance matrix for
 CustomGBForce), never through index operations.

@@ -45,6 +45,7 @@ class PairGeometry:
         self.n_atoms, self.batch = X.shape[1], X.shape[2]
         self.use_dense = dense
         self._dense: torch.Tensor | None = None
+        self._squared: torch.Tensor | None = None
         self._inverse: torch.Tensor | None = None
         self.W: torch.Tensor | None = None
         self.G: torch.Tensor | None = None
@@ -61,19 +62,30 @@ class PairGeometry:
         """(n, n, b) distances |x_j - x_i|, 1 on the diagonal (never 0: no inf/NaN there)."""
         if self._dense is None:
             X = self.X
-            r2 = None
-            for c in range(3):
-                d = X[c][None, :, :] - X[c][:, None, :]
-                r2 = d * d if r2 is None else r2 + d * d
-            eye = torch.eye(self.n_atoms, dtype=X.dtype, device=X.device)[:, :, None]
-            self._dense = torch.sqrt(r2 + eye)
+            d = torch.sub(X[0][None, :, :], X[0][:, None, :])
+            r2 = d * d
+            for c in (1, 2):
+                r2.addcmul_(torch.sub(X[c][None, :, :], X[c][:, None, :], out=d), d)
+            r2.diagonal(0, 0, 1).fill_(1.0)
+            self._squared, self._dense = r2, torch.sqrt(r2)
         return self._dense
+
+    def dense_squared(self) -> torch.Tensor:
+        """(n, n, b) squared distances (1 on the diagonal)."""
+        self.dense()
+        return self._squared
 
     def dense_inverse(self) -> torch.Tensor:
         """(n, n, b) 1/r (1 on the diagonal)."""
         if self._inverse is None:
             self._inverse = torch.reciprocal(self.dense())
         return self._inverse
+
+    def pair_inverse(self, pairs: "PairList") -> torch.Tensor | None:
+        """1/r (P, b) of a pair list gathered from the dense matrix, or None without one."""
+        if not self.use_dense:
+            return None
+        return self.dense_inverse().view(-1, self.batch).index_select(0, pairs.flat)
 
     def pairs(self, pairs: "PairList") -> tuple[torch.Tensor, torch.Tensor | None]:
         """Distances r (P, b) of a pair list and, when not taken from the dense matrix, the
@@ -101,7 +113,10 @@ class PairGeometry:
 
     def add_weights(self, w: torch.Tensor) -> None:
         """Add pair weights W (n, n, b) (see the class docstring)."""
-        self.W = w if self.W is None else self.W + w
+        if self.W is None:
+            self.W = w
+        else:
+            self.W.add_(w)
 
     def add_atoms(self, incidence: "Incidence", g: torch.Tensor) -> None:
         """Add gradients g (3, R, b), row r onto atom ``incidence.index[r]``."""
@@ -205,7 +220,8 @@ class Dihedrals:
         self.H = X.index_select(1, l) - xk
         self.A, self.B = _cross(self.F, self.G), _cross(self.H, self.G)
         self.gn = torch.sqrt((self.G * self.G).sum(0))
-        y = (_cross(self.B, self.A) * self.G).sum(0) / self.gn
+        # (B x A).G = -|G|^2 (B.F) (B and A both normal to G): y = -|G| B.F
+        y = (self.B * self.F).sum(0).mul_(self.gn).neg_()
         self.phi = torch.atan2(y, (self.A * self.B).sum(0))
 
     @staticmethod

@@ -36,6 +36,8 @@ class NonbondedTerm(ForceTerm):
     exception parameter offsets are applied at the global parameters' default values.
     """
 
+    uses_dense = True  # distances gathered from the chunk's distance matrix when it has one
+
     def _compile(self, force: openmm.NonbondedForce) -> None:
         method = force.getNonbondedMethod()
         if method not in (openmm.NonbondedForce.NoCutoff, openmm.NonbondedForce.CutoffNonPeriodic):
@@ -115,12 +117,18 @@ class NonbondedTerm(ForceTerm):
 
     def _block(self, geometry: PairGeometry, p: "_PairParameters", cutoff: bool, gradient: bool) -> torch.Tensor:
         """Energy of one set of pairs; adds its gradient when asked."""
-        r, d = geometry.pairs(p.pairs)  # from the dense matrix when the geometry has one
-        inv = torch.reciprocal(r)
+        inv = geometry.pair_inverse(p.pairs) if not cutoff else None  # from the dense matrix, if any
+        if inv is None:
+            r, d = geometry.pairs(p.pairs)
+            inv = torch.reciprocal(r)
+        else:
+            d = None
         qq, sig2, eps4 = p.qq, p.sig2, p.eps4
         inv2 = inv * inv
         s2 = sig2 * inv2
         s6 = s2 * s2 * s2
+        if not cutoff and not gradient:  # energies only: eps4 (s6 - 1) s6 + qq/r in place, one sum
+            return torch.sub(s6, 1.0).mul_(s6).mul_(eps4).addcmul_(qq, inv).sum(0)
         lj = eps4 * (s6 * s6 - s6)
         dlj = -eps4 * (12.0 * s6 * s6 - 6.0 * s6) * inv  # dLJ/dr
         if not cutoff:

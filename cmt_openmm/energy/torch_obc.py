@@ -63,6 +63,7 @@ class OBCKernel:
         self.n = n
         self.or_i = t(p.offset_radius[:, None, None])  # rows: atom i
         self.inv_or_i = t(1.0 / p.offset_radius[:, None, None])
+        self.neg_or_i = -self.or_i
         self.sr_j = t(p.scaled_radius[None, :, None])  # columns: atom j
         self.sr2_j = t(p.scaled_radius[None, :, None] ** 2)
         col = lambda a: t(np.asarray(a, float)[:, None])  # noqa: E731
@@ -72,11 +73,14 @@ class OBCKernel:
             col(1.0 / p.radius),
         )
         self.alpha, self.beta, self.gamma = col(p.alpha), col(p.beta), col(p.gamma)
-        self.offdiag = torch.as_tensor(~np.eye(n, dtype=bool)[:, :, None], device=device)
+        self.neg_beta, self.half_or = -self.beta, 0.5 * self.or_vec
+        self.one = torch.ones((), dtype=dtype, device=device)
+        self.quarter, self.quarter_sr2_j = 0.25 * self.one, 0.25 * self.sr2_j
         self.q2_self = col(p.self_factor * p.charge**2)
         qq = p.pair_factor * np.outer(p.charge, p.charge)
         i, j = upper_pairs(qq != 0.0)
         self.pairs = PairList.build(i, j, n, device)
+        self.ij = torch.cat([self.pairs.i, self.pairs.j])  # one gather of B for both ends
         self.qq = t(qq[i, j][:, None])
         self.ace = None if p.ace_factor is None else col(p.ace_factor * (p.ace_radius + p.probe) ** 2 * p.ace_radius**6)
         self.inner = p.inner_correction
@@ -85,45 +89,27 @@ class OBCKernel:
             self.qq_shift = self.qq / p.cutoff
 
     def __call__(self, geometry: PairGeometry, gradient: bool) -> torch.Tensor:
-        r = geometry.dense()
-        inv_r = geometry.dense_inverse()
-        U = r + self.sr_j
-        diff = r - self.sr_j
-        D = torch.abs(diff)
-        L = torch.maximum(D, self.or_i)
-        inv_L, inv_U = torch.reciprocal(L), torch.reciprocal(U)
-        inv_L2, inv_U2 = inv_L * inv_L, inv_U * inv_U
-        log_ratio = torch.log(L * inv_U)
-        a = r - self.sr2_j * inv_r
-        h = inv_L - inv_U + 0.25 * a * (inv_U2 - inv_L2) + 0.5 * log_ratio * inv_r
-        include = (U >= self.or_i) & self.offdiag
-        if self.cutoff is not None:
-            include = include & (r <= self.cutoff)
-        if self.inner:
-            inside = (self.or_i < self.sr_j - r) & include
-            h = h + inside.to(r.dtype) * (2.0 * (self.inv_or_i - inv_L))
-        maskf = include.to(r.dtype)
-        I = 0.5 * (h * maskf).sum(1)  # (n, b)
-        psi = I * self.or_vec
-        th = torch.tanh(psi * (self.alpha + psi * (self.gamma * psi - self.beta)))
-        B = torch.reciprocal(self.inv_or - th * self.inv_radius)
-        inv_B = torch.reciprocal(B)
+        r, inv_r = geometry.dense(), geometry.dense_inverse()
+        h, keep = self._integrals(r, inv_r, gradient)
+        psi = h.sum(1).mul_(self.half_or)  # I or, I = sum_j h / 2: (n, b)
+        th = torch.addcmul(self.neg_beta, self.gamma, psi).mul_(psi).add_(self.alpha).mul_(psi).tanh_()
+        inv_B = torch.addcmul(self.inv_or, th, self.inv_radius, value=-1.0)
+        B = torch.reciprocal(inv_B)
         energy = (self.q2_self * inv_B).sum(0)
         if self.ace is not None:
             ib3 = inv_B * inv_B * inv_B
             ace = self.ace * ib3 * ib3
             energy = energy + ace.sum(0)
         pairs = self.pairs
-        rp = r.view(-1, geometry.batch).index_select(0, pairs.flat)
-        Bi, Bj = B.index_select(0, pairs.i), B.index_select(0, pairs.j)
+        r2 = geometry.dense_squared().view(-1, geometry.batch).index_select(0, pairs.flat)
+        Bi, Bj = B.index_select(0, self.ij).chunk(2)
         BB = Bi * Bj
-        r2 = rp * rp
-        e = torch.exp(-0.25 * r2 / BB)
-        inv_f = torch.rsqrt(r2 + BB * e)
+        e = torch.div(r2, BB).mul_(-0.25).exp_()
+        inv_f = torch.addcmul(r2, BB, e).sqrt_().reciprocal_()  # measured 1.5x faster than rsqrt
         pair = self.qq * inv_f
         if self.cutoff is not None:
-            within = (rp <= self.cutoff).to(rp.dtype)
-            pair = pair * within
+            within = (r2 <= self.cutoff**2).to(r2.dtype)
+            pair.mul_(within)
             energy = energy + (pair - self.qq_shift * within).sum(0)
         else:
             energy = energy + pair.sum(0)
@@ -142,21 +128,57 @@ class OBCKernel:
             B * B * (1.0 - th * th) * (self.alpha + psi * (3.0 * self.gamma * psi - 2.0 * self.beta)) * self.inv_radius
         )
         dE_dI = dE_dB * dB_dpsi * self.or_vec  # (n, b)
-        # dh/dr of each ordered pair (i row, j column)
-        dL = torch.sign(diff) * torch.sign(L - self.or_i)  # 0 where L = or_i
-        dinv_L = -inv_L2 * dL
-        dh = (
-            dinv_L
-            + inv_U2
-            + 0.25 * (1.0 + self.sr2_j * inv_r * inv_r) * (inv_U2 - inv_L2)
-            - 0.5 * a * (inv_U * inv_U2 + inv_L * dinv_L)
-            + 0.5 * inv_r * (dL * inv_L - inv_U - log_ratio * inv_r)
-        )
-        if self.inner:
-            dh = dh - inside.to(r.dtype) * (2.0 * dinv_L)
-        c = (0.5 * dE_dI)[:, None, :] * dh * maskf
-        geometry.add_weights((c + c.transpose(0, 1)) * inv_r)
+        c = self._integral_slopes(r, inv_r, keep).mul_((0.5 * dE_dI)[:, None, :])
+        geometry.add_weights(torch.add(c, c.transpose(0, 1)).mul_(inv_r))
         return energy
+
+    def _integrals(self, r: torch.Tensor, inv_r: torch.Tensor, gradient: bool) -> tuple[torch.Tensor, tuple]:
+        """h_ij (n, n, b) of the class docstring (I_i = 1/2 sum_j h_ij), in few passes: with
+        U = max(r + sr_j, or_i), a pair outside the integration domain (r + sr_j < or_i, where
+        L = or_i too) gets h = 0 exactly (L = U) without a mask; the diagonal is zeroed.
+        ``keep`` holds what :meth:`_integral_slopes` needs."""
+        o, s = self.or_i, self.sr_j
+        U = torch.add(r, s)
+        domain = U >= o if gradient else None
+        U.clamp_min_(o)
+        diff = torch.sub(r, s)
+        L = diff.abs() if (gradient or self.inner) else diff.abs_()
+        outer = L > o if gradient else None  # dL/dr != 0
+        L.clamp_min_(o)
+        log_ratio = torch.div(L, U).log_()
+        inv_U, inv_L = U.reciprocal_(), L.reciprocal_()
+        a = torch.addcmul(r, self.sr2_j, inv_r, value=-1.0)  # r - sr_j^2 / r
+        # 1/L - 1/U + (a/4)(1/U^2 - 1/L^2) = (1/L - 1/U)(1 - (a/4)(1/L + 1/U))
+        h = torch.addcmul(self.one, a, inv_L + inv_U, value=-0.25).mul_(inv_L - inv_U)
+        h.addcmul_(log_ratio, inv_r, value=0.5)
+        inside = None
+        if self.inner:  # 2 (1/or_i - 1/L) where or_i < sr_j - r (then L = sr_j - r), else 0 exactly
+            inside = diff < self.neg_or_i
+            h.add_(torch.neg(diff).clamp_min_(o).reciprocal_().sub_(self.inv_or_i), alpha=-2.0)
+        within = None
+        if self.cutoff is not None:
+            within = (r <= self.cutoff).to(r.dtype)
+            h.mul_(within)
+        h.diagonal(0, 0, 1).zero_()
+        return h, (inv_L, inv_U, log_ratio, a, diff, domain, outer, inside, within)
+
+    def _integral_slopes(self, r: torch.Tensor, inv_r: torch.Tensor, keep: tuple) -> torch.Tensor:
+        """dh_ij/dr_ij (n, n, b) from :meth:`_integrals`' ``keep``; 0 on the diagonal."""
+        inv_L, inv_U, log_ratio, a, diff, domain, outer, inside, within = keep
+        inv_L2, inv_U2 = inv_L * inv_L, inv_U * inv_U
+        dL = torch.sign(diff).mul_(outer)  # dL/dr: 0 where L = or_i
+        m = torch.mul(inv_L2, dL)  # -d(1/L)/dr
+        dh = torch.addcmul(self.quarter, self.quarter_sr2_j, inv_r * inv_r).mul_(inv_U2 - inv_L2)
+        dh.sub_(m).add_(inv_U2)
+        dh.sub_(torch.mul(inv_U, inv_U2).addcmul_(inv_L, m, value=-1.0).mul_(a), alpha=0.5)
+        dh.addcmul_(torch.mul(dL, inv_L).sub_(inv_U).addcmul_(log_ratio, inv_r, value=-1.0), inv_r, value=0.5)
+        dh.mul_(domain)
+        if inside is not None:
+            dh.sub_(inv_L2.mul_(inside), alpha=2.0)
+        if within is not None:
+            dh.mul_(within)
+        dh.diagonal(0, 0, 1).zero_()
+        return dh
 
 
 class GBSAOBCTerm(ForceTerm):

@@ -71,7 +71,8 @@ class ForceTerm:
     ``term(geometry, gradient)`` returns the energies (b,) in kJ/mol of the chunk in
     ``geometry`` (:class:`PairGeometry`) and, when ``gradient`` is true, adds dE/dx to it.
     ``label`` names the force ("HarmonicBondForce #0"), ``force_index`` is its index in the
-    System; ``needs_dense`` asks for the (n, n) distance matrix; ``width`` is the number of
+    System; ``needs_dense`` asks for the (n, n) distance matrix, ``uses_dense`` says that the
+    term reads its pair distances from it when the chunk has one (in the same chunks); ``width`` is the number of
     elements per configuration of its largest tensors (pairs, angles, ...; sets chunk sizes).
     ``Term(force, index, device, dtype, n_atoms)`` checks what every term needs (``n_atoms``,
     no periodic boundary conditions), then reads the force in the subclass's :meth:`_compile`.
@@ -80,6 +81,7 @@ class ForceTerm:
     label = "force"
     force_index = -1
     needs_dense = False
+    uses_dense = False
     width = 1
 
     def __init__(
