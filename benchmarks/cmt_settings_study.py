@@ -17,14 +17,27 @@ The trainer is the library's ``CMTTrainer`` run through ``cmt_openmm.training.tr
 script swaps in a subclass that (a) adds per-step diagnostics of each buffer to the records
 (raw φ > 0 and C7ax fractions, the φ > 0 fraction under the target weights p̃/q and under the
 dual's weights w̄, i.e. in q_{i+1}, and under the fitted weights, which differ from w̄ when a
-config sets ``cmt.strata``; the MD gap), (b) stops at the time limits, and (c)
-prototypes a defensive mixture (a config's ``study`` section, not part of the library) through
-``CMTTrainer.fit_log_weights``. Per-step records go to
-``<out>/<name>/metrics.jsonl``, the evaluation to ``<out>/<name>/eval.json``.
+config sets ``cmt.strata``; the MD gap), (b) stops at the time limits, (c)
+prototypes a defensive mixture and buffer reuse (a config's ``study`` section, not part of the
+library) and (d) records each step's time split (sampling, energies, dual, log q of reused
+samples, weights, fit; the table's last column, ms per step). Per-step records go to
+``<out>/<name>/metrics.jsonl``, the evaluation to ``<out>/<name>/eval.json``. A config's
+``study.system`` picks the target (default ``aldp-vacuum``; ``impl_*``: ``aldp-implicit``,
+torch energies through energy backend "auto"; no MD-gap reference there).
+
+Buffer reuse (``study.reuse = K``, issue 12): the dual is solved on the fresh buffer as
+always; the flow is then fitted to q_{i+1} on the union of the fresh buffer and the last K
+buffers, each sample weighted by q_{i+1}/q_source (:func:`reuse_log_weights`; energies kept
+from when the sample was drawn, log q_i recomputed under the current flow), then the strata
+floor. Records: ``ess_fit_kish`` (Kish ESS of the union's fit weights, absolute),
+``old_weight_fraction``, ``t_logq``, ``prev_ratio_ess`` / ``prev_logq_shift_std`` (Kish ESS
+fraction and spread of log q_i − log q_{i−1} on the previous buffer: how far one fit moved the
+flow).
 
     .ci/with-env nice -n 5 python benchmarks/cmt_settings_study.py run n4k_fit8_warm120_ent1 --cpu 450 --wall 700
     .ci/with-env python benchmarks/cmt_settings_study.py table --trajectory n4k_fit8_warm120_ent1
     .ci/with-env python benchmarks/cmt_settings_study.py eval n4k_fit8_warm120_ent1 --draws 20
+    .ci/with-env nice -n 10 python benchmarks/cmt_settings_study.py run impl_base impl_reuse2_n2k --cpu 150 --wall 600 --out runs/study_reuse
 """
 from __future__ import annotations
 
@@ -35,10 +48,12 @@ import math
 import shutil
 import sys
 import time
+from collections import deque
 from pathlib import Path
 
 import numpy as np
 import torch
+from scipy.special import logsumexp
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -47,9 +62,10 @@ from cmt_openmm.coordinates.backbone import ramachandran_angles  # noqa: E402
 from cmt_openmm.importance import normalized_weights, reverse_ess  # noqa: E402
 from cmt_openmm.sampling.estimators import ALDP_BASINS, aldp_basins, basin_indicators, basin_populations  # noqa: E402
 from cmt_openmm.systems import get_target  # noqa: E402
-from cmt_openmm.training import cmt as cmt_module  # noqa: E402
 from cmt_openmm.training import load_history, train  # noqa: E402
-from cmt_openmm.training.cmt import CMTTrainer  # noqa: E402
+from cmt_openmm.training.cmt import CMTTrainer, fit_to_buffer  # noqa: E402
+from cmt_openmm.training.loop import METHODS  # noqa: E402
+from cmt_openmm.training.strata import floored_log_weights  # noqa: E402
 
 SYSTEM = "aldp-vacuum"
 BASE = {  # the aldp-quick preset's training keys
@@ -62,6 +78,9 @@ BASE = {  # the aldp-quick preset's training keys
 }
 # "study" keys are this script's, not TrainConfig's: the prototype mechanism
 #   defensive: α of a defensive mixture, fit weights (1 − α) w̄ + α / N
+#   reuse: K, fit q_{i+1} on the fresh buffer plus the last K buffers (their energies kept,
+#          log q_i of their samples recomputed), weights in reuse_log_weights
+#   system: the target (default SYSTEM); energies "auto" (torch for aldp-implicit)
 # (the two-phase entropy constraint prototyped here is now TrainConfig's cmt.eps_ent_warmup /
 # cmt.warmup_steps)
 # The run limits (--wall, --cpu) are set on the command line.
@@ -69,6 +88,7 @@ _N4K = {"n_samples": 4000, "fit_steps": 8}
 _WARM = {"eps_ent_warmup": 0.5, "warmup_steps": 120}
 _WARM03 = {"eps_ent_warmup": 0.3, "warmup_steps": 120}
 _TORS9 = {"n_layers": 9, "mask": "torsions"}
+_QUICK = {**_N4K, **_WARM, "eps_ent": 1.0, "strata": "phi-sign", "strata_floor": 0.1}  # = aldp-quick's cmt
 CONFIGS: dict[str, dict] = {
     "base": {},
     "ent03": {"cmt": {"eps_ent": 0.3}},
@@ -104,6 +124,16 @@ CONFIGS: dict[str, dict] = {
     "floor01_warm120_ent1_seed3": {"seed": 3, "cmt": {**_N4K, **_WARM, "strata": "phi-sign", "strata_floor": 0.1}},
     "floor01_warm120_ent1": {"cmt": {**_N4K, **_WARM, "strata": "phi-sign", "strata_floor": 0.1}},
     "floor01_warm120_ent1_seed2": {"seed": 2, "cmt": {**_N4K, **_WARM, "strata": "phi-sign", "strata_floor": 0.1}},
+    # buffer reuse (issue 12): the aldp-quick settings, fresh buffer + the last K buffers
+    "vac_base": {"cmt": _QUICK},
+    "vac_reuse2_n2k": {"cmt": {**_QUICK, "n_samples": 2000}, "study": {"reuse": 2}},
+    "vac_reuse1": {"cmt": _QUICK, "study": {"reuse": 1}},
+    "impl_base": {"cmt": _QUICK, "study": {"system": "aldp-implicit"}},
+    "impl_reuse2_n2k": {"cmt": {**_QUICK, "n_samples": 2000}, "study": {"system": "aldp-implicit", "reuse": 2}},
+    "impl_reuse1": {"cmt": _QUICK, "study": {"system": "aldp-implicit", "reuse": 1}},
+    "impl_n2k": {"cmt": {**_QUICK, "n_samples": 2000}, "study": {"system": "aldp-implicit"}},
+    "impl_base_seed1": {"seed": 1, "cmt": _QUICK, "study": {"system": "aldp-implicit"}},
+    "impl_reuse1_seed1": {"seed": 1, "cmt": _QUICK, "study": {"system": "aldp-implicit", "reuse": 1}},
 }
 
 
@@ -124,8 +154,45 @@ def weighted_fraction(mask: np.ndarray, log_w: np.ndarray) -> float:
     return float(np.sum(w[mask]))
 
 
+def reuse_log_weights(lam: float, eta: float, log_p, log_q_now, log_q_source) -> np.ndarray:
+    """Normalised log-weights (M,) of q_{i+1} ∝ q_i^{λ/s} p̃^{1/s} (s = 1 + λ + η) on a union of buffers.
+
+    Sample n was drawn from q_source(n) (the flow of an earlier annealing step, or q_i itself
+    for the fresh buffer); log_p: (M,) log p̃ = −u as evaluated when drawn (−inf: failed, weight
+    0); log_q_now: (M,) log q_i under the current flow; log_q_source: (M,) the log-density
+    reported when the sample was drawn. Per-buffer importance weights
+    log w_n = (a_n + λ b_n^now) / s − log q_source(x_n), self-normalised over the union: every
+    buffer's weights estimate the same normaliser ∫ q_i^{λ/s} p̃^{1/s}, so the union is a
+    consistent self-normalised estimator of q_{i+1}. On the fresh buffer (b^now = b^source) this
+    is the dual's log w = (a − (1 + η) b) / s.
+    """
+    a = np.asarray(log_p, np.float64)
+    b = np.asarray(log_q_now, np.float64)
+    src = np.asarray(log_q_source, np.float64)
+    s = 1.0 + lam + eta
+    log_w = np.full(a.shape, -np.inf)
+    ok = np.isfinite(a) & np.isfinite(b)  # an old sample outside the current flow's support: 0
+    log_w[ok] = (a[ok] + lam * b[ok]) / s - src[ok]
+    return log_w - logsumexp(log_w[ok])
+
+
+def kish_ess(log_weights) -> float:
+    """Kish effective sample size 1 / Σ w̄² (absolute, not a fraction) of normalised log w̄."""
+    lw = np.asarray(log_weights, np.float64)
+    lw = lw[np.isfinite(lw)]
+    return float(1.0 / np.sum(np.exp(2.0 * (lw - logsumexp(lw)))))
+
+
 class StudyCMTTrainer(CMTTrainer):
-    """CMTTrainer plus per-step φ diagnostics, wall/CPU limits and the prototype mechanisms."""
+    """CMTTrainer plus per-step φ diagnostics, wall/CPU limits and the prototype mechanisms.
+
+    Every step records its time split (``t_sample``: drawing the buffer, ``t_energy``: its
+    energies, ``t_dual``: the dual, ``t_logq``: log q_i of reused samples, ``t_weights``: the
+    fit weights, ``t_fit``: the Adam steps, ``t_diag``: this script's diagnostics). The fit runs
+    after the library's ``anneal`` (called with ``fit_steps = 0``, which changes nothing else:
+    the fit is the only consumer of the random stream there), so a run without ``reuse`` is the
+    library's run step for step.
+    """
 
     study: dict = {}  # set per run by run_config (train() constructs the trainer itself)
 
@@ -133,10 +200,15 @@ class StudyCMTTrainer(CMTTrainer):
         super().__init__(target, generator, energy, config, rng)
         self.wall = float(self.study.get("wall", math.inf))
         self.defensive = float(self.study.get("defensive", 0.0))
+        self.reuse = int(self.study.get("reuse", 0))
+        if self.reuse and self.defensive:
+            raise ValueError("study keys 'reuse' and 'defensive' are not implemented together")
+        self.old: deque = deque(maxlen=max(self.reuse, 1))  # (x, log q_source, log p̃) of past buffers
         self.started = time.perf_counter()
         self.cpu_limit = float(self.study.get("cpu", math.inf))
         self.cpu_start = time.process_time()
         self.md = _md_frames(self.study.get("reference"), target)
+        self.times: dict[str, float] = {}
 
     @property
     def done(self):
@@ -146,18 +218,94 @@ class StudyCMTTrainer(CMTTrainer):
             return "cpu"
         return super().done
 
+    def draw_buffer(self):
+        """The library's draw_buffer, timed in two parts."""
+        t0 = time.perf_counter()
+        x, log_q = self.generator.sample(self.settings.n_samples, generator=self.rng)
+        t1 = time.perf_counter()
+        with torch.no_grad():
+            log_p = -self.energy(x)
+        self.times = {"t_sample": t1 - t0, "t_energy": time.perf_counter() - t1}
+        return x, log_q, log_p
+
     def fit_log_weights(self, sol, x):
+        self.t_dual_end = time.perf_counter()
         self.solution = sol  # for the diagnostics of step()
         self.fitted = super().fit_log_weights(sol, x)
-        if not self.defensive:
-            return self.fitted
-        # defensive mixture (prototype): fit (1 − α) q_{i+1} + α q_i, i.e. w̄ → (1 − α) w̄ + α / N
-        a, n = self.defensive, len(self.fitted)
-        return np.logaddexp(np.log1p(-a) + np.asarray(self.fitted), math.log(a / n))
+        self.fit_weights = self.fitted
+        if self.defensive:
+            # defensive mixture (prototype): fit (1 − α) q_{i+1} + α q_i, i.e. w̄ → (1 − α) w̄ + α / N
+            a, n = self.defensive, len(self.fitted)
+            self.fit_weights = np.logaddexp(np.log1p(-a) + np.asarray(self.fitted), math.log(a / n))
+        return self.fit_weights
+
+    def union_log_weights(self, sol, x, log_q, log_p) -> tuple[torch.Tensor, np.ndarray, dict]:
+        """The fit buffer and its weights: the fresh buffer plus the last ``reuse`` ones.
+
+        Old samples keep their energies and source densities; log q_i is recomputed under the
+        current flow (one forward pass, no gradients). Weights: :func:`reuse_log_weights`, then
+        the strata floor when the config sets strata (as ``CMTTrainer.fit_log_weights``).
+        Returns (x_union, normalised log w̄, record fields).
+        """
+        t0 = time.perf_counter()
+        xs, now, src, lp = [x], [log_q.double()], [log_q.double()], [log_p.double()]
+        with torch.no_grad():
+            for x_old, lq_old, lp_old in self.old:
+                xs.append(x_old)
+                now.append(self.generator.log_prob(x_old).double())
+                src.append(lq_old)
+                lp.append(lp_old)
+        t1 = time.perf_counter()
+        x_all = torch.cat(xs)
+        lw = reuse_log_weights(sol.lam, sol.eta, torch.cat(lp).cpu().numpy(), torch.cat(now).cpu().numpy(),
+                               torch.cat(src).cpu().numpy())
+        if self.strata_of is not None:
+            lw = floored_log_weights(lw, self.strata_of(x_all.detach().cpu().numpy()), self.settings.strata_floor)
+        n = x.shape[0]
+        extra = {"t_logq": t1 - t0, "n_fit_buffer": int(x_all.shape[0]), "ess_fit_kish": kish_ess(lw),
+                 "old_weight_fraction": float(np.exp(logsumexp(lw[n:]))) if len(lw) > n else 0.0}
+        if len(xs) > 1:  # how far the last fit moved the flow: q_i / q_{i-1} on the previous buffer
+            shift = (now[1] - src[1]).cpu().numpy()
+            shift = shift[np.isfinite(shift)]
+            extra["prev_logq_shift_std"] = float(np.std(shift))
+            extra["prev_ratio_ess"] = kish_ess(shift) / len(now[1])
+        return x_all, lw, extra
+
+    def anneal(self, x, log_q, log_p):
+        """The library's anneal (dual, λ/η bookkeeping, record) with the fit done here, on the
+        union of buffers when ``reuse`` is set."""
+        fit_steps, self.fit_steps = self.fit_steps, 0
+        t0 = time.perf_counter()
+        try:
+            record = super().anneal(x, log_q, log_p)
+        finally:
+            self.fit_steps = fit_steps
+        t1 = time.perf_counter()
+        sol, t_dual = self.solution, self.t_dual_end - t0
+        if self.reuse:
+            x_fit, log_w, extra = self.union_log_weights(sol, x, log_q, log_p)
+            t_weights = time.perf_counter() - t1 - extra["t_logq"]
+        else:
+            x_fit = x
+            log_w = self.fit_weights  # the library's (or the defensive) weights, from super().anneal
+            extra = {"t_logq": 0.0, "n_fit_buffer": int(x.shape[0]), "ess_fit_kish": kish_ess(log_w),
+                     "old_weight_fraction": 0.0}
+            t_weights = time.perf_counter() - t1
+        t2 = time.perf_counter()
+        c = self.settings
+        loss = fit_to_buffer(self.generator, self.optimizer, x_fit, log_w, self.fit_steps, c.batch_size,
+                             c.resample, self.rng)
+        t3 = time.perf_counter()
+        if self.reuse:
+            self.old.appendleft((x.detach(), log_q.detach().double(), log_p.detach().double()))
+        self.times.update({"t_dual": t_dual, "t_weights": t_weights + (t1 - self.t_dual_end),
+                           "t_fit": t3 - t2})
+        return {**record, **extra, "loss": loss}
 
     def step(self) -> dict:
         x, log_q, log_p = self.draw_buffer()
         record = self.anneal(x, log_q, log_p)
+        t0 = time.perf_counter()
         sol = self.solution
         angles = ramachandran_angles(self.target.topology, x.numpy())[:, 0]
         pos = angles[:, 0] >= 0.0
@@ -166,7 +314,7 @@ class StudyCMTTrainer(CMTTrainer):
         extra = {}
         if self.md is not None and (self.steps_done + 1) % 5 == 0:
             extra["md_gap"] = self._md_gap()
-        return {
+        out = {
             **record, "eps_ent_used": record["eps_ent"],
             "phi_pos_raw": float(pos.mean()),
             "phi_pos_target_w": weighted_fraction(pos, lw_target),
@@ -179,6 +327,7 @@ class StudyCMTTrainer(CMTTrainer):
             **extra,
             "cpu_time": time.process_time(),
         }
+        return {**out, **self.times, "t_logq": record["t_logq"], "t_diag": time.perf_counter() - t0}
 
     def _md_gap(self) -> float:
         """log(q(φ>0)/p(φ>0)) − log(q(φ<0)/p(φ<0)) estimated on reference MD frames (nats).
@@ -217,14 +366,21 @@ def run_config(name: str, out: Path, wall: float, cpu: float, reference: str | N
     run_dir = out / name
     if run_dir.exists():
         shutil.rmtree(run_dir)
-    target = get_target(SYSTEM, 300.0)
+    system = study.setdefault("system", SYSTEM)
+    if system != SYSTEM:  # the reference frames (and their energies) are aldp-vacuum's
+        study["reference"] = None
+    target = get_target(system, 300.0)
     StudyCMTTrainer.study = study
-    cmt_module.CMTTrainer, original = StudyCMTTrainer, cmt_module.CMTTrainer
+    # train() builds METHODS[config.method]: swap the study's trainer in for this run (patching
+    # cmt_module.CMTTrainer, as this script did before the registry, silently changes nothing)
+    METHODS["cmt"], original = StudyCMTTrainer, METHODS["cmt"]
     cpu0, wall0 = time.process_time(), time.perf_counter()
     try:
         result = train(target, config, run_dir, progress=False)
     finally:
-        cmt_module.CMTTrainer = original
+        METHODS["cmt"] = original
+    if "t_fit" not in result.history[-1]:
+        raise RuntimeError("the run did not use StudyCMTTrainer; check how train() picks its trainer")
     info = {"name": name, "config": config, "study": study, "stop_reason": result.stop_reason,
             "train_wall": time.perf_counter() - wall0, "train_cpu": time.process_time() - cpu0}
     info.update(evaluate(target, result.generator, reference=study["reference"]))
@@ -304,7 +460,7 @@ def table(out: Path, reference: str | None) -> str:
     ref = reference_populations(reference) if reference and Path(reference).exists() else None
     names = ["C7eq", "C5", "alphaR", "alphaL", "C7ax"]
     head = ("| run | settings | steps | evals | wall s | cpu s | λ | η | last η>0.05 | ESS % med [min, max] "
-            "| raw φ>0 | rew φ>0 ± | MD gap | " + " | ".join(names) + " |")
+            "| raw φ>0 | rew φ>0 ± | MD gap | " + " | ".join(names) + " | ms/step: " + "/".join(_SPLIT) + " |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     if ref:
         lines.append("| **reference (REMD)** |" + " |" * 10 + f" {ref['phi>0'][0]:.4f} ± {ref['phi>0'][1]:.4f} | 0 | "
@@ -322,21 +478,36 @@ def table(out: Path, reference: str | None) -> str:
             f"{max(active) if active else 0} | {np.median(ess):.2f} [{ess.min():.2f}, {ess.max():.2f}] | "
             f"{e['phi_pos_raw']:.3f} | {e['phi_pos_rew'][0]:.4f} ± {e['phi_pos_rew'][1]:.4f} | "
             f"{e.get('md_gap') if e.get('md_gap') is None else round(e['md_gap'], 1)} | "
-            + " | ".join(f"{rb[k][0]:.4f}" for k in names) + " |")
+            + " | ".join(f"{rb[k][0]:.4f}" for k in names) + f" | {time_split(h)} |")
     return "\n".join(lines)
+
+
+_SPLIT = ("sample", "energy", "logq", "dual", "weights", "fit", "diag", "total")
+
+
+def time_split(history: list[dict]) -> str:
+    """Mean milliseconds per step of each part (records without the timings: "-")."""
+    if "t_fit" not in history[-1]:
+        return "-"
+    parts = [np.mean([r.get(f"t_{k}", 0.0) for r in history]) for k in _SPLIT[:-1]]
+    total = history[-1]["wall_time"] / len(history)
+    return "/".join(f"{1000 * v:.0f}" for v in (*parts, total))
 
 
 def trajectory(out: Path, name: str, every: int = 5) -> str:
     """Per-step φ > 0 diagnostics of one run (every `every` steps)."""
     h = load_history(out / name)
-    rows = ["step  lam  eta  ESS%  raw_phi>0  tw_phi>0  next_phi>0  n_pos  raw_C7ax  next_C7ax  md_gap  cpu"]
+    rows = ["step  lam  eta  ESS%  raw_phi>0  tw_phi>0  next_phi>0  n_pos  raw_C7ax  next_C7ax  md_gap  cpu"
+            "  fitESS(Kish)/M  old_w"]
     for r in h:
         if r["step"] % every == 0 or r["step"] <= 3 or r is h[-1]:
             gap = r.get("md_gap")
             rows.append(f"{r['step']:4d}  {r['lam']:.3g}  {r['eta']:.3g}  {100 * r['reverse_ess']:.2f}  "
                         f"{r['phi_pos_raw']:.4f}  {r['phi_pos_target_w']:.2e}  {r['phi_pos_next']:.2e}  "
                         f"{r['n_phi_pos']}  {r.get('raw_C7ax', math.nan):.4f}  {r.get('next_C7ax', math.nan):.2e}  "
-                        f"{gap if gap is None else round(gap, 1)}  {r.get('cpu_time', 0):.0f}")
+                        f"{gap if gap is None else round(gap, 1)}  {r.get('cpu_time', 0):.0f}  "
+                        f"{r.get('ess_fit_kish', math.nan):.0f}/{r.get('n_fit_buffer', 0)}  "
+                        f"{r.get('old_weight_fraction', math.nan):.3f}")
     return "\n".join(rows)
 
 
@@ -370,15 +541,16 @@ def main(argv=None) -> int:
     elif args.cmd == "eval":
         from cmt_openmm.generator import BoltzmannGenerator
 
-        target = get_target(SYSTEM, 300.0)
         for name in args.names:
+            system = json.loads((out / name / "eval.json").read_text())["study"].get("system", SYSTEM)
+            target = get_target(system, 300.0)
             generator = BoltzmannGenerator.load(out / name / "generator.safetensors", target)
-            e = evaluate(target, generator, args.samples, args.draws, args.reference)
+            e = evaluate(target, generator, args.samples, args.draws, args.reference if system == SYSTEM else None)
             (out / name / f"eval_{args.draws}x{args.samples}.json").write_text(json.dumps(e, indent=1))
             ess = 100 * np.array(e["ess_draws"])
             print(f"{name}: ESS % median {np.median(ess):.2f} [{ess.min():.2f}, {ess.max():.2f}], pooled "
                   f"{100 * e['ess_pooled']:.2f}; raw φ>0 {e['phi_pos_raw']:.4f}; reweighted φ>0 "
-                  f"{e['phi_pos_rew'][0]:.4f} ± {e['phi_pos_rew'][1]:.4f}; MD gap {e['md_gap']:.1f}; "
+                  f"{e['phi_pos_rew'][0]:.4f} ± {e['phi_pos_rew'][1]:.4f}; MD gap {e['md_gap']}; "
                   + ", ".join(f"{k} {v[0]:.4f}±{v[1]:.4f}" for k, v in e["basins_rew"].items() if "phi" not in k),
                   flush=True)
     else:
