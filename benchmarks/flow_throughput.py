@@ -23,8 +23,9 @@ time (all threads) beside it, and the load average before and after. Targets (is
 training and >= 2x sampling throughput at every batch size and thread count. ``--compile`` also
 tries ``torch.compile`` of the new flow's ``log_prob`` with a backward pass, in a subprocess (it
 has crashed the interpreter on CPU; it is never the default path). Usage:
-``python benchmarks/flow_throughput.py [--quick] [--out PATH] [--compile] [--fused-adam]``
-(``--fused-adam``: ``Adam(fused=True)`` for both implementations, not what training uses today).
+``python benchmarks/flow_throughput.py [--quick] [--out PATH] [--compile] [--plain-adam]``
+(both implementations step ``Adam(fused=True)``, as ``training/loop.py`` does; ``--plain-adam``:
+torch's default Adam for both).
 """
 from __future__ import annotations
 
@@ -400,8 +401,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="batch 256, 1 thread, 2 short rounds (a few seconds)")
     parser.add_argument("--compile", action="store_true",
                         help="also try torch.compile(flow.log_prob) + backward, in a subprocess")
-    parser.add_argument("--fused-adam", action="store_true",
-                        help="Adam(fused=True) for both implementations (training/loop.py uses the default)")
+    parser.add_argument("--plain-adam", dest="fused_adam", action="store_false",
+                        help="torch's default Adam for both implementations (training/loop.py uses fused=True)")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
     if args.quick:
