@@ -83,7 +83,7 @@ def run_system(args: argparse.Namespace, system: str) -> list[dict]:
     return [json.loads((run_dir(args.out, system, m, s) / "row.json").read_text()) for m, s in runs]
 
 
-def table(rows_by_system: dict[str, list[dict]], preset: str) -> str:
+def table(rows_by_system: dict[str, list[dict]], preset: str, references: dict[str, str] | None = None) -> str:
     lines = [f"Budget preset {preset}; ours: mean ± std over seeds (ESS = median of draws per run); "
              "published: method.md (mean of 4 runs, GPU budgets).", "",
              "| system | method | evals | ESS % | ESS % clipped | Ram TV | wall (s) | basins kept | published ESS % | published Ram TV | published evals |",
@@ -97,6 +97,10 @@ def table(rows_by_system: dict[str, list[dict]], preset: str) -> str:
                 f"| {fmt(s['ess_clipped'], 100)} | {fmt(s['ram_tv'], fmt='{:.2e}')} | {fmt(s['train_wall_s'], fmt='{:.0f}')} "
                 f"| {s['runs_keeping_every_basin']}/{s['n_runs']} | "
                 + (f"{pub[0]} | {pub[1]} | {pub[2]:.3g} |" if pub else "– | – | – |"))
+    for system, path in sorted((references or {}).items()):
+        if system in rows_by_system:  # Ram TV below this is the reference's own noise, not the flow's error
+            floor, n = methods_bench.reference_tv_floor(path, system, 300.0)
+            lines.append(f"\nRam TV floor of the {system} reference (its two halves, {n} frames): {floor:.3f}.")
     return "\n".join(lines)
 
 
@@ -120,7 +124,7 @@ def main(argv=None) -> int:
     if args.tiny:
         args.seeds = args.seeds[:1]
     rows = {system: run_system(args, system) for system in args.systems}
-    text = table(rows, args.preset)
+    text = table(rows, args.preset, args.references)
     print("\n" + text)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "table.md").write_text(text + "\n")

@@ -85,3 +85,4 @@ def test_paper_table_runs_resumes_and_prints_the_published_numbers(tmp_path, mon
     assert bench.main(argv[:4] + ["forward_kl", "--reference", f"ala4={tmp_path / 'ref.npz'}"] + argv[5:]) == 0
     rows = json.loads((tmp_path / "t" / "results.json").read_text())["rows"]["ala4"]
     assert rows[0]["method"] == "forward_kl" and rows[0]["evaluations"] > 0
+    assert "Ram TV floor of the ala4 reference (its two halves, 20 frames):" in (tmp_path / "t" / "table.md").read_text()
