@@ -159,6 +159,21 @@ def test_force_beside_the_system_on_reference_and_cpu_with_its_scale(target, gen
         np.testing.assert_allclose(f3, f_u + 0.3 * f_q, rtol=1e-6, atol=1e-4)
 
 
+def test_python_force_at_scale_zero_skips_the_flow(target, generator64, monkeypatch):
+    """At scale 0 (λ = 1 of a bridge) the PythonForce adds exactly nothing and never runs the flow."""
+    x = samples(generator64, 1, seed=4)[0]
+    u, f_u = evaluate(target.system, x)
+    system = copy.deepcopy(target.system)
+    system.addForce(to_openmm_force(generator64, backend="python"))
+    calls = []
+    original = FlowEnergy.forward
+    monkeypatch.setattr(FlowEnergy, "forward", lambda self, *a: calls.append(1) or original(self, *a))
+    e0, f0 = evaluate(system, x, lambda_flow=0.0)
+    assert e0 == u and np.array_equal(f0, f_u) and not calls
+    evaluate(system, x, lambda_flow=0.5)
+    assert calls
+
+
 def test_outside_the_flow_domain_the_energy_is_the_documented_finite_restraint(target, generator64):
     energy = FlowEnergy.from_generator(generator64)
     coordinates, scaling = generator64.coordinates, generator64.flow.scaling

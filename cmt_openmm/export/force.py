@@ -153,11 +153,13 @@ class FlowForceComputation:
 
     def __call__(self, state: openmm.State):
         positions = state.getPositions(asNumpy=True).value_in_unit(unit.nanometer)
+        scale = 1.0 if self.scale_parameter is None else float(state.getParameters()[self.scale_parameter])
+        if scale == 0.0:  # exactly zero: the flow (milliseconds per call) is not evaluated, e.g. at λ = 1 of a bridge
+            return 0.0, np.zeros((len(positions), 3))
         x = torch.tensor(np.asarray(positions, dtype=np.float64)).unsqueeze(0).requires_grad_(True)
         with torch.enable_grad():
             energy = self.module(x)[0]
             (gradient,) = torch.autograd.grad(energy, x)
-        scale = 1.0 if self.scale_parameter is None else float(state.getParameters()[self.scale_parameter])
         return scale * float(energy.detach()), -scale * gradient[0].detach().numpy()
 
 
