@@ -1,6 +1,7 @@
 """The shared training loop: CMT on toy targets, baselines, config, checkpoints and resume."""
 import json
 import math
+import threading
 
 import numpy as np
 import pytest
@@ -328,8 +329,9 @@ def test_progress_counts_towards_the_limit_that_will_stop_the_run(double_well, c
 def test_training_uses_the_configured_threads_and_restores_them(double_well, monkeypatch):
     import torch
 
-    calls = []
-    monkeypatch.setattr(torch, "set_num_threads", lambda n: calls.append(n))
+    calls = []  # the process's setting, made from the main thread (TorchEnergy's pool threads set their own)
+    monkeypatch.setattr(torch, "set_num_threads",
+                        lambda n: calls.append(n) if threading.current_thread() is threading.main_thread() else None)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 7)
     train(double_well, {**_tiny_cmt(), "max_steps": 1, "threads": 2}, progress=False)
     assert calls == [2, 7]
