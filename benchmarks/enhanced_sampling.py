@@ -14,10 +14,10 @@ Four samplers of ALDP at 300 K get the same number of OpenMM energy evaluations:
 - flow-bridged replica exchange (``cmt_openmm.export.bridge.run_bridge_remd``, ``--samplers bridge``):
   the same number of replicas on a λ ladder from the generator's own energy U_q = -kT log q
   (λ = 0) to the target (λ = 1), placed for equal exchange acceptance by a pilot run (its
-  evaluations count), Langevin + flow moves in every state; each iteration costs
-  n_replicas × (steps + evaluated flow proposals + n_replicas) evaluations of U (and as many
-  of U_q: the flow's network, which on ALDP in vacuum costs far more wall time than U); the
-  λ = 1 frames are analysed.
+  evaluations count), Langevin + flow moves in every state but λ = 0 (flow moves only); each
+  iteration costs (n_replicas − 1) × steps + n_replicas × (evaluated flow proposals + n_replicas)
+  evaluations of U (and as many of U_q: the flow's network, which on ALDP in vacuum costs far
+  more wall time than U); the λ = 1 frames are analysed.
 
 For each: transitions between the φ < 0 and φ > 0 basins per 1e6 evaluations and per wall
 second, and the φ > 0 basin population (αL ∪ C7ax, 0° ≤ φ < 120°) with a block-averaging
@@ -193,7 +193,8 @@ def run_bridge(target, generator, args, seed: int, workdir: Path) -> dict:
     from cmt_openmm.export.bridge import run_bridge_remd
 
     k = args.replicas
-    per_iteration = k * (args.remd_steps + args.flow_proposals + k)  # an upper bound: every proposal evaluated
+    # an upper bound (every proposal evaluated); the λ = 0 state runs flow moves only
+    per_iteration = (k - 1) * args.remd_steps + k * (args.flow_proposals + k)
     pilot = max(2, min(args.bridge_pilot, int(0.25 * args.evaluations) // per_iteration))
     iterations = max(2, (int(args.evaluations) - pilot * per_iteration) // per_iteration)
     start = time.perf_counter()

@@ -21,6 +21,8 @@ from helpers import ROOT, load_script, perturbed_generator, random_rotation
 from openmm import unit
 from scipy import stats
 
+from openmmtools.multistate import MultiStateReporter, ReplicaExchangeSampler
+
 from cmt_openmm.errors import CMTInputError
 from cmt_openmm.export.flow_energy import FlowEnergy
 from cmt_openmm.export.force import openmmtorch_error, to_openmm_force, torchforce_copies_are_safe
@@ -347,6 +349,18 @@ def test_cli_bridge_remd_writes_lambda_one_frames_resumes_and_refuses_changes(ge
     at_flow = provenance["flow_moves"][-1]
     assert at_flow["lambda"] == 0.0 and at_flow["n_proposed"] == 6 and at_flow["n_accepted"] >= 5
     assert json.loads(stdout)["n_frames"] == 2 and (tmp_path / "bridge.json").is_file()
+    # Langevin (5 steps) at λ = 1 and 0.5 only; every replica evaluates the 3 states; the flow proposals
+    flow_evaluations = sum(m["n_proposed"] - m["n_chirality_rejected"] - m["n_log_q_failed"]
+                           for m in provenance["flow_moves"])
+    assert provenance["energy_evaluations"] == 2 * (2 * 5 + 3 * 3) + flow_evaluations
+    reporter = MultiStateReporter(str(out.with_suffix(".nc")), open_mode="r")
+    try:
+        moves = ReplicaExchangeSampler.from_storage(reporter)._mcmc_moves
+    finally:
+        reporter.close()
+        capsys.readouterr()  # openmmtools' citation notice
+    assert [[type(m).__name__ for m in move.move_list] for move in moves] == \
+        [["SeededLangevinMove", "FlowIndependenceMove"]] * 2 + [["FlowIndependenceMove"]]
     code, stdout, err = _bridge_cli(monkeypatch, argv + ["--iterations", "3"], capsys)  # resumes
     assert code == 0, err
     resumed = json.loads(stdout)

@@ -22,8 +22,11 @@ trips, flow-move acceptance per state, energy evaluations). ``lambdas="auto"`` f
 short pilot on a uniform ladder (storage ``<storage>_pilot.nc``, resumable too) and places the
 λ's for equal estimated neighbour acceptance (:mod:`cmt_openmm.export.ladder`).
 
-Energy evaluations are counted as one per Langevin step and replica, one per flow proposal
-that reaches the energy, and K per replica and iteration for the energy matrix (both
+Every state runs Langevin + flow moves except λ = 0, which runs flow moves only: there the
+target is the generator's own density, its flow proposals are independent exact draws accepted
+with probability one, and Langevin steps (one flow-force evaluation each, milliseconds in a
+PythonForce) would add nothing. Energy evaluations are counted as one per Langevin step and
+replica at λ > 0, one per flow proposal that reaches the energy, and K per replica and iteration for the energy matrix (both
 CustomCVForces change with λ, so openmmtools evaluates every state); every one of them
 evaluates U and U_q. Minimisation is not counted.
 """
@@ -148,6 +151,7 @@ def _settings(generator, target, lambdas, steps, flow_proposals, timestep_fs, ra
         "generator_hash": generator.content_hash(), "lambdas": [float(x) for x in lambdas],
         "steps_per_iteration": int(steps), "flow_proposals": int(flow_proposals), "timestep_fs": float(timestep_fs),
         "collision_rate_per_ps": float(rate), "backend": backend, "wall": float(wall), "mixing": "swap-all",
+        "lambda0_moves": "flow",
     }
 
 
@@ -255,8 +259,9 @@ def run_bridge_remd(
                                                                   backend=backend, wall=wall))
             langevin = SeededLangevinMove(timestep=timestep_fs * unit.femtosecond,
                                           collision_rate=rate / unit.picosecond, n_steps=max(steps, 1))
-            sequence = mcmc.SequenceMove([langevin, flow_move] if steps > 0 else [flow_move])
-            sampler = ReplicaExchangeSampler(mcmc_moves=sequence, number_of_iterations=n_iterations,
+            moves = [mcmc.SequenceMove([copy.deepcopy(langevin), copy.deepcopy(flow_move)] if steps > 0 and lam > 0
+                                       else [copy.deepcopy(flow_move)]) for lam in ladder]
+            sampler = ReplicaExchangeSampler(mcmc_moves=moves, number_of_iterations=n_iterations,
                                              replica_mixing_scheme="swap-all", online_analysis_interval=None)
             sampler.create(bridge_states(system, target.temperature, ladder),
                            states.SamplerState(target.positions * unit.nanometer), reporter,
@@ -318,7 +323,8 @@ def _finish(storage, checkpoint, out_path, settings, ladder, flows, final_iterat
     positions, u, acceptance = read_state0_frames(storage, checkpoint, n_equilibration + 1, n_iterations)
     exchange = exchange_statistics(storage, n_iterations)
     flow_evaluations = sum(s["n_proposed"] - s["n_chirality_rejected"] - s["n_log_q_failed"] for s in flows)
-    evaluations = int(final_iteration * n_replicas * (steps + len(ladder)) + flow_evaluations)
+    langevin_states = int(np.count_nonzero(np.asarray(ladder) > 0))  # λ = 0 runs flow moves only
+    evaluations = int(final_iteration * (langevin_states * steps + n_replicas * len(ladder)) + flow_evaluations)
     provenance = {
         **settings, "n_replicas": n_replicas, "n_iterations": n_iterations, "n_iterations_stored": int(final_iteration),
         "n_equilibration": int(n_equilibration), "n_frames": int(positions.shape[0]), "seed": int(seed),
