@@ -313,6 +313,17 @@ def main(argv=None) -> int:
     return 0
 
 
+def population_cell(value: float, error: float, transitions: int | None = None) -> str:
+    """A φ > 0 population with its block error, or why there is none: a chain that never visited
+    φ > 0, or never crossed between the basins, has no error bar to give (not 0.0000 ± 0.0000)."""
+    if value is None or not math.isfinite(value):
+        return "n/a (no frames)"
+    if value == 0.0:
+        return "never visited (unconverged)"
+    cell = f"{value:.4f} ± {error:.4f}"
+    return cell + " (no transitions: unreliable)" if transitions == 0 else cell
+
+
 def format_table(rows, flow_pop, ess, args, source) -> str:
     lines = [f"ALDP ({args.system}, {args.temperature:g} K), {int(args.evaluations):,} energy evaluations per sampler; "
              f"generator {source}",
@@ -323,7 +334,8 @@ def format_table(rows, flow_pop, ess, args, source) -> str:
         acc = r.get("flow_acceptance", r.get("exchange_acceptance"))
         lines.append(f"| {r['sampler']} | {r['seed']} | {r['evaluations']:,} | {r['wall_s']:.1f} | {r['transitions']} "
                      f"| {r['transitions_per_1e6_evaluations']:.1f} | {r['transitions_per_wall_s']:.3g} "
-                     f"| {r['phi_positive']:.4f} ± {r['phi_positive_error']:.4f} | {'–' if acc is None else f'{acc:.3f}'} |")
+                     f"| {population_cell(r['phi_positive'], r['phi_positive_error'], r['transitions'])} "
+                     f"| {'–' if acc is None else f'{acc:.3f}'} |")
     lines.append(f"| generator, reweighted ({args.reweight_samples:,} independent samples, ESS {100 * ess:.2f} %) | | | | | | "
                  f"| {flow_pop.value:.4f} ± {flow_pop.error:.4f} | |")
     exchanges = [r for r in rows if "round_trips" in r]
@@ -339,7 +351,7 @@ def format_table(rows, flow_pop, ess, args, source) -> str:
               "| sampler | seed | " + " | ".join(f"{f:g}" for f in CONVERGENCE_FRACTIONS) + " |",
               "|---|---|" + "---|" * len(CONVERGENCE_FRACTIONS)]
     for r in rows:
-        cells = " | ".join(f"{c['phi_positive']:.4f} ± {c['phi_positive_error']:.4f} ({c['evaluations']:,})"
+        cells = " | ".join(f"{population_cell(c['phi_positive'], c['phi_positive_error'])} ({c['evaluations']:,})"
                            for c in r["convergence"])
         lines.append(f"| {r['sampler']} | {r['seed']} | {cells} |")
     md = [r for r in rows if r["sampler"] == "Langevin MD"]

@@ -86,3 +86,12 @@ def test_paper_table_runs_resumes_and_prints_the_published_numbers(tmp_path, mon
     rows = json.loads((tmp_path / "t" / "results.json").read_text())["rows"]["ala4"]
     assert rows[0]["method"] == "forward_kl" and rows[0]["evaluations"] > 0
     assert "Ram TV floor of the ala4 reference (its two halves, 20 frames):" in (tmp_path / "t" / "table.md").read_text()
+
+
+def test_enhanced_sampling_never_prints_a_zero_error_bar():
+    """A chain that never reached φ > 0, or never crossed, says so instead of 0.0000 ± 0.0000."""
+    bench = load_script("benchmarks/enhanced_sampling.py")
+    assert bench.population_cell(0.0, 0.0) == "never visited (unconverged)"
+    assert bench.population_cell(0.02, 0.001, transitions=0) == "0.0200 ± 0.0010 (no transitions: unreliable)"
+    assert bench.population_cell(float("nan"), float("nan")) == "n/a (no frames)"
+    assert bench.population_cell(0.0264, 0.0012, transitions=758) == "0.0264 ± 0.0012"
