@@ -262,6 +262,7 @@ def row_of(method: str, seed: int, report: dict, total_wall: float) -> dict:
         "basins": {k: v["value"] for k, v in pops.items()},
         "lost_basins": [k for k, v in pops.items() if (v["value"] or 0.0) < LOST_POPULATION],
         "chirality_flips": s["chirality_flips"],
+        "reliable": s.get("reliable", True),  # False: N·ESS below the report's minimum, populations unreliable
     }
     if ref:
         row.update(eubo=ref.get("eubo"), ram_tv=ref.get("ramachandran_tv"), forward_ess=ref.get("forward_ess"),
@@ -291,6 +292,7 @@ def aggregate(rows: list[dict]) -> dict:
         out[group]["n_runs"] = len(rs)
         out[group]["lost_basins"] = sorted({b for r in rs for b in r["lost_basins"]})
         out[group]["runs_keeping_every_basin"] = sum(not r["lost_basins"] for r in rs)
+        out[group]["unreliable_runs"] = sum(not r.get("reliable", True) for r in rs)
     return out
 
 

@@ -95,7 +95,9 @@ def table(rows_by_system: dict[str, list[dict]], preset: str, references: dict[s
             lines.append(
                 f"| {system} | {methods_bench.LABEL[group]} | {fmt(s['evaluations'], fmt='{:.3g}')} | {fmt(s['ess'], 100)} "
                 f"| {fmt(s['ess_clipped'], 100)} | {fmt(s['ram_tv'], fmt='{:.2e}')} | {fmt(s['train_wall_s'], fmt='{:.0f}')} "
-                f"| {s['runs_keeping_every_basin']}/{s['n_runs']} | "
+                f"| {s['runs_keeping_every_basin']}/{s['n_runs']}"
+                + (f" ({s['unreliable_runs']} unreliable: too few effective samples)" if s["unreliable_runs"] else "")
+                + " | "
                 + (f"{pub[0]} | {pub[1]} | {pub[2]:.3g} |" if pub else "– | – | – |"))
     for system, path in sorted((references or {}).items()):
         if system in rows_by_system:  # Ram TV below this is the reference's own noise, not the flow's error

@@ -69,6 +69,7 @@ def test_paper_table_runs_resumes_and_prints_the_published_numbers(tmp_path, mon
     assert bench.main(argv) == 0 and row.stat().st_mtime_ns == before  # a finished run is read back, not redone
     table = (tmp_path / "t" / "table.md").read_text()
     assert "| ala4 | CMT + φ strata |" in table and "| 68.6 | 0.0143 |" in table
+    assert "(1 unreliable: too few effective samples)" in table  # tiny runs: a handful of effective samples
     result = json.loads((tmp_path / "t" / "results.json").read_text())
     assert any(b.startswith("phi>0 residue_") for b in result["rows"]["ala4"][0]["basins"])
     # the two missing runs train in parallel processes; the finished CMT run is read back
