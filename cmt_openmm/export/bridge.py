@@ -26,9 +26,9 @@ Every state runs Langevin + flow moves except λ = 0, which runs flow moves only
 target is the generator's own density, its flow proposals are independent exact draws accepted
 with probability one, and Langevin steps (one flow-force evaluation each, milliseconds in a
 PythonForce) would add nothing. Energy evaluations are counted as one per Langevin step and
-replica at λ > 0, one per flow proposal that reaches the energy, and K per replica and iteration for the energy matrix (both
-CustomCVForces change with λ, so openmmtools evaluates every state); every one of them
-evaluates U and U_q. Minimisation is not counted.
+replica at λ > 0, one per flow proposal that reaches the energy, and K per replica and
+iteration for the energy matrix (both CustomCVForces change with λ, so openmmtools evaluates
+every state); every one of them evaluates U and U_q. Minimisation is not counted.
 """
 from __future__ import annotations
 

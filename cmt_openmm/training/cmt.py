@@ -144,12 +144,14 @@ class CMTTrainer(Trainer):
             "lr": self.optimizer.param_groups[0]["lr"],
         }
 
+    _MARKS = ("reached_at", "cooled_at")  # step marks, stored as -1 when not (yet) reached
+
     def state_dict(self) -> dict:
-        marks = {"reached_at": self.reached_at, "cooled_at": self.cooled_at}
+        marks = {name: getattr(self, name) for name in self._MARKS}
         return {**super().state_dict(), **{k: -1 if v is None else v for k, v in marks.items()}}
 
     def load_state_dict(self, state) -> None:
         super().load_state_dict(state)
-        self.reached_at = None if int(state["reached_at"]) < 0 else int(state["reached_at"])
-        cooled = int(state.get("cooled_at", -1))  # absent in checkpoints written before lr_decay_from
-        self.cooled_at = None if cooled < 0 else cooled
+        for name in self._MARKS:  # cooled_at is absent in checkpoints written before lr_decay_from
+            value = int(state.get(name, -1))
+            setattr(self, name, None if value < 0 else value)
