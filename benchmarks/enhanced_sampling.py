@@ -27,9 +27,14 @@ recrossings of the boundary are not counted: φ > 0 core 20°..100°, φ < 0 cor
 population (independent samples, delta-method error) is printed beside them. For the replica
 exchanges: round trips per replica (state 0 -> last state -> state 0) and the exchange
 acceptance of every neighbour pair; for all: the φ > 0 population against the evaluations spent
-(at 1/8, 1/4, 1/2 and all of the budget). Prints the tables, writes ``results.json``.
+(at 1/10, 1/4, 1/2 and all of the budget) and the evaluations each needed to converge: the first
+budget fraction from which every later estimate lies within its own 1σ (block error) of the
+reference population (``--reference VALUE ERROR`` from a long run; default the reweighted
+generator's estimate), with the ratio against temperature replica exchange (a lower bound where
+replica exchange never converged). Prints the tables, writes ``results.json``.
 
     python benchmarks/enhanced_sampling.py --generator runs/demo --evaluations 1e6
+    python benchmarks/enhanced_sampling.py --generator runs/demo --samplers bridge --evaluations 1e5 --reference 0.0262 0.0008
     python benchmarks/enhanced_sampling.py --tiny      # trains a tiny generator; a smoke run
     python benchmarks/enhanced_sampling.py --tiny --generator g.safetensors --samplers bridge --evaluations 600
 """
@@ -64,7 +69,7 @@ from cmt_openmm.sampling.estimators import PHI_POSITIVE  # noqa: E402
 PHI_POS_CORE = (math.radians(20.0), math.radians(100.0))
 PHI_NEG_CORE = (math.radians(-20.0), math.radians(140.0))  # φ <= -20° or φ >= 140°
 N_BLOCKS = 20
-CONVERGENCE_FRACTIONS = (0.125, 0.25, 0.5, 1.0)
+CONVERGENCE_FRACTIONS = (0.1, 0.25, 0.5, 1.0)  # 0.1: the target is convergence with 1/10 of T-REMD
 
 
 def phi_of(target, positions: np.ndarray) -> np.ndarray:
@@ -101,6 +106,21 @@ def convergence(phi: np.ndarray, spent: np.ndarray, budget: float) -> list[dict]
         rows.append({"fraction": fraction, "evaluations": int(spent[keep].max()) if keep.any() else 0,
                      "frames": int(keep.sum()), "phi_positive": pop, "phi_positive_error": err})
     return rows
+
+
+def evaluations_to_converge(convergence_rows: list[dict], reference: float) -> int | None:
+    """Evaluations after which the φ > 0 estimate stays within its own 1σ of ``reference``: those
+    of the first budget fraction from which every later one agrees (None: it never did).
+    A fraction without a usable error bar (no visit, no frames) does not agree."""
+    converged_from = None
+    for row in convergence_rows:
+        value, error = row["phi_positive"], row["phi_positive_error"]
+        agrees = math.isfinite(value) and math.isfinite(error) and value > 0 and abs(value - reference) <= error
+        if not agrees:
+            converged_from = None
+        elif converged_from is None:
+            converged_from = row["evaluations"]
+    return converged_from
 
 
 def leg_result(name: str, target, phi: np.ndarray, evaluations: int, wall: float, spent=None, **extra) -> dict:
@@ -259,6 +279,9 @@ def main(argv=None) -> int:
                    help="independent generator samples reweighted (default 20000; --tiny 1000)")
     p.add_argument("--samplers", nargs="+", default=["md", "md+flow", "remd", "bridge"],
                    help="md, md+flow, remd (temperatures), bridge (flow-bridged λ ladder)")
+    p.add_argument("--reference", nargs=2, type=float, metavar=("VALUE", "ERROR"),
+                   help="φ > 0 population of a long run and its error, to judge convergence against "
+                        "(default: the reweighted generator's estimate)")
     p.add_argument("--out", default="runs/bench_enhanced_sampling")
     p.add_argument("--tiny", action="store_true", help="smoke run: tiny generator, 2e4 evaluations "
                                                        "(an explicit --evaluations or --reweight-samples wins)")
@@ -283,6 +306,7 @@ def main(argv=None) -> int:
     phi_gen = phi_of(target, ens.positions)
     flow_pop = weighted_mean(((phi_gen >= lo) & (phi_gen < hi)).astype(float), ens.weights) \
         if ens.weights.any() else Estimate(float("nan"), float("nan"))
+    reference = Estimate(*args.reference) if args.reference else flow_pop
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:
@@ -300,12 +324,15 @@ def main(argv=None) -> int:
                 else:
                     raise SystemExit(f"unknown sampler {sampler!r}: use md, md+flow, remd, bridge")
                 row["seed"] = seed
+                row["evaluations_to_converge"] = evaluations_to_converge(row["convergence"], reference.value)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    table = format_table(rows, flow_pop, ens.ess, args, source)
+    table = format_table(rows, flow_pop, ens.ess, args, source, reference)
     print("\n" + table)
     results = {"settings": vars(args), "generator": source, "generator_reweighted": {
         "n": len(ens), "ess": ens.ess, "phi_positive": flow_pop.value, "phi_positive_error": flow_pop.error},
+        "reference": {"phi_positive": reference.value, "phi_positive_error": reference.error,
+                      "source": "--reference" if args.reference else "generator, reweighted"},
         "runs": rows}
     (out / "results.json").write_text(json.dumps(results, indent=2, default=float) + "\n")
     (out / "table.md").write_text(table + "\n")
@@ -324,7 +351,7 @@ def population_cell(value: float, error: float, transitions: int | None = None) 
     return cell + " (no transitions: unreliable)" if transitions == 0 else cell
 
 
-def format_table(rows, flow_pop, ess, args, source) -> str:
+def format_table(rows, flow_pop, ess, args, source, reference) -> str:
     lines = [f"ALDP ({args.system}, {args.temperature:g} K), {int(args.evaluations):,} energy evaluations per sampler; "
              f"generator {source}",
              "",
@@ -354,6 +381,7 @@ def format_table(rows, flow_pop, ess, args, source) -> str:
         cells = " | ".join(f"{population_cell(c['phi_positive'], c['phi_positive_error'])} ({c['evaluations']:,})"
                            for c in r["convergence"])
         lines.append(f"| {r['sampler']} | {r['seed']} | {cells} |")
+    lines += ["", convergence_summary(rows, reference, args)]
     md = [r for r in rows if r["sampler"] == "Langevin MD"]
     flow = [r for r in rows if r["sampler"].startswith("Langevin MD + flow")]
     if md and flow:
@@ -361,6 +389,26 @@ def format_table(rows, flow_pop, ess, args, source) -> str:
         b = np.mean([r["transitions_per_1e6_evaluations"] for r in md])
         lines += ["", f"flow moves / MD transitions per evaluation: {a / b:.1f}x" if b > 0 else
                   f"flow moves: {a:.1f} transitions per 1e6 evaluations; MD alone: none observed"]
+    return "\n".join(lines)
+
+
+def convergence_summary(rows, reference, args) -> str:
+    """Evaluations each sampler needed to converge, and how many times fewer than temperature
+    replica exchange of the same seed (``>``: a lower bound, replica exchange never converged)."""
+    source = "--reference" if args.reference else "the reweighted generator"
+    lines = [f"Evaluations to converge (every later φ > 0 estimate within its 1σ of {reference.value:.4f} ± "
+             f"{reference.error:.4f}, {source}):", "",
+             "| sampler | seed | evaluations to converge | x fewer than T-REMD |", "|---|---|---|---|"]
+    remd = {r["seed"]: r for r in rows if r["sampler"].startswith("replica exchange")}
+    for r in rows:
+        need = r["evaluations_to_converge"]
+        cell = f"{need:,}" if need is not None else f"> {r['evaluations']:,} (not converged)"
+        ratio = "–"
+        other = remd.get(r["seed"])
+        if need is not None and other is not None and other is not r:
+            other_need = other["evaluations_to_converge"]
+            ratio = f"{other_need / need:.1f}x" if other_need is not None else f"> {other['evaluations'] / need:.1f}x"
+        lines.append(f"| {r['sampler']} | {r['seed']} | {cell} | {ratio} |")
     return "\n".join(lines)
 
 

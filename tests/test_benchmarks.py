@@ -96,3 +96,26 @@ def test_enhanced_sampling_never_prints_a_zero_error_bar():
     assert bench.population_cell(0.02, 0.001, transitions=0) == "0.0200 ± 0.0010 (no transitions: unreliable)"
     assert bench.population_cell(float("nan"), float("nan")) == "n/a (no frames)"
     assert bench.population_cell(0.0264, 0.0012, transitions=758) == "0.0264 ± 0.0012"
+
+
+def test_enhanced_sampling_judges_convergence_by_every_later_estimate():
+    bench = load_script("benchmarks/enhanced_sampling.py")
+
+    def rows(*cells):
+        return [{"evaluations": n, "phi_positive": v, "phi_positive_error": e} for n, v, e in cells]
+
+    assert bench.evaluations_to_converge(rows((100, 0.0, 0.0), (250, 0.03, 0.01), (500, 0.027, 0.004),
+                                              (1000, 0.0262, 0.002)), 0.026) == 250
+    # agreeing early by a wide error bar, then leaving, does not count: convergence restarts
+    assert bench.evaluations_to_converge(rows((100, 0.026, 0.02), (250, 0.05, 0.005), (500, 0.027, 0.002)),
+                                         0.026) == 500
+    assert bench.evaluations_to_converge(rows((100, 0.0, 0.0), (1000, 0.0, 0.0)), 0.026) is None  # never visited
+    assert bench.evaluations_to_converge(rows((1000, 0.02, 0.001)), 0.026) is None
+    args = type("Args", (), {"reference": None})()
+    runs = [{"sampler": "replica exchange (4 replicas)", "seed": 0, "evaluations": 1_000_000,
+             "evaluations_to_converge": None},
+            {"sampler": "flow-bridged replica exchange", "seed": 0, "evaluations": 100_000,
+             "evaluations_to_converge": 25_000}]
+    table = bench.convergence_summary(runs, bench.Estimate(0.026, 0.001), args)
+    assert "| flow-bridged replica exchange | 0 | 25,000 | > 40.0x |" in table
+    assert "| replica exchange (4 replicas) | 0 | > 1,000,000 (not converged) | – |" in table
