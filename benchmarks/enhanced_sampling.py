@@ -28,8 +28,8 @@ population (independent samples, delta-method error) is printed beside them. For
 exchanges: round trips per replica (state 0 -> last state -> state 0) and the exchange
 acceptance of every neighbour pair; for all: the φ > 0 population against the evaluations spent
 (at 1/10, 1/4, 1/2 and all of the budget) and the evaluations each needed to converge: the first
-budget fraction from which every later estimate lies within its own 1σ (block error) of the
-reference population (``--reference VALUE ERROR`` from a long run; default the reweighted
+budget fraction from which every later estimate lies within 1σ (its block error and the
+reference's error in quadrature) of the reference population (``--reference VALUE ERROR`` from a long run; default the reweighted
 generator's estimate), with the ratio against temperature replica exchange (a lower bound where
 replica exchange never converged). Prints the tables, writes ``results.json``.
 
@@ -108,14 +108,16 @@ def convergence(phi: np.ndarray, spent: np.ndarray, budget: float) -> list[dict]
     return rows
 
 
-def evaluations_to_converge(convergence_rows: list[dict], reference: float) -> int | None:
-    """Evaluations after which the φ > 0 estimate stays within its own 1σ of ``reference``: those
+def evaluations_to_converge(convergence_rows: list[dict], reference: Estimate) -> int | None:
+    """Evaluations after which the φ > 0 estimate stays within 1σ of ``reference`` (σ: the standard
+    error of the difference, the estimate's block error and the reference's in quadrature): those
     of the first budget fraction from which every later one agrees (None: it never did).
     A fraction without a usable error bar (no visit, no frames) does not agree."""
     converged_from = None
     for row in convergence_rows:
         value, error = row["phi_positive"], row["phi_positive_error"]
-        agrees = math.isfinite(value) and math.isfinite(error) and value > 0 and abs(value - reference) <= error
+        agrees = (math.isfinite(value) and math.isfinite(error) and value > 0
+                  and abs(value - reference.value) <= math.hypot(error, reference.error))
         if not agrees:
             converged_from = None
         elif converged_from is None:
@@ -324,7 +326,7 @@ def main(argv=None) -> int:
                 else:
                     raise SystemExit(f"unknown sampler {sampler!r}: use md, md+flow, remd, bridge")
                 row["seed"] = seed
-                row["evaluations_to_converge"] = evaluations_to_converge(row["convergence"], reference.value)
+                row["evaluations_to_converge"] = evaluations_to_converge(row["convergence"], reference)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     table = format_table(rows, flow_pop, ens.ess, args, source, reference)
@@ -396,8 +398,8 @@ def convergence_summary(rows, reference, args) -> str:
     """Evaluations each sampler needed to converge, and how many times fewer than temperature
     replica exchange of the same seed (``>``: a lower bound, replica exchange never converged)."""
     source = "--reference" if args.reference else "the reweighted generator"
-    lines = [f"Evaluations to converge (every later φ > 0 estimate within its 1σ of {reference.value:.4f} ± "
-             f"{reference.error:.4f}, {source}):", "",
+    lines = [f"Evaluations to converge (every later φ > 0 estimate within 1σ of {reference.value:.4f} ± "
+             f"{reference.error:.4f}, {source}; σ of the difference):", "",
              "| sampler | seed | evaluations to converge | x fewer than T-REMD |", "|---|---|---|---|"]
     remd = {r["seed"]: r for r in rows if r["sampler"].startswith("replica exchange")}
     for r in rows:

@@ -100,17 +100,21 @@ def test_enhanced_sampling_never_prints_a_zero_error_bar():
 
 def test_enhanced_sampling_judges_convergence_by_every_later_estimate():
     bench = load_script("benchmarks/enhanced_sampling.py")
+    ref = bench.Estimate(0.026, 0.0)
 
     def rows(*cells):
         return [{"evaluations": n, "phi_positive": v, "phi_positive_error": e} for n, v, e in cells]
 
     assert bench.evaluations_to_converge(rows((100, 0.0, 0.0), (250, 0.03, 0.01), (500, 0.027, 0.004),
-                                              (1000, 0.0262, 0.002)), 0.026) == 250
+                                              (1000, 0.0262, 0.002)), ref) == 250
     # agreeing early by a wide error bar, then leaving, does not count: convergence restarts
     assert bench.evaluations_to_converge(rows((100, 0.026, 0.02), (250, 0.05, 0.005), (500, 0.027, 0.002)),
-                                         0.026) == 500
-    assert bench.evaluations_to_converge(rows((100, 0.0, 0.0), (1000, 0.0, 0.0)), 0.026) is None  # never visited
-    assert bench.evaluations_to_converge(rows((1000, 0.02, 0.001)), 0.026) is None
+                                         ref) == 500
+    assert bench.evaluations_to_converge(rows((100, 0.0, 0.0), (1000, 0.0, 0.0)), ref) is None  # never visited
+    assert bench.evaluations_to_converge(rows((1000, 0.02, 0.001)), ref) is None
+    # 0.0266 ± 0.0009 against 0.0256 ± 0.0005: 0.0010 apart, within the σ of the difference (0.00103)
+    assert bench.evaluations_to_converge(rows((1000, 0.0266, 0.0009)), bench.Estimate(0.0256, 0.0005)) == 1000
+    assert bench.evaluations_to_converge(rows((1000, 0.0268, 0.0009)), bench.Estimate(0.0256, 0.0005)) is None
     args = type("Args", (), {"reference": None})()
     runs = [{"sampler": "replica exchange (4 replicas)", "seed": 0, "evaluations": 1_000_000,
              "evaluations_to_converge": None},
