@@ -177,6 +177,32 @@ def test_python_force_at_scale_zero_skips_the_flow(target, generator64, monkeypa
     assert calls
 
 
+def test_python_force_evaluates_the_flow_once_per_configuration(target, generator64, monkeypatch):
+    """The energies of one configuration at every λ of a ladder cost one flow evaluation; a new
+    configuration is evaluated afresh (energies and forces equal to an uncached force's)."""
+    x, y = samples(generator64, 2, seed=5)
+    system = particles_only(target)
+    system.addForce(to_openmm_force(generator64, backend="python"))
+    context = openmm.Context(system, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName("Reference"))
+    other = particles_only(target)  # another force: its own cache
+    other.addForce(to_openmm_force(generator64, backend="python"))
+    f_q = {id(p): evaluate(other, p)[1] for p in (x, y)}
+    calls = []
+    original = FlowEnergy.forward
+    monkeypatch.setattr(FlowEnergy, "forward", lambda self, *a: calls.append(1) or original(self, *a))
+    for positions in (x, y, x):
+        context.setPositions(positions)
+        u_q = minus_kT_log_q(generator64, positions[None])[0]
+        n_calls = len(calls)
+        for scale in (1.0, 0.6, 0.3):
+            context.setParameter("lambda_flow", scale)
+            state = context.getState(getEnergy=True, getForces=True)
+            assert state.getPotentialEnergy().value_in_unit(KJ) == pytest.approx(scale * u_q, rel=1e-11, abs=1e-9)
+            np.testing.assert_allclose(state.getForces(asNumpy=True).value_in_unit(KJ / unit.nanometer),
+                                       scale * f_q[id(positions)], rtol=1e-12, atol=1e-12)
+        assert len(calls) == n_calls + 1
+
+
 def test_outside_the_flow_domain_the_energy_is_the_documented_finite_restraint(target, generator64):
     energy = FlowEnergy.from_generator(generator64)
     coordinates, scaling = generator64.coordinates, generator64.flow.scaling
