@@ -176,17 +176,6 @@ class BoltzmannGenerator(nn.Module):
         """(B,) bool: True where a chiral centre of the reference structure is mirrored in x."""
         return self.coordinates.chirality_flipped(self._positions(x))
 
-    def to_openmm_force(self, temperature=None, scale_parameter: str | None = "lambda_flow", **options):
-        """This generator's energy U_q = -kT log q (kJ/mol) as an OpenMM Force.
-
-        The same as ``cmt_openmm.export.to_openmm_force(generator, ...)`` (see there for the
-        options: backend, wall, dtype, force_group, allow_uncopyable); the export layer is
-        imported on first use, so loading a generator never imports openmm-torch.
-        """
-        from .export.force import to_openmm_force
-
-        return to_openmm_force(self, temperature, scale_parameter, **options)
-
     def _positions(self, x) -> Tensor:
         if hasattr(x, "value_in_unit"):
             x = nanometers(x)

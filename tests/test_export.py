@@ -149,7 +149,7 @@ def test_force_beside_the_system_on_reference_and_cpu_with_its_scale(target, gen
     system = copy.deepcopy(target.system)
     system.addForce(to_openmm_force(generator64, backend=backend, allow_uncopyable=True))
     flow_only = particles_only(target)
-    flow_only.addForce(generator64.to_openmm_force(backend="python", scale_parameter=None))  # the method form
+    flow_only.addForce(to_openmm_force(generator64, backend="python", scale_parameter=None))
     _, f_q = evaluate(flow_only, x)
     assert evaluate(flow_only, x)[0] == pytest.approx(u_q, rel=1e-11, abs=1e-9)
     for platform in ("Reference", "CPU"):

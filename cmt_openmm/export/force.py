@@ -25,6 +25,9 @@ from XML -- and openmmtools copies Systems all the time. Where that is so, ``bac
 is refused with one sentence unless ``allow_uncopyable=True`` (for a plain ``Simulation``
 that never copies its System), and ``"auto"`` picks the PythonForce, which copies safely.
 
+It is a function of the generator, not a ``BoltzmannGenerator`` method: the generator's layer
+sits below this one (design.md; ``tests/test_layout.py`` keeps imports going down).
+
 Example::
 
     force = to_openmm_force(generator)                  # U_q at the generator's temperature
