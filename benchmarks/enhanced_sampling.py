@@ -34,7 +34,7 @@ generator's estimate), with the ratio against temperature replica exchange (a lo
 replica exchange never converged). Prints the tables, writes ``results.json``.
 
     python benchmarks/enhanced_sampling.py --generator runs/demo --evaluations 1e6
-    python benchmarks/enhanced_sampling.py --generator runs/demo --samplers bridge --evaluations 1e5 --reference 0.0262 0.0008
+    python benchmarks/enhanced_sampling.py --generator runs/demo --samplers bridge --remd-steps 10 --evaluations 1e5 --reference 0.0256 0.0005
     python benchmarks/enhanced_sampling.py --tiny      # trains a tiny generator; a smoke run
     python benchmarks/enhanced_sampling.py --tiny --generator g.safetensors --samplers bridge --evaluations 600
 """
