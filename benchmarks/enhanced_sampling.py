@@ -29,12 +29,12 @@ exchanges: round trips per replica (state 0 -> last state -> state 0) and the ex
 acceptance of every neighbour pair; for all: the φ > 0 population against the evaluations spent
 (at 1/10, 1/4, 1/2 and all of the budget) and the evaluations each needed to converge: the first
 budget fraction from which every later estimate lies within 1σ (its block error and the
-reference's error in quadrature) of the reference population (``--reference VALUE ERROR`` from a long run; default the reweighted
-generator's estimate), with the ratio against temperature replica exchange (a lower bound where
-replica exchange never converged). Prints the tables, writes ``results.json``.
+reference's error in quadrature) of the reference population (``--reference VALUE ERROR`` from
+a long run; default the reweighted generator's estimate), with the ratio against temperature
+replica exchange (a lower bound where replica exchange never converged). Prints the tables, writes ``results.json``.
 
     python benchmarks/enhanced_sampling.py --generator runs/demo --evaluations 1e6
-    python benchmarks/enhanced_sampling.py --generator runs/demo --samplers bridge --remd-steps 10 --evaluations 1e5 --reference 0.0256 0.0005
+    python benchmarks/enhanced_sampling.py --generator runs/demo --samplers bridge --remd-steps 10 --evaluations 1e5
     python benchmarks/enhanced_sampling.py --tiny      # trains a tiny generator; a smoke run
     python benchmarks/enhanced_sampling.py --tiny --generator g.safetensors --samplers bridge --evaluations 600
 """
@@ -334,7 +334,7 @@ def main(argv=None) -> int:
     results = {"settings": vars(args), "generator": source, "generator_reweighted": {
         "n": len(ens), "ess": ens.ess, "phi_positive": flow_pop.value, "phi_positive_error": flow_pop.error},
         "reference": {"phi_positive": reference.value, "phi_positive_error": reference.error,
-                      "source": "--reference" if args.reference else "generator, reweighted"},
+                      "source": reference_source(args)},
         "runs": rows}
     (out / "results.json").write_text(json.dumps(results, indent=2, default=float) + "\n")
     (out / "table.md").write_text(table + "\n")
@@ -394,12 +394,16 @@ def format_table(rows, flow_pop, ess, args, source, reference) -> str:
     return "\n".join(lines)
 
 
+def reference_source(args) -> str:
+    """Where the reference φ > 0 population comes from."""
+    return "--reference" if args.reference else "the reweighted generator"
+
+
 def convergence_summary(rows, reference, args) -> str:
     """Evaluations each sampler needed to converge, and how many times fewer than temperature
     replica exchange of the same seed (``>``: a lower bound, replica exchange never converged)."""
-    source = "--reference" if args.reference else "the reweighted generator"
     lines = [f"Evaluations to converge (every later φ > 0 estimate within 1σ of {reference.value:.4f} ± "
-             f"{reference.error:.4f}, {source}; σ of the difference):", "",
+             f"{reference.error:.4f}, {reference_source(args)}; σ of the difference):", "",
              "| sampler | seed | evaluations to converge | x fewer than T-REMD |", "|---|---|---|---|"]
     remd = {r["seed"]: r for r in rows if r["sampler"].startswith("replica exchange")}
     for r in rows:
