@@ -145,16 +145,17 @@ class OBCKernel:
         L = diff.abs() if (gradient or self.inner) else diff.abs_()
         outer = L > o if gradient else None  # dL/dr != 0
         L.clamp_min_(o)
-        log_ratio = torch.div(L, U).log_()
-        inv_U, inv_L = U.reciprocal_(), L.reciprocal_()
+        inv_U = U.reciprocal_()
+        log_ratio = torch.mul(L, inv_U).log_()
+        inv_L = L.reciprocal_()
         a = torch.addcmul(r, self.sr2_j, inv_r, value=-1.0)  # r - sr_j^2 / r
         # 1/L - 1/U + (a/4)(1/U^2 - 1/L^2) = (1/L - 1/U)(1 - (a/4)(1/L + 1/U))
         h = torch.addcmul(self.one, a, inv_L + inv_U, value=-0.25).mul_(inv_L - inv_U)
         h.addcmul_(log_ratio, inv_r, value=0.5)
         inside = None
-        if self.inner:  # 2 (1/or_i - 1/L) where or_i < sr_j - r (then L = sr_j - r), else 0 exactly
+        if self.inner:  # 2 (1/or_i - 1/L) where or_i < sr_j - r (there L = sr_j - r), else 0
             inside = diff < self.neg_or_i
-            h.add_(torch.neg(diff).clamp_min_(o).reciprocal_().sub_(self.inv_or_i), alpha=-2.0)
+            h.add_(torch.sub(inv_L, self.inv_or_i).mul_(inside), alpha=-2.0)
         within = None
         if self.cutoff is not None:
             within = (r <= self.cutoff).to(r.dtype)
