@@ -459,19 +459,27 @@ def test_unsupported_tabulated_function_is_refused_by_name(aldp):
 
 # -- compiled path and benchmark ---------------------------------------------------------------
 @pytest.mark.slow
-def test_compiled_evaluation_equals_eager():
-    target = get_target("aldp-implicit")
+@pytest.mark.parametrize("name", ["aldp-implicit", "aldp-obc"])
+def test_compiled_evaluation_equals_eager_and_openmm(name):
+    target = get_target(name)
     eager = TorchEnergy(target, compile=False, verify=False)
-    compiled = TorchEnergy(target, compile=True, verify=False)
-    x = structures(target.positions, 50)
+    compiled = TorchEnergy(target, compile=True, verify=False, chunk_size=32)
+    x = structures(target.positions, 75)  # two whole chunks and a short one, padded
+    x[3, 0, 0] = np.nan  # failures are found inside the compiled chunk
+    x[40, 5] = x[40, 6]  # coincident atoms: infinite energy
+    failed = [3, 40]
     (u1, f1), (u2, f2) = eager.energy_and_forces(x), compiled.energy_and_forces(x)
     assert compiled.compile is True and compiled._compiled is not None
+    assert np.isinf(u2[failed]).all() and (f2[failed] == 0).all() and compiled.n_failed == 2
     np.testing.assert_allclose(u2, u1, rtol=1e-12)
     np.testing.assert_allclose(f2, f1, rtol=1e-9, atol=1e-9 * np.abs(f1).max())
     with torch.no_grad():  # energies only: a compiled function of its own, without gradients
         u3 = compiled(torch.as_tensor(x)).numpy()
     assert compiled._compiled_energy is not None
     np.testing.assert_allclose(u3, u1, rtol=1e-12)
+    ok = np.setdiff1d(np.arange(len(x)), failed)[::8]
+    e_ref, _ = openmm_reference(target.system, x[ok])
+    np.testing.assert_allclose(u3[ok] * target.kT, e_ref, rtol=E_RTOL)
 
 
 def test_throughput_benchmark_quick_mode_writes_its_record(tmp_path):

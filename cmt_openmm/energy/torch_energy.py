@@ -227,7 +227,9 @@ class TorchEnergy:
             try:
                 options = {"cpp.threads": 1, "cpp_wrapper": True} if self.device.type == "cpu" else None
                 compiled = torch.compile(chunk, dynamic=False, options=options)
-                compiled(reference.expand(-1, -1, self.compiled_chunk_size).contiguous())
+                # where the chunks will run: the compiled function is specialised to the calling
+                # thread's torch thread count (a probe here recompiled it in every pool thread)
+                self._map(compiled, [(reference.expand(-1, -1, self.compiled_chunk_size).contiguous(),)])
             except Exception as error:  # no C++ compiler, unsupported operation, ...
                 reason = (
                     f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"

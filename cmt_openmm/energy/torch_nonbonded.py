@@ -127,8 +127,8 @@ class NonbondedTerm(ForceTerm):
         inv2 = inv * inv
         s2 = sig2 * inv2
         s6 = s2 * s2 * s2
-        if not cutoff and not gradient:  # energies only: eps4 (s6 - 1) s6 + qq/r in place, one sum
-            return torch.sub(s6, 1.0).mul_(s6).mul_(eps4).addcmul_(qq, inv).sum(0)
+        if not cutoff and not gradient:  # energies only: sums over pairs as products (see OBCKernel)
+            return torch.mm(eps4.t(), torch.sub(s6, 1.0).mul_(s6))[0].add_(torch.mm(qq.t(), inv)[0])
         lj = eps4 * (s6 * s6 - s6)
         dlj = -eps4 * (12.0 * s6 * s6 - 6.0 * s6) * inv  # dLJ/dr
         if not cutoff:

@@ -106,6 +106,10 @@ class OBCKernel:
         BB = Bi * Bj
         e = torch.div(r2, BB).mul_(-0.25).exp_()
         inv_f = torch.addcmul(r2, BB, e).sqrt_().reciprocal_()  # measured 1.5x faster than rsqrt
+        if self.cutoff is None and not gradient:
+            # the sum over pairs as a product: a compiled kernel then computes inv_f vectorised over
+            # the batch, where a sum over pairs gathered pairs into vectors (~8 % faster for aldp-obc)
+            return energy + torch.mm(self.qq.t(), inv_f)[0]
         pair = self.qq * inv_f
         if self.cutoff is not None:
             within = (r2 <= self.cutoff**2).to(r2.dtype)
@@ -145,9 +149,12 @@ class OBCKernel:
         L = diff.abs() if (gradient or self.inner) else diff.abs_()
         outer = L > o if gradient else None  # dL/dr != 0
         L.clamp_min_(o)
-        inv_U = U.reciprocal_()
+        # one division for both reciprocals (divisions, square roots and the logarithm bound
+        # the compiled kernel; two divisions fewer ran aldp-obc ~10 % faster)
+        inv_LU = torch.mul(L, U).reciprocal_()
+        inv_U = torch.mul(L, inv_LU)
+        inv_L = U.mul_(inv_LU)
         log_ratio = torch.mul(L, inv_U).log_()
-        inv_L = L.reciprocal_()
         a = torch.addcmul(r, self.sr2_j, inv_r, value=-1.0)  # r - sr_j^2 / r
         # 1/L - 1/U + (a/4)(1/U^2 - 1/L^2) = (1/L - 1/U)(1 - (a/4)(1/L + 1/U))
         h = torch.addcmul(self.one, a, inv_L + inv_U, value=-0.25).mul_(inv_L - inv_U)
