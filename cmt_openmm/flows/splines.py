@@ -103,9 +103,12 @@ def spline_forward(x: Tensor, bins: Tensor, derivatives: Tensor, inverse: bool, 
     p_scaled = e.gather(0, pick).squeeze(0).mul_(inv_total_scaled)  # scale p_idx
     size = torch.add(p_scaled, c["min_bin"])  # (w, h)
     # knot derivatives idx and idx + 1: one gather from rows 0..K-1 and 1..K of the same storage
-    pair = torch.as_strided(derivatives, (2, k, *shape), (derivatives.stride(0), *derivatives.stride()),
-                            derivatives.storage_offset())
-    raw = pair.gather(1, idx.expand(2, 1, *shape)).squeeze(1)  # (2, *S)
+    if torch.compiler.is_compiling():  # (inductor read this as_strided view out of bounds: a segfault)
+        raw = torch.cat([derivatives[:k].gather(0, idx.unsqueeze(0)), derivatives[1:].gather(0, idx.unsqueeze(0))])
+    else:
+        pair = torch.as_strided(derivatives, (2, k, *shape), (derivatives.stride(0), *derivatives.stride()),
+                                derivatives.storage_offset())
+        raw = pair.gather(1, idx.expand(2, 1, *shape)).squeeze(1)  # (2, *S)
     slope = F.softplus(raw).add_(c["min_derivative"])
     x0, y0 = knot[0], knot[1]
     w, h = size[0], size[1]
