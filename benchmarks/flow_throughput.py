@@ -22,7 +22,8 @@ slower calls measure other people's work), with the median call and this process
 time (all threads) beside it, and the load average before and after. Targets (issue 12): >= 3x
 training and >= 2x sampling throughput at every batch size and thread count. ``--compile`` also
 tries ``torch.compile`` of the new flow's ``log_prob`` with a backward pass, in a subprocess (it
-has crashed the interpreter on CPU; it is never the default path). Usage:
+crashed the interpreter on CPU until the spline stopped reading an ``as_strided`` view when traced;
+it is never the default path: it gained ~7 %). Usage:
 ``python benchmarks/flow_throughput.py [--quick] [--out PATH] [--compile] [--plain-adam]``
 (both implementations step ``Adam(fused=True)``, as ``training/loop.py`` does; ``--plain-adam``:
 torch's default Adam for both).
