@@ -362,5 +362,6 @@ def test_compiled_log_prob_runs_and_equals_eager():
     proc = subprocess.run([sys.executable, "-c", _COMPILED_LOG_PROB, str(bench)], capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, f"compiled log q failed (return code {proc.returncode}): {proc.stderr[-2000:]}"
-    log_q_diff, grad_diff = map(float, [line for line in proc.stdout.splitlines() if line.startswith("DIFF")][0].split()[1:])
+    result = [line for line in proc.stdout.splitlines() if line.startswith("DIFF")][0]
+    log_q_diff, grad_diff = map(float, result.split()[1:])
     assert log_q_diff < 1e-3 and grad_diff < 1e-3  # float32 flow; fused kernels round differently

@@ -276,7 +276,9 @@ class TorchEnergy:
             self.n_failed += int(failed.sum())
         return u, grad
 
-    def _evaluate_compiled(self, x: torch.Tensor, gradient: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    def _evaluate_compiled(
+        self, x: torch.Tensor, gradient: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """(u, du/dx, failed) of :meth:`_evaluate` by the compiled chunk, every step in the pool's threads."""
         n, size, compiled = x.shape[0], self.compiled_chunk_size, self._compiled_chunk(gradient)
         reference = self._reference.t()[:, :, None]
