@@ -81,11 +81,12 @@ class TorchEnergy:
             ``verification``.
         compile: ``torch.compile`` the chunk evaluation (energies and gradients fused into a
             few loops, after a one-time compilation of ~10-40 s that torch caches on disk;
-            energies-only calls compile their own function on first use). ``"auto"`` compiles on the first call with at least
-            ``COMPILE_MIN_BATCH`` configurations, so small calls (tests, checks) stay eager;
-            ``True`` on the first call; ``False`` (default) never. Off by default: an exception
-            in compilation is caught (a warning, then eager), but a crash of the compiler cannot
-            be, and torch.compile of the flow with a backward pass has segfaulted on these CPUs.
+            energies-only calls compile their own function on first use). ``"auto"`` compiles
+            on the first call with at least ``COMPILE_MIN_BATCH`` configurations, so small calls
+            (tests, checks) stay eager; ``True`` on the first call; ``False`` (default) never.
+            Off by default: an exception in compilation is caught (a warning, then eager), but
+            a crash in compiled code cannot be (inductor has read a strided view out of bounds:
+            see :func:`~cmt_openmm.flows.splines.spline_forward`).
         chunk_size: configurations per chunk (default: from the size of the terms' tensors).
         n_threads: chunks evaluated at once by a pool of threads, each operation on one core
             (default: ``torch.get_num_threads()`` on CPU; GPUs run the chunks in order).
