@@ -142,6 +142,7 @@ class TorchEnergy:
         reference = np.asarray(self.target.positions, dtype=np.float64)
         self.terms: list[ForceTerm] = compile_system(self.target.system, reference, self.device, self.dtype)
         self._reference = torch.as_tensor(reference, dtype=self.dtype, device=self.device)
+        self._reference_batch_last = self._reference.t()[:, :, None]  # (3, n, 1), the compiled chunks' layout
         self._dense = any(term.needs_dense for term in self.terms)
         # two groups: terms on the (n, n) distance matrix (with the pair-list terms that can read
         # it, e.g. NonbondedForce) and the rest (bonded), each with chunks that keep its largest
@@ -208,8 +209,7 @@ class TorchEnergy:
         layout: inductor reads (b, n, 3) positions one configuration at a time, unvectorised)."""
         compiled = self._compiled if gradient else self._compiled_energy
         if compiled is None and self.compile is not False:
-            terms, dense, inv_kT = self.terms, self._dense, 1.0 / self._kT
-            reference = self._reference.t()[:, :, None]  # (3, n, 1)
+            terms, dense, inv_kT, reference = self.terms, self._dense, 1.0 / self._kT, self._reference_batch_last
 
             def chunk(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
                 with torch.no_grad():
@@ -282,7 +282,7 @@ class TorchEnergy:
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """(u, du/dx, failed) of :meth:`_evaluate` by the compiled chunk, every step in the pool's threads."""
         n, size, compiled = x.shape[0], self.compiled_chunk_size, self._compiled_chunk(gradient)
-        reference = self._reference.t()[:, :, None]
+        reference = self._reference_batch_last
         u, failed = x.new_empty(n), torch.empty(n, dtype=torch.bool, device=x.device)
         grad = torch.empty_like(x) if gradient else None
 
@@ -369,7 +369,8 @@ class TorchEnergy:
 
     def __getstate__(self) -> dict:
         """Pickle/deepcopy the target and settings; the copy rebuilds its terms (and compiles its own)."""
-        skip = {"terms", "_reference", "_dense", "_groups", "compiled_chunk_size", "_compiled", "_compiled_energy"}
+        skip = {"terms", "_reference", "_reference_batch_last", "_dense", "_groups", "compiled_chunk_size",
+                "_compiled", "_compiled_energy"}
         return {key: value for key, value in self.__dict__.items() if key not in skip}
 
     def __setstate__(self, state: dict) -> None:
