@@ -26,7 +26,7 @@ import openmm
 import pytest
 import torch
 
-from cmt_openmm.energy.torch_energy import TorchEnergy
+from cmt_openmm.energy.torch_energy import TorchEnergy, _compiled_chunk_size, _pool
 from cmt_openmm.energy.torch_obc import GBSAOBCTerm, OBCFamilyGBTerm
 from cmt_openmm.systems import aldp_pdb_path, get_target
 from cmt_openmm.target import Target
@@ -121,7 +121,35 @@ def test_chunk_sizes_are_whole_vector_registers():
     energy = TorchEnergy(get_target("aldp-obc"), verify=False, compile=False)
     assert [len(group) for group, _, _ in energy._groups] == [2, 3]  # Nonbonded joins the dense GB chunk
     assert all(size % 8 == 0 for _, _, size in energy._groups)
-    assert energy.compiled_chunk_size % 16 == 0  # AVX-512: 16 float64 per compiled vector
+    # compiled: a power of two >= 16 (AVX-512: 16 float64 per vector) near 4 x 32768 elements of
+    # (n, n) (twice that for energies only), so a batch of 1,024 is whole chunks, one per thread at least
+    for gradient, budget in ((True, 256), (False, 512)):
+        size = energy.compiled_chunk_sizes[gradient]
+        assert size & (size - 1) == 0 and 16 <= size <= budget and 1024 // size >= min(energy.n_threads, 64)
+    assert _compiled_chunk_size(22**2, 2, True) == 256 and _compiled_chunk_size(22**2, 1, False) == 512
+    assert _compiled_chunk_size(22**2, 16, False) == 64  # many threads: a 1k batch still fills them
+    assert _compiled_chunk_size(300**2, 2, False) == 16  # large molecules: the budget decides
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "sched_getaffinity"), reason="CPU affinity is Linux-only")
+def test_a_pool_with_one_thread_per_cpu_binds_each_to_its_own():
+    import os
+    import threading
+
+    cpus = os.sched_getaffinity(0)
+    arrived = threading.Barrier(len(cpus), timeout=30)
+
+    def where() -> frozenset:  # every thread of the pool takes one job
+        arrived.wait()
+        return frozenset(os.sched_getaffinity(0))
+
+    bound = list(_pool(len(cpus)).map(lambda _: where(), range(len(cpus))))
+    assert os.sched_getaffinity(0) == cpus  # the calling thread is left alone
+    if len(cpus) > 1:
+        assert sorted(bound, key=min) == [frozenset({cpu}) for cpu in sorted(cpus)]
+        arrived = threading.Barrier(len(cpus) - 1, timeout=30)
+        unbound = list(_pool(len(cpus) - 1).map(lambda _: where(), range(len(cpus) - 1)))
+        assert unbound == [frozenset(cpus)] * (len(cpus) - 1)  # fewer threads than CPUs: free to move
 
 
 def test_failures_in_a_pooled_batch_are_inf_with_zero_gradient():

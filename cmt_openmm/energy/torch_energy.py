@@ -17,11 +17,12 @@ when it disagrees, so a silently wrong energy never reaches training or importan
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 import openmm.unit as unit
@@ -46,7 +47,8 @@ __all__ = ["TorchEnergy"]
 # operations 10-100x on a machine whose cores other processes share). Tensors of a chunk stay
 # near 256 KB: larger ones (b = 128 of 22 atoms) cost page faults on every allocation.
 _ELEMENT_BUDGET = 32768
-_COMPILED_ELEMENT_BUDGET = 4 * 32768
+_COMPILED_ELEMENT_BUDGET = 4 * 32768  # with gradients; twice that for energies only
+_FULL_BATCH = 1024  # the smallest batch whose compiled chunks should keep every thread busy
 COMPILE_MIN_BATCH = 2048  # compile="auto" compiles on the first call with at least this many configurations
 
 
@@ -157,10 +159,10 @@ class TorchEnergy:
             for group, dense, w in ((dense_terms, True, n2), (light_terms, False, 3 * width))
             if group
         ]
-        # compiled kernels run 16 float64 per vector on AVX-512 CPUs: the chunk is the multiple of
-        # 16 nearest the budget (aldp-obc: 272 rather than 264, ~5 % faster, whose last 8 configurations
-        # ran scalar; 256, a power of two, was ~10 % slower)
-        self.compiled_chunk_size = self._chunk_size or max(16, round(_COMPILED_ELEMENT_BUDGET / max(1, n2) / 16) * 16)
+        self.compiled_chunk_sizes = {  # keyed by ``gradient``
+            gradient: self._chunk_size or _compiled_chunk_size(n2, self.n_threads, gradient)
+            for gradient in (True, False)
+        }
         self._rows = max(8, _ELEMENT_BUDGET // (3 * self._n_atoms))  # configurations per whole-batch slice
         self._compiled: Callable | None = None
         self._compiled_energy: Callable | None = None
@@ -230,7 +232,7 @@ class TorchEnergy:
                 compiled = torch.compile(chunk, dynamic=False, options=options)
                 # where the chunks will run: the compiled function is specialised to the calling
                 # thread's torch thread count (a probe here recompiled it in every pool thread)
-                self._map(compiled, [(reference.expand(-1, -1, self.compiled_chunk_size).contiguous(),)])
+                self._map(compiled, [(reference.expand(-1, -1, self.compiled_chunk_sizes[gradient]).contiguous(),)])
             except Exception as error:  # no C++ compiler, unsupported operation, ...
                 reason = (
                     f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
@@ -281,7 +283,7 @@ class TorchEnergy:
         self, x: torch.Tensor, gradient: bool
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """(u, du/dx, failed) of :meth:`_evaluate` by the compiled chunk, every step in the pool's threads."""
-        n, size, compiled = x.shape[0], self.compiled_chunk_size, self._compiled_chunk(gradient)
+        n, size, compiled = x.shape[0], self.compiled_chunk_sizes[gradient], self._compiled_chunk(gradient)
         reference = self._reference_batch_last
         u, failed = x.new_empty(n), torch.empty(n, dtype=torch.bool, device=x.device)
         grad = torch.empty_like(x) if gradient else None
@@ -369,7 +371,7 @@ class TorchEnergy:
 
     def __getstate__(self) -> dict:
         """Pickle/deepcopy the target and settings; the copy rebuilds its terms (and compiles its own)."""
-        skip = {"terms", "_reference", "_reference_batch_last", "_dense", "_groups", "compiled_chunk_size",
+        skip = {"terms", "_reference", "_reference_batch_last", "_dense", "_groups", "compiled_chunk_sizes",
                 "_compiled", "_compiled_energy"}
         return {key: value for key, value in self.__dict__.items() if key not in skip}
 
@@ -399,14 +401,51 @@ if hasattr(os, "register_at_fork"):
 def _pool(n_threads: int) -> ThreadPoolExecutor:
     """A lasting pool of ``n_threads`` threads whose torch operations run on one core each.
     Threads are kept: a fresh thread starts with a cold malloc arena, and its first chunks
-    page-faulted their memory in (measured +30% CPU time per call)."""
+    page-faulted their memory in (measured +30% CPU time per call). When the pool has one thread
+    per CPU this process may use, each thread is bound to its own CPU (:func:`_bind_to_cpu`)."""
     n_threads = max(1, n_threads)
     with _POOLS_LOCK:
         if n_threads not in _POOLS:
+            cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+            cpus = iter(cpus if len(cpus) == n_threads > 1 else [None] * n_threads)
             _POOLS[n_threads] = ThreadPoolExecutor(
-                n_threads, thread_name_prefix="TorchEnergy", initializer=torch.set_num_threads, initargs=(1,)
+                n_threads, thread_name_prefix="TorchEnergy", initializer=_bind_to_cpu, initargs=(cpus, threading.Lock())
             )
         return _POOLS[n_threads]
+
+
+def _bind_to_cpu(cpus: Iterator[int | None], lock: threading.Lock) -> None:
+    """Pool thread initializer: one torch thread, and the next CPU of ``cpus`` (None: unbound).
+
+    Unbound, threads woken together after an idle spell were placed on the waking thread's CPU and
+    shared it for milliseconds before the scheduler spread them (aldp-obc, batch 1k, energies only,
+    after 0.2 s idle: 9.3 ms per call, one thread's chunk starting 3.6 ms late; bound: 5.9 ms). A
+    thread is bound only when every CPU gets one, so no other CPU is left idle beside a busy one.
+    """
+    torch.set_num_threads(1)
+    with lock:
+        cpu = next(cpus)
+    if cpu is not None:
+        os.sched_setaffinity(0, {cpu})  # Linux: 0 is the calling thread
+
+
+def _compiled_chunk_size(n_squared: int, n_threads: int, gradient: bool) -> int:
+    """Configurations per compiled chunk (one shape, compiled once) for n_squared = n_atoms^2.
+
+    A power of two (at least 16: whole AVX-512 registers of float64), so batches of 1k, 4k, 16k
+    split into whole chunks with no padded configurations; the one nearest the element budget
+    (twice as large without gradients, whose kernels keep fewer intermediates), and at most
+    ``_FULL_BATCH / n_threads``, so a batch of 1,024 gives every thread a chunk. Fewer, larger
+    chunks save calls: each costs ~0.1 ms of Python under the GIL (guards, wrappers) for which
+    the pool threads queue. aldp-obc, 2 threads, energies only, chunks of 272 -> 512 (4 calls ->
+    2 per 1k batch; no padding; kernel time per configuration 5.3 and 5.2 us): 216k -> 241k
+    configurations/s at 1k. With gradients 512 lost 10-30 % after other work had evicted the
+    caches; 256 and 272 measured the same.
+    """
+    budget = _COMPILED_ELEMENT_BUDGET * (1 if gradient else 2)
+    fits = max(16.0, budget / max(1, n_squared))
+    widest = max(16, _FULL_BATCH // max(1, n_threads))
+    return max(16, min(2 ** round(math.log2(fits)), 2 ** int(math.log2(widest))))
 
 
 def _rounded(size: int) -> int:
