@@ -10,6 +10,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["cmt_openmm", "cmt_openmm.*"]),
+    package_data={"cmt_openmm.flows": ["spline_kernel.cpp"]},  # compiled on first use (flows/spline_kernel.py)
     install_requires=[
         "openmm>=8.5",
         "openmmtools>=0.25",

@@ -8,7 +8,7 @@ import torch
 
 from cmt_openmm.errors import CMTInputError
 from helpers import load_script, perturb_parameters
-from cmt_openmm.flows import IDENTITY_DERIVATIVE, CouplingFlow, SplineFlow, rq_spline
+from cmt_openmm.flows import IDENTITY_DERIVATIVE, CouplingFlow, SplineFlow, rq_spline, spline_kernel, splines
 
 
 def _toy_flow(dtype=torch.float64, **kwargs) -> SplineFlow:
@@ -216,6 +216,92 @@ def test_rq_spline_values_and_gradients_match_the_reference(bench, inverse):
         torch.testing.assert_close(new, old, atol=1e-9, rtol=1e-9)
 
 
+@pytest.fixture(params=["kernel", "torch"])
+def spline_path(request, monkeypatch):
+    """Both implementations of the coupling layers' spline: the compiled loop and the torch operations."""
+    if request.param == "torch":
+        monkeypatch.setenv("CMT_OPENMM_SPLINE_KERNEL", "0")
+    else:
+        assert spline_kernel.library() is not None, "the spline kernel did not build (it needs a C++ compiler)"
+    return request.param
+
+
+def _spline_case(k: int, d: int, b: int, dtype: torch.dtype, seed: int):
+    """x (D, B), a conditioner output raw (D (3K + 1), B), bins and derivatives as the coupling layers
+    view it (strided), and upstream gradients of (out, logdet) (the latter expanded over rows)."""
+    gen = torch.Generator().manual_seed(seed)
+    raw = 1.5 * torch.randn(d * (3 * k + 1), b, generator=gen, dtype=torch.float64)
+    x = torch.rand(d, b, generator=gen, dtype=torch.float64)
+    grads = torch.randn(d, b, generator=gen, dtype=torch.float64), torch.randn(b, generator=gen, dtype=torch.float64)
+    raw, x, grads = raw.to(dtype), x.to(dtype), [g.to(dtype) for g in grads]
+    bins = raw[: 2 * k * d].view(d, 2, k, b).permute(2, 1, 0, 3)
+    derivatives = raw[2 * k * d :].view(d, k + 1, b).transpose(0, 1)
+    return x, bins, derivatives, grads[0], grads[1].expand(d, b)
+
+
+def _both_splines(x, bins, derivatives, grad_out, grad_logdet, inverse):
+    """(out, logdet, d/dx, d/dbins, d/dderivatives) of the kernel and of the torch operations."""
+    assert spline_kernel.library() is not None, "the spline kernel did not build (it needs a C++ compiler)"
+    assert spline_kernel.applies(x, bins, derivatives)
+    limits = splines._MIN_BIN, splines._MIN_DERIVATIVE
+    out, logdet = spline_kernel.forward(x, bins, derivatives, inverse, *limits)
+    kernel = (out, logdet, *spline_kernel.backward(x, bins, derivatives, grad_out, grad_logdet, inverse, *limits))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CMT_OPENMM_SPLINE_KERNEL", "0")
+        out, logdet, saved = splines.spline_forward(x, bins, derivatives, inverse)
+        reference = (out, logdet, *splines.spline_backward(saved, grad_out, grad_logdet.contiguous(), inverse))
+    return kernel, reference
+
+
+@pytest.mark.parametrize("inverse", [False, True])
+@pytest.mark.parametrize("k, d, b", [(8, 30, 256), (3, 2, 70), (16, 5, 1)])
+def test_spline_kernel_equals_the_torch_operations_float64(inverse, k, d, b):
+    """Values, log-dets and every gradient; blocks of 64 columns with a remainder; strided bins."""
+    kernel, reference = _both_splines(*_spline_case(k, d, b, torch.float64, seed=k + d + b), inverse)
+    for name, new, old in zip(("out", "logdet", "x", "bins", "derivatives"), kernel, reference):
+        assert new.shape == old.shape, name
+        torch.testing.assert_close(new, old, atol=1e-10 * float(old.abs().max()), rtol=1e-9, msg=name)
+
+
+@pytest.mark.parametrize("inverse", [False, True])
+def test_spline_kernel_float32_error_is_float32_rounding(inverse):
+    """float32: the kernel is as far from the float64 values as the torch operations (rounding: 1e-6-1e-4
+    of the largest value, the inverse's root and log-det the most; a wrong formula is off by O(1))."""
+    x, bins, derivatives, grad_out, grad_logdet = _spline_case(8, 5, 300, torch.float64, seed=1)
+    exact = _both_splines(x, bins, derivatives, grad_out, grad_logdet, inverse)[1]
+    kernel, reference = _both_splines(*(t.float() for t in (x, bins, derivatives, grad_out, grad_logdet)), inverse)
+    for new, old, truth in zip(kernel, reference, exact):
+        scale = float(truth.abs().max())
+        error, torch_error = float((new.double() - truth).abs().max()), float((old.double() - truth).abs().max())
+        assert error <= max(3.0 * torch_error, 2e-5 * scale)
+
+
+def test_coupling_layers_run_the_kernel_with_and_without_gradients(monkeypatch):
+    """The kernel is used wherever it applies: sampling, log q and both backward passes."""
+    assert spline_kernel.library() is not None, "the spline kernel did not build (it needs a C++ compiler)"
+    calls = []
+    run = spline_kernel._run
+    monkeypatch.setattr(spline_kernel, "_run", lambda inverse, backward, *a, **kw: (calls.append((inverse, backward)),
+                                                                                     run(inverse, backward, *a, **kw)))
+    flow = _toy_flow(n_layers=2)
+    z, _ = flow.sample(100)
+    (flow.log_prob(z).sum() + flow.rsample(50)[1].sum()).backward()
+    assert {(False, False), (True, False), (True, True), (False, True)} <= set(calls)
+
+
+def test_a_failing_compiler_leaves_the_torch_operations(monkeypatch, tmp_path):
+    flow = _toy_flow(n_layers=2)
+    z, _ = flow.sample(50, torch.Generator().manual_seed(2))
+    expected = flow.log_prob(z)
+    monkeypatch.setattr(spline_kernel, "_LIBRARY", None)
+    monkeypatch.setenv("CXX", "false")  # a "compiler" that always fails
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # no library built before
+    with pytest.warns(UserWarning, match="spline kernel is unavailable"):
+        got = flow.log_prob(z)
+    assert spline_kernel.library() is None and not list(tmp_path.rglob("*.so"))
+    torch.testing.assert_close(got, expected, atol=1e-10, rtol=0)
+
+
 def _agree(new_flow, old_flow, z, atol):
     with torch.no_grad():
         new, old = new_flow.log_prob(z), old_flow.log_prob(z)
@@ -226,7 +312,7 @@ def _agree(new_flow, old_flow, z, atol):
 
 @pytest.mark.parametrize("mask", ["random", "alternating", "torsions"])
 @pytest.mark.parametrize("depth", [0, 1, 2])
-def test_toy_flow_matches_the_reference(bench, mask, depth):
+def test_toy_flow_matches_the_reference(spline_path, bench, mask, depth):
     flow = _toy_flow(mask=mask, depth=depth, n_layers=6)
     perturb_parameters(flow, 0.1)  # (from ~0.2 some inverses are ill-conditioned: ~1e-9 off in either one)
     old = bench.BaselineSplineFlow(flow)
@@ -258,7 +344,7 @@ def _aldp_points(flow, n=400):
     return torch.cat([z, ends, outside])
 
 
-def test_aldp_flow_matches_the_reference_float64(bench, aldp_flows):
+def test_aldp_flow_matches_the_reference_float64(spline_path, bench, aldp_flows):
     """log q, samples and gradients (parameters and z) of the fast flow are the old ones to 1e-10."""
     flow, old, _ = aldp_flows[torch.float64]
     assert bool(flow.scaling.circular.any()) and bool((flow.scaling.upper < 6.0).any())  # circular and clipped
@@ -284,7 +370,7 @@ def test_aldp_flow_matches_the_reference_float64(bench, aldp_flows):
         torch.testing.assert_close(a, b, atol=1e-9 * float(b.abs().max()), rtol=1e-7)
 
 
-def test_aldp_flow_matches_the_reference_float32(bench, aldp_flows):
+def test_aldp_flow_matches_the_reference_float32(spline_path, bench, aldp_flows):
     """float32: differences of float32 rounding (log q ~ 100 summed from ~200 spline log-dets)."""
     flow, old, _ = aldp_flows[torch.float32]
     z = _aldp_points(flow)

@@ -37,6 +37,7 @@ def test_import_from_another_folder_uses_the_installed_package(installed, tmp_pa
     assert result.returncode == 0, result.stderr
     assert Path(result.stdout.strip()).is_relative_to(installed)
     assert result.stdout.count("\n") == 1  # nothing but our line on stdout (no third-party banners)
+    assert (installed / "cmt_openmm" / "flows" / "spline_kernel.cpp").is_file()  # the spline kernel's source ships
 
 
 def test_console_script_trains_with_relative_paths_in_the_users_folder(installed, tmp_path):

@@ -26,6 +26,10 @@ spent most of a training step on per-operation overhead and memory traffic. Here
 - element-wise work uses fused and in-place operations, 0-dim tensor constants (a Python float
   operand costs a tensor allocation per call on CPU) and no boolean masks.
 
+On CPUs, :func:`spline_forward` and :func:`spline_backward` hand coupling-layer tensors ((D, B)
+inputs) to :mod:`.spline_kernel`, the same formulas as one compiled C++ loop (built on first
+use where a C++ compiler exists; ``CMT_OPENMM_SPLINE_KERNEL=0`` keeps the torch operations below).
+
 Values are those of the textbook formulation to rounding; ``tests/test_flows.py`` checks values
 and gradients against it (the implementation before this one, kept in
 ``benchmarks/flow_throughput.py``). Only first derivatives are provided (``once_differentiable``).
@@ -38,6 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+
+from . import spline_kernel
 
 _MIN_BIN = 1e-3  # smallest bin width/height, as a fraction of the interval
 _MIN_DERIVATIVE = 1e-3
@@ -80,6 +86,9 @@ def spline_forward(x: Tensor, bins: Tensor, derivatives: Tensor, inverse: bool, 
     its first). bins and derivatives may be strided views (only x's shape must match).
     ``saved`` is None unless ``keep``.
     """
+    if not torch.compiler.is_compiling() and spline_kernel.applies(x, bins, derivatives):
+        out, logdet = spline_kernel.forward(x, bins, derivatives, inverse, _MIN_BIN, _MIN_DERIVATIVE)
+        return out, logdet, ((x, bins, derivatives) if keep else None)
     k, shape = bins.shape[0], x.shape
     n = x.numel()
     c = _constants(k, x.dtype, x.device)
@@ -174,6 +183,9 @@ def spline_backward(saved, grad_out: Tensor, grad_logdet: Tensor, inverse: bool,
     dL/da_j = p_j (scale (g_x0 [j < idx] + g_w [j = idx]) - sum_i p_i dL/dp_i); the knot
     derivatives enter as softplus(raw) + min_derivative.
     """
+    if len(saved) == 3:  # (x, bins, derivatives): saved by the compiled kernel, which recomputes the rest
+        return spline_kernel.backward(*saved, grad_out, grad_logdet, inverse, _MIN_BIN, _MIN_DERIVATIVE,
+                                      out_bins, out_derivatives)
     (theta, e, below, idx, inv_total_scaled, knot, idx_float, p_scaled, raw, slope, one_minus, t1, theta2,
      s, inv_w, slack, h, w, inv_denom, ratio, q, r) = saved
     k, shape = e.shape[0], theta.shape
