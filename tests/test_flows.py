@@ -2,6 +2,8 @@
 initialisation, priors and normalisation; the fast implementation against the previous one (log q,
 samples, gradients, saved state dicts) and the throughput benchmark's smoke run."""
 import math
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -287,6 +289,23 @@ def test_coupling_layers_run_the_kernel_with_and_without_gradients(monkeypatch):
     z, _ = flow.sample(100)
     (flow.log_prob(z).sum() + flow.rsample(50)[1].sum()).backward()
     assert {(False, False), (True, False), (True, True), (False, True)} <= set(calls)
+
+
+def test_building_and_loading_the_kernel_leaves_denormals_alone(tmp_path):
+    """A fresh build (empty cache) that loads: and the process still has denormal numbers (gcc < 13
+    links fast-math libraries with a constructor that flushes them to zero process-wide)."""
+    import subprocess
+    import sys
+
+    script = ("import numpy, torch; from cmt_openmm.flows import spline_kernel as k; assert k.library() is not None; "
+              "print(float((numpy.array([1e-310]) * 0.5)[0]), float(torch.tensor([1e-40]) * 0.5))")
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stderr
+    halves = [float(v) for v in result.stdout.split()]
+    assert halves[0] == 5e-311 and halves[1] > 0.0  # not flushed to zero
+    assert len(list(tmp_path.rglob("spline_kernel_*.so"))) == 1
 
 
 def test_a_failing_compiler_leaves_the_torch_operations(monkeypatch, tmp_path):

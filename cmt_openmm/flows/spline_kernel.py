@@ -34,7 +34,10 @@ import torch
 from torch import Tensor
 
 _SOURCE = Path(__file__).with_name("spline_kernel.cpp")
-_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp-simd", "-fPIC", "-shared", "-std=c++17"]
+_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp-simd", "-fPIC", "-std=c++17"]
+# compiled, then linked apart: gcc < 13 links crtfastmath.o into a -shared -ffast-math library, whose
+# constructor flushes denormals to zero in the whole process (numpy, torch, OpenMM) when it loads
+_LINK_FLAGS = ["-shared"]
 _FUNCTIONS = {torch.float32: "cmt_rq_spline_f32", torch.float64: "cmt_rq_spline_f64"}
 _ARGTYPES = (
     [ctypes.c_int64] * 4 + [ctypes.c_int32] * 2 + [ctypes.c_double] * 2
@@ -74,17 +77,18 @@ def _build() -> ctypes.CDLL:
         raise RuntimeError("no C++ compiler (set CXX)")
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
     source = _SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, " ".join(_FLAGS).encode(), version.encode(),
+    key = hashlib.sha256(b"\0".join([source, " ".join(_FLAGS + _LINK_FLAGS).encode(), version.encode(),
                                      _cpu_features().encode()])).hexdigest()[:20]
     path = _cache_dir() / f"spline_kernel_{key}.so"
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-            built = Path(tmp) / path.name
-            proc = subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", str(built)], capture_output=True,
-                                  text=True, timeout=300)
-            if proc.returncode != 0:
-                raise RuntimeError(f"{compiler} failed: {(proc.stderr.strip().splitlines() or ['?'])[-1][:200]}")
+            built, objects = Path(tmp) / path.name, Path(tmp) / "spline_kernel.o"
+            for command in ([compiler, *_FLAGS, "-c", str(_SOURCE), "-o", str(objects)],
+                            [compiler, *_LINK_FLAGS, str(objects), "-o", str(built)]):
+                proc = subprocess.run(command, capture_output=True, text=True, timeout=300)
+                if proc.returncode != 0:
+                    raise RuntimeError(f"{compiler} failed: {(proc.stderr.strip().splitlines() or ['?'])[-1][:200]}")
             os.replace(built, path)  # atomic: another process sees the whole library or none
     library = ctypes.CDLL(str(path))
     for name in _FUNCTIONS.values():
