@@ -73,8 +73,9 @@ _PRESETS: dict[str, dict] = {
     # reverse ESS 48.7 / 42.0 % (median of 5 draws of 10,000) in 590 / 601 s of training, every
     # basin kept (phi > 0 0.22 +- 0.015 %; a 0.5 ns replica exchange gives 1.8 +- 1.3 %). With 360
     # steps and a constant learning rate it gave ESS 19.5 % in 553 s. Alone on a quiet machine,
-    # seed 0 trains in 343 s (6:07 with the report; ESS 50.3 %, 5 draws of 5,000); adding
-    # ``energy: {compile: true}`` gives the same run in 261 s (4:50, ~25 s of it compiling); with
+    # seed 0 trains in 343 s (6:07 with the report; ESS 50.3 %, 5 draws of 5,000), and with the
+    # compiled spline kernel of the flow in 238 s (4:22; ESS 49.7 %, every basin kept). Before the
+    # kernel, adding ``energy: {compile: true}`` gave the same run in 261 s (4:50, ~25 s compiling); with
     # the faster compiled energies of issue 11 (38.5 -> 25.7 ms per 4,000 configurations), 265 s
     # against 304 s before, both runs at once on the 2 cores.
     # Compiling stays opt-in: a crash of the compiler could not be caught.
