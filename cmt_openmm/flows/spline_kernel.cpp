@@ -21,6 +21,52 @@ inline T softplus(T v) {  // torch.nn.functional.softplus (beta 1, threshold 20)
   return v > T(20) ? v : std::log1p(std::exp(v));
 }
 
+// One element's spline in its bin: the quantities both passes use (names as in splines.py).
+template <typename T>
+struct Element {
+  T x0, y0, p0, p1, wd, ht, d0, d1, inv_w, s, slack, dy, theta, one_minus, t1, theta2, inv_denom, ratio, q;
+};
+
+// x: the input; S0, S1: sums of exp(bins); knot0, knot1: knot idx times S / scale; e0, e1: exp of bin
+// idx; r0, r1: raw derivatives at knots idx and idx + 1.
+template <typename T, bool kInverse>
+inline __attribute__((always_inline)) Element<T> element(T x, T S0, T S1, T knot0, T knot1, T e0, T e1, T r0, T r1,
+                                                         T scale, T min_bin, T min_der) {
+  Element<T> v;
+  const T its0 = scale / S0, its1 = scale / S1;
+  v.x0 = knot0 * its0;
+  v.y0 = knot1 * its1;
+  v.p0 = e0 * its0;
+  v.p1 = e1 * its1;
+  v.wd = v.p0 + min_bin;
+  v.ht = v.p1 + min_bin;
+  v.d0 = softplus(r0) + min_der;
+  v.d1 = softplus(r1) + min_der;
+  v.inv_w = T(1) / v.wd;
+  v.s = v.ht * v.inv_w;
+  v.slack = v.d0 + v.d1 - T(2) * v.s;
+  T theta;
+  if (kInverse) {  // theta solves x = y0 + h R(theta), the stable root of a quadratic
+    v.dy = x - v.y0;
+    const T dy_slack = v.dy * v.slack;
+    const T qa = dy_slack + v.ht * (v.s - v.d0), neg_b = dy_slack - v.ht * v.d0, neg_c = v.s * v.dy;
+    const T disc = neg_b * neg_b + T(4) * qa * neg_c;
+    const T root = std::sqrt(disc > T(0) ? disc : T(0));
+    theta = neg_c / (root - neg_b) * T(2);
+  } else {
+    v.dy = T(0);
+    theta = (x - v.x0) * v.inv_w;
+  }
+  v.theta = theta < T(0) ? T(0) : (theta > T(1) ? T(1) : theta);
+  v.one_minus = T(1) - v.theta;
+  v.t1 = v.theta * v.one_minus;
+  v.theta2 = v.theta * v.theta;
+  v.inv_denom = T(1) / (v.s + v.slack * v.t1);
+  v.ratio = v.s * v.inv_denom;
+  v.q = v.d1 * v.theta2 + T(2) * v.s * v.t1 + v.d0 * v.one_minus * v.one_minus;
+  return v;
+}
+
 template <typename T>
 struct Args {
   int64_t K, D;
@@ -115,32 +161,14 @@ void row_block(const Args<T>& a, int64_t j, int64_t b0, int64_t n, T* __restrict
     T* __restrict L = a.logdet + j * a.sl + b0;
 #pragma omp simd
     for (int64_t b = 0; b < n; ++b) {
-      const T its0 = scale / S[0][b], its1 = scale / S[1][b];
-      const T x0 = knot[0][b] * its0, y0 = knot[1][b] * its1;
-      const T wd = esel[0][b] * its0 + min_bin, ht = esel[1][b] * its1 + min_bin;
-      const T d0 = softplus(r0[b]) + min_der, d1 = softplus(r1[b]) + min_der;
-      const T inv_w = T(1) / wd, s = ht * inv_w;
-      const T slack = d0 + d1 - T(2) * s;
-      T theta;
+      const Element<T> v = element<T, kInverse>(X[b], S[0][b], S[1][b], knot[0][b], knot[1][b], esel[0][b],
+                                                esel[1][b], r0[b], r1[b], scale, min_bin, min_der);
+      const T ld = std::log(v.q * v.ratio * v.ratio);
       if (kInverse) {
-        const T dy = X[b] - y0, dy_slack = dy * slack;
-        const T qa = dy_slack + ht * (s - d0), neg_b = dy_slack - ht * d0, neg_c = s * dy;
-        const T disc = neg_b * neg_b + T(4) * qa * neg_c;
-        const T root = std::sqrt(disc > T(0) ? disc : T(0));
-        theta = neg_c / (root - neg_b) * T(2);
-      } else {
-        theta = (X[b] - x0) * inv_w;
-      }
-      theta = theta < T(0) ? T(0) : (theta > T(1) ? T(1) : theta);
-      const T one_minus = T(1) - theta, t1 = theta * one_minus, theta2 = theta * theta;
-      const T inv_denom = T(1) / (s + slack * t1), ratio = s * inv_denom;
-      const T q = d1 * theta2 + T(2) * s * t1 + d0 * one_minus * one_minus;
-      const T ld = std::log(q * ratio * ratio);
-      if (kInverse) {
-        O[b] = x0 + theta * wd;
+        O[b] = v.x0 + v.theta * v.wd;
         L[b] = -ld;
       } else {
-        O[b] = y0 + ht * ((s * theta2 + d0 * t1) * inv_denom);
+        O[b] = v.y0 + v.ht * ((v.s * v.theta2 + v.d0 * v.t1) * v.inv_denom);
         L[b] = ld;
       }
     }
@@ -154,28 +182,12 @@ void row_block(const Args<T>& a, int64_t j, int64_t b0, int64_t n, T* __restrict
   T gk[2][kBlock], tt[2][kBlock], gsize_p[2][kBlock], gs0[kBlock], gs1[kBlock];
 #pragma omp simd
   for (int64_t b = 0; b < n; ++b) {
+    const Element<T> v = element<T, kInverse>(X[b], S[0][b], S[1][b], knot[0][b], knot[1][b], esel[0][b],
+                                              esel[1][b], r0[b], r1[b], scale, min_bin, min_der);
     const T its0 = scale / S[0][b], its1 = scale / S[1][b];
-    const T x0 = knot[0][b] * its0, y0 = knot[1][b] * its1;
-    const T p0 = esel[0][b] * its0, p1 = esel[1][b] * its1;
-    const T wd = p0 + min_bin, ht = p1 + min_bin;
-    const T d0 = softplus(r0[b]) + min_der, d1 = softplus(r1[b]) + min_der;
-    const T inv_w = T(1) / wd, s = ht * inv_w;
-    const T slack = d0 + d1 - T(2) * s;
-    T theta, dy = T(0);
-    if (kInverse) {
-      dy = X[b] - y0;
-      const T dy_slack = dy * slack;
-      const T qa = dy_slack + ht * (s - d0), neg_b = dy_slack - ht * d0, neg_c = s * dy;
-      const T disc = neg_b * neg_b + T(4) * qa * neg_c;
-      const T root = std::sqrt(disc > T(0) ? disc : T(0));
-      theta = neg_c / (root - neg_b) * T(2);
-    } else {
-      theta = (X[b] - x0) * inv_w;
-    }
-    theta = theta < T(0) ? T(0) : (theta > T(1) ? T(1) : theta);
-    const T one_minus = T(1) - theta, t1 = theta * one_minus, theta2 = theta * theta;
-    const T inv_denom = T(1) / (s + slack * t1), ratio = s * inv_denom;
-    const T q = d1 * theta2 + T(2) * s * t1 + d0 * one_minus * one_minus;
+    const T p0 = v.p0, p1 = v.p1, wd = v.wd, ht = v.ht, d0 = v.d0, d1 = v.d1, inv_w = v.inv_w, s = v.s;
+    const T slack = v.slack, dy = v.dy, theta = v.theta, one_minus = v.one_minus, t1 = v.t1, theta2 = v.theta2;
+    const T inv_denom = v.inv_denom, ratio = v.ratio, q = v.q;
     const T inv_q = T(1) / q, one_m2theta = one_minus - theta;
     const T half_dl_dtheta = (d1 * theta + s * one_m2theta - d0 * one_minus) * inv_q - slack * one_m2theta * inv_denom;
     const T dout_dtheta = ht * q * ratio * inv_denom;
