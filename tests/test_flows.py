@@ -291,6 +291,18 @@ def test_coupling_layers_run_the_kernel_with_and_without_gradients(monkeypatch):
     assert {(False, False), (True, False), (True, True), (False, True)} <= set(calls)
 
 
+def test_spline_kernel_refuses_mismatched_gradients():
+    """The loop reads and writes through raw pointers: mismatched tensors are refused before it runs."""
+    x, bins, derivatives, grad_out, grad_logdet = _spline_case(4, 3, 20, torch.float32, seed=3)
+    limits = splines._MIN_BIN, splines._MIN_DERIVATIVE
+    for bad in (grad_out.double(), grad_out[:, :10], grad_out[:2]):
+        with pytest.raises(ValueError, match="grad_out"):
+            spline_kernel.backward(x, bins, derivatives, bad, grad_logdet, False, *limits)
+    with pytest.raises(ValueError, match="out_bins"):
+        spline_kernel.backward(x, bins, derivatives, grad_out, grad_logdet, False, *limits,
+                               out_bins=torch.empty(4, 2, 3, 10))
+
+
 def test_building_and_loading_the_kernel_leaves_denormals_alone(tmp_path):
     """A fresh build (empty cache) that loads: and the process still has denormal numbers (gcc < 13
     links fast-math libraries with a constructor that flushes them to zero process-wide)."""

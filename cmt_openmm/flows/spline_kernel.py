@@ -146,6 +146,12 @@ def backward(x: Tensor, bins: Tensor, derivatives: Tensor, grad_out: Tensor, gra
         grad_out = grad_out.contiguous()
     if grad_logdet.stride(-1) != 1:
         grad_logdet = grad_logdet.contiguous()
+    for name, t, like in (("grad_out", grad_out, x), ("grad_logdet", grad_logdet, x), ("out_bins", g_bins, bins),
+                          ("out_derivatives", g_derivatives, derivatives)):
+        # the loop writes and reads through raw pointers: a mismatch must stop here, not overrun memory
+        if t.shape != like.shape or t.dtype != x.dtype or t.device.type != "cpu" or t.stride(-1) != 1:
+            raise ValueError(f"spline_kernel.backward: {name} is {tuple(t.shape)} {t.dtype} on {t.device}; "
+                             f"it must be {tuple(like.shape)} {x.dtype} on the CPU with contiguous columns.")
     _run(inverse, True, min_bin, min_derivative, x, bins, derivatives, g_out=grad_out, g_logdet=grad_logdet,
          g_x=g_x, g_bins=g_bins, g_derivatives=g_derivatives)
     return g_x, g_bins, g_derivatives
