@@ -131,6 +131,16 @@ def test_chunk_sizes_are_whole_vector_registers():
     assert _compiled_chunk_size(300**2, 2, False) == 16  # large molecules: the budget decides
 
 
+def test_chunks_on_a_gpu_hold_tens_of_thousands_of_configurations():
+    """A GPU runs one chunk at a time: CPU-sized chunks (64 configurations of ALDP) would leave it idle.
+    Planned on the "meta" device (no GPU needed: only shapes)."""
+    target = get_target("aldp-obc")
+    device = TorchEnergy(target, device="meta", verify=False)
+    cpu = TorchEnergy(target, verify=False, compile=False)
+    assert min(size for _, _, size in device._groups) >= 16384 and device._rows >= 16384
+    assert max(size for _, _, size in cpu._groups) <= 512
+
+
 @pytest.mark.skipif(not hasattr(__import__("os"), "sched_getaffinity"), reason="CPU affinity is Linux-only")
 def test_a_pool_with_one_thread_per_cpu_binds_each_to_its_own():
     import os

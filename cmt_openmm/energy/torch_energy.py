@@ -47,6 +47,10 @@ __all__ = ["TorchEnergy"]
 # operations 10-100x on a machine whose cores other processes share). Tensors of a chunk stay
 # near 256 KB: larger ones (b = 128 of 22 atoms) cost page faults on every allocation.
 _ELEMENT_BUDGET = 32768
+# GPUs run one chunk at a time and need many configurations per kernel to fill the device: chunks of
+# ~1.7e7 elements per tensor (aldp: ~34,600 configurations, ~134 MB per float64 (n, n) tensor). Not
+# yet measured on a GPU (none lent so far); benchmarks/gpu_check.py reports the throughput it gives.
+_DEVICE_ELEMENT_BUDGET = 2**24
 _COMPILED_ELEMENT_BUDGET = 4 * 32768  # with gradients; twice that for energies only
 _FULL_BATCH = 1024  # the smallest batch whose compiled chunks should keep every thread busy
 COMPILE_MIN_BATCH = 2048  # compile="auto" compiles on the first call with at least this many configurations
@@ -151,11 +155,12 @@ class TorchEnergy:
         # tensors near the budget, in multiples of 8 configurations (whole vector registers:
         # an odd chunk measured ~1.5x slower on broadcasts)
         n2 = self._n_atoms**2
+        budget = _ELEMENT_BUDGET if self.device.type == "cpu" else _DEVICE_ELEMENT_BUDGET
         dense_terms = [t for t in self.terms if t.needs_dense or (self._dense and t.uses_dense)]
         light_terms = [t for t in self.terms if t not in dense_terms]
         width = max([term.width for term in light_terms], default=1)
         self._groups = [  # bonded terms hold (3, width, b) tensors
-            (group, dense, self._chunk_size or _rounded(_ELEMENT_BUDGET // w))
+            (group, dense, self._chunk_size or _rounded(budget // w))
             for group, dense, w in ((dense_terms, True, n2), (light_terms, False, 3 * width))
             if group
         ]
@@ -163,7 +168,7 @@ class TorchEnergy:
             gradient: self._chunk_size or _compiled_chunk_size(n2, self.n_threads, gradient)
             for gradient in (True, False)
         }
-        self._rows = max(8, _ELEMENT_BUDGET // (3 * self._n_atoms))  # configurations per whole-batch slice
+        self._rows = max(8, budget // (3 * self._n_atoms))  # configurations per whole-batch slice
         self._compiled: Callable | None = None
         self._compiled_energy: Callable | None = None
 
