@@ -251,11 +251,11 @@ void row_block(const Args<T>& a, int64_t j, int64_t b0, int64_t n, T* __restrict
 }
 
 template <typename T>
-void run(const Args<T>& a, int64_t b_begin, int64_t b_end) {
+void run(const Args<T>& a, int64_t B) {
   std::vector<T> e(static_cast<size_t>(a.K) * 2 * kBlock);
   for (int64_t j = 0; j < a.D; ++j)
-    for (int64_t b0 = b_begin; b0 < b_end; b0 += kBlock) {
-      const int64_t n = std::min(kBlock, b_end - b0);
+    for (int64_t b0 = 0; b0 < B; b0 += kBlock) {
+      const int64_t n = std::min(kBlock, B - b0);
       if (a.inverse)
         row_block<T, true>(a, j, b0, n, e.data());
       else
@@ -266,7 +266,7 @@ void run(const Args<T>& a, int64_t b_begin, int64_t b_end) {
 }  // namespace
 
 #define CMT_SPLINE(NAME, T)                                                                                  \
-  extern "C" void NAME(int64_t K, int64_t D, int64_t b_begin, int64_t b_end, int32_t inverse, int32_t backward, \
+  extern "C" void NAME(int64_t K, int64_t D, int64_t B, int32_t inverse, int32_t backward,                  \
                        double min_bin, double min_der, const T* x, int64_t sx, const T* bins, int64_t sbk,      \
                        int64_t sbw, int64_t sbd, const T* der, int64_t sdk, int64_t sdd, T* out, int64_t so,    \
                        T* logdet, int64_t sl, const T* g_out, int64_t sgo, const T* g_logdet, int64_t sgl,      \
@@ -275,7 +275,7 @@ void run(const Args<T>& a, int64_t b_begin, int64_t b_end) {
     Args<T> a{K, D, inverse != 0, backward != 0, T(min_bin), T(min_der), x, sx, bins, sbk, sbw, sbd, der, sdk,   \
               sdd, out, so, logdet, sl, g_out, sgo, g_logdet, sgl, g_x, sgx, g_bins, sgbk, sgbw, sgbd, g_der,   \
               sgdk, sgdd};                                                                                      \
-    run(a, b_begin, b_end);                                                                                     \
+    run(a, B);                                                                                                  \
   }
 
 CMT_SPLINE(cmt_rq_spline_f32, float)

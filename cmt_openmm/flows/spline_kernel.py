@@ -23,6 +23,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -40,7 +41,7 @@ _FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp-simd", "-fPIC", "-std
 _LINK_FLAGS = ["-shared"]
 _FUNCTIONS = {torch.float32: "cmt_rq_spline_f32", torch.float64: "cmt_rq_spline_f64"}
 _ARGTYPES = (
-    [ctypes.c_int64] * 4 + [ctypes.c_int32] * 2 + [ctypes.c_double] * 2
+    [ctypes.c_int64] * 3 + [ctypes.c_int32] * 2 + [ctypes.c_double] * 2  # K, D, B, inverse, backward, limits
     + [ctypes.c_void_p, ctypes.c_int64]  # x
     + [ctypes.c_void_p] + [ctypes.c_int64] * 3  # bins
     + [ctypes.c_void_p] + [ctypes.c_int64] * 2  # derivatives
@@ -66,8 +67,6 @@ def _cpu_features() -> str:
                 return line
     except OSError:
         pass
-    import platform
-
     return platform.processor() or platform.machine()
 
 
@@ -168,7 +167,7 @@ def _run(inverse: bool, backward: bool, min_bin: float, min_derivative: float, x
         return (None, 0) if t is None else (t.data_ptr(), t.stride(0))
 
     args = [
-        bins.shape[0], x.shape[0], 0, x.shape[1], int(inverse), int(backward), min_bin, min_derivative,
+        bins.shape[0], x.shape[0], x.shape[1], int(inverse), int(backward), min_bin, min_derivative,
         *rows(x), bins.data_ptr(), *bins.stride()[:3], derivatives.data_ptr(), *derivatives.stride()[:2],
         *rows(out), *rows(logdet), *rows(g_out), *rows(g_logdet), *rows(g_x),
         *((g_bins.data_ptr(), *g_bins.stride()[:3]) if g_bins is not None else (None, 0, 0, 0)),
