@@ -36,11 +36,8 @@ def tiny_generator(target, seed: int):
 def load(args):
     """(target, generator) from a run directory, a generator file, or a tiny training run."""
     if args.run:
-        from cmt_openmm.cli.run_files import load_run
-        from cmt_openmm.generator import load_generator
-
-        _, target = load_run(args.run)
-        return target, load_generator(args.run, target=target)
+        run = cmt_openmm.Run.open(args.run)
+        return run.target, run.generator
     target = cmt_openmm.get_target(args.system, args.temperature)
     if args.generator:
         return target, cmt_openmm.BoltzmannGenerator.load(args.generator, target)

@@ -47,13 +47,12 @@ def test_train_preset_writes_run_directory(toy_run):
     assert len(ess["draws"]) == 3
     assert (ess["median"], ess["min"], ess["max"]) == (np.median(ess["draws"]), min(ess["draws"]), max(ess["draws"]))
     # each draw's ESS is the ESS of that draw's samples: redraw the first one from the saved generator
-    from cmt_openmm.cli.run_files import load_run
-    from cmt_openmm.generator import load_generator
+    from cmt_openmm import Run
     from cmt_openmm.sampling.reweighting import reweight
 
-    spec, target = load_run(toy_run)
-    first = reweight(load_generator(toy_run, target=target), target, spec.report["n_samples"],
-                     seed=spec.report["seed"], progress=False, min_effective_samples=0)
+    saved = Run.open(toy_run)
+    first = reweight(saved.generator, saved.target, saved.spec.report["n_samples"],
+                     seed=saved.spec.report["seed"], progress=False, min_effective_samples=0)
     assert first.ess == pytest.approx(ess["draws"][0], rel=1e-9)
     assert report["samples"]["n_effective"] > 100 and report["samples"]["reliable"] is True
     modes = report["samples"]["modes"]
@@ -119,13 +118,13 @@ def test_evaluate_with_reference(toy_run, tmp_path, capsys):
     result = json.loads(out)
     assert result["reference"]["n_reference"] == 100
     # the forward ESS of the reference frames, recomputed from the generator and the energies
-    from cmt_openmm.cli.run_files import load_run
+    from cmt_openmm import Run
     from cmt_openmm.energy import OpenMMEnergy
-    from cmt_openmm.generator import load_generator
 
-    _, target = load_run(toy_run)
+    saved = Run.open(toy_run)
+    target = saved.target
     with torch.no_grad():
-        log_q = load_generator(toy_run, target=target).log_prob(torch.as_tensor(target_positions)).numpy()
+        log_q = saved.generator.log_prob(torch.as_tensor(target_positions)).numpy()
     with OpenMMEnergy(target) as energy:
         u = np.asarray(energy(target_positions), dtype=float)
     assert result["reference"]["forward_ess"] == pytest.approx(forward_ess(-u - log_q), rel=1e-9)
@@ -154,8 +153,8 @@ def test_demo_summary_marks_an_unreliable_population(tmp_path, capsys, monkeypat
               "samples": {"reverse_ess": ess, "n_draws": 3, "n_effective": 1.5, "reliable": False,
                           "phi_positive_population": {"value": 2e-7, "error": 1e-7, "n_effective": 1.5,
                                                       "reliable": False}}}
-    monkeypatch.setattr(cli, "run_training", lambda *a, **k: result)
-    monkeypatch.setattr(cli, "cmd_sample", lambda args: 0)
+    monkeypatch.setattr(cli.Run, "train", lambda self, **k: result)
+    monkeypatch.setattr(cli.Run, "write_samples", lambda self, *a, **k: {})
     rc, out, _ = run(capsys, "demo", "--out", tmp_path / "demo", "--quiet")
     assert rc == 0
     assert "phi > 0 basin population (reweighted): unreliable (N_eff = 1.5 effective samples)" in out
@@ -249,9 +248,9 @@ def test_resume_with_other_settings_is_refused_and_keeps_run_file(toy_run, tmp_p
 
 
 def test_every_preset_is_a_valid_run_file():
-    from cmt_openmm.cli.presets import get_preset, list_presets
-    from cmt_openmm.cli.run_files import parse_run_config
+    from cmt_openmm.runs.presets import get_preset, list_presets
+    from cmt_openmm.runs.run_files import parse_run_config
 
     for name in list_presets():
         spec = parse_run_config(get_preset(name))
-        assert spec.train["budget"] >= spec.train["cmt"]["n_samples"], name
+        assert spec.train.budget >= spec.train.cmt.n_samples, name

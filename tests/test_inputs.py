@@ -8,7 +8,7 @@ from openmm import app, unit
 from openmmtools.testsystems import get_data_filename
 
 from cmt_openmm.cli import main
-from cmt_openmm.cli.run_files import parse_run_config
+from cmt_openmm.runs.run_files import parse_run_config
 from cmt_openmm.errors import CMTInputError
 from cmt_openmm.systems import aldp_pdb_path, get_target
 from cmt_openmm.systems.inputs import resolve_entry, target_from_entry

@@ -8,7 +8,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "cmt_openmm"
 
 # Lowest first: a module may import its own layer and the layers before it.
 LAYERS = ["errors", "files", "units", "importance", "target", "systems", "energy", "coordinates", "flows",
-          "generator", "training", "sampling", "export", "analysis", "cli"]
+          "generator", "training", "sampling", "export", "analysis", "runs", "cli"]
 
 
 def _layer(module: str) -> str:
@@ -54,5 +54,5 @@ def test_imports_go_down_the_layers(path):
 
 
 def test_no_module_is_over_500_lines():
-    long = {str(p.relative_to(PACKAGE)): n for p in MODULES if (n := len(p.read_text().splitlines())) > 550}
+    long = {str(p.relative_to(PACKAGE)): n for p in MODULES if (n := len(p.read_text().splitlines())) > 500}
     assert not long, f"split these modules by idea: {long}"

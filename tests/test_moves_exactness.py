@@ -193,7 +193,7 @@ def test_gaussian_mixture_mode_weights():
 
 def test_briefly_trained_boltzmann_generator_reproduces_exact_marginals(double_well):
     """The real generator (a few seconds of CMT on the toy: ESS ~ 75 %) as proposal."""
-    from cmt_openmm.cli.presets import get_preset
+    from cmt_openmm.runs.presets import get_preset
     from cmt_openmm.training import train
 
     config = {k: v for k, v in get_preset("toy-quick").items()

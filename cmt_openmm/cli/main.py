@@ -1,10 +1,10 @@
 """The ``cmt-openmm`` command line: train, sample, evaluate, reference-md, bridge-remd, demo, presets.
 
-``cmt-openmm train RUN.yaml --out DIR`` (run files: :mod:`.run_files`) or
-``--preset NAME`` (:mod:`.presets`) trains into a run directory and finishes with
-``report.json`` / ``report.md`` and PNG plots (:mod:`cmt_openmm.analysis.report`); ``sample``,
-``evaluate`` work on that directory; ``reference-md`` writes MD reference frames; ``demo`` is
-the README's main job. Commands print progress on stderr and their result (JSON, or the
+Each command parses its arguments, drives a :class:`cmt_openmm.runs.Run` (or the reference-MD
+and bridged replica-exchange drivers) and prints: ``train RUN.yaml --out DIR`` (run files:
+:mod:`cmt_openmm.runs.run_files`) or ``--preset NAME`` (:mod:`cmt_openmm.runs.presets`) trains
+into a run directory and writes its report and plots; ``sample`` and ``evaluate`` work on that
+directory; ``reference-md`` writes MD reference frames; ``demo`` is the README's main job. Commands print progress on stderr and their result (JSON, or the
 demo's summary) on stdout; library banners are kept off stdout. Bad input ends with one
 sentence on stderr and exit code 2, never a traceback. argparse rather than click/typer: no
 extra dependency, and the standard library's behaviour.
@@ -13,32 +13,20 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import io
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import yaml
 
 from ..coordinates.backbone import is_peptide, ramachandran_angles
 from ..errors import CMTInputError
-from ..files import atomic_write, atomic_writer, json_default, to_json
-from ..generator import load_generator
-from ..training.config import RESUMABLE, resume_conflicts
+from ..files import atomic_write, json_default, to_json
+from ..runs.presets import get_preset, list_presets
+from ..runs.run import Run
+from ..runs.run_files import build_target, parse_run_config, read_yaml, resolve_system
 from ..training.loop import CHECKPOINT_FILE
-from .presets import get_preset, list_presets
-from .run_files import (
-    RUN_FILE,
-    RunSpec,
-    build_target,
-    load_run,
-    parse_run_config,
-    read_yaml,
-    resolve_system,
-)
 
 EXIT_INPUT = 2
 
@@ -47,191 +35,37 @@ EXIT_INPUT = 2
 # Commands
 # ---------------------------------------------------------------------------------------------
 def cmd_train(args: argparse.Namespace) -> int:
-    out = Path(args.out)
-    spec = _train_spec(args, out)
-    result = run_training(spec, out, resume=args.resume, progress=not args.quiet)
-    _emit(result, args)
+    if args.config and args.preset:
+        raise CMTInputError("pass either a CONFIG file or --preset, not both.")
+    overrides = {key: getattr(args, key, None) for key in ("max_steps", "budget", "seed", "threads", "device")}
+    if args.config:
+        config = args.config
+    elif args.preset:
+        config = get_preset(args.preset)
+    elif args.resume and Path(args.out).is_dir():
+        config = Run.open(args.out).spec
+    else:
+        raise CMTInputError("name a run file (cmt-openmm train CONFIG.yaml) or a preset (--preset aldp-quick).")
+    run = Run.create(args.out, config, overrides=overrides, resume=args.resume)
+    _emit(run.train(progress=not args.quiet), args)
     return 0
 
 
-def _train_spec(args: argparse.Namespace, out: Path) -> RunSpec:
-    if args.config and args.preset:
-        raise CMTInputError("pass either a CONFIG file or --preset, not both.")
-    if args.config:
-        data, base = read_yaml(args.config), Path(args.config).resolve().parent
-    elif args.preset:
-        data, base = get_preset(args.preset), Path.cwd()
-    elif args.resume and (out / RUN_FILE).is_file():
-        data, base = read_yaml(out / RUN_FILE), out
-    else:
-        raise CMTInputError("name a run file (cmt-openmm train CONFIG.yaml) or a preset (--preset aldp-quick).")
-    if isinstance(data, dict):
-        for key in ("max_steps", "budget", "seed", "threads", "device"):
-            if getattr(args, key, None) is not None:
-                data[key] = getattr(args, key)
-    return parse_run_config(data, base)
-
-
-def run_training(spec: RunSpec, out: Path, resume: bool = False, progress: bool = True,
-                 report: bool = True) -> dict:
-    """Train per ``spec`` into ``out`` (resuming if asked), then write the report and plots.
-
-    Returns the report dictionary (or, with ``report=False``, the run directory and why
-    training stopped).
-    """
-    from ..training import train
-
-    out = Path(out)
-    stored_path = out / RUN_FILE
-    if resume:
-        if not (out / CHECKPOINT_FILE).is_file():
-            raise CMTInputError(f"{out} holds no checkpoint to resume; start the run without --resume.")
-        if stored_path.is_file():
-            stored = parse_run_config(read_yaml(stored_path), out)
-            if (stored.system, stored.temperature) != (spec.system, spec.temperature):
-                raise CMTInputError(f"{out} was trained on {stored.system} at {stored.temperature} K; resume it with the same system.")
-            changed = resume_conflicts(stored.train, spec.train)
-            if changed:
-                raise CMTInputError(f"the run in {out} was trained with other {', '.join(changed)} settings; "
-                                    f"only {' and '.join(RESUMABLE)} may change on --resume.")
-    elif (out / CHECKPOINT_FILE).exists():
-        raise CMTInputError(f"{out} already holds a run; pass --resume to continue it or choose another --out.")
-    target = build_target(spec.system, spec.temperature)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write(stored_path, yaml.safe_dump(spec.to_dict(), sort_keys=False))
-    _say(f"training {spec.train['method']} on {target.name} at {spec.temperature:g} K into {out}")
-    result = train(target, spec.train, run_dir=out, resume=resume, progress=progress)
-    if not report:
-        return {"run_dir": str(out), "stop_reason": result.stop_reason}
-    return write_run_report(out, spec, target, result.generator, result.history, result.stop_reason, progress)
-
-
-def write_run_report(run_dir: Path, spec: RunSpec, target, generator, history, stop_reason: str | None,
-                     progress: bool = True, reference: str | None = None, n_samples: int | None = None,
-                     n_draws: int | None = None, name: str = "report") -> dict:
-    """The run's report (:func:`cmt_openmm.analysis.report.write_run_report`) with the run file's settings."""
-    from ..analysis.report import write_run_report as write
-
-    n_samples = n_samples or spec.report["n_samples"]
-    n_draws = n_draws or spec.report["n_draws"]
-    _say(f"report: {n_draws} draws of {n_samples} samples")
-    with run_energy(spec, target) as energy:
-        return write(run_dir, target, generator, history, stop_reason, method=spec.train["method"],
-                     seed=spec.train["seed"], n_samples=n_samples, n_draws=n_draws, sample_seed=spec.report["seed"],
-                     progress=progress, reference_file=reference, name=name, energy=energy,
-                     reference_positions=None if reference is None else _reference_positions(reference, target))
-
-
-def run_energy(spec: RunSpec, target):
-    """The energy the run's settings name (``energy.backend``, ``platform``, ``n_workers``), for
-    sampling and reports as for training; a context manager that closes it."""
-    from ..energy.select import make_energy
-
-    settings = spec.train["energy"]
-    return make_energy(target, settings.get("backend", "auto"), platform=settings["platform"],
-                       n_workers=settings["n_workers"], compile=settings.get("compile", False))
-
-
-def _reference_positions(path: str, target) -> np.ndarray:
-    from ..sampling.reference_md import load_reference
-
-    positions, _ = load_reference(path, target.topology)
-    if positions.shape[1] != target.n_atoms:
-        raise CMTInputError(f"reference {path} has {positions.shape[1]} atoms but {target.name} has {target.n_atoms}; pass frames of the same system.")
-    return positions
-
-
 def cmd_sample(args: argparse.Namespace) -> int:
-    from ..sampling.reweighting import reweight
-
-    if args.n < 1:
-        raise CMTInputError(f"--n must be a positive number of samples, got {args.n}.")
-    if args.resample is not None and args.resample < 1:
-        raise CMTInputError(f"--resample must be a positive number of frames, got {args.resample}.")
-    if args.weights and Path(args.weights).suffix not in (".npy", ".csv"):
-        raise CMTInputError(f"--weights {args.weights} must end in .npy or .csv.")
-    if Path(args.out).suffix != ".npz":
-        raise CMTInputError(f"--out {args.out} must end in .npz.")
-    for path in (args.out, args.pdb, args.dcd, args.weights):
-        if path is not None and not Path(path).resolve().parent.is_dir():
-            raise CMTInputError(f"the folder of {path} does not exist; create it first.")
-    spec, target = load_run(args.run_dir)
-    generator = load_generator(args.run_dir, target=target)
-    with run_energy(spec, target) as energy:
-        ens = reweight(generator, target, args.n, batch_size=args.batch_size, seed=args.seed, progress=not args.quiet,
-                       energy=energy)
-    if args.temperature is not None:
-        ens = ens.reweight_to(args.temperature)
-    out = Path(args.out)
-    ens.save_npz(out)
-    summary = {"out": str(out), **ens.summary(), "generator_hash": ens.metadata.get("generator_hash")}
-    frames = None
-    if args.resample is not None:
-        frames = ens.resample_indices(args.resample, seed=args.seed)
-        _add_to_npz(out, resampled_indices=frames)
-        summary["resampled"] = int(len(frames))
-    if args.weights:
-        ens.save_weights(args.weights)
-        summary["weights"] = str(args.weights)
-    if args.dcd or args.pdb:
-        traj = ens.to_mdtraj(frames)
-        if args.dcd:
-            traj.save_dcd(str(args.dcd))
-            summary["dcd"] = str(args.dcd)
-            summary["dcd_frames"] = "resampled, unweighted" if frames is not None else "all samples, weights in the npz"
-        if args.pdb:
-            traj[0].save_pdb(str(args.pdb))
-            summary["pdb"] = str(args.pdb)
-    atomic_write(out.with_suffix(".json"), to_json(summary))
+    summary = Run.open(args.run_dir).write_samples(
+        args.n, args.out, pdb=args.pdb, dcd=args.dcd, weights=args.weights, resample=args.resample, seed=args.seed,
+        batch_size=args.batch_size, temperature=args.temperature, progress=not args.quiet)
     _emit(summary, args)
     return 0
 
 
-def _add_to_npz(path: Path, **arrays: np.ndarray) -> None:
-    with np.load(path, allow_pickle=False) as data:
-        content = {k: data[k] for k in data.files}
-    content.update(arrays)
-    with atomic_writer(path) as handle:
-        np.savez(handle, **content)
-
-
-def report(run_dir: str | os.PathLike, reference: str | os.PathLike | None = None, n_samples: int | None = None,
-           n_draws: int | None = None, seed: int | None = None, progress: bool = True, name: str = "evaluation") -> dict:
-    """Evaluate a run directory (made by ``cmt-openmm train`` or ``cmt_openmm.train(..., run_dir=)``):
-    draw reweighted samples, compute the metrics, draw the plots and write ``name``.json/.md there.
-
-    ``reference``: MD frames to compare with (the npz of ``cmt-openmm reference-md`` or a
-    trajectory mdtraj reads with the run's topology: DCD, XTC, netCDF, PDB, ...). Returns the
-    report dictionary; ``cmt-openmm evaluate`` is this function.
-    """
-    from ..training import load_history
-
-    run_dir = Path(run_dir)
-    spec, target = load_run(run_dir)
-    generator = load_generator(run_dir, target=target)
-    if reference is not None:
-        _reference_positions(str(reference), target)  # fail before sampling
-    history = load_history(run_dir)
-    if seed is not None:
-        spec.report["seed"] = seed
-    return write_run_report(run_dir, spec, target, generator, history, _stored_stop_reason(run_dir), progress,
-                            reference=None if reference is None else str(reference), n_samples=n_samples,
-                            n_draws=n_draws, name=name)
-
-
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    result = report(args.run_dir, args.reference, args.n, args.draws, args.seed, not args.quiet)
+    result = Run.open(args.run_dir).evaluate(args.reference, n_samples=args.n, n_draws=args.draws, seed=args.seed,
+                                             progress=not args.quiet)
     if args.out:
         atomic_write(Path(args.out), to_json(result))
     _emit(result, args)
     return 0
-
-
-def _stored_stop_reason(run_dir: Path) -> str | None:
-    try:
-        return json.loads((run_dir / "report.json").read_text())["training"]["stop_reason"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
 
 
 def cmd_reference_md(args: argparse.Namespace) -> int:
@@ -241,7 +75,7 @@ def cmd_reference_md(args: argparse.Namespace) -> int:
         spec = parse_run_config(read_yaml(args.system), Path(args.system).resolve().parent)
         system, temperature = spec.system, args.temperature or spec.temperature
     elif Path(args.system).is_dir():
-        spec, _ = load_run(args.system)
+        spec = Run.open(args.system).spec
         system, temperature = spec.system, args.temperature or spec.temperature
     else:
         system, temperature = resolve_system(args.system, Path.cwd()), args.temperature or 300.0
@@ -265,17 +99,19 @@ def cmd_reference_md(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     out = Path(args.out)
-    spec = parse_run_config(get_preset(args.preset), Path.cwd())
     resume = (out / CHECKPOINT_FILE).is_file()
     if resume:
         _say(f"{out} already holds a run: resuming it (a finished run only redoes the report)")
-    result = run_training(spec, out, resume=resume, progress=not args.quiet)
-    sample_args = argparse.Namespace(
-        run_dir=str(out), n=args.n, out=str(out / "samples.npz"), pdb=str(out / "samples.pdb"),
-        dcd=str(out / "samples.dcd"), weights=str(out / "weights.npy"), resample=args.n, seed=0,
-        batch_size=1000, temperature=None, quiet=args.quiet, stdout=io.StringIO(),
-    )
-    cmd_sample(sample_args)
+    run = Run.from_preset(out, args.preset, resume=resume)
+    result = run.train(progress=not args.quiet)
+    run.write_samples(args.n, out / "samples.npz", pdb=out / "samples.pdb", dcd=out / "samples.dcd",
+                      weights=out / "weights.npy", resample=args.n, progress=not args.quiet)
+    _emit(_demo_summary(result, out), args)
+    return 0
+
+
+def _demo_summary(result: dict, out: Path) -> str:
+    """The demo's closing lines: training, reverse ESS, the phi > 0 population, where the files are."""
     s = result["samples"]
     lines = [
         f"demo finished: {result['system']} at {result['temperature']:g} K, {result['method']}",
@@ -294,8 +130,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             lines.append(f"  phi > 0 basin population (reweighted): {p['value']:{fmt}} ± {p['error'] or 0:{fmt}}")
     lines += [f"  report: {out / 'report.md'}", f"  plots: {', '.join(str(out / p) for p in result['plots'])}",
               f"  samples: {out / 'samples.npz'} (+ samples.pdb, samples.dcd resampled, weights.npy)"]
-    _emit("\n".join(lines), args)
-    return 0
+    return "\n".join(lines)
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
@@ -400,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.set_defaults(func=cmd_demo)
 
-    from .bridge_remd import add_parser as add_bridge_remd
+    from .flow_bridged_remd import add_parser as add_bridge_remd
 
     add_bridge_remd(sub)
 

@@ -7,9 +7,9 @@ imports them (no import circle).
 >>> from cmt_openmm.training import TrainConfig, solve_dual, train
 """
 from . import baselines, cmt  # noqa: F401  (register the methods)
-from .config import TrainConfig
+from .config import TRAINERS, TrainConfig, register_method
 from .dual import DualSolution, solve_dual
-from .loop import METHODS, TrainResult, Trainer, load_history, register_method, train
+from .loop import TrainResult, Trainer, load_history, train
 
-__all__ = ["METHODS", "DualSolution", "TrainConfig", "TrainResult", "Trainer", "load_history", "register_method",
+__all__ = ["TRAINERS", "DualSolution", "TrainConfig", "TrainResult", "Trainer", "load_history", "register_method",
            "solve_dual", "train"]

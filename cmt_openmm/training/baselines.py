@@ -24,7 +24,8 @@ import torch
 from ..energy.regularize import regularize_energy
 from ..errors import CMTInputError
 from .cmt import fit_to_buffer
-from .loop import Trainer, register_method
+from .config import register_method
+from .loop import Trainer
 
 
 def reverse_kl_steps(t: Trainer, n_steps: int, batch_size: int, scale: float = 1.0) -> dict:

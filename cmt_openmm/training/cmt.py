@@ -1,6 +1,6 @@
 """Constrained Mass Transport: one annealing step = buffer, dual, weights, weighted fit.
 
-Per step (method.md): draw N samples x_n ~ q_i with log q_i(x_n) (the Cartesian-space density
+Per step (docs/method.md, "Fitting the flow"): draw N samples x_n ~ q_i with log q_i(x_n) (the Cartesian-space density
 the generator reports, rigid-body frame fixed) and evaluate the raw reduced energies once
 each (log p̃ = −u, failed energies → −inf → weight 0, no regularisation in the weights);
 solve the dual for (λ, η) (:func:`~cmt_openmm.training.dual.solve_dual`); fit the flow to
@@ -28,8 +28,9 @@ import math
 import numpy as np
 import torch
 
+from .config import register_method
 from .dual import solve_dual
-from .loop import Trainer, register_method
+from .loop import Trainer
 from .strata import floored_log_weights, stratifier
 
 

@@ -20,10 +20,21 @@ from ..errors import CMTInputError
 from ..flows import MASKS
 from .strata import STRATA
 
-METHODS = ("cmt", "reverse_kl", "forward_kl", "temperature_annealing")
+TRAINERS: dict[str, type] = {}
+"""The trainer class of each method name (``TrainConfig.method``), filled by :func:`register_method`."""
 RESUMABLE = ("budget", "max_steps", "max_minutes", "threads", "device")
-DEVICES = ("cpu", "cuda", "auto")
 """Training settings a resumed run may change."""
+DEVICES = ("cpu", "cuda", "auto")
+
+
+def register_method(name: str):
+    """Class decorator: make a :class:`~cmt_openmm.training.loop.Trainer` subclass the trainer of
+    ``method: name`` (the built-in ones register in :mod:`.cmt` and :mod:`.baselines`; a study
+    registers a variant under its own name and reads the settings section it needs)."""
+    def register(cls: type) -> type:
+        TRAINERS[name] = cls
+        return cls
+    return register
 
 
 def resume_conflicts(stored: typing.Mapping, new: typing.Mapping) -> list[str]:
@@ -75,7 +86,7 @@ class EnergyConfig:
 
 @dataclass
 class CMTConfig:
-    """Constrained Mass Transport (method.md; defaults from its calibration section).
+    """Constrained Mass Transport (docs/method.md; defaults from its "Calibration" section).
 
     fit_steps: Adam steps per annealing step; None = one pass over the buffer
     (ceil(n_samples / batch_size)). resample: minibatches drawn ∝ w̄ (else uniform with
@@ -85,12 +96,11 @@ class CMTConfig:
     the step-to-step fluctuation of the final flow). lr_decay_from: when that decay starts,
     "target" (the first step with λ = η = 0) or "cooled" (the first step after the warm-up whose
     entropy constraint is inactive, η = 0: the path has cooled and the remaining steps mostly
-    refine the flow at λ ≲ 1, where a shrinking learning rate is what lifts ESS; on ALDP
-    benchmarks/cmt_settings_study.py measured it). eps_ent_warmup, warmup_steps: a two-phase
+    refine the flow at λ ≲ 1, where a shrinking learning rate is what lifts ESS;
+    docs/cmt_settings.md). eps_ent_warmup, warmup_steps: a two-phase
     entropy constraint, ε_ent = eps_ent_warmup for the first warmup_steps annealing steps (None:
     eps_ent throughout); a tight value keeps the path hot (η > 0) while the flow learns the shape
-    of every basin, then eps_ent lets it cool (benchmarks/cmt_settings_study.py: on ALDP it kept
-    the φ > 0 basin in 2 of 4 runs, against 0 of 7 without). strata: "none" or "phi-sign"
+    of every basin, then eps_ent lets it cool (docs/cmt_settings.md). strata: "none" or "phi-sign"
     (peptides); with strata, each of the K strata in the buffer is fitted with at least mass
     strata_floor / K, the dual's weights kept inside each (:mod:`cmt_openmm.training.strata`).
     """
@@ -176,7 +186,8 @@ class TrainConfig:
     (100000, 0.3, True)
     """
 
-    method: str = field(default="cmt", metadata=_check(lambda v: v in METHODS, "one of " + ", ".join(METHODS)))
+    method: str = field(default="cmt", metadata=_check(lambda v: v in TRAINERS, "a registered method (cmt, reverse_kl, "
+                                                                           "forward_kl, temperature_annealing)"))
     seed: int = field(default=0, metadata=NON_NEGATIVE)
     budget: int = field(default=1_000_000, metadata=POSITIVE)
     max_steps: int = field(default=1000, metadata=POSITIVE)
@@ -215,11 +226,6 @@ class TrainConfig:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-    @property
-    def method_config(self):
-        """The settings section of the selected method."""
-        return getattr(self, self.method)
 
 
 def _from_dict(cls, data, prefix: str):

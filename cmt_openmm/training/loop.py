@@ -47,25 +47,13 @@ from ..errors import CMTInputError
 from ..files import atomic_write, atomic_writer
 from ..generator import GENERATOR_FILE, BoltzmannGenerator
 from ..importance import CLIP_FRACTION, reverse_ess
-from .config import RESUMABLE, TrainConfig, resolve_device, resume_conflicts
+from .config import RESUMABLE, TRAINERS, TrainConfig, resolve_device, resume_conflicts
 
 CHECKPOINT_FILE = "checkpoint.pt"
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.yaml"
 TARGET_DIR = "target"  # Target.save: system.xml, structure.pdb, target.json
 _FORMAT = "cmt_openmm.checkpoint/1"
-
-METHODS: dict[str, type["Trainer"]] = {}
-"""Trainer class of each method name, filled by :func:`register_method` (cmt.py, baselines.py)."""
-
-
-def register_method(name: str):
-    """Class decorator: make a :class:`Trainer` subclass the trainer of ``config.method == name``."""
-    def register(cls: type["Trainer"]) -> type["Trainer"]:
-        METHODS[name] = cls
-        return cls
-    return register
-
 
 @dataclass
 class TrainResult:
@@ -191,7 +179,7 @@ def train(
         energy = make_energy(target, backend, device=device, platform=config.energy.platform,
                              n_workers=config.energy.n_workers, compile=config.energy.compile)
     try:
-        trainer = METHODS[config.method](target, generator, energy, config, rng)
+        trainer = TRAINERS[config.method](target, generator, energy, config, rng)
         state = {"step": 0, "evaluations": 0, "n_failed": 0, "wall_time": 0.0, "history": []}
         if checkpoint is not None:
             _restore(checkpoint, generator, trainer, rng, state)

@@ -26,12 +26,15 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from ..errors import CMTInputError
 from ..units import kelvin
+
+if TYPE_CHECKING:
+    from ..training.config import TrainConfig
 
 RUN_FILE = "run.yaml"
 _REPORT_DEFAULTS = {"n_samples": 5000, "n_draws": 5, "seed": 1_000_003}
@@ -43,11 +46,12 @@ class RunSpec:
 
     system: Any
     temperature: float
-    train: dict
+    train: TrainConfig
     report: dict
 
     def to_dict(self) -> dict:
-        return {"system": self.system, "temperature": self.temperature, **self.train, "report": self.report}
+        """The run mapping (YAML-safe), as a run file would hold it."""
+        return {"system": self.system, "temperature": self.temperature, **self.train.to_dict(), "report": self.report}
 
 
 def read_yaml(path: str | os.PathLike) -> Any:
@@ -66,7 +70,7 @@ def read_yaml(path: str | os.PathLike) -> Any:
 
 def parse_run_config(data: Any, base_dir: str | os.PathLike = ".") -> RunSpec:
     """Validate a run mapping (YAML-parsed) and resolve relative PDB/XML paths against ``base_dir``."""
-    from ..training import TrainConfig
+    from ..training.config import TrainConfig  # imports torch: not at the command line's start
 
     if not isinstance(data, dict):
         raise CMTInputError("a run file must be a YAML mapping with at least a `system` key.")
@@ -84,8 +88,7 @@ def parse_run_config(data: Any, base_dir: str | os.PathLike = ".") -> RunSpec:
             raise CMTInputError(f"report.{key} must be a positive whole number, got {value!r}.")
     if data.get("method") == "forward_kl" and isinstance(data.get("forward_kl"), dict) and data["forward_kl"].get("data"):
         data["forward_kl"] = {**data["forward_kl"], "data": str(_existing(data["forward_kl"]["data"], base_dir, "forward_kl.data"))}
-    train = TrainConfig.from_dict(data).to_dict()  # validates; defaults filled in
-    return RunSpec(system, temperature, train, report)
+    return RunSpec(system, temperature, TrainConfig.from_dict(data), report)
 
 
 def _existing(path: str, base_dir: str | os.PathLike, what: str) -> Path:
@@ -110,37 +113,28 @@ def build_target(system: Any, temperature: float):
     return target_from_entry(system, temperature)
 
 
-def load_run(run_dir: str | os.PathLike) -> tuple[RunSpec, Any]:
-    """The RunSpec and Target of an existing run directory."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise CMTInputError(f"run directory {run_dir} does not exist; train first with `cmt-openmm train`.")
-    path = run_dir / RUN_FILE
-    if path.is_file():
-        spec = parse_run_config(read_yaml(path), run_dir)
-        return spec, build_target(spec.system, spec.temperature)
-    return _run_from_api(run_dir)
+def saved_target_entry(target, saved: Path) -> Any:
+    """The system entry of a Target saved (:meth:`~cmt_openmm.target.Target.save`) in ``saved``: the
+    built-in name when it is that built-in target, else the saved System XML and PDB."""
+    from ..systems import get_target, list_targets
+
+    if target.name in list_targets() and \
+            get_target(target.name, target.temperature).system_fingerprint() == target.system_fingerprint():
+        return target.name
+    return {"xml": str(saved / "system.xml"), "pdb": str(saved / "structure.pdb"), "name": target.name}
 
 
-def _run_from_api(run_dir: Path) -> tuple[RunSpec, Any]:
+def run_from_api(run_dir: Path) -> tuple[RunSpec, Any]:
     """A run trained through ``cmt_openmm.train(target, config, run_dir)``: no run file, but its
-    ``config.yaml`` and the saved ``target/``; the system entry names the built-in target when
-    the saved one is it, else the saved System XML and PDB."""
-    from ..systems import list_targets
+    ``config.yaml`` and the saved ``target/`` (:func:`saved_target_entry` names it)."""
     from ..target import Target
     from ..training.loop import CONFIG_FILE, TARGET_DIR
 
+    run_dir = Path(run_dir).resolve()
     if not (run_dir / CONFIG_FILE).is_file() or not (run_dir / TARGET_DIR / "target.json").is_file():
         raise CMTInputError(f"{run_dir} holds neither {RUN_FILE} nor {CONFIG_FILE} with {TARGET_DIR}/; is it a "
                             "directory written by `cmt-openmm train` or cmt_openmm.train(..., run_dir=...)?")
     target = Target.load(run_dir / TARGET_DIR)
-    system: Any = {"xml": str(run_dir / TARGET_DIR / "system.xml"), "pdb": str(run_dir / TARGET_DIR / "structure.pdb"),
-                   "name": target.name}
-    if target.name in list_targets():
-        from ..systems import get_target
-
-        builtin = get_target(target.name, target.temperature)
-        if builtin.system_fingerprint() == target.system_fingerprint():
-            system, target = target.name, builtin
+    system = saved_target_entry(target, run_dir / TARGET_DIR)
     data = {"system": system, "temperature": target.temperature, **(read_yaml(run_dir / CONFIG_FILE) or {})}
-    return parse_run_config(data, run_dir), target
+    return parse_run_config(data, run_dir), (None if isinstance(system, str) else target)
