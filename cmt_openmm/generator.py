@@ -2,7 +2,7 @@
 
 ``BoltzmannGenerator`` = :class:`~cmt_openmm.flows.SplineFlow` ∘ the target's
 :class:`~cmt_openmm.coordinates.CoordinateTransform`. Its density is the one every part of the
-library uses (method.md, "Density conventions"): for a Cartesian configuration x (nm),
+library uses (docs/method.md, "Density conventions"): for a Cartesian configuration x (nm),
 
     log q(x) = log q_z(z(x)) - log J(z(x)),
 

@@ -1,6 +1,6 @@
 """Importance weights of generator samples: normalised weights, reverse and forward ESS, EUBO.
 
-Definitions follow method.md (Metrics). Log-weights are ``log w = log p̃(x) − log q(x)`` with
+Definitions follow docs/method.md, "Metrics". Log-weights are ``log w = log p̃(x) − log q(x)`` with
 ``log p̃ = −u`` the raw reduced energy; ``−inf`` marks a failed evaluation (weight 0, still
 counted in N). One home for these estimators, used by training records, reweighted ensembles
 and reports alike. Hand-written on NumPy: each is a few lines, and the conventions (clipping,

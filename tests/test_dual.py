@@ -1,4 +1,4 @@
-"""The CMT dual against brute force on synthetic Gaussian buffers (method.md's checks)."""
+"""The CMT dual against brute force on synthetic Gaussian buffers (docs/method.md, "Finding λ, η": its checks)."""
 import math
 
 import numpy as np
@@ -78,7 +78,7 @@ def test_weights_match_the_geometric_mixture():
 
 @pytest.mark.parametrize("eps_tr", [0.1, 0.5])
 def test_ess_between_steps(eps_tr):
-    """ESS ≈ exp(−2 KL) for log-normal weights; method.md quotes ≳ 1/(1+2 ε_tr)."""
+    """ESS ≈ exp(−2 KL) for log-normal weights; docs/method.md quotes ≳ 1/(1+2 ε_tr)."""
     log_q, log_p = _buffer(20000, 2, np.array([5.0, 0.0]), 1.0, seed=2)
     sol = solve_dual(log_q, log_p, eps_tr, 10.0)
     assert sol.trust_active and not sol.entropy_active

@@ -1,6 +1,6 @@
 """The metrics of a trained generator: what the report and the benchmarks print.
 
-Two kinds, both following method.md (Metrics):
+Two kinds, both following docs/method.md, "Metrics":
 
 - Ramachandran histograms and their TV / KL distances (functions of angles and weights);
 - the report's sample and reference metrics, computed from reweighted draws: reverse ESS as
@@ -92,7 +92,7 @@ def histogram_kl(p: Any, q: Any, axis: int | Sequence[int] | None = None, epsilo
 
 
 def ramachandran_tv(angles_model: Any, angles_ref: Any, weights_model: Any = None, bins: int = 100) -> float:
-    """Ramachandran TV averaged over backbone pairs (the "Ram TV" of method.md's tables).
+    """Ramachandran TV averaged over backbone pairs (the "Ram TV" of docs/method.md, "Published results").
 
     ``angles_model`` (B, n_pairs, 2) with optional importance weights; ``angles_ref`` (M, n_pairs, 2)
     unweighted reference (MD) angles.

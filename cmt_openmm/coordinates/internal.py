@@ -11,7 +11,7 @@ Frame and density conventions:
 * The standard frame puts seed ``a0`` at the origin, ``a1`` on +x and ``a2`` in the xy plane
   with y > 0.  ``inverse`` returns configurations in that frame; ``frame(x)`` gives the
   rotation and translation that map it back onto ``x``.
-* Density convention (method.md, "Density conventions"). The Boltzmann distribution is
+* Density convention (docs/method.md, "Density conventions"). The Boltzmann distribution is
   exp(-u(x)) dx on R^{3N}. Splitting x into the translation t (the position of ``a0``), the
   rotation R of the standard frame and the internal coordinates gives
 

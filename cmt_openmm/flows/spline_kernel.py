@@ -2,15 +2,14 @@
 
 Why by hand: at the batch sizes of training (256-4,096 samples, ~30 coordinates per layer) the
 torch formulation of a coupling layer's spline is ~45 operations forward and ~50 backward on
-tensors of a few thousand numbers each, and their fixed cost (~1-5 us each here) and memory passes,
-not arithmetic, set the speed; with 2 threads most of them are too small to be split. The loop
-computes each element's spline in registers (columns vectorised: AVX-512 on this machine, exp
-and log from glibc's vector library; ~16 ns per element forward, ~25 ns backward) and recomputes
-the forward quantities in the backward pass rather than saving ~20 tensors. It runs on the calling
-thread: splitting the columns over the 2 cores (``ctypes`` releases the GIL) made a training step
-slower at batch 256 and no faster at 1,024 (thread hand-offs beside torch's own threads).
-torch.compile was tried for the same purpose and was no faster (its gathers and scatters) and
-crashed on CPU (see :func:`~.splines.spline_forward`).
+tensors of a few thousand numbers each, and their fixed cost and memory passes, not arithmetic,
+set the speed; on a few threads most of them are too small to be split. The loop computes each
+element's spline in registers (columns vectorised with the CPU's SIMD instructions, exp and log
+from glibc's vector library) and recomputes the forward quantities in the backward pass rather
+than saving ~20 tensors. It runs on the calling thread: splitting the columns over threads
+(``ctypes`` releases the GIL) was slower or no faster, the hand-offs competing with torch's own
+threads. torch.compile was no faster for the same purpose (its gathers and scatters) and crashed
+on CPU (see :func:`~.splines.spline_forward`). Timings: ``benchmarks/RESULTS.md``.
 
 The library is compiled once per machine (C++ compiler ``$CXX`` or ``c++``; ``-O3 -march=native
 -ffast-math``) into ``~/.cache/cmt-openmm/kernels`` (``$XDG_CACHE_HOME``), keyed by the source,

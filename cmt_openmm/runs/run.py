@@ -59,6 +59,7 @@ class Run:
         self.spec = spec
         self._target = target
         self._generator = None
+        self._stop_reason: str | None = None  # of this object's last train()
 
     # -- making one ----------------------------------------------------------------------------
     @classmethod
@@ -158,7 +159,10 @@ class Run:
 
     @property
     def stop_reason(self) -> str | None:
-        """Why training stopped, as the training report recorded it (None before the report)."""
+        """Why training stopped: as this object's last :meth:`train` returned it, else as the
+        training report recorded it (None before either)."""
+        if self._stop_reason is not None:
+            return self._stop_reason
         try:
             return json.loads((self.directory / f"{REPORT}.json").read_text())["training"]["stop_reason"]
         except (OSError, ValueError, KeyError, TypeError):
@@ -186,7 +190,7 @@ class Run:
         _say(f"{'resuming' if resume else 'training'} {self.config.method} on {self.target.name} at "
              f"{self.spec.temperature:g} K in {self.directory}", progress)
         result = train(self.target, self.config, run_dir=self.directory, resume=resume, progress=progress)
-        self._generator = result.generator
+        self._generator, self._stop_reason = result.generator, result.stop_reason
         if not report:
             return {"run_dir": str(self.directory), "stop_reason": result.stop_reason}
         return self._report(result.history, result.stop_reason, progress=progress, name=REPORT)

@@ -28,9 +28,10 @@ import math
 import numpy as np
 import torch
 
-from .config import register_method
+from .config import AUTO, register_method
 from .dual import solve_dual
 from .loop import Trainer
+from .schedule import auto_eps_ent, auto_lr_decay
 from .strata import floored_log_weights, stratifier
 
 
@@ -79,6 +80,7 @@ class CMTTrainer(Trainer):
         self.fit_steps = c.fit_steps or math.ceil(c.n_samples / c.batch_size)
         self.reached_at: int | None = None  # steps_done when the dual first gave λ = η = 0
         self.cooled_at: int | None = None  # steps_done when, after the warm-up, the dual first gave η = 0
+        self.first_entropy: float | None = None  # H(q_0) estimated on the first buffer (nats)
         self.strata_of = stratifier(c.strata, target.topology)
 
     def step_cost(self) -> int:
@@ -90,11 +92,24 @@ class CMTTrainer(Trainer):
             return "target reached"
         return None
 
-    def entropy_budget(self) -> float:
-        """ε_ent of the next annealing step: eps_ent_warmup during the warm-up, then eps_ent."""
+    def entropy_budget(self, entropy: float) -> float:
+        """ε_ent of the next annealing step, whose buffer's entropy estimate is ``entropy`` (nats):
+        eps_ent_warmup during the warm-up, then eps_ent (auto: :func:`~.schedule.auto_eps_ent`)."""
         c = self.settings
-        warming_up = c.eps_ent_warmup is not None and self.steps_done < c.warmup_steps
-        return c.eps_ent_warmup if warming_up else c.eps_ent
+        if c.eps_ent_warmup is not None and self.steps_done < c.warmup_steps:
+            return c.eps_ent_warmup
+        if c.eps_ent != AUTO:
+            return c.eps_ent
+        shed = self.first_entropy - entropy
+        return auto_eps_ent(self.generator.dim, shed, self.steps_done, self.plan, c.cool_fraction)
+
+    def lr_decay(self) -> float:
+        """The factor the learning rate shrinks by before this step (1 before the decay starts)."""
+        c = self.settings
+        start = self.reached_at if c.lr_decay_from == "target" else self.cooled_at
+        if start is None:
+            return 1.0
+        return auto_lr_decay(start, self.plan) if c.lr_decay_after_target == AUTO else c.lr_decay_after_target
 
     def step(self) -> dict:
         return self.anneal(*self.draw_buffer())
@@ -115,10 +130,13 @@ class CMTTrainer(Trainer):
     def anneal(self, x: torch.Tensor, log_q: torch.Tensor, log_p: torch.Tensor) -> dict:
         """Dual, weights and weighted fit on one buffer (see :meth:`draw_buffer`); the step's record."""
         c = self.settings
-        decay_start = self.reached_at if c.lr_decay_from == "target" else self.cooled_at
-        if decay_start is not None and c.lr_decay_after_target != 1.0:
-            self.set_lr(self.optimizer.param_groups[0]["lr"] * c.lr_decay_after_target)
-        eps_ent = self.entropy_budget()
+        decay = self.lr_decay()
+        if decay != 1.0:
+            self.set_lr(self.optimizer.param_groups[0]["lr"] * decay)
+        entropy = -float(log_q.detach().double().mean())
+        if self.first_entropy is None:
+            self.first_entropy = entropy
+        eps_ent = self.entropy_budget(entropy)
         sol = solve_dual(log_q, log_p, c.eps_tr, eps_ent)
         log_weights = self.fit_log_weights(sol, x)
         loss = fit_to_buffer(
@@ -149,10 +167,13 @@ class CMTTrainer(Trainer):
 
     def state_dict(self) -> dict:
         marks = {name: getattr(self, name) for name in self._MARKS}
-        return {**super().state_dict(), **{k: -1 if v is None else v for k, v in marks.items()}}
+        return {**super().state_dict(), **{k: -1 if v is None else v for k, v in marks.items()},
+                "first_entropy": math.nan if self.first_entropy is None else self.first_entropy}
 
     def load_state_dict(self, state) -> None:
         super().load_state_dict(state)
         for name in self._MARKS:  # cooled_at is absent in checkpoints written before lr_decay_from
             value = int(state.get(name, -1))
             setattr(self, name, None if value < 0 else value)
+        first = float(state.get("first_entropy", math.nan))
+        self.first_entropy = None if math.isnan(first) else first

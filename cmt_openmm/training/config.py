@@ -57,6 +57,8 @@ def _check(pred, what: str) -> dict:
 
 POSITIVE = _check(_positive, "a positive number")
 NON_NEGATIVE = _check(_non_negative, "a number >= 0")
+AUTO = "auto"  # a setting sized from the run's plan (:mod:`.schedule`)
+POSITIVE_OR_AUTO = {**POSITIVE, "auto": True}
 
 
 @dataclass
@@ -103,10 +105,13 @@ class CMTConfig:
     of every basin, then eps_ent lets it cool (docs/cmt_settings.md). strata: "none" or "phi-sign"
     (peptides); with strata, each of the K strata in the buffer is fitted with at least mass
     strata_floor / K, the dual's weights kept inside each (:mod:`cmt_openmm.training.strata`).
+    eps_ent: auto sizes the entropy budget per step so that the path cools at cool_fraction of the
+    run's planned steps; lr_decay_after_target: auto decays the learning rate to a few percent of
+    lr by the planned last step (:mod:`cmt_openmm.training.schedule`).
     """
 
     eps_tr: float = field(default=0.5, metadata=POSITIVE)
-    eps_ent: float = field(default=1.0, metadata=POSITIVE)
+    eps_ent: typing.Union[float, str] = field(default=1.0, metadata=POSITIVE_OR_AUTO)
     eps_ent_warmup: typing.Optional[float] = field(default=None, metadata=POSITIVE)
     warmup_steps: int = field(default=0, metadata=NON_NEGATIVE)
     n_samples: int = field(default=8000, metadata=POSITIVE)
@@ -115,11 +120,13 @@ class CMTConfig:
     lr: float = field(default=5e-4, metadata=POSITIVE)
     resample: bool = True
     steps_after_target: int = field(default=0, metadata=NON_NEGATIVE)
-    lr_decay_after_target: float = field(default=1.0, metadata=_check(lambda v: 0 < v <= 1, "a number in (0, 1]"))
+    lr_decay_after_target: typing.Union[float, str] = field(
+        default=1.0, metadata={**_check(lambda v: 0 < v <= 1, "a number in (0, 1]"), "auto": True})
     lr_decay_from: str = field(default="target", metadata=_check(lambda v: v in ("target", "cooled"),
                                                                   "one of target, cooled"))
     strata: str = field(default="none", metadata=_check(lambda v: v in STRATA, "one of " + ", ".join(STRATA)))
     strata_floor: float = field(default=0.1, metadata=_check(lambda v: 0 < v < 1, "a number in (0, 1)"))
+    cool_fraction: float = field(default=0.5, metadata=_check(lambda v: 0 < v < 1, "a number in (0, 1)"))
 
 
 @dataclass
@@ -175,8 +182,9 @@ class TrainConfig:
 
     method: "cmt" | "reverse_kl" | "forward_kl" | "temperature_annealing"; seed: the only
     source of randomness; budget: maximum number of energy evaluations (a step that would
-    exceed it is not started); max_steps: maximum number of steps (annealing steps for CMT and
-    the ladder, records of steps_per_record Adam steps for the gradient methods); max_minutes:
+    exceed it is not started), or "auto" with max_minutes: as many as fit in that time;
+    max_steps: maximum number of steps (annealing steps for CMT and the ladder, records of
+    steps_per_record Adam steps for the gradient methods); max_minutes:
     training wall time after which no new step starts (None: no limit); threads: torch
     CPU threads while training (the CLI's --threads; 1 is fastest for small flows on few cores);
     device: "cpu", "cuda" or "auto" (cuda when available) for the flow, buffers and fit.
@@ -189,7 +197,7 @@ class TrainConfig:
     method: str = field(default="cmt", metadata=_check(lambda v: v in TRAINERS, "a registered method (cmt, reverse_kl, "
                                                                            "forward_kl, temperature_annealing)"))
     seed: int = field(default=0, metadata=NON_NEGATIVE)
-    budget: int = field(default=1_000_000, metadata=POSITIVE)
+    budget: typing.Union[int, str] = field(default=1_000_000, metadata=POSITIVE_OR_AUTO)
     max_steps: int = field(default=1000, metadata=POSITIVE)
     max_minutes: typing.Optional[float] = field(default=None, metadata=POSITIVE)
     threads: int = field(default=1, metadata=POSITIVE)
@@ -205,6 +213,9 @@ class TrainConfig:
     def from_dict(cls, data: typing.Mapping | None) -> "TrainConfig":
         """Build and validate from a (YAML-parsed) mapping; missing keys take defaults."""
         config = _from_dict(cls, data or {}, "")
+        if config.budget == AUTO and config.max_minutes is None:
+            raise CMTInputError("budget: auto sizes the run to its wall time, so it needs max_minutes too "
+                                "(e.g. max_minutes: 60), or give budget as a number of energy evaluations.")
         if config.method == "forward_kl" and not config.forward_kl.data:
             raise CMTInputError("method forward_kl needs forward_kl.data, an .npz file with `positions` in nm.")
         return config
@@ -247,8 +258,13 @@ def _from_dict(cls, data, prefix: str):
         if dataclasses.is_dataclass(kind):
             values[name] = _from_dict(kind, value, key + ".")
             continue
-        values[name] = _coerce(kind, value, key)
         meta = fields[name].metadata
+        if meta.get("auto") and value == AUTO:
+            values[name] = AUTO
+            continue
+        if meta.get("auto"):  # Union[number, "auto"]: the number's type is the first
+            kind = typing.get_args(kind)[0]
+        values[name] = _coerce(kind, value, key)
         if values[name] is not None and "check" in meta and not meta["check"](values[name]):
             raise CMTInputError(f"training setting {key} must be {meta['what']}, got {value!r}.")
     return cls(**values)

@@ -3,7 +3,7 @@
 Given N samples x_n ~ q_i with their flow log-densities b_n = log q_i(x_n) and target
 log-densities a_n = log p̃(x_n) = −u(x_n), the next distribution on the annealing path is the
 geometric mixture q_{i+1} ∝ q_i^{λ/s} p̃^{1/s}, s = 1 + λ + η, with (λ, η) maximising the
-concave dual (docs: method.md, "Finding λ, η")
+concave dual (docs/method.md, "Finding λ, η")
 
     log w_n(λ,η) = (a_n − (1+η) b_n) / s,    log Z = logmeanexp_n log w_n
     g(λ,η)       = −s log Z − λ ε_tr + η (H(q_i) − ε_ent),   H(q_i) ≈ −mean_n b_n.
@@ -99,7 +99,7 @@ class _Buffer:
         return log_wbar, log_z, max(kl, 0.0), self.entropy - entropy_next
 
     def g(self, lam: float, eta: float, eps_tr: float, eps_ent: float) -> float:
-        """The dual objective g(λ, η) of method.md."""
+        """The dual objective g(λ, η) of docs/method.md, "Finding λ, η"."""
         _, log_z, _, _ = self.stats(lam, eta)
         return -(1.0 + lam + eta) * log_z - lam * eps_tr + eta * (self.entropy - eps_ent)
 

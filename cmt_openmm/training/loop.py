@@ -47,7 +47,8 @@ from ..errors import CMTInputError
 from ..files import atomic_write, atomic_writer
 from ..generator import GENERATOR_FILE, BoltzmannGenerator
 from ..importance import CLIP_FRACTION, reverse_ess
-from .config import RESUMABLE, TRAINERS, TrainConfig, resolve_device, resume_conflicts
+from .config import AUTO, RESUMABLE, TRAINERS, TrainConfig, resolve_device, resume_conflicts
+from .schedule import MEASURED_STEPS, plan_steps
 
 CHECKPOINT_FILE = "checkpoint.pt"
 METRICS_FILE = "metrics.jsonl"
@@ -83,6 +84,7 @@ class Trainer(ABC):
         # fused: one kernel for all parameters (~3x faster Adam steps for small flows on CPUs)
         self.optimizer = torch.optim.Adam(generator.parameters(), lr=lr, fused=True)
         self.steps_done = 0
+        self.plan: int | None = None  # the steps the run will take (set by the loop, see .schedule)
 
     @abstractmethod
     def step_cost(self) -> int:
@@ -180,11 +182,12 @@ def train(
                              n_workers=config.energy.n_workers, compile=config.energy.compile)
     try:
         trainer = TRAINERS[config.method](target, generator, energy, config, rng)
-        state = {"step": 0, "evaluations": 0, "n_failed": 0, "wall_time": 0.0, "history": []}
+        state = {"step": 0, "evaluations": 0, "n_failed": 0, "wall_time": 0.0, "seconds_per_step": None,
+                 "history": []}
         if checkpoint is not None:
             _restore(checkpoint, generator, trainer, rng, state)
             _write_metrics(run_dir, state["history"])
-        elif not trainer.done and trainer.step_cost() > config.budget:
+        elif not trainer.done and config.budget != AUTO and trainer.step_cost() > config.budget:
             cost = trainer.step_cost()  # a fresh run that could not take a single step: refuse, don't report
             raise CMTInputError(
                 f"the budget of {config.budget:,} energy evaluations is below the cost of one {config.method} step "
@@ -203,23 +206,47 @@ def train(
 
 def _expected_steps(trainer: Trainer, config: TrainConfig, state: dict) -> tuple[int, str]:
     """The step count at which the run will stop (for the progress bar) and the limit that sets it:
-    max_steps, the budget at the next step's cost, or the method's own schedule."""
+    max_steps, the budget at the next step's cost, the time left at the recent speed, or the
+    method's own schedule."""
     cost = max(trainer.step_cost(), 1)
-    limits = {"max_steps": config.max_steps,
-              "budget": state["step"] + max(config.budget - state["evaluations"], 0) // cost}
+    limits = {"max_steps": config.max_steps}
+    if config.budget != AUTO:
+        limits["budget"] = state["step"] + max(config.budget - state["evaluations"], 0) // cost
+    if config.max_minutes is not None and state["step"] > 0:
+        seconds_per_step = state["wall_time"] / state["step"]
+        limits["max_minutes"] = state["step"] + math.ceil(
+            max(60.0 * config.max_minutes - state["wall_time"], 0.0) / max(seconds_per_step, 1e-9))
     if trainer.planned_steps() is not None:
         limits["schedule"] = trainer.planned_steps()
     limit = min(limits, key=limits.get)
     return limits[limit], limit
 
 
+def _plan(trainer: Trainer, config: TrainConfig, state: dict, say: bool) -> None:
+    """Give the trainer the run's plan (:func:`~.schedule.plan_steps`): the steps it will take,
+    once the time limit's speed is measured; measure it after MEASURED_STEPS steps."""
+    if state["seconds_per_step"] is None and config.max_minutes is not None and state["step"] >= MEASURED_STEPS:
+        first = state["history"][0]["wall_time"]
+        state["seconds_per_step"] = (state["wall_time"] - first) / (state["step"] - 1)
+    plan, limit = plan_steps(config.max_steps, config.budget, trainer.step_cost(), config.max_minutes,
+                                state["seconds_per_step"])
+    if say and plan != trainer.plan and plan is not None:
+        speed = f" at {state['seconds_per_step']:.2f} s per step" if limit == "max_minutes" else ""
+        _say(f"plan: {plan:,} steps, ~{plan * trainer.step_cost():.2g} energy evaluations "
+             f"({limit} limit{speed})")
+    trainer.plan = plan
+
+
+def _say(message: str) -> None:
+    tqdm.write(f"[cmt-openmm] {message}", file=sys.stderr)
+
+
 def _run(trainer: Trainer, config: TrainConfig, run_dir: Path | None, state: dict, progress: bool) -> str:
     energy = trainer.energy
     total, limit = _expected_steps(trainer, config, state)
     if progress:
-        tqdm.write(f"[cmt-openmm] {config.method}: at most {total} steps ({limit} limit), "
-                   f"~{total * trainer.step_cost():,} energy evaluations in all; the bar shows the time left",
-                   file=sys.stderr)
+        expected = "" if config.budget == AUTO else f", ~{total * trainer.step_cost():,} energy evaluations in all"
+        _say(f"{config.method}: at most {total} steps ({limit} limit){expected}; the bar shows the time left")
     with tqdm(
         total=total,
         initial=state["step"],
@@ -233,10 +260,11 @@ def _run(trainer: Trainer, config: TrainConfig, run_dir: Path | None, state: dic
                 return trainer.done
             if state["step"] >= config.max_steps:
                 return "max_steps"
-            if state["evaluations"] + trainer.step_cost() > config.budget:
+            if config.budget != AUTO and state["evaluations"] + trainer.step_cost() > config.budget:
                 return "budget"
             if config.max_minutes is not None and state["wall_time"] >= 60.0 * config.max_minutes:
                 return "max_minutes"
+            _plan(trainer, config, state, progress)
             start, n_eval, n_failed = time.perf_counter(), energy.n_evaluations, energy.n_failed
             record = trainer.step()
             trainer.steps_done += 1
@@ -251,6 +279,7 @@ def _run(trainer: Trainer, config: TrainConfig, run_dir: Path | None, state: dic
                 "energy_evaluations": state["evaluations"],
                 "n_failed": state["n_failed"],
                 "wall_time": state["wall_time"],
+                "planned_steps": trainer.plan,
                 "energy_backend": getattr(energy, "backend", None),
             }
             record = {k: _json_value(v) for k, v in record.items()}
@@ -322,6 +351,7 @@ def _save_checkpoint(run_dir: Path, trainer: Trainer, config: TrainConfig, state
         "evaluations": state["evaluations"],
         "n_failed": state["n_failed"],
         "wall_time": state["wall_time"],
+        "seconds_per_step": -1.0 if state["seconds_per_step"] is None else state["seconds_per_step"],
         "history": json.dumps(state["history"]),
     }
     with atomic_writer(run_dir / CHECKPOINT_FILE) as handle:
@@ -364,6 +394,7 @@ def _restore(checkpoint: dict, generator, trainer: Trainer, rng: torch.Generator
         evaluations=int(checkpoint["evaluations"]),
         n_failed=int(checkpoint["n_failed"]),
         wall_time=float(checkpoint["wall_time"]),
+        seconds_per_step=None if checkpoint.get("seconds_per_step", -1.0) < 0 else float(checkpoint["seconds_per_step"]),
         history=json.loads(checkpoint["history"]),
     )
 

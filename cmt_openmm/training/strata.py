@@ -16,10 +16,9 @@ over-dispersed proposal: importance weights stay exact, and at the level of stra
 falls by at most a factor 1 − ρ (Σ_S p_S² / q_S ≤ 1 / (1 − ρ)). A stratum with no buffer sample
 keeps weight 0: the floor keeps basins, it cannot find new ones.
 
-We also tried moving the strata's masses by the Hölder bound itself (no shape penalty, no
-floor): on ALDP it kept the φ > 0 samples through the hot phase but not the basin's shape,
-whose reweighted population ended at 0.06 % against 1.8 %; with the floor added it did no
-better than the floor alone, so only the floor is here.
+Moving the strata's masses by the Hölder bound itself (no shape penalty, no floor) kept ALDP's
+φ > 0 samples through the hot phase but not the basin's shape, and added nothing to the floor, so
+only the floor is here (docs/cmt_settings.md; figures in benchmarks/RESULTS.md).
 
 Strata are labels of configurations. ``phi-sign`` labels a peptide by the signs of its
 backbone φ angles (the slow, left-handed αL/C7ax states sit at φ > 0), up to 2^R labels for R

@@ -1,0 +1,73 @@
+"""Sizing a run to its limits: how many steps it will take, and the CMT schedules that follow.
+
+A run's *plan* is the number of steps it will take: the least of ``max_steps``, the budget at
+the step's cost and, with ``max_minutes``, the wall time at the measured seconds per step.
+The seconds per step are measured once, over steps 2 to :data:`MEASURED_STEPS` (the first step
+carries one-off costs: worker start, compilation, caches), and stored in the checkpoint, so the
+plan is a function of the settings and that one number: a resumed run follows the same
+schedule, and one resumed with more budget or minutes stretches it. ``budget: auto`` leaves the
+budget to ``max_minutes``: the run then takes as many evaluations as fit in its time, and says
+how many it expects once it has measured them.
+
+Two CMT settings use the plan (:mod:`.cmt`):
+
+- ``eps_ent: auto``: the entropy budget of each annealing step is the entropy still to shed,
+  spread over the steps left until the planned cooling point ``cool_fraction`` × plan (the
+  paper's rule of thumb: the entropy constraint stops being active about halfway through).
+  The entropy to shed from the flow's first distribution to the target is taken as
+  :data:`ENTROPY_PER_COORDINATE` nats per flow coordinate, less what the flow has shed so far
+  (its buffer estimate H(q_0) − H(q_i)). The figure is the drop measured with the entropy
+  constraint active until cooling: alanine dipeptide (60 coordinates) cooled after ~340 nats,
+  the tetrapeptide (120) after ~700.
+- ``lr_decay_after_target: auto``: from the step the decay starts (``lr_decay_from``) the learning
+  rate shrinks by a constant factor per step that reaches :data:`FINAL_LR_FRACTION` of its value
+  at the planned last step; a fixed factor instead freezes a long run's flow long before its
+  end, or never settles a short one.
+
+Before the plan is measured, ``eps_ent: auto`` uses :data:`EPS_ENT_BEFORE_PLAN`.
+"""
+from __future__ import annotations
+
+import math
+
+MEASURED_STEPS = 5
+ENTROPY_PER_COORDINATE = 5.8  # nats per flow coordinate (see the module docstring)
+EPS_ENT_RANGE = (0.2, 4.0)  # nats per annealing step
+EPS_ENT_BEFORE_PLAN = 0.5
+FINAL_LR_FRACTION = 0.04
+
+
+def plan_steps(max_steps: int, budget: int | str, step_cost: int, max_minutes: float | None,
+                  seconds_per_step: float | None) -> tuple[int | None, str]:
+    """The run's planned number of steps and the limit that sets it (None while a time limit
+    has no measured speed yet, or when no limit is finite)."""
+    limits = {"max_steps": max_steps}
+    if budget != "auto":
+        limits["budget"] = int(budget) // max(step_cost, 1)
+    if max_minutes is not None:
+        if seconds_per_step is None:
+            return None, "max_minutes"
+        limits["max_minutes"] = max(int(60.0 * max_minutes / seconds_per_step), 1)
+    limit = min(limits, key=limits.get)
+    return limits[limit], limit
+
+
+def auto_eps_ent(n_coordinates: int, entropy_shed: float, step: int, plan: int | None,
+                 cool_fraction: float) -> float:
+    """ε_ent (nats) for annealing step ``step`` (0-based) of ``plan``: the entropy left to shed,
+    ENTROPY_PER_COORDINATE × n_coordinates − ``entropy_shed``, over the steps left until
+    ``cool_fraction`` × plan, within EPS_ENT_RANGE."""
+    if plan is None:
+        return EPS_ENT_BEFORE_PLAN
+    left = ENTROPY_PER_COORDINATE * n_coordinates - entropy_shed
+    steps_left = max(cool_fraction * plan - step, 1.0)
+    low, high = EPS_ENT_RANGE
+    return min(max(left / steps_left, low), high)
+
+
+def auto_lr_decay(start_step: int, plan: int | None) -> float:
+    """The per-step learning-rate factor that reaches FINAL_LR_FRACTION at step ``plan`` when the
+    decay starts at ``start_step`` (1: no decay when no plan is known or no step is left)."""
+    if plan is None or plan <= start_step:
+        return 1.0
+    return math.exp(math.log(FINAL_LR_FRACTION) / (plan - start_step))
