@@ -19,8 +19,8 @@ _PUBLIC = {
     "list_targets": "systems",
     "target_from_entry": "systems.inputs",
     "peptide": "systems.peptides",
-    "OpenMMEnergy": "energy.openmm_bridge",
-    "TorchEnergy": "energy.torch_energy",
+    "OpenMMEnergy": "energy.openmm.energy",
+    "TorchEnergy": "energy.torch.energy",
     "make_energy": "energy.select",
     "regularize_energy": "energy.regularize",
     "InternalCoordinates": "coordinates",
@@ -36,9 +36,10 @@ _PUBLIC = {
     "ReweightedEnsemble": "sampling.reweighting",
     "FlowIndependenceMove": "sampling.moves",
     "FlowMoveReporter": "sampling.reporters",
-    "report": "cli.main",
+    "Run": "runs.run",
+    "report": "runs.run",
     "to_openmm_force": "export.force",
-    "run_bridge_remd": "export.bridge",
+    "run_bridge_remd": "export.flow_bridged_remd",
 }
 
 __all__ = sorted(_PUBLIC) + ["__version__"]

@@ -1,4 +1,4 @@
-"""The OpenMM energy bridge: exact agreement with a plain OpenMM loop, workers, failures, lifetime."""
+"""OpenMMEnergy: exact agreement with a plain OpenMM loop, workers, failures, lifetime."""
 import copy
 import multiprocessing
 import os
@@ -182,13 +182,25 @@ def test_killed_worker_raises_quickly_and_pool_restarts(targets):
         assert first not in energy.worker_pids
 
 
+def test_worker_module_imports_neither_torch_nor_the_rest_of_the_package():
+    # what a spawned worker imports on unpickling worker_main: its module and the packages above it
+    code = ("import sys, cmt_openmm.energy.openmm.worker; "
+            "print(sorted(m for m in sys.modules if 'torch' in m or 'cmt' in m))")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[0] == str(
+        ["cmt_openmm", "cmt_openmm.energy", "cmt_openmm.energy.openmm", "cmt_openmm.energy.openmm.worker"]
+    )
+
+
 def test_interpreter_exit_stops_workers_and_killed_parent_leaves_no_orphans(targets):
     # The pool alone (no torch import) keeps the two child interpreters quick to start.
     script = textwrap.dedent(
         """
         import os, signal, sys
         import numpy as np
-        from cmt_openmm.energy._worker import WorkerPool
+        from cmt_openmm.energy.openmm.worker import WorkerPool
         pool = WorkerPool(sys.stdin.read(), 22, "Reference", {}, n_workers=2)
         pool.evaluate(np.zeros((2, 22, 3)), forces=True)
         print(*(process.pid for process in pool.processes), flush=True)

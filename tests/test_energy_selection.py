@@ -1,9 +1,9 @@
 """make_energy's choice of backend, and the re-check of a run's energies against OpenMM."""
 import numpy as np
 
-from cmt_openmm.energy.openmm_bridge import OpenMMEnergy
+from cmt_openmm.energy.openmm.energy import OpenMMEnergy
 from cmt_openmm.energy.select import make_energy, recheck_against_openmm
-from cmt_openmm.energy.torch_energy import TorchEnergy
+from cmt_openmm.energy.torch.energy import TorchEnergy
 from cmt_openmm.systems import get_target
 
 

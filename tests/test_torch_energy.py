@@ -31,15 +31,15 @@ import pytest
 import torch
 
 from cmt_openmm.energy import OpenMMEnergy
-from cmt_openmm.energy.lepton import parse_lepton
 from cmt_openmm.energy.select import make_energy
-from cmt_openmm.energy.torch_bonded import CMAPTorsionTerm
-from cmt_openmm.energy.torch_custom_gb import CustomGBTerm
-from cmt_openmm.energy.torch_energy import TorchEnergy
-from cmt_openmm.energy.torch_nonbonded import NonbondedTerm
-from cmt_openmm.energy.torch_obc import GBSAOBCTerm, OBCFamilyGBTerm
-from cmt_openmm.energy.torch_term import UnsupportedForceError
-from cmt_openmm.energy.verification import VerificationError, verify_against_openmm
+from cmt_openmm.energy.torch.bonded import CMAPTorsionTerm
+from cmt_openmm.energy.torch.custom_gb import CustomGBTerm
+from cmt_openmm.energy.torch.energy import TorchEnergy
+from cmt_openmm.energy.torch.lepton import parse_lepton
+from cmt_openmm.energy.torch.nonbonded import NonbondedTerm
+from cmt_openmm.energy.torch.obc import GBSAOBCTerm, OBCFamilyGBTerm
+from cmt_openmm.energy.torch.term import UnsupportedForceError
+from cmt_openmm.energy.torch.verification import VerificationError, verify_against_openmm
 from cmt_openmm.errors import CMTInputError
 from cmt_openmm.systems import aldp_pdb_path, get_target
 from cmt_openmm.target import Target
@@ -363,7 +363,7 @@ def test_pickles_and_splits_the_energy_by_force(aldp):
 
 @pytest.mark.parametrize("cutoff", [False, True])
 def test_dense_and_pair_list_layouts_agree(aldp, cutoff):
-    from cmt_openmm.energy.torch_energy import _evaluate_terms
+    from cmt_openmm.energy.torch.energy import _evaluate_terms
 
     kwargs = {"nonbondedMethod": app.CutoffNonPeriodic, "nonbondedCutoff": 0.5 * unit.nanometer} if cutoff else {}
     target = Target.from_pdb(aldp_pdb_path(), ["amber99sbildn.xml", "amber99_obc.xml"], 300.0, **kwargs)
@@ -429,7 +429,7 @@ def test_make_energy_backends_and_fallback(aldp):
 
 
 def test_make_energy_falls_back_when_verification_fails(aldp, monkeypatch):
-    from cmt_openmm.energy import torch_energy as module
+    from cmt_openmm.energy.torch import energy as module
 
     original = module.compile_system
 
@@ -480,6 +480,8 @@ def test_compiled_evaluation_equals_eager_and_openmm(name):
     ok = np.setdiff1d(np.arange(len(x)), failed)[::8]
     e_ref, _ = openmm_reference(target.system, x[ok])
     np.testing.assert_allclose(u3[ok] * target.kT, e_ref, rtol=E_RTOL)
+    compiled.close()  # drops the compiled functions; a later call compiles again
+    assert compiled._compiled is None and compiled._compiled_energy is None
 
 
 def test_throughput_benchmark_quick_mode_writes_its_record(tmp_path):

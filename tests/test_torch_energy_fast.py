@@ -1,7 +1,7 @@
 """The fast paths of the torch energy equal OpenMM's Reference platform in the corners that they
 handle without masks, and the evaluation plumbing (thread pool, energies-only path) changes nothing.
 
-:class:`~cmt_openmm.energy.torch_obc.OBCKernel` gives the Born-radius pair integral h_ij its zero
+:class:`~cmt_openmm.energy.torch.obc.OBCKernel` gives the Born-radius pair integral h_ij its zero
 outside the integration domain (r + sr_j < or_i) through U = max(r + sr_j, or_i) (then L = U),
 and GBSAOBCForce's inner-sphere correction (or_i < sr_j - r) through a clamp, not through masks;
 the distance matrix is shared by the OBC, GBn2 and Nonbonded terms. Clashed structures below put
@@ -13,7 +13,7 @@ made test_clashes_in_every_branch_match_openmm fail for both systems (aldp-obc: 
 error 4.45e-07"; aldp-implicit: the OBC1 fast path disagreed with the generic CustomGBTerm at
 construction and was not used); flipping the sign of the inner-sphere correction made only the
 GBSAOBCForce-alone case fail (in the whole System the clashes' Lennard-Jones energy hides it);
-removing the ``os.register_at_fork`` hook of torch_energy made the forked child deadlock and
+removing the ``os.register_at_fork`` hook of energy/torch/energy.py made the forked child deadlock and
 test_a_forked_child_evaluates_with_its_own_threads fail.
 """
 
@@ -26,8 +26,8 @@ import openmm
 import pytest
 import torch
 
-from cmt_openmm.energy.torch_energy import TorchEnergy, _compiled_chunk_size, _pool
-from cmt_openmm.energy.torch_obc import GBSAOBCTerm, OBCFamilyGBTerm
+from cmt_openmm.energy.torch.energy import TorchEnergy, _compiled_chunk_size, _pool
+from cmt_openmm.energy.torch.obc import GBSAOBCTerm, OBCFamilyGBTerm
 from cmt_openmm.systems import aldp_pdb_path, get_target
 from cmt_openmm.target import Target
 

@@ -1,22 +1,27 @@
-"""Batched reduced energies u(x) = U(x)/kT and their forces.
+"""Batched reduced energies u(x) = U(x)/kT and their forces, from OpenMM or from PyTorch.
 
-- :mod:`.openmm_bridge`: :class:`OpenMMEnergy`, OpenMM itself on any platform (worker pool on CPUs);
-- :mod:`.torch_energy` + :mod:`.torch_forces`: :class:`TorchEnergy`, the System's forces as batched
-  torch code on any device, verified against OpenMM at construction;
+- :mod:`.base`: :class:`~.base.Energy`, what both backends share (call, ``regularized``,
+  evaluation counters, ``close``/``with``);
+- :mod:`.openmm`: :class:`OpenMMEnergy` (:mod:`.openmm.energy`), OpenMM itself on any platform,
+  with a spawned worker pool on CPUs (:mod:`.openmm.worker`, which imports neither torch nor
+  the rest of the package);
+- :mod:`.torch`: :class:`TorchEnergy` (:mod:`.torch.energy`), the System's forces compiled to
+  batched torch on any device (:mod:`.torch.forces` and one module per force family), verified
+  against OpenMM at construction (:mod:`.torch.verification`);
 - :mod:`.select`: :func:`make_energy`, the fastest verified backend for a target;
-- :mod:`._worker`: the worker processes' side (imports neither torch nor the rest of the package);
 - :mod:`.regularize`: the lin-log regularisation used by training losses.
 
-Names load on first use, so that a spawned worker importing :mod:`._worker` does not import torch.
+Names load on first use, and this package and its subpackages import nothing themselves, so
+that a spawned worker importing :mod:`.openmm.worker` does not import torch.
 """
 from importlib import import_module
 
 _NAMES = {
-    "OpenMMEnergy": "openmm_bridge",
-    "TorchEnergy": "torch_energy",
-    "VerificationError": "verification",
+    "OpenMMEnergy": "openmm.energy",
+    "TorchEnergy": "torch.energy",
+    "VerificationError": "torch.verification",
     "make_energy": "select",
-    "WorkerError": "_worker",
+    "WorkerError": "openmm.worker",
     "regularize_energy": "regularize",
 }
 

@@ -1,13 +1,13 @@
-"""Which energy a run uses: the batched torch path or the OpenMM bridge, chosen once per run.
+"""Which energy a run uses: TorchEnergy or OpenMMEnergy, chosen once per run.
 
-:func:`make_energy` with ``backend="auto"`` builds the torch path when every force of the
+:func:`make_energy` with ``backend="auto"`` builds the torch backend when every force of the
 System is supported and it agrees with OpenMM's Reference platform (verification at
 construction), times both on a batch of perturbed structures and keeps the faster; otherwise
 (an unsupported force, a failed check) it uses OpenMM and says why in one sentence.
-``"torch"`` refuses instead of falling back; ``"openmm"`` always uses OpenMM. Measured on
-2 shared cores (benchmarks/torch_energy_throughput.py): torch is ~25x faster than the bridge
-for ``aldp-implicit`` (a CustomGBForce), slower for vacuum and GBSAOBCForce systems, whose
-native OpenMM kernels cost 15-40 us per configuration; "auto" therefore picks per system.
+``"torch"`` refuses instead of falling back; ``"openmm"`` always uses OpenMM. Which is faster
+depends on the system (benchmarks/torch_energy_throughput.py measures it): torch wins where
+OpenMM evaluates forces through slow generic kernels (a CustomGBForce), OpenMM where its
+native kernels are fast (vacuum, GBSAOBCForce); "auto" therefore picks per system.
 
 :func:`recheck_against_openmm` re-evaluates a random subset of a run's samples with OpenMM so
 that reports can show that the energies behind weights and ESS were right.
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..errors import CMTInputError
-from .openmm_bridge import OpenMMEnergy
+from .openmm.energy import OpenMMEnergy
 
 if TYPE_CHECKING:
     from ..target import Target
@@ -34,10 +34,10 @@ _TIMING_BATCH = 512  # configurations timed per backend by backend="auto"
 def make_energy(target: "Target", backend: str = "auto", device: str | torch.device = "cpu",
                 dtype: torch.dtype = torch.float64, platform: str = "Reference", n_workers: int = 1,
                 verify: bool = True, *, compile: bool | str = False):
-    """The energy of ``target``: a :class:`~.torch_energy.TorchEnergy` or an :class:`OpenMMEnergy`
+    """The energy of ``target``: a :class:`~.torch.energy.TorchEnergy` or an :class:`OpenMMEnergy`
     (see the module docstring). Both have ``backend`` ("torch" / "openmm"); the choice and why
     are in ``energy.selection`` (one sentence)."""
-    from .torch_energy import TorchEnergy
+    from .torch.energy import TorchEnergy
 
     if backend not in BACKENDS:
         raise CMTInputError(f"energy backend {backend!r} is unknown; use {', '.join(BACKENDS)}.")

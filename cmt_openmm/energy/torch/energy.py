@@ -1,12 +1,13 @@
-"""Batched reduced energies u(x) = U(x)/kT computed in PyTorch, verified against OpenMM.
+"""TorchEnergy: batched reduced energies u(x) = U(x)/kT computed in PyTorch, verified against OpenMM.
 
-:class:`TorchEnergy` has the interface of :class:`~cmt_openmm.energy.OpenMMEnergy` (call on
-(B, n_atoms, 3) nm -> u (B,), gradient -F/kT by autograd, +inf for failures, ``n_evaluations``,
-``n_failed``, ``energy_and_forces``, ``regularized``, ``close``, ``with``) but evaluates the
-System's forces as batched torch code (:mod:`.torch_forces`): whole chunks of configurations at
-once, no worker processes, on any torch device. At construction it checks itself against
-OpenMM's Reference platform (:func:`~.verification.verify_against_openmm`) and refuses to exist
-when it disagrees, so a silently wrong energy never reaches training or importance weights.
+:class:`TorchEnergy` has the interface of :class:`~cmt_openmm.energy.OpenMMEnergy` (both are
+:class:`~cmt_openmm.energy.base.Energy`: call on (B, n_atoms, 3) nm -> u (B,), gradient -F/kT,
++inf for failures, ``n_evaluations``, ``n_failed``, ``energy_and_forces``, ``regularized``,
+``close``, ``with``) but evaluates the System's forces as batched torch code (:mod:`.forces`):
+whole chunks of configurations at once, no worker processes, on any torch device. At
+construction it checks itself against OpenMM's Reference platform
+(:func:`~.verification.verify_against_openmm`) and refuses to exist when it disagrees, so a
+silently wrong energy never reaches training or importance weights.
 :func:`cmt_openmm.energy.select.make_energy` picks the backend.
 
 >>> energy = TorchEnergy(get_target("aldp-implicit"))                  # doctest: +SKIP
@@ -27,54 +28,35 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 import numpy as np
 import openmm.unit as unit
 import torch
-from torch.autograd.function import once_differentiable
 
-from ..errors import CMTInputError
-from .regularize import regularize_energy
-from .torch_forces import compile_system
-from .torch_geometry import PairGeometry
-from .torch_term import ForceTerm
+from ...errors import CMTInputError
+from ..base import Energy
+from .forces import compile_system
+from .geometry import PairGeometry
+from .term import ForceTerm
 from .verification import verify_against_openmm
 
 if TYPE_CHECKING:
-    from ..target import Target
+    from ...target import Target
 
 __all__ = ["TorchEnergy"]
 
 # Elements per configuration x configurations per chunk. torch runs an elementwise operation on
 # one thread below 32768 elements (its grain size); chunks stay below it and threads take whole
-# chunks, which keeps every core busy without OpenMP's spinning threads (measured to slow small
-# operations 10-100x on a machine whose cores other processes share). Tensors of a chunk stay
-# near 256 KB: larger ones (b = 128 of 22 atoms) cost page faults on every allocation.
+# chunks, which keeps every core busy without OpenMP's spinning threads (which slow small
+# operations down by orders of magnitude when other processes share the cores). Tensors of a
+# chunk stay near 256 KB: larger ones cost page faults on every allocation.
 _ELEMENT_BUDGET = 32768
 # GPUs run one chunk at a time and need many configurations per kernel to fill the device: chunks of
-# ~1.7e7 elements per tensor (aldp: ~34,600 configurations, ~134 MB per float64 (n, n) tensor). Not
-# yet measured on a GPU (none lent so far); benchmarks/gpu_check.py reports the throughput it gives.
+# 2**24 elements per tensor (for aldp's 22 atoms ~34,600 configurations, 134 MB per float64 (n, n)
+# tensor); benchmarks/gpu_check.py measures the throughput it gives.
 _DEVICE_ELEMENT_BUDGET = 2**24
 _COMPILED_ELEMENT_BUDGET = 4 * 32768  # with gradients; twice that for energies only
 _FULL_BATCH = 1024  # the smallest batch whose compiled chunks should keep every thread busy
 COMPILE_MIN_BATCH = 2048  # compile="auto" compiles on the first call with at least this many configurations
 
 
-class _ReducedEnergy(torch.autograd.Function):
-    """u(x) with gradient du/dx computed together with u, chunk by chunk (no graph kept)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, energy: "TorchEnergy") -> torch.Tensor:
-        u, grad = energy._evaluate(x, gradient=True)
-        ctx.save_for_backward(grad)
-        ctx.input_dtype, ctx.input_device = x.dtype, x.device
-        return u.to(x.device)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_u: torch.Tensor) -> tuple[torch.Tensor, None]:
-        (grad,) = ctx.saved_tensors
-        out = grad_u.to(grad.device, grad.dtype)[:, None, None] * grad
-        return out.to(ctx.input_device, ctx.input_dtype), None
-
-
-class TorchEnergy:
+class TorchEnergy(Energy):
     """Reduced energies u = U/kT (B,) of batches (B, n_atoms, 3) nm, computed in PyTorch.
 
     Args:
@@ -86,7 +68,7 @@ class TorchEnergy:
             :class:`~.verification.VerificationError` on disagreement; the record is
             ``verification``.
         compile: ``torch.compile`` the chunk evaluation (energies and gradients fused into a
-            few loops, after a one-time compilation of ~10-40 s that torch caches on disk;
+            few loops, after a one-time compilation of tens of seconds that torch caches on disk;
             energies-only calls compile their own function on first use). ``"auto"`` compiles
             on the first call with at least ``COMPILE_MIN_BATCH`` configurations, so small calls
             (tests, checks) stay eager; ``True`` on the first call; ``False`` (default) never.
@@ -97,15 +79,18 @@ class TorchEnergy:
         n_threads: chunks evaluated at once by a pool of threads, each operation on one core
             (default: ``torch.get_num_threads()`` on CPU; GPUs run the chunks in order).
 
-    Raises :class:`~cmt_openmm.energy.torch_term.UnsupportedForceError` (a
+    Raises :class:`~cmt_openmm.energy.torch.term.UnsupportedForceError` (a
     :class:`~cmt_openmm.errors.CMTInputError`) naming any force it cannot evaluate.
     Calling on a tensor that requires grad returns a differentiable u (gradient -F/kT, cast to
     the input's dtype); otherwise only energies are computed. A configuration with non-finite
     positions, energy or gradient gets u = +inf and zero gradient and is counted in
-    ``n_failed``; ``n_evaluations`` counts every configuration.
+    ``n_failed``; ``n_evaluations`` counts every configuration. :meth:`close` drops the
+    compiled functions (a later call compiles again); the threads are shared by every
+    TorchEnergy of the process and stay.
     """
 
     backend = "torch"
+    _resources = ("_compiled", "_compiled_energy")  # the torch.compile'd chunk functions
 
     def __init__(
         self,
@@ -127,12 +112,8 @@ class TorchEnergy:
             raise CMTInputError(
                 f"torch device {device!r} is not available here ({str(error).splitlines()[0]})."
             ) from None
-        self.target = target
+        super().__init__(target)
         self.dtype = dtype
-        self.n_evaluations = 0
-        self.n_failed = 0
-        self._kT = float(target.kT)
-        self._n_atoms = int(target.n_atoms)
         if compile not in (True, False, "auto"):
             raise CMTInputError(f"compile={compile!r} is not one of True, False, 'auto'.")
         self.compile = compile
@@ -153,7 +134,7 @@ class TorchEnergy:
         # two groups: terms on the (n, n) distance matrix (with the pair-list terms that can read
         # it, e.g. NonbondedForce) and the rest (bonded), each with chunks that keep its largest
         # tensors near the budget, in multiples of 8 configurations (whole vector registers:
-        # an odd chunk measured ~1.5x slower on broadcasts)
+        # odd chunks slow broadcasts down)
         n2 = self._n_atoms**2
         budget = _ELEMENT_BUDGET if self.device.type == "cpu" else _DEVICE_ELEMENT_BUDGET
         dense_terms = [t for t in self.terms if t.needs_dense or (self._dense and t.uses_dense)]
@@ -195,8 +176,8 @@ class TorchEnergy:
     def _map(self, run: Callable, jobs: list[tuple]) -> None:
         """Run ``run(*job)`` for every job (a chunk): on CPUs in a lasting pool of ``n_threads``
         threads whose torch operations are single-threaded (the calling thread's OpenMP teams,
-        measured to stall 10-100x per operation while other processes share the cores, are
-        never used), elsewhere in order. One barrier per call: a straggling thread (the cores
+        which stall on every operation while other processes share the cores, are never
+        used), elsewhere in order. One barrier per call: a straggling thread (the cores
         are shared) is waited for once."""
         if self.device.type != "cpu":
             for job in jobs:
@@ -212,8 +193,8 @@ class TorchEnergy:
         (or None) and ``ok`` (b,) bool: positions, energy and gradient finite (a configuration
         with non-finite positions is evaluated at the reference structure instead). The check,
         the division by kT and the layout all run inside the compiled kernels: done outside on
-        the whole batch, in the calling thread, they cost aldp-obc ~8 % (the check) and ~7 % (the
-        layout: inductor reads (b, n, 3) positions one configuration at a time, unvectorised)."""
+        the whole batch, in the calling thread, they cost more (the layout most: inductor reads
+        (b, n, 3) positions one configuration at a time, unvectorised)."""
         compiled = self._compiled if gradient else self._compiled_energy
         if compiled is None and self.compile is not False:
             terms, dense, inv_kT, reference = self.terms, self._dense, 1.0 / self._kT, self._reference_batch_last
@@ -230,8 +211,7 @@ class TorchEnergy:
 
             # CPU: single-threaded kernels, the thread pool spreads the chunks; the C++ wrapper
             # (``cpp_wrapper``) releases the GIL while the kernels run, where inductor's default
-            # Python wrapper holds it and 2 pool threads ran at the speed of one (aldp-implicit,
-            # energies only, batch 4k: 98k -> 192k configurations/s on 2 cores)
+            # Python wrapper holds it and the pool threads run no faster than one
             try:
                 options = {"cpp.threads": 1, "cpp_wrapper": True} if self.device.type == "cpu" else None
                 compiled = torch.compile(chunk, dynamic=False, options=options)
@@ -273,15 +253,14 @@ class TorchEnergy:
         else:
             u, grad, failed = self._evaluate_eager(x, gradient, terms)
         # whole-batch operations are avoided: above torch's grain size they run on OpenMP
-        # threads, measured 10-20x slower than one core while other processes share the cores
+        # threads, much slower than one core while other processes share the cores
         if bool(failed.any()):
             u.masked_fill_(failed, float("inf"))
             if gradient:
                 for start in range(0, n, self._rows):
                     grad[start : start + self._rows].masked_fill_(failed[start : start + self._rows, None, None], 0.0)
         if count:
-            self.n_evaluations += n
-            self.n_failed += int(failed.sum())
+            self._count(n, int(failed.sum()))
         return u, grad
 
     def _evaluate_compiled(
@@ -342,12 +321,11 @@ class TorchEnergy:
         failed |= ~torch.isfinite(u)
         return u, grad, failed
 
-    def __call__(self, x: torch.Tensor | np.ndarray) -> torch.Tensor:
-        """Reduced energies (B,) in ``dtype`` on x's device; differentiable when x requires grad."""
-        if isinstance(x, torch.Tensor) and x.requires_grad and torch.is_grad_enabled():
-            return _ReducedEnergy.apply(x, self)
-        u, _ = self._evaluate(x, gradient=False)
-        return u.to(x.device if isinstance(x, torch.Tensor) else "cpu")
+    def _energies(self, x: Any) -> torch.Tensor:
+        return self._evaluate(x, gradient=False)[0]
+
+    def _energies_and_gradient(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._evaluate(x, gradient=True)
 
     def energy_and_forces(self, x: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Reduced energies u (B,) and reduced forces f = -du/dx (B, n_atoms, 3) in 1/nm, float64 numpy."""
@@ -355,30 +333,16 @@ class TorchEnergy:
         # numpy negates on one core (torch would use OpenMP threads on a whole batch)
         return u.detach().to("cpu", torch.float64).numpy(), np.negative(grad.to("cpu", torch.float64).numpy())
 
-    def regularized(self, x: torch.Tensor | np.ndarray, threshold: float = 1e3) -> torch.Tensor:
-        """:func:`regularize_energy` of ``self(x)``, differentiable like ``self(x)``."""
-        return regularize_energy(self(x), threshold)
-
     def term_energies(self, x: Any) -> dict[str, np.ndarray]:
         """Energy of each force (kJ/mol, float64 numpy (B,)) by its label; not counted as evaluations."""
         x = self._positions(x)
         return {term.label: self._chunk(x, False, [term])[0].to("cpu", torch.float64).numpy() for term in self.terms}
 
     # -- lifetime -----------------------------------------------------------------------------
-    def close(self) -> None:
-        """Nothing to release (no processes or Contexts); kept for OpenMMEnergy's interface."""
-
-    def __enter__(self) -> "TorchEnergy":
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.close()
-
     def __getstate__(self) -> dict:
         """Pickle/deepcopy the target and settings; the copy rebuilds its terms (and compiles its own)."""
-        skip = {"terms", "_reference", "_reference_batch_last", "_dense", "_groups", "compiled_chunk_sizes",
-                "_compiled", "_compiled_energy"}
-        return {key: value for key, value in self.__dict__.items() if key not in skip}
+        skip = {"terms", "_reference", "_reference_batch_last", "_dense", "_groups", "compiled_chunk_sizes"}
+        return {key: value for key, value in super().__getstate__().items() if key not in skip}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
@@ -406,8 +370,8 @@ if hasattr(os, "register_at_fork"):
 def _pool(n_threads: int) -> ThreadPoolExecutor:
     """A lasting pool of ``n_threads`` threads whose torch operations run on one core each.
     Threads are kept: a fresh thread starts with a cold malloc arena, and its first chunks
-    page-faulted their memory in (measured +30% CPU time per call). When the pool has one thread
-    per CPU this process may use, each thread is bound to its own CPU (:func:`_bind_to_cpu`)."""
+    page-fault their memory in. When the pool has one thread per CPU this process may use, each
+    thread is bound to its own CPU (:func:`_bind_to_cpu`)."""
     n_threads = max(1, n_threads)
     with _POOLS_LOCK:
         if n_threads not in _POOLS:
@@ -422,10 +386,9 @@ def _pool(n_threads: int) -> ThreadPoolExecutor:
 def _bind_to_cpu(cpus: Iterator[int | None], lock: threading.Lock) -> None:
     """Pool thread initializer: one torch thread, and the next CPU of ``cpus`` (None: unbound).
 
-    Unbound, threads woken together after an idle spell were placed on the waking thread's CPU and
-    shared it for milliseconds before the scheduler spread them (aldp-obc, batch 1k, energies only,
-    after 0.2 s idle: 9.3 ms per call, one thread's chunk starting 3.6 ms late; bound: 5.9 ms). A
-    thread is bound only when every CPU gets one, so no other CPU is left idle beside a busy one.
+    Unbound, threads woken together after an idle spell are placed on the waking thread's CPU and
+    share it for milliseconds before the scheduler spreads them. A thread is bound only when every
+    CPU gets one, so no other CPU is left idle beside a busy one.
     """
     torch.set_num_threads(1)
     with lock:
@@ -441,11 +404,9 @@ def _compiled_chunk_size(n_squared: int, n_threads: int, gradient: bool) -> int:
     split into whole chunks with no padded configurations; the one nearest the element budget
     (twice as large without gradients, whose kernels keep fewer intermediates), and at most
     ``_FULL_BATCH / n_threads``, so a batch of 1,024 gives every thread a chunk. Fewer, larger
-    chunks save calls: each costs ~0.1 ms of Python under the GIL (guards, wrappers) for which
-    the pool threads queue. aldp-obc, 2 threads, energies only, chunks of 272 -> 512 (4 calls ->
-    2 per 1k batch; no padding; kernel time per configuration 5.3 and 5.2 us): 216k -> 241k
-    configurations/s at 1k. With gradients 512 lost 10-30 % after other work had evicted the
-    caches; 256 and 272 measured the same.
+    chunks save calls: each costs Python time under the GIL (guards, wrappers) for which the
+    pool threads queue; with gradients, chunks larger than the budget were slower once other
+    work had evicted the caches.
     """
     budget = _COMPILED_ELEMENT_BUDGET * (1 if gradient else 2)
     fits = max(16.0, budget / max(1, n_squared))

@@ -1,13 +1,14 @@
-"""OpenMM side of the energy bridge: a Context that evaluates slices of a batch, and a pool of
-spawned worker processes that each own one and share the batch through shared memory.
+"""Worker side of OpenMMEnergy: Contexts that evaluate slices of a batch, in spawned processes.
 
-Hand-written because the standard pools do not fit: ``multiprocessing.Pool`` waits forever for
-a task whose worker was killed, and both it and ``ProcessPoolExecutor`` pickle every batch
-through a pipe (~4 µs per alanine dipeptide configuration, ~20 % of its evaluation). This
-module imports neither torch nor the rest of ``cmt_openmm`` (torch only for a System with a
-TorchForce), so a worker's start-up is mostly spent re-importing the parent's ``__main__``
-module, as ``spawn`` does. Energies here are in kJ/mol and forces in kJ/mol/nm; reduction by
-kT happens in :mod:`cmt_openmm.energy.openmm_bridge`.
+:class:`ContextEvaluator` is one OpenMM Context; :class:`WorkerPool` is a pool of spawned worker
+processes that each own one and share the batch through shared memory. Hand-written because
+the standard pools do not fit: ``multiprocessing.Pool`` waits forever for a task whose worker
+was killed, and both it and ``ProcessPoolExecutor`` pickle every batch through a pipe, a
+noticeable share of a small molecule's evaluation. A spawned worker imports this module (and the
+package ``__init__`` modules above it, which import nothing), never torch (except for a System
+with a TorchForce) or the rest of ``cmt_openmm``, so its start-up is mostly spent re-importing
+the parent's ``__main__`` module, as ``spawn`` does. Energies here are in kJ/mol and forces in
+kJ/mol/nm; reduction by kT happens in :mod:`cmt_openmm.energy.openmm.energy`.
 """
 from __future__ import annotations
 
@@ -68,8 +69,8 @@ def _read_forces(state: openmm.State, out: np.ndarray) -> None:
     """Copy the forces of ``state`` (kJ/mol/nm) into ``out`` (n_atoms, 3) float64.
 
     ``State._getVectorAsNumpy`` writes straight into ``out``; the public ``getForces(asNumpy=True)``
-    wraps the array in a unit Quantity, which doubles the cost per configuration for small
-    molecules (~35 µs of ~70 µs for alanine dipeptide on the Reference platform).
+    wraps the array in a unit Quantity, which doubles the cost per configuration for
+    small molecules.
     """
     fast = getattr(state, "_getVectorAsNumpy", None)
     if fast is not None:

@@ -1,8 +1,8 @@
-"""Bonded terms with analytic gradients: harmonic bonds and angles, periodic, Ryckaert-Bellemans
-and CMAP torsions (OpenMM's bicubic patches).
+"""Bonded terms with analytic gradients: bonds, angles and torsions.
 
-Positions nm, energies kJ/mol, angles rad; per-term parameters are (P, 1) columns against the
-chunk's internal coordinates (P, b) (:mod:`.torch_geometry`).
+Harmonic bonds and angles, periodic, Ryckaert-Bellemans and CMAP torsions (OpenMM's bicubic
+patches). Positions nm, energies kJ/mol, angles rad; per-term parameters are (P, 1) columns
+against the chunk's internal coordinates (P, b) (:mod:`.geometry`).
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import numpy as np
 import openmm
 import torch
 
-from .torch_geometry import Angles, Dihedrals, PairGeometry, PairList, bond_lengths
-from .torch_term import ForceTerm, UnsupportedForceError, md_value
+from .geometry import Angles, Dihedrals, PairGeometry, PairList, bond_lengths
+from .term import ForceTerm, UnsupportedForceError, md_value
 
 __all__ = [
     "CMAPTorsionTerm",

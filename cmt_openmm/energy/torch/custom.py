@@ -1,7 +1,8 @@
-"""Custom bonded, external and nonbonded forces: a Lepton energy expression (:mod:`.lepton`) of
-one internal variable per term (r nm, theta or phi rad; x, y, z nm for external forces),
-differentiated by autograd with respect to that variable only, then carried onto the atoms by
-the analytic geometry of :mod:`.torch_geometry`.
+"""Custom bonded, external and nonbonded forces, from their Lepton energy expressions.
+
+Each is a Lepton energy expression (:mod:`.lepton`) of one internal variable per term (r nm,
+theta or phi rad; x, y, z nm for external forces), differentiated by autograd with respect to
+that variable only, then carried onto the atoms by the analytic geometry of :mod:`.geometry`.
 
 Per-term parameters are (P, 1) columns against variables (P, b); energies kJ/mol; global
 parameters take their default values.
@@ -15,9 +16,9 @@ import numpy as np
 import openmm
 import torch
 
+from .geometry import Angles, Dihedrals, Incidence, PairGeometry, PairList, bond_lengths, internal_autograd
 from .lepton import LeptonExpression, as_tensor_like, parse_lepton, tabulated_functions
-from .torch_geometry import Angles, Dihedrals, Incidence, PairGeometry, PairList, bond_lengths, internal_autograd
-from .torch_term import ForceTerm, UnsupportedForceError, global_defaults, md_value, per_particle_parameters
+from .term import ForceTerm, UnsupportedForceError, global_defaults, md_value, per_particle_parameters
 
 __all__ = ["CustomBondedTerm", "CustomExternalTerm", "CustomNonbondedTerm"]
 

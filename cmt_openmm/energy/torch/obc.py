@@ -1,7 +1,8 @@
-"""Generalized Born of the OBC family, evaluated analytically on the (n, n, b) distance matrix:
+"""Generalized Born of the OBC family, evaluated analytically on the (n, n, b) distance matrix.
+
 :class:`OBCKernel` (Born radii, polar and ACE energies, gradient through the radii), used by
 GBSAOBCForce (:class:`GBSAOBCTerm`) and by CustomGBForces recognised as OBC1/OBC2
-(:class:`OBCFamilyGBTerm`, see :mod:`.torch_custom_gb`).
+(:class:`OBCFamilyGBTerm`, see :mod:`.custom_gb`).
 
 Radii nm, charges e, energies kJ/mol; per-atom parameters as (n,) arrays (:class:`OBCParameters`).
 """
@@ -16,8 +17,8 @@ import numpy as np
 import openmm
 import torch
 
-from .torch_geometry import PairGeometry, PairList, upper_pairs
-from .torch_term import ONE_4PI_EPS0, ForceTerm, UnsupportedForceError, md_value
+from .geometry import PairGeometry, PairList, upper_pairs
+from .term import ONE_4PI_EPS0, ForceTerm, UnsupportedForceError, md_value
 
 __all__ = ["GBSAOBCTerm", "OBCFamilyGBTerm", "OBCKernel", "OBCParameters"]
 
@@ -105,10 +106,10 @@ class OBCKernel:
         Bi, Bj = B.index_select(0, self.ij).chunk(2)
         BB = Bi * Bj
         e = torch.div(r2, BB).mul_(-0.25).exp_()
-        inv_f = torch.addcmul(r2, BB, e).sqrt_().reciprocal_()  # measured 1.5x faster than rsqrt
+        inv_f = torch.addcmul(r2, BB, e).sqrt_().reciprocal_()  # faster than rsqrt
         if self.cutoff is None and not gradient:
             # the sum over pairs as a product: a compiled kernel then computes inv_f vectorised over
-            # the batch, where a sum over pairs gathered pairs into vectors (~8 % faster for aldp-obc)
+            # the batch, where a sum over pairs gathered pairs into vectors
             return energy + torch.mm(self.qq.t(), inv_f)[0]
         pair = self.qq * inv_f
         if self.cutoff is not None:
@@ -150,7 +151,7 @@ class OBCKernel:
         outer = L > o if gradient else None  # dL/dr != 0
         L.clamp_min_(o)
         # one division for both reciprocals (divisions, square roots and the logarithm bound
-        # the compiled kernel; two divisions fewer ran aldp-obc ~10 % faster)
+        # the compiled kernel)
         inv_LU = torch.mul(L, U).reciprocal_()
         inv_U = torch.mul(L, inv_LU)
         inv_L = U.mul_(inv_LU)
@@ -238,11 +239,11 @@ class GBSAOBCTerm(ForceTerm):
 
 
 class OBCFamilyGBTerm(ForceTerm):
-    """A CustomGBForce recognised as OpenMM's OBC1/OBC2 (:func:`~.torch_custom_gb.recognise_obc`),
+    """A CustomGBForce recognised as OpenMM's OBC1/OBC2 (:func:`~.custom_gb.recognise_obc`),
     evaluated by :class:`OBCKernel` without the inner-sphere correction
     (B = 1/(1/or - tanh(...)/(or + offset))) with analytic gradients;
-    :func:`~.torch_custom_gb.compile_custom_gb` keeps it only when it agrees with
-    :class:`~.torch_custom_gb.CustomGBTerm` on the same force."""
+    :func:`~.custom_gb.compile_custom_gb` keeps it only when it agrees with
+    :class:`~.custom_gb.CustomGBTerm` on the same force."""
 
     needs_dense = True
 

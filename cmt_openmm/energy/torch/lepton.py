@@ -25,7 +25,7 @@ import numpy as np
 import openmm
 import torch
 
-from .torch_term import UnsupportedForceError
+from .term import UnsupportedForceError
 
 __all__ = [
     "DiscreteTable",
@@ -395,11 +395,6 @@ class LeptonExpression:
         else:
             self.constant = None
             self._result = slot_of[id(root)]
-
-    @property
-    def n_operations(self) -> int:
-        """Number of torch operations per evaluation (after folding the static parts)."""
-        return len(self._steps)
 
     def __call__(self, values: Mapping[str, torch.Tensor]) -> Any:
         if self.constant is not None:

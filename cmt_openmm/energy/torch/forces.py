@@ -10,32 +10,32 @@ Python loop over atoms, pairs or configurations. This module maps Force types to
 =========================  ================================================================
 OpenMM force               term
 =========================  ================================================================
-HarmonicBondForce          :class:`~.torch_bonded.HarmonicBondTerm`
-HarmonicAngleForce         :class:`~.torch_bonded.HarmonicAngleTerm`
-PeriodicTorsionForce       :class:`~.torch_bonded.PeriodicTorsionTerm`
-RBTorsionForce             :class:`~.torch_bonded.RBTorsionTerm`
-CMAPTorsionForce           :class:`~.torch_bonded.CMAPTorsionTerm` (OpenMM's bicubic patches)
-NonbondedForce             :class:`~.torch_nonbonded.NonbondedTerm` (NoCutoff, CutoffNonPeriodic)
-GBSAOBCForce               :class:`~.torch_obc.GBSAOBCTerm` (OBC2 as OpenMM's ReferenceObc, ACE)
-CustomGBForce              :class:`~.torch_obc.OBCFamilyGBTerm` when its expressions are OpenMM's
+HarmonicBondForce          :class:`~.bonded.HarmonicBondTerm`
+HarmonicAngleForce         :class:`~.bonded.HarmonicAngleTerm`
+PeriodicTorsionForce       :class:`~.bonded.PeriodicTorsionTerm`
+RBTorsionForce             :class:`~.bonded.RBTorsionTerm`
+CMAPTorsionForce           :class:`~.bonded.CMAPTorsionTerm` (OpenMM's bicubic patches)
+NonbondedForce             :class:`~.nonbonded.NonbondedTerm` (NoCutoff, CutoffNonPeriodic)
+GBSAOBCForce               :class:`~.obc.GBSAOBCTerm` (OBC2 as OpenMM's ReferenceObc, ACE)
+CustomGBForce              :class:`~.obc.OBCFamilyGBTerm` when its expressions are OpenMM's
                            OBC1/OBC2 ones (``implicit/obc1.xml``, ``implicit/obc2.xml``, prmtop
                            ``implicitSolvent=OBC1/OBC2``, openmmtools AlanineDipeptideImplicit;
-                           matched structurally, :func:`~.torch_custom_gb.recognise_obc`), else
-                           :class:`~.torch_custom_gb.CustomGBTerm` (any expressions: HCT,
+                           matched structurally, :func:`~.custom_gb.recognise_obc`), else
+                           :class:`~.custom_gb.CustomGBTerm` (any expressions: HCT,
                            GBn/GBn2 with their neck tables, salt screening)
-Custom{Bond,Angle,Torsion, :class:`~.torch_custom.CustomBondedTerm`, ``CustomExternalTerm``,
+Custom{Bond,Angle,Torsion, :class:`~.custom.CustomBondedTerm`, ``CustomExternalTerm``,
 External,Nonbonded}Force   ``CustomNonbondedTerm`` (Lepton expressions compiled, :mod:`.lepton`)
 CMMotionRemover            no energy, ignored
 =========================  ================================================================
 
-Any other force or option raises :class:`~.torch_term.UnsupportedForceError` naming it in one
+Any other force or option raises :class:`~.term.UnsupportedForceError` naming it in one
 sentence: CustomCompoundBondForce, CustomCentroidBondForce, CustomHbondForce,
 CustomManyParticleForce, CustomCVForce, TorchForce, PythonForce, the AMOEBA/Drude forces,
 periodic methods, Continuous1D/2D/3DFunction tables, CustomNonbondedForce computed values, CMAP
 maps of different sizes. Every force counts whatever its force group: OpenMM's default
 ``getState(getEnergy=True)`` sums all 32 groups.
 
-Speed: a chunk is held batch-last, X (3, n_atoms, b) (:mod:`.torch_geometry`), measured several
+Speed: a chunk is held batch-last, X (3, n_atoms, b) (:mod:`.geometry`), several
 times faster than (b, n, 3) on CPUs. With a GB force, the (n, n, b) distance matrix is computed
 once per chunk and shared (OBC/GBn2 pair sums, and the Nonbonded pairs gathered from it); the
 passes over it are few and in place (the OBC kernel needs no masks), since on CPUs their number,
@@ -45,7 +45,7 @@ with respect to their internal variable only (r, theta, phi; the pair-distance m
 CustomGBForce), never through index operations.
 
 Conventions: positions nm, energies kJ/mol, ``ONE_4PI_EPS0 = 138.9354576...`` (OpenMM's value,
-:mod:`.torch_term`).
+:mod:`.term`).
 """
 
 from __future__ import annotations
@@ -56,12 +56,12 @@ import numpy as np
 import openmm
 import torch
 
-from .torch_bonded import CMAPTorsionTerm, HarmonicAngleTerm, HarmonicBondTerm, PeriodicTorsionTerm, RBTorsionTerm
-from .torch_custom import CustomBondedTerm, CustomExternalTerm, CustomNonbondedTerm
-from .torch_custom_gb import compile_custom_gb
-from .torch_nonbonded import NonbondedTerm
-from .torch_obc import GBSAOBCTerm
-from .torch_term import ForceTerm, UnsupportedForceError, force_label
+from .bonded import CMAPTorsionTerm, HarmonicAngleTerm, HarmonicBondTerm, PeriodicTorsionTerm, RBTorsionTerm
+from .custom import CustomBondedTerm, CustomExternalTerm, CustomNonbondedTerm
+from .custom_gb import compile_custom_gb
+from .nonbonded import NonbondedTerm
+from .obc import GBSAOBCTerm
+from .term import ForceTerm, UnsupportedForceError, force_label
 
 __all__ = ["compile_force", "compile_system"]
 
@@ -94,11 +94,11 @@ def compile_force(
     """The term of one force (None for forces without energy, e.g. CMMotionRemover) of a
     System with ``n_atoms`` particles (needed for bonded forces; default: ``len(positions)``).
 
-    A CustomGBForce recognised as OBC1/OBC2 gets the fast :class:`~.torch_obc.OBCFamilyGBTerm`
-    when it agrees with the generic :class:`~.torch_custom_gb.CustomGBTerm` on structures near
+    A CustomGBForce recognised as OBC1/OBC2 gets the fast :class:`~.obc.OBCFamilyGBTerm`
+    when it agrees with the generic :class:`~.custom_gb.CustomGBTerm` on structures near
     ``positions`` (nm); any other CustomGBForce the generic term
-    (:func:`~.torch_custom_gb.compile_custom_gb`). Raises
-    :class:`~.torch_term.UnsupportedForceError` (one sentence naming the force) otherwise.
+    (:func:`~.custom_gb.compile_custom_gb`). Raises
+    :class:`~.term.UnsupportedForceError` (one sentence naming the force) otherwise.
     """
     if type(force).__name__ in _IGNORED_FORCES:
         return None
@@ -118,7 +118,7 @@ def compile_system(
     system: openmm.System, positions: np.ndarray | None = None, device: Any = "cpu", dtype: torch.dtype = torch.float64
 ) -> list[ForceTerm]:
     """Terms for every force of ``system`` (see :func:`compile_force`); one
-    :class:`~.torch_term.UnsupportedForceError` sentence names every force that cannot be evaluated."""
+    :class:`~.term.UnsupportedForceError` sentence names every force that cannot be evaluated."""
     terms, refused = [], []
     for index, force in enumerate(system.getForces()):
         try:

@@ -1,9 +1,9 @@
-"""NonbondedForce (Lennard-Jones + Coulomb) without periodicity, NoCutoff or CutoffNonPeriodic
-(reaction field, switching function), with analytic gradients.
+"""NonbondedForce (Lennard-Jones + Coulomb) without periodicity, with analytic gradients.
 
-Pairs i<j and their coefficients (ONE_4PI_EPS0 q_i q_j, sigma^2, 4 epsilon; (P, 1)) are fixed
-at construction; distances (P, b) nm come from the chunk's :class:`~.torch_geometry.PairGeometry`
-(pair list or dense matrix); energies kJ/mol.
+NoCutoff or CutoffNonPeriodic (reaction field, switching function). Pairs i<j and their
+coefficients (ONE_4PI_EPS0 q_i q_j, sigma^2, 4 epsilon; (P, 1)) are fixed at construction;
+distances (P, b) nm come from the chunk's :class:`~.geometry.PairGeometry` (pair list or dense
+matrix); energies kJ/mol.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import numpy as np
 import openmm
 import torch
 
-from .torch_geometry import PairGeometry, PairList, upper_pairs
-from .torch_term import ONE_4PI_EPS0, ForceTerm, UnsupportedForceError, global_defaults, md_value
+from .geometry import PairGeometry, PairList, upper_pairs
+from .term import ONE_4PI_EPS0, ForceTerm, UnsupportedForceError, global_defaults, md_value
 
 __all__ = ["NonbondedTerm"]
 

@@ -1,10 +1,11 @@
-"""What a compiled force is: :class:`ForceTerm`, the error for what the torch backend refuses,
-and the readers of an ``openmm.Force``'s parameters in OpenMM's MD units (nm, kJ/mol, rad, e).
+"""What a compiled force is: :class:`ForceTerm`, its error, and readers of Force parameters.
 
-A term is built once from its Force (:meth:`ForceTerm._compile` turns index lists and
-parameters into tensors) and maps a chunk (:class:`~.torch_geometry.PairGeometry`, b
-configurations) to energies (b,) kJ/mol, adding dE/dx when asked. ``ONE_4PI_EPS0`` is OpenMM's
-Coulomb constant, shared by the nonbonded and GB terms.
+:class:`UnsupportedForceError` is what the torch backend raises for what it refuses; the
+readers take an ``openmm.Force``'s parameters in OpenMM's MD units (nm, kJ/mol, rad, e). A
+term is built once from its Force (:meth:`ForceTerm._compile` turns index lists and parameters
+into tensors) and maps a chunk (:class:`~.geometry.PairGeometry`, b configurations) to energies
+(b,) kJ/mol, adding dE/dx when asked. ``ONE_4PI_EPS0`` is OpenMM's Coulomb constant, shared by
+the nonbonded and GB terms.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ import numpy as np
 import openmm
 import torch
 
-from ..errors import CMTInputError
-from .torch_geometry import Incidence, PairGeometry
+from ...errors import CMTInputError
+from .geometry import Incidence, PairGeometry
 
 __all__ = [
     "ONE_4PI_EPS0",
@@ -118,7 +119,7 @@ class ForceTerm:
 
     def _atoms(self, rows: list, coordinate: type, first: int = 0) -> tuple[list[torch.Tensor], Incidence]:
         """Atom indices of the columns ``first``, ``first + 1``, ... of ``rows``, one per atom of
-        ``coordinate`` (:class:`~.torch_geometry.Angles` or ``Dihedrals``), and their incidence."""
+        ``coordinate`` (:class:`~.geometry.Angles` or ``Dihedrals``), and their incidence."""
         columns = [[row[first + c] for row in rows] for c in range(coordinate.arity)]
         return [self._index(column) for column in columns], coordinate.incidence(*columns, self.n_atoms, self.device)
 

@@ -1,12 +1,12 @@
-"""Batched reduced energies u(x) = U(x)/kT from OpenMM as a differentiable torch function.
+"""OpenMMEnergy: batched reduced energies u(x) = U(x)/kT from OpenMM, differentiable in torch.
 
-The bridge between the flow (torch batches of configurations) and OpenMM (the truth for the
-potential). Hand-written rather than taken from bgflow's ``OpenMMBridge`` to avoid its known
-pitfalls: each worker process evaluates one contiguous slice of the batch per message (not one
-configuration; the batch itself travels through shared memory), a failed evaluation is
-u = +inf with zero force (never 0), nothing is cached, workers are started with ``spawn`` and
-build their Context inside the worker (openmm issue 2602), and a dead worker raises at once
-instead of hanging. The process side lives in :mod:`cmt_openmm.energy._worker`.
+Connects the flow (torch batches of configurations) to OpenMM (the truth for the potential).
+Hand-written rather than taken from bgflow's ``OpenMMBridge`` to avoid its known pitfalls: each
+worker process evaluates one contiguous slice of the batch per message (not one configuration;
+the batch itself travels through shared memory), a failed evaluation is u = +inf with zero
+force (never 0), nothing is cached, workers are started with ``spawn`` and build their Context
+inside the worker (openmm/openmm#2602), and a dead worker raises at once instead of hanging.
+The process side lives in :mod:`cmt_openmm.energy.openmm.worker`.
 
 >>> energy = OpenMMEnergy(get_target("aldp-vacuum"), n_workers=2)     # doctest: +SKIP
 >>> x = torch.tensor(energy.target.positions)[None].requires_grad_()  # doctest: +SKIP
@@ -22,10 +22,10 @@ import numpy as np
 import openmm
 import openmm.unit as unit
 import torch
-from torch.autograd.function import once_differentiable
 
-from ..errors import CMTInputError
-from ._worker import (
+from ...errors import CMTInputError
+from ..base import Energy
+from .worker import (
     GPU_PLATFORMS,
     ContextEvaluator,
     WorkerError,
@@ -33,12 +33,11 @@ from ._worker import (
     load_torch_plugins,
     threads_per_worker,
 )
-from .regularize import regularize_energy
 
 load_torch_plugins()  # openmm may have been imported before torch (see the function)
 
 if TYPE_CHECKING:
-    from ..target import Target
+    from ...target import Target
 
 __all__ = ["OpenMMEnergy", "WorkerError"]
 
@@ -51,24 +50,7 @@ def _serialize(system: openmm.System) -> tuple[str | None, str]:
         return None, str(error).strip()
 
 
-class _ReducedEnergy(torch.autograd.Function):
-    """u(x) with gradient -F(x)/kT taken from the forces OpenMM returns with the energies."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, energy: "OpenMMEnergy") -> torch.Tensor:
-        u, f = energy._evaluate(energy._positions(x), forces=True)
-        ctx.save_for_backward(torch.from_numpy(-f).to(x.device))
-        ctx.input_dtype = x.dtype
-        return torch.from_numpy(u).to(x.device)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_u: torch.Tensor) -> tuple[torch.Tensor, None]:
-        (grad,) = ctx.saved_tensors
-        return (grad_u.to(grad.dtype)[:, None, None] * grad).to(ctx.input_dtype), None
-
-
-class OpenMMEnergy:
+class OpenMMEnergy(Energy):
     """Reduced energies u = U/kT (B,) float64 of batches (B, n_atoms, 3) nm, evaluated by OpenMM.
 
     Args:
@@ -76,7 +58,7 @@ class OpenMMEnergy:
         platform: OpenMM platform name. ``Reference``/``CPU`` use a pool of ``n_workers``
             spawned processes with one Context each; ``CUDA``/``OpenCL`` one Context in-process.
         n_workers: worker processes for Reference/CPU. With 1 (default) the single Context lives
-            in this process: no inter-process overhead, measured faster than one worker.
+            in this process: no inter-process overhead, so faster than one worker.
         platform_properties: OpenMM platform properties (strings). On ``CPU`` with workers,
             ``Threads`` defaults to cores // n_workers.
         in_process: force (True) or forbid (False) evaluation in this process; None chooses as
@@ -95,6 +77,8 @@ class OpenMMEnergy:
     """
 
     backend = "openmm"
+    # the WorkerPool (closing it stops the workers) and the in-process ContextEvaluator, both None until used
+    _resources = ("_pool", "_evaluator")
 
     def __init__(
         self,
@@ -112,21 +96,15 @@ class OpenMMEnergy:
             raise CMTInputError(
                 f"OpenMM platform {platform!r} is not available here; use one of {', '.join(available)}."
             )
-        self.target = target
+        super().__init__(target)
         self.platform = platform
         self.n_workers = n_workers
-        self.n_evaluations = 0
-        self.n_failed = 0
-        self._kT = float(target.kT)
-        self._n_atoms = int(target.n_atoms)
         self._properties = {str(k): str(v) for k, v in (platform_properties or {}).items()}
         self._system_xml, reason = _serialize(target.system)
         self._in_process_requested = in_process
         self.in_process = self._choose_in_process(in_process, reason)
         if not self.in_process and platform == "CPU":
             self._properties.setdefault("Threads", str(threads_per_worker(n_workers)))
-        self._evaluator: ContextEvaluator | None = None
-        self._pool: WorkerPool | None = None
 
     def _choose_in_process(self, requested: bool | None, reason: str) -> bool:
         if self.platform in GPU_PLATFORMS or self._system_xml is None:
@@ -172,8 +150,7 @@ class OpenMMEnergy:
             if self._pool is None:
                 return self._evaluate(positions, forces)
             energies, f = self._pool.evaluate(positions, forces)
-        self.n_evaluations += len(positions)
-        self.n_failed += int(np.isposinf(energies).sum())
+        self._count(len(positions), int(np.isposinf(energies).sum()))
         return energies / self._kT, (f / self._kT if forces else None)
 
     def _start_pool(self) -> None:
@@ -188,43 +165,22 @@ class OpenMMEnergy:
             warnings.warn(f"OpenMMEnergy evaluates in-process because its workers could not start: {error}")
             self._pool, self.in_process = None, True
 
-    def __call__(self, x: torch.Tensor | np.ndarray) -> torch.Tensor:
-        """Reduced energies (B,) float64 on x's device; differentiable when x requires grad."""
-        if isinstance(x, torch.Tensor) and x.requires_grad and torch.is_grad_enabled():
-            return _ReducedEnergy.apply(x, self)
-        u, _ = self._evaluate(self._positions(x), forces=False)
-        return torch.from_numpy(u).to(x.device if isinstance(x, torch.Tensor) else "cpu")
+    def _energies(self, x: Any) -> torch.Tensor:
+        return torch.from_numpy(self._evaluate(self._positions(x), forces=False)[0])
+
+    def _energies_and_gradient(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        u, f = self._evaluate(self._positions(x), forces=True)
+        return torch.from_numpy(u), torch.from_numpy(-f).to(x.device)
 
     def energy_and_forces(self, x: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Reduced energies u (B,) and reduced forces f = -du/dx (B, n_atoms, 3) in 1/nm."""
         return self._evaluate(self._positions(x), forces=True)
 
-    def regularized(self, x: torch.Tensor | np.ndarray, threshold: float = 1e3) -> torch.Tensor:
-        """:func:`regularize_energy` of ``self(x)``, differentiable like ``self(x)``."""
-        return regularize_energy(self(x), threshold)
-
     # -- lifetime -----------------------------------------------------------------------------
-    def close(self) -> None:
-        """Stop the worker processes and drop the in-process Context (idempotent)."""
-        if self._pool is not None:
-            self._pool.close()
-            self._pool = None
-        self._evaluator = None
-
     @property
     def worker_pids(self) -> list[int]:
         """Process ids of the running workers (empty when in-process or not started)."""
         return [p.pid for p in self._pool.processes] if self._pool is not None else []
-
-    def __getstate__(self) -> dict:
-        """Pickle/deepcopy without workers or Context: the copy starts its own on first use."""
-        return self.__dict__ | {"_pool": None, "_evaluator": None}
-
-    def __enter__(self) -> "OpenMMEnergy":
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         where = "in-process" if self.in_process else f"{self.n_workers} workers"

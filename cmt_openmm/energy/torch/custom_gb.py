@@ -1,7 +1,9 @@
-"""CustomGBForce: any computed values and energy terms evaluated as OpenMM's Reference platform
-does (:class:`CustomGBTerm`), and OpenMM's OBC1/OBC2 expressions recognised structurally
+"""CustomGBForce: any expressions, as OpenMM's Reference platform, and OBC1/OBC2 recognised.
+
+Any computed values and energy terms are evaluated as OpenMM's Reference platform does
+(:class:`CustomGBTerm`); OpenMM's OBC1/OBC2 expressions are recognised structurally
 (:func:`recognise_obc`) so that :func:`compile_custom_gb` can use the analytic
-:class:`~.torch_obc.OBCFamilyGBTerm` when it agrees with the generic term.
+:class:`~.obc.OBCFamilyGBTerm` when it agrees with the generic term.
 
 Pair sums run over the dense (n, n, b) distance matrix (nm), per-particle parameters broadcast
 as (n, 1, 1) ("1") and (1, n, 1) ("2"); energies kJ/mol.
@@ -16,10 +18,10 @@ import numpy as np
 import openmm
 import torch
 
+from .geometry import PairGeometry
 from .lepton import Expr, LeptonExpression, as_tensor_like, expression_variables, parse_lepton, tabulated_functions
-from .torch_geometry import PairGeometry
-from .torch_obc import OBCFamilyGBTerm, OBCParameters
-from .torch_term import ForceTerm, UnsupportedForceError, global_defaults, md_value, per_particle_parameters
+from .obc import OBCFamilyGBTerm, OBCParameters
+from .term import ForceTerm, UnsupportedForceError, global_defaults, md_value, per_particle_parameters
 
 __all__ = ["CustomGBTerm", "compile_custom_gb", "recognise_obc"]
 
@@ -324,7 +326,7 @@ def _agrees(fast: ForceTerm, generic: ForceTerm, positions: np.ndarray) -> bool:
 def compile_custom_gb(
     force: openmm.CustomGBForce, index: int, positions: np.ndarray | None, device: Any, dtype: torch.dtype
 ) -> ForceTerm:
-    """The term of a CustomGBForce: :class:`~.torch_obc.OBCFamilyGBTerm` when the force is
+    """The term of a CustomGBForce: :class:`~.obc.OBCFamilyGBTerm` when the force is
     recognised as OBC1/OBC2 (:func:`recognise_obc`) and agrees with the generic
     :class:`CustomGBTerm` on structures near ``positions`` (nm; not checked without them),
     else the generic term."""

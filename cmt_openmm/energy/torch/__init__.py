@@ -1,0 +1,13 @@
+"""The torch backend: :class:`~.energy.TorchEnergy`, OpenMM Systems compiled to batched PyTorch.
+
+- :mod:`.energy`: :class:`~.energy.TorchEnergy`, chunks of configurations evaluated in threads
+  (CPU) or in order (GPU), optionally ``torch.compile``-d;
+- :mod:`.forces`: maps each ``openmm.Force`` to its term; one module per force family
+  (:mod:`.bonded`, :mod:`.nonbonded`, :mod:`.obc`, :mod:`.custom`, :mod:`.custom_gb`) on the
+  shared :mod:`.term` base and :mod:`.geometry` of a chunk; :mod:`.lepton` compiles OpenMM's
+  custom expressions;
+- :mod:`.verification`: the comparison with OpenMM's Reference platform at construction.
+
+Imports nothing itself. ``import torch`` in these modules is the real PyTorch (imports are
+absolute).
+"""
