@@ -195,6 +195,7 @@ def test_resume_is_exact(double_well, tmp_path, method):
                            lr_decay_after_target=0.5, lr_decay_from="cooled")
         method = "cmt"
     config["method"] = method
+    config["energy"] = {"backend": "openmm"}  # "auto" times both backends: under load the two runs could differ
     config["temperature_annealing"] = {"n_temperatures": 3, "reverse_kl_steps": 4, "steps_per_record": 2,
                                        "batch_size": 50, "n_samples": 300, "fit_steps": 3, "lr": 5e-3}
     full = train(double_well, config, tmp_path / "full", progress=False)

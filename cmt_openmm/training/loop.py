@@ -245,8 +245,12 @@ def _run(trainer: Trainer, config: TrainConfig, run_dir: Path | None, state: dic
     energy = trainer.energy
     total, limit = _expected_steps(trainer, config, state)
     if progress:
+        if config.max_minutes is not None and limit == "max_steps" and state["step"] == 0:
+            limit = f"max_steps limit, or as many as fit in max_minutes: {config.max_minutes:g}"
+        else:
+            limit += " limit"
         expected = "" if config.budget == AUTO else f", ~{total * trainer.step_cost():,} energy evaluations in all"
-        _say(f"{config.method}: at most {total} steps ({limit} limit){expected}; the bar shows the time left")
+        _say(f"{config.method}: at most {total:,} steps ({limit}){expected}; the bar shows the time left")
     with tqdm(
         total=total,
         initial=state["step"],

@@ -11,14 +11,15 @@ how many it expects once it has measured them.
 
 Two CMT settings use the plan (:mod:`.cmt`):
 
-- ``eps_ent: auto``: the entropy budget of each annealing step is the entropy still to shed,
-  spread over the steps left until the planned cooling point ``cool_fraction`` × plan (the
-  paper's rule of thumb: the entropy constraint stops being active about halfway through).
-  The entropy to shed from the flow's first distribution to the target is taken as
-  :data:`ENTROPY_PER_COORDINATE` nats per flow coordinate, less what the flow has shed so far
-  (its buffer estimate H(q_0) − H(q_i)). The figure is the drop measured with the entropy
-  constraint active until cooling: alanine dipeptide (60 coordinates) cooled after ~340 nats,
-  the tetrapeptide (120) after ~700.
+- ``eps_ent: auto``: a deadline for cooling. Each annealing step may lower the entropy by
+  ε_ent = (ENTROPY_PER_COORDINATE × d − shed) / (steps left to ``cool_fraction`` × plan), d the
+  flow's coordinates and ``shed`` the entropy the flow has lost so far (the buffers' estimates
+  H(q_0) − H(q_i)); the paper's rule of thumb puts the cooling point about halfway. At the start
+  this is ENTROPY_PER_COORDINATE × d / (cool_fraction × plan): alanine dipeptide (d = 60) and the
+  tetrapeptide (d = 120) with ε_ent = 0.5 then 1 cooled once the drops asked for summed to about
+  5–6 nats per coordinate. The flow sheds far less than it is asked (~0.66 nats per coordinate
+  by cooling on both), so ε_ent then grows as the cooling point nears: a path that has not
+  cooled by then is let cool.
 - ``lr_decay_after_target: auto``: from the step the decay starts (``lr_decay_from``) the learning
   rate shrinks by a constant factor per step that reaches :data:`FINAL_LR_FRACTION` of its value
   at the planned last step; a fixed factor instead freezes a long run's flow long before its
