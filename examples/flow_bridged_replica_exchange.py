@@ -27,7 +27,7 @@ from openmmtools import cache, mcmc, multistate, states
 
 from cmt_openmm.coordinates.backbone import ramachandran_angles
 from cmt_openmm.export import to_openmm_force
-from cmt_openmm.export.bridge import bridge_states, bridge_system
+from cmt_openmm.export.flow_bridged_remd import bridge_states, bridge_system
 from cmt_openmm.export.ladder import AcceptanceModel, equal_acceptance_ladder, exchange_statistics, pilot_samples
 from cmt_openmm.generator import BoltzmannGenerator
 from cmt_openmm.sampling.moves import FlowIndependenceMove

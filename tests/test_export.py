@@ -48,8 +48,8 @@ def generator_file(target, tmp_path_factory):
     """A float32 perturbed generator saved in a run directory (run.yaml + generator.safetensors)."""
     import yaml
 
-    from cmt_openmm.cli.presets import get_preset
-    from cmt_openmm.cli.run_files import parse_run_config
+    from cmt_openmm.runs.presets import get_preset
+    from cmt_openmm.runs.run_files import parse_run_config
     from cmt_openmm.generator import BoltzmannGenerator
 
     run_dir = tmp_path_factory.mktemp("run")
@@ -289,7 +289,7 @@ def test_torchforce_copies_are_refused_where_they_crash(target, generator64, tmp
 def test_bridge_states_apply_lambda_and_flow_moves_accept_everything_at_lambda_zero(target, generator_file):
     from openmmtools import cache, states
 
-    from cmt_openmm.export.bridge import bridge_states, bridge_system
+    from cmt_openmm.export.flow_bridged_remd import bridge_states, bridge_system
     from cmt_openmm.sampling.moves import FlowIndependenceMove
 
     generator = generator_file[0]
@@ -340,7 +340,7 @@ def _bridge_cli(monkeypatch, argv, capsys):
     """``cmt-openmm bridge-remd ...`` through the real entry point (registered here if main.py does not yet)."""
     import importlib
 
-    from cmt_openmm.cli import bridge_remd
+    from cmt_openmm.cli import flow_bridged_remd
 
     cli = importlib.import_module("cmt_openmm.cli.main")
 
@@ -350,7 +350,7 @@ def _bridge_cli(monkeypatch, argv, capsys):
         parser = original()
         sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
         if "bridge-remd" not in sub.choices:
-            bridge_remd.add_parser(sub)
+            flow_bridged_remd.add_parser(sub)
         return parser
 
     monkeypatch.setattr(cli, "build_parser", build_parser)
@@ -445,7 +445,7 @@ def test_bridged_replica_exchange_samples_the_exact_target_at_lambda_one(tmp_pat
     carry replicas between the wells."""
     from helpers import bin_z_scores, critical_z
 
-    from cmt_openmm.export.bridge import run_bridge_remd
+    from cmt_openmm.export.flow_bridged_remd import run_bridge_remd
     from cmt_openmm.generator import BoltzmannGenerator
 
     toy = get_target("toy-double-well")

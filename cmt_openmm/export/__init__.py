@@ -4,12 +4,12 @@
   -kT log q in the flow's domain, a harmonic wall outside);
 - :mod:`.force`: :func:`to_openmm_force` (openmm-torch ``TorchForce`` or ``PythonForce``, a
   global parameter scaling the energy);
-- :mod:`.bridge`: flow-bridged Hamiltonian replica exchange U_λ = (1 - λ) U_q + λ U with
+- :mod:`.flow_bridged_remd`: flow-bridged Hamiltonian replica exchange U_λ = (1 - λ) U_q + λ U with
   openmmtools (:func:`bridge_system`, :class:`FlowBridgeState`, :func:`run_bridge_remd`);
 - :mod:`.ladder`: λ ladders with equal estimated exchange acceptance from a pilot run, and
   exchange statistics (neighbour acceptance, round trips) of a stored run.
 
-Submodules load on first use (openmmtools is imported only by the bridge).
+Submodules load on first use (openmmtools is imported only by the flow-bridged replica exchange).
 """
 from importlib import import_module
 
@@ -17,10 +17,10 @@ _PUBLIC = {
     "FlowEnergy": "flow_energy",
     "to_openmm_force": "force",
     "torchforce_copies_are_safe": "force",
-    "bridge_system": "bridge",
-    "bridge_states": "bridge",
-    "FlowBridgeState": "bridge",
-    "run_bridge_remd": "bridge",
+    "bridge_system": "flow_bridged_remd",
+    "bridge_states": "flow_bridged_remd",
+    "FlowBridgeState": "flow_bridged_remd",
+    "run_bridge_remd": "flow_bridged_remd",
     "AcceptanceModel": "ladder",
     "equal_acceptance_ladder": "ladder",
     "exchange_statistics": "ladder",

@@ -26,7 +26,7 @@ is refused with one sentence unless ``allow_uncopyable=True`` (for a plain ``Sim
 that never copies its System), and ``"auto"`` picks the PythonForce, which copies safely.
 
 It is a function of the generator, not a ``BoltzmannGenerator`` method: the generator's layer
-sits below this one (design.md; ``tests/test_layout.py`` keeps imports going down).
+sits below this one (docs/design.md, "Layers"; ``tests/test_layout.py`` keeps imports going down).
 
 Example::
 
@@ -220,7 +220,3 @@ def to_openmm_force(generator, temperature=None, scale_parameter: str | None = "
         force.setForceGroup(int(force_group))
     return force
 
-
-def is_flow_force(force: openmm.Force) -> bool:
-    """Whether ``force`` was made by :func:`to_openmm_force` (by its name)."""
-    return force.getName() == FORCE_NAME

@@ -71,16 +71,6 @@ def mbar_free_energies(lambdas, w, counts) -> np.ndarray:
     return f - f[0]
 
 
-def reweighted_log_weights(lam: float, lambdas, w, counts, f) -> np.ndarray:
-    """Normalised log weights (N,) of the pooled samples at state λ (MBAR)."""
-    counts = np.asarray(counts, dtype=np.float64)
-    present = counts > 0
-    u = _reduced_offsets(np.asarray(lambdas, dtype=np.float64), w)
-    log_denominator = logsumexp((np.log(np.maximum(counts, 1e-300)) + f)[present, None] - u[present], axis=0)
-    log_w = -_reduced_offsets(np.array([lam]), w)[0] - log_denominator
-    return log_w - logsumexp(log_w)
-
-
 def estimate_acceptance(a: float, b: float, w: np.ndarray, log_p_a: np.ndarray, log_p_b: np.ndarray) -> float:
     """A(a, b) (a < b) from samples w (N,) with normalised log weights at a and at b (module docstring)."""
     order = np.argsort(w, kind="stable")

@@ -4,6 +4,8 @@
 - :mod:`.estimators`: expectations with error bars, basin populations and free energies, FES;
 - :mod:`.moves`: :class:`FlowIndependenceMove` for openmmtools samplers and ``Simulation`` s;
 - :mod:`.reporters`: :class:`FlowMoveReporter`, flow moves inside ``simulation.step``;
+- :mod:`.replica_exchange`: :func:`run_replica_exchange`, the one openmmtools replica-exchange
+  driver (storage, resume, settings check, seeding) under reference MD and the flow-bridged run;
 - :mod:`.reference_md`: replica-exchange reference frames (openmmtools).
 
 Import from the submodules (or the package root: ``cmt_openmm.reweight``, ``cmt_openmm.FlowIndependenceMove``);

@@ -54,11 +54,10 @@ MIN_EFFECTIVE_SAMPLES = 100.0
 which an estimate and its error bar count as reliable.
 
 With fewer, a handful of samples carry the weight: the delta-method and bootstrap errors are
-computed from those same few samples and are themselves unreliable (a 0.03 % ESS gave
-"0.0000 ± 0.0000" for a population that is not known to better than a few percent). Measured
-on importance weights from q = N(0, 1) towards N(2, 0.8²), 600 repeats: 1σ delta-method
-intervals of the mean covered the truth 23 % of the time at N_eff ≈ 4, 51 % at 21, 60 % at 57,
-62 % at 160 and 67 % at 500 (nominal 68 %). `LowESSWarning` and the report use this value."""
+computed from those same few samples and are themselves unreliable (a tiny ESS can give
+"0.0000 ± 0.0000" for a population that is not known to better than a few percent), and 1σ
+delta-method intervals cover the truth far less often than 68 % until N_eff reaches a few
+hundred (coverage figures: benchmarks/RESULTS.md). `LowESSWarning` and the report use this value."""
 
 
 class Estimate(NamedTuple):

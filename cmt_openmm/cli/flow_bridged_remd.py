@@ -1,7 +1,7 @@
 """``cmt-openmm bridge-remd RUN_DIR --out FRAMES.npz``: flow-bridged replica exchange of a trained run.
 
 States U_λ = (1 - λ) U_q + λ U from the run's generator (λ = 0) to its target (λ = 1), with
-Langevin dynamics and flow moves in every state (:mod:`cmt_openmm.export.bridge`). Writes the
+Langevin dynamics and flow moves in every state (:mod:`cmt_openmm.export.flow_bridged_remd`). Writes the
 λ = 1 frames to ``--out`` like ``reference-md`` (positions nm, reduced_energy, provenance) and
 a JSON summary beside it; the netCDF storage (``--out`` with ``.nc``) makes it resumable: the
 same command continues a stopped run up to ``--iterations`` (``--restart`` starts afresh).
@@ -17,8 +17,7 @@ from pathlib import Path
 from ..coordinates.backbone import is_peptide, ramachandran_angles
 from ..errors import CMTInputError
 from ..files import atomic_write, json_default, to_json
-from ..generator import load_generator
-from .run_files import load_run
+from ..runs.run import Run
 
 
 def _lambdas(text: str):
@@ -32,10 +31,10 @@ def _lambdas(text: str):
 
 
 def cmd_bridge_remd(args: argparse.Namespace) -> int:
-    from ..export.bridge import run_bridge_remd
+    from ..export.flow_bridged_remd import run_bridge_remd
 
-    spec, target = load_run(args.run_dir)
-    generator = load_generator(args.run_dir, target=target)
+    run = Run.open(args.run_dir)
+    target, generator = run.target, run.generator
     result = run_bridge_remd(
         generator, target, args.out, n_replicas=args.replicas, n_iterations=args.iterations,
         lambdas=_lambdas(args.lambdas), steps_per_iteration=args.steps_per_iteration,

@@ -15,10 +15,11 @@ force (:func:`~cmt_openmm.export.force.to_openmm_force`, no scale of its own) in
 compatible and share Contexts. States are stored in the order λ = 1 (state 0, the target, as in
 ``reference-md``) down to λ = 0.
 
-:func:`run_bridge_remd` runs it with netCDF storage, resumable (``from_storage``, settings
-checked), and writes the λ = 1 frames to an npz like ``reference-md``: ``positions`` (nm),
-``reduced_energy`` (U/kT) and ``provenance`` (JSON: ladder, neighbour acceptances, round
-trips, flow-move acceptance per state, energy evaluations). ``lambdas="auto"`` first runs a
+:func:`run_bridge_remd` runs it through the shared driver
+:func:`~cmt_openmm.sampling.replica_exchange.run_replica_exchange` (netCDF storage, resumable,
+settings checked, seeded), and writes the λ = 1 frames to an npz like ``reference-md``:
+``positions`` (nm), ``reduced_energy`` (U/kT) and ``provenance`` (JSON: ladder, neighbour
+acceptances, round trips, flow-move acceptance per state, energy evaluations). ``lambdas="auto"`` first runs a
 short pilot on a uniform ladder (storage ``<storage>_pilot.nc``, resumable too) and places the
 λ's for equal estimated neighbour acceptance (:mod:`cmt_openmm.export.ladder`).
 
@@ -34,7 +35,6 @@ from __future__ import annotations
 
 import copy
 import json
-import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,18 +43,17 @@ from typing import Any, Sequence
 import numpy as np
 import openmm
 import openmm.unit as unit
-from openmmtools import cache, mcmc, states
-from openmmtools.multistate import MultiStateReporter, ReplicaExchangeSampler
+from openmmtools import mcmc, states
 
 from ..errors import CMTInputError
-from ..files import atomic_writer
 from ..sampling.moves import FlowIndependenceMove
-from ..sampling.reference_md import (SeededLangevinMove, package_version, positive_value, read_state0_frames,
-                                     seed_everything)
+from ..sampling.replica_exchange import (SETTINGS_KEY, ReplicaExchangeOptions, ReplicaExchangeRun, SeededLangevinMove,
+                                         positive_value, run_replica_exchange, stored_metadata, write_frames)
 from .force import resolve_backend, to_openmm_force, torchforce_copies_are_safe
 from .ladder import AcceptanceModel, equal_acceptance_ladder, exchange_statistics, pilot_samples
 
 TARGET_GROUP, FLOW_GROUP = 1, 2
+_PILOT_KEY = "cmt_openmm_pilot"  # the storage metadata entry of the pilot's summary (JSON)
 _KEEP_OUTSIDE = ("CMMotionRemover", "AndersenThermostat")
 
 
@@ -196,92 +195,54 @@ def run_bridge_remd(
     if backend == "torch" and not torchforce_copies_are_safe():
         raise CMTInputError("openmmtools copies Systems, which crashes with a TorchForce in this installation; "
                             "use backend='python' or 'auto'.")
-    try:
-        platform_obj = openmm.Platform.getPlatformByName(platform)
-    except openmm.OpenMMException:
-        names = [openmm.Platform.getPlatform(i).getName() for i in range(openmm.Platform.getNumPlatforms())]
-        raise CMTInputError(f"OpenMM platform {platform!r} is not available here: use one of {names}.") from None
-    storage = Path(storage) if storage is not None else Path(out_path).with_suffix(".nc")
-    checkpoint = storage.with_name(storage.stem + "_checkpoint.nc")
+    options = ReplicaExchangeOptions(
+        n_iterations=n_iterations, storage=Path(storage) if storage is not None else Path(out_path).with_suffix(".nc"),
+        seed=seed, resume=resume, progress=progress, n_equilibration=n_equilibration, platform=platform,
+        minimize=minimize, context_cache_capacity=2, description=f"flow-bridged replica exchange {target.name}")
+    storage = options.storage
     pilot_storage = storage.with_name(storage.stem + "_pilot.nc")
     if not resume:
         pilot_checkpoint = pilot_storage.with_name(pilot_storage.stem + "_checkpoint.nc")
-        for path in (storage, checkpoint, pilot_storage, pilot_checkpoint):
+        for path in (storage, options.checkpoint, pilot_storage, pilot_checkpoint):
             path.unlink(missing_ok=True)
     flow_move = FlowIndependenceMove(generator, n_steps=int(flow_proposals), seed=seed)
     if flow_move.generator_path is None:
         raise CMTInputError("The generator was never saved; save it (generator.save(path)) so that the stored "
                             "replica-exchange moves can refer to it.")
-    make_settings = lambda ladder: _settings(generator, target, ladder, steps, flow_proposals,  # noqa: E731
-                                             timestep_fs, rate, backend, wall)
-    pilot = None
-    if not storage.exists():
+    stored = stored_metadata(storage)
+    if stored is None:
+        pilot = None
         if isinstance(lambdas, str) and lambdas == "auto":
-            pilot = run_bridge_remd(
-                generator, target, None, n_replicas, pilot_iterations, "uniform", steps, flow_proposals,
-                timestep_fs, rate, seed + 1, pilot_storage, True, progress, 0, platform, backend, pilot_iterations,
-                minimize, wall)
-            w, state = pilot_samples(pilot_storage, pilot.lambdas)
-            ascending, estimated = equal_acceptance_ladder(AcceptanceModel(pilot.lambdas, w, state), n_replicas)
+            pilot_run = run_bridge_remd(
+                generator, target, out_path=None, n_replicas=n_replicas, n_iterations=pilot_iterations,
+                lambdas="uniform", steps_per_iteration=steps, flow_proposals=flow_proposals, timestep=timestep_fs,
+                collision_rate=rate, seed=seed + 1, storage=pilot_storage, resume=True, progress=progress,
+                n_equilibration=0, platform=platform, backend=backend, minimize=minimize, wall=wall)
+            w, state = pilot_samples(pilot_storage, pilot_run.lambdas)
+            ascending, estimated = equal_acceptance_ladder(AcceptanceModel(pilot_run.lambdas, w, state), n_replicas)
             ladder = check_ladder(ascending)
-            pilot = {key: pilot.provenance[key] for key in (
+            pilot = {key: pilot_run.provenance[key] for key in (
                 "storage", "lambdas", "pair_acceptance", "energy_evaluations", "n_iterations")}
             pilot["estimated_pair_acceptance"] = [float(a) for a in estimated[::-1]]  # storage order, 1 -> 0
         else:
             ladder = _given_ladder(lambdas, n_replicas)
+    else:
+        ladder = _resumed_ladder(json.loads(stored.get(SETTINGS_KEY, "{}")), lambdas, storage)
+        pilot = json.loads(stored.get(_PILOT_KEY, "null"))
+    settings = _settings(generator, target, ladder, steps, flow_proposals, timestep_fs, rate, backend, wall)
 
-    logger = logging.getLogger("openmmtools.multistate")
-    log_level = logger.level
-    logger.setLevel(logging.ERROR)  # openmmtools warns "API is experimental" on every sampler and reporter
-    numpy_state = np.random.get_state()
-    storage.parent.mkdir(parents=True, exist_ok=True)
-    # our own reporter, closed explicitly (see reference_md): reopening an open HDF5 file can crash
-    reporter = MultiStateReporter(str(storage), checkpoint_interval=1, checkpoint_storage=checkpoint.name)
-    ReplicaExchangeSampler._global_citation_silence = True
-    try:
-        if storage.exists():
-            sampler = ReplicaExchangeSampler.from_storage(reporter)
-            stored = json.loads(sampler.metadata.get("cmt_openmm_settings", "{}"))
-            pilot = json.loads(sampler.metadata.get("cmt_openmm_pilot", "null"))
-            ladder = _resumed_ladder(stored, lambdas, storage)
-            settings = make_settings(ladder)
-            if stored != settings:
-                changed = sorted(k for k in settings if stored.get(k) != settings[k])
-                raise CMTInputError(f"storage {storage} was written with other settings ({', '.join(changed)}): "
-                                    "pass resume=False to start afresh or choose another storage path.")
-            if sampler.number_of_iterations < n_iterations:
-                sampler.number_of_iterations = n_iterations
-        else:
-            checkpoint.unlink(missing_ok=True)
-            settings = make_settings(ladder)
-            seed_everything(seed, 0)
-            system = bridge_system(target.system, to_openmm_force(generator, target.temperature, None,
-                                                                  backend=backend, wall=wall))
-            langevin = SeededLangevinMove(timestep=timestep_fs * unit.femtosecond,
-                                          collision_rate=rate / unit.picosecond, n_steps=max(steps, 1))
-            moves = [mcmc.SequenceMove([copy.deepcopy(langevin), copy.deepcopy(flow_move)] if steps > 0 and lam > 0
-                                       else [copy.deepcopy(flow_move)]) for lam in ladder]
-            sampler = ReplicaExchangeSampler(mcmc_moves=moves, number_of_iterations=n_iterations,
-                                             replica_mixing_scheme="swap-all", online_analysis_interval=None)
-            sampler.create(bridge_states(system, target.temperature, ladder),
-                           states.SamplerState(target.positions * unit.nanometer), reporter,
-                           metadata={"cmt_openmm_settings": json.dumps(settings),
-                                     "cmt_openmm_pilot": json.dumps(pilot)})
-        sampler.energy_context_cache = cache.ContextCache(platform=platform_obj, capacity=2)
-        sampler.sampler_context_cache = cache.ContextCache(platform=platform_obj, capacity=2)
-        seed_everything(seed, sampler.iteration)
-        if sampler.iteration == 0 and minimize:
-            sampler.minimize()
-        _run_iterations(sampler, n_iterations, progress, target.name)
-        final_iteration = sampler.iteration
-        flows = [m.move_list[-1].statistics for m in sampler._mcmc_moves]
-    finally:
-        del ReplicaExchangeSampler._global_citation_silence
-        reporter.close()
-        np.random.set_state(numpy_state)
-        logger.setLevel(log_level)
-    return _finish(storage, checkpoint, out_path, settings, ladder, flows, final_iteration, n_iterations,
-                   n_equilibration, n_replicas, steps, seed, platform, pilot)
+    def bridged_ladder():
+        system = bridge_system(target.system, to_openmm_force(generator, target.temperature, None,
+                                                              backend=backend, wall=wall))
+        langevin = SeededLangevinMove(timestep=timestep_fs * unit.femtosecond,
+                                      collision_rate=rate / unit.picosecond, n_steps=max(steps, 1))
+        moves = [mcmc.SequenceMove([copy.deepcopy(langevin), copy.deepcopy(flow_move)] if steps > 0 and lam > 0
+                                   else [copy.deepcopy(flow_move)]) for lam in ladder]
+        return bridge_states(system, target.temperature, ladder), moves
+
+    run = run_replica_exchange(ladder=bridged_ladder, start=states.SamplerState(target.positions * unit.nanometer),
+                               settings=settings, options=options, metadata={_PILOT_KEY: json.dumps(pilot)})
+    return _finish(run, out_path, ladder, steps, pilot)
 
 
 def _given_ladder(lambdas, n_replicas: int) -> np.ndarray:
@@ -307,41 +268,23 @@ def _resumed_ladder(stored: dict, lambdas, storage: Path) -> np.ndarray:
     return ladder
 
 
-def _run_iterations(sampler, n_iterations: int, progress: bool, name: str) -> None:
-    from tqdm.auto import tqdm
-
-    with tqdm(total=n_iterations, initial=min(sampler.iteration, n_iterations), disable=not progress,
-              desc=f"flow-bridged replica exchange {name}", unit="it") as bar:
-        while sampler.iteration < n_iterations:
-            sampler.run(1)
-            bar.update(1)
-
-
-def _finish(storage, checkpoint, out_path, settings, ladder, flows, final_iteration, n_iterations, n_equilibration,
-            n_replicas, steps, seed, platform, pilot) -> BridgeRun:
-    """Read the λ = 1 frames and the statistics back from storage; write the npz."""
-    positions, u, acceptance = read_state0_frames(storage, checkpoint, n_equilibration + 1, n_iterations)
-    exchange = exchange_statistics(storage, n_iterations)
+def _finish(run: ReplicaExchangeRun, out_path, ladder, steps: int, pilot) -> BridgeRun:
+    """The provenance (exchange and flow-move statistics, energy evaluations) of a run; writes the npz."""
+    o = run.options
+    exchange = exchange_statistics(o.storage, o.n_iterations)
+    flows = [m.move_list[-1].statistics for m in run.mcmc_moves]
     flow_evaluations = sum(s["n_proposed"] - s["n_chirality_rejected"] - s["n_log_q_failed"] for s in flows)
     langevin_states = int(np.count_nonzero(np.asarray(ladder) > 0))  # λ = 0 runs flow moves only
-    evaluations = int(final_iteration * (langevin_states * steps + n_replicas * len(ladder)) + flow_evaluations)
-    provenance = {
-        **settings, "n_replicas": n_replicas, "n_iterations": n_iterations, "n_iterations_stored": int(final_iteration),
-        "n_equilibration": int(n_equilibration), "n_frames": int(positions.shape[0]), "seed": int(seed),
-        "platform": platform, "storage": str(storage), "exchange_acceptance": acceptance,
-        "pair_acceptance": exchange["pair_acceptance"], "round_trips": exchange["round_trips"],
-        "round_trips_per_replica": exchange["round_trips_per_replica"],
-        "flow_moves": [{"lambda": float(lam), **s, "acceptance": s["n_accepted"] / max(s["n_proposed"], 1)}
-                       for lam, s in zip(ladder, flows)],
-        "energy_evaluations": evaluations,
-        "pilot": pilot,
-        "energy_evaluations_with_pilot": evaluations + (0 if pilot is None else int(pilot["energy_evaluations"])),
-        "openmm": openmm.__version__, "openmmtools": package_version("openmmtools"), "cmt_openmm": package_version("cmt_openmm"),
-    }
-    path = None
-    if out_path is not None:
-        path = Path(out_path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_writer(path) as handle:
-            np.savez(handle, positions=positions, reduced_energy=u, provenance=np.array(json.dumps(provenance)))
-    return BridgeRun(path, positions, u, ladder, provenance)
+    evaluations = int(run.n_iterations_stored * (langevin_states * steps + run.n_replicas * len(ladder))
+                      + flow_evaluations)
+    provenance = run.provenance(
+        pair_acceptance=exchange["pair_acceptance"], round_trips=exchange["round_trips"],
+        round_trips_per_replica=exchange["round_trips_per_replica"],
+        flow_moves=[{"lambda": float(lam), **s, "acceptance": s["n_accepted"] / max(s["n_proposed"], 1)}
+                    for lam, s in zip(ladder, flows)],
+        energy_evaluations=evaluations,
+        pilot=pilot,
+        energy_evaluations_with_pilot=evaluations + (0 if pilot is None else int(pilot["energy_evaluations"])),
+    )
+    path = None if out_path is None else write_frames(out_path, run.positions, run.reduced_energy, provenance)
+    return BridgeRun(path, run.positions, run.reduced_energy, ladder, provenance)
