@@ -1,16 +1,11 @@
 """examples/reweighted_ramachandran.py at a tiny size: trains a tiny ALDP generator, writes the PNG."""
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "reweighted_ramachandran.py"
+from helpers import load_script
 
 
 def test_reweighted_ramachandran_example_writes_png(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("reweighted_ramachandran", EXAMPLE)
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
+    example = load_script("examples/reweighted_ramachandran.py")
     out = tmp_path / "fes.png"
     result = example.main(["--tiny", "--n", "400", "--bins", "12", "--bootstrap", "20", "--out", str(out)])
     assert out.is_file() and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

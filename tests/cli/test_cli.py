@@ -15,8 +15,7 @@ import yaml
 
 from cmt_openmm.cli import main
 from cmt_openmm.importance import forward_ess, reverse_ess
-
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT
 
 
 def run(capsys, *argv):

@@ -17,7 +17,7 @@ Chains: flow moves alone (openmmtools ``apply``, at two temperatures), Langevin 
 toy double well (x-histogram and mode weights) or the Gaussian mixture (mode weights); and, as
 a slow test, alanine dipeptide basin populations of a Langevin + flow chain and of reweighted
 samples, each against replica-exchange reference frames (not against each other: both share the
-generator's log q, so a density error would cancel). tests/test_molecular_exactness.py checks
+generator's log q, so a density error would cancel). tests/sampling/test_molecular_exactness.py checks
 the density convention itself on molecules with exact marginals.
 
 The proposals are deliberately poor: a stand-in Gaussian proposal (exact log density, the
