@@ -21,6 +21,20 @@ ALDP_REPORT = {"n_samples": 5_000, "n_draws": 5}
 # 1,440 annealing steps whose learning rate decays from the cooled path on (see aldp-quick)
 ALDP_CMT_1440 = {**ALDP_CMT, "lr_decay_from": "cooled", "lr_decay_after_target": 0.997, "steps_after_target": 1_440}
 
+# Peptides sized to a wall-clock limit (training/schedule.py): as many evaluations as fit in
+# max_minutes, the entropy budget spread so the path cools at cool_fraction of the planned steps,
+# the learning rate decaying from cooling to a few percent at the planned end.
+PEPTIDE_CMT = {**ALDP_CMT, "eps_ent": "auto", "cool_fraction": 0.5, "lr_decay_from": "cooled",
+               "lr_decay_after_target": "auto", "steps_after_target": 1_000_000}
+
+
+def _sized_to(system: str, minutes: float) -> dict:
+    """A CMT run of a built-in peptide that trains for ``minutes`` (the report follows)."""
+    return {"system": system, "temperature": 300.0, "method": "cmt", "seed": 0, "budget": "auto",
+            "max_minutes": minutes, "max_steps": 1_000_000, "flow": ALDP_FLOW, "cmt": PEPTIDE_CMT,
+            "report": ALDP_REPORT}
+
+
 _PRESETS: dict[str, dict] = {
     # Seconds on one core; the CLI tests use it end to end. A one-particle double well with
     # an exact answer, so the report's mode weights can be checked by eye.
@@ -88,6 +102,12 @@ _PRESETS: dict[str, dict] = {
         "cmt": {**ALDP_CMT, "steps_after_target": 2_000, "lr_decay_after_target": 0.999},
         "report": ALDP_REPORT,
     },
+    # The paper's tetrapeptide (Ace-A3-Nme, 120 flow coordinates) in an hour on 2 cores, report
+    # included; any peptide with `preset: ala4-hour` and its own `system` in a run file.
+    "ala4-hour": _sized_to("ala4", 55.0),
+    # The hexapeptide (Ace-A5-Nme, 180 coordinates) and ELIL (zwitterion, 219) in two hours.
+    "ala6-2h": _sized_to("ala6", 112.0),
+    "elil-2h": _sized_to("elil", 112.0),
 }
 
 

@@ -3,10 +3,11 @@
 A run file (YAML) holds the target (``system``: a built-in name such as ``aldp-vacuum`` or
 ``toy-double-well``, or a mapping naming the user's files: PDB + force field, Amber prmtop,
 GROMACS top/gro, a System XML, an openmmtools test system or a peptide sequence, see
-:mod:`cmt_openmm.systems.inputs`; relative paths are relative to the file), ``temperature`` (K), an optional ``report`` section (``n_samples``,
-``n_draws``, ``seed``: the flow samples of the final report) and the training settings of
-:class:`cmt_openmm.training.TrainConfig` (method, seed, budget, max_steps, flow, energy and
-the method's section)::
+:mod:`cmt_openmm.systems.inputs`; relative paths are relative to the file), ``temperature``
+(K), an optional ``report`` section (``n_samples``, ``n_draws``, ``seed``: the flow samples of
+the final report), the training settings of :class:`cmt_openmm.training.TrainConfig` (method,
+seed, budget, max_steps, flow, energy and the method's section) and optionally a ``preset``
+whose settings the file's own complete (:func:`with_preset`)::
 
     system: aldp-vacuum
     temperature: 300
@@ -74,7 +75,7 @@ def parse_run_config(data: Any, base_dir: str | os.PathLike = ".") -> RunSpec:
 
     if not isinstance(data, dict):
         raise CMTInputError("a run file must be a YAML mapping with at least a `system` key.")
-    data = dict(data)
+    data = with_preset(data)
     if "system" not in data:
         raise CMTInputError("the run file names no `system`; add e.g. `system: aldp-vacuum`.")
     system = resolve_system(data.pop("system"), Path(base_dir))
@@ -89,6 +90,26 @@ def parse_run_config(data: Any, base_dir: str | os.PathLike = ".") -> RunSpec:
     if data.get("method") == "forward_kl" and isinstance(data.get("forward_kl"), dict) and data["forward_kl"].get("data"):
         data["forward_kl"] = {**data["forward_kl"], "data": str(_existing(data["forward_kl"]["data"], base_dir, "forward_kl.data"))}
     return RunSpec(system, temperature, TrainConfig.from_dict(data), report)
+
+
+def with_preset(data: dict) -> dict:
+    """The run mapping with its ``preset`` (a built-in run configuration) filled in: the preset's
+    settings, then the mapping's own on top, section by section (``cmt``, ``flow``, ...). Lets a
+    user train their own molecule with tuned settings: ``system: {pdb: ...}`` and
+    ``preset: peptide-hour``."""
+    from .presets import get_preset
+
+    data = dict(data)
+    name = data.pop("preset", None)
+    if name is None:
+        return data
+    if not isinstance(name, str):
+        raise CMTInputError(f"preset must be the name of a preset (cmt-openmm presets), got {name!r}.")
+    merged = get_preset(name)
+    for key, value in data.items():
+        section = merged.get(key)
+        merged[key] = {**section, **value} if isinstance(section, dict) and isinstance(value, dict) else value
+    return merged
 
 
 def _existing(path: str, base_dir: str | os.PathLike, what: str) -> Path:

@@ -76,3 +76,18 @@ def test_run_file_paths_are_relative_to_the_file(tmp_path, monkeypatch):
     assert run.directory == tmp_path / "out" and run.spec.temperature == 250.0 and run.config.budget == 20_000
     stored = Run.open(tmp_path / "out")
     assert stored.spec.to_dict() == run.spec.to_dict()
+
+
+def test_a_run_file_may_start_from_a_preset(tmp_path):
+    """`preset:` fills in a built-in configuration; the file's own keys win, section by section."""
+    from cmt_openmm.runs import get_preset, parse_run_config
+
+    preset = get_preset("aldp-quick")
+    spec = parse_run_config({"preset": "aldp-quick", "system": "toy-double-well", "max_minutes": 5,
+                             "cmt": {"eps_tr": 0.3}})
+    assert spec.system == "toy-double-well"
+    assert spec.train.max_minutes == 5 and spec.train.cmt.eps_tr == 0.3
+    assert spec.train.cmt.n_samples == preset["cmt"]["n_samples"]  # the rest of the section is the preset's
+    assert spec.train.max_steps == preset["max_steps"] and spec.train.flow.hidden == preset["flow"]["hidden"]
+    with pytest.raises(CMTInputError, match="unknown preset"):
+        parse_run_config({"preset": "aldp-slow", "system": "toy-double-well"})
