@@ -1,18 +1,20 @@
 """CMT vs reverse KL vs temperature annealing (TA-BG) on alanine dipeptide, same flow and budget.
 
 Every method trains the same spline flow on the same target with the same energy-evaluation
-budget (each configuration sent to OpenMM counts, method.md's accounting), for several seeds,
+budget (each configuration sent to OpenMM counts, docs/method.md, "Budget accounting"), for several seeds,
 optionally under a wall-clock limit per run. Each trained generator is then judged on fresh
 samples: reverse ESS (median of several draws with the spread, and with the top 1e-4 of the
 log-weights clipped), the φ > 0 basin population (αL ∪ C7ax) and every ALDP basin — CMT must
 not lose one — and, given MD reference frames (``cmt-openmm reference-md``), forward ESS,
-EUBO and Ramachandran TV. Prints a table in the paper's format beside method.md's published
+EUBO and Ramachandran TV. Prints a table in the paper's format beside the published
 numbers (AlanineDipeptideImplicit, 1e8 evaluations, GPUs: a scale this CPU benchmark does not
-reach) and writes ``results.json``.
+reach) and writes ``results.json``. Each run is a :class:`cmt_openmm.Run` (its directory holds
+``run.yaml``, the training files and ``report.json``); the wall-clock limit is the training
+setting ``max_minutes``.
 
-    python benchmarks/aldp_methods.py --system aldp-vacuum --budget 2e6 --seeds 0 1 2 --jobs 2 \\
+    python -m benchmarks.aldp_methods --system aldp-vacuum --budget 2e6 --seeds 0 1 2 --jobs 2 \\
         --reference runs/ref/aldp-vacuum-ref.npz --out runs/bench_methods
-    python benchmarks/aldp_methods.py --tiny          # a seconds-long smoke run
+    python -m benchmarks.aldp_methods --tiny          # a seconds-long smoke run
 """
 from __future__ import annotations
 
@@ -30,16 +32,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from cmt_openmm import Run
+from cmt_openmm.files import atomic_write
+from cmt_openmm.runs.presets import get_preset
+from cmt_openmm.runs.run_files import build_target
 
-from cmt_openmm.cli.main import write_run_report  # noqa: E402
-from cmt_openmm.cli.run_files import build_target, parse_run_config  # noqa: E402
-from cmt_openmm.cli.presets import get_preset  # noqa: E402
-from cmt_openmm.files import atomic_write  # noqa: E402
-from cmt_openmm.training import train  # noqa: E402
-
-PUBLISHED = {  # method.md, ALDP (AlanineDipeptideImplicit), mean of 4 runs
+PUBLISHED = {  # docs/method.md, "Published results": ALDP (AlanineDipeptideImplicit), mean of 4 runs
     "reverse_kl": {"evals": 2.56e8, "ess": 94.13, "ram_tv": 1.36e-2},
     "temperature_annealing": {"evals": 1e8, "ess": 95.76, "ram_tv": 1.24e-2},
     "cmt": {"evals": 1e8, "ess": 97.69, "ram_tv": 9.43e-3},
@@ -105,50 +103,31 @@ def max_steps_for(method: str, section: dict, budget: int) -> int:
     return max(1, ladder)
 
 
-def train_limited(target, config: dict, run_dir: Path, time_limit: float | None, chunk: int, progress: bool):
-    """``train`` until budget/max_steps/the method stops it, or ``time_limit`` s of training wall time.
-
-    The limit is applied between chunks of ``chunk`` steps, resuming from the checkpoint, so
-    it may be overrun by up to one chunk.
-    """
-    if time_limit is None:
-        return train(target, config, run_dir=run_dir, progress=progress)
-    final_max = config["max_steps"]
-    cfg = {**config, "max_steps": min(chunk, final_max)}
-    result = train(target, cfg, run_dir=run_dir, progress=progress)
-    while (result.stop_reason == "max_steps" and cfg["max_steps"] < final_max
-           and result.history and result.history[-1]["wall_time"] < time_limit):
-        cfg["max_steps"] = min(cfg["max_steps"] + chunk, final_max)
-        result = train(target, cfg, run_dir=run_dir, resume=True, progress=progress)
-    if result.stop_reason == "max_steps" and cfg["max_steps"] < final_max:
-        result.stop_reason = "time_limit"
-    return result
-
-
 def run_one(args: argparse.Namespace, settings: dict, method: str, seed: int) -> dict:
-    """Train one (method, seed) from scratch, write its report, return its table row."""
+    """Train one (method, seed) from scratch, write its report (against ``args.reference`` when
+    given), return its table row."""
     torch.set_num_threads(1)
     budget = int(args.budget)
-    target = build_target(args.system, args.temperature)
     run_dir = Path(args.out) / f"{method}-seed{seed}"
-    data = {
+    config = {
         "system": args.system, "temperature": args.temperature, "method": method, "seed": seed,
         "budget": budget, "max_steps": max_steps_for(method, settings[method], budget),
+        "max_minutes": None if args.time_limit is None else args.time_limit / 60.0,
         "flow": {"n_layers": args.n_layers, "hidden": args.hidden, "n_bins": args.n_bins},
         method: copy.deepcopy(settings[method]),
         "report": {"n_samples": args.samples, "n_draws": args.draws},
     }
-    spec = parse_run_config(data)
     if run_dir.exists():
         shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True)
-    (run_dir / "run.yaml").write_text(json.dumps(spec.to_dict()))  # YAML is a superset of JSON
+    run = Run.create(run_dir, config)
     print(f"=== {LABEL[method]} seed {seed}: started ===", flush=True)
     start = time.perf_counter()
-    result = train_limited(target, spec.train, run_dir, args.time_limit, chunk=5 if method != "reverse_kl" else 10,
-                           progress=args.jobs == 1)
-    report = write_run_report(run_dir, spec, target, result.generator, result.history, result.stop_reason,
-                              reference=args.reference)
+    progress = args.jobs == 1
+    if args.reference is None:
+        report = run.train(progress=progress)
+    else:  # the report compares with the MD frames: one report, written after training
+        run.train(progress=progress, report=False)
+        report = run.evaluate(args.reference, progress=progress, name="report")
     row = row_of(method, seed, report, time.perf_counter() - start)
     row["group"] = group_of(method, settings[method])
     print(format_row(row), flush=True)
@@ -169,7 +148,8 @@ def main(argv=None) -> int:
     p.add_argument("--methods", nargs="+", default=["cmt", "reverse_kl", "temperature_annealing"])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--budget", type=float, default=2e6, help="energy evaluations per run (same for every method)")
-    p.add_argument("--time-limit", dest="time_limit", type=float, help="training wall-clock seconds per run")
+    p.add_argument("--time-limit", dest="time_limit", type=float,
+                   help="training wall-clock seconds per run (the runs' max_minutes)")
     p.add_argument("--reference", help="MD reference .npz (positions nm) for forward ESS, EUBO, Ram TV")
     p.add_argument("--n-layers", dest="n_layers", type=int, default=6)
     p.add_argument("--hidden", type=int, default=64)
@@ -344,7 +324,7 @@ def format_table(rows: list[dict], summary: dict, args) -> str:
         lines += [f"Ram TV noise floor: the reference's first and second halves ({n // 2} frames each) differ by "
                   f"TV = {floor:.3f}; a model compared with all {n} frames carries roughly half of that from "
                   "the reference's own noise (TV ~ 1/sqrt(frames)), more where frames are correlated."]
-    lines += ["", "Published: AlanineDipeptideImplicit (ff96 + OBC1), 300 K, GPU-scale budgets (method.md)."]
+    lines += ["", "Published: AlanineDipeptideImplicit (ff96 + OBC1), 300 K, GPU-scale budgets (docs/method.md)."]
     return "\n".join(lines)
 
 

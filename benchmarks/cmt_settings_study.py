@@ -1,11 +1,12 @@
 """Which CMT settings keep every alanine-dipeptide basin (φ > 0 above all) on a CPU budget?
 
 Runs named CMT configurations (``CONFIGS``) on ``aldp-vacuum`` at 300 K, each stopped by a
-wall-clock and a CPU-time limit, and prints one table: settings, annealing steps, energy
-evaluations, wall/CPU seconds, final λ/η, the last step with the entropy constraint active (η > 0.05),
-reverse ESS (median of 5 draws of 5,000 flow samples, with min/max), the flow's raw φ > 0
-fraction, the reweighted φ > 0 population with its (delta-method) error, the "MD gap" and
-every reweighted basin population, beside the replica-exchange reference (``--reference``).
+wall-clock limit (the training setting ``max_minutes``) and a CPU-time limit, and prints one
+table: settings, annealing steps, energy evaluations, wall/CPU seconds, final λ/η, the last step
+with the entropy constraint active (η > 0.05), reverse ESS (median of 5 draws of 5,000 flow
+samples, with min/max), the flow's raw φ > 0 fraction, the reweighted φ > 0 population with its
+(delta-method) error, the "MD gap" and every reweighted basin population, beside the
+replica-exchange reference (``--reference``).
 
 MD gap = log E_{p|φ>0}[q/p̃] − log E_{p|φ<0}[q/p̃] on the reference frames: how much of the
 flow's density lies on the true φ > 0 basin relative to the φ < 0 one (0: carried in the right
@@ -13,31 +14,33 @@ proportion; −5: under-weighted e^5 times, i.e. the basin's shape is lost even 
 still puts samples at φ > 0). During training it is computed every 5 steps on all φ > 0 frames
 and 300 φ < 0 frames, at the end on all frames.
 
-The trainer is the library's ``CMTTrainer`` run through ``cmt_openmm.training.train``; the
-script swaps in a subclass that (a) adds per-step diagnostics of each buffer to the records
-(raw φ > 0 and C7ax fractions, the φ > 0 fraction under the target weights p̃/q and under the
-dual's weights w̄, i.e. in q_{i+1}, and under the fitted weights, which differ from w̄ when a
-config sets ``cmt.strata``; the MD gap), (b) stops at the time limits, (c)
-prototypes a defensive mixture and buffer reuse (a config's ``study`` section, not part of the
-library) and (d) records each step's time split (sampling, energies, dual, log q of reused
-samples, weights, fit; the table's last column, ms per step). Per-step records go to
+The trainer is a subclass of the library's ``CMTTrainer``, registered as training method
+``cmt_study`` (:func:`cmt_openmm.training.register_method`; it reads the ``cmt`` settings) and
+run through ``cmt_openmm.training.train``. It (a) adds per-step diagnostics of each buffer to
+the records (raw φ > 0 and C7ax fractions, the φ > 0 fraction under the target weights p̃/q and
+under the dual's weights w̄, i.e. in q_{i+1}, and under the fitted weights, which differ from w̄
+when a config sets ``cmt.strata``; the MD gap), (b) stops at the CPU-time limit, (c) prototypes
+a defensive mixture and buffer reuse (a config's ``study`` section, not part of the library) and
+(d) records each step's time split (sampling, energies, dual, log q of reused samples, weights,
+fit; the table's last column, ms per step). Per-step records go to
 ``<out>/<name>/metrics.jsonl``, the evaluation to ``<out>/<name>/eval.json``. A config's
-``study.system`` picks the target (default ``aldp-vacuum``; ``impl_*``: ``aldp-implicit``,
-torch energies through energy backend "auto"; no MD-gap reference there).
+``study.system`` picks the target (default ``aldp-vacuum``; ``impl_*``: ``aldp-implicit``, torch
+energies through energy backend "auto"; no MD-gap reference there).
 
-Buffer reuse (``study.reuse = K``, issue 12): the dual is solved on the fresh buffer as
-always; the flow is then fitted to q_{i+1} on the union of the fresh buffer and the last K
-buffers, each sample weighted by q_{i+1}/q_source (:func:`reuse_log_weights`; energies kept
-from when the sample was drawn, log q_i recomputed under the current flow), then the strata
-floor. Records: ``ess_fit_kish`` (Kish ESS of the union's fit weights, absolute),
+Buffer reuse (``study.reuse = K``): the dual is solved on the fresh buffer as always; the flow
+is then fitted to q_{i+1} on the union of the fresh buffer and the last K buffers, each sample
+weighted by q_{i+1}/q_source (:func:`reuse_log_weights`; energies kept from when the sample was
+drawn, log q_i recomputed under the current flow), then the strata floor. Records:
+``ess_fit_kish`` (Kish ESS = N · reverse ESS of the union's fit weights, absolute),
 ``old_weight_fraction``, ``t_logq``, ``prev_ratio_ess`` / ``prev_logq_shift_std`` (Kish ESS
 fraction and spread of log q_i − log q_{i−1} on the previous buffer: how far one fit moved the
 flow).
 
-    .ci/with-env nice -n 5 python benchmarks/cmt_settings_study.py run n4k_fit8_warm120_ent1 --cpu 450 --wall 700
-    .ci/with-env python benchmarks/cmt_settings_study.py table --trajectory n4k_fit8_warm120_ent1
-    .ci/with-env python benchmarks/cmt_settings_study.py eval n4k_fit8_warm120_ent1 --draws 20
-    .ci/with-env nice -n 10 python benchmarks/cmt_settings_study.py run impl_base impl_reuse2_n2k --cpu 150 --wall 600 --out runs/study_reuse
+    .ci/with-env nice -n 5 python -m benchmarks.cmt_settings_study run n4k_fit8_warm120_ent1 --cpu 450 --wall 700
+    .ci/with-env python -m benchmarks.cmt_settings_study table --trajectory n4k_fit8_warm120_ent1
+    .ci/with-env python -m benchmarks.cmt_settings_study eval n4k_fit8_warm120_ent1 --draws 20
+    .ci/with-env nice -n 10 python -m benchmarks.cmt_settings_study run impl_base impl_reuse2_n2k --cpu 150 --wall 600 \\
+        --out runs/study_reuse
 """
 from __future__ import annotations
 
@@ -55,21 +58,20 @@ import numpy as np
 import torch
 from scipy.special import logsumexp
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from cmt_openmm.coordinates.backbone import ramachandran_angles  # noqa: E402
-from cmt_openmm.importance import normalized_weights, reverse_ess  # noqa: E402
-from cmt_openmm.sampling.estimators import ALDP_BASINS, aldp_basins, basin_indicators, basin_populations  # noqa: E402
-from cmt_openmm.systems import get_target  # noqa: E402
-from cmt_openmm.training import load_history, train  # noqa: E402
-from cmt_openmm.training.cmt import CMTTrainer, fit_to_buffer  # noqa: E402
-from cmt_openmm.training.loop import METHODS  # noqa: E402
-from cmt_openmm.training.strata import floored_log_weights  # noqa: E402
+from cmt_openmm.analysis.metrics import spread
+from cmt_openmm.coordinates.backbone import ramachandran_angles
+from cmt_openmm.importance import normalized_weights, reverse_ess
+from cmt_openmm.sampling.estimators import ALDP_BASINS, aldp_basins, basin_indicators, basin_populations
+from cmt_openmm.sampling.reweighting import ReweightedEnsemble, reweight
+from cmt_openmm.systems import get_target
+from cmt_openmm.training import TRAINERS, load_history, register_method, train
+from cmt_openmm.training.cmt import CMTTrainer, fit_to_buffer
+from cmt_openmm.training.strata import floored_log_weights
 
 SYSTEM = "aldp-vacuum"
-BASE = {  # the aldp-quick preset's training keys
-    "method": "cmt",
+METHOD = "cmt_study"  # StudyCMTTrainer's method name
+BASE = {  # the aldp-quick preset's training keys, trained by StudyCMTTrainer
+    "method": METHOD,
     "seed": 0,
     "budget": 10_000_000,
     "max_steps": 100_000,
@@ -81,9 +83,7 @@ BASE = {  # the aldp-quick preset's training keys
 #   reuse: K, fit q_{i+1} on the fresh buffer plus the last K buffers (their energies kept,
 #          log q_i of their samples recomputed), weights in reuse_log_weights
 #   system: the target (default SYSTEM); energies "auto" (torch for aldp-implicit)
-# (the two-phase entropy constraint prototyped here is now TrainConfig's cmt.eps_ent_warmup /
-# cmt.warmup_steps)
-# The run limits (--wall, --cpu) are set on the command line.
+# The run limits (--wall: the training setting max_minutes, --cpu) are set on the command line.
 _N4K = {"n_samples": 4000, "fit_steps": 8}
 _WARM = {"eps_ent_warmup": 0.5, "warmup_steps": 120}
 _WARM03 = {"eps_ent_warmup": 0.3, "warmup_steps": 120}
@@ -124,7 +124,7 @@ CONFIGS: dict[str, dict] = {
     "floor01_warm120_ent1_seed3": {"seed": 3, "cmt": {**_N4K, **_WARM, "strata": "phi-sign", "strata_floor": 0.1}},
     "floor01_warm120_ent1": {"cmt": {**_N4K, **_WARM, "strata": "phi-sign", "strata_floor": 0.1}},
     "floor01_warm120_ent1_seed2": {"seed": 2, "cmt": {**_N4K, **_WARM, "strata": "phi-sign", "strata_floor": 0.1}},
-    # buffer reuse (issue 12): the aldp-quick settings, fresh buffer + the last K buffers
+    # buffer reuse: the aldp-quick settings, fresh buffer + the last K buffers
     "vac_base": {"cmt": _QUICK},
     "vac_reuse2_n2k": {"cmt": {**_QUICK, "n_samples": 2000}, "study": {"reuse": 2}},
     "vac_reuse1": {"cmt": _QUICK, "study": {"reuse": 1}},
@@ -176,15 +176,25 @@ def reuse_log_weights(lam: float, eta: float, log_p, log_q_now, log_q_source) ->
     return log_w - logsumexp(log_w[ok])
 
 
-def kish_ess(log_weights) -> float:
-    """Kish effective sample size 1 / Σ w̄² (absolute, not a fraction) of normalised log w̄."""
-    lw = np.asarray(log_weights, np.float64)
-    lw = lw[np.isfinite(lw)]
-    return float(1.0 / np.sum(np.exp(2.0 * (lw - logsumexp(lw)))))
+def md_gap(generator, md) -> float:
+    """log(q(φ>0)/p(φ>0)) − log(q(φ<0)/p(φ<0)) estimated on reference MD frames (nats).
+
+    ``md``: (x, u, φ>0 mask) of :func:`_md_frames`. Each term is log E_{p|half}[q/p̃] + const,
+    i.e. how much of the flow's mass lies on the reference frames of that half; 0 means the
+    φ > 0 basin is carried in the right proportion, −10 means the flow under-weights it by
+    e^10 (lost).
+    """
+    x, u, pos = md
+    with torch.no_grad():
+        lq = generator.log_prob(x).double().numpy()
+    r = lq + u
+    ok = np.isfinite(r)
+    return float(logsumexp(r[pos & ok]) - math.log(pos.sum()) - logsumexp(r[~pos & ok]) + math.log((~pos).sum()))
 
 
+@register_method(METHOD)
 class StudyCMTTrainer(CMTTrainer):
-    """CMTTrainer plus per-step φ diagnostics, wall/CPU limits and the prototype mechanisms.
+    """CMTTrainer plus per-step φ diagnostics, a CPU-time limit and the prototype mechanisms.
 
     Every step records its time split (``t_sample``: drawing the buffer, ``t_energy``: its
     energies, ``t_dual``: the dual, ``t_logq``: log q_i of reused samples, ``t_weights``: the
@@ -194,17 +204,15 @@ class StudyCMTTrainer(CMTTrainer):
     library's run step for step.
     """
 
-    study: dict = {}  # set per run by run_config (train() constructs the trainer itself)
+    study: dict = {}  # this script's settings, set per run by run_config (train() constructs the trainer)
 
     def __init__(self, target, generator, energy, config, rng):
         super().__init__(target, generator, energy, config, rng)
-        self.wall = float(self.study.get("wall", math.inf))
         self.defensive = float(self.study.get("defensive", 0.0))
         self.reuse = int(self.study.get("reuse", 0))
         if self.reuse and self.defensive:
             raise ValueError("study keys 'reuse' and 'defensive' are not implemented together")
         self.old: deque = deque(maxlen=max(self.reuse, 1))  # (x, log q_source, log p̃) of past buffers
-        self.started = time.perf_counter()
         self.cpu_limit = float(self.study.get("cpu", math.inf))
         self.cpu_start = time.process_time()
         self.md = _md_frames(self.study.get("reference"), target)
@@ -212,8 +220,6 @@ class StudyCMTTrainer(CMTTrainer):
 
     @property
     def done(self):
-        if time.perf_counter() - self.started > self.wall:
-            return "wall"
         if time.process_time() - self.cpu_start > self.cpu_limit:
             return "cpu"
         return super().done
@@ -262,13 +268,13 @@ class StudyCMTTrainer(CMTTrainer):
         if self.strata_of is not None:
             lw = floored_log_weights(lw, self.strata_of(x_all.detach().cpu().numpy()), self.settings.strata_floor)
         n = x.shape[0]
-        extra = {"t_logq": t1 - t0, "n_fit_buffer": int(x_all.shape[0]), "ess_fit_kish": kish_ess(lw),
+        extra = {"t_logq": t1 - t0, "n_fit_buffer": int(x_all.shape[0]), "ess_fit_kish": len(lw) * reverse_ess(lw),
                  "old_weight_fraction": float(np.exp(logsumexp(lw[n:]))) if len(lw) > n else 0.0}
         if len(xs) > 1:  # how far the last fit moved the flow: q_i / q_{i-1} on the previous buffer
             shift = (now[1] - src[1]).cpu().numpy()
             shift = shift[np.isfinite(shift)]
             extra["prev_logq_shift_std"] = float(np.std(shift))
-            extra["prev_ratio_ess"] = kish_ess(shift) / len(now[1])
+            extra["prev_ratio_ess"] = len(shift) * reverse_ess(shift) / len(now[1])
         return x_all, lw, extra
 
     def anneal(self, x, log_q, log_p):
@@ -288,8 +294,8 @@ class StudyCMTTrainer(CMTTrainer):
         else:
             x_fit = x
             log_w = self.fit_weights  # the library's (or the defensive) weights, from super().anneal
-            extra = {"t_logq": 0.0, "n_fit_buffer": int(x.shape[0]), "ess_fit_kish": kish_ess(log_w),
-                     "old_weight_fraction": 0.0}
+            extra = {"t_logq": 0.0, "n_fit_buffer": int(x.shape[0]),
+                     "ess_fit_kish": len(log_w) * reverse_ess(log_w), "old_weight_fraction": 0.0}
             t_weights = time.perf_counter() - t1
         t2 = time.perf_counter()
         c = self.settings
@@ -313,7 +319,7 @@ class StudyCMTTrainer(CMTTrainer):
         lw_target = (log_p.double() - log_q.double()).numpy()
         extra = {}
         if self.md is not None and (self.steps_done + 1) % 5 == 0:
-            extra["md_gap"] = self._md_gap()
+            extra["md_gap"] = md_gap(self.generator, self.md)
         out = {
             **record, "eps_ent_used": record["eps_ent"],
             "phi_pos_raw": float(pos.mean()),
@@ -328,24 +334,6 @@ class StudyCMTTrainer(CMTTrainer):
             "cpu_time": time.process_time(),
         }
         return {**out, **self.times, "t_logq": record["t_logq"], "t_diag": time.perf_counter() - t0}
-
-    def _md_gap(self) -> float:
-        """log(q(φ>0)/p(φ>0)) − log(q(φ<0)/p(φ<0)) estimated on reference MD frames (nats).
-
-        Each term is log E_{p|half}[q/p̃] + const, i.e. how much of the flow's mass lies on the
-        reference frames of that half; 0 means the φ > 0 basin is carried in the right
-        proportion, −10 means the flow under-weights it by e^10 (lost).
-        """
-        x, u, pos = self.md
-        with torch.no_grad():
-            lq = self.generator.log_prob(x).double().numpy()
-        r = lq + u
-        return float(_logsumexp(r[pos]) - math.log(pos.sum()) - _logsumexp(r[~pos]) + math.log((~pos).sum()))
-
-
-def _logsumexp(a: np.ndarray) -> float:
-    m = np.max(a[np.isfinite(a)])
-    return float(m + np.log(np.sum(np.exp(a[np.isfinite(a)] - m))))
 
 
 def _md_frames(path, target, n_neg: int = 300):
@@ -363,6 +351,8 @@ def run_config(name: str, out: Path, wall: float, cpu: float, reference: str | N
     extra = copy.deepcopy(CONFIGS[name])
     study = {"wall": wall, "cpu": cpu, "reference": reference, **extra.pop("study", {})}
     config = deep_update(BASE, extra)
+    if math.isfinite(wall):
+        config["max_minutes"] = wall / 60.0
     run_dir = out / name
     if run_dir.exists():
         shutil.rmtree(run_dir)
@@ -370,17 +360,9 @@ def run_config(name: str, out: Path, wall: float, cpu: float, reference: str | N
     if system != SYSTEM:  # the reference frames (and their energies) are aldp-vacuum's
         study["reference"] = None
     target = get_target(system, 300.0)
-    StudyCMTTrainer.study = study
-    # train() builds METHODS[config.method]: swap the study's trainer in for this run (patching
-    # cmt_module.CMTTrainer, as this script did before the registry, silently changes nothing)
-    METHODS["cmt"], original = StudyCMTTrainer, METHODS["cmt"]
+    TRAINERS[METHOD].study = study  # the class train() builds (this module's StudyCMTTrainer)
     cpu0, wall0 = time.process_time(), time.perf_counter()
-    try:
-        result = train(target, config, run_dir, progress=False)
-    finally:
-        METHODS["cmt"] = original
-    if "t_fit" not in result.history[-1]:
-        raise RuntimeError("the run did not use StudyCMTTrainer; check how train() picks its trainer")
+    result = train(target, config, run_dir, progress=False)
     info = {"name": name, "config": config, "study": study, "stop_reason": result.stop_reason,
             "train_wall": time.perf_counter() - wall0, "train_cpu": time.process_time() - cpu0}
     info.update(evaluate(target, result.generator, reference=study["reference"]))
@@ -390,36 +372,24 @@ def run_config(name: str, out: Path, wall: float, cpu: float, reference: str | N
 
 
 def evaluate(target, generator, n: int = 5000, draws: int = 5, reference: str | None = None) -> dict:
-    """Reverse ESS per draw, raw and reweighted φ > 0 fractions and basin populations (pooled)."""
+    """Reverse ESS per draw (``draws`` reweighted draws of ``n`` samples, OpenMM energies), raw
+    and reweighted φ > 0 fractions and basin populations (pooled)."""
     from cmt_openmm.energy import OpenMMEnergy
 
-    esses, xs, lws = [], [], []
     with OpenMMEnergy(target) as energy:
-        for d in range(draws):
-            x, log_q = generator.sample(n, torch.Generator().manual_seed(1000 + d))
-            flipped = generator.chirality_flipped(x).numpy()
-            lw = (-energy(x).double() - log_q.double()).numpy()
-            lw[flipped | ~np.isfinite(lw)] = -np.inf
-            esses.append(reverse_ess(lw))
-            xs.append(x.numpy())
-            lws.append(lw)
-    x, lw = np.concatenate(xs), np.concatenate(lws)
-    angles = ramachandran_angles(target.topology, x)[:, 0]
-    w = normalized_weights(lw)
-    basins = basin_populations(angles, w, aldp_basins(include_halves=True))
+        ensembles = [reweight(generator, target, n, batch_size=n, seed=1000 + d, energy=energy, progress=False,
+                              min_effective_samples=0) for d in range(draws)]
+    pooled = ReweightedEnsemble.concatenate(ensembles)
+    ess = spread(e.ess for e in ensembles)
+    angles = pooled.ramachandran_angles()[:, 0]
+    basins = basin_populations(angles, pooled.weights, aldp_basins(include_halves=True))
     raw = basin_populations(angles, None, aldp_basins(include_halves=True))
     md = _md_frames(reference, target, n_neg=10**9)
-    if md is not None:
-        trainer = StudyCMTTrainer.__new__(StudyCMTTrainer)
-        trainer.generator, trainer.md = generator, md
-        md_gap = trainer._md_gap()
-    else:
-        md_gap = None
     return {
-        "md_gap": md_gap,
-        "ess_draws": esses,
-        "ess_median": float(np.median(esses)),
-        "ess_pooled": reverse_ess(lw),
+        "md_gap": None if md is None else md_gap(generator, md),
+        "ess_draws": ess["draws"],
+        "ess_median": ess["median"],
+        "ess_pooled": pooled.ess,
         "phi_pos_raw": raw["phi>0"].value,
         "phi_pos_rew": list(basins["phi>0"]),
         "basins_rew": {k: list(v) for k, v in basins.items()},
@@ -430,8 +400,8 @@ def evaluate(target, generator, n: int = 5000, draws: int = 5, reference: str | 
 def reference_populations(path: str, n_blocks: int = 10) -> dict:
     """Basin populations of the reference frames; error = standard error over n_blocks time blocks.
 
-    REMD frames are correlated (the φ > 0 basin is visited a dozen times in 4,000 frames), so
-    the i.i.d. error would be several times too small.
+    REMD frames are correlated (the φ > 0 basin is visited rarely), so the i.i.d. error would
+    be several times too small.
     """
     target = get_target(SYSTEM, 300.0)
     x = np.load(path)["positions"]

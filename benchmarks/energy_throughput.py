@@ -15,15 +15,14 @@ Each method runs ``--repeats`` times, interleaved; the best wall time is kept (t
 shared, so slower repeats measure other people's work). CPU time per configuration (this
 process plus its workers, from /proc, summed over the repeats) is reported too: it shows the
 bridge's own cost even when other jobs compete for the cores. Worker start-up is timed apart.
-Targets (issue 2): 1 worker within 20 % of ``serial_fast``; 2 workers >= 1.7x ``serial_fast``
-on 2 cores. Usage: ``python benchmarks/energy_throughput.py [--out PATH] [--repeats N]``.
+Targets: 1 worker within 20 % of ``serial_fast``; 2 workers >= 1.7x ``serial_fast``
+on 2 cores. Usage, from the repository root:
+``python -m benchmarks.energy_throughput [--out PATH] [--repeats N]``.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform as host
 import time
 from pathlib import Path
 
@@ -32,11 +31,13 @@ import openmm
 import openmm.unit as unit
 import torch
 
+from benchmarks.common import cpu_seconds, machine, write_record
 from cmt_openmm.energy import OpenMMEnergy
 from cmt_openmm.systems import get_target
 
 BATCH = {"aldp-vacuum": 2000, "aldp-obc": 2000, "aldp-implicit": 200}
 KJ, KJ_NM = unit.kilojoule_per_mole, unit.kilojoule_per_mole / unit.nanometer
+COLUMNS = ["serial", "serial_fast", "in_process", "1_worker", "2_workers", "2_workers_torch"]
 
 
 def serial_loop(context: openmm.Context, x: np.ndarray, fast: bool) -> None:
@@ -50,16 +51,6 @@ def serial_loop(context: openmm.Context, x: np.ndarray, fast: bool) -> None:
         else:
             energies[i] = state.getPotentialEnergy().value_in_unit(KJ)
             forces[i] = state.getForces(asNumpy=True).value_in_unit(KJ_NM)
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    """CPU time (user + system) of this process and of the processes ``pids`` (Linux /proc)."""
-    ticks = 0
-    for pid in pids:
-        with open(f"/proc/{pid}/stat") as stat:
-            fields = stat.read().rsplit(")", 1)[1].split()
-        ticks += int(fields[11]) + int(fields[12])  # utime, stime
-    return time.process_time() + ticks / os.sysconf("SC_CLK_TCK")
 
 
 def benchmark(name: str, batch: int, repeats: int, platform: str, seed: int) -> dict:
@@ -127,7 +118,18 @@ def benchmark(name: str, batch: int, repeats: int, platform: str, seed: int) -> 
     }
 
 
-def main() -> None:
+def print_table(title: str, results: dict, key: str, cell: str, ratios: list[tuple[str, int, str, str]]) -> None:
+    """One table: a row per system, a column per method (``results[system][key]``, formatted by
+    ``cell``), then the ``ratios`` (label, label width, key in ``ratios``, format)."""
+    print(title)
+    print(f"{'system':<15}{'batch':>6}" + "".join(f"{c:>17}" for c in COLUMNS)
+          + "".join(f"{label:>{width}}" for label, width, _, _ in ratios))
+    for name, r in results.items():
+        print(f"{name:<15}{r['batch']:>6}" + "".join(cell.format(r[key][c]) for c in COLUMNS)
+              + "".join(fmt.format(r["ratios"][ratio]) for _, _, ratio, fmt in ratios))
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "energy_throughput.json")
     parser.add_argument("--systems", nargs="+", default=list(BATCH), choices=list(BATCH))
@@ -135,49 +137,28 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=1.0, help="multiply the batch sizes")
     parser.add_argument("--platform", default="Reference")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(1)
 
     results = {}
     for name in args.systems:
         results[name] = benchmark(name, max(2, int(BATCH[name] * args.scale)), args.repeats, args.platform, args.seed)
-    columns = ["serial", "serial_fast", "in_process", "1_worker", "2_workers", "2_workers_torch"]
-    print(f"\nconfigurations/s ({args.platform} platform, best of {args.repeats}; {os.cpu_count()} cores)")
-    header = "".join(f"{c:>17}" for c in columns)
-    print(f"{'system':<15}{'batch':>6}{header}{'1w overhead':>13}{'2w speedup':>12}")
-    for name, r in results.items():
-        rates = "".join(f"{r['configs_per_s'][c]:>17,.0f}" for c in columns)
-        ratios = r["ratios"]
-        print(
-            f"{name:<15}{r['batch']:>6}{rates}"
-            f"{ratios['overhead_1_worker_vs_serial_fast']:>12.1%}{ratios['speedup_2_workers_vs_serial_fast']:>11.2f}x"
-        )
-    print(f"\nCPU µs per configuration (this process + its workers, over all {args.repeats} repeats)")
-    print(f"{'system':<15}{'batch':>6}{header}{'1w overhead':>13}{'2w overhead':>12}")
-    for name, r in results.items():
-        cpu = "".join(f"{r['cpu_us_per_config'][c]:>17.1f}" for c in columns)
-        ratios = r["ratios"]
-        print(
-            f"{name:<15}{r['batch']:>6}{cpu}"
-            f"{ratios['cpu_overhead_1_worker_vs_serial_fast']:>12.1%}{ratios['cpu_overhead_2_workers_vs_serial_fast']:>12.1%}"
-        )
+    print_table(f"\nconfigurations/s ({args.platform} platform, best of {args.repeats}; {os.cpu_count()} cores)",
+                results, "configs_per_s", "{:>17,.0f}",
+                [("1w overhead", 13, "overhead_1_worker_vs_serial_fast", "{:>12.1%}"),
+                 ("2w speedup", 12, "speedup_2_workers_vs_serial_fast", "{:>11.2f}x")])
+    print_table(f"\nCPU µs per configuration (this process + its workers, over all {args.repeats} repeats)",
+                results, "cpu_us_per_config", "{:>17.1f}",
+                [("1w overhead", 13, "cpu_overhead_1_worker_vs_serial_fast", "{:>12.1%}"),
+                 ("2w overhead", 12, "cpu_overhead_2_workers_vs_serial_fast", "{:>12.1%}")])
     print("targets: 1-worker overhead <= 20% over serial_fast; 2-worker speedup >= 1.7x serial_fast (2 free cores)")
     record = {
         "settings": vars(args) | {"out": str(args.out)},
-        "machine": {
-            "cpu_count": os.cpu_count(),
-            "load_average": os.getloadavg(),
-            "python": host.python_version(),
-            "openmm": openmm.__version__,
-        },
+        "machine": machine(),
         "targets": {"max_1_worker_overhead": 0.20, "min_2_worker_speedup": 1.7},
         "results": results,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=2))
-    tmp.replace(args.out)
-    print(f"wrote {args.out}")
+    write_record(args.out, record)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ Four samplers of ALDP at 300 K get the same number of OpenMM energy evaluations:
   evaluations per iteration (the +1: each replica's energy for the swap matrix, which
   openmmtools computes once per replica for a temperature ladder); the frames of the 300 K
   state are analysed;
-- flow-bridged replica exchange (``cmt_openmm.export.bridge.run_bridge_remd``, ``--samplers bridge``):
+- flow-bridged replica exchange (``cmt_openmm.export.flow_bridged_remd.run_bridge_remd``, ``--samplers bridge``):
   the same number of replicas on a λ ladder from the generator's own energy U_q = -kT log q
   (λ = 0) to the target (λ = 1), placed for equal exchange acceptance by a pilot run (its
   evaluations count), Langevin + flow moves in every state but λ = 0 (flow moves only); each
@@ -33,10 +33,10 @@ reference's error in quadrature) of the reference population (``--reference VALU
 a long run; default the reweighted generator's estimate), with the ratio against temperature
 replica exchange (a lower bound where replica exchange never converged). Prints the tables, writes ``results.json``.
 
-    python benchmarks/enhanced_sampling.py --generator runs/demo --evaluations 1e6
-    python benchmarks/enhanced_sampling.py --generator runs/demo --samplers bridge --remd-steps 10 --evaluations 1e5
-    python benchmarks/enhanced_sampling.py --tiny      # trains a tiny generator; a smoke run
-    python benchmarks/enhanced_sampling.py --tiny --generator g.safetensors --samplers bridge --evaluations 600
+    python -m benchmarks.enhanced_sampling --generator runs/demo --evaluations 1e6
+    python -m benchmarks.enhanced_sampling --generator runs/demo --samplers bridge --remd-steps 10 --evaluations 1e5
+    python -m benchmarks.enhanced_sampling --tiny      # trains a tiny generator; a smoke run
+    python -m benchmarks.enhanced_sampling --tiny --generator g.safetensors --samplers bridge --evaluations 600
 """
 from __future__ import annotations
 
@@ -49,22 +49,15 @@ import time
 from pathlib import Path
 
 import numpy as np
+import openmm
+import openmm.app as app
+import openmm.unit as unit
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import openmm  # noqa: E402
-import openmm.app as app  # noqa: E402
-import openmm.unit as unit  # noqa: E402
-
-from cmt_openmm.coordinates.backbone import ramachandran_angles  # noqa: E402
-from cmt_openmm.sampling.estimators import Estimate, weighted_mean  # noqa: E402
-from cmt_openmm.cli.main import run_training  # noqa: E402
-from cmt_openmm.cli.run_files import build_target, load_run, parse_run_config  # noqa: E402
-from cmt_openmm.generator import load_generator  # noqa: E402
-from cmt_openmm.cli.presets import get_preset  # noqa: E402
-from cmt_openmm.sampling.estimators import PHI_POSITIVE  # noqa: E402
+from cmt_openmm import Run
+from cmt_openmm.coordinates.backbone import ramachandran_angles
+from cmt_openmm.runs.run_files import build_target
+from cmt_openmm.sampling.estimators import PHI_POSITIVE, Estimate, weighted_mean
 
 PHI_POS_CORE = (math.radians(20.0), math.radians(100.0))
 PHI_NEG_CORE = (math.radians(-20.0), math.radians(140.0))  # φ <= -20° or φ >= 140°
@@ -212,7 +205,7 @@ def run_remd(target, args, seed: int, workdir: Path) -> dict:
 
 def run_bridge(target, generator, args, seed: int, workdir: Path) -> dict:
     """Flow-bridged replica exchange at the budget: pilot (uniform ladder) + main run on the chosen ladder."""
-    from cmt_openmm.export.bridge import run_bridge_remd
+    from cmt_openmm.export.flow_bridged_remd import run_bridge_remd
 
     k = args.replicas
     # an upper bound (every proposal evaluated); the λ = 0 state runs flow moves only
@@ -244,19 +237,18 @@ def get_generator(args, target, workdir: Path):
     if args.generator:
         path = Path(args.generator)
         if path.is_dir():
-            _, run_target = load_run(path)
-            return load_generator(path, target=run_target), str(path)
+            return Run.open(path).generator, str(path)
         from cmt_openmm.generator import BoltzmannGenerator
 
         return BoltzmannGenerator.load(path, target), str(path)
-    preset = get_preset(args.train_preset)
-    preset.update(system=args.system, temperature=args.temperature)
+    overrides = {"system": args.system, "temperature": args.temperature}
     if args.tiny:
-        preset.update(max_steps=3, flow={"n_layers": 2, "hidden": 16, "n_bins": 4},
-                      cmt={"n_samples": 256, "fit_steps": 4, "batch_size": 64})
+        overrides.update(max_steps=3, flow={"n_layers": 2, "hidden": 16, "n_bins": 4},
+                         cmt={"n_samples": 256, "fit_steps": 4, "batch_size": 64})
     run_dir = workdir / "generator_run"
-    run_training(parse_run_config(preset), run_dir, progress=True, report=False)
-    return load_generator(run_dir, target=target), str(run_dir)
+    run = Run.from_preset(run_dir, args.train_preset, **overrides)
+    run.train(progress=True, report=False)
+    return run.generator, str(run_dir)
 
 
 def main(argv=None) -> int:

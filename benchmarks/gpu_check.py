@@ -34,8 +34,8 @@ import numpy as np
 import openmm
 import torch
 
-from cmt_openmm.energy.openmm_bridge import OpenMMEnergy
-from cmt_openmm.energy.torch_energy import TorchEnergy
+from cmt_openmm.energy.openmm.energy import OpenMMEnergy
+from cmt_openmm.energy.torch.energy import TorchEnergy
 from cmt_openmm.errors import CMTInputError
 from cmt_openmm.generator import BoltzmannGenerator
 from cmt_openmm.sampling.reweighting import reweight

@@ -3,9 +3,9 @@
 For each of ``aldp-implicit`` (AlanineDipeptideImplicit, ff96 + OBC1), ``ala4``, ``ala6`` and
 ``elil`` (amber99sbildn + amber99_obc, built offline by ``cmt_openmm.systems.peptide``), every
 method trains the same flow with the same energy accounting for several seeds
-(``benchmarks/aldp_methods.py`` does each run: its settings, report and row), and the table
+(:mod:`benchmarks.aldp_methods` does each run: its settings, report and row), and the table
 prints ESS % (clipped and not), Ram TV (with ``--reference SYSTEM=FILE``), evaluations and
-wall time beside the published numbers of method.md. Each run writes ``row.json`` in its own
+wall time beside the published numbers (docs/method.md, "Published results"). Each run writes ``row.json`` in its own
 directory and is skipped when that file exists, so a long table is built over several
 invocations (``--systems``, ``--methods``, ``--seeds`` pick the part to run now).
 
@@ -17,8 +17,8 @@ Budget presets:
 - ``paper``: the published budgets (1e8 evaluations for ALDP and ala4, 4e8 for ala6, 8e8 for
   ELIL; reverse KL 2.56e8) for a GPU machine.
 
-    python benchmarks/paper_table.py --preset cpu-small --systems aldp-implicit ala4 --jobs 2 --out runs/paper
-    python benchmarks/paper_table.py --tiny --out /tmp/paper     # seconds, for the tests
+    python -m benchmarks.paper_table --preset cpu-small --systems aldp-implicit ala4 --jobs 2 --out runs/paper
+    python -m benchmarks.paper_table --tiny --out /tmp/paper     # seconds, for the tests
 """
 from __future__ import annotations
 
@@ -29,12 +29,10 @@ import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]  # the second: parallel runs import aldp_methods by name
-import aldp_methods as methods_bench  # noqa: E402
+from benchmarks import aldp_methods as methods_bench
 
 SYSTEMS = ("aldp-implicit", "ala4", "ala6", "elil")
-PUBLISHED = {  # method.md: mean of 4 runs; ESS %, Ram TV, evaluations
+PUBLISHED = {  # docs/method.md, "Published results": mean of 4 runs; ESS %, Ram TV, evaluations
     "aldp-implicit": {"reverse_kl": (94.13, 1.36e-2, 2.56e8), "temperature_annealing": (95.76, 1.24e-2, 1e8),
                       "cmt": (97.69, 9.43e-3, 1e8)},
     "ala4": {"reverse_kl": (75.06, 2.89e-2, 2.56e8), "temperature_annealing": (65.81, 1.53e-2, 1e8),
@@ -45,10 +43,9 @@ PUBLISHED = {  # method.md: mean of 4 runs; ESS %, Ram TV, evaluations
              "cmt": (26.06, 3.13e-2, 8e8)},
 }
 PRESETS = {  # budget (evaluations) and training wall-clock limit (s) per run, per system
-    # About 10 minutes of training per run on one core: a budget CMT spends in that time (ala4 CMT
-    # used 2e6 evaluations in 564 s), so that every method finishes its schedule (TA-BG its
-    # ladder) within the budget; a 15-minute limit stops a slower method's run. 3 methods x 2
-    # seeds with --jobs 2: about half an hour per system on 2 cores.
+    # About 10 minutes of training per run on one core: a budget CMT spends in that time (timings:
+    # RESULTS.md), so that every method finishes its schedule (TA-BG its ladder) within the
+    # budget; a 15-minute limit stops a slower method's run.
     "cpu-small": {"aldp-implicit": (3e6, 900), "ala4": (1.5e6, 900), "ala6": (1.5e6, 900), "elil": (1.5e6, 900)},
     "paper": {"aldp-implicit": (1e8, None), "ala4": (1e8, None), "ala6": (4e8, None), "elil": (8e8, None)},
 }
@@ -85,7 +82,7 @@ def run_system(args: argparse.Namespace, system: str) -> list[dict]:
 
 def table(rows_by_system: dict[str, list[dict]], preset: str, references: dict[str, str] | None = None) -> str:
     lines = [f"Budget preset {preset}; ours: mean ± std over seeds (ESS = median of draws per run); "
-             "published: method.md (mean of 4 runs, GPU budgets).", "",
+             "published: docs/method.md (mean of 4 runs, GPU budgets).", "",
              "| system | method | evals | ESS % | ESS % clipped | Ram TV | wall (s) | basins kept | published ESS % | published Ram TV | published evals |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for system, rows in rows_by_system.items():

@@ -7,7 +7,7 @@ same run on the same perturbed reference structures (0.01 nm Gaussian noise):
 - ``openmm_1w`` / ``openmm_2w``: ``OpenMMEnergy(target, "Reference", n_workers=k).energy_and_forces``
   (1 worker: the Context in-process, the bridge's default and fastest single-core setting);
   its cost per configuration does not depend on the batch, so it runs on ``--openmm-batch``
-  configurations (a 16k batch of aldp-implicit would take ~16 s per repeat);
+  configurations (a 16k batch of aldp-implicit would make every repeat long);
 - ``torch_eager`` / ``torch_compiled``: ``TorchEnergy(target, compile=False / True)
   .energy_and_forces`` at each of ``--batches`` (1k, 4k, 16k), float64, CPU, torch's
   intra-op threads (``--threads``, default: all cores). Compilation time is reported apart.
@@ -22,41 +22,30 @@ Each method runs ``--repeats`` times, interleaved; the best wall time is kept (t
 shared: slower repeats measure other people's work) and the CPU time of this process and its
 workers is reported too. Memory per configuration: the rise of this process's peak resident
 memory during the largest torch call, divided by its batch (outputs included).
-Targets (issue 11): torch >= 100x the bridge for aldp-implicit, >= 5x for aldp-obc, at 1k-16k.
-Usage: ``python benchmarks/torch_energy_throughput.py [--quick] [--out PATH] [--no-compile]``.
+Targets: torch >= 100x the bridge for aldp-implicit, >= 5x for aldp-obc, at 1k-16k.
+Usage, from the repository root:
+``python -m benchmarks.torch_energy_throughput [--quick] [--out PATH] [--no-compile]``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform as host
 import resource
 import time
 from functools import partial
 from pathlib import Path
 
 import numpy as np
-import openmm
 import torch
 
+from benchmarks.common import cpu_seconds, machine, write_record
 from cmt_openmm.energy import OpenMMEnergy
-from cmt_openmm.energy.torch_energy import TorchEnergy
+from cmt_openmm.energy.torch.energy import TorchEnergy
 from cmt_openmm.systems import get_target
 
 SYSTEMS = ["aldp-implicit", "aldp-obc", "aldp-vacuum"]
 TARGETS = {"aldp-implicit": 100.0, "aldp-obc": 5.0}
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    """CPU time (user + system) of this process and of the processes ``pids`` (Linux /proc)."""
-    ticks = 0
-    for pid in pids:
-        with open(f"/proc/{pid}/stat") as stat:
-            fields = stat.read().rsplit(")", 1)[1].split()
-        ticks += int(fields[11]) + int(fields[12])
-    return time.process_time() + ticks / os.sysconf("SC_CLK_TCK")
 
 
 def peak_rss_bytes(reset: bool = False) -> int:
@@ -259,22 +248,11 @@ def main(argv: list[str] | None = None) -> int:
     print("targets: torch >= 100x the 2-worker bridge for aldp-implicit, >= 5x for aldp-obc (batches 1k-16k, 2 cores)")
     record = {
         "settings": vars(args) | {"out": str(args.out)},
-        "machine": {
-            "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "load_average": os.getloadavg(),
-            "python": host.python_version(),
-            "openmm": openmm.__version__,
-            "torch": torch.__version__,
-        },
+        "machine": machine(torch_threads=torch.get_num_threads(), torch=torch.__version__),
         "targets_speedup_vs_openmm": TARGETS,
         "results": results,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=2))
-    tmp.replace(args.out)
-    print(f"wrote {args.out}")
+    write_record(args.out, record)
     return 0
 
 

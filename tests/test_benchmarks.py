@@ -37,7 +37,7 @@ def test_aldp_methods_tiny_runs_within_budget_and_combine_into_one_table(tmp_pat
 
 def test_cmt_benchmark_settings_are_the_preset_with_the_run_overrides():
     bench = load_script("benchmarks/aldp_methods.py")
-    from cmt_openmm.cli.presets import get_preset
+    from cmt_openmm.runs.presets import get_preset
 
     settings = bench.method_settings(2_000_000, tiny=False, buffer=3000, fit_steps=5, lr=2e-3)
     expected = {**get_preset("aldp-quick")["cmt"], "n_samples": 3000, "fit_steps": 5, "lr": 2e-3}

@@ -10,6 +10,7 @@ import torch
 
 from cmt_openmm.errors import CMTInputError
 from helpers import load_script, perturb_parameters
+import reference_flow as reference
 from cmt_openmm.flows import IDENTITY_DERIVATIVE, CouplingFlow, SplineFlow, rq_spline, spline_kernel, splines
 
 
@@ -189,16 +190,11 @@ def test_bad_settings_refused():
 
 
 # --------------------------------------------------------------------------- the fast implementation
-# benchmarks/flow_throughput.py keeps the implementation before issue 12 verbatim (``BaselineSplineFlow``,
+# tests/reference_flow.py keeps the implementation as of commit c661161 verbatim (``BaselineSplineFlow``,
 # built from a flow with the same weights): the reference the fast one must agree with.
 
-@pytest.fixture(scope="module")
-def bench():
-    return load_script("benchmarks/flow_throughput.py")
-
-
 @pytest.mark.parametrize("inverse", [False, True])
-def test_rq_spline_values_and_gradients_match_the_reference(bench, inverse):
+def test_rq_spline_values_and_gradients_match_the_reference(inverse):
     gen = torch.Generator().manual_seed(11)
     n, d, k = 300, 4, 7
     periodic = torch.tensor([True, False, False, True])
@@ -206,10 +202,10 @@ def test_rq_spline_values_and_gradients_match_the_reference(bench, inverse):
     bins = torch.randn(n, d, 2, k, generator=gen, dtype=torch.float64)
     derivs = torch.randn(n, d, k + 1, generator=gen, dtype=torch.float64)
     if inverse:  # inputs of the inverse: outputs of the forward map
-        x = bench.rq_spline(x, bins, derivs, periodic)[0]
+        x = reference.rq_spline(x, bins, derivs, periodic)[0]
     weights = torch.randn(2, n, d, generator=gen, dtype=torch.float64)
     results = []
-    for spline in (rq_spline, bench.rq_spline):
+    for spline in (rq_spline, reference.rq_spline):
         inputs = [t.clone().requires_grad_(True) for t in (x, bins, derivs)]
         out, logdet = spline(*inputs, periodic, inverse)
         grads = torch.autograd.grad((out * weights[0]).sum() + (logdet * weights[1]).sum(), inputs)
@@ -343,10 +339,10 @@ def _agree(new_flow, old_flow, z, atol):
 
 @pytest.mark.parametrize("mask", ["random", "alternating", "torsions"])
 @pytest.mark.parametrize("depth", [0, 1, 2])
-def test_toy_flow_matches_the_reference(spline_path, bench, mask, depth):
+def test_toy_flow_matches_the_reference(spline_path, mask, depth):
     flow = _toy_flow(mask=mask, depth=depth, n_layers=6)
     perturb_parameters(flow, 0.1)  # (from ~0.2 some inverses are ill-conditioned: ~1e-9 off in either one)
-    old = bench.BaselineSplineFlow(flow)
+    old = reference.BaselineSplineFlow(flow)
     z, log_q = flow.sample(400, torch.Generator().manual_seed(6))
     z_old, log_q_old = old.sample(400, torch.Generator().manual_seed(6))
     torch.testing.assert_close(z, z_old, atol=1e-10, rtol=0)
@@ -355,8 +351,8 @@ def test_toy_flow_matches_the_reference(spline_path, bench, mask, depth):
 
 
 @pytest.fixture(scope="module")
-def aldp_flows(bench):
-    return {dtype: bench.build_flows(dtype=dtype, perturb=0.05) for dtype in (torch.float64, torch.float32)}
+def aldp_flows():
+    return {dtype: reference.build_flows(dtype=dtype, perturb=0.05) for dtype in (torch.float64, torch.float32)}
 
 
 def _aldp_points(flow, n=400):
@@ -375,7 +371,7 @@ def _aldp_points(flow, n=400):
     return torch.cat([z, ends, outside])
 
 
-def test_aldp_flow_matches_the_reference_float64(spline_path, bench, aldp_flows):
+def test_aldp_flow_matches_the_reference_float64(spline_path, aldp_flows):
     """log q, samples and gradients (parameters and z) of the fast flow are the old ones to 1e-10."""
     flow, old, _ = aldp_flows[torch.float64]
     assert bool(flow.scaling.circular.any()) and bool((flow.scaling.upper < 6.0).any())  # circular and clipped
@@ -401,7 +397,7 @@ def test_aldp_flow_matches_the_reference_float64(spline_path, bench, aldp_flows)
         torch.testing.assert_close(a, b, atol=1e-9 * float(b.abs().max()), rtol=1e-7)
 
 
-def test_aldp_flow_matches_the_reference_float32(spline_path, bench, aldp_flows):
+def test_aldp_flow_matches_the_reference_float32(spline_path, aldp_flows):
     """float32: differences of float32 rounding (log q ~ 100 summed from ~200 spline log-dets)."""
     flow, old, _ = aldp_flows[torch.float32]
     z = _aldp_points(flow)
@@ -417,12 +413,12 @@ def test_aldp_flow_matches_the_reference_float32(spline_path, bench, aldp_flows)
     assert float((log_q - log_q_old).abs().max()) < 2e-4 and float((log_q - log_q_old).abs().median()) < 2e-5
 
 
-def test_state_dict_of_the_reference_loads(bench):
+def test_state_dict_of_the_reference_loads():
     """Generator files hold ``flow.state_dict()``: the old layout loads, strictly, with the same densities."""
     from safetensors.torch import load, save
 
-    _, old, _ = bench.build_flows(dtype=torch.float64, perturb=0.05, seed=3)
-    fresh, _, _ = bench.build_flows(dtype=torch.float64, perturb=0.0)  # identity flow, same architecture
+    _, old, _ = reference.build_flows(dtype=torch.float64, perturb=0.05, seed=3)
+    fresh, _, _ = reference.build_flows(dtype=torch.float64, perturb=0.0)  # identity flow, same architecture
     fresh.load_state_dict(load(save({k: v.contiguous() for k, v in old.state_dict().items()})), strict=True)
     z, _ = old.sample(200, torch.Generator().manual_seed(4))
     _agree(fresh, old, z, 1e-10)
@@ -436,9 +432,10 @@ def test_torsions_mask_flow_can_be_saved():
     save({k: v.contiguous() for k, v in flow.state_dict().items()})
 
 
-def test_flow_throughput_benchmark_quick(bench, tmp_path):
+def test_flow_throughput_benchmark_quick(tmp_path):
     import json
 
+    bench = load_script("benchmarks/flow_throughput.py")
     report = bench.main(["--quick", "--out", str(tmp_path / "flow.json")])
     assert json.loads((tmp_path / "flow.json").read_text())["results"] == report["results"]
     row = report["results"][0]
@@ -449,10 +446,9 @@ def test_flow_throughput_benchmark_quick(bench, tmp_path):
 
 
 _COMPILED_LOG_PROB = r"""
-import sys, torch
-sys.path.insert(0, sys.argv[1])
-import flow_throughput as ft
-flow, _, _ = ft.build_flows()
+import torch
+from reference_flow import build_flows
+flow, _, _ = build_flows()
 z, _ = flow.sample(64, torch.Generator().manual_seed(0))
 def value_and_grads(fn):
     flow.zero_grad(set_to_none=True)
@@ -475,8 +471,8 @@ def test_compiled_log_prob_runs_and_equals_eager():
     import sys
     from pathlib import Path
 
-    bench = Path(__file__).resolve().parents[1] / "benchmarks"
-    proc = subprocess.run([sys.executable, "-c", _COMPILED_LOG_PROB, str(bench)], capture_output=True, text=True,
+    here = Path(reference.__file__).resolve().parent  # python -c puts its folder on the path
+    proc = subprocess.run([sys.executable, "-c", _COMPILED_LOG_PROB], capture_output=True, text=True, cwd=here,
                           timeout=900)
     assert proc.returncode == 0, f"compiled log q failed (return code {proc.returncode}): {proc.stderr[-2000:]}"
     result = [line for line in proc.stdout.splitlines() if line.startswith("DIFF")][0]

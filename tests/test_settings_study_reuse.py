@@ -6,6 +6,7 @@ from helpers import load_script
 
 from cmt_openmm.energy import make_energy
 from cmt_openmm.generator import BoltzmannGenerator
+from cmt_openmm.importance import reverse_ess
 from cmt_openmm.systems import get_target
 from cmt_openmm.training.cmt import CMTTrainer
 from cmt_openmm.training.config import TrainConfig
@@ -54,7 +55,7 @@ def test_union_weights_target_the_next_distribution(drop_source):
     assert ok != drop_source, (est_mean, mean, est_var * tau)
     # the old buffer carries weight in proportion to its effective size, not zero
     assert 0.2 < w[20_000:].sum() < 0.9
-    assert study.kish_ess(np.log(w)) > 0.3 * len(x)
+    assert reverse_ess(np.log(w)) > 0.3
 
 
 def test_study_trainer_without_reuse_is_the_librarys_step():
@@ -100,3 +101,15 @@ def test_study_trainer_with_reuse_fits_the_union():
     assert sizes == [300, 600, 900, 900]
     assert 0.0 < record["old_weight_fraction"] < 1.0 and record["t_logq"] > 0
     assert 1.0 <= record["ess_fit_kish"] <= 900 and np.isfinite(record["prev_logq_shift_std"])
+
+
+def test_study_trainer_is_a_registered_method_that_train_builds(tmp_path):
+    """``method: cmt_study`` reads the cmt settings; train() builds the study's trainer (its records time the fit)."""
+    from cmt_openmm.training import TRAINERS, train
+
+    assert TRAINERS[study.METHOD] is study.StudyCMTTrainer
+    config = {"method": study.METHOD, "seed": 3, "max_steps": 2, "flow": {"n_layers": 2, "hidden": 16, "n_bins": 6},
+              "cmt": {"n_samples": 200, "batch_size": 100, "fit_steps": 2}, "energy": {"backend": "openmm"}}
+    result = train(get_target("aldp-vacuum"), config, tmp_path / "run", progress=False)  # its diagnostics need φ
+    assert result.stop_reason == "max_steps" and len(result.history) == 2
+    assert all(r["method"] == "cmt_study" and r["t_fit"] > 0 and r["n_fit_buffer"] == 200 for r in result.history)

@@ -32,7 +32,7 @@ use where a C++ compiler exists; ``CMT_OPENMM_SPLINE_KERNEL=0`` keeps the torch 
 
 Values are those of the textbook formulation to rounding; ``tests/test_flows.py`` checks values
 and gradients against it (the implementation before this one, kept in
-``benchmarks/flow_throughput.py``). Only first derivatives are provided (``once_differentiable``).
+``tests/reference_flow.py``). Only first derivatives are provided (``once_differentiable``).
 """
 from __future__ import annotations
 

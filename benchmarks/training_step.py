@@ -1,0 +1,102 @@
+"""One CMT annealing step as training runs it: flow sampling, energies, dual and weighted fit.
+
+A benchmark of the flow alone does not stand for training: a step also draws the buffer,
+evaluates its energies and solves the dual. This times :class:`~cmt_openmm.training.cmt.CMTTrainer`
+steps on each system and energy backend (the buffer's samples, their energies, then
+:meth:`~cmt_openmm.training.cmt.CMTTrainer.anneal`: the dual and the Adam steps), after warm-up
+steps, with the flow and settings of the ``aldp-quick`` preset. The first backend named is the
+baseline: every row gives its step time as a ratio against the baseline's, measured in the same
+run. Prints a table and writes JSON::
+
+    .ci/with-env python benchmarks/training_step.py --systems aldp-vacuum ala4 --threads 1 2 \\
+        --backends openmm torch-compiled --out benchmarks/results/training_step.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import cmt_openmm
+from cmt_openmm.energy import make_energy
+from cmt_openmm.generator import BoltzmannGenerator
+from cmt_openmm.runs.presets import get_preset
+from cmt_openmm.training import TrainConfig
+from cmt_openmm.training.cmt import CMTTrainer
+
+BACKENDS = {"openmm": ("openmm", False), "torch": ("torch", False), "torch-compiled": ("torch", True)}
+PARTS = ("sample", "energy", "anneal")
+
+
+def time_steps(system: str, backend: str, threads: int, n_steps: int, n_warmup: int) -> dict:
+    """Median seconds of each part of a CMT step, and of the whole step."""
+    preset = get_preset("aldp-quick")
+    config = TrainConfig.from_dict({k: preset[k] for k in ("method", "seed", "flow", "cmt")})
+    target = cmt_openmm.get_target(system)
+    torch.set_num_threads(threads)
+    f = config.flow
+    generator = BoltzmannGenerator.build(target, n_layers=f.n_layers, hidden=f.hidden, n_bins=f.n_bins, mask=f.mask,
+                                         seed=0)
+    name, compile_ = BACKENDS[backend]
+    times: dict[str, list[float]] = {part: [] for part in PARTS}
+    with make_energy(target, name, compile=compile_) as energy:
+        trainer = CMTTrainer(target, generator, energy, config, torch.Generator().manual_seed(0))
+        for i in range(n_warmup + n_steps):
+            t0 = time.perf_counter()
+            x, log_q = generator.sample(config.cmt.n_samples, generator=trainer.rng)
+            t1 = time.perf_counter()
+            with torch.no_grad():
+                log_p = -energy(x)
+            t2 = time.perf_counter()
+            trainer.anneal(x, log_q, log_p)
+            trainer.steps_done += 1
+            t3 = time.perf_counter()
+            if i >= n_warmup:
+                for part, seconds in zip(PARTS, (t1 - t0, t2 - t1, t3 - t2)):
+                    times[part].append(seconds)
+    medians = {part: statistics.median(values) for part, values in times.items()}
+    step = sum(medians.values())
+    return {"system": system, "backend": backend, "threads": threads, "n_samples": config.cmt.n_samples,
+            "fit_steps": config.cmt.fit_steps, "dim": generator.dim, **{f"{p}_s": medians[p] for p in PARTS},
+            "step_s": step, "evaluations_per_s": config.cmt.n_samples / step}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--systems", nargs="+", default=["aldp-vacuum", "ala4"])
+    p.add_argument("--backends", nargs="+", default=["openmm", "torch-compiled"], choices=sorted(BACKENDS))
+    p.add_argument("--threads", nargs="+", type=int, default=[1, 2])
+    p.add_argument("--steps", type=int, default=10, help="timed steps per row (median)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (workers, compilation)")
+    p.add_argument("--out", default="benchmarks/results/training_step.json")
+    args = p.parse_args(argv)
+    rows = []
+    for system in args.systems:
+        for threads in args.threads:
+            baseline = None
+            for backend in args.backends:
+                row = time_steps(system, backend, threads, args.steps, args.warmup)
+                baseline = baseline or row["step_s"]
+                row["speedup_vs_" + args.backends[0]] = baseline / row["step_s"]
+                rows.append(row)
+    header = f"{'system':<12} {'backend':<15} {'thr':>3} {'sample s':>9} {'energy s':>9} {'anneal s':>9} " \
+             f"{'step s':>8} {'eval/s':>8} {'speedup':>8}"
+    print(header)
+    for r in rows:
+        print(f"{r['system']:<12} {r['backend']:<15} {r['threads']:>3} {r['sample_s']:>9.3f} {r['energy_s']:>9.3f} "
+              f"{r['anneal_s']:>9.3f} {r['step_s']:>8.3f} {r['evaluations_per_s']:>8,.0f} "
+              f"{r['speedup_vs_' + args.backends[0]]:>7.2f}x")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"rows": rows, "baseline": args.backends[0], "steps": args.steps,
+                               "warmup": args.warmup}, indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
