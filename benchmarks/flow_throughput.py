@@ -2,10 +2,10 @@
 
 The baseline is the implementation as of commit c661161 (``rq_spline``, ``SplineCoupling``,
 ``CouplingFlow.forward``/``inverse`` and ``SplineFlow.rsample``/``sample``/``log_prob``), kept
-verbatim in ``tests/reference_flow.py`` as the tests' oracle and imported from there
+verbatim in ``tests/flows/reference_flow.py`` as the tests' oracle and imported from there
 (``BaselineSplineFlow``): it is built from a current :class:`~cmt_openmm.flows.SplineFlow` with
 the same weights and buffers (its state_dict), sharing its ``CoordinateScaling`` and ``Prior``.
-``tests/test_flows.py`` checks that both give the same log q and samples.
+``tests/flows/test_flows.py`` checks that both give the same log q and samples.
 
 The new flow runs its splines in the compiled loop of ``cmt_openmm/flows/spline_kernel.py`` where a
 C++ compiler exists (``CMT_OPENMM_SPLINE_KERNEL=0``: its torch operations instead).
@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from tests.reference_flow import build_flows
+from tests.flows.reference_flow import build_flows
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = {"train": 3.0, "sample": 2.0}
@@ -125,7 +125,7 @@ def agreement(flow: nn.Module, baseline: nn.Module, n: int = 512) -> dict:
 
 _COMPILE_SCRIPT = r"""
 import time, torch
-from tests.reference_flow import build_flows
+from tests.flows.reference_flow import build_flows
 torch.set_num_threads({threads})
 flow, _, _ = build_flows()
 z, _ = flow.sample({batch}, torch.Generator().manual_seed(0))

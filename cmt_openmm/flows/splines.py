@@ -30,9 +30,9 @@ On CPUs, :func:`spline_forward` and :func:`spline_backward` hand coupling-layer 
 inputs) to :mod:`.spline_kernel`, the same formulas as one compiled C++ loop (built on first
 use where a C++ compiler exists; ``CMT_OPENMM_SPLINE_KERNEL=0`` keeps the torch operations below).
 
-Values are those of the textbook formulation to rounding; ``tests/test_flows.py`` checks values
+Values are those of the textbook formulation to rounding; ``tests/flows/test_flows.py`` checks values
 and gradients against it (the implementation before this one, kept in
-``tests/reference_flow.py``). Only first derivatives are provided (``once_differentiable``).
+``tests/flows/reference_flow.py``). Only first derivatives are provided (``once_differentiable``).
 """
 from __future__ import annotations
 

@@ -6,7 +6,7 @@
 current, faster one in ``cmt_openmm/flows/`` replaced. A ``BaselineSplineFlow`` is
 built from a current :class:`~cmt_openmm.flows.SplineFlow` with the same weights and buffers
 (its state_dict), sharing its (unchanged) ``CoordinateScaling`` and ``Prior``.
-``tests/test_flows.py`` checks that both give the same log q, samples and gradients;
+``tests/flows/test_flows.py`` checks that both give the same log q, samples and gradients;
 ``benchmarks/flow_throughput.py`` times the current flow against this one. Do not edit the
 frozen code: it is the reference, not an implementation.
 """

@@ -190,7 +190,7 @@ def test_bad_settings_refused():
 
 
 # --------------------------------------------------------------------------- the fast implementation
-# tests/reference_flow.py keeps the implementation as of commit c661161 verbatim (``BaselineSplineFlow``,
+# tests/flows/reference_flow.py keeps the implementation as of commit c661161 verbatim (``BaselineSplineFlow``,
 # built from a flow with the same weights): the reference the fast one must agree with.
 
 @pytest.mark.parametrize("inverse", [False, True])
