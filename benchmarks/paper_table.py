@@ -14,6 +14,10 @@ Budget presets:
 - ``cpu-small``: the budget CMT spends in about 10 minutes on one core (the torch energies
   where they are faster: ``energy.backend: auto``), a 15-minute limit per run, so 3 methods x 2
   seeds take about half an hour per system on 2 cores with ``--jobs 2``;
+- ``cpu-hour``: the wall time of the ``ala4-hour`` / ``ala6-2h`` / ``elil-2h`` presets per run (an
+  hour for ALDP and ala4, two for ala6 and ELIL) with CMT's settings taken from those presets
+  (entropy budget and learning-rate decay sized to the run's plan), and every method given the
+  same time limit and the evaluations CMT takes in it on 2 cores;
 - ``paper``: the published budgets (1e8 evaluations for ALDP and ala4, 4e8 for ala6, 8e8 for
   ELIL; reverse KL 2.56e8) for a GPU machine.
 
@@ -30,6 +34,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from benchmarks import aldp_methods as methods_bench
+from cmt_openmm.runs.presets import get_preset
 
 SYSTEMS = ("aldp-implicit", "ala4", "ala6", "elil")
 PUBLISHED = {  # docs/method.md, "Published results": mean of 4 runs; ESS %, Ram TV, evaluations
@@ -47,8 +52,12 @@ PRESETS = {  # budget (evaluations) and training wall-clock limit (s) per run, p
     # RESULTS.md), so that every method finishes its schedule (TA-BG its ladder) within the
     # budget; a 15-minute limit stops a slower method's run.
     "cpu-small": {"aldp-implicit": (3e6, 900), "ala4": (1.5e6, 900), "ala6": (1.5e6, 900), "elil": (1.5e6, 900)},
+    # The *-hour presets' training time; budgets: what CMT evaluates in that time (RESULTS.md).
+    "cpu-hour": {"aldp-implicit": (1.5e7, 3300), "ala4": (1e7, 3300), "ala6": (1.5e7, 6720), "elil": (1.5e7, 6720)},
     "paper": {"aldp-implicit": (1e8, None), "ala4": (1e8, None), "ala6": (4e8, None), "elil": (8e8, None)},
 }
+SIZED_PRESETS = {"aldp-implicit": "ala4-hour", "ala4": "ala4-hour", "ala6": "ala6-2h", "elil": "elil-2h"}
+"""The preset whose CMT settings ``cpu-hour`` uses per system (sized to the run's plan, so they fit any peptide)."""
 
 
 def run_dir(out: Path, system: str, method: str, seed: int) -> Path:
@@ -65,6 +74,8 @@ def run_system(args: argparse.Namespace, system: str) -> list[dict]:
         jobs=1, out=str(args.out / system), tiny=args.tiny)
     settings = methods_bench.method_settings(int(bench.budget), args.tiny, 4000, 8, 1e-3, strata=True,
                                              reference=bench.reference)
+    if args.preset == "cpu-hour" and not args.tiny:
+        settings["cmt"] = get_preset(SIZED_PRESETS[system])["cmt"]
     if "forward_kl" in args.methods and not bench.reference:
         raise SystemExit(f"forward_kl trains on MD frames: give --reference {system}=FILE (cmt-openmm reference-md).")
     runs = [(method, seed) for method in args.methods for seed in args.seeds]
