@@ -5,6 +5,7 @@ frames) goes through :func:`atomic_writer`: the bytes land in a temporary file b
 target, are flushed to disk, and replace the target in one ``os.replace``. A reader therefore
 sees the old file or the new one, never a mixture. :func:`to_json` writes numpy scalars and
 arrays and paths as plain JSON.
+:func:`cache_dir` names the per-machine cache folders (compiled kernels, compile-probe verdicts).
 """
 from __future__ import annotations
 
@@ -41,6 +42,13 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
     with atomic_writer(path) as handle:
         handle.write(data.encode() if isinstance(data, str) else data)
     return Path(path)
+
+
+def cache_dir(*parts: str) -> Path:
+    """A folder of the package's per-machine cache: ``~/.cache/cmt-openmm/<parts>``
+    (``$XDG_CACHE_HOME`` instead of ``~/.cache`` where set); not created here."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base, "cmt-openmm", *parts)
 
 
 def json_default(obj: Any) -> Any:

@@ -7,7 +7,16 @@ construction), times both on a batch of perturbed structures and keeps the faste
 ``"torch"`` refuses instead of falling back; ``"openmm"`` always uses OpenMM. Which is faster
 depends on the system (benchmarks/torch_energy_throughput.py measures it): torch wins where
 OpenMM evaluates forces through slow generic kernels (a CustomGBForce), OpenMM where its
-native kernels are fast (vacuum, GBSAOBCForce); "auto" therefore picks per system.
+native kernels are fast (vacuum, GBSAOBCForce) against eager torch; "auto" therefore picks per
+system.
+
+On CPUs the torch candidate may be compiled (``compile="auto"``, the default): compiled chunks are
+several times faster than eager torch, but a crash in compiled code would end the process, so
+they are used only after :func:`~.torch.compile_probe.compile_verdict` has compiled and checked
+them in a subprocess (once per System, dtype, chunk shape, torch version and CPU; the verdict is
+cached on disk). They then join the timing (after their compilation) and ``selection`` says
+"torch (compiled, probed safe)" when they win. An "unsafe" verdict warns once and leaves torch
+eager. ``compile=False`` or ``CMT_OPENMM_COMPILE=0`` never probes; GPUs are not probed.
 
 :func:`recheck_against_openmm` re-evaluates a random subset of a run's samples with OpenMM so
 that reports can show that the energies behind weights and ESS were right.
@@ -33,38 +42,88 @@ _TIMING_BATCH = 512  # configurations timed per backend by backend="auto"
 
 def make_energy(target: "Target", backend: str = "auto", device: str | torch.device = "cpu",
                 dtype: torch.dtype = torch.float64, platform: str = "Reference", n_workers: int = 1,
-                verify: bool = True, *, compile: bool | str = False):
+                verify: bool = True, *, compile: bool | str = "auto"):
     """The energy of ``target``: a :class:`~.torch.energy.TorchEnergy` or an :class:`OpenMMEnergy`
     (see the module docstring). Both have ``backend`` ("torch" / "openmm"); the choice and why
-    are in ``energy.selection`` (one sentence)."""
+    are in ``energy.selection`` (one sentence).
+
+    ``compile``: ``"auto"`` (default) compiles the torch energy on CPUs when the compile probe
+    finds it safe here (:func:`~.torch.compile_probe.compile_verdict`, run once per System and
+    machine) and the compiled chunks time faster; ``True`` compiles without a probe (the
+    construction-time verification then runs on the compiled path); ``False`` never compiles.
+    ``CMT_OPENMM_COMPILE=0`` in the environment makes every value act as ``False``.
+
+    Example (named backends; ``"auto"`` is not run here: it times both backends and may first
+    probe the compiled torch energy in a subprocess, tens of seconds once per System and machine):
+        >>> import cmt_openmm, torch
+        >>> target = cmt_openmm.get_target("aldp-vacuum")
+        >>> openmm_energy = cmt_openmm.make_energy(target, backend="openmm")
+        >>> torch_energy = cmt_openmm.make_energy(target, backend="torch", compile=False)   # eager torch
+        >>> openmm_energy.selection, torch_energy.selection
+        ('openmm: asked for', 'torch: asked for')
+        >>> x = torch.tensor(target.positions)[None]
+        >>> abs(torch_energy(x).item() - openmm_energy(x).item()) < 1e-9   # the same u = U / kT
+        True
+        >>> energy = cmt_openmm.make_energy(target)                       # doctest: +SKIP
+    """
+    from .torch import compile_probe
     from .torch.energy import TorchEnergy
 
     if backend not in BACKENDS:
         raise CMTInputError(f"energy backend {backend!r} is unknown; use {', '.join(BACKENDS)}.")
+    if compile not in (True, False, "auto"):
+        raise CMTInputError(f"compile={compile!r} is not one of True, False, 'auto'.")
+    if not compile_probe.enabled():
+        compile = False
     name = getattr(target, "name", "the target")
     if backend == "openmm":
         return _chosen(OpenMMEnergy(target, platform=platform, n_workers=n_workers), "asked for")
-    try:
-        torch_energy = TorchEnergy(target, device=device, dtype=dtype, verify=verify, compile=compile)
+    try:  # with compile "auto", eager first: only a supported, verified energy is worth a probe
+        torch_energy = TorchEnergy(target, device=device, dtype=dtype, verify=verify, compile=compile is True)
     except CMTInputError as error:
         if backend == "torch":
             raise
         warnings.warn(f"Energies of {name} come from OpenMM, not torch: {str(error).rstrip('.')}.", stacklevel=2)
         return _chosen(OpenMMEnergy(target, platform=platform, n_workers=n_workers), "torch cannot evaluate it")
-    if backend == "torch" or torch_energy.device.type != "cpu":
+    if torch_energy.device.type != "cpu":  # GPUs: torch (eager unless compile=True), no probe
         return _chosen(torch_energy, "asked for" if backend == "torch" else "on a GPU")
-    openmm_energy = OpenMMEnergy(target, platform=platform, n_workers=n_workers)
+    verdict = compile_probe.compile_verdict(torch_energy) if compile == "auto" else None
+    unsafe = "; compiled torch probed unsafe here" if verdict is not None and not verdict["safe"] else ""
+    if backend == "torch" and (verdict is None or unsafe):
+        return _chosen(torch_energy, f"asked for{unsafe}")
     x = _perturbed(target.positions, _TIMING_BATCH)
-    t_torch, t_openmm = _seconds(torch_energy, x), _seconds(openmm_energy, x)
-    torch_energy.n_evaluations = openmm_energy.n_evaluations = 0  # the timing is not part of any budget
-    faster, slower = (torch_energy, openmm_energy) if t_torch <= t_openmm else (openmm_energy, torch_energy)
-    slower.close()
-    why = f"faster here ({min(t_torch, t_openmm) / x.shape[0] * 1e6:.0f} vs {max(t_torch, t_openmm) / x.shape[0] * 1e6:.0f} us per configuration with gradients)"
-    return _chosen(faster, why)
+    seconds = {"compiled torch" if compile is True else "eager torch": _seconds(torch_energy, x)}
+    if verdict is not None and verdict["safe"]:
+        torch_energy.compile = True  # compiles on its first call (inductor's disk cache holds the probe's kernels)
+        compiled_seconds = _seconds(torch_energy, x)  # timed after the warm-up call that compiles
+        if torch_energy.compile is True:  # else torch.compile failed here (warned) and the path stayed eager
+            seconds["compiled torch"] = compiled_seconds
+    openmm_energy = None
+    if backend == "auto":
+        openmm_energy = OpenMMEnergy(target, platform=platform, n_workers=n_workers)
+        seconds["openmm"] = _seconds(openmm_energy, x)
+        openmm_energy.n_evaluations = openmm_energy.n_failed = 0  # the timing is not part of any budget
+    torch_energy.n_evaluations = torch_energy.n_failed = 0
+    best = min(seconds, key=seconds.get)
+    if best == "eager torch" and torch_energy.compile is True:  # probed safe, but slower here
+        torch_energy.close()  # drops the compiled functions
+        torch_energy.compile = False
+    if best == "openmm":
+        torch_energy.close()
+        energy = openmm_energy
+    else:
+        if openmm_energy is not None:
+            openmm_energy.close()
+        energy = torch_energy
+    per_configuration = {name: t / x.shape[0] * 1e6 for name, t in seconds.items()}
+    others = ", ".join(f"{name} {t:.0f}" for name, t in per_configuration.items() if name != best)
+    why = f"faster here ({per_configuration[best]:.0f} us per configuration with gradients; {others}){unsafe}"
+    label = " (compiled, probed safe)" if best == "compiled torch" and verdict is not None else ""
+    return _chosen(energy, f"asked for, {why}" if backend == "torch" else why, label)
 
 
-def _chosen(energy, why: str):
-    energy.selection = f"{energy.backend}: {why}"
+def _chosen(energy, why: str, label: str = ""):
+    energy.selection = f"{energy.backend}{label}: {why}"
     return energy
 
 
@@ -75,12 +134,17 @@ def _perturbed(positions: np.ndarray, n: int, scale: float = 0.005, seed: int = 
     return torch.tensor(x, dtype=torch.float64, requires_grad=True)
 
 
-def _seconds(energy, x: torch.Tensor) -> float:
-    """Wall time of energies and gradients of x, after a warm-up call (Contexts, workers, caches)."""
-    energy(x[:8]).sum().backward()
-    start = time.perf_counter()
+def _seconds(energy, x: torch.Tensor, repeats: int = 3) -> float:
+    """Wall time of energies and gradients of x: the best of ``repeats`` calls after a warm-up
+    call on the whole batch (Contexts, workers, caches; compilation, and every pool thread's first
+    compiled chunk). The best, since other processes share the cores and only slow calls down."""
     energy(x).sum().backward()
-    return time.perf_counter() - start
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        energy(x).sum().backward()
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 def recheck_against_openmm(target: "Target", positions: np.ndarray, reduced_energy: np.ndarray, n: int = 64,

@@ -15,7 +15,7 @@ The library is compiled once per machine (C++ compiler ``$CXX`` or ``c++``; ``-O
 -ffast-math``) into ``~/.cache/cmt-openmm/kernels`` (``$XDG_CACHE_HOME``), keyed by the source,
 the flags, the compiler and the CPU's features, written atomically. Without a compiler, or with
 ``CMT_OPENMM_SPLINE_KERNEL=0``, :mod:`.splines` uses its torch operations (same values to
-rounding; ``tests/test_flows.py`` compares both, values and gradients).
+rounding; ``tests/flows/test_flows.py`` compares both, values and gradients).
 """
 from __future__ import annotations
 
@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from ..files import cache_dir
 
 _SOURCE = Path(__file__).with_name("spline_kernel.cpp")
 _FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp-simd", "-fPIC", "-std=c++17"]
@@ -54,8 +56,7 @@ _LIBRARY: ctypes.CDLL | None | bool = None  # False: tried and unavailable
 
 
 def _cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "cmt-openmm" / "kernels"
+    return cache_dir("kernels")
 
 
 def _cpu_features() -> str:

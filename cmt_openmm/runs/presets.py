@@ -72,8 +72,8 @@ _PRESETS: dict[str, dict] = {
     },
     # The paper's own ALDP system (ff96 + OBC1 as a CustomGBForce) with the aldp-quick settings on
     # the torch energies ("auto" picks them here), ~5 min on 2 cores; the 14-minute limit is a
-    # safety net. Compiled energies stay opt-in: a compiler crash cannot be caught. Figures:
-    # benchmarks/RESULTS.md, "aldp-implicit-quick".
+    # safety net; energy compile: auto compiles the torch energies where a subprocess probe found
+    # that safe. Figures (measured with eager torch): benchmarks/RESULTS.md, "aldp-implicit-quick".
     "aldp-implicit-quick": {
         "system": "aldp-implicit",
         "temperature": 300.0,

@@ -75,14 +75,21 @@ class FlowConfig:
 class EnergyConfig:
     """Energies: backend ("auto": the faster of torch and OpenMM when torch is supported and
     verified, see :mod:`cmt_openmm.energy.select`; "torch"; "openmm"), the OpenMM platform and
-    worker processes, torch.compile of the torch path (off: see TorchEnergy), and the training
-    losses' regularisation threshold (kT)."""
+    worker processes, torch.compile of the torch path, and the training losses' regularisation
+    threshold (kT).
+
+    compile: "auto" compiles the torch energy on CPUs where it is safe and faster: a crash in
+    compiled code cannot be caught in-process, so a subprocess first compiles and checks it
+    against eager torch and OpenMM, once per System and machine, and its verdict is cached
+    (:mod:`cmt_openmm.energy.torch.compile_probe`); true compiles without that probe; false
+    never compiles nor probes (as does ``CMT_OPENMM_COMPILE=0`` in the environment).
+    """
 
     backend: str = field(default="auto", metadata=_check(lambda v: v in ("auto", "torch", "openmm"),
                                                           "one of auto, torch, openmm"))
     platform: str = "Reference"
     n_workers: int = field(default=1, metadata=POSITIVE)
-    compile: bool = False
+    compile: typing.Union[bool, str] = field(default=AUTO, metadata={"auto": True})
     threshold: float = field(default=1e3, metadata=POSITIVE)
 
 
@@ -189,9 +196,15 @@ class TrainConfig:
     CPU threads while training (the CLI's --threads; 1 is fastest for small flows on few cores);
     device: "cpu", "cuda" or "auto" (cuda when available) for the flow, buffers and fit.
 
-    >>> cfg = TrainConfig.from_dict({"method": "cmt", "budget": "1e5", "cmt": {"eps_tr": 0.3}})
-    >>> cfg.budget, cfg.cmt.eps_tr, TrainConfig.from_dict(cfg.to_dict()) == cfg
-    (100000, 0.3, True)
+    Example (missing keys take defaults; a wrong value is refused in one sentence):
+        >>> import cmt_openmm
+        >>> cfg = cmt_openmm.TrainConfig.from_dict({"method": "cmt", "budget": "1e5", "cmt": {"eps_tr": 0.3}})
+        >>> cfg.budget, cfg.cmt.eps_tr, cfg.flow.n_layers, cmt_openmm.TrainConfig.from_dict(cfg.to_dict()) == cfg
+        (100000, 0.3, 8, True)
+        >>> cmt_openmm.TrainConfig.from_dict({"cmt": {"eps_tr": -1}})
+        Traceback (most recent call last):
+        ...
+        cmt_openmm.errors.CMTInputError: training setting cmt.eps_tr must be a positive number, got -1.
     """
 
     method: str = field(default="cmt", metadata=_check(lambda v: v in TRAINERS, "a registered method (cmt, reverse_kl, "

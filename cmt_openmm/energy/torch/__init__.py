@@ -7,6 +7,8 @@
   shared :mod:`.term` base and :mod:`.geometry` of a chunk; :mod:`.lepton` compiles OpenMM's
   custom expressions;
 - :mod:`.verification`: the comparison with OpenMM's Reference platform at construction.
+- :mod:`.compile_probe`: whether compiled chunks are safe on this machine, checked once in a
+  subprocess (a crash in compiled code cannot be caught in-process) and cached.
 
 Imports nothing itself. ``import torch`` in these modules is the real PyTorch (imports are
 absolute).

@@ -8,12 +8,7 @@ whole chunks of configurations at once, no worker processes, on any torch device
 construction it checks itself against OpenMM's Reference platform
 (:func:`~.verification.verify_against_openmm`) and refuses to exist when it disagrees, so a
 silently wrong energy never reaches training or importance weights.
-:func:`cmt_openmm.energy.select.make_energy` picks the backend.
-
->>> energy = TorchEnergy(get_target("aldp-implicit"))                  # doctest: +SKIP
->>> energy.verification["max_relative_force_error"]                   # doctest: +SKIP
->>> x = torch.tensor(energy.target.positions)[None].requires_grad_()   # doctest: +SKIP
->>> energy(x).sum().backward()   # x.grad == -F(x)/kT                   # doctest: +SKIP
+:func:`cmt_openmm.energy.select.make_energy` picks the backend. Example: :class:`TorchEnergy`.
 """
 
 from __future__ import annotations
@@ -74,7 +69,11 @@ class TorchEnergy(Energy):
             (tests, checks) stay eager; ``True`` on the first call; ``False`` (default) never.
             Off by default: an exception in compilation is caught (a warning, then eager), but
             a crash in compiled code cannot be (inductor has read a strided view out of bounds:
-            see :func:`~cmt_openmm.flows.splines.spline_forward`).
+            see :func:`~cmt_openmm.flows.splines.spline_forward`), and construction-time
+            verification checks the compiled path only with ``compile=True``.
+            :func:`~cmt_openmm.energy.select.make_energy` (``compile="auto"``) therefore turns it
+            on only after :mod:`.compile_probe` has compiled and checked the same chunks in a
+            subprocess.
         chunk_size: configurations per chunk (default: from the size of the terms' tensors).
         n_threads: chunks evaluated at once by a pool of threads, each operation on one core
             (default: ``torch.get_num_threads()`` on CPU; GPUs run the chunks in order).
@@ -87,6 +86,21 @@ class TorchEnergy(Energy):
     ``n_failed``; ``n_evaluations`` counts every configuration. :meth:`close` drops the
     compiled functions (a later call compiles again); the threads are shared by every
     TorchEnergy of the process and stay.
+
+    Example (OBC1 as a CustomGBForce, which torch evaluates faster than OpenMM on CPUs):
+        >>> import cmt_openmm, torch
+        >>> target = cmt_openmm.get_target("aldp-implicit")
+        >>> energy = cmt_openmm.TorchEnergy(target)          # verified against OpenMM's Reference platform
+        >>> energy.verification["passed"], energy.verification["max_relative_force_error"] < 1e-9
+        (True, True)
+        >>> noise = 0.002 * torch.randn(4, 22, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        >>> x = (torch.tensor(target.positions) + noise).requires_grad_()   # (4, 22, 3) nm
+        >>> u = energy(x)                                    # u = U / kT (4,), differentiable
+        >>> abs(u[1].item() - target.reduced_potential(x[1].detach().numpy())) < 1e-9
+        True
+        >>> u.sum().backward()                               # x.grad = du/dx = -F(x)/kT
+        >>> bool(torch.allclose(x.grad, -torch.as_tensor(energy.energy_and_forces(x.detach())[1])))
+        True
     """
 
     backend = "torch"
