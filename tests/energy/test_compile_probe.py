@@ -9,7 +9,6 @@ probe (tens of seconds of torch.compile) runs in one slow test on aldp-obc.
 from __future__ import annotations
 
 import json
-import signal
 import sys
 import warnings
 

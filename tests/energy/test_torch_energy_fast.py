@@ -6,7 +6,7 @@ outside the integration domain (r + sr_j < or_i) through U = max(r + sr_j, or_i)
 and GBSAOBCForce's inner-sphere correction (or_i < sr_j - r) through a clamp, not through masks;
 the distance matrix is shared by the OBC, GBn2 and Nonbonded terms. Clashed structures below put
 pairs in every branch (asserted), and energies and forces are compared with OpenMM in float64
-(1e-10 relative energy, 1e-9 of the largest force, as in test_torch_energy.py).
+(1e-10 relative energy, 1e-9 of the largest force, as in tests/energy/test_torch_energy.py).
 
 Negative controls, run once by hand: dropping ``U.clamp_min_(o)`` in ``OBCKernel._integrals``
 made test_clashes_in_every_branch_match_openmm fail for both systems (aldp-obc: "relative energy

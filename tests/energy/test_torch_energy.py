@@ -17,11 +17,9 @@ test_make_energy_falls_back_when_verification_fails automate variants of it.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import math
 import warnings
-from pathlib import Path
 
 import numpy as np
 import openmm
@@ -29,6 +27,7 @@ import openmm.app as app
 import openmm.unit as unit
 import pytest
 import torch
+from helpers import load_script
 
 from cmt_openmm.energy import OpenMMEnergy
 from cmt_openmm.energy.select import make_energy
@@ -44,7 +43,6 @@ from cmt_openmm.errors import CMTInputError
 from cmt_openmm.systems import aldp_pdb_path, get_target
 from cmt_openmm.target import Target
 
-ROOT = Path(__file__).resolve().parents[1]
 E_RTOL, F_RTOL = 1e-10, 1e-9
 E_RTOL_32, F_RTOL_32 = 1e-4, 1e-3
 
@@ -485,11 +483,7 @@ def test_compiled_evaluation_equals_eager_and_openmm(name):
 
 
 def test_throughput_benchmark_quick_mode_writes_its_record(tmp_path):
-    spec = importlib.util.spec_from_file_location(
-        "torch_energy_throughput", ROOT / "benchmarks" / "torch_energy_throughput.py"
-    )
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("benchmarks/torch_energy_throughput.py")
     out = tmp_path / "throughput.json"
     assert bench.main(["--quick", "--systems", "aldp-vacuum", "--out", str(out)]) == 0
     record = json.loads(out.read_text())
