@@ -27,13 +27,7 @@ format-1 file (whose densities lacked the seed atoms' Jacobian) still loads, wit
 warning: its flow is a valid proposal and is now given the physical density, so weights and
 moves are exact, but it was trained towards a slightly different target.
 
-Example::
-
-    target = cmt_openmm.get_target("aldp-vacuum")
-    bg = BoltzmannGenerator.build(target, seed=0)
-    x, log_q = bg.sample(1000, torch.Generator().manual_seed(1))   # (1000, 22, 3) nm, (1000,)
-    bg.save("bg.safetensors")
-    bg2 = BoltzmannGenerator.load("bg.safetensors", target)
+Example: :class:`BoltzmannGenerator`.
 """
 from __future__ import annotations
 
@@ -75,6 +69,25 @@ class BoltzmannGenerator(nn.Module):
     (JSON-able flow settings), ``topology_fingerprint``, ``system_fingerprint``,
     ``target_name``, ``reference_positions`` ((n_atoms, 3) nm, the structure the coordinates
     were built on), ``temperature`` (K, of the target it was built for; informational).
+
+    Example (a small untrained flow; training makes it propose the Boltzmann distribution):
+        >>> import cmt_openmm, os, tempfile, torch
+        >>> target = cmt_openmm.get_target("aldp-vacuum")
+        >>> bg = cmt_openmm.BoltzmannGenerator.build(target, n_layers=2, hidden=8, seed=0)
+        >>> x, log_q = bg.sample(200, torch.Generator().manual_seed(1))
+        >>> tuple(x.shape), tuple(log_q.shape), x.dtype   # nm, in the standard frame
+        ((200, 22, 3), (200,), torch.float64)
+        >>> bool(torch.allclose(bg.log_prob(x), log_q))
+        True
+        >>> quarter_turn = torch.tensor([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
+        >>> bool(torch.allclose(bg.log_prob(x @ quarter_turn.T + 1.0), log_q))   # rigid motions change nothing
+        True
+        >>> bg.chirality_flipped(x).any().item(), bg.chirality_flipped(-x).all().item()   # mirror images are flagged
+        (False, True)
+        >>> path = bg.save(os.path.join(tempfile.mkdtemp(), "bg.safetensors"))
+        >>> again = cmt_openmm.BoltzmannGenerator.load(path)   # the target is saved in the file
+        >>> again.content_hash() == bg.content_hash(), bool(torch.allclose(again.log_prob(x), log_q))
+        (True, True)
     """
 
     def __init__(

@@ -7,8 +7,10 @@ and reports alike. Hand-written on NumPy: each is a few lines, and the conventio
 failed samples, +inf weights) must be exactly the documented ones.
 
 >>> import numpy as np
->>> float(reverse_ess(np.zeros(10)))
+>>> float(reverse_ess(np.zeros(10)))                            # equal weights: every sample counts
 1.0
+>>> float(reverse_ess(np.array([0.0, -np.inf, -np.inf, -np.inf])))   # one sample of four carries all
+0.25
 """
 from __future__ import annotations
 

@@ -34,9 +34,20 @@ class Target:
     bounds in nm for Cartesian toy targets, else None).
 
     Example:
+        >>> import cmt_openmm, tempfile
         >>> from openmmtools.testsystems import AlanineDipeptideVacuum
-        >>> target = Target.from_openmmtools(AlanineDipeptideVacuum(constraints=None), 300.0)
+        >>> target = cmt_openmm.Target.from_openmmtools(AlanineDipeptideVacuum(constraints=None), 300.0)
+        >>> target.n_atoms, target.positions.shape, round(target.kT, 4)   # kT in kJ/mol
+        (22, (22, 3), 2.4943)
         >>> u = target.reduced_potential(target.positions)   # dimensionless, U / kT
+        >>> round(u, 3)
+        -35.315
+        >>> round(target.with_temperature(600.0).reduced_potential(target.positions) / u, 12)
+        0.5
+        >>> folder = tempfile.mkdtemp()
+        >>> again = cmt_openmm.Target.load(target.save(folder))      # System XML, PDB, temperature
+        >>> again.system_fingerprint() == target.system_fingerprint(), again.reduced_potential(again.positions) == u
+        (True, True)
     """
 
     def __init__(

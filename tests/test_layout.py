@@ -1,4 +1,4 @@
-"""The package's layers: every import goes down the stack of design.md, and no module imports a layer above it."""
+"""The package's layers: every import goes down the stack of docs/design.md ("Layers"), and no module imports a layer above it."""
 import ast
 from pathlib import Path
 

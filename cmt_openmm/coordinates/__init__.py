@@ -5,8 +5,13 @@
 - :mod:`.cartesian`: :class:`CartesianCoordinates`, the identity for toys;
 - :mod:`.backbone`: a peptide's backbone (φ, ψ) from its Topology.
 
->>> transform = coordinates_for(target)   # doctest: +SKIP
->>> z, log_det = transform(x)            # doctest: +SKIP
+>>> import cmt_openmm
+>>> transform = cmt_openmm.coordinates_for(cmt_openmm.get_target("aldp-vacuum"))
+>>> type(transform).__name__, transform.dim           # 3 * 22 - 6 internal coordinates
+('InternalCoordinates', 60)
+>>> toy = cmt_openmm.coordinates_for(cmt_openmm.get_target("toy-double-well"))
+>>> type(toy).__name__, toy.dim                       # one particle, x = z
+('CartesianCoordinates', 3)
 """
 from __future__ import annotations
 

@@ -14,6 +14,16 @@ class CartesianCoordinates(CoordinateTransform):
 
     ``box``: (3 n_atoms, 2) lower/upper bounds in nm (becomes ``valid_bounds``);
     ``reference_positions`` (optional, nm) becomes ``reference_z``, else the box centre.
+
+    Example:
+        >>> import cmt_openmm, torch
+        >>> toy = cmt_openmm.get_target("toy-double-well")
+        >>> cc = cmt_openmm.CartesianCoordinates(toy.n_atoms, toy.box, toy.positions)
+        >>> z, log_det = cc(torch.tensor([[[0.5, 0.1, -0.2]]], dtype=torch.float64))
+        >>> z.tolist(), log_det.tolist()
+        ([[0.5, 0.1, -0.2]], [0.0])
+        >>> cc.valid_bounds.tolist() == toy.box.tolist(), cc.reference_z.tolist()
+        (True, [-0.5, 0.0, 0.0])
     """
 
     def __init__(self, n_atoms: int, box, reference_positions=None, dtype: torch.dtype = torch.float64):

@@ -92,11 +92,23 @@ class InternalCoordinates(CoordinateTransform):
     All index/reference buffers are derived from the topology and reference positions and
     are not part of the state dict.
 
-    Example::
-
-        ic = InternalCoordinates(pdb.topology, pdb.positions)
-        z, logdet = ic(x)            # x (B, n, 3) nm
-        x_std, logdet_inv = ic.inverse(z)
+    Example:
+        >>> import cmt_openmm, torch
+        >>> target = cmt_openmm.get_target("aldp-vacuum")
+        >>> ic = cmt_openmm.InternalCoordinates(target.topology, target.positions)
+        >>> ic.dim, ic.kinds.count("torsion")          # 3 N - 6, of which circular torsions
+        (60, 7)
+        >>> noise = 0.002 * torch.randn(4, 22, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        >>> x = torch.tensor(target.positions) + noise  # (4, 22, 3) nm
+        >>> z, log_det = ic(x)                         # z (4, 60), log|det dz/dx| (4,)
+        >>> x_std, log_det_inv = ic.inverse(z)         # x in the standard frame, log|det dx/dz|
+        >>> rotation, translation = ic.frame(x)
+        >>> bool(torch.allclose(x_std @ rotation.transpose(1, 2) + translation[:, None], x))
+        True
+        >>> bool(torch.allclose(log_det, -log_det_inv))
+        True
+        >>> ic.chirality_flipped(-x).tolist()          # the mirror images
+        [True, True, True, True]
     """
 
     def __init__(self, topology, reference_positions, constraints=(), dtype: torch.dtype = torch.float64,

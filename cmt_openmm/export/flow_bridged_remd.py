@@ -181,6 +181,20 @@ def run_bridge_remd(
         pilot_iterations: iterations of the pilot for ``lambdas="auto"``.
         minimize: minimise every replica at its state before a fresh run.
         wall: the flow force's restraint outside the flow's domain (kT per scaled unit²).
+
+    Example (an untrained flow on a toy, two states, five iterations of flow moves only):
+        >>> import cmt_openmm, os, tempfile
+        >>> toy = cmt_openmm.get_target("toy-double-well")
+        >>> folder = tempfile.mkdtemp()
+        >>> generator = cmt_openmm.BoltzmannGenerator.build(toy, n_layers=2, hidden=8)
+        >>> bg = cmt_openmm.load_generator(generator.save(os.path.join(folder, "toy.safetensors")))   # knows its file
+        >>> run = cmt_openmm.run_bridge_remd(bg, toy, os.path.join(folder, "bridge.npz"), n_replicas=2, n_iterations=5,
+        ...                                  lambdas="uniform", steps_per_iteration=0, flow_proposals=20,
+        ...                                  backend="python", minimize=False, progress=False)
+        >>> run.positions.shape, run.provenance["lambdas"]   # the λ = 1 frames: the target's
+        ((5, 1, 3), [1.0, 0.0])
+        >>> [moves["acceptance"] for moves in run.provenance["flow_moves"]][-1]   # at λ = 0 the flow is exact
+        1.0
     """
     n_replicas, n_iterations, steps = int(n_replicas), int(n_iterations), int(steps_per_iteration)
     if n_replicas < 2 or n_iterations < 1 or steps < 0 or int(flow_proposals) < 1 \

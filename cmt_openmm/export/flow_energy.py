@@ -23,7 +23,7 @@ Why a re-implementation rather than a trace of ``log_prob``: the flows' spline i
 hand-written ``autograd.Function`` tuned for training (in-place and ``out=`` operations, a
 closed-form backward) that TorchScript can neither serialise nor differentiate, and
 ``log_prob`` branches in Python. This module uses the textbook rational-quadratic spline
-(Durkan et al. 2019) with the same parameters; ``tests/test_export.py`` checks it against
+(Durkan et al. 2019) with the same parameters; ``tests/export/test_flow_energy.py`` checks it against
 ``log_prob`` to rounding. The coupling layers run in the generator's dtype (float32 by
 default) unless ``dtype`` says otherwise; coordinates, Jacobians and the prior in float64.
 

@@ -28,7 +28,7 @@ that never copies its System), and ``"auto"`` picks the PythonForce, which copie
 It is a function of the generator, not a ``BoltzmannGenerator`` method: the generator's layer
 sits below this one (docs/design.md, "Layers"; ``tests/test_layout.py`` keeps imports going down).
 
-Example::
+Example (a runnable one: :func:`to_openmm_force`)::
 
     force = to_openmm_force(generator)                  # U_q at the generator's temperature
     system.addForce(force)                              # energy: U + lambda_flow * U_q
@@ -192,6 +192,21 @@ def to_openmm_force(generator, temperature=None, scale_parameter: str | None = "
         dtype: dtype of the coupling layers (default the generator's).
         force_group: the force group (default OpenMM's, 0).
         allow_uncopyable: accept a TorchForce where copying it would crash the process.
+
+    Example (the PythonForce backend, which needs no openmm-torch and no copy check):
+        >>> import cmt_openmm, copy, openmm
+        >>> target = cmt_openmm.get_target("aldp-vacuum")
+        >>> bg = cmt_openmm.BoltzmannGenerator.build(target, n_layers=2, hidden=8)
+        >>> system = copy.deepcopy(target.system)
+        >>> index = system.addForce(cmt_openmm.to_openmm_force(bg, backend="python"))   # U + lambda_flow * U_q
+        >>> reference = openmm.Platform.getPlatformByName("Reference")
+        >>> context = openmm.Context(system, openmm.VerletIntegrator(0.001), reference)
+        >>> context.setPositions(target.positions)
+        >>> context.setParameter("lambda_flow", 0.5)
+        >>> energy = context.getState(getEnergy=True).getPotentialEnergy().value_in_unit(openmm.unit.kilojoule_per_mole)
+        >>> u_q = -bg.log_prob(target.positions[None]).item()          # U_q / kT = -log q
+        >>> round((energy / target.kT - target.reduced_potential(target.positions)) / u_q, 6)
+        0.5
     """
     backend = resolve_backend(backend)
     if scale_parameter is not None and not (isinstance(scale_parameter, str) and scale_parameter.isidentifier()):

@@ -39,9 +39,9 @@ coordinates, each with its own (asymmetric, chirality-clipped) interval; a singl
 spline function with a per-coordinate periodic mask does all of them in one call, which is both
 simpler and faster on CPU than one zuko transform per coordinate group.
 
-Speed (``benchmarks/flow_throughput.py`` measures it against the previous implementation, kept
-there verbatim, with figures in ``benchmarks/RESULTS.md``; ``tests/test_flows.py`` checks that
-log q, samples and gradients agree with it): the layers run *coordinates first* (y.T, (dim, B)), so the
+Speed (``benchmarks/flow_throughput.py`` measures it against the previous implementation,
+kept verbatim in ``tests/flows/reference_flow.py``, with figures in ``benchmarks/RESULTS.md``;
+``tests/flows/test_flows.py`` checks that log q, samples and gradients agree with it): the layers run *coordinates first* (y.T, (dim, B)), so the
 conditioners are ``W @ h`` on columns and the spline reads its parameters through strided views
 with the K bins on the leading dimension; the spline normalises its bins without a softmax and
 has a closed-form backward pass (:mod:`.splines`); and, with gradients, each coupling layer

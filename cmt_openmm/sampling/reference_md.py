@@ -109,6 +109,20 @@ def run_reference_md(
         n_equilibration: initial iterations left out of the npz (still stored in the netCDF).
         platform: OpenMM platform name (Reference is the fastest for small molecules on CPUs).
         minimize: minimise the starting structure of every replica before a fresh run.
+
+    Example (two replicas of a toy for 50 short iterations; reference data takes thousands):
+        >>> import cmt_openmm, os, tempfile, numpy as np
+        >>> from cmt_openmm.sampling.reference_md import run_reference_md
+        >>> toy = cmt_openmm.get_target("toy-double-well")
+        >>> out = os.path.join(tempfile.mkdtemp(), "reference.npz")
+        >>> md = run_reference_md(toy, out, n_replicas=2, t_max=600.0, n_iterations=50, steps_per_iteration=50,
+        ...                       timestep=2.0, progress=False)
+        >>> md.positions.shape, md.reduced_energy.shape, md.provenance["temperatures"]
+        ((50, 1, 3), (50,), [300.0, 600.0])
+        >>> bool(np.allclose(md.reduced_energy, [toy.reduced_potential(x) for x in md.positions]))   # u at 300 K
+        True
+        >>> sorted(os.listdir(os.path.dirname(out)))        # the storage lets a longer run resume
+        ['reference.nc', 'reference.npz', 'reference_checkpoint.nc']
     """
     if not isinstance(target, Target):
         raise CMTInputError("target must be a cmt_openmm Target: build it with get_target or Target.from_pdb.")

@@ -28,6 +28,25 @@ class FlowMoveReporter:
     the moved chain. Both are states of the same exact chain. To record the configurations
     right after the flow moves, offset the other reporters' intervals, or call
     ``move.apply_to_simulation(simulation)`` between ``simulation.step`` calls yourself.
+
+    Example (a toy and an untrained flow; the log goes to any file or open text stream):
+        >>> import cmt_openmm, io, os, tempfile, openmm
+        >>> from openmm import app
+        >>> toy = cmt_openmm.get_target("toy-double-well")
+        >>> bg = cmt_openmm.BoltzmannGenerator.build(toy, n_layers=2, hidden=8, bound=3.0)
+        >>> move = cmt_openmm.FlowIndependenceMove(bg.save(os.path.join(tempfile.mkdtemp(), "toy.safetensors")),
+        ...                                        n_steps=50, seed=0)
+        >>> simulation = app.Simulation(toy.topology, toy.system, openmm.LangevinMiddleIntegrator(300, 1, 0.002),
+        ...                             openmm.Platform.getPlatformByName("Reference"))
+        >>> simulation.context.setPositions(toy.positions)
+        >>> log = io.StringIO()
+        >>> simulation.reporters.append(cmt_openmm.FlowMoveReporter(move, log, 100))
+        >>> simulation.step(300)
+        >>> rows = log.getvalue().splitlines()
+        >>> rows[0]
+        '#"Step","Flow proposals","Flow accepted","Acceptance rate (total)"'
+        >>> [row.split(",")[:2] for row in rows[1:]], move.n_proposed
+        ([['100', '50'], ['200', '50'], ['300', '50']], 150)
     """
 
     def __init__(self, move: FlowIndependenceMove, file, report_interval: int,

@@ -1,13 +1,12 @@
 """Reweighted ensembles: a trained generator's samples with importance weights towards a Target.
 
-`reweight(generator, target, n)` draws N samples x ~ q in batches, evaluates their raw OpenMM
-reduced energies u(x) and returns a `ReweightedEnsemble` with log-weights
-``log w = -u(x) - log q(x)`` (``-inf`` where the energy failed or the sample's chirality is
-flipped: weight 0, still counted in N). From it: ESS, self-normalised expectations of any
-observable with error bars, free-energy profiles and surfaces along collective variables,
-systematic resampling to an unweighted ensemble, reweighting to another temperature or another
-System of the same topology without retraining, and export (mdtraj, DCD + PDB, weights as
-.npy/.csv, the ``cmt-openmm sample`` npz).
+`reweight(generator, target, n)` draws N samples x ~ q in batches, evaluates their raw OpenMM reduced
+energies u(x) and returns a `ReweightedEnsemble` with log-weights ``log w = -u(x) - log q(x)``
+(``-inf`` where the energy failed or the sample's chirality is flipped: weight 0, still counted in
+N). From it: ESS, self-normalised expectations of any observable with error bars, free-energy
+profiles and surfaces along collective variables, systematic resampling to an unweighted ensemble,
+reweighting to another temperature or another System of the same topology without retraining, and
+export (mdtraj, DCD + PDB, weights as .npy/.csv, the ``cmt-openmm sample`` npz).
 
 Error bars (one standard error) are computed one of two ways, always stated by the ``error``
 argument: ``"bootstrap"`` (default; the standard deviation over ``n_bootstrap`` resamplings of
@@ -18,17 +17,9 @@ left empty by some resampling, is unconstrained: F = +inf or an infinite error.
 
 Both error bars are meaningless when a handful of samples carry the weight: `reweight` and
 `ReweightedEnsemble.reweight_to` warn with `LowESSWarning` when the effective number of samples
-N · ESS falls below ``min_effective_samples`` (default
-:data:`~cmt_openmm.sampling.estimators.MIN_EFFECTIVE_SAMPLES`, 100), and the report marks such
-estimates unreliable. Hand-written: a few lines of NumPy on top of :mod:`.estimators`, with the
-project's conventions for failed samples and units.
-
-Example:
-    >>> ens = reweight(generator, target, 10_000, seed=0)          # doctest: +SKIP
-    >>> ens.ess, ens.expectation(lambda x: x[:, 0, 0])              # doctest: +SKIP
-    >>> fes = ens.free_energy_surface(ens.ramachandran_angles()[:, 0], bins=60,
-    ...                               range=[(-np.pi, np.pi)] * 2)   # doctest: +SKIP
-    >>> hot = ens.reweight_to(400.0)                                # doctest: +SKIP
+N · ESS falls below ``min_effective_samples`` (default :data:`~.estimators.MIN_EFFECTIVE_SAMPLES`,
+100), and the report marks such estimates unreliable. Hand-written: a few lines of NumPy on top
+of :mod:`.estimators`, with the project's conventions for failed samples and units.
 """
 
 from __future__ import annotations
@@ -98,6 +89,15 @@ class ReweightedEnsemble:
 
     Attributes: ``positions``, ``log_q``, ``reduced_energy``, ``invalid``, ``log_weights`` (N,)
     = -u - log q, -inf where invalid, u not finite or log q not finite.
+
+    Example (an untrained flow on a toy whose mode 0 holds 75 % of the probability at 300 K, 62.7 % at 600 K):
+        >>> import cmt_openmm
+        >>> toy = cmt_openmm.get_target("toy-double-well")
+        >>> bg = cmt_openmm.BoltzmannGenerator.build(toy, n_layers=2, hidden=8, bound=3.0)
+        >>> ens = cmt_openmm.reweight(bg, toy, 4000, seed=0, progress=False)
+        >>> p0, hot = (e.expectation(lambda x: toy.mode_of(x) == 0) for e in (ens, ens.reweight_to(600.0)))
+        >>> len(ens), ens.reliable, round(p0.value, 2), round(hot.value, 2), round(p0.error, 2)   # ± 1 s.e.
+        (4000, True, 0.76, 0.62, 0.02)
     """
 
     def __init__(

@@ -15,8 +15,16 @@ constraints, no periodic box:
   ``ala6-hbonds``, ``elil-hbonds``: the same with HBonds constraints.
 - ``toy-double-well``, ``toy-gaussian-mixture``: see `cmt_openmm.systems.toys`.
 
-Example:
-    >>> target = get_target("aldp-vacuum", temperature=300.0)
+Example (one topology, two force fields; the temperature sets kT):
+    >>> import cmt_openmm
+    >>> vacuum = cmt_openmm.get_target("aldp-vacuum")
+    >>> obc = cmt_openmm.get_target("aldp-obc", temperature=350.0)
+    >>> obc.n_atoms, round(obc.kT, 4)                  # kT in kJ/mol at 350 K
+    (22, 2.9101)
+    >>> obc.topology_fingerprint() == vacuum.topology_fingerprint()
+    True
+    >>> obc.system_fingerprint() == vacuum.system_fingerprint()
+    False
 """
 
 from __future__ import annotations

@@ -16,7 +16,16 @@ An entry is a built-in name (``aldp-vacuum``, ``ala4``, ...) or a mapping of one
 absolute, so a stored run file can be read from anywhere; :func:`target_from_entry` builds the
 :class:`~cmt_openmm.target.Target`. Periodic inputs (explicit solvent) are refused by ``Target``.
 
->>> target = target_from_entry({"pdb": "ala.pdb", "forcefield": ["amber14-all.xml"]}, 300.0)  # doctest: +SKIP
+Example (a PDB path relative to ``base_dir``, as in a run file next to its structure):
+
+>>> import cmt_openmm
+>>> from cmt_openmm.systems import aldp_pdb_path
+>>> entry = {"pdb": "alanine-dipeptide.pdb", "forcefield": ["amber14-all.xml"], "constraints": "HBonds"}
+>>> target = cmt_openmm.target_from_entry(entry, 300.0, base_dir=aldp_pdb_path().parent)
+>>> target.name, target.n_atoms, len(target.constraints)     # the 12 X-H bonds are constrained
+('alanine-dipeptide', 22, 12)
+>>> cmt_openmm.target_from_entry("aldp-vacuum", 350.0).temperature   # a built-in name
+350.0
 """
 from __future__ import annotations
 

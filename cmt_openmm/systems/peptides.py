@@ -39,8 +39,16 @@ no disulfides: Cys is a free thiol), His neutral as OpenMM's Modeller picks it (
 proline starts Cγ-endo. The `random` seeding in step 3 is not thread-safe.
 
 Example:
-    >>> target = peptide("AAA")                        # Ace-Ala3-Nme, 42 atoms  # doctest: +SKIP
-    >>> target = peptide("ELIL", termini="zwitterion")  # 75 atoms               # doctest: +SKIP
+    >>> import cmt_openmm, numpy as np
+    >>> from cmt_openmm.coordinates.backbone import ramachandran_angles
+    >>> target = cmt_openmm.peptide("AAA")
+    >>> target.name, target.n_atoms
+    ('Ace-AAA-Nme', 42)
+    >>> phi, psi = np.degrees(ramachandran_angles(target.topology, target.positions[None]))[0].T
+    >>> bool(np.all(abs(phi + 75) < 10) and np.all(abs(psi - 145) < 15))   # PPII, after minimisation
+    True
+    >>> cmt_openmm.peptide("ELIL", termini="zwitterion").n_atoms
+    75
 """
 from __future__ import annotations
 
@@ -195,8 +203,9 @@ def peptide(
     (see the module docstring); ``name`` defaults to e.g. ``"Ace-AAA-Nme"`` or ``"ELIL"``.
 
     Example:
-        >>> target = peptide("AAA", constraints="HBonds")   # doctest: +SKIP
-        >>> target.n_atoms, len(target.constraints)           # doctest: +SKIP
+        >>> import cmt_openmm
+        >>> target = cmt_openmm.peptide("AAA", constraints="HBonds")
+        >>> target.n_atoms, len(target.constraints)      # one constraint per hydrogen
         (42, 22)
     """
     seq = _check_sequence(sequence)

@@ -14,9 +14,13 @@ builder (the design temperature): at that temperature the shapes are the documen
 weights and widths change as physics says they should.
 
 Example:
-    >>> target = double_well_3d(300.0)
-    >>> target.mode_weights()             # array([0.75, 0.25]) at the design temperature
+    >>> import cmt_openmm
+    >>> target = cmt_openmm.get_target("toy-double-well")   # double_well_3d(300.0)
+    >>> target.mode_weights()                  # exact, at the design temperature
+    array([0.75, 0.25])
     >>> hot = target.with_temperature(600.0)   # same System, exact quantities at 600 K
+    >>> hot.mode_weights().round(3)            # the barrier and tilt count half as much
+    array([0.627, 0.373])
 """
 
 from __future__ import annotations
@@ -73,6 +77,19 @@ class ToyTarget(Target):
     Attributes beyond `Target`: ``box`` ((3 n_atoms, 2) nm, mass outside < 1e-9),
     ``log_normalizer`` (log of the integral of exp(-u) over the box, u = U/kT, in log nm^d),
     ``mass_outside_box`` (estimated probability mass outside the box).
+
+    Example (the exact density is OpenMM's energy normalised, log p = -u - log Z):
+        >>> import cmt_openmm, numpy as np
+        >>> toy = cmt_openmm.get_target("toy-gaussian-mixture")
+        >>> x = np.array([[[0.6, 0.0, 0.0]], [[-0.3, 0.52, 0.0]]])   # (B, n_atoms, 3) nm: two mode centres
+        >>> toy.mode_of(x)
+        array([0, 1])
+        >>> u = np.array([toy.reduced_potential(xi) for xi in x])
+        >>> bool(np.allclose(toy.log_prob(x), -u - toy.log_normalizer))
+        True
+        >>> edges = np.linspace(*toy.box[0], 301)            # bins of the x coordinate
+        >>> round(float(toy.marginal(0, edges).sum()), 6)
+        1.0
     """
 
     def __init__(

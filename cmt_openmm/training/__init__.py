@@ -4,7 +4,12 @@
 (:mod:`.cmt`, :mod:`.baselines`) register themselves when imported here, so ``loop`` never
 imports them (no import circle).
 
->>> from cmt_openmm.training import TrainConfig, solve_dual, train
+>>> import cmt_openmm
+>>> from cmt_openmm.training import TRAINERS, TrainConfig, train
+>>> {"cmt", "reverse_kl", "forward_kl", "temperature_annealing"} <= set(TRAINERS)   # the registered methods
+True
+>>> cmt_openmm.train is train, cmt_openmm.TrainConfig is TrainConfig   # also at the package root
+(True, True)
 """
 from . import baselines, cmt  # noqa: F401  (register the methods)
 from .config import TRAINERS, TrainConfig, register_method

@@ -152,8 +152,21 @@ def train(
     fresh run whose ``budget`` is below the cost of its first step is refused
     (:class:`~cmt_openmm.errors.CMTInputError`) rather than trained for 0 steps.
 
-    >>> from cmt_openmm.systems import get_target                              # doctest: +SKIP
-    >>> result = train(get_target("toy-double-well"), {"max_steps": 5}, "runs/toy")  # doctest: +SKIP
+    Example (three CMT steps of a small flow on a toy, then one more by resuming; OpenMM
+    energies, so that no time goes into choosing a backend):
+        >>> import cmt_openmm, os, tempfile
+        >>> toy = cmt_openmm.get_target("toy-double-well")
+        >>> config = {"max_steps": 3, "flow": {"n_layers": 2, "hidden": 8}, "energy": {"backend": "openmm"},
+        ...           "cmt": {"n_samples": 500, "fit_steps": 5, "batch_size": 250}}
+        >>> run_dir = os.path.join(tempfile.mkdtemp(), "toy")
+        >>> result = cmt_openmm.train(toy, config, run_dir, progress=False)
+        >>> result.stop_reason, [record["energy_evaluations"] for record in result.history]
+        ('max_steps', [500, 1000, 1500])
+        >>> sorted(os.listdir(run_dir))
+        ['checkpoint.pt', 'config.yaml', 'generator.safetensors', 'metrics.jsonl', 'target']
+        >>> again = cmt_openmm.train(toy, {**config, "max_steps": 4}, run_dir, resume=True, progress=False)
+        >>> len(again.history), again.history[:3] == result.history   # continued, not restarted
+        (4, True)
     """
     from ..energy.select import make_energy
 

@@ -6,12 +6,7 @@ worker process evaluates one contiguous slice of the batch per message (not one 
 the batch itself travels through shared memory), a failed evaluation is u = +inf with zero
 force (never 0), nothing is cached, workers are started with ``spawn`` and build their Context
 inside the worker (openmm/openmm#2602), and a dead worker raises at once instead of hanging.
-The process side lives in :mod:`cmt_openmm.energy.openmm.worker`.
-
->>> energy = OpenMMEnergy(get_target("aldp-vacuum"), n_workers=2)     # doctest: +SKIP
->>> x = torch.tensor(energy.target.positions)[None].requires_grad_()  # doctest: +SKIP
->>> energy(x).sum().backward()   # x.grad == -F(x)/kT                  # doctest: +SKIP
->>> energy.close()                                                    # doctest: +SKIP
+The process side lives in :mod:`cmt_openmm.energy.openmm.worker`. Example: :class:`OpenMMEnergy`.
 """
 from __future__ import annotations
 
@@ -74,6 +69,24 @@ class OpenMMEnergy(Energy):
     evaluated. Workers start on the first call and stop on :meth:`close`, on leaving a ``with``
     block, on garbage collection and at interpreter exit; a later call starts them again.
     A dead worker raises :class:`WorkerError` (and the pool restarts on the next call).
+
+    Example (the pool line is skipped in the doctests only because spawning workers takes seconds):
+        >>> import cmt_openmm, torch
+        >>> target = cmt_openmm.get_target("aldp-vacuum")
+        >>> noise = 0.002 * torch.randn(4, 22, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        >>> x = (torch.tensor(target.positions) + noise).requires_grad_()   # (4, 22, 3) nm
+        >>> with cmt_openmm.OpenMMEnergy(target) as energy:      # one Context, in this process
+        ...     u = energy(x)                                    # u = U / kT (4,), differentiable
+        ...     u_np, f = energy.energy_and_forces(x.detach())   # u and f = -du/dx (1/nm) as NumPy
+        ...     u_nan = energy(torch.full((1, 22, 3), float("nan"), dtype=torch.float64))
+        >>> u.shape, round(u[0].item(), 6) == round(target.reduced_potential(x[0].detach().numpy()), 6)
+        (torch.Size([4]), True)
+        >>> u.sum().backward()                                   # x.grad = du/dx = -F(x)/kT
+        >>> bool(torch.allclose(x.grad, -torch.as_tensor(f)))
+        True
+        >>> u_nan.item(), energy.n_failed, energy.n_evaluations  # a failure is +inf, never 0
+        (inf, 1, 9)
+        >>> pool = cmt_openmm.OpenMMEnergy(target, platform="CPU", n_workers=2)   # doctest: +SKIP
     """
 
     backend = "openmm"
