@@ -104,7 +104,7 @@ _PRESETS: dict[str, dict] = {
     },
     # The paper's tetrapeptide (Ace-A3-Nme, 120 flow coordinates) in an hour on 2 cores, report
     # included; any peptide with `preset: ala4-hour` and its own `system` in a run file.
-    "ala4-hour": _sized_to("ala4", 55.0),
+    "ala4-hour": _sized_to("ala4", 54.0),
     # The hexapeptide (Ace-A5-Nme, 180 coordinates) and ELIL (zwitterion, 219) in two hours.
     "ala6-2h": _sized_to("ala6", 112.0),
     "elil-2h": _sized_to("elil", 112.0),

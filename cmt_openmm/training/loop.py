@@ -48,7 +48,7 @@ from ..files import atomic_write, atomic_writer
 from ..generator import GENERATOR_FILE, BoltzmannGenerator
 from ..importance import CLIP_FRACTION, reverse_ess
 from .config import AUTO, RESUMABLE, TRAINERS, TrainConfig, resolve_device, resume_conflicts
-from .schedule import MEASURED_STEPS, plan_steps
+from .schedule import MEASURED_STEPS, REPLAN_EVERY, plan_steps
 
 CHECKPOINT_FILE = "checkpoint.pt"
 METRICS_FILE = "metrics.jsonl"
@@ -237,13 +237,15 @@ def _expected_steps(trainer: Trainer, config: TrainConfig, state: dict) -> tuple
 
 def _plan(trainer: Trainer, config: TrainConfig, state: dict, say: bool) -> None:
     """Give the trainer the run's plan (:func:`~.schedule.plan_steps`): the steps it will take,
-    once the time limit's speed is measured; measure it after MEASURED_STEPS steps."""
-    if state["seconds_per_step"] is None and config.max_minutes is not None and state["step"] >= MEASURED_STEPS:
+    once the time limit's speed is measured: after MEASURED_STEPS steps, then every REPLAN_EVERY."""
+    step = state["step"]
+    due = step == MEASURED_STEPS or (step > MEASURED_STEPS and step % REPLAN_EVERY == 0)
+    if config.max_minutes is not None and step >= MEASURED_STEPS and (due or state["seconds_per_step"] is None):
         first = state["history"][0]["wall_time"]
-        state["seconds_per_step"] = (state["wall_time"] - first) / (state["step"] - 1)
+        state["seconds_per_step"] = (state["wall_time"] - first) / (step - 1)
     plan, limit = plan_steps(config.max_steps, config.budget, trainer.step_cost(), config.max_minutes,
                                 state["seconds_per_step"])
-    if say and plan != trainer.plan and plan is not None:
+    if say and plan is not None and (trainer.plan is None or abs(plan - trainer.plan) > 0.1 * trainer.plan):
         speed = f" at {state['seconds_per_step']:.2f} s per step" if limit == "max_minutes" else ""
         _say(f"plan: {plan:,} steps, ~{plan * trainer.step_cost():.2g} energy evaluations "
              f"({limit} limit{speed})")

@@ -2,10 +2,13 @@
 
 A run's *plan* is the number of steps it will take: the least of ``max_steps``, the budget at
 the step's cost and, with ``max_minutes``, the wall time at the measured seconds per step.
-The seconds per step are measured once, over steps 2 to :data:`MEASURED_STEPS` (the first step
-carries one-off costs: worker start, compilation, caches), and stored in the checkpoint, so the
-plan is a function of the settings and that one number: a resumed run follows the same
-schedule, and one resumed with more budget or minutes stretches it. ``budget: auto`` leaves the
+The seconds per step are measured over steps 2 to :data:`MEASURED_STEPS` (the first step
+carries one-off costs: worker start, compilation, caches) and measured again every
+:data:`REPLAN_EVERY` steps as the mean since step 2, since a machine's load changes during an
+hour (a plan measured while other jobs ran would let the learning rate decay long before the
+run ends). The measured speed is stored in the checkpoint, so the plan is a function of the
+settings and that number: a resumed run follows the same schedule, and one resumed with more
+budget or minutes stretches it. ``budget: auto`` leaves the
 budget to ``max_minutes``: the run then takes as many evaluations as fit in its time, and says
 how many it expects once it has measured them.
 
@@ -32,6 +35,7 @@ from __future__ import annotations
 import math
 
 MEASURED_STEPS = 5
+REPLAN_EVERY = 100
 ENTROPY_PER_COORDINATE = 5.8  # nats per flow coordinate (see the module docstring)
 EPS_ENT_RANGE = (0.2, 4.0)  # nats per annealing step
 EPS_ENT_BEFORE_PLAN = 0.5

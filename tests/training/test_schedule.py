@@ -109,3 +109,27 @@ def test_fixed_settings_take_no_plan_into_account(tmp_path):
     assert all(r["eps_ent"] == 0.7 and r["lr"] == TrainConfig().cmt.lr for r in result.history)
     assert all(r["planned_steps"] == 4 for r in result.history)
     assert math.isfinite(result.history[-1]["loss"])
+
+
+def test_the_plan_follows_the_measured_speed_as_it_changes(monkeypatch):
+    """Every REPLAN_EVERY steps the speed is measured again (the mean since step 2), so a run whose
+    machine gets faster or slower stretches or shrinks its plan; in between the plan stays."""
+    import types
+
+    import cmt_openmm.training.loop as loop
+
+    monkeypatch.setattr(loop, "REPLAN_EVERY", 10)
+    config = TrainConfig.from_dict({"budget": "auto", "max_minutes": 10.0, "max_steps": 1_000_000})
+    trainer = types.SimpleNamespace(plan=None, step_cost=lambda: 4000)
+    walls = [2.0 + 1.0 * i for i in range(15)] + [16.0 + 0.5 * i for i in range(1, 16)]  # 1 s steps, then 0.5 s
+    plans = []
+    for step in range(1, len(walls) + 1):
+        state = {"step": step, "wall_time": walls[step - 1], "history": [{"wall_time": w} for w in walls[:step]],
+                 "seconds_per_step": getattr(trainer, "sps", None)}
+        loop._plan(trainer, config, state, say=False)
+        trainer.sps = state["seconds_per_step"]
+        plans.append(trainer.plan)
+    assert plans[:MEASURED_STEPS - 1] == [None] * (MEASURED_STEPS - 1)
+    assert plans[MEASURED_STEPS - 1:10] == [600] * (10 - MEASURED_STEPS + 1)  # 1 s per step: 600 s, 600 steps
+    assert plans[19] == int(600 / ((walls[19] - walls[0]) / 19))  # re-measured at step 20: faster, longer plan
+    assert plans[19] > 600 and plans[19] == plans[28] and plans[29] > plans[19]
