@@ -127,6 +127,16 @@ def _estimate(e: Estimate, n_effective: float | None = None) -> dict:
     return out
 
 
+def _population(e: Estimate, n_effective: float) -> dict:
+    """:func:`_estimate` of a basin population; one seen in no sample (or in all) has no error bar
+    to give, however many samples there are: it is marked unreliable, with ``"seen_in": "none"``
+    (or ``"all"``), rather than reported as 0 ± 0."""
+    out = _estimate(e, n_effective)
+    if e.value in (0.0, 1.0):
+        out.update(error=None, reliable=False, seen_in="none" if e.value == 0.0 else "all")
+    return out
+
+
 def _finite(x: float) -> float | None:
     x = float(x)
     return x if math.isfinite(x) else None
@@ -220,8 +230,8 @@ def peptide_populations(angles: np.ndarray, weights: np.ndarray | None, kT: floa
         pops = basin_populations(angles[:, 0], w, boxes, error=error)
         n_eff = n_effective(angles[:, 0], boxes)
         basins = {k: v for k, v in pops.items() if k in ALDP_BASINS}
-        out["basin_populations"] = {k: _estimate(v, n_eff[k]) for k, v in basins.items()}
-        out["phi_positive_population"] = _estimate(pops["phi>0"], n_eff["phi>0"])
+        out["basin_populations"] = {k: _population(v, n_eff[k]) for k, v in basins.items()}
+        out["phi_positive_population"] = _population(pops["phi>0"], n_eff["phi>0"])
         if any(v.value > 0 for v in basins.values()):
             ref = max(basins, key=lambda k: basins[k].value)
             dF = basin_free_energies(angles[:, 0], w, ALDP_BASINS, kT=1.0, reference=ref, error=error)
@@ -231,7 +241,7 @@ def peptide_populations(angles: np.ndarray, weights: np.ndarray | None, kT: floa
         for i in range(angles.shape[1]):
             est = basin_populations(angles[:, i], w, PHI_POSITIVE, error=error)["phi>0"]
             n_eff = n_effective(angles[:, i], PHI_POSITIVE)["phi>0"]
-            out["phi_positive_population"][f"residue_{i + 1}"] = _estimate(est, n_eff)
+            out["phi_positive_population"][f"residue_{i + 1}"] = _population(est, n_eff)
     return out
 
 

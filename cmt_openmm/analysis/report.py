@@ -14,6 +14,7 @@ from typing import Sequence
 import numpy as np
 
 from ..files import atomic_write, to_json
+from ..sampling.estimators import MIN_EFFECTIVE_SAMPLES
 from ..sampling.reweighting import ReweightedEnsemble, reweight, warn_if_low_ess
 from . import metrics, plots
 
@@ -110,11 +111,13 @@ def _pm(e: dict | None, scale: float = 1.0, fmt: str = "{:.4f}", population: boo
         reference: bool = False) -> str:
     """"value ± error", or for an estimate marked ``reliable: false`` "unreliable (N_eff = …)"
     (reweighted: the value rests on a handful of samples) or "value ± error (unreliable: N_eff = …)"
-    (reference MD: the value stands, its correlated error bar is unreliable); "0 (no samples)"
-    for a population estimated as exactly 0 ± 0."""
+    (reference MD: the value stands, its correlated error bar is unreliable); "0 (no samples;
+    N_eff = …)" for a basin no sample visited (enough samples, but no error bar to give)."""
     if not e or e.get("value") is None:
         return "n/a"
     unreliable = e.get("reliable") is False
+    if e.get("seen_in") == "none" and e.get("n_effective", 0.0) >= MIN_EFFECTIVE_SAMPLES:
+        return f"0 (no samples; N_eff = {_n_eff(e.get('n_effective', 0.0))})"
     if unreliable and not reference:
         return f"unreliable (N_eff = {_n_eff(e.get('n_effective', 0.0))})"
     err = e.get("error")

@@ -276,8 +276,8 @@ def test_low_ess_estimates_are_reported_as_unreliable():
     php = pops["phi_positive_population"]
     assert php["reliable"] is False and php["n_effective"] == pytest.approx(1.8, rel=1e-6)
     assert php["value"] == 0.0
-    good = peptide_populations(angles, None, kT=1.0)["phi_positive_population"]
-    assert good["reliable"] is True
+    unseen = peptide_populations(angles, None, kT=1.0)["phi_positive_population"]
+    assert unseen["reliable"] is False and unseen["seen_in"] == "none" and unseen["error"] is None  # not 0 ± 0
     ess = {"median": 1.8e-4, "min": 1.8e-4, "max": 1.8e-4, "draws": [1.8e-4]}
     report = {"system": "aldp-vacuum", "temperature": 300.0,
               "samples": {"n_draws": 1, "n_samples_per_draw": 10_000, "reverse_ess": ess, "reverse_ess_clipped": ess,
@@ -289,7 +289,7 @@ def test_low_ess_estimates_are_reported_as_unreliable():
     report["samples"].update(n_effective=5000.0, reliable=True, **peptide_populations(angles, None, kT=1.0))
     md = render_markdown(report)
     assert "unreliable (N_eff" not in md and " ± " in md
-    assert "population, reweighted: 0 (no samples)" in md  # not "0.0000 ± 0.0000" either
+    assert "population, reweighted: 0 (no samples; N_eff = 10,000)" in md  # not "0.0000 ± 0.0000" either
     # a reference from few effective MD frames keeps its value, flagged, with the error method named
     slow = np.stack([wrap_angle(np.cumsum(0.05 * rng.normal(size=5000))), np.zeros(5000)], axis=1)[:, None]
     ref = peptide_populations(slow, None, kT=1.0)
