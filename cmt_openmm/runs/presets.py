@@ -56,7 +56,7 @@ _PRESETS: dict[str, dict] = {
         },
         "report": {"n_samples": 1_000, "n_draws": 3},
     },
-    # The demo's training run: alanine dipeptide in vacuum at 300 K, ~7 min on 2 CPU cores; the
+    # The demo's training run: alanine dipeptide in vacuum at 300 K, ~5-6 min on 2 CPU cores; the
     # learning rate decays once the path has cooled (docs/cmt_settings.md). Figures:
     # benchmarks/RESULTS.md, "aldp-quick".
     "aldp-quick": {
