@@ -304,9 +304,12 @@ def _run(trainer: Trainer, config: TrainConfig, run_dir: Path | None, state: dic
             record = {k: _json_value(v) for k, v in record.items()}
             state["history"].append(record)
             if run_dir is not None:
+                start = time.perf_counter()
                 _save_checkpoint(run_dir, trainer, config, state)
                 with open(run_dir / METRICS_FILE, "a") as fh:
                     fh.write(json.dumps(record) + "\n")
+                # writing counts towards max_minutes (tens of ms a step: minutes over an hour's run)
+                state["wall_time"] += time.perf_counter() - start
             if not trainer.done:  # the limit ahead can move (a schedule's steps differ in cost)
                 bar.total = max(_expected_steps(trainer, config, state)[0], state["step"])
             bar.update(1)

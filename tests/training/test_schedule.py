@@ -133,3 +133,22 @@ def test_the_plan_follows_the_measured_speed_as_it_changes(monkeypatch):
     assert plans[MEASURED_STEPS - 1:10] == [600] * (10 - MEASURED_STEPS + 1)  # 1 s per step: 600 s, 600 steps
     assert plans[19] == int(600 / ((walls[19] - walls[0]) / 19))  # re-measured at step 20: faster, longer plan
     assert plans[19] > 600 and plans[19] == plans[28] and plans[29] > plans[19]
+
+
+def test_max_minutes_counts_the_time_spent_writing_checkpoints(tmp_path, monkeypatch):
+    """Checkpoints are written every step; over an hour they add minutes, so max_minutes counts them."""
+    import time
+
+    import cmt_openmm.training.loop as loop
+
+    save = loop._save_checkpoint
+
+    def slow_save(*args, **kwargs):
+        time.sleep(0.1)
+        return save(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "_save_checkpoint", slow_save)
+    config = {**TINY, "budget": "auto", "max_minutes": 0.005, "max_steps": 1000}  # 0.3 s
+    result = train(get_target("toy-double-well"), config, tmp_path / "run", progress=False)
+    assert result.stop_reason == "max_minutes" and len(result.history) <= 4
+    assert result.history[-1]["wall_time"] >= 0.1 * (len(result.history) - 1)
