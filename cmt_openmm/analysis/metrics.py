@@ -157,7 +157,22 @@ def training_summary(history: Sequence[dict], stop_reason: str | None = None) ->
         "energy_backend": last.get("energy_backend"),
         "stop_reason": stop_reason,
         "final": {k: last[k] for k in keys if k in last},
+        **_target_verdict(last, stop_reason),
     }
+
+
+def _target_verdict(last: dict, stop_reason: str | None) -> dict:
+    """For an annealing path (records with λ, η): whether it reached the target, and if not, what
+    that means and what to do, in one sentence."""
+    if "lam" not in last or last.get("lam") is None:
+        return {}
+    reached = last["lam"] == 0 and (last.get("eta") or 0) == 0
+    if reached:
+        return {"target_reached": True}
+    return {"target_reached": False, "verdict": (
+        f"training stopped ({stop_reason or 'unknown'}) before the path reached the target (λ = {last['lam']:.3g} > 0): "
+        "weights, estimates and flow moves stay exact, but the generator is inefficient (low ESS); continue it "
+        "with `cmt-openmm train --out RUN_DIR --resume` and a larger budget, max_steps or max_minutes.")}
 
 
 def sample_metrics(ensembles: Sequence[ReweightedEnsemble]) -> dict:

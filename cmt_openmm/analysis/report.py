@@ -145,6 +145,8 @@ def render_markdown(report: dict) -> str:
         final = tr.get("final") or {}
         if final:
             lines.append("- last step: " + ", ".join(f"{k} = {v:.4g}" for k, v in final.items() if isinstance(v, (int, float))))
+        if tr.get("verdict"):
+            lines.append(f"- **not finished**: {tr['verdict']}")
         lines.append("")
     energy = report.get("energy") or {}
     if energy.get("recheck"):

@@ -47,7 +47,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         raise CMTInputError("name a run file (cmt-openmm train CONFIG.yaml) or a preset (--preset aldp-quick).")
     run = Run.create(args.out, config, overrides=overrides, resume=args.resume)
-    _emit(run.train(progress=not args.quiet), args)
+    result = run.train(progress=not args.quiet)
+    if result["training"].get("verdict"):
+        _say(result["training"]["verdict"])
+    _emit(result, args)
     return 0
 
 

@@ -312,3 +312,17 @@ def test_weighted_mean_errors_agree():
     assert b.error == pytest.approx(d.error, rel=0.2)
     vec = weighted_mean(np.stack([x, 2 * x], axis=1), w)
     assert vec.value.shape == (2,) and vec.error[1] == pytest.approx(2 * vec.error[0])
+
+
+def test_a_run_that_did_not_reach_its_target_says_so_and_what_to_do():
+    from cmt_openmm.analysis.metrics import training_summary
+    from cmt_openmm.analysis.report import render_markdown
+
+    short = training_summary([{"step": 9, "lam": 0.52, "eta": 0.0, "wall_time": 3.0}], "max_minutes")
+    assert short["target_reached"] is False and "λ = 0.52 > 0" in short["verdict"] and "--resume" in short["verdict"]
+    md = render_markdown({"system": "ala4", "temperature": 300.0, "training": short})
+    assert "**not finished**: training stopped (max_minutes) before the path reached the target" in md
+    done = training_summary([{"step": 9, "lam": 0.0, "eta": 0.0, "wall_time": 3.0}], "target reached")
+    assert done["target_reached"] is True and "verdict" not in done
+    assert "not finished" not in render_markdown({"system": "ala4", "temperature": 300.0, "training": done})
+    assert "target_reached" not in training_summary([{"step": 3, "loss": 1.0, "wall_time": 1.0}], "budget")
