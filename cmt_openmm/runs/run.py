@@ -76,14 +76,17 @@ class Run:
         the settings in ``RESUMABLE`` may differ from the stored ones.
         """
         directory = Path(directory).expanduser().resolve()
+        has_run = (directory / CHECKPOINT_FILE).is_file()
+        if has_run != resume:  # before anything is written (a target is saved in the directory)
+            raise CMTInputError(f"{directory} already holds a run; resume it (--resume, resume=True) or choose another "
+                                "directory." if has_run else
+                                f"{directory} holds no checkpoint to resume; start the run without resume.")
         data, base = _run_mapping(config, overrides)
         if target is not None:
-            if not resume and (directory / CHECKPOINT_FILE).is_file():
-                raise CMTInputError(f"{directory} already holds a run; resume it (--resume, resume=True) "
-                                    "or choose another directory.")
             data = {**data, "system": _save_target(target, directory), "temperature": _temperature(data, target)}
         run = cls(directory, parse_run_config(data, base), target)
-        run._check_directory(resume)
+        if resume:
+            run._check_resumed_settings()
         run.directory.mkdir(parents=True, exist_ok=True)
         atomic_write(run.directory / RUN_FILE, yaml.safe_dump(run.spec.to_dict(), sort_keys=False))
         return run
@@ -106,15 +109,8 @@ class Run:
         spec, target = run_from_api(directory)
         return cls(directory, spec, target)
 
-    def _check_directory(self, resume: bool) -> None:
-        has_run = (self.directory / CHECKPOINT_FILE).is_file()
-        if not resume:
-            if has_run:
-                raise CMTInputError(f"{self.directory} already holds a run; resume it (--resume, resume=True) "
-                                    "or choose another directory.")
-            return
-        if not has_run:
-            raise CMTInputError(f"{self.directory} holds no checkpoint to resume; start the run without resume.")
+    def _check_resumed_settings(self) -> None:
+        """Refuse a resume whose system, temperature or non-resumable settings differ from the stored run's."""
         if (self.directory / RUN_FILE).is_file():
             stored = parse_run_config(read_yaml(self.directory / RUN_FILE), self.directory)
             if (stored.system, stored.temperature) != (self.spec.system, self.spec.temperature):
