@@ -194,7 +194,8 @@ class TrainConfig:
     steps_per_record Adam steps for the gradient methods); max_minutes:
     training wall time after which no new step starts (None: no limit); threads: torch
     CPU threads while training (the CLI's --threads; 1 is fastest for small flows on few cores);
-    device: "cpu", "cuda" or "auto" (cuda when available) for the flow, buffers and fit.
+    ema_decay: None, or average the flow's weights over training with this decay per Adam step
+    and hand out the average as the trained generator (:mod:`.averaging`; e.g. 0.999); device: "cpu", "cuda" or "auto" (cuda when available) for the flow, buffers and fit.
 
     Example (missing keys take defaults; a wrong value is refused in one sentence):
         >>> import cmt_openmm
@@ -214,6 +215,7 @@ class TrainConfig:
     max_steps: int = field(default=1000, metadata=POSITIVE)
     max_minutes: typing.Optional[float] = field(default=None, metadata=POSITIVE)
     threads: int = field(default=1, metadata=POSITIVE)
+    ema_decay: typing.Optional[float] = field(default=None, metadata=_check(lambda v: 0 < v < 1, "a number in (0, 1)"))
     device: str = field(default="cpu", metadata=_check(lambda v: v in DEVICES, "one of " + ", ".join(DEVICES)))
     flow: FlowConfig = field(default_factory=FlowConfig)
     energy: EnergyConfig = field(default_factory=EnergyConfig)

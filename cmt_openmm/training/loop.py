@@ -11,7 +11,8 @@ that would overrun the budget is never started.
 Run directory (``run_dir``): ``config.yaml`` (the :class:`TrainConfig`), ``target/`` (the
 Target: System XML, PDB, temperature; :meth:`~cmt_openmm.target.Target.save`), ``checkpoint.pt``
 (written atomically after every step: tmp file + ``os.replace``), ``metrics.jsonl`` (one record
-per step) and, at the end, ``generator.safetensors``. A killed run loses at most the step in
+per step) and, at the end, ``generator.safetensors`` (with ``ema_decay`` set, the average of the
+flow's weights, :mod:`.averaging`). A killed run loses at most the step in
 progress; ``resume=True`` reloads generator weights, optimizer state, the torch RNG state,
 the method's state, the step counter, the history and the energy counters, and continues to
 the same result as an uninterrupted run with the same seed. Checkpoints hold only tensors
@@ -47,6 +48,7 @@ from ..errors import CMTInputError
 from ..files import atomic_write, atomic_writer
 from ..generator import GENERATOR_FILE, BoltzmannGenerator
 from ..importance import CLIP_FRACTION, reverse_ess
+from .averaging import WeightAverage
 from .config import AUTO, RESUMABLE, TRAINERS, TrainConfig, resolve_device, resume_conflicts
 from .schedule import MEASURED_STEPS, REPLAN_EVERY, plan_steps
 
@@ -195,10 +197,11 @@ def train(
                              n_workers=config.energy.n_workers, compile=config.energy.compile)
     try:
         trainer = TRAINERS[config.method](target, generator, energy, config, rng)
+        average = WeightAverage(generator, trainer.optimizer, config.ema_decay) if config.ema_decay else None
         state = {"step": 0, "evaluations": 0, "n_failed": 0, "wall_time": 0.0, "seconds_per_step": None,
                  "history": []}
         if checkpoint is not None:
-            _restore(checkpoint, generator, trainer, rng, state)
+            _restore(checkpoint, generator, trainer, average, rng, state)
             _write_metrics(run_dir, state["history"])
         elif not trainer.done and config.budget != AUTO and trainer.step_cost() > config.budget:
             cost = trainer.step_cost()  # a fresh run that could not take a single step: refuse, don't report
@@ -207,14 +210,15 @@ def train(
                 f"({cost:,} evaluations), so the run would train 0 steps; raise budget to at least {cost:,} "
                 f"or make one step cheaper (fewer samples per step in the {config.method} settings)."
             )
-        stop_reason = _run(trainer, config, run_dir, state, progress)
+        stop_reason = _run(trainer, average, config, run_dir, state, progress)
     finally:
         torch.set_num_threads(threads)
         if own_energy:
             energy.close()
+    trained = generator if average is None else average.module
     if run_dir is not None:
-        generator.save(run_dir / GENERATOR_FILE)
-    return TrainResult(generator, state["history"], run_dir, stop_reason)
+        trained.save(run_dir / GENERATOR_FILE)
+    return TrainResult(trained, state["history"], run_dir, stop_reason)
 
 
 def _expected_steps(trainer: Trainer, config: TrainConfig, state: dict) -> tuple[int, str]:
@@ -256,7 +260,8 @@ def _say(message: str) -> None:
     tqdm.write(f"[cmt-openmm] {message}", file=sys.stderr)
 
 
-def _run(trainer: Trainer, config: TrainConfig, run_dir: Path | None, state: dict, progress: bool) -> str:
+def _run(trainer: Trainer, average: WeightAverage | None, config: TrainConfig, run_dir: Path | None, state: dict,
+         progress: bool) -> str:
     energy = trainer.energy
     total, limit = _expected_steps(trainer, config, state)
     if progress:
@@ -305,7 +310,7 @@ def _run(trainer: Trainer, config: TrainConfig, run_dir: Path | None, state: dic
             state["history"].append(record)
             if run_dir is not None:
                 start = time.perf_counter()
-                _save_checkpoint(run_dir, trainer, config, state)
+                _save_checkpoint(run_dir, trainer, average, config, state)
                 with open(run_dir / METRICS_FILE, "a") as fh:
                     fh.write(json.dumps(record) + "\n")
                 # writing counts towards max_minutes (tens of ms a step: minutes over an hour's run)
@@ -359,11 +364,13 @@ def _prepare_run_dir(run_dir: Path | None, config: TrainConfig, resume: bool) ->
     return checkpoint
 
 
-def _save_checkpoint(run_dir: Path, trainer: Trainer, config: TrainConfig, state: dict) -> None:
+def _save_checkpoint(run_dir: Path, trainer: Trainer, average: WeightAverage | None, config: TrainConfig,
+                     state: dict) -> None:
     payload = {
         "format": _FORMAT,
         "config": json.dumps(config.to_dict()),
         "generator": _to_cpu(trainer.generator.state_dict()),
+        "average": {} if average is None else _to_cpu(average.state_dict()),
         "optimizer": _to_cpu(trainer.optimizer.state_dict()),
         "rng": trainer.rng.get_state(),
         "rng_device": trainer.rng.device.type,
@@ -403,8 +410,11 @@ def _to_cpu(value):
     return value
 
 
-def _restore(checkpoint: dict, generator, trainer: Trainer, rng: torch.Generator, state: dict) -> None:
+def _restore(checkpoint: dict, generator, trainer: Trainer, average: WeightAverage | None, rng: torch.Generator,
+             state: dict) -> None:
     generator.load_state_dict(checkpoint["generator"])
+    if average is not None:  # ema_decay cannot change on resume, so the checkpoint holds the average
+        average.load_state_dict(checkpoint["average"])
     trainer.optimizer.load_state_dict(checkpoint["optimizer"])  # Adam moves its state to the parameters' device
     trainer.load_state_dict(checkpoint["trainer"])
     if checkpoint.get("rng_device", "cpu") == rng.device.type:

@@ -184,9 +184,13 @@ def _assert_same_history(a, b):
                 assert ra[k] == rb[k], k
 
 
-@pytest.mark.parametrize("method", ["cmt", "cmt-after-target", "cmt-after-cooling", "temperature_annealing"])
+@pytest.mark.parametrize("method", ["cmt", "cmt-after-target", "cmt-after-cooling", "cmt-averaged",
+                                    "temperature_annealing"])
 def test_resume_is_exact(double_well, tmp_path, method):
     config = _tiny_cmt()
+    if method == "cmt-averaged":  # the weight average continues too (the generators compared are averages)
+        config["ema_decay"] = 0.9
+        method = "cmt"
     if method == "cmt-after-target":  # reaches λ = η = 0 at once, then decays the learning rate
         config = _tiny_cmt(eps_tr=20.0, eps_ent=20.0, steps_after_target=10, lr_decay_after_target=0.5)
         method = "cmt"
