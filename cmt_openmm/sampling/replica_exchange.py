@@ -35,6 +35,7 @@ import openmm.unit as unit
 from openmmtools import cache, mcmc, states
 from openmmtools.multistate import MultiStateReporter, ReplicaExchangeSampler
 
+from ..energy.openmm.worker import platform_name
 from ..errors import CMTInputError
 from ..files import atomic_writer
 
@@ -124,7 +125,7 @@ class ReplicaExchangeOptions:
     netCDF file (a ``<stem>_checkpoint.nc`` sits beside it); seed: see the module docstring;
     resume: continue ``storage`` when it exists, False deletes it first; progress: a tqdm bar
     titled ``description``; n_equilibration: initial iterations left out of the frames;
-    platform: OpenMM platform name; minimize: minimise every replica before a fresh run;
+    platform: OpenMM platform name or ``openmm.Platform`` (kept as its name); minimize: minimise every replica before a fresh run;
     context_cache_capacity: Contexts kept per cache; citations: let openmmtools print its citations.
     """
 
@@ -142,6 +143,7 @@ class ReplicaExchangeOptions:
 
     def __post_init__(self):
         object.__setattr__(self, "storage", Path(self.storage))
+        object.__setattr__(self, "platform", platform_name(self.platform))
         if int(self.n_iterations) < 1 or not 0 <= int(self.n_equilibration) < int(self.n_iterations):
             raise CMTInputError("need n_iterations >= 1 and 0 <= n_equilibration < n_iterations.")
         _platform(self.platform)

@@ -44,6 +44,9 @@ from .builtin import get_target, list_targets
 
 CONSTRAINTS = {"None": None, "none": None, None: None, "HBonds": app.HBonds, "AllBonds": app.AllBonds,
                "HAngles": app.HAngles}
+# OpenMM's own objects stand for their names (app.HBonds for "HBonds", app.OBC2 for "OBC2")
+_OPENMM_OBJECTS = {"constraints": (app.HBonds, app.AllBonds, app.HAngles),
+                   "implicitSolvent": (app.HCT, app.OBC1, app.OBC2, app.GBn, app.GBn2)}
 _OPTIONS = {"constraints", "hydrogenMass", "removeCMMotion", "name"}
 KINDS: dict[str, tuple[set[str], set[str]]] = {  # kind (its first key): (required keys, optional keys)
     "pdb": ({"pdb", "forcefield"}, _OPTIONS),
@@ -101,6 +104,9 @@ def resolve_entry(entry: Any, base_dir: str | os.PathLike = ".") -> Any:
             raise CMTInputError("system.forcefield must list force-field XML files, e.g. [amber14-all.xml].")
         # OpenMM's bundled force fields are given by name; a file that exists beside the run file by path
         out["forcefield"] = [str((base_dir / x).resolve()) if (base_dir / x).is_file() else x for x in xmls]
+    for key, objects in _OPENMM_OBJECTS.items():
+        if any(out.get(key) is o for o in objects):
+            out[key] = str(out[key])
     if out.get("constraints") not in CONSTRAINTS:
         raise CMTInputError(f"system.constraints must be None, HBonds, AllBonds or HAngles, got {out['constraints']!r}.")
     if "kwargs" in out and not isinstance(out["kwargs"], Mapping):

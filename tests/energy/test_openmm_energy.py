@@ -346,6 +346,12 @@ def test_input_checks(targets):
         OpenMMEnergy(target, n_workers=2).close()  # never started: nothing to stop, no warning
 
 
+def test_platform_object_stands_for_its_name(targets):
+    target = targets["aldp-vacuum"]
+    with OpenMMEnergy(target, platform=openmm.Platform.getPlatformByName("CPU")) as energy:
+        assert energy.platform == "CPU" and np.isfinite(energy(target.positions[None]).numpy()).all()
+
+
 def test_copy_starts_its_own_context(targets):
     target = targets["aldp-vacuum"]
     with OpenMMEnergy(target) as energy:

@@ -5,6 +5,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import openmm
 import openmm.unit as unit
 import pytest
 from openmmtools import states
@@ -108,6 +109,8 @@ def test_options_are_checked(tmp_path):
         ReplicaExchangeOptions(n_iterations=2, storage=tmp_path / "x.nc", n_equilibration=2)
     with pytest.raises(CMTInputError, match="NoSuchPlatform"):
         ReplicaExchangeOptions(n_iterations=2, storage=tmp_path / "x.nc", platform="NoSuchPlatform")
+    cpu = openmm.Platform.getPlatformByName("CPU")
+    assert ReplicaExchangeOptions(n_iterations=2, storage=tmp_path / "x.nc", platform=cpu).platform == "CPU"
 
 
 def _raised_in_driver(excinfo) -> bool:

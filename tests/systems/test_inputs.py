@@ -92,6 +92,14 @@ def test_openmmtools_test_system_and_sequence(tmp_path, monkeypatch):
     assert [r.name for r in peptide.topology.residues()] == ["ACE", "ALA", "ALA", "NME"] and peptide.constraints
 
 
+def test_openmm_objects_stand_for_their_names():
+    entry = resolve_entry({"prmtop": PRMTOP, "inpcrd": INPCRD, "constraints": app.HBonds, "implicitSolvent": app.OBC2})
+    assert entry["constraints"] == "HBonds" and entry["implicitSolvent"] == "OBC2"  # names, as in a run file
+    target = target_from_entry({"pdb": str(aldp_pdb_path()), "forcefield": ["amber99sbildn.xml"],
+                                "constraints": app.HBonds})
+    assert len(target.constraints) == 12
+
+
 @pytest.mark.parametrize("entry, words", [
     ({"pdb": "x.pdb", "forcefield": ["a.xml"], "constraint": "HBonds"}, "system.constraint is not a key"),
     ({"prmtop": PRMTOP}, "system.inpcrd"),

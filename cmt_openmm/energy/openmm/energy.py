@@ -26,6 +26,7 @@ from .worker import (
     WorkerError,
     WorkerPool,
     load_torch_plugins,
+    platform_name,
     threads_per_worker,
 )
 
@@ -50,7 +51,7 @@ class OpenMMEnergy(Energy):
 
     Args:
         target: the :class:`~cmt_openmm.target.Target` (its ``system``, ``kT`` and ``n_atoms``).
-        platform: OpenMM platform name. ``Reference``/``CPU`` use a pool of ``n_workers``
+        platform: OpenMM platform name or ``openmm.Platform``. ``Reference``/``CPU`` use a pool of ``n_workers``
             spawned processes with one Context each; ``CUDA``/``OpenCL`` one Context in-process.
         n_workers: worker processes for Reference/CPU. With 1 (default) the single Context lives
             in this process: no inter-process overhead, so faster than one worker.
@@ -96,7 +97,7 @@ class OpenMMEnergy(Energy):
     def __init__(
         self,
         target: "Target",
-        platform: str = "Reference",
+        platform: str | openmm.Platform = "Reference",
         n_workers: int = 1,
         platform_properties: dict[str, Any] | None = None,
         *,
@@ -104,6 +105,7 @@ class OpenMMEnergy(Energy):
     ):
         if isinstance(n_workers, bool) or not isinstance(n_workers, int) or n_workers < 1:
             raise CMTInputError(f"n_workers={n_workers!r} is not a positive integer; pass 1 or more.")
+        platform = platform_name(platform)
         available = [openmm.Platform.getPlatform(i).getName() for i in range(openmm.Platform.getNumPlatforms())]
         if platform not in available:
             raise CMTInputError(

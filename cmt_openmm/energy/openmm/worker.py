@@ -60,6 +60,11 @@ def load_torch_plugins() -> None:
 _RETRIED_PLUGINS: set[str] = set()
 
 
+def platform_name(platform: Any) -> Any:
+    """The name of an OpenMM platform given by name or as an ``openmm.Platform`` object."""
+    return platform.getName() if isinstance(platform, openmm.Platform) else platform
+
+
 def threads_per_worker(n_workers: int) -> int:
     """CPU threads each of ``n_workers`` processes may use without oversubscribing the machine."""
     return max(1, (os.cpu_count() or 1) // n_workers)
