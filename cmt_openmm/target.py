@@ -104,13 +104,15 @@ class Target:
         structure = app.PDBxFile(str(path)) if path.suffix.lower() in (".cif", ".pdbx") else app.PDBFile(str(path))
         kwargs = {"nonbondedMethod": app.NoCutoff, "constraints": None, "rigidWater": False}
         kwargs.update(create_system_kwargs)
+        forcefield = load_forcefield(xmls)
         try:
-            system = app.ForceField(*xmls).createSystem(structure.topology, **kwargs)
+            system = forcefield.createSystem(structure.topology, **kwargs)
         except (ValueError, OSError) as error:
-            reason = re.split(r"\.\s", str(error).strip(), maxsplit=1)[0]  # OpenMM's first sentence only
+            text = openmm_message(error)
+            hint = ("add any missing atoms (Modeller.addHydrogens() or pdbfixer) or use force fields with templates "
+                    "for every residue" if "No template found" in text else "check the structure and the force field")
             raise CMTInputError(
-                f"OpenMM could not build a System for {path.name} with {xmls} ({reason}); "
-                "check the force-field files and that the structure has all its hydrogens (e.g. via pdbfixer)."
+                f"OpenMM could not build a System for {path.name} with {xmls} (OpenMM: {text}); {hint}."
             ) from error
         name = path.stem if name is None else name
         return cls(system, structure.topology, structure.positions, temperature, name=name)
@@ -223,6 +225,23 @@ class Target:
             f"{type(self).__name__}(name={self.name!r}, n_atoms={self.n_atoms}, "
             f"temperature={self.temperature:g} K, forces={forces}, constraints={len(self.constraints)})"
         )
+
+
+def openmm_message(error: BaseException) -> str:
+    """OpenMM's whole message of ``error`` on one line, without a final period (or the error's type)."""
+    return " ".join(str(error).split()).rstrip(".") or type(error).__name__
+
+
+def load_forcefield(xmls: list[str]) -> app.ForceField:
+    """OpenMM's ``ForceField(*xmls)``; a file OpenMM cannot find or read is refused, naming it."""
+    try:
+        return app.ForceField(*xmls)
+    except (ValueError, OSError) as error:
+        missing = re.search(r'Could not locate file "(.+?)"', str(error))
+        what = (f"the force-field file {missing.group(1)} was not found" if missing
+                else f"OpenMM could not read the force field {xmls} (OpenMM: {openmm_message(error)})")
+        raise CMTInputError(f"{what}; pass a path that exists or the name of a force field OpenMM ships "
+                            "(e.g. amber14-all.xml, implicit/gbn2.xml).") from error
 
 
 _WATER = {"HOH", "WAT", "SOL", "TIP3", "TIP4", "TIP5", "SPC", "T3P", "T4P"}

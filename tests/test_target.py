@@ -226,3 +226,19 @@ def test_from_pdb_refuses_missing_file_and_unbuildable_system(tmp_path):
     with pytest.raises(CMTInputError, match="could not build a System") as error:
         Target.from_pdb(aldp_pdb_path(), ["tip3p.xml"], 300.0)  # no templates for the peptide
     assert_one_sentence(error)
+
+
+def test_from_pdb_keeps_openmm_advice_and_names_a_missing_force_field(tmp_path):
+    pdb = app.PDBFile(str(aldp_pdb_path()))
+    heavy = app.Modeller(pdb.topology, pdb.positions)
+    heavy.delete([a for a in heavy.topology.atoms() if a.element.symbol == "H"])
+    with open(tmp_path / "heavy.pdb", "w") as handle:
+        app.PDBFile.writeFile(heavy.topology, heavy.positions, handle)
+    with pytest.raises(CMTInputError, match=r"missing 3 H atoms\. You may be able to add them with "
+                                            r"Modeller\.addHydrogens\(\).*pdbfixer") as error:
+        Target.from_pdb(tmp_path / "heavy.pdb", ["amber14-all.xml"], 300.0)
+    assert_one_sentence(error)
+    with pytest.raises(CMTInputError, match="force-field file implicit/gbn3.xml was not found") as error:
+        Target.from_pdb(aldp_pdb_path(), ["amber14-all.xml", "implicit/gbn3.xml"], 300.0)
+    assert_one_sentence(error)
+    assert "pdbfixer" not in str(error.value) and "hydrogens" not in str(error.value)

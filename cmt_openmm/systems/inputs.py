@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import re
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -39,7 +38,7 @@ import openmm
 import openmm.app as app
 
 from ..errors import CMTInputError
-from ..target import Target
+from ..target import Target, openmm_message
 from .builtin import get_target, list_targets
 
 CONSTRAINTS = {"None": None, "none": None, None: None, "HBonds": app.HBonds, "AllBonds": app.AllBonds,
@@ -157,9 +156,8 @@ def target_from_entry(entry: Any, temperature: Any = 300.0, base_dir: str | os.P
     except CMTInputError:
         raise
     except Exception as error:  # OpenMM's readers raise ValueError, KeyError, OSError, OpenMMException, ...
-        reason = re.split(r"\.\s", str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__)[0]
-        raise CMTInputError(f"OpenMM cannot build the {kind} system {entry.get(kind)} ({reason}); check the files "
-                            "and the force field.") from None
+        raise CMTInputError(f"OpenMM cannot build the {kind} system {entry.get(kind)} (OpenMM: "
+                            f"{openmm_message(error)}); check the files and the force field.") from None
 
 
 def _openmmtools(class_name: str, kwargs: Mapping, temperature: Any, name: str | None) -> Target:

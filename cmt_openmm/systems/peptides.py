@@ -70,7 +70,7 @@ import openmm.unit as unit
 
 from ..errors import CMTInputError
 from ..files import atomic_write
-from ..target import Target
+from ..target import Target, load_forcefield
 
 __all__ = ["ONE_LETTER", "TERMINI", "peptide", "peptide_cache_dir"]
 
@@ -221,7 +221,7 @@ def peptide(
             "implicit": implicit, "constraints": "HBonds" if hbonds else None}
     key = hashlib.sha256(json.dumps(args, sort_keys=True).encode()).hexdigest()[:24]
     all_xmls = xmls + ([implicit] if implicit else [])
-    forcefield_all = _forcefield(all_xmls)
+    forcefield_all = load_forcefield(all_xmls)
     path = peptide_cache_dir() / f"{key}.pdb"
 
     structure = _read_cache(path, key)
@@ -266,14 +266,6 @@ def _check_constraints(constraints: Any) -> bool:
         return True
     raise CMTInputError(f"constraints must be None or 'HBonds', not {constraints!r} "
                         "(the internal coordinates handle constraints on bonds to hydrogen only).")
-
-
-def _forcefield(xmls: list[str]) -> app.ForceField:
-    try:
-        return app.ForceField(*xmls)
-    except (ValueError, OSError) as error:
-        raise CMTInputError(f"OpenMM could not load the force field {xmls} ({error}); use file names OpenMM "
-                            "ships (e.g. 'amber99sbildn.xml', 'amber99_obc.xml') or paths.") from error
 
 
 def _create_system(forcefield: app.ForceField, topology: app.Topology, hbonds: bool,
@@ -362,7 +354,7 @@ def _build(seq: str, termini: str, xmls: list[str], forcefield_all: app.ForceFie
     state = random.getstate()
     random.seed(_HYDROGEN_SEED)  # Modeller places new hydrogens at random before relaxing them
     try:
-        modeller.addHydrogens(_forcefield(xmls), platform=reference)
+        modeller.addHydrogens(load_forcefield(xmls), platform=reference)
     except ValueError as error:
         raise CMTInputError(f"OpenMM could not add hydrogens to {seq!r} with {xmls} ({error}).") from error
     finally:

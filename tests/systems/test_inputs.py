@@ -105,6 +105,8 @@ def test_openmm_objects_stand_for_their_names():
     ({"prmtop": PRMTOP}, "system.inpcrd"),
     ({"prmtop": PRMTOP, "inpcrd": "missing.crd"}, "missing.crd does not exist"),
     ({"pdb": str(aldp_pdb_path()), "forcefield": ["amber99sbildn.xml"], "constraints": "Hbonds"}, "system.constraints"),
+    ({"pdb": str(aldp_pdb_path()), "forcefield": ["amber14-all.xml", "implicit/gbn3.xml"]},
+     "force-field file implicit/gbn3.xml was not found"),
     ({"openmmtools": "NoSuchSystem"}, "not an openmmtools test system"),
     ({"sequence": "AA", "pdb": "x.pdb"}, "system.pdb is not a key of a sequence system"),
     ({"name": "x"}, "exactly one of"),

@@ -227,6 +227,7 @@ def test_generator_samples_keep_chirality(named, all20, natural_signs, name):
     ({"sequence": ""}, "non-empty string"),
     ({"sequence": "AAA", "termini": "amidated"}, "termini must be one of"),
     ({"sequence": "AAA", "constraints": "AllBonds"}, "constraints must be None or 'HBonds'"),
+    ({"sequence": "AAA", "implicit": "implicit/gbn3.xml"}, "force-field file implicit/gbn3.xml was not found"),
 ])
 def test_refusals(kwargs, words):
     with pytest.raises(CMTInputError, match=words):
