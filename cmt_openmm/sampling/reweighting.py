@@ -331,9 +331,10 @@ class ReweightedEnsemble:
 
         ``new``: a temperature (K or Quantity) — u is rescaled by kT_old / kT_new, no energy
         evaluation, so ``energy`` must not be given — or a Target with the same topology
-        (energies evaluated with ``energy``, default `OpenMMEnergy(new)`; a Target with the same
-        System only rescales). Warns (`LowESSWarning`) when the new ESS is below ``ess_warning``
-        or N · ESS below ``min_effective_samples``.
+        (energies evaluated with ``energy``, default ``make_energy(new, "auto")`` as on the command
+        line, closed afterwards; a Target with the same System only rescales). Warns
+        (`LowESSWarning`) when the new ESS is below ``ess_warning`` or N · ESS below
+        ``min_effective_samples``.
         """
         if energy is not None and not isinstance(new, Target):
             raise CMTInputError(
@@ -433,10 +434,10 @@ def _energies(target: Target, positions: np.ndarray, energy: Callable | None, ba
     from tqdm.auto import tqdm
 
     own = energy is None
-    if own:
-        from ..energy import OpenMMEnergy
+    if own:  # as the command line: the faster verified backend (torch or OpenMM)
+        from ..energy.select import make_energy
 
-        energy = OpenMMEnergy(target)
+        energy = make_energy(target, "auto")
     try:
         parts = []
         for start in tqdm(range(0, len(positions), batch_size), disable=not progress, desc="energies", unit="batch"):
@@ -462,12 +463,13 @@ def reweight(
 
     ``generator``: a `BoltzmannGenerator` (or any object with ``sample(n, generator) -> (x, log_q)``
     and optionally ``chirality_flipped(x)``); samples with flipped chirality get weight 0.
-    ``energy``: a callable (B, n_atoms, 3) -> u (B,) (default: `OpenMMEnergy(target)` on the
-    Reference platform, closed afterwards). ``seed`` seeds the ``torch.Generator`` used for
-    sampling. Raw energies are used (never regularised). Warns (`LowESSWarning`) when the
-    effective number of samples N · ESS is below ``min_effective_samples``: the estimates and
-    their error bars then rest on a few samples (see `ReweightedEnsemble.reliable`; 0 turns
-    the warning off, e.g. for draws that are pooled before use).
+    ``energy``: a callable (B, n_atoms, 3) -> u (B,) (default: ``make_energy(target, "auto")``,
+    the faster verified backend as on the command line, closed afterwards). ``seed`` seeds the
+    ``torch.Generator`` used for sampling. Raw energies are used (never regularised). Warns
+    (`LowESSWarning`) when the effective number of samples N · ESS is below
+    ``min_effective_samples``: the estimates and their error bars then rest on a few samples (see
+    `ReweightedEnsemble.reliable`; 0 turns the warning off, e.g. for draws that are pooled
+    before use).
     """
     import torch
     from tqdm.auto import tqdm

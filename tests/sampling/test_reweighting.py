@@ -1,5 +1,6 @@
 """Reweighted ensembles on toy targets with exact answers: expectations, free energies, other
 temperatures and systems, resampling, exports."""
+import inspect
 import math
 
 import mdtraj as md
@@ -259,3 +260,29 @@ def test_reweight_a_boltzmann_generator(toy):
     assert ens.metadata["generator_hash"] == gen.content_hash()
     with pytest.raises(CMTInputError, match="another topology"):
         reweight(gen, get_target("aldp-vacuum"), 10, progress=False)
+
+
+def test_default_energy_is_chosen_as_on_the_command_line(toy, monkeypatch):
+    """reweight() without energy= builds make_energy(target, "auto") as `cmt-openmm sample` does
+    (Run.energy with the default EnergyConfig), closes it, and weights as OpenMM does."""
+    from cmt_openmm.energy import OpenMMEnergy
+    from cmt_openmm.energy import select
+    from cmt_openmm.training.config import EnergyConfig
+
+    calls, made, original = [], [], select.make_energy
+
+    def recording(target, backend="auto", **kwargs):
+        calls.append((target, backend, kwargs))
+        made.append(original(target, backend, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(select, "make_energy", recording)
+    chosen = reweight(GaussianProposal(), toy, 2000, seed=3, progress=False)
+    config, defaults = EnergyConfig(), inspect.signature(original).parameters
+    assert [(t, b) for t, b, _ in calls] == [(toy, config.backend)] and calls[0][2] == {}
+    assert all(defaults[key].default == getattr(config, key) for key in ("platform", "n_workers", "compile"))
+    with OpenMMEnergy(toy) as energy:
+        reference = reweight(GaussianProposal(), toy, 2000, seed=3, progress=False, energy=energy)
+    np.testing.assert_array_equal(chosen.positions, reference.positions)
+    np.testing.assert_allclose(chosen.reduced_energy, reference.reduced_energy, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(chosen.weights, reference.weights, rtol=1e-6, atol=1e-12)
