@@ -292,7 +292,7 @@ class FlowIndependenceMove(mcmc.MCMCMove):
             context.setPositions(positions)
             return _potential_energy(context) / kT + offset
 
-        self._check_constraints_match(context.getSystem())
+        self._check_system(context.getSystem())
         x_new, accepted = self._run(x, u_x, reduced_potential, self.n_steps)
         if accepted:
             context.setPositions(x_new)
@@ -310,7 +310,7 @@ class FlowIndependenceMove(mcmc.MCMCMove):
         ``{"n_proposed", "n_accepted"}``.
         """
         kT = MOLAR_GAS_CONSTANT * _temperature_of(simulation.integrator, temperature)
-        self._check_constraints_match(simulation.system)
+        self._check_system(simulation.system)
         context = simulation.context
         groups = simulation.integrator.getIntegrationForceGroups()  # the forces the dynamics feel
         state = context.getState(getPositions=True, getEnergy=True, groups=groups)
@@ -337,10 +337,6 @@ class FlowIndependenceMove(mcmc.MCMCMove):
              n_steps: int) -> tuple[np.ndarray, bool]:
         """The Metropolis–Hastings chain from x (n, 3) nm with reduced potential u_x: returns
         the final positions and whether any proposal was accepted."""
-        if x.shape != (self._generator.coordinates.n_atoms, 3):
-            raise CMTInputError(f"The system has {x.shape[0]} particles but the generator was "
-                                f"built for {self._generator.coordinates.n_atoms}; use a "
-                                "generator trained for this system.")
         if not np.isfinite(x).all():
             raise CMTInputError("The positions flow moves start from contain NaN or inf (the simulation "
                                 "has blown up); restart it from a finite state before applying flow moves.")
@@ -377,14 +373,19 @@ class FlowIndependenceMove(mcmc.MCMCMove):
         """log of the Metropolis–Hastings ratio p(x') q(x) / (p(x) q(x'))."""
         return -u_new + u_x + log_q_x - log_q_new
 
-    def _check_constraints_match(self, system: openmm.System) -> None:
-        """Refuse a System whose distance constraints are not the generator's (checked once per System).
+    def _check_system(self, system: openmm.System) -> None:
+        """Refuse a System with another number of particles than the generator's atoms, or whose
+        distance constraints are not the generator's (checked once per System, atoms first).
 
         A generator trained with constraints samples the constraint manifold, a set of measure
         zero for an unconstrained System (and vice versa): the pairing cannot be exact.
         """
         if self._checked_system is system:
             return
+        n_atoms = self._generator.coordinates.n_atoms
+        if system.getNumParticles() != n_atoms:
+            raise CMTInputError(f"The System has {system.getNumParticles()} particles but the generator was built for "
+                                f"{n_atoms}; use a generator trained for this system.")
         ours = {(i, j): length for i, j, length in getattr(self._generator.coordinates, "constraints", ())}
         theirs = {}
         for k in range(system.getNumConstraints()):

@@ -425,6 +425,18 @@ def test_generator_and_system_with_other_constraints_are_refused(aldp_hbonds, ge
     assert move.n_proposed == 0
 
 
+def test_a_system_of_another_size_is_refused_for_its_atoms_before_its_constraints(aldp_hbonds):
+    from cmt_openmm.systems import get_target
+
+    ala4 = get_target("ala4-hbonds")  # 42 atoms, 22 constraints; the generator is ALDP's (22 atoms, none)
+    move = FlowIndependenceMove(aldp_hbonds[3], n_steps=2, seed=0)
+    simulation = app.Simulation(ala4.topology, ala4.system, openmm.LangevinMiddleIntegrator(300, 1, 0.002),
+                                openmm.Platform.getPlatformByName("Reference"))
+    simulation.context.setPositions(ala4.positions)
+    with pytest.raises(CMTInputError, match="The System has 42 particles but the generator was built for 22"):
+        move.apply_to_simulation(simulation)
+
+
 def test_a_constrained_generator_in_a_constrained_simulation_keeps_the_constraints(aldp_hbonds):
     constrained, generator, _, _ = aldp_hbonds
     move = FlowIndependenceMove(generator, n_steps=50, batch_size=50, seed=0)
