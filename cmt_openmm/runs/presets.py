@@ -30,9 +30,10 @@ PEPTIDE_CMT = {**ALDP_CMT, "eps_ent": "auto", "cool_fraction": 0.3, "lr": 2e-3, 
 
 
 def _sized_to(system: str, minutes: float) -> dict:
-    """A CMT run of a built-in peptide that trains for ``minutes`` (the report follows)."""
+    """A CMT run of a built-in peptide that trains for ``minutes`` (the report follows), on up to
+    4 cores (an ala4 step is 1.5x faster on 2 threads than on 1)."""
     return {"system": system, "temperature": 300.0, "method": "cmt", "seed": 0, "budget": "auto",
-            "max_minutes": minutes, "max_steps": 1_000_000, "flow": ALDP_FLOW, "cmt": PEPTIDE_CMT,
+            "max_minutes": minutes, "threads": "auto", "max_steps": 1_000_000, "flow": ALDP_FLOW, "cmt": PEPTIDE_CMT,
             "report": ALDP_REPORT}
 
 

@@ -49,7 +49,7 @@ from ..files import atomic_write, atomic_writer
 from ..generator import GENERATOR_FILE, BoltzmannGenerator
 from ..importance import CLIP_FRACTION, reverse_ess
 from .averaging import WeightAverage
-from .config import AUTO, RESUMABLE, TRAINERS, TrainConfig, resolve_device, resume_conflicts
+from .config import AUTO, RESUMABLE, TRAINERS, TrainConfig, resolve_device, resolve_threads, resume_conflicts
 from .schedule import MEASURED_STEPS, REPLAN_EVERY, plan_steps
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -189,7 +189,7 @@ def train(
     ).to(device)
     rng = torch.Generator(device=device).manual_seed(config.seed)
     threads = torch.get_num_threads()
-    torch.set_num_threads(config.threads)
+    torch.set_num_threads(resolve_threads(config.threads))
     own_energy = energy is None
     if own_energy:  # a resumed run keeps the backend it started with (a reproducible path)
         backend = checkpoint.get("energy_backend", config.energy.backend) if checkpoint else config.energy.backend

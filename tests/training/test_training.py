@@ -1,6 +1,7 @@
 """The shared training loop: CMT on toy targets, baselines, config, checkpoints and resume."""
 import json
 import math
+import os
 import threading
 
 import numpy as np
@@ -340,6 +341,22 @@ def test_training_uses_the_configured_threads_and_restores_them(double_well, mon
     monkeypatch.setattr(torch, "get_num_threads", lambda: 7)
     train(double_well, {**_tiny_cmt(), "max_steps": 1, "threads": 2}, progress=False)
     assert calls == [2, 7]
+
+
+@pytest.mark.parametrize("cores, expected", [(1, 1), (2, 2), (3, 3), (64, 4)])
+def test_threads_auto_uses_the_free_cores_up_to_a_cap(double_well, monkeypatch, cores, expected):
+    import torch
+
+    from cmt_openmm.training.config import MAX_AUTO_THREADS
+
+    assert MAX_AUTO_THREADS == 4
+    calls = []
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    monkeypatch.setattr(torch, "set_num_threads",
+                        lambda n: calls.append(n) if threading.current_thread() is threading.main_thread() else None)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 7)
+    train(double_well, {**_tiny_cmt(), "max_steps": 1, "threads": "auto"}, progress=False)
+    assert calls == [expected, 7]
 
 
 def test_device_setting_and_checkpoints_that_move_between_devices(double_well, tmp_path):
