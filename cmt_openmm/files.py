@@ -5,13 +5,16 @@ frames) goes through :func:`atomic_writer`: the bytes land in a temporary file b
 target, are flushed to disk, and replace the target in one ``os.replace``. A reader therefore
 sees the old file or the new one, never a mixture. :func:`to_json` writes numpy scalars and
 arrays and paths as plain JSON.
-:func:`cache_dir` names the per-machine cache folders (compiled kernels, compile-probe verdicts).
+:func:`cache_dir` names the per-machine cache folders (compiled kernels, compile-probe verdicts);
+:func:`c_stdout_silenced` keeps what C readers print (mdtraj's DCD plugin) off the process's stdout.
 """
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
 
@@ -49,6 +52,31 @@ def cache_dir(*parts: str) -> Path:
     (``$XDG_CACHE_HOME`` instead of ``~/.cache`` where set); not created here."""
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base, "cmt-openmm", *parts)
+
+
+@contextlib.contextmanager
+def c_stdout_silenced() -> Iterator[None]:
+    """Send what is written to file descriptor 1 (the process's stdout) inside the block to
+    /dev/null, and restore it after.
+
+    C libraries print there directly, past Python's ``sys.stdout`` (mdtraj's DCD plugin prints
+    "dcdplugin) detected standard 32-bit DCD file ..." on every read), which would corrupt a
+    command's JSON on stdout. Python's and C's buffered output are flushed before and after, so
+    nothing written before the block is lost and nothing written inside it leaks out later.
+    """
+    libc = ctypes.CDLL(None)
+    if sys.stdout is not None:
+        sys.stdout.flush()
+    libc.fflush(None)
+    saved, null = os.dup(1), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 1)
+        yield
+    finally:
+        libc.fflush(None)
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(null)
 
 
 def json_default(obj: Any) -> Any:

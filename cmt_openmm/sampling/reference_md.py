@@ -28,6 +28,7 @@ import openmm.unit as unit
 from openmmtools import states
 
 from ..errors import CMTInputError
+from ..files import c_stdout_silenced
 from ..target import Target
 from ..units import kelvin
 # SeededLangevinMove is also importable from here: storage written before the driver existed
@@ -187,8 +188,9 @@ def _trajectory_positions(path: Path, topology: Any) -> np.ndarray:
 
     top = None if topology is None else mdtraj.Topology.from_openmm(topology)
     try:
-        trajectory = mdtraj.load(str(path), top=top) if top is not None or path.suffix.lower() in (".pdb", ".h5") \
-            else mdtraj.load(str(path))
+        with c_stdout_silenced():  # mdtraj's DCD plugin prints on the process's stdout from C
+            trajectory = mdtraj.load(str(path), top=top) if top is not None or path.suffix.lower() in (".pdb", ".h5") \
+                else mdtraj.load(str(path))
     except Exception as error:  # mdtraj raises many types for unreadable or mismatched files
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CMTInputError(f"mdtraj cannot read {path} with the run's topology ({message}); pass a trajectory of "

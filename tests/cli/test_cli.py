@@ -131,6 +131,25 @@ def test_evaluate_with_reference(toy_run, tmp_path, capsys):
     assert json.loads((toy_run / "evaluation.json").read_text())["reference"]["n_reference"] == 100
 
 
+def test_evaluate_stdout_stays_json_with_a_dcd_reference(toy_run, tmp_path):
+    """mdtraj's DCD plugin prints on the process's stdout from C, which `evaluate … > eval.json`
+    must not catch: run as a process, its stdout parses as JSON."""
+    import mdtraj
+
+    from cmt_openmm import Run
+
+    topology = mdtraj.Topology.from_openmm(Run.open(toy_run).target.topology)
+    frames = np.random.default_rng(1).normal([-0.5, 0.0, 0.0], 0.05, size=(50, 1, 3)).astype(np.float32)
+    dcd = tmp_path / "md.dcd"
+    mdtraj.Trajectory(frames, topology).save_dcd(str(dcd))
+    proc = subprocess.run([sys.executable, "-m", "cmt_openmm", "evaluate", str(toy_run), "--reference", str(dcd),
+                           "--n", "300", "--draws", "2", "--quiet"], capture_output=True, text=True, cwd=ROOT,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "dcdplugin" not in proc.stdout
+    assert json.loads(proc.stdout)["reference"]["n_reference"] == 50
+
+
 def test_budget_below_one_step_exits_2_without_a_report(tmp_path, capsys):
     out = tmp_path / "run"
     rc, stdout, err = run(capsys, "train", "--preset", "toy-quick", "--out", out, "--budget", 500, "--quiet")
