@@ -20,12 +20,14 @@ coordinates and densities are float64.
 
 Files: ``save`` writes one ``.safetensors`` file (the flow's tensors plus JSON metadata:
 settings, the target itself (System XML, topology, positions, temperature: ``load`` needs
-nothing else), its fingerprints and name, the reference structure, the format version)
-atomically; ``load`` reads only safetensors and JSON, never pickle, so a
-file from a stranger cannot run code. Format 2 (this version) reports the density above; a
-format-1 file (whose densities lacked the seed atoms' Jacobian) still loads, with a one-line
-warning: its flow is a valid proposal and is now given the physical density, so weights and
-moves are exact, but it was trained towards a slightly different target.
+nothing else), its fingerprints and name, the reference structure, the format version, and a
+sha256 checksum of the tensors) atomically; ``load`` reads only safetensors and JSON, never
+pickle, so a file from a stranger cannot run code, and refuses tensors that do not match their
+checksum (files saved without one still load, and re-save byte for byte). Format 2 (this
+version) reports the density above; a format-1 file (whose densities lacked the seed atoms'
+Jacobian) still loads, with a one-line warning: its flow is a valid proposal and is now given
+the physical density, so weights and moves are exact, but it was trained towards a slightly
+different target.
 
 Example: :class:`BoltzmannGenerator`.
 """
@@ -118,6 +120,7 @@ class BoltzmannGenerator(nn.Module):
         self.target_data = target_data  # Target.to_dict() of the target it was built for (saved in the file)
         self.source_path: str | None = None  # the file it was loaded from, and that file's sha256
         self.source_hash: str | None = None
+        self._checksum = True  # False when loaded from a file without one: it then re-saves byte for byte
 
     @classmethod
     def build(
@@ -218,8 +221,10 @@ class BoltzmannGenerator(nn.Module):
         """The safetensors file content (deterministic for given weights and metadata)."""
         tensors = {f"flow.{k}": v.detach().cpu().contiguous() for k, v in self.flow.state_dict().items()}
         tensors["reference_positions"] = torch.as_tensor(self.reference_positions)
-        meta = json.dumps(self._metadata(), sort_keys=True, separators=(",", ":"))
-        return save_tensors(tensors, metadata={_META_KEY: meta})
+        meta = self._metadata()
+        if self._checksum:  # one metadata entry: safetensors writes several in no fixed order
+            meta["tensors_sha256"] = _tensors_sha256(tensors)
+        return save_tensors(tensors, metadata={_META_KEY: json.dumps(meta, sort_keys=True, separators=(",", ":"))})
 
     def content_hash(self) -> str:
         """sha256 (hex) of :meth:`to_bytes`, i.e. of the file :meth:`save` writes."""
@@ -246,6 +251,7 @@ class BoltzmannGenerator(nn.Module):
         except OSError as error:
             raise CMTInputError(f"Cannot read generator file {path} ({error.strerror}); check the path.") from None
         meta = _read_metadata(data, path)
+        checksum = meta.get("tensors_sha256")  # None in files saved before checksums
         if target is None:
             target = _target_for(meta, path)
         if target.topology_fingerprint() != meta["topology_fingerprint"]:
@@ -259,6 +265,9 @@ class BoltzmannGenerator(nn.Module):
             tensors = load_tensors(data)
         except Exception:  # safetensors' own error type is not part of its public API
             raise CMTInputError(f"{path} is damaged: its tensors cannot be read; re-save it.") from None
+        if checksum is not None and _tensors_sha256(tensors) != checksum:
+            raise CMTInputError(f"{path} is damaged: its tensors do not match the checksum saved with them; "
+                                "restore the file from a good copy or retrain.")
         try:
             reference = tensors.pop("reference_positions").double().numpy()
             if not np.array_equal(reference, target.positions):
@@ -276,9 +285,20 @@ class BoltzmannGenerator(nn.Module):
         except (KeyError, TypeError, ValueError, RuntimeError) as error:
             raise CMTInputError(f"{path} is damaged or from an incompatible version ({type(error).__name__}); "
                                 "retrain or re-save it.") from None
+        generator._checksum = checksum is not None
         generator.source_path = str(path.resolve())
         generator.source_hash = hashlib.sha256(data).hexdigest()
         return generator
+
+
+def _tensors_sha256(tensors: dict[str, Tensor]) -> str:
+    """sha256 (hex) of the tensors' names, dtypes, shapes and bytes, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}:".encode())
+        digest.update(tensor.numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _read_metadata(data: bytes, path: Path) -> dict[str, Any]:

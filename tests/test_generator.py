@@ -4,11 +4,13 @@ import hashlib
 import json
 import math
 import pickle
+import struct
 import warnings
 
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from cmt_openmm.errors import CMTInputError
@@ -103,6 +105,26 @@ def test_save_load_round_trip(aldp, tmp_path):
     x2, log_q2 = loaded.sample(50, torch.Generator().manual_seed(6))
     assert torch.equal(x2, x) and torch.equal(log_q2, log_q)
     assert BoltzmannGenerator.load(path).target_name == "aldp-vacuum"  # built-in target found by name
+
+
+def test_a_flipped_byte_in_the_tensors_is_refused_and_files_without_a_checksum_still_load(aldp, tmp_path):
+    bg = perturbed_generator(aldp, hidden=8, n_layers=2)
+    data = bytearray(bg.save(tmp_path / "bg.safetensors").read_bytes())
+    (n,) = struct.unpack("<Q", data[:8])
+    data[8 + n + (len(data) - 8 - n) // 2] ^= 0x10  # one bit in the middle of the tensor data region
+    (tmp_path / "flipped.safetensors").write_bytes(bytes(data))
+    with pytest.raises(CMTInputError, match="do not match the checksum") as error:
+        BoltzmannGenerator.load(tmp_path / "flipped.safetensors", aldp)
+    assert "\n" not in str(error.value) and str(error.value).endswith(".")
+    with safe_open(tmp_path / "bg.safetensors", "pt") as f:  # the same file as saved before checksums
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()["cmt_openmm"])
+    old = tmp_path / "old.safetensors"
+    del meta["tensors_sha256"]
+    save_file(tensors, old, metadata={"cmt_openmm": json.dumps(meta, sort_keys=True, separators=(",", ":"))})
+    loaded = BoltzmannGenerator.load(old, aldp)
+    assert loaded.content_hash() == hashlib.sha256(old.read_bytes()).hexdigest()  # re-saves byte for byte
+    x, _ = bg.sample(20, torch.Generator().manual_seed(2))
+    assert torch.equal(loaded.log_prob(x), bg.log_prob(x))
 
 
 def test_load_refuses_other_topology_and_warns_on_other_system(aldp, toy, tmp_path):
