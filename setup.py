@@ -26,7 +26,7 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "torchforce": ["openmmtorch==1.5", "torch==2.9.*"],
+        "torch-force": ["openmmtorch==1.5", "torch==2.9.*"],  # to_openmm_force(..., backend="torch")
         "test": ["pytest", "pytest-timeout", "openmmtorch==1.5", "torch==2.9.*"],
     },
     entry_points={"console_scripts": ["cmt-openmm = cmt_openmm.cli:main"]},

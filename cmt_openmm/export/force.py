@@ -215,7 +215,8 @@ def to_openmm_force(generator, temperature=None, scale_parameter: str | None = "
     if backend == "torch":
         problem = openmmtorch_error()
         if problem is not None:
-            raise CMTInputError(f"openmm-torch cannot be imported here ({problem}); use backend='python' or 'auto'.")
+            raise CMTInputError(f"openmm-torch cannot be imported here ({problem}); install it with "
+                                "pip install cmt_openmm[torch-force], or use backend='python' or 'auto'.")
         if not allow_uncopyable and not torchforce_copies_are_safe():
             raise CMTInputError(
                 "openmm-torch in this installation crashes the process when a System holding a TorchForce is "

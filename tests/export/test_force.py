@@ -123,6 +123,15 @@ def test_python_force_survives_xml_deepcopy_and_pickle_in_a_fresh_process(target
     assert isinstance(to_openmm_force(generator64), openmm.PythonForce) == (not torchforce_copies_are_safe())
 
 
+def test_missing_openmm_torch_names_the_extra_that_installs_it(generator64, monkeypatch):
+    from cmt_openmm.export import force
+
+    monkeypatch.setitem(force._PROBED, "import_error", "ModuleNotFoundError: No module named 'openmmtorch'")
+    with pytest.raises(CMTInputError, match=r"pip install cmt_openmm\[torch-force\]") as error:
+        to_openmm_force(generator64, backend="torch")
+    assert "\n" not in str(error.value) and str(error.value).endswith(".")
+
+
 def test_torchforce_copies_are_refused_where_they_crash(target, generator64, tmp_path):
     if openmmtorch_error() is not None:
         pytest.skip(f"openmm-torch cannot be imported: {openmmtorch_error()}")
