@@ -71,7 +71,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--lambdas", default="auto",
                    help="auto (a pilot run places them for equal exchange acceptance), uniform, or e.g. 1,0.6,0.2,0")
     p.add_argument("--pilot-iterations", dest="pilot_iterations", type=int, default=50)
-    p.add_argument("--timestep", type=float, default=1.0, help="fs")
+    p.add_argument("--timestep", type=float, help="fs (default: 2 where the System constrains every bond to "
+                   "hydrogen, else 1)")
     p.add_argument("--collision-rate", dest="collision_rate", type=float, default=1.0, help="1/ps")
     p.add_argument("--equilibration", type=int, default=0, help="iterations left out of the npz")
     p.add_argument("--seed", type=int, default=0)

@@ -156,7 +156,7 @@ def _settings(generator, target, lambdas, steps, flow_proposals, timestep_fs, ra
 
 def run_bridge_remd(
     generator, target, out_path: str | os.PathLike | None, n_replicas: int = 4, n_iterations: int = 1000,
-    lambdas: Any = "auto", steps_per_iteration: int = 500, flow_proposals: int = 10, timestep: Any = 1.0,
+    lambdas: Any = "auto", steps_per_iteration: int = 500, flow_proposals: int = 10, timestep: Any = None,
     collision_rate: Any = 1.0, seed: int = 0, storage: str | os.PathLike | None = None, resume: bool = True,
     progress: bool = True, n_equilibration: int = 0, platform: str = "Reference", backend: str = "auto",
     pilot_iterations: int = 50, minimize: bool = True, wall: float = 10.0,
@@ -172,7 +172,8 @@ def run_bridge_remd(
         lambdas: ``"auto"`` (pilot + equal acceptance), ``"uniform"``, or the λ's (1 and 0 included).
         steps_per_iteration: Langevin steps per iteration (0: flow moves only);
             flow_proposals: flow proposals per iteration and replica.
-        timestep: fs; collision_rate: 1/ps (floats or Quantities).
+        timestep: fs (default 2 where the System constrains every bond to hydrogen, else 1);
+            collision_rate: 1/ps (floats or Quantities).
         seed: seeds mixing, integrators, velocities and the flow moves.
         storage: netCDF file (default ``out_path`` with ``.nc``); resume: continue it when it exists
             (its settings must match), False deletes it (and its pilot) first.
@@ -203,7 +204,8 @@ def run_bridge_remd(
                             "and 0 <= n_equilibration < n_iterations.")
     if out_path is None and storage is None:
         raise CMTInputError("Pass out_path or storage: the run needs a netCDF storage file.")
-    timestep_fs = positive_value(timestep, unit.femtosecond, "timestep")
+    timestep_fs = positive_value(default_timestep_fs(target) if timestep is None else timestep, unit.femtosecond,
+                                 "timestep")
     rate = positive_value(collision_rate, unit.picosecond**-1, "collision_rate")
     backend = resolve_backend(backend)
     if backend == "torch" and not torchforce_copies_are_safe():
@@ -257,6 +259,15 @@ def run_bridge_remd(
     run = run_replica_exchange(ladder=bridged_ladder, start=states.SamplerState(target.positions * unit.nanometer),
                                settings=settings, options=options, metadata={_PILOT_KEY: json.dumps(pilot)})
     return _finish(run, out_path, ladder, steps, pilot)
+
+
+def default_timestep_fs(target) -> float:
+    """The Langevin timestep (fs) for ``target``: 2 where its System constrains every bond to
+    hydrogen (HBonds or more), else 1."""
+    constrained = {(min(i, j), max(i, j)) for i, j, _ in target.constraints}
+    to_hydrogen = [(min(a.index, b.index), max(a.index, b.index)) for a, b in target.topology.bonds()
+                   if "H" in (getattr(a.element, "symbol", None), getattr(b.element, "symbol", None))]
+    return 2.0 if to_hydrogen and all(bond in constrained for bond in to_hydrogen) else 1.0
 
 
 def _given_ladder(lambdas, n_replicas: int) -> np.ndarray:

@@ -44,6 +44,35 @@ def test_bridge_states_apply_lambda_and_flow_moves_accept_everything_at_lambda_z
     assert move.n_accepted < 40
 
 
+def test_timestep_is_2_fs_where_bonds_to_hydrogen_are_constrained_unless_given(target, tmp_path, monkeypatch):
+    from openmm import app
+
+    from cmt_openmm.cli import flow_bridged_remd as cli_bridge
+    from cmt_openmm.export import flow_bridged_remd
+    from cmt_openmm.generator import BoltzmannGenerator
+    from cmt_openmm.systems import aldp_pdb_path
+    from cmt_openmm.target import Target
+
+    class Stop(Exception):
+        pass
+
+    def stop(*, settings, **_):
+        raise Stop(settings["timestep_fs"])
+
+    monkeypatch.setattr(flow_bridged_remd, "run_replica_exchange", stop)  # the settings, without running
+    hbonds = Target.from_pdb(aldp_pdb_path(), ["amber99sbildn.xml"], 300.0, constraints=app.HBonds, name="hbonds")
+    for system_target, timestep, expected in ((hbonds, None, 2.0), (target, None, 1.0), (hbonds, 1.5, 1.5)):
+        generator = BoltzmannGenerator.build(system_target, n_layers=1, hidden=4)
+        path = generator.save(tmp_path / f"{system_target.name}.safetensors")
+        with pytest.raises(Stop) as stopped:
+            flow_bridged_remd.run_bridge_remd(BoltzmannGenerator.load(path, system_target), system_target,
+                                              tmp_path / "x.npz", n_replicas=2, lambdas="uniform", backend="python",
+                                              progress=False, **({} if timestep is None else {"timestep": timestep}))
+        assert stopped.value.args[0] == expected
+    sub = argparse.ArgumentParser().add_subparsers()
+    assert cli_bridge.add_parser(sub).parse_args(["run", "--out", "x.npz"]).timestep is None  # the default above
+
+
 def _bridge_cli(monkeypatch, argv, capsys):
     """``cmt-openmm bridge-remd ...`` through the real entry point (registered here if main.py does not yet)."""
     import importlib
