@@ -331,10 +331,9 @@ class ReweightedEnsemble:
 
         ``new``: a temperature (K or Quantity) — u is rescaled by kT_old / kT_new, no energy
         evaluation, so ``energy`` must not be given — or a Target with the same topology
-        (energies evaluated with ``energy``, default ``make_energy(new, "auto")`` as on the command
-        line, closed afterwards; a Target with the same System only rescales). Warns
-        (`LowESSWarning`) when the new ESS is below ``ess_warning`` or N · ESS below
-        ``min_effective_samples``.
+        (energies evaluated with ``energy``, default ``make_energy(new, "auto")`` as on the command line;
+        a Target with the same System only rescales). Warns (`LowESSWarning`) when the new ESS is below
+        ``ess_warning`` or N · ESS below ``min_effective_samples``.
         """
         if energy is not None and not isinstance(new, Target):
             raise CMTInputError(
@@ -466,10 +465,9 @@ def reweight(
     ``energy``: a callable (B, n_atoms, 3) -> u (B,) (default: ``make_energy(target, "auto")``,
     the faster verified backend as on the command line, closed afterwards). ``seed`` seeds the
     ``torch.Generator`` used for sampling. Raw energies are used (never regularised). Warns
-    (`LowESSWarning`) when the effective number of samples N · ESS is below
-    ``min_effective_samples``: the estimates and their error bars then rest on a few samples (see
-    `ReweightedEnsemble.reliable`; 0 turns the warning off, e.g. for draws that are pooled
-    before use).
+    (`LowESSWarning`) when the effective number of samples N · ESS is below ``min_effective_samples``:
+    the estimates and their error bars then rest on a few samples (see `ReweightedEnsemble.reliable`;
+    0 turns the warning off, e.g. for draws that are pooled before use).
     """
     import torch
     from tqdm.auto import tqdm
