@@ -12,9 +12,27 @@ takes tens of minutes; :class:`Run` and :func:`train` show runs on a toy that ta
 ('aldp-vacuum', 22, 2.4943)
 >>> result = cmt_openmm.train(target, {"method": "cmt"})   # doctest: +SKIP
 """
+import logging
 from importlib import import_module
 
 __version__ = "0.1.0"
+
+_IMPORT_BANNERS = {
+    "pymbar.mbar_solvers": "JAX NOT FOUND",
+    "pymbar.timeseries": "Warning on use of the timeseries module",
+    "torch.utils.cpp_extension": "No CUDA runtime is found",
+}
+"""Notices libraries log when imported (pymbar, which openmmtools imports) or first used (torch's
+C++ extension finder, on machines without a GPU), by logger: with no logging set up they reach
+stderr before any output of ours. Dropped at their loggers; every other record passes."""
+
+
+def _drop_import_banners() -> None:
+    for name, text in _IMPORT_BANNERS.items():
+        logging.getLogger(name).addFilter(lambda record, text=text: text not in record.getMessage())
+
+
+_drop_import_banners()
 
 _PUBLIC = {
     "CMTInputError": "errors",

@@ -47,9 +47,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         raise CMTInputError("name a run file (cmt-openmm train CONFIG.yaml) or a preset (--preset aldp-quick).")
     run = Run.create(args.out, config, overrides=overrides, resume=args.resume)
+    finished = run.finished  # train() then returns the stored report
     result = run.train(progress=not args.quiet)
-    if result["training"].get("verdict"):
-        _say(result["training"]["verdict"])
+    if finished or result["training"].get("verdict"):
+        _say(finished or result["training"]["verdict"])
     _emit(result, args)
     return 0
 
@@ -103,9 +104,9 @@ def cmd_reference_md(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     out = Path(args.out)
     resume = (out / CHECKPOINT_FILE).is_file()
-    if resume:
-        _say(f"{out} already holds a run: resuming it (a finished run only redoes the report)")
     run = Run.from_preset(out, args.preset, resume=resume)
+    if resume:
+        _say(run.finished or f"{out} already holds a run: resuming it")
     result = run.train(progress=not args.quiet)
     run.write_samples(args.n, out / "samples.npz", pdb=out / "samples.pdb", dcd=out / "samples.dcd",
                       weights=out / "weights.npy", resample=args.n, progress=not args.quiet)

@@ -19,8 +19,8 @@ import yaml
 
 from ..errors import CMTInputError
 from ..files import atomic_write, atomic_writer, to_json
-from ..training.config import RESUMABLE, TrainConfig, resume_conflicts
-from ..training.loop import CHECKPOINT_FILE, TARGET_DIR, load_history
+from ..training.config import AUTO, RESUMABLE, TrainConfig, resume_conflicts
+from ..training.loop import CHECKPOINT_FILE, CONFIG_FILE, TARGET_DIR, load_history
 from .presets import get_preset
 from .run_files import RUN_FILE, RunSpec, build_target, parse_run_config, read_yaml, run_from_api, saved_target_entry
 
@@ -164,6 +164,28 @@ class Run:
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
+    @property
+    def finished(self) -> str | None:
+        """Why resuming this run would train nothing, in one sentence that says what to raise to
+        continue; None when it would train. A run has finished when its method has (target
+        reached, schedule finished), or when the limit that stopped it (max_steps, budget,
+        max_minutes) is not raised in this run's settings."""
+        reason = self.stop_reason
+        if not self.trained or reason is None:
+            return None
+        done = f"the run in {self.directory} has already finished"
+        if reason in ("target reached", "schedule finished"):
+            return f"{done} ({reason}), so there is nothing left to train; sample or evaluate it."
+        limits = {"max_steps": ("{:,} steps", "--max-steps"), "budget": ("{:,.0f} energy evaluations", "--budget"),
+                  "max_minutes": ("{:g} minutes", "in the run file, then `cmt-openmm train RUN_FILE --out DIR --resume`")}
+        if reason not in limits:
+            return None
+        stored, new = getattr(TrainConfig.from_yaml(self.directory / CONFIG_FILE), reason), getattr(self.config, reason)
+        if new in (None, AUTO) or (stored not in (None, AUTO) and new > stored):
+            return None
+        value, where = limits[reason]
+        return f"{done} (it reached its {reason} of {value.format(stored)}); raise {reason} ({where}) to continue."
+
     def energy(self):
         """The energy the run's settings name (``energy.backend``, ``platform``, ``n_workers``,
         ``compile``), for sampling and reports as for training; a context manager that closes it."""
@@ -178,11 +200,17 @@ class Run:
         """Train (continuing from the checkpoint where there is one), then write the report.
 
         Returns the report dictionary, or with ``report=False`` the run directory and why
-        training stopped.
+        training stopped. A run that has already :attr:`finished` trains nothing and writes
+        nothing: it returns its stored report.
         """
         from ..training import train
 
         resume = self.trained
+        stored = self.directory / f"{REPORT}.json"
+        if resume and self.finished and (stored.is_file() or not report):
+            if not report:
+                return {"run_dir": str(self.directory), "stop_reason": self.stop_reason}
+            return json.loads(stored.read_text())
         _say(f"{'resuming' if resume else 'training'} {self.config.method} on {self.target.name} at "
              f"{self.spec.temperature:g} K in {self.directory}", progress)
         result = train(self.target, self.config, run_dir=self.directory, resume=resume, progress=progress)

@@ -19,8 +19,6 @@ conventions for failed samples, empty bins and correlated errors are ours.
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import math
 from dataclasses import dataclass
 from typing import Any, Mapping, NamedTuple
@@ -156,8 +154,8 @@ def statistical_inefficiency(series: Any) -> float:
     """Statistical inefficiency g = 1 + 2τ ≥ 1 of a time series (N,), so that N / g samples are effective.
 
     pymbar's ``timeseries.statistical_inefficiency`` (integrated autocorrelation, summed until
-    the autocorrelation function first goes negative; pymbar 4, imported here with its import
-    banner kept off stdout and stderr). A constant series gives 1, and g is capped at N (one
+    the autocorrelation function first goes negative; pymbar 4, whose import banners
+    ``cmt_openmm/__init__.py`` drops). A constant series gives 1, and g is capped at N (one
     effective sample). Like every such estimate it is too small when the series is not much
     longer than its slowest relaxation (a basin visited a handful of times).
     """
@@ -165,10 +163,9 @@ def statistical_inefficiency(series: Any) -> float:
     n = x.size
     if n < 2 or not np.all(np.isfinite(x)) or np.ptp(x) == 0:
         return 1.0
-    banner = io.StringIO()  # pymbar announces itself (JAX, timeseries caveats) on import
-    with contextlib.redirect_stdout(banner), contextlib.redirect_stderr(banner):
-        from pymbar import timeseries
-        from pymbar.utils import ParameterError
+    from pymbar import timeseries
+    from pymbar.utils import ParameterError
+
     try:
         g = float(timeseries.statistical_inefficiency(x))
     except ParameterError:  # zero sample variance after rounding: nothing is correlated

@@ -141,8 +141,9 @@ def train(
         config: :class:`TrainConfig` or a mapping for :meth:`TrainConfig.from_dict`.
         run_dir: directory for config, checkpoints, records and the final generator
             (None: nothing is written, no resume possible).
-        resume: continue the run in ``run_dir`` from its checkpoint; only ``max_steps`` and
-            ``budget`` may differ from the stored config.
+        resume: continue the run in ``run_dir`` from its checkpoint; only the settings in
+            :data:`~.config.RESUMABLE` (``budget``, ``max_steps``, ``max_minutes``, ``threads``,
+            ``device``) may differ from the stored config.
         progress: show a tqdm progress bar.
         energy: an energy for ``target`` to use (and not close); by default
             :func:`~cmt_openmm.energy.select.make_energy` builds one from ``config.energy``

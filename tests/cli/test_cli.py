@@ -60,11 +60,14 @@ def test_train_preset_writes_run_directory(toy_run):
 
 
 def test_resume_finished_run_changes_nothing(toy_run, capsys):
-    before = (toy_run / "metrics.jsonl").read_text()
-    rc, out, _ = run(capsys, "train", "--out", toy_run, "--resume", "--quiet")
+    """Resuming a run that reached its target says so in one sentence and rewrites nothing."""
+    before = {p.name: p.stat().st_mtime_ns for p in toy_run.iterdir() if p.is_file() and p.name != "run.yaml"}
+    rc, out, err = run(capsys, "train", "--out", toy_run, "--resume", "--quiet")
     assert rc == 0
-    assert (toy_run / "metrics.jsonl").read_text() == before
-    assert json.loads(out)["training"]["steps"] == len(before.splitlines())
+    assert {name: (toy_run / name).stat().st_mtime_ns for name in before} == before
+    assert err == (f"[cmt-openmm] the run in {toy_run.resolve()} has already finished (target reached), so there is "
+                   "nothing left to train; sample or evaluate it.\n")
+    assert json.loads(out) == json.loads((toy_run / "report.json").read_text())
 
 
 def test_resume_partial_run(tmp_path, capsys):

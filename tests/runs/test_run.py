@@ -68,6 +68,30 @@ def test_create_refuses_a_taken_directory_and_resume_checks_settings(tmp_path):
         Run.create(tmp_path / "new", {"system": "toy-double-well", **TINY}, resume=True)
 
 
+def test_resuming_a_finished_run_trains_and_writes_nothing(tmp_path):
+    """A run stopped by its max_steps and resumed with the same settings has finished: one sentence
+    says why and what to raise, and train() returns the stored report without touching a file;
+    with max_steps raised it trains on."""
+    config = {"system": "toy-double-well", **TINY, "report": {"n_samples": 200, "n_draws": 1}}
+    Run.create(tmp_path / "r", config).train(progress=False)
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "r").iterdir() if p.is_file() and p.name != "run.yaml"}
+    again = Run.create(tmp_path / "r", config, resume=True)
+    assert again.finished == (f"the run in {tmp_path / 'r'} has already finished (it reached its max_steps of 2 "
+                              "steps); raise max_steps (--max-steps) to continue.")
+    assert again.train(progress=False) == json.loads((tmp_path / "r" / "report.json").read_text())
+    assert {name: (tmp_path / "r" / name).stat().st_mtime_ns for name in before} == before
+    more = Run.create(tmp_path / "r", config, overrides={"max_steps": 3}, resume=True)
+    assert more.finished is None
+    assert more.train(progress=False, report=False)["stop_reason"] == "max_steps" and len(more.history) == 3
+
+
+def test_train_docstring_names_every_resumable_setting():
+    from cmt_openmm.training import train
+    from cmt_openmm.training.config import RESUMABLE
+
+    assert all(f"``{name}``" in train.__doc__ for name in RESUMABLE)
+
+
 def test_run_file_paths_are_relative_to_the_file(tmp_path, monkeypatch):
     (tmp_path / "cfg").mkdir()
     (tmp_path / "cfg" / "run.yaml").write_text("system: toy-double-well\ntemperature: 250\nbudget: 2e4\n")
