@@ -59,6 +59,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     summary = Run.open(args.run_dir).write_samples(
         args.n, args.out, pdb=args.pdb, dcd=args.dcd, weights=args.weights, resample=args.resample, seed=args.seed,
         batch_size=args.batch_size, temperature=args.temperature, progress=not args.quiet)
+    if "resampled_note" in summary:
+        _say(summary["resampled_note"])
     _emit(summary, args)
     return 0
 

@@ -237,7 +237,8 @@ class Run:
         """Draw :meth:`sample` and write it: ``out`` (.npz: positions nm, log_q, reduced_energy,
         log_weights), optionally ``weights`` (.npy/.csv), ``dcd`` and ``pdb`` (the ``resample``
         resampled frames when given, else every sample), and ``out`` with .json (the summary,
-        also returned)."""
+        also returned; with ``resample``, how many frames are distinct and a sentence saying that
+        they repeat and that N_eff bounds their information)."""
         out = Path(out)
         _check_sample_outputs(n, out, pdb, dcd, weights, resample)
         ensemble = self.sample(n, batch_size=batch_size, seed=seed, temperature=temperature, progress=progress)
@@ -247,7 +248,11 @@ class Run:
         if resample is not None:
             frames = ensemble.resample_indices(resample, seed=seed)
             _add_to_npz(out, resampled_indices=frames)
-            summary["resampled"] = int(len(frames))
+            distinct = len(set(frames.tolist()))
+            summary.update(resampled=int(len(frames)), resampled_distinct=distinct, resampled_note=(
+                f"the {len(frames):,} resampled frames hold {distinct:,} distinct samples (resampling repeats samples "
+                f"in proportion to their weights) and carry no more information than the N_eff = "
+                f"{ensemble.n_effective:,.0f} effective samples of the {n:,} drawn."))
         if weights:
             ensemble.save_weights(weights)
             summary["weights"] = str(weights)

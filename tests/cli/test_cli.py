@@ -91,11 +91,20 @@ def test_sample_writes_npz_pdb_dcd_and_weights(toy_run, tmp_path, capsys):
     import mdtraj
 
     npz, pdb, dcd, csv = (tmp_path / f"s.{ext}" for ext in ("npz", "pdb", "dcd", "csv"))
-    rc, out, _ = run(capsys, "sample", toy_run, "--n", 300, "--out", npz, "--pdb", pdb, "--dcd", dcd,
-                     "--weights", csv, "--resample", 40, "--quiet")
+    rc, out, err = run(capsys, "sample", toy_run, "--n", 300, "--out", npz, "--pdb", pdb, "--dcd", dcd,
+                       "--weights", csv, "--resample", 40, "--quiet")
     assert rc == 0
     summary = json.loads(out)
     assert summary["n"] == 300
+    with np.load(npz) as data:  # resampled frames repeat samples: how many are distinct is said
+        distinct = len(np.unique(data["resampled_indices"]))
+        n_eff = 300 * reverse_ess(data["log_weights"])
+    assert summary["resampled_distinct"] == distinct
+    assert summary["resampled_note"] == (
+        f"the 40 resampled frames hold {distinct} distinct samples (resampling repeats samples in proportion to "
+        f"their weights) and carry no more information than the N_eff = {n_eff:,.0f} effective samples of the 300 "
+        "drawn.")
+    assert err == f"[cmt-openmm] {summary['resampled_note']}\n"
     with np.load(npz) as data:
         assert summary["ess"] == pytest.approx(reverse_ess(data["log_weights"]), rel=1e-12)  # of the stored samples
         assert data["positions"].shape == (300, 1, 3)
