@@ -1,6 +1,8 @@
 """Coupling layers of rational-quadratic splines and their stack (the learned part of a flow)."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -105,14 +107,15 @@ class _CouplingLayer(torch.autograd.Function):
         g_x, g = _coupling_backward(saved, layer._constants(), ctx.raw_shape, g_new, g_logdet, ctx.inverse)
         need_input, need_params = ctx.needs_input_grad[0], ctx.needs_input_grad[3:]
         g_params: list[Tensor | None] = [None] * len(params)
+        g = g.to(inputs[0].dtype)  # the conditioner's matmul dtype (bfloat16 or the flow's)
         for i in reversed(range(len(inputs))):  # Linear i: out = W h_i + b (columns), then SiLU
             if need_params[2 * i]:
-                g_params[2 * i] = torch.mm(g, inputs[i].t())
+                g_params[2 * i] = torch.mm(g, inputs[i].t()).to(params[2 * i].dtype)
             if need_params[2 * i + 1]:
-                g_params[2 * i + 1] = g.sum(1)
+                g_params[2 * i + 1] = g.sum(1, dtype=params[2 * i + 1].dtype)
             if i == 0 and not need_input:
                 break
-            g = torch.mm(params[2 * i].t(), g)
+            g = torch.mm(params[2 * i].t().to(g.dtype), g)
             if i > 0:
                 g = torch.ops.aten.silu_backward(g, pre_activations[i - 1])
         if not need_input:
@@ -124,8 +127,31 @@ class _CouplingLayer(torch.autograd.Function):
             features = inputs[0]  # cos, sin of the circular conditioning coordinates, then the others
             g_c = g[m:] if m == 0 else torch.cat([
                 torch.mul(g[m : 2 * m], features[:m]).addcmul_(g[:m], features[m : 2 * m], value=-1.0), g[2 * m :]])
-            g_y.index_add_(0, layer._conditioning, g_c)
+            g_y.index_add_(0, layer._conditioning, g_c.to(g_y.dtype))
         return (g_y, None, None, *g_params)
+
+
+@contextlib.contextmanager
+def conditioner_matmuls(module: nn.Module, dtype: torch.dtype | None):
+    """Run the conditioners of every coupling layer in ``module`` in ``dtype`` inside the block.
+
+    bfloat16 conditioners (inputs, weights and matmuls; the splines and densities stay in the
+    flow's dtype) make a training step about twice as fast on CPUs with native bfloat16
+    (AVX512-BF16, AMX) and on recent GPUs. The flow is still an exact bijection with exact
+    densities, but a slightly different function: the conditioner's input is rounded to
+    bfloat16, so a sample's log q and ``log_prob`` of its positions (which recomputes the input
+    from them) can differ by ~1e-3 nats instead of ~1e-5. Training tolerates that; a generator
+    handed out runs in its own dtype (the block restores it). None leaves the layers as they are.
+    """
+    layers = [m for m in module.modules() if isinstance(m, SplineCoupling)]
+    before = [layer.matmul_dtype for layer in layers]
+    for layer in layers:
+        layer.matmul_dtype = dtype if dtype is not None else layer.matmul_dtype
+    try:
+        yield module
+    finally:
+        for layer, value in zip(layers, before):
+            layer.matmul_dtype = value
 
 
 def _rederive(module: SplineCoupling, incompatible_keys) -> None:
@@ -153,7 +179,8 @@ class SplineCoupling(nn.Module):
     on the leading dimension (:func:`_views`), so it reduces over leading dimensions. With
     gradients, the whole layer is one autograd node (:class:`_CouplingLayer`). A circular
     coordinate's derivative at 1 is its derivative at 0 (the stored row of the last derivative
-    is unused, as before).
+    is unused, as before). ``matmul_dtype`` (None: the layer's own dtype) is the dtype the
+    conditioner computes in; see :func:`conditioner_matmuls`.
     """
 
     def __init__(
@@ -170,6 +197,7 @@ class SplineCoupling(nn.Module):
     ) -> None:
         super().__init__()
         self.n_bins = n_bins
+        self.matmul_dtype: torch.dtype | None = None
         self.register_buffer("transformed", transformed.long().clone())  # own storage: safetensors refuses shared
         self.register_buffer("cond_circular", conditioning[circular[conditioning]].long())
         self.register_buffer("cond_linear", conditioning[~circular[conditioning]].long())
@@ -219,18 +247,20 @@ class SplineCoupling(nn.Module):
             h = torch.cat([torch.cos(c[:m]), torch.sin(c[:m]), c[m:]]) if m else c
         inputs: list[Tensor] = []
         pre_activations: list[Tensor] = []
+        dtype = self.matmul_dtype or y_t.dtype
+        h = h.to(dtype)
         for layer in self.net:  # Linear layers as W @ h: the batch stays the last dimension
             if isinstance(layer, nn.Linear):
                 if keep:
                     inputs.append(h)
-                h = torch.addmm(layer.bias[:, None], layer.weight, h)
+                h = torch.addmm(layer.bias[:, None].to(dtype), layer.weight.to(dtype), h)
             elif isinstance(layer, nn.SiLU):
                 if keep:
                     pre_activations.append(h)
                 h = F.silu(h)
             else:
                 raise TypeError(f"Unexpected conditioner layer {layer!r}.")
-        return h, inputs, pre_activations
+        return h.to(y_t.dtype), inputs, pre_activations
 
     def forward_t(self, y_t: Tensor, inverse: bool = False) -> tuple[Tensor, Tensor]:
         """Map y.T (dim, B) -> (dim, B), coordinates first; returns it and log|det| (B,)."""

@@ -62,14 +62,29 @@ AUTO = "auto"  # a setting sized from the run's plan (:mod:`.schedule`)
 POSITIVE_OR_AUTO = {**POSITIVE, "auto": True}
 
 
+TRAIN_DTYPES = {"float32": None, "bfloat16": "bfloat16"}  # flow.train_dtype -> the conditioners' torch dtype name
+
+
 @dataclass
 class FlowConfig:
-    """Size of the spline coupling flow (same architecture for every method)."""
+    """Size of the spline coupling flow (same architecture for every method), and train_dtype:
+    the dtype of the conditioners' matmuls while training ("bfloat16": about twice as fast a
+    step where the hardware has bfloat16 matmuls; the generator handed out runs in float32,
+    :func:`~cmt_openmm.flows.coupling.conditioner_matmuls`)."""
 
     n_layers: int = field(default=8, metadata=POSITIVE)
     hidden: int = field(default=128, metadata=POSITIVE)
     n_bins: int = field(default=8, metadata=POSITIVE)
     mask: str = field(default="random", metadata=_check(lambda v: v in MASKS, "one of " + ", ".join(MASKS)))
+    train_dtype: str = field(default="float32", metadata=_check(lambda v: v in TRAIN_DTYPES,
+                                                                  "one of " + ", ".join(TRAIN_DTYPES)))
+
+    def conditioner_dtype(self):
+        """The torch dtype of train_dtype's conditioners (None: the flow's own)."""
+        import torch
+
+        name = TRAIN_DTYPES[self.train_dtype]
+        return None if name is None else getattr(torch, name)
 
 
 @dataclass

@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 
 from ..errors import CMTInputError
 from ..files import atomic_write, atomic_writer
+from ..flows.coupling import conditioner_matmuls
 from ..generator import GENERATOR_FILE, BoltzmannGenerator
 from ..importance import CLIP_FRACTION, reverse_ess
 from .averaging import WeightAverage
@@ -211,7 +212,8 @@ def train(
                 f"({cost:,} evaluations), so the run would train 0 steps; raise budget to at least {cost:,} "
                 f"or make one step cheaper (fewer samples per step in the {config.method} settings)."
             )
-        stop_reason = _run(trainer, average, config, run_dir, state, progress)
+        with conditioner_matmuls(generator, config.flow.conditioner_dtype()):
+            stop_reason = _run(trainer, average, config, run_dir, state, progress)
     finally:
         torch.set_num_threads(threads)
         if own_energy:

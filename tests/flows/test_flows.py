@@ -12,6 +12,7 @@ from cmt_openmm.errors import CMTInputError
 from helpers import load_script, perturb_parameters
 import reference_flow as reference
 from cmt_openmm.flows import IDENTITY_DERIVATIVE, CouplingFlow, SplineFlow, rq_spline, spline_kernel, splines
+from cmt_openmm.flows.coupling import conditioner_matmuls
 
 
 def _toy_flow(dtype=torch.float64, **kwargs) -> SplineFlow:
@@ -478,3 +479,26 @@ def test_compiled_log_prob_runs_and_equals_eager():
     result = [line for line in proc.stdout.splitlines() if line.startswith("DIFF")][0]
     log_q_diff, grad_diff = map(float, result.split()[1:])
     assert log_q_diff < 1e-3 and grad_diff < 1e-3  # float32 flow; fused kernels round differently
+
+
+def test_bfloat16_conditioners_keep_densities_and_gradients_close(spline_path, aldp_flows):
+    """Inside conditioner_matmuls(bfloat16): log q and its gradients (parameters and z, the
+    hand-written backward) stay within bfloat16 rounding of float32's; outside, float32 again."""
+    flow, old, _ = aldp_flows[torch.float32]
+    zs, _ = flow.sample(300, torch.Generator().manual_seed(8))
+    weights = torch.randn(300, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+
+    def log_q_and_grads():
+        zg = zs.clone().requires_grad_(True)
+        log_q = flow.log_prob(zg)
+        return log_q.detach(), torch.autograd.grad((log_q * weights).sum(), [zg, *flow.couplings.parameters()])
+
+    exact_lq, exact_grads = log_q_and_grads()
+    with conditioner_matmuls(flow, torch.bfloat16):
+        lq, grads = log_q_and_grads()
+    difference = (lq - exact_lq).abs()
+    assert 1e-5 < float(difference.max()) < 0.05  # bfloat16 is in use, and only rounds
+    for a, b in zip(grads, exact_grads):
+        assert a.dtype == b.dtype
+        assert float((a - b).norm()) < 0.05 * float(b.norm()), float((a - b).norm() / b.norm())  # seen: <= 0.02
+    assert torch.equal(flow.log_prob(zs), exact_lq)  # the block restored float32

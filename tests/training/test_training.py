@@ -398,3 +398,26 @@ def test_energy_backend_is_chosen_recorded_and_kept_on_resume(double_well, tmp_p
     assert openmm.history[-1]["energy_backend"] == "openmm"
     # the same seed gives the same first step on both backends (energies agree to ~1e-14)
     assert openmm.history[0]["lam"] == pytest.approx(first.history[0]["lam"], rel=1e-6)
+
+
+def test_bfloat16_conditioners_while_training_only(double_well, tmp_path, monkeypatch):
+    """flow.train_dtype: bfloat16 conditioners in the buffers and fits, float32 in the generator handed out."""
+    from cmt_openmm.flows import SplineCoupling
+    from cmt_openmm.training.cmt import CMTTrainer
+
+    seen = []
+    draw = CMTTrainer.draw_buffer
+
+    def recording_draw(self):
+        seen.append({m.matmul_dtype for m in self.generator.modules() if isinstance(m, SplineCoupling)})
+        return draw(self)
+
+    monkeypatch.setattr(CMTTrainer, "draw_buffer", recording_draw)
+    config = {**_tiny_cmt(), "max_steps": 2, "energy": {"backend": "openmm"}}
+    config["flow"] = {**TINY_FLOW, "train_dtype": "bfloat16"}
+    result = train(double_well, config, tmp_path / "run", progress=False)
+    assert seen == [{torch.bfloat16}] * 2
+    layers = [m for m in result.generator.modules() if isinstance(m, SplineCoupling)]
+    assert layers and all(m.matmul_dtype is None for m in layers)
+    x, log_q = result.generator.sample(200, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(result.generator.log_prob(x), log_q, atol=1e-4, rtol=0)
