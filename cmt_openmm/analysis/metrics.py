@@ -161,6 +161,11 @@ def training_summary(history: Sequence[dict], stop_reason: str | None = None) ->
     }
 
 
+CONTINUE_TRAINING = ("continue it with `cmt-openmm train --out RUN_DIR --resume` and a larger budget, max_steps "
+                     "or max_minutes")
+"""What to do with a run that stopped before its target (the training verdict and the report's)."""
+
+
 def _target_verdict(last: dict, stop_reason: str | None) -> dict:
     """For an annealing path (records with λ, η): whether it reached the target, and if not, what
     that means and what to do, in one sentence."""
@@ -171,8 +176,7 @@ def _target_verdict(last: dict, stop_reason: str | None) -> dict:
         return {"target_reached": True}
     return {"target_reached": False, "verdict": (
         f"training stopped ({stop_reason or 'unknown'}) before the path reached the target (λ = {last['lam']:.3g} > 0): "
-        "weights, estimates and flow moves stay exact, but the generator is inefficient (low ESS); continue it "
-        "with `cmt-openmm train --out RUN_DIR --resume` and a larger budget, max_steps or max_minutes.")}
+        f"weights, estimates and flow moves stay exact, but the generator is inefficient (low ESS); {CONTINUE_TRAINING}.")}
 
 
 def sample_metrics(ensembles: Sequence[ReweightedEnsemble]) -> dict:

@@ -18,6 +18,18 @@ from ..sampling.estimators import MIN_EFFECTIVE_SAMPLES
 from ..sampling.reweighting import ReweightedEnsemble, reweight, warn_if_low_ess
 from . import metrics, plots
 
+ESS_WORDS = ((0.10, "good"), (0.01, "usable"), (0.001, "poor"))
+"""The verdict's word for the reverse ESS of all the report's samples: "good" from 10 % (a few
+samples per effective one), "usable" from 1 %, "poor" from 0.1 %, "unusable" below (over a thousand
+samples per effective one) or whenever N_eff < MIN_EFFECTIVE_SAMPLES (100), when the report's
+estimates are unreliable (a single sample carrying the weight gives ESS = 1/N, however bad the
+generator)."""
+
+MCMC_ONLY = ("use the generator only inside MCMC moves (FlowIndependenceMove between MD steps, or "
+             "`cmt-openmm bridge-remd`), where its proposals stay exact and a low ESS or a missed basin costs "
+             "acceptance, not correctness")
+"""The next step for a generator whose reweighted samples cannot be trusted on their own."""
+
 
 def write_run_report(run_dir: str | os.PathLike, target, generator, history: Sequence[dict],
                      stop_reason: str | None, *, method: str, seed: int, n_samples: int, n_draws: int,
@@ -47,12 +59,60 @@ def write_run_report(run_dir: str | os.PathLike, target, generator, history: Seq
     if reference_positions is not None:
         report["reference"] = metrics.reference_metrics(generator, target, reference_positions, pooled, energy=energy)
         report["reference"]["file"] = None if reference_file is None else str(reference_file)
+    report = {"verdict": verdict(report), **report}
     title = f"{target.name}, {method}, {target.temperature:g} K"
     # The training report draws the training curves; an evaluation only its own sample plots.
     curves = history if name == "report" else ()
     report["plots"] = plots.make_plots(run_dir, curves, pooled, title, prefix="" if name == "report" else f"{name}_")
     write_report(run_dir, report, name)
     return report
+
+
+def verdict(report: dict) -> dict:
+    """The report's opening verdict, ``summary`` one sentence: whether training reached its target
+    (λ, η of the last step; :func:`~.metrics.training_summary`), the reverse ESS (median of the
+    draws) with the pooled N_eff and a word for it (:data:`ESS_WORDS`), with reference frames the
+    φ > 0 basins the reference visits and which of them no flow sample visits (``lost``), and the
+    one next step: continue training (target not reached), use the generator only inside MCMC
+    moves (a basin lost, or a poor or unusable ESS), or use its reweighted samples.
+    """
+    training, samples = report.get("training") or {}, report["samples"]
+    final, ess, n_eff = training.get("final") or {}, samples["reverse_ess_pooled"], samples["n_effective"]
+    quality = "unusable" if n_eff < MIN_EFFECTIVE_SAMPLES else next(
+        (word for floor, word in ESS_WORDS if ess >= floor), "unusable")
+    out = {"target_reached": training.get("target_reached"), "lam": final.get("lam"), "eta": final.get("eta"),
+           "reverse_ess": ess, "n_effective": n_eff, "quality": quality}
+    if out["target_reached"] is None:
+        parts = [f"training stopped ({training.get('stop_reason') or 'n/a'})"]
+    else:
+        parts = [f"training {'reached' if out['target_reached'] else 'did not reach'} its target "
+                 f"(λ = {final['lam']:.3g}, η = {final.get('eta') or 0:.3g})"]
+    n = samples["n_draws"] * samples["n_samples_per_draw"]
+    parts.append(f"reverse ESS {_pct(ess)} of all {n:,} samples (N_eff = {_n_eff(n_eff)}): {quality}")
+    lost = []
+    reference = ((report.get("reference") or {}).get("reference_populations") or {}).get("phi_positive_population")
+    if reference:
+        flow = _by_residue(samples.get("phi_positive_population") or {})
+        visited = [k for k, e in _by_residue(reference).items() if (e.get("value") or 0) > 0]
+        lost = [k for k in visited if ((flow.get(k) or {}).get("value") or 0) == 0]
+        out["basins"] = {"in_reference": visited, "lost": lost}
+        names = ", ".join(k.replace("_", " ") for k in lost)
+        parts.append(f"its samples visit {len(visited) - len(lost)} of the {len(visited)} φ > 0 basins (by residue) "
+                     f"the reference visits" + (f", missing {names}" if lost else "") if visited else
+                     "the reference visits no φ > 0 basin")
+    if out["target_reached"] is False:
+        out["next_step"] = metrics.CONTINUE_TRAINING
+    elif lost or quality in ("poor", "unusable"):
+        out["next_step"] = MCMC_ONLY
+    else:
+        out["next_step"] = "use its reweighted samples (`cmt-openmm sample`) for estimates with error bars"
+    out["summary"] = f"{'; '.join(parts)}; next step: {out['next_step']}."
+    return out
+
+
+def _by_residue(php: dict) -> dict:
+    """φ > 0 populations by residue: one backbone pair's single estimate becomes ``residue_1``."""
+    return {"residue_1": php} if "value" in php else php
 
 
 def energy_record(energy, target, pooled: ReweightedEnsemble) -> dict:
@@ -132,6 +192,8 @@ def _pm(e: dict | None, scale: float = 1.0, fmt: str = "{:.4f}", population: boo
 def render_markdown(report: dict) -> str:
     """Human-readable summary of a report dictionary."""
     lines = [f"# cmt-openmm report: {report.get('system', '?')} at {report.get('temperature', '?')} K", ""]
+    if report.get("verdict"):
+        lines += [f"**Verdict**: {report['verdict']['summary']}", ""]
     tr = report.get("training") or {}
     if tr:
         lines += [

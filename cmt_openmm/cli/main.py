@@ -68,6 +68,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     result = Run.open(args.run_dir).evaluate(args.reference, n_samples=args.n, n_draws=args.draws, seed=args.seed,
                                              progress=not args.quiet)
+    _say(f"verdict: {result['verdict']['summary']}")
     if args.out:
         atomic_write(Path(args.out), to_json(result))
     _emit(result, args)

@@ -124,10 +124,13 @@ def test_evaluate_with_reference(toy_run, tmp_path, capsys):
     target_positions = np.random.default_rng(0).normal([-0.5, 0.0, 0.0], 0.05, size=(100, 1, 3))
     ref = tmp_path / "ref.npz"
     np.savez(ref, positions=target_positions)
-    rc, out, _ = run(capsys, "evaluate", toy_run, "--reference", ref, "--n", 300, "--draws", 2, "--quiet")
+    rc, out, err = run(capsys, "evaluate", toy_run, "--reference", ref, "--n", 300, "--draws", 2, "--quiet")
     assert rc == 0
     result = json.loads(out)
     assert result["reference"]["n_reference"] == 100
+    assert next(iter(result)) == "verdict" and result["verdict"]["target_reached"] is True  # the JSON opens with it
+    assert f"[cmt-openmm] verdict: {result['verdict']['summary']}" in err
+    assert (toy_run / "evaluation.md").read_text().splitlines()[2].startswith("**Verdict**: training reached its target")
     # the forward ESS of the reference frames, recomputed from the generator and the energies
     from cmt_openmm import Run
     from cmt_openmm.energy import OpenMMEnergy
