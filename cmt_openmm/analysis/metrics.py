@@ -176,7 +176,8 @@ def _target_verdict(last: dict, stop_reason: str | None) -> dict:
         return {"target_reached": True}
     return {"target_reached": False, "verdict": (
         f"training stopped ({stop_reason or 'unknown'}) before the path reached the target (λ = {last['lam']:.3g} > 0): "
-        f"weights, estimates and flow moves stay exact, but the generator is inefficient (low ESS); {CONTINUE_TRAINING}.")}
+        "weights, estimates and flow moves stay exact, but the generator is inefficient (low ESS); "
+        f"{CONTINUE_TRAINING}.")}
 
 
 def sample_metrics(ensembles: Sequence[ReweightedEnsemble]) -> dict:
@@ -184,6 +185,8 @@ def sample_metrics(ensembles: Sequence[ReweightedEnsemble]) -> dict:
 
     ``n_effective`` is N · ESS of the pooled draws and ``reliable`` whether it reaches
     :data:`MIN_EFFECTIVE_SAMPLES`; the populations (and a toy's mode weights) inherit both.
+    Peptides also get ``phi_positive_samples``: by residue, how many of the pooled samples lie in
+    the φ > 0 basin (:data:`PHI_POSITIVE`), whatever their weights.
     """
     pooled = ReweightedEnsemble.concatenate(ensembles)
     target = pooled.target
@@ -201,10 +204,14 @@ def sample_metrics(ensembles: Sequence[ReweightedEnsemble]) -> dict:
         "min_effective_samples": MIN_EFFECTIVE_SAMPLES,
         "reliable": bool(n_eff >= MIN_EFFECTIVE_SAMPLES),
     }
+    if is_peptide(target):
+        angles = pooled.ramachandran_angles()
+        inside = [basin_indicators(angles[:, i], PHI_POSITIVE)["phi>0"] for i in range(angles.shape[1])]
+        out["phi_positive_samples"] = {f"residue_{i + 1}": int(x.sum()) for i, x in enumerate(inside)}
     if not pooled.weights.any():
         return out
     if is_peptide(target):
-        out.update(peptide_populations(pooled.ramachandran_angles(), pooled.weights, target.kT))
+        out.update(peptide_populations(angles, pooled.weights, target.kT))
     elif hasattr(target, "mode_weights"):
         out["modes"] = {**toy_modes(pooled), "n_effective": float(n_eff), "reliable": out["reliable"]}
     return out

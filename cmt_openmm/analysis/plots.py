@@ -1,4 +1,5 @@
-"""PNG plots written by the CLI: training curves, Ramachandran free-energy surfaces, marginals.
+"""PNG plots written by the CLI: training curves, Ramachandran free-energy surfaces and F(φ) per
+residue (beside reference MD's when given), marginals.
 
 Figures are built with :class:`matplotlib.figure.Figure` directly (no ``pyplot``), so plotting
 never touches a global backend or interactive state and works on headless machines.
@@ -15,6 +16,7 @@ from matplotlib.figure import Figure
 
 from ..coordinates.backbone import is_peptide
 from ..files import atomic_writer
+from ..sampling.estimators import PHI_POSITIVE
 from ..sampling.reweighting import ReweightedEnsemble
 
 FES_BINS = 60
@@ -99,21 +101,41 @@ def plot_free_energy_surface(
     panels = 1 if uncertainty is None else 2
     fig = Figure(figsize=(5.4 * panels, 4.5))
     axes = np.atleast_1d(fig.subplots(1, panels))
-    shown = np.where(np.isfinite(fes), fes - np.nanmin(np.where(np.isfinite(fes), fes, np.nan)), np.nan)
-    mesh = axes[0].pcolormesh(x_edges, y_edges, shown.T, cmap="viridis", vmin=0.0, vmax=vmax)
-    fig.colorbar(mesh, ax=axes[0], label="free energy (kT)")
-    axes[0].set_title("free energy" if not title else title)
+    _surface(fig, axes[0], _from_minimum(fes), x_edges, y_edges, title or "free energy", labels, vmax=vmax)
     if uncertainty is not None:
         err = np.where(np.isfinite(fes), np.asarray(uncertainty, dtype=float), np.nan)
-        mesh = axes[1].pcolormesh(x_edges, y_edges, err.T, cmap="magma", vmin=0.0, vmax=2.0)
-        fig.colorbar(mesh, ax=axes[1], label="uncertainty (kT)")
-        axes[1].set_title("error bar (1σ)")
-    for ax in axes:
-        ax.set_xlabel(labels[0])
-        ax.set_ylabel(labels[1])
-        ax.set_aspect("equal" if np.isclose(np.ptp(x_edges), np.ptp(y_edges)) else "auto")
+        _surface(fig, axes[1], err, x_edges, y_edges, "error bar (1σ)", labels, error=True)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def _surface(fig: Figure, ax, values: np.ndarray, x_edges: np.ndarray, y_edges: np.ndarray, title: str,
+             labels: tuple[str, str] = ("φ (rad)", "ψ (rad)"), vmax: float = 12.0, error: bool = False) -> None:
+    """One panel of free energies (kT, from 0 to ``vmax``), or with ``error`` of their error bars
+    (kT, 0 to 2), with its colour bar; non-finite bins are left blank."""
+    shown = np.where(np.isfinite(values), values, np.nan)
+    mesh = ax.pcolormesh(x_edges, y_edges, shown.T, cmap="magma" if error else "viridis", vmin=0.0,
+                         vmax=2.0 if error else vmax)
+    fig.colorbar(mesh, ax=ax, label="uncertainty (kT)" if error else "free energy (kT)")
+    ax.set_title(title)
+    ax.set_xlabel(labels[0])
+    ax.set_ylabel(labels[1])
+    ax.set_aspect("equal" if np.isclose(np.ptp(x_edges), np.ptp(y_edges)) else "auto")
+
+
+def _from_minimum(fes: np.ndarray) -> np.ndarray:
+    """Free energies shifted so that the lowest finite one is 0 (+inf stays)."""
+    finite = np.isfinite(fes)
+    return fes - fes[finite].min() if finite.any() else fes
+
+
+def _histogram_free_energy(values: np.ndarray, edges: Sequence[np.ndarray]) -> np.ndarray:
+    """F = −ln(p / bin volume) in kT, minimum 0, +inf in empty bins, of unweighted samples
+    (M, d) (reference MD frames) on the grid of ``edges`` (d edge arrays)."""
+    counts = np.histogramdd(values, bins=list(edges))[0]
+    volumes = np.prod(np.meshgrid(*(np.diff(e) for e in edges), indexing="ij"), axis=0)
+    with np.errstate(divide="ignore"):
+        return _from_minimum(-np.log(counts / volumes))
 
 
 def plot_marginal(
@@ -146,11 +168,12 @@ def plot_marginal(
 
 
 def make_plots(run_dir: Path, history: Sequence[dict], pooled: ReweightedEnsemble | None, title: str,
-               prefix: str = "") -> list[str]:
-    """Training curves, and the reweighted Ramachandran FES (peptides) or x-marginal (toys).
+               prefix: str = "", reference_angles: np.ndarray | None = None) -> list[str]:
+    """Training curves, and the reweighted Ramachandran FES and F(φ) of every residue (peptides,
+    beside the reference's given ``reference_angles`` (M, n_pairs, 2) rad) or the x-marginal (toys).
 
-    Files are ``{prefix}training_curves.png`` and ``{prefix}ramachandran_fes.png`` or
-    ``{prefix}marginal_x.png`` in ``run_dir``; returns their names.
+    Files are ``{prefix}training_curves.png``, and ``{prefix}ramachandran_fes.png`` and
+    ``{prefix}phi_free_energy.png`` or ``{prefix}marginal_x.png`` in ``run_dir``; returns their names.
     """
     run_dir = Path(run_dir)
     written = []
@@ -159,18 +182,66 @@ def make_plots(run_dir: Path, history: Sequence[dict], pooled: ReweightedEnsembl
     if pooled is not None and pooled.weights.any():
         target = pooled.target
         if is_peptide(target):
-            written.append(plot_ramachandran(pooled, run_dir / f"{prefix}ramachandran_fes.png", title))
+            written.append(plot_ramachandran(pooled, run_dir / f"{prefix}ramachandran_fes.png", title,
+                                             reference_angles=reference_angles))
+            written.append(plot_phi_free_energy(pooled, run_dir / f"{prefix}phi_free_energy.png", title,
+                                                reference_angles=reference_angles))
         elif getattr(target, "box", None) is not None:
             written.append(plot_toy_marginal(pooled, run_dir / f"{prefix}marginal_x.png", title))
     return [str(Path(p).name) for p in written]
 
 
-def plot_ramachandran(pooled: ReweightedEnsemble, path: Path, title: str = "", bins: int = FES_BINS) -> Path:
-    """Reweighted (φ, ψ) free-energy surface of the first backbone pair, with bootstrap errors."""
-    angles = pooled.ramachandran_angles()[:, 0]
-    fes = pooled.free_energy_surface(angles, bins=bins, range=[(-np.pi, np.pi)] * 2, n_bootstrap=50)
-    return plot_free_energy_surface(fes.free_energy, fes.edges[0], fes.edges[1], path,
-                                          uncertainty=fes.error, title=title or "reweighted FES")
+def plot_ramachandran(pooled: ReweightedEnsemble, path: Path, title: str = "", bins: int = FES_BINS,
+                      reference_angles: np.ndarray | None = None) -> Path:
+    """Reweighted (φ, ψ) free-energy surface of every backbone pair, one row per residue: the
+    surface, its bootstrap errors and, given ``reference_angles`` (M, n_pairs, 2) rad, the
+    reference MD's surface on the same bins."""
+    angles = pooled.ramachandran_angles()
+    n_pairs, columns = angles.shape[1], 2 if reference_angles is None else 3
+    fig = Figure(figsize=(5.4 * columns, 4.5 * n_pairs), layout="constrained")  # room for the suptitle
+    axes = np.asarray(fig.subplots(n_pairs, columns)).reshape(n_pairs, columns)
+    for i, row in enumerate(axes):
+        fes = pooled.free_energy_surface(angles[:, i], bins=bins, range=[(-np.pi, np.pi)] * 2, n_bootstrap=50)
+        (x, y), residue = fes.edges, f"residue {i + 1}"
+        _surface(fig, row[0], _from_minimum(fes.free_energy), x, y, f"{residue}: flow, reweighted")
+        _surface(fig, row[1], np.where(np.isfinite(fes.free_energy), fes.error, np.nan), x, y,
+                 f"{residue}: error bar (1σ)", error=True)
+        if reference_angles is not None:
+            _surface(fig, row[2], _histogram_free_energy(reference_angles[:, i], fes.edges), x, y,
+                     f"{residue}: reference MD")
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
+
+
+def plot_phi_free_energy(pooled: ReweightedEnsemble, path: Path, title: str = "", bins: int = FES_BINS,
+                         reference_angles: np.ndarray | None = None) -> Path:
+    """F(φ) in kT of every backbone pair, one panel per residue: the reweighted flow with its
+    bootstrap error band and, given ``reference_angles`` (M, n_pairs, 2) rad, the reference MD's
+    curve on the same bins; the φ > 0 basin of the reports (0° ≤ φ < 120°) shaded."""
+    angles = pooled.ramachandran_angles()
+    n_pairs = angles.shape[1]
+    fig = Figure(figsize=(4.5 * n_pairs, 3.6), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, n_pairs))
+    for i, ax in enumerate(axes):
+        profile = pooled.free_energy_profile(angles[:, i, 0], bins=bins, range=(-np.pi, np.pi), n_bootstrap=50)
+        f = _from_minimum(profile.free_energy)
+        shown = np.isfinite(f) & np.isfinite(profile.error)
+        ax.axvspan(*PHI_POSITIVE["phi>0"][0], color="0.92", label="φ > 0 basin")
+        ax.plot(profile.centers, np.where(np.isfinite(f), f, np.nan), lw=1.5, label="flow, reweighted")
+        ax.fill_between(profile.centers, f - profile.error, f + profile.error, where=shown, alpha=0.3, lw=0)
+        if reference_angles is not None:
+            ref = _histogram_free_energy(reference_angles[:, i, :1], [profile.edges])
+            ax.plot(profile.centers, np.where(np.isfinite(ref), ref, np.nan), "k--", lw=1.2, label="reference MD")
+        ax.set_title(f"residue {i + 1}")
+        ax.set_ylim(-0.5, 15.0)  # as the surfaces' colour scale: what lies higher is rarely sampled
+        ax.set_xlabel("φ (rad)")
+        ax.set_ylabel("free energy (kT)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize="small")
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
 
 
 def plot_toy_marginal(pooled: ReweightedEnsemble, path: Path, title: str = "", bins: int = 60) -> Path:

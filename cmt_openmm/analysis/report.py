@@ -13,6 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ..coordinates.backbone import is_peptide, ramachandran_angles
 from ..files import atomic_write, to_json
 from ..sampling.estimators import MIN_EFFECTIVE_SAMPLES
 from ..sampling.reweighting import ReweightedEnsemble, reweight, warn_if_low_ess
@@ -56,14 +57,18 @@ def write_run_report(run_dir: str | os.PathLike, target, generator, history: Seq
         "samples": metrics.sample_metrics(ensembles),
     }
     report["energy"] = energy_record(energy, target, pooled)
+    reference_angles = None
     if reference_positions is not None:
         report["reference"] = metrics.reference_metrics(generator, target, reference_positions, pooled, energy=energy)
         report["reference"]["file"] = None if reference_file is None else str(reference_file)
+        if is_peptide(target):
+            reference_angles = ramachandran_angles(target.topology, reference_positions)
     report = {"verdict": verdict(report), **report}
     title = f"{target.name}, {method}, {target.temperature:g} K"
     # The training report draws the training curves; an evaluation only its own sample plots.
     curves = history if name == "report" else ()
-    report["plots"] = plots.make_plots(run_dir, curves, pooled, title, prefix="" if name == "report" else f"{name}_")
+    report["plots"] = plots.make_plots(run_dir, curves, pooled, title, prefix="" if name == "report" else f"{name}_",
+                                       reference_angles=reference_angles)
     write_report(run_dir, report, name)
     return report
 
@@ -72,7 +77,8 @@ def verdict(report: dict) -> dict:
     """The report's opening verdict, ``summary`` one sentence: whether training reached its target
     (λ, η of the last step; :func:`~.metrics.training_summary`), the reverse ESS (median of the
     draws) with the pooled N_eff and a word for it (:data:`ESS_WORDS`), with reference frames the
-    φ > 0 basins the reference visits and which of them no flow sample visits (``lost``), and the
+    φ > 0 basins (by residue) the reference visits and which of them no flow sample lies in
+    (``lost``, whatever the weights: reweighting cannot restore a basin never sampled), and the
     one next step: continue training (target not reached), use the generator only inside MCMC
     moves (a basin lost, or a poor or unusable ESS), or use its reweighted samples.
     """
@@ -92,13 +98,12 @@ def verdict(report: dict) -> dict:
     lost = []
     reference = ((report.get("reference") or {}).get("reference_populations") or {}).get("phi_positive_population")
     if reference:
-        flow = _by_residue(samples.get("phi_positive_population") or {})
         visited = [k for k, e in _by_residue(reference).items() if (e.get("value") or 0) > 0]
-        lost = [k for k in visited if ((flow.get(k) or {}).get("value") or 0) == 0]
+        lost = [k for k in visited if not samples.get("phi_positive_samples", {}).get(k)]
         out["basins"] = {"in_reference": visited, "lost": lost}
         names = ", ".join(k.replace("_", " ") for k in lost)
-        parts.append(f"its samples visit {len(visited) - len(lost)} of the {len(visited)} φ > 0 basins (by residue) "
-                     f"the reference visits" + (f", missing {names}" if lost else "") if visited else
+        parts.append(f"of the {len(visited)} φ > 0 basins (by residue) the reference visits, its samples visit "
+                     f"{len(visited) - len(lost)}" + (f", missing {names}" if lost else "") if visited else
                      "the reference visits no φ > 0 basin")
     if out["target_reached"] is False:
         out["next_step"] = metrics.CONTINUE_TRAINING
@@ -262,13 +267,19 @@ def render_markdown(report: dict) -> str:
                   f"- forward ESS: {_pct(ref.get('forward_ess'))}",
                   f"- EUBO: {ref['eubo']:.3f} kT" if ref.get("eubo") is not None else "- EUBO: inf"]
         ref_pops = ref.get("reference_populations") or {}
-        if ref_pops.get("error_method"):
-            php = ref_pops.get("phi_positive_population") or {}
-            if "value" in php:
-                lines.append(f"- φ > 0 basin population, reference: {_pm(php, reference=True)}")
-            lines.append(f"- reference population errors: {ref_pops['error_method']}")
         if "ramachandran_tv" in ref:
             lines += [f"- Ramachandran TV: {ref['ramachandran_tv']:.4f}", f"- Ramachandran KL: {ref['ramachandran_kl']:.4f}"]
+        if ref_pops.get("error_method"):
+            lines.append(f"- reference population errors: {ref_pops['error_method']}")
+        if ref_pops.get("phi_positive_population"):
+            samples = report.get("samples") or {}
+            flow = _by_residue(samples.get("phi_positive_population") or {})
+            seen = samples.get("phi_positive_samples", {})
+            lines += ["", "| φ > 0 basin (0° ≤ φ < 120°) | flow samples in it | flow, reweighted | reference MD |",
+                      "|---|---|---|---|"]
+            for k, e in _by_residue(ref_pops["phi_positive_population"]).items():
+                count = f"{seen[k]:,}" if k in seen else "n/a"
+                lines.append(f"| {k.replace('_', ' ')} | {count} | {_pm(flow.get(k))} | {_pm(e, reference=True)} |")
         lines.append("")
     if report.get("plots"):
         lines += ["## Plots", ""] + [f"![{p}]({p})" for p in report["plots"]] + [""]

@@ -1,17 +1,21 @@
-"""The report's opening verdict: target reached or not, the reverse ESS in a word, the φ > 0 basins
-lost against a reference, and the one next step."""
-from cmt_openmm.analysis.metrics import CONTINUE_TRAINING, training_summary
+"""The report: its opening verdict (target reached or not, the reverse ESS in a word, the φ > 0
+basins lost against a reference, the one next step) and every residue's φ > 0 population beside
+the reference's."""
+import numpy as np
+
+from cmt_openmm.analysis.metrics import CONTINUE_TRAINING, peptide_populations, training_summary
 from cmt_openmm.analysis.report import MCMC_ONLY, render_markdown, verdict
 
 
-def _report(lam: float, ess: float, n: int = 10_000, flow=None, reference=None) -> dict:
+def _report(lam: float, ess: float, n: int = 10_000, flow_samples=None, reference=None) -> dict:
+    """A report's training and samples parts; ``flow_samples``: flow samples in φ > 0 by residue."""
     samples = {"n_draws": 2, "n_samples_per_draw": n // 2, "reverse_ess_pooled": ess, "n_effective": ess * n,
                "reverse_ess": {"median": ess, "min": ess, "max": ess}}
     report = {"system": "ala4", "temperature": 300.0, "training": training_summary(
         [{"step": 9, "lam": lam, "eta": 0.0, "wall_time": 3.0}], "target reached" if lam == 0 else "max_minutes"),
         "samples": samples}
-    if flow is not None:
-        samples["phi_positive_population"] = flow
+    if flow_samples is not None:
+        samples["phi_positive_samples"] = flow_samples
         report["reference"] = {"reference_populations": {"phi_positive_population": reference}}
     return report
 
@@ -36,13 +40,17 @@ def test_the_ess_word_and_its_thresholds():
     assert verdict(_report(lam=0.0, ess=0.2))["next_step"].startswith("use its reweighted samples")
 
 
-def test_a_basin_the_reference_visits_and_the_flow_never_does_is_lost():
-    v = verdict(_report(lam=0.0, ess=0.3, flow=_php(0.02, 0.0, 0.0), reference=_php(0.03, 0.01, 0.0)))
+def test_a_basin_the_reference_visits_and_no_flow_sample_does_is_lost():
+    flow_samples = {"residue_1": 40, "residue_2": 0, "residue_3": 0}
+    v = verdict(_report(lam=0.0, ess=0.3, flow_samples=flow_samples, reference=_php(0.03, 0.01, 0.0)))
     assert v["basins"] == {"in_reference": ["residue_1", "residue_2"], "lost": ["residue_2"]}
     assert v["next_step"] == MCMC_ONLY  # reweighting cannot restore a basin no sample visits
-    assert "its samples visit 1 of the 2 φ > 0 basins (by residue) the reference visits, missing residue 2" in v["summary"]
-    one_pair = verdict(_report(lam=0.0, ess=0.3, flow={"value": 0.02}, reference={"value": 0.03}))
+    assert ("of the 2 φ > 0 basins (by residue) the reference visits, its samples visit 1, missing residue 2"
+            in v["summary"])
+    one_pair = verdict(_report(lam=0.0, ess=0.3, flow_samples={"residue_1": 12}, reference={"value": 0.03}))
     assert one_pair["basins"]["lost"] == [] and one_pair["next_step"].startswith("use its reweighted samples")
+    assert "the reference visits no φ > 0 basin" in verdict(_report(0.0, 0.3, 10_000, {"residue_1": 0},
+                                                                    {"value": 0.0}))["summary"]
 
 
 def test_the_markdown_opens_with_the_verdict():
@@ -50,3 +58,30 @@ def test_the_markdown_opens_with_the_verdict():
     report["verdict"] = verdict(report)
     lines = render_markdown({**report, "samples": {}}).splitlines()
     assert lines[2] == f"**Verdict**: {report['verdict']['summary']}"
+
+
+def test_every_residues_phi_positive_population_is_shown_beside_the_reference():
+    """One row per residue: flow samples in the basin, the reweighted population and the reference
+    MD's, each with its error bar (the reference's from its correlated frames)."""
+    rng = np.random.default_rng(3)
+    flow_angles = rng.uniform(-np.pi, np.pi, (4000, 3, 2))
+    ref_angles = rng.uniform(-np.pi, np.pi, (2000, 3, 2))
+    ref_angles[:, 2, 0] = -np.abs(ref_angles[:, 2, 0]) - 1e-3  # residue 3 never at φ > 0 in the reference
+    flow, ref = peptide_populations(flow_angles, np.ones(4000), kT=1.0), peptide_populations(ref_angles, None, kT=1.0)
+    counts = {f"residue_{i + 1}": int(((flow_angles[:, i, 0] >= 0) & (flow_angles[:, i, 0] < 2 * np.pi / 3)).sum())
+              for i in range(3)}
+    ess = {"median": 1.0, "min": 1.0, "max": 1.0, "draws": [1.0]}
+    samples = {"n_draws": 1, "n_samples_per_draw": 4000, "reverse_ess": ess, "reverse_ess_clipped": ess,
+               "clip_fraction": 1e-4, "failed_energies": 0, "chirality_flips": 0, "n_effective": 4000.0,
+               "min_effective_samples": 100.0, "reliable": True, "phi_positive_samples": counts, **flow}
+    md = render_markdown({"system": "ala4", "temperature": 300.0, "samples": samples,
+                          "reference": {"n_reference": 2000, "forward_ess": 0.5, "eubo": 1.0,
+                                        "reference_populations": ref}})
+    rows = md[md.index("| φ > 0 basin (0° ≤ φ < 120°) | flow samples in it | flow, reweighted | reference MD |"):]
+    rows = rows.splitlines()[2:5]
+    for i, row in enumerate(rows[:2]):
+        f, r = flow["phi_positive_population"][f"residue_{i + 1}"], ref["phi_positive_population"][f"residue_{i + 1}"]
+        assert r["reliable"] and r["error"] > 0
+        assert row == (f"| residue {i + 1} | {counts[f'residue_{i + 1}']:,} | {f['value']:.4f} ± {f['error']:.4f} | "
+                       f"{r['value']:.4f} ± {r['error']:.4f} |")
+    assert rows[2].startswith("| residue 3 |") and rows[2].endswith("| 0 (no samples; N_eff = 2,000) |")

@@ -245,6 +245,7 @@ def test_aldp_openmm_cmt_samples_reweighting_end_to_end(tmp_path, capsys):
     assert report["training"]["steps"] == 2 and report["training"]["energy_evaluations"] == 512
     assert report["samples"]["chirality_flips"] == 0
     assert "basin_populations" in report["samples"] and (out / "ramachandran_fes.png").is_file()
+    assert (out / "phi_free_energy.png").is_file() and report["samples"]["phi_positive_samples"]["residue_1"] >= 0
     # two annealing steps of a tiny flow: a handful of samples carry the weight, and the report says so
     samples = report["samples"]
     assert samples["reliable"] is False and samples["n_effective"] < 100
