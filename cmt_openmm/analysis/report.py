@@ -75,8 +75,8 @@ def write_run_report(run_dir: str | os.PathLike, target, generator, history: Seq
 
 def verdict(report: dict) -> dict:
     """The report's opening verdict, ``summary`` one sentence: whether training reached its target
-    (λ, η of the last step; :func:`~.metrics.training_summary`), the reverse ESS (median of the
-    draws) with the pooled N_eff and a word for it (:data:`ESS_WORDS`), with reference frames the
+    (λ, η of the last step; :func:`~.metrics.training_summary`), the reverse ESS of all the draws
+    pooled with their N_eff and a word for it (:data:`ESS_WORDS`), with reference frames the
     φ > 0 basins (by residue) the reference visits and which of them no flow sample lies in
     (``lost``, whatever the weights: reweighting cannot restore a basin never sampled), and the
     one next step: continue training (target not reached), use the generator only inside MCMC
