@@ -6,7 +6,8 @@ steps on each system and energy backend (the buffer's samples, their energies, t
 :meth:`~cmt_openmm.training.cmt.CMTTrainer.anneal`: the dual and the Adam steps), after warm-up
 steps, with the flow and settings of the ``aldp-quick`` preset. The first backend named is the
 baseline: every row gives its step time as a ratio against the baseline's, measured in the same
-run. Prints a table and writes JSON::
+run; ``--train-dtypes float32 bfloat16`` adds rows with bfloat16 conditioners (``flow.train_dtype``),
+against the same baseline. Prints a table and writes JSON::
 
     .ci/with-env python benchmarks/training_step.py --systems aldp-vacuum ala4 --threads 1 2 \\
         --backends openmm torch-compiled --out benchmarks/results/training_step.json
@@ -23,6 +24,7 @@ import torch
 
 import cmt_openmm
 from cmt_openmm.energy import make_energy
+from cmt_openmm.flows.coupling import conditioner_matmuls
 from cmt_openmm.generator import BoltzmannGenerator
 from cmt_openmm.runs.presets import get_preset
 from cmt_openmm.training import TrainConfig
@@ -32,10 +34,12 @@ BACKENDS = {"openmm": ("openmm", False), "torch": ("torch", False), "torch-compi
 PARTS = ("sample", "energy", "anneal")
 
 
-def time_steps(system: str, backend: str, threads: int, n_steps: int, n_warmup: int) -> dict:
+def time_steps(system: str, backend: str, threads: int, n_steps: int, n_warmup: int,
+               train_dtype: str = "float32") -> dict:
     """Median seconds of each part of a CMT step, and of the whole step."""
     preset = get_preset("aldp-quick")
     config = TrainConfig.from_dict({k: preset[k] for k in ("method", "seed", "flow", "cmt")})
+    config.flow.train_dtype = train_dtype
     target = cmt_openmm.get_target(system)
     torch.set_num_threads(threads)
     f = config.flow
@@ -43,7 +47,8 @@ def time_steps(system: str, backend: str, threads: int, n_steps: int, n_warmup: 
                                          seed=0)
     name, compile_ = BACKENDS[backend]
     times: dict[str, list[float]] = {part: [] for part in PARTS}
-    with make_energy(target, name, compile=compile_) as energy:
+    with make_energy(target, name, compile=compile_) as energy, \
+            conditioner_matmuls(generator, config.flow.conditioner_dtype()):
         trainer = CMTTrainer(target, generator, energy, config, torch.Generator().manual_seed(0))
         for i in range(n_warmup + n_steps):
             t0 = time.perf_counter()
@@ -60,7 +65,7 @@ def time_steps(system: str, backend: str, threads: int, n_steps: int, n_warmup: 
                     times[part].append(seconds)
     medians = {part: statistics.median(values) for part, values in times.items()}
     step = sum(medians.values())
-    return {"system": system, "backend": backend, "threads": threads, "n_samples": config.cmt.n_samples,
+    return {"system": system, "backend": backend, "train_dtype": train_dtype, "threads": threads, "n_samples": config.cmt.n_samples,
             "fit_steps": config.cmt.fit_steps, "dim": generator.dim, **{f"{p}_s": medians[p] for p in PARTS},
             "step_s": step, "evaluations_per_s": config.cmt.n_samples / step}
 
@@ -70,6 +75,8 @@ def main(argv=None) -> int:
     p.add_argument("--systems", nargs="+", default=["aldp-vacuum", "ala4"])
     p.add_argument("--backends", nargs="+", default=["openmm", "torch-compiled"], choices=sorted(BACKENDS))
     p.add_argument("--threads", nargs="+", type=int, default=[1, 2])
+    p.add_argument("--train-dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16"],
+                   help="dtypes of the conditioners while training (flow.train_dtype)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per row (median)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (workers, compilation)")
     p.add_argument("--out", default="benchmarks/results/training_step.json")
@@ -79,15 +86,17 @@ def main(argv=None) -> int:
         for threads in args.threads:
             baseline = None
             for backend in args.backends:
-                row = time_steps(system, backend, threads, args.steps, args.warmup)
-                baseline = baseline or row["step_s"]
-                row["speedup_vs_" + args.backends[0]] = baseline / row["step_s"]
-                rows.append(row)
-    header = f"{'system':<12} {'backend':<15} {'thr':>3} {'sample s':>9} {'energy s':>9} {'anneal s':>9} " \
-             f"{'step s':>8} {'eval/s':>8} {'speedup':>8}"
+                for train_dtype in args.train_dtypes:
+                    row = time_steps(system, backend, threads, args.steps, args.warmup, train_dtype)
+                    baseline = baseline or row["step_s"]
+                    row["speedup_vs_" + args.backends[0]] = baseline / row["step_s"]
+                    rows.append(row)
+    header = f"{'system':<12} {'backend':<15} {'conditioner':<11} {'thr':>3} {'sample s':>9} {'energy s':>9} " \
+             f"{'anneal s':>9} {'step s':>8} {'eval/s':>8} {'speedup':>8}"
     print(header)
     for r in rows:
-        print(f"{r['system']:<12} {r['backend']:<15} {r['threads']:>3} {r['sample_s']:>9.3f} {r['energy_s']:>9.3f} "
+        print(f"{r['system']:<12} {r['backend']:<15} {r['train_dtype']:<11} {r['threads']:>3} {r['sample_s']:>9.3f} "
+              f"{r['energy_s']:>9.3f} "
               f"{r['anneal_s']:>9.3f} {r['step_s']:>8.3f} {r['evaluations_per_s']:>8,.0f} "
               f"{r['speedup_vs_' + args.backends[0]]:>7.2f}x")
     out = Path(args.out)
