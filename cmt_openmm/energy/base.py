@@ -50,8 +50,10 @@ class Energy:
     Calling on a tensor that requires grad (with grad enabled) returns a differentiable u whose
     gradient is cast back to the input's dtype and device; otherwise only energies are computed.
     A configuration that cannot be evaluated gets u = +inf and zero gradient and is counted in
-    ``n_failed``; ``n_evaluations`` counts every configuration evaluated. :meth:`close` (also on
-    leaving a ``with`` block) releases what evaluation acquired; a later call acquires it again.
+    ``n_failed``; ``n_evaluations`` counts every configuration evaluated, and ``n_restarts`` the
+    worker pools restarted after a worker died (OpenMM workers only; plain ints, kept by
+    :meth:`close` and copies). :meth:`close` (also on leaving a ``with`` block) releases what
+    evaluation acquired; a later call acquires it again.
     """
 
     backend = ""  # "openmm" or "torch"
@@ -62,6 +64,7 @@ class Energy:
         self.target = target
         self.n_evaluations = 0
         self.n_failed = 0
+        self.n_restarts = 0
         self._kT = float(target.kT)
         self._n_atoms = int(target.n_atoms)
         for name in self._resources:

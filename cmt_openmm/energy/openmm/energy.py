@@ -5,7 +5,9 @@ Hand-written rather than taken from bgflow's ``OpenMMBridge`` to avoid its known
 worker process evaluates one contiguous slice of the batch per message (not one configuration;
 the batch itself travels through shared memory), a failed evaluation is u = +inf with zero
 force (never 0), nothing is cached, workers are started with ``spawn`` and build their Context
-inside the worker (openmm/openmm#2602), and a dead worker raises at once instead of hanging.
+inside the worker (openmm/openmm#2602), and a dead worker is noticed at once instead of hanging:
+the batch is evaluated again on a fresh pool, a bounded number of times (a node's out-of-memory
+killer picks a worker now and then; a System that crashes its workers must still end the run).
 The process side lives in :mod:`cmt_openmm.energy.openmm.worker`. Example: :class:`OpenMMEnergy`.
 """
 from __future__ import annotations
@@ -23,6 +25,7 @@ from ..base import Energy
 from .worker import (
     GPU_PLATFORMS,
     ContextEvaluator,
+    WorkerDied,
     WorkerError,
     WorkerPool,
     load_torch_plugins,
@@ -36,6 +39,11 @@ if TYPE_CHECKING:
     from ...target import Target
 
 __all__ = ["OpenMMEnergy", "WorkerError"]
+
+#: Fresh worker pools one OpenMMEnergy may start after a worker died, over its whole life: enough
+#: for the odd out-of-memory kill in a long run, few enough that a System that crashes its
+#: workers on every batch ends the run after a handful of pool starts.
+MAX_WORKER_RESTARTS = 3
 
 
 def _serialize(system: openmm.System) -> tuple[str | None, str]:
@@ -69,7 +77,9 @@ class OpenMMEnergy(Energy):
     force and is counted in ``n_failed``; ``n_evaluations`` counts every configuration
     evaluated. Workers start on the first call and stop on :meth:`close`, on leaving a ``with``
     block, on garbage collection and at interpreter exit; a later call starts them again.
-    A dead worker raises :class:`WorkerError` (and the pool restarts on the next call).
+    When a worker dies during a call, the call is evaluated again on a fresh pool (same
+    energies), with a warning, counted in ``n_restarts``; after :data:`MAX_WORKER_RESTARTS`
+    restarts the next death raises :class:`~cmt_openmm.errors.CMTInputError` naming the cause.
 
     Example (the pool line is skipped in the doctests only because spawning workers takes seconds):
         >>> import cmt_openmm, torch
@@ -164,7 +174,11 @@ class OpenMMEnergy(Energy):
                 self._start_pool()
             if self._pool is None:
                 return self._evaluate(positions, forces)
-            energies, f = self._pool.evaluate(positions, forces)
+            try:
+                energies, f = self._pool.evaluate(positions, forces)
+            except WorkerDied as error:  # the pool shut itself down; the next try starts a fresh one
+                self._restart_after(error)
+                return self._evaluate(positions, forces)
         self._count(len(positions), int(np.isposinf(energies).sum()))
         return energies / self._kT, (f / self._kT if forces else None)
 
@@ -179,6 +193,20 @@ class OpenMMEnergy(Energy):
                 raise
             warnings.warn(f"OpenMMEnergy evaluates in-process because its workers could not start: {error}")
             self._pool, self.in_process = None, True
+
+    def _restart_after(self, error: WorkerDied) -> None:
+        """Count a pool restart after ``error``, with a warning, or raise once the restarts are spent."""
+        if self.n_restarts >= MAX_WORKER_RESTARTS:
+            raise CMTInputError(
+                f"OpenMM energy workers kept dying ({MAX_WORKER_RESTARTS} pool restarts spent), the last "
+                f"time {error.what}; if memory is short use fewer workers or smaller batches, otherwise "
+                "set n_workers to 1 to see how the System fails."
+            ) from error
+        self.n_restarts += 1
+        warnings.warn(
+            f"OpenMM energy {error.what}; evaluating the batch again on a fresh pool "
+            f"(restart {self.n_restarts} of {MAX_WORKER_RESTARTS})."
+        )
 
     def _energies(self, x: Any) -> torch.Tensor:
         return torch.from_numpy(self._evaluate(self._positions(x), forces=False)[0])

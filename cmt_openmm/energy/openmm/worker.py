@@ -38,6 +38,16 @@ class WorkerError(RuntimeError):
     """A worker process died, could not build its Context, or raised unexpectedly."""
 
 
+class WorkerDied(WorkerError):
+    """A worker process exited while the pool was using it (killed, e.g. by the out-of-memory
+    killer, or crashed); the pool is already shut down. ``what`` says which worker, how it ended
+    and what it was doing."""
+
+    def __init__(self, message: str, what: str = ""):
+        super().__init__(message)
+        self.what = what
+
+
 def load_torch_plugins() -> None:
     """Retry loading OpenMM's openmm-torch plugins once torch is imported.
 
@@ -228,12 +238,15 @@ def worker_main(conn, system_xml: str, platform: str, properties: dict[str, str]
 
 
 def _describe_exit(process) -> str:
+    """How ``process`` ended, e.g. "was killed by SIGKILL (signal 9, out of memory?)"."""
     code = process.exitcode
     if code is not None and code < 0:
         try:
-            return f"was killed by {signal.Signals(-code).name}"
+            name = signal.Signals(-code).name
         except ValueError:
             return f"was killed by signal {-code}"
+        hint = ", out of memory?" if -code == signal.SIGKILL else ""  # what the OOM killer sends
+        return f"was killed by {name} (signal {-code}{hint})"
     return f"exited with code {code}"
 
 
@@ -267,7 +280,7 @@ class WorkerPool:
 
     :meth:`evaluate` puts the batch in shared memory and gives each worker one contiguous
     slice, then waits for the replies together with the process sentinels, so a worker that
-    dies is reported at once (:class:`WorkerError`) instead of being waited on. Any error shuts
+    dies is reported at once (:class:`WorkerDied`) instead of being waited on. Any error shuts
     the whole pool down. Workers are daemons, stopped by :meth:`close`, by garbage collection
     and at interpreter exit.
     """
@@ -331,10 +344,8 @@ class WorkerPool:
     def _died(self, rank: int, doing: str) -> NoReturn:
         process = self.processes[rank]
         process.join(1.0)
-        message = (
-            f"OpenMM energy worker {rank} (pid {process.pid}) {_describe_exit(process)} while "
-            f"{doing}; the worker pool was shut down and restarts on the next call."
-        )
+        what = f"worker {rank} (pid {process.pid}) {_describe_exit(process)} while {doing}"
+        message = f"OpenMM energy {what}; the worker pool was shut down."
         if doing == "starting":
             message += (
                 " A PythonForce function must be importable in a fresh process (top level of a"
@@ -342,7 +353,7 @@ class WorkerPool:
                 " `if __name__ == '__main__':`."
             )
         self.close()
-        raise WorkerError(message)
+        raise WorkerDied(message, what)
 
     def _batch(self, size: int) -> SharedBatch:
         """The shared batch, replaced by a larger one (announced to every worker) if needed."""
