@@ -3,3 +3,9 @@
 
 class CMTInputError(ValueError):
     """A user-supplied input (system, positions, config, checkpoint) cannot be used as given."""
+
+
+class CMTWriteError(CMTInputError, OSError):
+    """A file cannot be written where it was asked for (full disk, read-only or forbidden folder);
+    the previous file is intact. Also an ``OSError``, so that code tolerating an unwritable cache
+    still does; the original error is its ``__cause__``."""

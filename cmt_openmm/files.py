@@ -3,8 +3,9 @@
 Every file the package writes (checkpoints, generators, reports, plots, samples, reference
 frames) goes through :func:`atomic_writer`: the bytes land in a temporary file beside the
 target, are flushed to disk, and replace the target in one ``os.replace``. A reader therefore
-sees the old file or the new one, never a mixture. :func:`to_json` writes numpy scalars and
-arrays and paths as plain JSON.
+sees the old file or the new one, never a mixture; a full disk or a read-only or forbidden folder
+leaves the old one and raises :class:`~cmt_openmm.errors.CMTWriteError` naming the path, the
+reason and what to do. :func:`to_json` writes numpy scalars and arrays and paths as plain JSON.
 :func:`cache_dir` names the per-machine cache folders (compiled kernels, compile-probe verdicts);
 :func:`c_stdout_silenced` keeps what C readers print (mdtraj's DCD plugin) off the process's stdout.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import json
 import os
 import sys
@@ -20,13 +22,27 @@ from typing import Any, BinaryIO, Iterator
 
 import numpy as np
 
+from .errors import CMTWriteError
+
+#: errno of a write refused for lack of room or rights -> what the person can do about it
+_WRITE_FAILURES = {
+    errno.ENOSPC: "free space and write it again",
+    errno.EDQUOT: "free space or raise the quota and write it again",
+    errno.EROFS: "write to another folder",
+    errno.EACCES: "make the folder writable or write to another one",
+    errno.EPERM: "make the folder writable or write to another one",
+    errno.EIO: "check the disk and write it again",
+}
+
 
 @contextlib.contextmanager
 def atomic_writer(path: str | os.PathLike) -> Iterator[BinaryIO]:
     """A binary file handle whose content replaces ``path`` when the block ends without error.
 
     The temporary file keeps ``path``'s suffix (some writers, e.g. matplotlib, choose the format
-    by it) and is removed when the block raises.
+    by it) and is removed when the block raises. A write refused for lack of room or rights (an
+    ``OSError`` of the handle, the temporary file or the replacement, errno in ``_WRITE_FAILURES``)
+    raises :class:`~cmt_openmm.errors.CMTWriteError` instead.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
@@ -36,8 +52,15 @@ def atomic_writer(path: str | os.PathLike) -> Iterator[BinaryIO]:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except OSError as error:
+        if error.errno not in _WRITE_FAILURES or error.filename not in (None, str(tmp)):
+            raise  # not this write's (e.g. a file the block reads)
+        before = "the previous file is intact" if os.path.exists(path) else "no file was left there"
+        raise CMTWriteError(f"cannot write {path}: {os.strerror(error.errno).lower()} (errno {error.errno}); "
+                            f"{before}; {_WRITE_FAILURES[error.errno]}.") from error
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a folder turned read-only refuses this too; the error above matters
+            tmp.unlink(missing_ok=True)
 
 
 def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
