@@ -421,3 +421,20 @@ def test_bfloat16_conditioners_while_training_only(double_well, tmp_path, monkey
     assert layers and all(m.matmul_dtype is None for m in layers)
     x, log_q = result.generator.sample(200, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(result.generator.log_prob(x), log_q, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("flags, expected", [({"avx512f", "avx512_bf16"}, torch.bfloat16), ({"amx_bf16"}, torch.bfloat16),
+                                             ({"avx512f", "avx2"}, None), (OSError, None)])
+def test_train_dtype_auto_picks_bfloat16_where_the_cpu_has_it(monkeypatch, flags, expected):
+    from cmt_openmm.training import config as config_module
+
+    def cpu_flags():
+        if flags is OSError:
+            raise OSError("no /proc/cpuinfo")
+        return flags
+
+    monkeypatch.setattr(config_module, "_cpu_flags", cpu_flags)
+    flow = TrainConfig.from_dict({"flow": {"train_dtype": "auto"}}).flow
+    assert flow.conditioner_dtype("cpu") is expected
+    assert TrainConfig.from_dict({"flow": {"train_dtype": "float32"}}).flow.conditioner_dtype("cpu") is None
+    assert TrainConfig.from_dict({"flow": {"train_dtype": "bfloat16"}}).flow.conditioner_dtype("cpu") is torch.bfloat16
