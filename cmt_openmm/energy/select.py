@@ -3,7 +3,8 @@
 :func:`make_energy` with ``backend="auto"`` builds the torch backend when every force of the
 System is supported and it agrees with OpenMM's Reference platform (verification at
 construction), times both on a batch of perturbed structures and keeps the faster; otherwise
-(an unsupported force, a failed check) it uses OpenMM and says why in one sentence.
+(an unsupported force, a failed check, any exception while building or verifying it) it uses
+OpenMM and says why in one sentence.
 ``"torch"`` refuses instead of falling back; ``"openmm"`` always uses OpenMM. Which is faster
 depends on the system (benchmarks/torch_energy_throughput.py measures it): torch wins where
 OpenMM evaluates forces through slow generic kernels (a CustomGBForce), OpenMM where its
@@ -68,6 +69,7 @@ def make_energy(target: "Target", backend: str = "auto", device: str | torch.dev
     """
     from .torch import compile_probe
     from .torch.energy import TorchEnergy
+    from .torch.term import exception_summary
 
     if backend not in BACKENDS:
         raise CMTInputError(f"energy backend {backend!r} is unknown; use {', '.join(BACKENDS)}.")
@@ -80,10 +82,11 @@ def make_energy(target: "Target", backend: str = "auto", device: str | torch.dev
         return _chosen(OpenMMEnergy(target, platform=platform, n_workers=n_workers), "asked for")
     try:  # with compile "auto", eager first: only a supported, verified energy is worth a probe
         torch_energy = TorchEnergy(target, device=device, dtype=dtype, verify=verify, compile=compile is True)
-    except CMTInputError as error:
+    except Exception as error:  # any failure to build or verify: OpenMM, never a crash
         if backend == "torch":
             raise
-        warnings.warn(f"Energies of {name} come from OpenMM, not torch: {str(error).rstrip('.')}.", stacklevel=2)
+        cause = str(error).rstrip(".") if isinstance(error, CMTInputError) else exception_summary(error)
+        warnings.warn(f"Energies of {name} come from OpenMM, not torch: {cause}.", stacklevel=2)
         return _chosen(OpenMMEnergy(target, platform=platform, n_workers=n_workers), "torch cannot evaluate it")
     if torch_energy.device.type != "cpu":  # GPUs: torch (eager unless compile=True), no probe
         return _chosen(torch_energy, "asked for" if backend == "torch" else "on a GPU")

@@ -28,7 +28,7 @@ from ...errors import CMTInputError
 from ..base import Energy
 from .forces import compile_system
 from .geometry import PairGeometry
-from .term import ForceTerm
+from .term import ForceTerm, exception_summary
 from .verification import verify_against_openmm
 
 if TYPE_CHECKING:
@@ -233,12 +233,9 @@ class TorchEnergy(Energy):
                 # thread's torch thread count (a probe here recompiled it in every pool thread)
                 self._map(compiled, [(reference.expand(-1, -1, self.compiled_chunk_sizes[gradient]).contiguous(),)])
             except Exception as error:  # no C++ compiler, unsupported operation, ...
-                reason = (
-                    f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
-                    if str(error)
-                    else type(error).__name__
+                warnings.warn(
+                    f"TorchEnergy stays eager: torch.compile failed ({exception_summary(error)}).", stacklevel=4
                 )
-                warnings.warn(f"TorchEnergy stays eager: torch.compile failed ({reason}).", stacklevel=4)
                 compiled, self.compile = None, False
             if gradient:
                 self._compiled = compiled

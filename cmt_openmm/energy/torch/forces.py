@@ -61,7 +61,7 @@ from .custom import CustomBondedTerm, CustomExternalTerm, CustomNonbondedTerm
 from .custom_gb import compile_custom_gb
 from .nonbonded import NonbondedTerm
 from .obc import GBSAOBCTerm
-from .term import ForceTerm, UnsupportedForceError, force_label
+from .term import ForceTerm, UnsupportedForceError, exception_summary, force_label
 
 __all__ = ["compile_force", "compile_system"]
 
@@ -125,6 +125,9 @@ def compile_system(
             term = compile_force(force, index, positions, device, dtype, n_atoms=system.getNumParticles())
         except UnsupportedForceError as error:
             refused.append(str(error).rstrip("."))
+            continue
+        except Exception as error:  # an input the compiler did not foresee: refused, never a crash
+            refused.append(f"{force_label(force, index)} cannot be compiled to torch ({exception_summary(error)})")
             continue
         if term is not None:
             terms.append(term)

@@ -246,25 +246,7 @@ def as_tensor_like(value: Any, like: torch.Tensor) -> torch.Tensor:
 
 
 def _select(c, a, b):
-    cond = c != 0
-    like = a if isinstance(a, torch.Tensor) else b if isinstance(b, torch.Tensor) else c
-    return torch.where(cond, as_tensor_like(a, like), as_tensor_like(b, like))
-
-
-def _minmax(which: str):
-    def apply(a, b):
-        if not isinstance(a, torch.Tensor):
-            a, b = b, a
-        if not isinstance(b, torch.Tensor):
-            return torch.clamp(a, max=b) if which == "min" else torch.clamp(a, min=b)
-        return torch.minimum(a, b) if which == "min" else torch.maximum(a, b)
-
-    return apply
-
-
-def _atan2(a, b):
-    like = a if isinstance(a, torch.Tensor) else b
-    return torch.atan2(as_tensor_like(a, like), as_tensor_like(b, like))
+    return torch.where(c != 0, a, b)
 
 
 def _power(exponent: Any) -> Callable:
@@ -307,12 +289,14 @@ _OPS: dict[str, Callable] = {
     "square": lambda a: a * a,
     "cube": lambda a: a * a * a,
     "recip": torch.reciprocal,
-    "min": _minmax("min"),
-    "max": _minmax("max"),
-    "atan2": _atan2,
+    "min": torch.minimum,
+    "max": torch.maximum,
+    "atan2": torch.atan2,
     "select": _select,
 }
 # fmt: on
+# operators that take a Python float for a static operand; every other function gets a 0-d tensor
+_ARITHMETIC = frozenset(("+", "-", "*", "/", "^"))
 
 
 class LeptonExpression:
@@ -345,6 +329,7 @@ class LeptonExpression:
         self.dynamic_names = sorted(dynamic & expression_variables(root))
         slots: list[Any] = []
         slot_of: dict[int, int] = {}
+        constant_slot: dict[tuple[int, bool], int] = {}
         static_value: dict[int, Any] = {}
         steps: list[tuple[Callable, tuple[int, ...], int]] = []
         inputs: dict[str, int] = {}
@@ -380,11 +365,17 @@ class LeptonExpression:
                 continue
             arg_slots = []
             for a in node.args:
-                if id(a) not in slot_of:  # a static operand: a constant slot in the compute dtype
-                    v = static_value[id(a)]
-                    slot_of[id(a)] = len(slots)
-                    slots.append(v.to(device=device, dtype=dtype) if isinstance(v, torch.Tensor) else v)
-                arg_slots.append(slot_of[id(a)])
+                if id(a) in slot_of:
+                    arg_slots.append(slot_of[id(a)])
+                    continue
+                # a static operand: a constant slot in the compute dtype, a float for arithmetic
+                # (Python scalars are cheapest there), else a tensor (torch.where, floor, tables)
+                v = static_value[id(a)]
+                key = (id(a), isinstance(v, torch.Tensor) or node.op not in _ARITHMETIC)
+                if key not in constant_slot:
+                    constant_slot[key] = len(slots)
+                    slots.append(torch.as_tensor(v, dtype=dtype, device=device) if key[1] else v)
+                arg_slots.append(constant_slot[key])
             slot_of[id(node)] = len(slots)
             slots.append(None)
             steps.append((function, tuple(arg_slots), slot_of[id(node)]))
@@ -405,3 +396,4 @@ class LeptonExpression:
         for function, args, out in self._steps:
             slots[out] = function(*[slots[a] for a in args])
         return slots[self._result]
+

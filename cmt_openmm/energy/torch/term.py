@@ -4,7 +4,8 @@
 readers take an ``openmm.Force``'s parameters in OpenMM's MD units (nm, kJ/mol, rad, e). A
 term is built once from its Force (:meth:`ForceTerm._compile` turns index lists and parameters
 into tensors) and maps a chunk (:class:`~.geometry.PairGeometry`, b configurations) to energies
-(b,) kJ/mol, adding dE/dx when asked. ``ONE_4PI_EPS0`` is OpenMM's Coulomb constant, shared by
+(b,) kJ/mol, adding dE/dx when asked. :func:`exception_summary` words an unexpected exception
+for the one-sentence refusals that turn it into a fallback. ``ONE_4PI_EPS0`` is OpenMM's Coulomb constant, shared by
 the nonbonded and GB terms.
 """
 
@@ -24,6 +25,7 @@ __all__ = [
     "ONE_4PI_EPS0",
     "ForceTerm",
     "UnsupportedForceError",
+    "exception_summary",
     "force_label",
     "global_defaults",
     "md_value",
@@ -37,6 +39,13 @@ ONE_4PI_EPS0 = 1.0 / (4.0 * math.pi * (1e-6 * 8.8541878128e-12 / (1.602176634e-1
 
 class UnsupportedForceError(CMTInputError):
     """A force (or one of its options) that the torch backend does not implement."""
+
+
+def exception_summary(error: BaseException) -> str:
+    """An unexpected exception in a few words for a one-sentence message: its type and the
+    first line of its text (at most 200 characters, no final period)."""
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0][:200].rstrip('.')}" if text else type(error).__name__
 
 
 def force_label(force: openmm.Force, index: int) -> str:

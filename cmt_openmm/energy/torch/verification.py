@@ -5,7 +5,9 @@
 reference structure, small and large Gaussian perturbations, nm) and raises
 :class:`VerificationError` naming the worst force when a relative error exceeds its tolerance:
 |dE| / max(|E|, kT) for energies (kJ/mol) and max_atom |dF| / max(max_atom |F|, kT/nm) for forces
-(kJ/mol/nm). Tolerances: float64 1e-6 and 1e-5, float32 5e-4 and 1e-3.
+(kJ/mol/nm). Tolerances: float64 1e-6 and 1e-5, float32 5e-4 and 1e-3. A term that raises
+while evaluated is a :class:`VerificationError` naming it, so that ``make_energy("auto")`` falls
+back to OpenMM.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import openmm.unit as unit
 import torch
 
 from ...errors import CMTInputError
+from .term import exception_summary
 
 __all__ = [
     "ENERGY_TOLERANCE",
@@ -120,10 +123,16 @@ def verify_against_openmm(
     xt = torch.as_tensor(x)
     per_force: dict[str, dict[str, float]] = {}
     worst = ("the total", 0.0, "energy")
+    name = getattr(target, "name", "the target")
     for t, term in enumerate(energy.terms):
+        try:  # term by term, so that an exception names its force
+            e, g = energy._chunk(energy._positions(xt), True, [term])
+        except Exception as error:
+            raise VerificationError(
+                f"the torch energy of {name} cannot be evaluated: {term.label} raised {exception_summary(error)}."
+            ) from error
         if te_ref is None:
-            break
-        e, g = energy._chunk(energy._positions(xt), True, [term])
+            continue
         e_err, f_err = _relative_errors(
             e.detach().to("cpu", torch.float64).numpy(),
             -g.to("cpu", torch.float64).numpy(),
@@ -175,7 +184,7 @@ def verify_against_openmm(
         )
         tol = e_tol if kind == "energy" else f_tol
         raise VerificationError(
-            f"the torch energy of {getattr(target, 'name', 'the target')} disagrees with OpenMM's Reference platform: "
+            f"the torch energy of {name} disagrees with OpenMM's Reference platform: "
             f"{label} has a relative {kind} error of {err:.2e} (tolerance {tol:.0e}) on {len(x)} verification "
             "structures."
         )
