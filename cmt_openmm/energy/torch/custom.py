@@ -17,7 +17,7 @@ import openmm
 import torch
 
 from .geometry import Angles, Dihedrals, Incidence, PairGeometry, PairList, bond_lengths, internal_autograd
-from .lepton import LeptonExpression, as_tensor_like, parse_lepton, tabulated_functions
+from .lepton import LeptonExpression, as_tensor_like, pair_symmetric, parse_lepton, tabulated_functions
 from .term import ForceTerm, UnsupportedForceError, global_defaults, md_value, per_particle_parameters
 
 __all__ = ["CustomBondedTerm", "CustomExternalTerm", "CustomNonbondedTerm"]
@@ -121,7 +121,11 @@ class CustomNonbondedTerm(ForceTerm):
     """CustomNonbondedForce without periodicity: E = sum_{i<j, not excluded} f(r, params_i as
     "1", params_j as "2") S(r), with r < r_c only and S = 1 - 10t^3 + 15t^4 - 6t^5,
     t = (r - r_s)/(r_c - r_s) (switching function on) for ``CutoffNonPeriodic``; with
-    interaction groups, each group's pairs (a pair counted once per group), as OpenMM."""
+    interaction groups, each group's pairs with "1" from set1 and "2" from set2 (a pair with
+    both atoms in both sets once, lower index as "1"), as OpenMM. Without groups OpenMM's order
+    depends on the platform and the cutoff (Reference: lower index first without a cutoff, its
+    neighbour list's higher index first with one; CPU: mixed), so an expression that is not
+    symmetric under 1 <-> 2 on this force's parameters (:func:`~.lepton.pair_symmetric`) is refused."""
 
     def _compile(self, force: openmm.CustomNonbondedForce) -> None:
         if force.getNumComputedValues():
@@ -143,17 +147,17 @@ class CustomNonbondedTerm(ForceTerm):
             excluded.add((min(i, j), max(i, j)))
         if force.getNumInteractionGroups() == 0:
             pairs = [(i, j) for i in range(n) for j in range(i + 1, n) if (i, j) not in excluded]
-        else:
+        else:  # "1" from set1, "2" from set2; a pair with both atoms in both sets once, lower first
             pairs = []
             for g in range(force.getNumInteractionGroups()):
                 set1, set2 = (set(s) for s in force.getInteractionGroupParameters(g))
-                seen: set[tuple[int, int]] = set()
                 for a1 in sorted(set1):
                     for a2 in sorted(set2):
-                        pair = (min(a1, a2), max(a1, a2))
-                        if a1 != a2 and pair not in excluded and pair not in seen:
-                            seen.add(pair)
-                            pairs.append(pair)
+                        if a1 == a2 or (min(a1, a2), max(a1, a2)) in excluded:
+                            continue
+                        if a1 > a2 and a2 in set1 and a1 in set2:
+                            continue
+                        pairs.append((a1, a2))
         i = np.array([p[0] for p in pairs], dtype=np.int64)
         j = np.array([p[1] for p in pairs], dtype=np.int64)
         self.pairs = PairList.build(i, j, n, self.device)
@@ -163,8 +167,17 @@ class CustomNonbondedTerm(ForceTerm):
             static[name + "1"] = torch.as_tensor(params[i, k][:, None])
             static[name + "2"] = torch.as_tensor(params[j, k][:, None])
         tables = tabulated_functions(force, self.label)
+        root = parse_lepton(force.getEnergyFunction(), {k: t.arity for k, t in tables.items()})
+        if not force.getNumInteractionGroups() and not pair_symmetric(
+            root, {name: params[:, k] for k, name in enumerate(names)}, global_defaults(force), tables, self.cutoff or 3.0
+        ):
+            raise UnsupportedForceError(
+                f"{self.label} has an energy that changes when particles 1 and 2 swap, and without interaction "
+                "groups OpenMM's platforms take the two particles of a pair in different orders (make it symmetric, or "
+                "add interaction groups)."
+            )
         self.expression = LeptonExpression(
-            parse_lepton(force.getEnergyFunction(), {k: t.arity for k, t in tables.items()}),
+            root,
             static,
             {"r"},
             tables,

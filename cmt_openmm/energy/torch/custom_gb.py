@@ -19,7 +19,15 @@ import openmm
 import torch
 
 from .geometry import PairGeometry
-from .lepton import Expr, LeptonExpression, as_tensor_like, expression_variables, parse_lepton, tabulated_functions
+from .lepton import (
+    Expr,
+    LeptonExpression,
+    as_tensor_like,
+    expression_variables,
+    pair_symmetric,
+    parse_lepton,
+    tabulated_functions,
+)
 from .obc import OBCFamilyGBTerm, OBCParameters
 from .term import ForceTerm, UnsupportedForceError, global_defaults, md_value, per_particle_parameters
 
@@ -36,7 +44,8 @@ class CustomGBTerm(ForceTerm):
         energy term, ParticlePair:       sum_{i<j} e(r_ij, params and values of i as "1", j as "2")
 
     ParticlePair sums skip excluded pairs (not the ``NoExclusions`` variants) and, with
-    ``CutoffNonPeriodic``, pairs with r >= r_c. Pair sums run over the dense (i, j) matrix so
+    ``CutoffNonPeriodic``, pairs with r >= r_c. A pair energy that is not symmetric under
+    1 <-> 2 is refused (OpenMM's platforms order pairs differently). Pair sums run over the dense (i, j) matrix so
     that every per-pair constant (GBn's neck tables ``getd0(radindex1, radindex2)``) is folded
     once. Differentiated by autograd with respect to the pair distances (and x, y, z).
     Global parameters take their default values.
@@ -90,11 +99,22 @@ class CustomGBTerm(ForceTerm):
             self.values.append((name, kind, expression))
             names_so_far.append(name)
         self.energies: list[tuple[int, LeptonExpression]] = []
+        # pair energies must be symmetric under 1 <-> 2: OpenMM's platforms order the pairs
+        # differently (Reference: lower index first without a cutoff, higher first with one);
+        # computed values stand in as random positive numbers per particle
+        rng = np.random.default_rng(0)
+        samples = {**{name: params[:, k] for k, name in enumerate(names)},
+                   **{name: rng.uniform(0.1, 1.0, n) for name in names_so_far}}
         for k in range(force.getNumEnergyTerms()):
             text, kind = force.getEnergyTermParameters(k)
             if kind == openmm.CustomGBForce.SingleParticle:
                 expression = compile_(text, single_static, set(names_so_far) | {"x", "y", "z"})
             else:
+                if not pair_symmetric(parse_lepton(text, arity), samples, glob, tables, self.cutoff or 3.0):
+                    raise UnsupportedForceError(
+                        f"{self.label} has the pair energy {text!r}, which changes when particles 1 and 2 swap, and "
+                        "OpenMM's platforms take the two particles of a pair in different orders (make it symmetric)."
+                    )
                 expression = compile_(text, pair_static, {"r"} | {v + s for v in names_so_far for s in "12"})
             self.energies.append((kind, expression))
         self.uses_xyz = any(

@@ -33,6 +33,7 @@ __all__ = [
     "LeptonExpression",
     "as_tensor_like",
     "expression_variables",
+    "pair_symmetric",
     "parse_lepton",
     "tabulated_functions",
 ]
@@ -212,6 +213,8 @@ class DiscreteTable:
             *sizes, values = function.getFunctionParameters()
             self.shape, self.values = tuple(int(s) for s in sizes), np.asarray(values, float)
         self.arity = len(self.shape)
+        square = self.values.reshape(self.shape[::-1]) if self.arity == 2 else None
+        self.symmetric = square is not None and self.shape[0] == self.shape[1] and np.array_equal(square, square.T)
         self._tensors: dict[tuple, torch.Tensor] = {}
 
     def __call__(self, *args: torch.Tensor) -> torch.Tensor:
@@ -397,3 +400,61 @@ class LeptonExpression:
             slots[out] = function(*[slots[a] for a in args])
         return slots[self._result]
 
+
+# arguments that commute, for the structural symmetry test
+_COMMUTATIVE = frozenset(("+", "*", "min", "max"))
+
+
+def _canonical(root: Expr, rename: Mapping[str, str], tables: Mapping[str, DiscreteTable]) -> str:
+    """A text of ``root`` with variables renamed and the arguments of commutative operations (and
+    of symmetric square 2D tables) sorted: equal texts are equal expressions."""
+    text: dict[int, str] = {}
+    for node in _postorder(root):
+        if node.op == "const":
+            text[id(node)] = float(node.value).hex()
+            continue
+        if node.op == "var":
+            text[id(node)] = rename.get(node.value, node.value)
+            continue
+        args = [text[id(a)] for a in node.args]
+        table = tables.get(node.op)
+        if node.op in _COMMUTATIVE or (table is not None and table.symmetric):
+            args.sort()
+        text[id(node)] = f"{node.op}({','.join(args)})"
+    return text[id(root)]
+
+
+def pair_symmetric(
+    root: Expr,
+    per_particle: Mapping[str, np.ndarray],
+    static: Mapping[str, float],
+    tables: Mapping[str, DiscreteTable],
+    r_max: float,
+) -> bool:
+    """Whether a pair energy of ``r`` and per-particle variables ``name1``/``name2`` is unchanged
+    when particles 1 and 2 swap: structurally (the same expression up to commuting arguments),
+    else numerically (1e-10 relative) for every two distinct rows of the particles' values
+    (``per_particle``: name -> (n,)) at 32 distances 0.05..``r_max`` nm. ``static``: global
+    parameters."""
+    rename = {f"{name}{k}": f"{name}{3 - k}" for name in per_particle for k in (1, 2)}
+    if _canonical(root, rename, tables) == _canonical(root, {}, tables):
+        return True
+    names = sorted(per_particle)
+    rows = np.unique(np.stack([np.asarray(per_particle[name], float) for name in names], 1), axis=0)
+    first, second = np.triu_indices(len(rows), 1)
+    r = torch.linspace(0.05, r_max, 32, dtype=torch.float64)[None, :]
+    for start in range(0, len(first), 2048):
+        i, j = first[start : start + 2048], second[start : start + 2048]
+        energies = []
+        for a, b in ((i, j), (j, i)):
+            values = {**static}
+            for k, name in enumerate(names):
+                values[f"{name}1"] = torch.as_tensor(rows[a, k][:, None])
+                values[f"{name}2"] = torch.as_tensor(rows[b, k][:, None])
+            e = LeptonExpression(root, values, {"r"}, tables)({"r": r})
+            energies.append(torch.as_tensor(e, dtype=torch.float64).expand(len(i), r.shape[1]))
+        e, swapped = energies
+        same = torch.isclose(e, swapped, rtol=1e-10, atol=1e-12, equal_nan=True)
+        if not bool(same.all()):
+            return False
+    return True
