@@ -82,6 +82,8 @@ class CustomExternalTerm(ForceTerm):
     """CustomExternalForce: E = sum_particles f(x, y, z, params) (global parameters at their
     defaults); gradient by autograd over the particles' coordinates."""
 
+    translation_invariant = False
+
     def _compile(self, force: openmm.CustomExternalForce) -> None:
         names = [force.getPerParticleParameterName(k) for k in range(force.getNumPerParticleParameters())]
         rows = [force.getParticleParameters(k) for k in range(force.getNumParticles())]
@@ -168,8 +170,9 @@ class CustomNonbondedTerm(ForceTerm):
             static[name + "2"] = torch.as_tensor(params[j, k][:, None])
         tables = tabulated_functions(force, self.label)
         root = parse_lepton(force.getEnergyFunction(), {k: t.arity for k, t in tables.items()})
+        per_particle = {name: params[:, k] for k, name in enumerate(names)}
         if not force.getNumInteractionGroups() and not pair_symmetric(
-            root, {name: params[:, k] for k, name in enumerate(names)}, global_defaults(force), tables, self.cutoff or 3.0
+            root, per_particle, global_defaults(force), tables, self.cutoff or 3.0
         ):
             raise UnsupportedForceError(
                 f"{self.label} has an energy that changes when particles 1 and 2 swap, and without interaction "

@@ -126,6 +126,7 @@ class CustomGBTerm(ForceTerm):
             for kind, e in self.energies
             if kind == openmm.CustomGBForce.SingleParticle
         )
+        self.translation_invariant = not self.uses_xyz
 
     def _energy(self, r: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
         b = r.shape[-1]

@@ -7,7 +7,9 @@
 whole chunks of configurations at once, no worker processes, on any torch device. At
 construction it checks itself against OpenMM's Reference platform
 (:func:`~.verification.verify_against_openmm`) and refuses to exist when it disagrees, so a
-silently wrong energy never reaches training or importance weights.
+silently wrong energy never reaches training or importance weights. Each configuration is
+centred on its mean position (in float64) before the cast to the compute dtype (unless a term
+reads absolute positions), so float32 accuracy does not depend on where the molecule sits.
 :func:`cmt_openmm.energy.select.make_energy` picks the backend. Example: :class:`TorchEnergy`.
 """
 
@@ -145,6 +147,7 @@ class TorchEnergy(Energy):
         self._reference = torch.as_tensor(reference, dtype=self.dtype, device=self.device)
         self._reference_batch_last = self._reference.t()[:, :, None]  # (3, n, 1), the compiled chunks' layout
         self._dense = any(term.needs_dense for term in self.terms)
+        self._centre = all(term.translation_invariant for term in self.terms)
         # two groups: terms on the (n, n) distance matrix (with the pair-list terms that can read
         # it, e.g. NonbondedForce) and the rest (bonded), each with chunks that keep its largest
         # tensors near the budget, in multiples of 8 configurations (whole vector registers:
@@ -169,15 +172,23 @@ class TorchEnergy(Energy):
 
     # -- evaluation ---------------------------------------------------------------------------
     def _positions(self, x: Any) -> torch.Tensor:
+        """Positions (B, n, 3) nm in the compute dtype and device; each configuration about its
+        mean position, taken in float64, when every term is translation invariant (so that float32
+        keeps its digits for the pair geometry wherever the molecule sits)."""
         if isinstance(x, unit.Quantity):
             x = x.value_in_unit(unit.nanometer)
         x = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x.detach())
-        x = x.to(self.device, self.dtype)
         if x.ndim != 3 or tuple(x.shape[1:]) != (self._n_atoms, 3):
             raise CMTInputError(
                 f"Positions have shape {tuple(x.shape)}; pass a batch of shape (B, {self._n_atoms}, 3) in nm."
             )
-        return x
+        if not self._centre:
+            return x.to(self.device, self.dtype)
+        out = torch.empty(x.shape, dtype=self.dtype, device=self.device)
+        for start in range(0, x.shape[0], self._rows):  # slices below the grain size: one core (see _evaluate)
+            part = x[start : start + self._rows].to(torch.float64)
+            out[start : start + self._rows] = part - part.mean(1, keepdim=True)
+        return out
 
     def _chunk(
         self, x: torch.Tensor, gradient: bool, terms: list[ForceTerm] | None = None
@@ -352,7 +363,7 @@ class TorchEnergy(Energy):
     # -- lifetime -----------------------------------------------------------------------------
     def __getstate__(self) -> dict:
         """Pickle/deepcopy the target and settings; the copy rebuilds its terms (and compiles its own)."""
-        skip = {"terms", "_reference", "_reference_batch_last", "_dense", "_groups", "compiled_chunk_sizes"}
+        skip = {"terms", "_reference", "_reference_batch_last", "_dense", "_centre", "_groups", "compiled_chunk_sizes"}
         return {key: value for key, value in super().__getstate__().items() if key not in skip}
 
     def __setstate__(self, state: dict) -> None:

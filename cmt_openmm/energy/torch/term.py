@@ -83,7 +83,8 @@ class ForceTerm:
     ``label`` names the force ("HarmonicBondForce #0"), ``force_index`` is its index in the
     System; ``needs_dense`` asks for the (n, n) distance matrix, ``uses_dense`` says that the
     term reads its pair distances from it when the chunk has one (in the same chunks); ``width`` is the number of
-    elements per configuration of its largest tensors (pairs, angles, ...; sets chunk sizes).
+    elements per configuration of its largest tensors (pairs, angles, ...; sets chunk sizes);
+    ``translation_invariant`` is false for terms of absolute positions (x, y, z in an expression).
     ``Term(force, index, device, dtype, n_atoms)`` checks what every term needs (``n_atoms``,
     no periodic boundary conditions), then reads the force in the subclass's :meth:`_compile`.
     """
@@ -93,6 +94,7 @@ class ForceTerm:
     needs_dense = False
     uses_dense = False
     width = 1
+    translation_invariant = True
 
     def __init__(
         self,
