@@ -249,13 +249,21 @@ _WATER = {"HOH", "WAT", "SOL", "TIP3", "TIP4", "TIP5", "SPC", "T3P", "T4P"}
 
 def _check_system(system: openmm.System, topology: app.Topology) -> None:
     waters = sum(residue.name.upper() in _WATER for residue in topology.residues())
-    if system.usesPeriodicBoundaryConditions() or waters:
-        what = f"{waters} water molecules" if waters else "a periodic box"
+    if waters:
         raise CMTInputError(
-            f"the input holds {what}: explicit solvent and periodic systems are not supported; strip the "
-            "solvent and ions and use implicit solvent without a cutoff (e.g. forcefield [amber14-all.xml, "
-            "implicit/gbn2.xml] or implicitSolvent OBC2 for a prmtop)."
+            f"the input holds {waters} water molecules: explicit solvent and periodic systems are not supported; "
+            "strip the solvent and ions and use implicit solvent without a cutoff (e.g. forcefield "
+            "[amber14-all.xml, implicit/gbn2.xml] or implicitSolvent OBC2 for a prmtop)."
         )
+    periodic = [(f"{type(f).__name__} #{k}", hasattr(f, "getNonbondedMethod"))
+                for k, f in enumerate(system.getForces()) if f.usesPeriodicBoundaryConditions()]
+    if periodic:  # no solvent to strip: name the periodic forces and the setting that fits each
+        nonbonded = ", ".join(label for label, has_method in periodic if has_method)
+        other = ", ".join(label for label, has_method in periodic if not has_method)
+        remedies = [f"give {nonbonded} a non-periodic method (NoCutoff or CutoffNonPeriodic)"] if nonbonded else []
+        remedies += [f"call setUsesPeriodicBoundaryConditions(False) on {other}"] if other else []
+        raise CMTInputError(f"{', '.join(label for label, _ in periodic)} {'uses' if len(periodic) == 1 else 'use'} "
+                            f"periodic boundary conditions, which are not supported: {' and '.join(remedies)}.")
     n = system.getNumParticles()
     if n != topology.getNumAtoms():
         raise CMTInputError(

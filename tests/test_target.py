@@ -165,9 +165,16 @@ def test_refuses_periodic_system():
     for _ in range(3):
         nonbonded.addParticle(0.0, 0.3, 0.5)
     system.addForce(nonbonded)
-    with pytest.raises(CMTInputError, match="explicit solvent and periodic systems are not supported") as error:
+    with pytest.raises(CMTInputError, match=r"NonbondedForce #\d uses periodic .* a non-periodic method") as error:
         Target(system, topology, POSITIONS, 300.0)
     assert_one_sentence(error)
+    assert "solvent" not in str(error.value)  # no water to strip: the setting that fits the force
+    nonbonded.setNonbondedMethod(openmm.NonbondedForce.NoCutoff)
+    bond = openmm.CustomBondForce("r^2")
+    bond.setUsesPeriodicBoundaryConditions(True)
+    system.addForce(bond)
+    with pytest.raises(CMTInputError, match=r"CustomBondForce #\d uses .* setUsesPeriodicBoundaryConditions\(False\)"):
+        Target(system, topology, POSITIONS, 300.0)
 
 
 def test_refuses_virtual_sites():

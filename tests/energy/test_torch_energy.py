@@ -31,7 +31,7 @@ from helpers import load_script
 
 from cmt_openmm.energy import OpenMMEnergy
 from cmt_openmm.energy.select import make_energy
-from cmt_openmm.energy.torch.bonded import CMAPTorsionTerm
+from cmt_openmm.energy.torch.bonded import CMAPTorsionTerm, HarmonicBondTerm
 from cmt_openmm.energy.torch.custom_gb import CustomGBTerm
 from cmt_openmm.energy.torch.energy import TorchEnergy
 from cmt_openmm.energy.torch.lepton import parse_lepton
@@ -465,6 +465,54 @@ def test_make_energy_falls_back_when_verification_fails(aldp, monkeypatch):
         assert isinstance(make_energy(aldp), OpenMMEnergy)
     with pytest.raises(VerificationError):
         make_energy(aldp, backend="torch")
+
+
+def test_an_exactly_linear_angle_passes_verification(aldp):
+    """A reference structure with an exactly linear angle: OpenMM's force there is zero (its
+    |a x c| is at least 1e-6), and so is torch's. Negative control, run once by hand: without the
+    clamp of ``Angles.backward`` verification refused ("HarmonicAngleForce #0 has a non-finite
+    force where OpenMM's is finite"; before issue 24: "the total has a relative energy error of inf")."""
+    x = np.array(aldp.positions)
+    x[2] = 2.0 * x[1] - x[0]  # 0-1-2 at 180 degrees
+    harmonic = openmm.HarmonicAngleForce()
+    custom = openmm.CustomAngleForce("k*(theta-t0)^2")
+    custom.addPerAngleParameter("k")
+    custom.addPerAngleParameter("t0")
+    for atoms in [(0, 1, 2), (1, 4, 6)]:
+        harmonic.addAngle(*atoms, 1.9, 400.0)
+        custom.addAngle(*atoms, [200.0, 1.9])
+    target = with_forces(aldp, harmonic, custom, name="linear")
+    energy = TorchEnergy(Target(target.system, target.topology, x, 300.0, name="linear"), compile=False)
+    assert energy.verification["passed"] and energy.verification["max_relative_force_error"] < 1e-9
+
+
+def test_a_non_finite_gradient_is_named_as_such(aldp, monkeypatch):
+    original = HarmonicBondTerm.__call__
+
+    def nan_gradient(self, geometry, gradient=False):
+        if gradient:
+            geometry.add_direct(torch.full_like(geometry.X, float("nan")))
+        return original(self, geometry, gradient)
+
+    monkeypatch.setattr(HarmonicBondTerm, "__call__", nan_gradient)
+    with pytest.raises(VerificationError, match="HarmonicBondForce #0 has a non-finite force where OpenMM's is finite"):
+        TorchEnergy(aldp, compile=False)
+
+
+def test_unimplemented_forces_are_listed_with_the_advice_once(aldp):
+    forces = [openmm.CustomCompoundBondForce(2, "distance(p1, p2)^2") for _ in range(3)]
+    for force in forces:
+        force.addBond([0, 1], [])
+    table = openmm.CustomNonbondedForce("f(r)")
+    table.addTabulatedFunction("f", openmm.Continuous1DFunction([0.0, 1.0, 4.0], 0.0, 1.0))
+    for _ in range(aldp.n_atoms):
+        table.addParticle([])
+    with pytest.raises(UnsupportedForceError) as error:
+        TorchEnergy(with_forces(aldp, *forces, table, name="unsupported"), verify=False)
+    message = str(error.value)
+    assert message.startswith("CustomCompoundBondForce #0, CustomCompoundBondForce #1 and CustomCompoundBondForce #2 "
+                              "are not implemented by the torch backend; CustomNonbondedForce #3 uses")
+    assert message.count("use the OpenMM backend") == 1 and message.endswith("; use the OpenMM backend.")
 
 
 def test_unsupported_tabulated_function_is_refused_by_name(aldp):

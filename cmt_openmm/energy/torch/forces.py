@@ -106,21 +106,24 @@ def compile_force(
         n_atoms = len(positions)
     if isinstance(force, openmm.CustomGBForce):
         return compile_custom_gb(force, index, positions, device, dtype)
-    build = _TERMS.get(type(force))
-    if build is None:
+    if not _implemented(force):
         raise UnsupportedForceError(
             f"{force_label(force, index)} is not implemented by the torch backend; use the OpenMM backend."
         )
-    return build(force, index, device, dtype, n_atoms=n_atoms)
+    return _TERMS[type(force)](force, index, device, dtype, n_atoms=n_atoms)
 
 
 def compile_system(
     system: openmm.System, positions: np.ndarray | None = None, device: Any = "cpu", dtype: torch.dtype = torch.float64
 ) -> list[ForceTerm]:
     """Terms for every force of ``system`` (see :func:`compile_force`); one
-    :class:`~.term.UnsupportedForceError` sentence names every force that cannot be evaluated."""
-    terms, refused = [], []
+    :class:`~.term.UnsupportedForceError` sentence names every force that cannot be evaluated
+    (the forces of types without a term together) and says once to use the OpenMM backend."""
+    terms, refused, missing = [], [], []
     for index, force in enumerate(system.getForces()):
+        if not _implemented(force):  # listed together, the advice said once
+            missing.append(force_label(force, index))
+            continue
         try:
             term = compile_force(force, index, positions, device, dtype, n_atoms=system.getNumParticles())
         except UnsupportedForceError as error:
@@ -131,6 +134,14 @@ def compile_system(
             continue
         if term is not None:
             terms.append(term)
+    if missing:
+        names = ", ".join(missing[:-1]) + " and " + missing[-1] if len(missing) > 1 else missing[0]
+        refused.insert(0, f"{names} {'are' if len(missing) > 1 else 'is'} not implemented by the torch backend")
     if refused:
-        raise UnsupportedForceError("; ".join(refused) + ".")
+        raise UnsupportedForceError("; ".join(refused) + "; use the OpenMM backend.")
     return terms
+
+
+def _implemented(force: openmm.Force) -> bool:
+    """Whether the torch backend has a term for the force's type (or ignores it)."""
+    return type(force).__name__ in _IGNORED_FORCES or isinstance(force, openmm.CustomGBForce) or type(force) in _TERMS

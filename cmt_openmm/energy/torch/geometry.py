@@ -177,7 +177,8 @@ def _cross(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 class Angles:
     """Angles i-j-k in [0, pi] of a chunk, theta = atan2(|a x c|, a.c) with a = x_i - x_j,
     c = x_k - x_j, and the backward pass d theta/dx (dtheta/da = (p a/|a|^2 - c)/s,
-    p = a.c, s = |a x c|; singular for exactly linear angles, like the energy's derivative)."""
+    p = a.c, s = |a x c|, with s at least 1e-6 as in OpenMM's Reference platform: an exactly
+    linear angle, where p a/|a|^2 - c = 0, gets a zero gradient as there, not NaN)."""
 
     arity = 3  # atoms per angle
 
@@ -197,7 +198,7 @@ class Angles:
 
     def backward(self, geometry: PairGeometry, dE: torch.Tensor, incidence: Incidence) -> None:
         """Add dE/dtheta (P, b) times dtheta/dx; ``incidence`` from :meth:`incidence`."""
-        f = dE / self.s
+        f = dE / self.s.clamp(min=1e-6)
         aa, cc = (self.a * self.a).sum(0), (self.c * self.c).sum(0)
         ga = (self.p / aa * f) * self.a - f * self.c
         gc = (self.p / cc * f) * self.c - f * self.a

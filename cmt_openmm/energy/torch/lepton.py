@@ -236,7 +236,7 @@ def tabulated_functions(force: Any, label: str) -> dict[str, DiscreteTable]:
         if not isinstance(function, (openmm.Discrete1DFunction, openmm.Discrete2DFunction, openmm.Discrete3DFunction)):
             raise UnsupportedForceError(
                 f"{label} uses the tabulated function {name!r} of type {type(function).__name__}, which the torch "
-                "backend does not implement (only Discrete1D/2D/3DFunction); use the OpenMM backend."
+                "backend does not implement (only Discrete1D/2D/3DFunction)."
             )
         tables[name] = DiscreteTable(function)
     return tables

@@ -86,11 +86,12 @@ def _openmm_by_term(
 def _relative_errors(
     e: np.ndarray, f: np.ndarray, e_ref: np.ndarray, f_ref: np.ndarray, kT: float
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Per configuration: |dE| / max(|E|, kT) and max_atom |dF| / max(max_atom |F|, kT/nm)."""
+    """Per configuration: |dE| / max(|E|, kT) and max_atom |dF| / max(max_atom |F|, kT/nm); inf
+    where torch's value is not finite (OpenMM's are: structures where it fails are left out)."""
     e_err = np.abs(e - e_ref) / np.maximum(np.abs(e_ref), kT)
     f_norm = np.linalg.norm(f_ref, axis=-1).max(-1)
     f_err = np.linalg.norm(f - f_ref, axis=-1).max(-1) / np.maximum(f_norm, kT)
-    return e_err, f_err
+    return np.nan_to_num(e_err, nan=np.inf), np.nan_to_num(f_err, nan=np.inf)  # NaN: never within tolerance
 
 
 def verify_against_openmm(
@@ -183,9 +184,14 @@ def verify_against_openmm(
             else (max_e if kind == "energy" else max_f)
         )
         tol = e_tol if kind == "energy" else f_tol
+        what = (
+            f"a relative {kind} error of {err:.2e} (tolerance {tol:.0e})"
+            if np.isfinite(err)
+            else f"a non-finite {kind}{' (a NaN or inf energy or gradient)' if label == 'the total' else ''} where "
+            "OpenMM's is finite"
+        )
         raise VerificationError(
-            f"the torch energy of {name} disagrees with OpenMM's Reference platform: "
-            f"{label} has a relative {kind} error of {err:.2e} (tolerance {tol:.0e}) on {len(x)} verification "
-            "structures."
+            f"the torch energy of {name} disagrees with OpenMM's Reference platform: {label} has {what} on "
+            f"{len(x)} verification structures."
         )
     return record
