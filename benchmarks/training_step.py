@@ -7,7 +7,7 @@ steps on each system and energy backend (the buffer's samples, their energies, t
 steps, with the flow and settings of the ``aldp-quick`` preset. The first backend named is the
 baseline: every row gives its step time as a ratio against the baseline's, measured in the same
 run; ``--train-dtypes float32 bfloat16`` adds rows with bfloat16 conditioners (``flow.train_dtype``),
-against the same baseline. Prints a table and writes JSON::
+against the same baseline, the two taking turns step by step. Prints a table and writes JSON::
 
     .ci/with-env python benchmarks/training_step.py --systems aldp-vacuum ala4 --threads 1 2 \\
         --backends openmm torch-compiled --out benchmarks/results/training_step.json
@@ -35,39 +35,46 @@ PARTS = ("sample", "energy", "anneal")
 
 
 def time_steps(system: str, backend: str, threads: int, n_steps: int, n_warmup: int,
-               train_dtype: str = "float32") -> dict:
-    """Median seconds of each part of a CMT step, and of the whole step."""
+               train_dtypes: tuple[str, ...] = ("float32",)) -> list[dict]:
+    """Median seconds of each part of a CMT step, and of the whole step: a row per conditioner
+    dtype, the dtypes taking turns step by step on one trainer (so a changing load on the
+    machine falls on each alike)."""
     preset = get_preset("aldp-quick")
     config = TrainConfig.from_dict({k: preset[k] for k in ("method", "seed", "flow", "cmt")})
-    config.flow.train_dtype = train_dtype
     target = cmt_openmm.get_target(system)
     torch.set_num_threads(threads)
     f = config.flow
     generator = BoltzmannGenerator.build(target, n_layers=f.n_layers, hidden=f.hidden, n_bins=f.n_bins, mask=f.mask,
                                          seed=0)
     name, compile_ = BACKENDS[backend]
-    times: dict[str, list[float]] = {part: [] for part in PARTS}
-    with make_energy(target, name, compile=compile_) as energy, \
-            conditioner_matmuls(generator, config.flow.conditioner_dtype()):
+    dtypes = {d: TrainConfig.from_dict({"flow": {"train_dtype": d}}).flow.conditioner_dtype() for d in train_dtypes}
+    times = {d: {part: [] for part in PARTS} for d in train_dtypes}
+    with make_energy(target, name, compile=compile_) as energy:
         trainer = CMTTrainer(target, generator, energy, config, torch.Generator().manual_seed(0))
-        for i in range(n_warmup + n_steps):
-            t0 = time.perf_counter()
-            x, log_q = generator.sample(config.cmt.n_samples, generator=trainer.rng)
-            t1 = time.perf_counter()
-            with torch.no_grad():
-                log_p = -energy(x)
-            t2 = time.perf_counter()
-            trainer.anneal(x, log_q, log_p)
-            trainer.steps_done += 1
-            t3 = time.perf_counter()
-            if i >= n_warmup:
+        for i in range(len(train_dtypes) * (n_warmup + n_steps)):
+            train_dtype = train_dtypes[i % len(train_dtypes)]
+            with conditioner_matmuls(generator, dtypes[train_dtype]):
+                t0 = time.perf_counter()
+                x, log_q = generator.sample(config.cmt.n_samples, generator=trainer.rng)
+                t1 = time.perf_counter()
+                with torch.no_grad():
+                    log_p = -energy(x)
+                t2 = time.perf_counter()
+                trainer.anneal(x, log_q, log_p)
+                trainer.steps_done += 1
+                t3 = time.perf_counter()
+            if i >= len(train_dtypes) * n_warmup:
                 for part, seconds in zip(PARTS, (t1 - t0, t2 - t1, t3 - t2)):
-                    times[part].append(seconds)
-    medians = {part: statistics.median(values) for part, values in times.items()}
-    step = sum(medians.values())
-    return {"system": system, "backend": backend, "train_dtype": train_dtype, "threads": threads, "n_samples": config.cmt.n_samples,
-            "fit_steps": config.cmt.fit_steps, "dim": generator.dim, **{f"{p}_s": medians[p] for p in PARTS},
-            "step_s": step, "evaluations_per_s": config.cmt.n_samples / step}
+                    times[train_dtype][part].append(seconds)
+    rows = []
+    for train_dtype, parts in times.items():
+        medians = {part: statistics.median(values) for part, values in parts.items()}
+        step = sum(medians.values())
+        rows.append({"system": system, "backend": backend, "train_dtype": train_dtype, "threads": threads,
+                     "n_samples": config.cmt.n_samples, "fit_steps": config.cmt.fit_steps, "dim": generator.dim,
+                     **{f"{p}_s": medians[p] for p in PARTS}, "step_s": step,
+                     "evaluations_per_s": config.cmt.n_samples / step})
+    return rows
 
 
 def main(argv=None) -> int:
@@ -86,8 +93,7 @@ def main(argv=None) -> int:
         for threads in args.threads:
             baseline = None
             for backend in args.backends:
-                for train_dtype in args.train_dtypes:
-                    row = time_steps(system, backend, threads, args.steps, args.warmup, train_dtype)
+                for row in time_steps(system, backend, threads, args.steps, args.warmup, tuple(args.train_dtypes)):
                     baseline = baseline or row["step_s"]
                     row["speedup_vs_" + args.backends[0]] = baseline / row["step_s"]
                     rows.append(row)
