@@ -176,7 +176,7 @@ def _target_verdict(last: dict, stop_reason: str | None) -> dict:
         return {"target_reached": True}
     return {"target_reached": False, "verdict": (
         f"training stopped ({stop_reason or 'unknown'}) before the path reached the target (λ = {last['lam']:.3g} > 0): "
-        "weights, estimates and flow moves stay exact, but the generator is inefficient (low ESS); "
+        "weights, estimates and flow moves stay exact, and more training would raise the ESS; "
         f"{CONTINUE_TRAINING}.")}
 
 

@@ -26,6 +26,7 @@ samples per effective one) or whenever N_eff < MIN_EFFECTIVE_SAMPLES (100), when
 estimates are unreliable (a single sample carrying the weight gives ESS = 1/N, however bad the
 generator)."""
 
+USE_SAMPLES = "use its reweighted samples (`cmt-openmm sample`) for estimates with error bars"
 MCMC_ONLY = ("use the generator only inside MCMC moves (FlowIndependenceMove between MD steps, or "
              "`cmt-openmm bridge-remd`), where its proposals stay exact and a low ESS or a missed basin costs "
              "acceptance, not correctness")
@@ -79,8 +80,10 @@ def verdict(report: dict) -> dict:
     pooled with their N_eff and a word for it (:data:`ESS_WORDS`), with reference frames the
     φ > 0 basins (by residue) the reference visits and which of them no flow sample lies in
     (``lost``, whatever the weights: reweighting cannot restore a basin never sampled), and the
-    one next step: continue training (target not reached), use the generator only inside MCMC
-    moves (a basin lost, or a poor or unusable ESS), or use its reweighted samples.
+    one next step: use its reweighted samples (a good or usable ESS and no basin lost; short of
+    the target, continuing training would raise the ESS further), continue training (short of
+    the target with a poor ESS), or use the generator only inside MCMC moves (a basin lost, or
+    a poor ESS at the target).
     """
     training, samples = report.get("training") or {}, report["samples"]
     final, ess, n_eff = training.get("final") or {}, samples["reverse_ess_pooled"], samples["n_effective"]
@@ -105,12 +108,14 @@ def verdict(report: dict) -> dict:
         parts.append(f"of the {len(visited)} φ > 0 basins (by residue) the reference visits, its samples visit "
                      f"{len(visited) - len(lost)}" + (f", missing {names}" if lost else "") if visited else
                      "the reference visits no φ > 0 basin")
-    if out["target_reached"] is False:
+    usable = quality in ("good", "usable") and not lost
+    if usable:
+        out["next_step"] = USE_SAMPLES + ("" if out["target_reached"] is not False else
+                                          f"; or, for a higher ESS, {metrics.CONTINUE_TRAINING}")
+    elif out["target_reached"] is False and not lost:
         out["next_step"] = metrics.CONTINUE_TRAINING
-    elif lost or quality in ("poor", "unusable"):
-        out["next_step"] = MCMC_ONLY
     else:
-        out["next_step"] = "use its reweighted samples (`cmt-openmm sample`) for estimates with error bars"
+        out["next_step"] = MCMC_ONLY
     out["summary"] = f"{'; '.join(parts)}; next step: {out['next_step']}."
     return out
 

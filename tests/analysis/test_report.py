@@ -4,7 +4,7 @@ the reference's."""
 import numpy as np
 
 from cmt_openmm.analysis.metrics import CONTINUE_TRAINING, peptide_populations, training_summary
-from cmt_openmm.analysis.report import MCMC_ONLY, render_markdown, verdict
+from cmt_openmm.analysis.report import MCMC_ONLY, USE_SAMPLES, render_markdown, verdict
 
 
 def _report(lam: float, ess: float, n: int = 10_000, flow_samples=None, reference=None) -> dict:
@@ -25,10 +25,18 @@ def _php(*values):
 
 
 def test_a_run_short_of_its_target_is_told_to_continue():
+    v = verdict(_report(lam=0.52, ess=0.005))
+    assert v["target_reached"] is False and v["quality"] == "unusable" and v["next_step"] == CONTINUE_TRAINING
+    assert v["summary"].startswith("training did not reach its target (λ = 0.52, η = 0); reverse ESS 0.50 % of "
+                                   "all 10,000 samples (N_eff = 50): unusable; next step: continue it with")
+
+
+def test_a_good_generator_short_of_its_target_is_used_and_may_be_continued():
     v = verdict(_report(lam=0.52, ess=0.2))
-    assert v["target_reached"] is False and v["quality"] == "good" and v["next_step"] == CONTINUE_TRAINING
-    assert v["summary"].startswith("training did not reach its target (λ = 0.52, η = 0); reverse ESS 20.00 % of "
-                                   "all 10,000 samples (N_eff = 2,000): good; next step: continue it with")
+    assert v["target_reached"] is False and v["quality"] == "good"
+    assert v["next_step"] == f"{USE_SAMPLES}; or, for a higher ESS, {CONTINUE_TRAINING}"
+    lost = verdict(_report(lam=0.52, ess=0.2, flow_samples={"residue_1": 0}, reference={"value": 0.03}))
+    assert lost["next_step"] == MCMC_ONLY  # a lost basin outweighs a good ESS, at the target or not
 
 
 def test_the_ess_word_and_its_thresholds():
