@@ -20,6 +20,7 @@ import yaml
 from ..errors import CMTInputError
 from ..files import atomic_write, atomic_writer, to_json
 from ..training.config import AUTO, RESUMABLE, TrainConfig, resume_conflicts
+from ..training.faults import training_lock
 from ..training.loop import CHECKPOINT_FILE, CONFIG_FILE, TARGET_DIR, load_history
 from .presets import get_preset
 from .run_files import RUN_FILE, RunSpec, build_target, parse_run_config, read_yaml, run_from_api, saved_target_entry
@@ -81,6 +82,9 @@ class Run:
             raise CMTInputError(f"{directory} already holds a run; resume it (--resume, resume=True) or choose another "
                                 "directory." if has_run else
                                 f"{directory} holds no checkpoint to resume; start the run without resume.")
+        if directory.is_dir():  # refused while another process trains there: it would change its run's files
+            with training_lock(directory, mark=False):
+                pass
         data, base = _run_mapping(config, overrides)
         if target is not None:
             data = {**data, "system": _save_target(target, directory), "temperature": _temperature(data, target)}

@@ -11,13 +11,16 @@ that would overrun the budget is never started.
 Run directory (``run_dir``): ``config.yaml`` (the :class:`TrainConfig`), ``target/`` (the
 Target: System XML, PDB, temperature; :meth:`~cmt_openmm.target.Target.save`), ``checkpoint.pt``
 (written atomically after every step: tmp file + ``os.replace``), ``metrics.jsonl`` (one record
-per step) and, at the end, ``generator.safetensors`` (with ``ema_decay`` set, the average of the
-flow's weights, :mod:`.averaging`). A killed run loses at most the step in
-progress; ``resume=True`` reloads generator weights, optimizer state, the torch RNG state,
-the method's state, the step counter, the history and the energy counters, and continues to
-the same result as an uninterrupted run with the same seed. Checkpoints hold only tensors
+per step), ``train.lock`` (held while a process trains there: :func:`~.faults.training_lock`)
+and, at the end, ``generator.safetensors`` (with ``ema_decay`` set, the average of the flow's
+weights, :mod:`.averaging`). A killed run loses at most the step in progress; ``resume=True``
+reloads generator weights, optimizer state, the torch RNG state, the method's state, the step
+counter, the history and the energy counters, and continues to the same result as an
+uninterrupted run with the same seed. Checkpoints hold only tensors
 and plain Python values and are read with ``torch.load(weights_only=True)``: loading one
 cannot run code.
+
+One process at a time trains a run directory (:mod:`.faults`).
 
 Randomness: one ``torch.Generator`` seeded from ``config.seed`` drives sampling and
 minibatches; the flow is initialised from the same seed. No global or numpy RNG is used.
@@ -30,6 +33,7 @@ have different states).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -51,6 +55,7 @@ from ..generator import GENERATOR_FILE, BoltzmannGenerator
 from ..importance import CLIP_FRACTION, reverse_ess
 from .averaging import WeightAverage
 from .config import AUTO, RESUMABLE, TRAINERS, TrainConfig, resolve_device, resolve_threads, resume_conflicts
+from .faults import training_lock
 from .schedule import MEASURED_STEPS, REPLAN_EVERY, plan_steps
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -154,7 +159,8 @@ def train(
     ``max_steps`` steps, after ``max_minutes`` of training, or before a step that would exceed
     ``budget`` energy evaluations. A
     fresh run whose ``budget`` is below the cost of its first step is refused
-    (:class:`~cmt_openmm.errors.CMTInputError`) rather than trained for 0 steps.
+    (:class:`~cmt_openmm.errors.CMTInputError`) rather than trained for 0 steps. A run
+    directory another process is training is refused (:func:`~.faults.training_lock`).
 
     Example (three CMT steps of a small flow on a toy, then one more by resuming; OpenMM
     energies, so that no time goes into choosing a backend):
@@ -167,15 +173,20 @@ def train(
         >>> result.stop_reason, [record["energy_evaluations"] for record in result.history]
         ('max_steps', [500, 1000, 1500])
         >>> sorted(os.listdir(run_dir))
-        ['checkpoint.pt', 'config.yaml', 'generator.safetensors', 'metrics.jsonl', 'target']
+        ['checkpoint.pt', 'config.yaml', 'generator.safetensors', 'metrics.jsonl', 'target', 'train.lock']
         >>> again = cmt_openmm.train(toy, {**config, "max_steps": 4}, run_dir, resume=True, progress=False)
         >>> len(again.history), again.history[:3] == result.history   # continued, not restarted
         (4, True)
     """
-    from ..energy.select import make_energy
-
     config = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
     run_dir = Path(run_dir) if run_dir is not None else None
+    with training_lock(run_dir) if run_dir is not None else contextlib.nullcontext():
+        return _train(target, config, run_dir, resume, progress, energy)
+
+
+def _train(target, config: TrainConfig, run_dir: Path | None, resume: bool, progress: bool, energy) -> TrainResult:
+    from ..energy.select import make_energy
+
     checkpoint = _prepare_run_dir(run_dir, config, resume)
     if run_dir is not None:  # the run directory describes itself: sample/evaluate/load need nothing else
         target.save(run_dir / TARGET_DIR)
