@@ -36,6 +36,22 @@ def load_script(relative_path: str):
     return module
 
 
+def assert_same_history(a: list[dict], b: list[dict], ignore: tuple[str, ...] = ()) -> None:
+    """Two runs' per-step records are equal, floats to 1e-9, but for their wall time, their
+    plan (it follows the limits of the run a step was in) and the keys in ``ignore``."""
+    assert len(a) == len(b)
+    skip = ("wall_time", "planned_steps", *ignore)
+    for ra, rb in zip(a, b):
+        assert {k for k in ra if k not in skip} == {k for k in rb if k not in skip}
+        for k in ra:
+            if k in skip:
+                continue
+            if isinstance(ra[k], float):
+                assert math.isclose(ra[k], rb[k], rel_tol=1e-9, abs_tol=1e-12), (k, ra[k], rb[k])
+            else:
+                assert ra[k] == rb[k], k
+
+
 def random_rotation(seed: int) -> np.ndarray:
     """A random proper rotation matrix (3, 3) float64."""
     q, r = np.linalg.qr(np.random.default_rng(seed).normal(size=(3, 3)))

@@ -6,14 +6,18 @@ and bridged replica-exchange drivers) and prints: ``train RUN.yaml --out DIR`` (
 into a run directory and writes its report and plots; ``sample`` and ``evaluate`` work on that
 directory; ``reference-md`` writes MD reference frames; ``demo`` is the README's main job. Commands print progress on stderr and their result (JSON, or the
 demo's summary) on stdout; library banners are kept off stdout. Bad input ends with one
-sentence on stderr and exit code 2, never a traceback. argparse rather than click/typer: no
-extra dependency, and the standard library's behaviour.
+sentence on stderr and exit code 2, never a traceback. SIGTERM or SIGINT during training end
+``train`` and ``demo`` at the last complete step with one sentence naming the command that
+continues the run, and exit code 128 + the signal's number (143, 130), as a shell reports it.
+argparse rather than click/typer: no extra dependency, and the standard library's behaviour.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import json
+import shlex
+import signal
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -49,6 +53,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     run = Run.create(args.out, config, overrides=overrides, resume=args.resume)
     finished = run.finished  # train() then returns the stored report
     result = run.train(progress=not args.quiet)
+    if result.get("stop_reason") == "interrupted":
+        command = ["cmt-openmm", "train", *([str(Path(args.config).resolve())] if args.config else []),
+                   *(["--preset", args.preset] if args.preset else []), "--out", str(run.directory),
+                   *(["--resume"] if result["steps"] else [])]  # no step taken: no checkpoint, start again
+        command += [f"--{key.replace('_', '-')}={value}" for key, value in overrides.items() if value is not None]
+        return _interrupted(result, shlex.join(command), args)
     if finished or result["training"].get("verdict"):
         _say(finished or result["training"]["verdict"])
     _emit(result, args)
@@ -111,10 +121,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if resume:
         _say(run.finished or f"{out} already holds a run: resuming it")
     result = run.train(progress=not args.quiet)
+    if result.get("stop_reason") == "interrupted":  # demo resumes a run it finds in --out
+        return _interrupted(result, shlex.join(["cmt-openmm", "demo", "--out", str(run.directory),
+                                                "--preset", args.preset, "--n", str(args.n)]), args)
     run.write_samples(args.n, out / "samples.npz", pdb=out / "samples.pdb", dcd=out / "samples.dcd",
                       weights=out / "weights.npy", resample=args.n, progress=not args.quiet)
     _emit(_demo_summary(result, out), args)
     return 0
+
+
+def _interrupted(result: dict, command: str, args: argparse.Namespace) -> int:
+    """A run stopped by a signal: say how to continue it, print the result, return 128 + the signal's number."""
+    done = (f"after step {result['steps']}, whose checkpoint is in {result['run_dir']}" if result["steps"] else
+            "in its first step, before any checkpoint")
+    _say(f"{result['signal']} stopped training {done}; continue with: {command}")
+    _emit(result, args)
+    return 128 + signal.Signals[result["signal"]]
 
 
 def _demo_summary(result: dict, out: Path) -> str:

@@ -160,12 +160,15 @@ class Run:
     @property
     def stop_reason(self) -> str | None:
         """Why training stopped: as this object's last :meth:`train` returned it, else as the
-        training report recorded it (None before either)."""
+        training report recorded it (None before either, and when the report is of fewer steps
+        than the run has taken: a later stretch was interrupted or killed)."""
         if self._stop_reason is not None:
             return self._stop_reason
         try:
-            return json.loads((self.directory / f"{REPORT}.json").read_text())["training"]["stop_reason"]
-        except (OSError, ValueError, KeyError, TypeError):
+            training = json.loads((self.directory / f"{REPORT}.json").read_text())["training"]
+            history = self.history
+            return training["stop_reason"] if history and training["steps"] == history[-1]["step"] else None
+        except (OSError, ValueError, KeyError, TypeError, CMTInputError):
             return None
 
     @property
@@ -206,7 +209,9 @@ class Run:
 
         Returns the report dictionary, or with ``report=False`` the run directory and why
         training stopped. A run that has already :attr:`finished` trains nothing and writes
-        nothing: it returns its stored report.
+        nothing: it returns its stored report. A run stopped by SIGTERM or SIGINT writes no
+        report either: it returns the run directory, the stop reason "interrupted", the signal's
+        name and the steps taken, and continues with ``resume=True``.
         """
         from ..training import train
 
@@ -220,6 +225,9 @@ class Run:
              f"{self.spec.temperature:g} K in {self.directory}", progress)
         result = train(self.target, self.config, run_dir=self.directory, resume=resume, progress=progress)
         self._generator, self._stop_reason = result.generator, result.stop_reason
+        if result.stop_reason == "interrupted":
+            return {"run_dir": str(self.directory), "stop_reason": result.stop_reason, "signal": result.signal,
+                    "steps": len(result.history)}
         if not report:
             return {"run_dir": str(self.directory), "stop_reason": result.stop_reason}
         return self._report(result.history, result.stop_reason, progress=progress, name=REPORT)

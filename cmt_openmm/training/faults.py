@@ -1,5 +1,13 @@
-"""What a long training run meets: a second writer.
+"""What a long training run meets: stop signals and a second writer.
 
+- **Signals.** :class:`StopSignals` turns SIGTERM and SIGINT (a scheduler's pre-emption, Ctrl-C)
+  into the loop's stop reason "interrupted". A signal during a step abandons it at once and the
+  run ends at the last complete step, whose checkpoint is on disk: the step is abandoned rather
+  than finished because a step can outlast a scheduler's grace period (SLURM's is 30 s by
+  default) and the signal often reaches the energy workers too. A signal while a checkpoint is
+  written waits for it, then ends the run. The loop keeps a :func:`snapshot` in memory before
+  each step (weights, Adam state, method state, random stream; taking it draws no random
+  numbers, so runs are unchanged) and puts an abandoned step's back (:func:`roll_back`).
 - **One writer.** :func:`training_lock` holds ``train.lock`` in the run directory while a process
   trains there (``fcntl.flock``: the system releases it when the process dies, even by SIGKILL),
   so a second ``train`` into it is refused instead of interleaving two runs' records and
@@ -8,9 +16,12 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import errno
 import os
+import signal
 import socket
+import threading
 import warnings
 from pathlib import Path
 from typing import Iterator
@@ -23,6 +34,68 @@ except ImportError:  # Windows: run directories are not locked
 from ..errors import CMTInputError
 
 LOCK_FILE = "train.lock"
+
+
+class Interrupted(BaseException):
+    """A stop signal inside a step (a BaseException, as KeyboardInterrupt: no ``except Exception`` keeps it)."""
+
+
+class StopSignals:
+    """SIGTERM and SIGINT handlers for the loop: inside :meth:`armed` (a step) the first signal
+    raises :class:`Interrupted` at once; elsewhere (writing a checkpoint) it is noted in
+    ``received`` and the loop stops before the next step. The first signal also puts the previous
+    handlers back, so that a second one acts as without training (SIGINT: KeyboardInterrupt,
+    SIGTERM: the process ends), which atomic files survive. Only the main thread can set handlers;
+    elsewhere signals keep their usual effect."""
+
+    def __init__(self):
+        self.received: signal.Signals | None = None
+        self._armed = False
+        self._previous: dict = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._put_back()
+
+    def _put_back(self) -> None:
+        for number, handler in self._previous.items():  # None: a handler set outside Python, not restorable
+            signal.signal(number, signal.SIG_DFL if handler is None else handler)
+        self._previous = {}
+
+    def _handle(self, number, frame) -> None:
+        self.received = signal.Signals(number)
+        self._put_back()
+        if self._armed:
+            raise Interrupted
+
+    @contextlib.contextmanager
+    def armed(self) -> Iterator[None]:
+        self._armed = True
+        try:
+            yield
+        finally:
+            self._armed = False
+
+
+def snapshot(trainer, average) -> dict:
+    """Copies of what a step changes (weights, optimizer, method state, random stream), to roll back to."""
+    state = {"generator": trainer.generator.state_dict(), "optimizer": trainer.optimizer.state_dict(),
+             "trainer": trainer.state_dict(), "average": None if average is None else average.state_dict()}
+    return {**copy.deepcopy(state), "rng": trainer.rng.get_state()}
+
+
+def roll_back(good: dict, trainer, average) -> None:
+    """Put back a :func:`snapshot` (the optimizer then shares its tensors: take a new one before the next step)."""
+    trainer.generator.load_state_dict(good["generator"])
+    trainer.optimizer.load_state_dict(good["optimizer"])
+    trainer.load_state_dict(good["trainer"])
+    if average is not None:
+        average.load_state_dict(good["average"])
+    trainer.rng.set_state(good["rng"])
 
 
 @contextlib.contextmanager

@@ -20,7 +20,8 @@ uninterrupted run with the same seed. Checkpoints hold only tensors
 and plain Python values and are read with ``torch.load(weights_only=True)``: loading one
 cannot run code.
 
-One process at a time trains a run directory (:mod:`.faults`).
+Faults (:mod:`.faults`): SIGTERM and SIGINT abandon the step in progress and end the run at the
+last complete step (stop reason "interrupted"); one process at a time trains a run directory.
 
 Randomness: one ``torch.Generator`` seeded from ``config.seed`` drives sampling and
 minibatches; the flow is initialised from the same seed. No global or numpy RNG is used.
@@ -55,7 +56,7 @@ from ..generator import GENERATOR_FILE, BoltzmannGenerator
 from ..importance import CLIP_FRACTION, reverse_ess
 from .averaging import WeightAverage
 from .config import AUTO, RESUMABLE, TRAINERS, TrainConfig, resolve_device, resolve_threads, resume_conflicts
-from .faults import training_lock
+from .faults import Interrupted, StopSignals, roll_back, snapshot, training_lock
 from .schedule import MEASURED_STEPS, REPLAN_EVERY, plan_steps
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -67,13 +68,14 @@ _FORMAT = "cmt_openmm.checkpoint/1"
 @dataclass
 class TrainResult:
     """Outcome of :func:`train`: the trained generator, the per-step records, the run directory,
-    and why training stopped ("target reached", "schedule finished", "max_steps", "budget",
-    "max_minutes")."""
+    why training stopped ("target reached", "schedule finished", "max_steps", "budget",
+    "max_minutes", "interrupted") and, when interrupted, the signal's name ("SIGTERM")."""
 
     generator: Any
     history: list[dict]
     run_dir: Path | None
     stop_reason: str
+    signal: str | None = None
 
 
 class Trainer(ABC):
@@ -159,8 +161,11 @@ def train(
     ``max_steps`` steps, after ``max_minutes`` of training, or before a step that would exceed
     ``budget`` energy evaluations. A
     fresh run whose ``budget`` is below the cost of its first step is refused
-    (:class:`~cmt_openmm.errors.CMTInputError`) rather than trained for 0 steps. A run
-    directory another process is training is refused (:func:`~.faults.training_lock`).
+    (:class:`~cmt_openmm.errors.CMTInputError`) rather than trained for 0 steps. SIGTERM or
+    SIGINT (from the main thread's point of view) stop it at the last complete step with stop
+    reason "interrupted": the result holds that step's generator, and ``generator.safetensors``
+    is not written (the checkpoint holds everything to resume). A run directory another process
+    is training is refused (:func:`~.faults.training_lock`).
 
     Example (three CMT steps of a small flow on a toy, then one more by resuming; OpenMM
     energies, so that no time goes into choosing a backend):
@@ -223,13 +228,15 @@ def _train(target, config: TrainConfig, run_dir: Path | None, resume: bool, prog
                 f"({cost:,} evaluations), so the run would train 0 steps; raise budget to at least {cost:,} "
                 f"or make one step cheaper (fewer samples per step in the {config.method} settings)."
             )
-        with conditioner_matmuls(generator, config.flow.conditioner_dtype()):
-            stop_reason = _run(trainer, average, config, run_dir, state, progress)
+        with conditioner_matmuls(generator, config.flow.conditioner_dtype()), StopSignals() as signals:
+            stop_reason = _run(trainer, average, config, run_dir, state, progress, signals)
     finally:
         torch.set_num_threads(threads)
         if own_energy:
             energy.close()
     trained = generator if average is None else average.module
+    if stop_reason == "interrupted":
+        return TrainResult(trained, state["history"], run_dir, stop_reason, signals.received.name)
     if run_dir is not None:
         trained.save(run_dir / GENERATOR_FILE)
     return TrainResult(trained, state["history"], run_dir, stop_reason)
@@ -275,7 +282,7 @@ def _say(message: str) -> None:
 
 
 def _run(trainer: Trainer, average: WeightAverage | None, config: TrainConfig, run_dir: Path | None, state: dict,
-         progress: bool) -> str:
+         progress: bool, signals: StopSignals) -> str:
     energy = trainer.energy
     total, limit = _expected_steps(trainer, config, state)
     if progress:
@@ -294,6 +301,8 @@ def _run(trainer: Trainer, average: WeightAverage | None, config: TrainConfig, r
         file=sys.stderr,
     ) as bar:
         while True:
+            if signals.received:
+                return "interrupted"
             if trainer.done:
                 return trainer.done
             if state["step"] >= config.max_steps:
@@ -303,8 +312,14 @@ def _run(trainer: Trainer, average: WeightAverage | None, config: TrainConfig, r
             if config.max_minutes is not None and state["wall_time"] >= 60.0 * config.max_minutes:
                 return "max_minutes"
             _plan(trainer, config, state, progress)
+            good = snapshot(trainer, average)
             start, n_eval, n_failed = time.perf_counter(), energy.n_evaluations, energy.n_failed
-            record = trainer.step()
+            try:
+                with signals.armed():
+                    record = trainer.step()
+            except Interrupted:
+                roll_back(good, trainer, average)
+                return "interrupted"
             trainer.steps_done += 1
             state["evaluations"] += energy.n_evaluations - n_eval
             state["n_failed"] += energy.n_failed - n_failed

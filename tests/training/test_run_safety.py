@@ -1,22 +1,31 @@
-"""Faults a long run meets, each injected with a negative control (issue 25): a second writer
-into a run directory is refused while readers go on."""
+"""Faults a long run meets, each injected with a negative control (issue 25): SIGTERM and SIGINT
+end a run at its last complete step, and a second writer into a run directory is refused while
+readers go on."""
 import errno
+import json
 import os
 import re
+import shlex
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
+import torch
+import yaml
 
 from cmt_openmm import Run
 from cmt_openmm.cli import main
 from cmt_openmm.errors import CMTInputError
+from cmt_openmm.generator import GENERATOR_FILE
 from cmt_openmm.systems import get_target
-from cmt_openmm.training import load_history, train
-from cmt_openmm.training import faults
+from cmt_openmm.training import TRAINERS, load_history, train
+from cmt_openmm.training import faults, loop
 from cmt_openmm.training.faults import LOCK_FILE
-from helpers import ROOT
+from cmt_openmm.training.loop import CHECKPOINT_FILE
+from helpers import ROOT, assert_same_history
 
 FLOW = {"n_layers": 2, "hidden": 8, "n_bins": 4}
 CMT = {"method": "cmt", "seed": 3, "max_steps": 4, "flow": FLOW, "energy": {"backend": "openmm"},
@@ -26,6 +35,141 @@ CMT = {"method": "cmt", "seed": 3, "max_steps": 4, "flow": FLOW, "energy": {"bac
 @pytest.fixture(scope="module")
 def toy():
     return get_target("toy-double-well")
+
+
+@pytest.fixture
+def sigterm_guard():
+    """A SIGTERM the loop fails to take fails the test instead of ending pytest."""
+    def guard(*_):
+        raise AssertionError("SIGTERM reached the test, not the training loop")
+
+    previous = signal.signal(signal.SIGTERM, guard)
+    yield guard
+    signal.signal(signal.SIGTERM, previous)
+
+
+def _wrap_step(monkeypatch, method: str, wrapper) -> list[int]:
+    """Replace the method's Trainer.step by ``wrapper(step, trainer, call)``; the steps_done of each call."""
+    cls, calls = TRAINERS[method], []
+    step = cls.step
+
+    def wrapped(self):
+        calls.append(self.steps_done)
+        return wrapper(step, self, len(calls))
+
+    monkeypatch.setattr(cls, "step", wrapped)
+    return calls
+
+
+def _signal_in_call(number: int, signum=signal.SIGTERM):
+    """A step wrapper that sends ``signum`` to this process at the end of call ``number``."""
+    def wrapper(step, trainer, call):
+        record = step(trainer)
+        if call == number:
+            os.kill(os.getpid(), signum)
+        return record
+    return wrapper
+
+
+# -- signals --------------------------------------------------------------------------------
+@pytest.mark.parametrize("where", ["in a step", "writing a checkpoint"])
+def test_a_signal_ends_the_run_at_the_last_complete_step(toy, tmp_path, monkeypatch, sigterm_guard, where):
+    full = train(toy, CMT, tmp_path / "full", progress=False)  # negative control: no signal
+    assert full.stop_reason == "max_steps" and full.signal is None and (tmp_path / "full" / GENERATOR_FILE).is_file()
+    split = tmp_path / "split"
+    with monkeypatch.context() as patch:
+        if where == "in a step":  # SIGTERM at the end of step 3's work: the step is abandoned
+            _wrap_step(patch, "cmt", _signal_in_call(3))
+            signum = signal.SIGTERM
+        else:  # SIGINT while step 2's checkpoint is written: it is finished, then the run stops
+            save = loop._save_checkpoint
+
+            def save_then_signal(run_dir, trainer, average, config, state):
+                save(run_dir, trainer, average, config, state)
+                if state["step"] == 2:
+                    os.kill(os.getpid(), signal.SIGINT)
+
+            patch.setattr(loop, "_save_checkpoint", save_then_signal)
+            signum = signal.SIGINT
+        result = train(toy, CMT, split, progress=False)
+    assert (result.stop_reason, result.signal, len(result.history)) == ("interrupted", signum.name, 2)
+    assert signal.getsignal(signal.SIGTERM) is sigterm_guard  # the handlers are put back
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert not (split / GENERATOR_FILE).exists()  # not a trained result
+    checkpoint = torch.load(split / CHECKPOINT_FILE, weights_only=True)
+    assert checkpoint["step"] == 2 and load_history(split) == result.history
+    for name, value in result.generator.state_dict().items():  # the abandoned step was rolled back
+        assert torch.equal(value, checkpoint["generator"][name]), name
+    resumed = train(toy, CMT, split, resume=True, progress=False)
+    assert_same_history(resumed.history, full.history)
+    for name, value in full.generator.state_dict().items():
+        torch.testing.assert_close(resumed.generator.state_dict()[name], value, rtol=1e-6, atol=1e-7)
+
+
+def test_a_run_interrupted_after_its_report_resumes(tmp_path, monkeypatch, sigterm_guard):
+    """The report of an earlier stretch (stopped by max_steps) does not make the interrupted
+    stretch after it look finished."""
+    config = {"system": "toy-double-well", **CMT, "max_steps": 2, "report": {"n_samples": 200, "n_draws": 1}}
+    folder = tmp_path / "run"
+    Run.create(folder, config).train(progress=False)
+    assert Run.open(folder).finished is not None  # negative control: a report of the last step counts
+    report = (folder / "report.json").read_bytes()
+    with monkeypatch.context() as patch:
+        _wrap_step(patch, "cmt", _signal_in_call(2))
+        stopped = Run.create(folder, config, overrides={"max_steps": 4}, resume=True).train(progress=False)
+    assert stopped == {"run_dir": str(folder), "stop_reason": "interrupted", "signal": "SIGTERM", "steps": 3}
+    assert (folder / "report.json").read_bytes() == report
+    again = Run.create(folder, config, overrides={"max_steps": 4}, resume=True)
+    assert again.stop_reason is None and again.finished is None
+    assert again.train(progress=False, report=False)["stop_reason"] == "max_steps" and len(again.history) == 4
+
+
+def test_sigterm_to_the_command_line_and_a_second_writer(tmp_path, capsys):
+    """`cmt-openmm train` in a subprocess (each step slowed by 0.4 s, its numbers unchanged): a
+    second `train --resume` is refused while it trains and readers work; SIGTERM ends it with 143
+    and one sentence whose command continues the run to the history of an uninterrupted one."""
+    run_file = tmp_path / "toy.yaml"
+    run_file.write_text(yaml.safe_dump({"system": "toy-double-well", **CMT, "max_steps": 20,
+                                        "cmt": {**CMT["cmt"], "steps_after_target": 20},  # all 20 steps
+                                        "report": {"n_samples": 200, "n_draws": 1}}))
+    out = (tmp_path / "run").resolve()
+    slowed = ("import sys, time\n"
+              "from cmt_openmm.training.cmt import CMTTrainer\n"
+              "step = CMTTrainer.step\n"
+              "CMTTrainer.step = lambda self: (step(self), time.sleep(0.4))[0]\n"
+              "from cmt_openmm.cli.main import main\n"
+              "sys.exit(main(sys.argv[1:]))\n")
+    process = subprocess.Popen([sys.executable, "-c", slowed, "train", str(run_file), "--out", str(out), "--quiet"],
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while len(load_history(out) if (out / "metrics.jsonl").is_file() else []) < 3:
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+            time.sleep(0.05)
+        capsys.readouterr()
+        assert main(["train", str(run_file), "--out", str(out), "--resume", "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert err == (f"cmt-openmm train: error: another process (pid {process.pid} on {socket.gethostname()}) is "
+                       f"training the run in {out}; wait for it to end or stop it, then train there again.\n")
+        assert len(Run.open(out).history) >= 3  # a reader
+        process.send_signal(signal.SIGTERM)
+        stdout, stderr = process.communicate(timeout=300)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    steps = len(load_history(out))
+    assert process.returncode == 143 and 3 <= steps < 20, stderr
+    command = shlex.join(["cmt-openmm", "train", str(run_file), "--out", str(out), "--resume"])
+    assert stderr.splitlines()[-1] == (f"[cmt-openmm] SIGTERM stopped training after step {steps}, whose checkpoint is "
+                                       f"in {out}; continue with: {command}")
+    assert json.loads(stdout) == {"run_dir": str(out), "stop_reason": "interrupted", "signal": "SIGTERM",
+                                  "steps": steps}
+    assert torch.load(out / CHECKPOINT_FILE, weights_only=True)["step"] == steps
+    assert not (out / GENERATOR_FILE).exists() and not (out / "report.json").exists()
+    assert main(shlex.split(command)[1:] + ["--quiet"]) == 0  # the lock died with the process
+    full = Run.create(tmp_path / "full", run_file).train(progress=False, report=False)
+    assert full["stop_reason"] == "max_steps"
+    assert_same_history(load_history(out), load_history(tmp_path / "full"))
 
 
 # -- one writer per run directory -------------------------------------------------------------

@@ -1,6 +1,5 @@
 """The shared training loop: CMT on toy targets, baselines, config, checkpoints and resume."""
 import json
-import math
 import os
 import threading
 
@@ -15,6 +14,7 @@ from cmt_openmm.systems import get_target
 from cmt_openmm.training import TrainConfig, load_history, train
 from cmt_openmm.generator import GENERATOR_FILE as GENERATOR
 from cmt_openmm.training.loop import CHECKPOINT_FILE as CHECKPOINT, CONFIG_FILE as CONFIG, METRICS_FILE as METRICS
+from helpers import assert_same_history
 
 TINY_FLOW = {"n_layers": 2, "hidden": 16, "n_bins": 6}
 
@@ -172,19 +172,6 @@ def test_budget_below_one_step_is_refused(double_well, tmp_path):
 
 
 # -- run directory, checkpoints, resume -----------------------------------------------------
-def _assert_same_history(a, b):
-    assert len(a) == len(b)
-    for ra, rb in zip(a, b):
-        assert ra.keys() == rb.keys()
-        for k in ra:
-            if k in ("wall_time", "planned_steps"):  # the plan follows the limits of the run the step was in
-                continue
-            if isinstance(ra[k], float):
-                assert math.isclose(ra[k], rb[k], rel_tol=1e-9, abs_tol=1e-12), (k, ra[k], rb[k])
-            else:
-                assert ra[k] == rb[k], k
-
-
 @pytest.mark.parametrize("method", ["cmt", "cmt-after-target", "cmt-after-cooling", "cmt-averaged",
                                     "temperature_annealing"])
 def test_resume_is_exact(double_well, tmp_path, method):
@@ -212,7 +199,7 @@ def test_resume_is_exact(double_well, tmp_path, method):
         assert [r["lr"] for r in full.history] == [5e-3, 2.5e-3, 1.25e-3, 6.25e-4]
     if config["cmt"].get("lr_decay_from") == "cooled":
         assert [r["lr"] for r in full.history] == [5e-3, 5e-3, 2.5e-3, 1.25e-3]
-    _assert_same_history(resumed.history, full.history)
+    assert_same_history(resumed.history, full.history)
     a, b = full.generator.state_dict(), resumed.generator.state_dict()
     assert a.keys() == b.keys()
     for k in a:
