@@ -1,4 +1,4 @@
-"""What a long training run meets: stop signals and a second writer.
+"""What a long training run meets: stop signals, a second writer, steps that go non-finite.
 
 - **Signals.** :class:`StopSignals` turns SIGTERM and SIGINT (a scheduler's pre-emption, Ctrl-C)
   into the loop's stop reason "interrupted". A signal during a step abandons it at once and the
@@ -12,12 +12,17 @@
   trains there (``fcntl.flock``: the system releases it when the process dies, even by SIGKILL),
   so a second ``train`` into it is refused instead of interleaving two runs' records and
   checkpoints. Readers (sampling, reports) never take it.
+- **Divergence.** A step after which :func:`non_finite` finds a non-finite loss, gradient or
+  weight is rolled back to its snapshot and taken again at half the learning rate, at most
+  ``MAX_ROLLBACKS`` times in a row, then the run ends (:func:`diverged`). The retried step
+  redraws the same samples, so a resumed run still repeats an uninterrupted one.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
 import errno
+import math
 import os
 import signal
 import socket
@@ -30,10 +35,12 @@ try:
     import fcntl
 except ImportError:  # Windows: run directories are not locked
     fcntl = None
+import torch
 
 from ..errors import CMTInputError
 
 LOCK_FILE = "train.lock"
+MAX_ROLLBACKS = 3  # non-finite steps rolled back in a row before the run stops
 
 
 class Interrupted(BaseException):
@@ -96,6 +103,29 @@ def roll_back(good: dict, trainer, average) -> None:
     if average is not None:
         average.load_state_dict(good["average"])
     trainer.rng.set_state(good["rng"])
+
+
+def non_finite(record: dict, *modules: torch.nn.Module) -> str | None:
+    """What is not finite after a step: "loss" (the record's), "gradient" or "weight" (of
+    ``modules``); None when all are finite."""
+    loss = record.get("loss")
+    if isinstance(loss, (int, float)) and not math.isfinite(loss):
+        return "loss"
+    parameters = [p for module in modules for p in module.parameters()]
+    for name, tensors in (("gradient", [p.grad for p in parameters if p.grad is not None]), ("weight", parameters)):
+        if tensors and not torch.stack([torch.isfinite(t).all() for t in tensors]).all():
+            return name
+    return None
+
+
+def diverged(bad: str, step: int, lr: float, method: str, n_failed: int, run_dir: Path | None) -> CMTInputError:
+    """The error that ends a run whose step ``step`` + 1 stayed non-finite (``bad``: what) after
+    ``MAX_ROLLBACKS`` rollbacks, the last try at learning rate ``lr``."""
+    kept = (f"the checkpoint in {run_dir} holds step {step}, but resuming would diverge again; "
+            if run_dir is not None else "")
+    return CMTInputError(f"training diverged: step {step + 1} gave a non-finite {bad} {MAX_ROLLBACKS + 1} times in a "
+                         f"row, the last time at a learning rate of {lr:.3g}; {kept}start again with a lower "
+                         f"{method}.lr, or check the energy ({n_failed:,} failed evaluations so far).")
 
 
 @contextlib.contextmanager

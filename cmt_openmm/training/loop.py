@@ -21,7 +21,10 @@ and plain Python values and are read with ``torch.load(weights_only=True)``: loa
 cannot run code.
 
 Faults (:mod:`.faults`): SIGTERM and SIGINT abandon the step in progress and end the run at the
-last complete step (stop reason "interrupted"); one process at a time trains a run directory.
+last complete step (stop reason "interrupted"); a step whose loss, gradients or weights are not
+finite is rolled back and taken again at half the learning rate, at most ``MAX_ROLLBACKS`` times
+in a row, so that neither a checkpoint nor the generator ever holds such weights; one process at
+a time trains a run directory.
 
 Randomness: one ``torch.Generator`` seeded from ``config.seed`` drives sampling and
 minibatches; the flow is initialised from the same seed. No global or numpy RNG is used.
@@ -56,7 +59,7 @@ from ..generator import GENERATOR_FILE, BoltzmannGenerator
 from ..importance import CLIP_FRACTION, reverse_ess
 from .averaging import WeightAverage
 from .config import AUTO, RESUMABLE, TRAINERS, TrainConfig, resolve_device, resolve_threads, resume_conflicts
-from .faults import Interrupted, StopSignals, roll_back, snapshot, training_lock
+from .faults import MAX_ROLLBACKS, Interrupted, StopSignals, diverged, non_finite, roll_back, snapshot, training_lock
 from .schedule import MEASURED_STEPS, REPLAN_EVERY, plan_steps
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -165,7 +168,8 @@ def train(
     SIGINT (from the main thread's point of view) stop it at the last complete step with stop
     reason "interrupted": the result holds that step's generator, and ``generator.safetensors``
     is not written (the checkpoint holds everything to resume). A run directory another process
-    is training is refused (:func:`~.faults.training_lock`).
+    is training is refused (:func:`~.faults.training_lock`), and so is a run whose step stays
+    non-finite after ``MAX_ROLLBACKS`` rollbacks.
 
     Example (three CMT steps of a small flow on a toy, then one more by resuming; OpenMM
     energies, so that no time goes into choosing a backend):
@@ -238,6 +242,8 @@ def _train(target, config: TrainConfig, run_dir: Path | None, resume: bool, prog
     if stop_reason == "interrupted":
         return TrainResult(trained, state["history"], run_dir, stop_reason, signals.received.name)
     if run_dir is not None:
+        if non_finite({}, trained):  # the rollbacks keep this from happening; never write such a file
+            raise RuntimeError(f"the generator to be written to {run_dir / GENERATOR_FILE} has non-finite weights.")
         trained.save(run_dir / GENERATOR_FILE)
     return TrainResult(trained, state["history"], run_dir, stop_reason)
 
@@ -284,6 +290,7 @@ def _say(message: str) -> None:
 def _run(trainer: Trainer, average: WeightAverage | None, config: TrainConfig, run_dir: Path | None, state: dict,
          progress: bool, signals: StopSignals) -> str:
     energy = trainer.energy
+    rollbacks = 0  # of the step being taken
     total, limit = _expected_steps(trainer, config, state)
     if progress:
         if config.max_minutes is not None and limit == "max_steps" and state["step"] == 0:
@@ -320,10 +327,21 @@ def _run(trainer: Trainer, average: WeightAverage | None, config: TrainConfig, r
             except Interrupted:
                 roll_back(good, trainer, average)
                 return "interrupted"
-            trainer.steps_done += 1
-            state["evaluations"] += energy.n_evaluations - n_eval
+            state["evaluations"] += energy.n_evaluations - n_eval  # a step rolled back has used them too
             state["n_failed"] += energy.n_failed - n_failed
             state["wall_time"] += time.perf_counter() - start
+            bad = non_finite(record, trainer.generator, *([] if average is None else [average.module]))
+            if bad:
+                roll_back(good, trainer, average)
+                lr = trainer.optimizer.param_groups[0]["lr"]
+                if rollbacks == MAX_ROLLBACKS:
+                    raise diverged(bad, state["step"], lr, config.method, state["n_failed"], run_dir)
+                rollbacks += 1
+                trainer.set_lr(lr / 2)
+                _say(f"step {state['step'] + 1} gave a non-finite {bad}: rolled back, taking it again at a learning "
+                     f"rate of {lr / 2:.3g}")
+                continue
+            trainer.steps_done += 1
             state["step"] += 1
             record = {
                 "step": state["step"],
@@ -334,7 +352,9 @@ def _run(trainer: Trainer, average: WeightAverage | None, config: TrainConfig, r
                 "wall_time": state["wall_time"],
                 "planned_steps": trainer.plan,
                 "energy_backend": getattr(energy, "backend", None),
+                **({"rollbacks": rollbacks, "lr": trainer.optimizer.param_groups[0]["lr"]} if rollbacks else {}),
             }
+            rollbacks = 0
             record = {k: _json_value(v) for k, v in record.items()}
             state["history"].append(record)
             if run_dir is not None:

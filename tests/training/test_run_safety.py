@@ -1,6 +1,7 @@
 """Faults a long run meets, each injected with a negative control (issue 25): SIGTERM and SIGINT
-end a run at its last complete step, and a second writer into a run directory is refused while
-readers go on."""
+end a run at its last complete step, a second writer into a run directory is refused while
+readers go on, and a step gone non-finite is rolled back and taken again at half the learning
+rate, or ends the run in one sentence."""
 import errno
 import json
 import os
@@ -23,13 +24,21 @@ from cmt_openmm.generator import GENERATOR_FILE
 from cmt_openmm.systems import get_target
 from cmt_openmm.training import TRAINERS, load_history, train
 from cmt_openmm.training import faults, loop
-from cmt_openmm.training.faults import LOCK_FILE
+from cmt_openmm.training.faults import LOCK_FILE, MAX_ROLLBACKS
 from cmt_openmm.training.loop import CHECKPOINT_FILE
 from helpers import ROOT, assert_same_history
 
 FLOW = {"n_layers": 2, "hidden": 8, "n_bins": 4}
 CMT = {"method": "cmt", "seed": 3, "max_steps": 4, "flow": FLOW, "energy": {"backend": "openmm"},
        "cmt": {"n_samples": 200, "batch_size": 100, "lr": 5e-3, "fit_steps": 2}}
+METHODS = {
+    "cmt": CMT,
+    "cmt-averaged": {**CMT, "ema_decay": 0.9},
+    "reverse_kl": {**CMT, "method": "reverse_kl", "reverse_kl": {"batch_size": 32, "lr": 1e-2, "steps_per_record": 3}},
+    "temperature_annealing": {**CMT, "method": "temperature_annealing", "temperature_annealing": {
+        "t_high": 1200, "n_temperatures": 2, "reverse_kl_steps": 6, "steps_per_record": 3, "batch_size": 32,
+        "n_samples": 200, "fit_steps": 2, "lr": 1e-2, "final_steps": 1}},  # 2 reverse-KL steps, then 2 fits
+}
 
 
 @pytest.fixture(scope="module")
@@ -206,3 +215,79 @@ def test_a_file_system_without_locks_trains_with_a_warning(toy, tmp_path, monkey
     monkeypatch.setattr(faults.fcntl, "flock", no_locks)
     with pytest.warns(UserWarning, match=re.escape(f"cannot lock {tmp_path / 'run'} (no locks available)")):
         assert train(toy, {**CMT, "max_steps": 1}, tmp_path / "run", progress=False).stop_reason == "max_steps"
+
+
+# -- divergence ---------------------------------------------------------------------------------
+def _poison(what: str):
+    """Make a trainer's state after a step non-finite: a weight, a gradient, or the recorded loss."""
+    def poisoned(step, trainer, record):
+        p = next(p for p in trainer.generator.parameters() if p.grad is not None)
+        with torch.no_grad():
+            if what == "weight":
+                p.view(-1)[0] = float("nan")
+            elif what == "gradient":
+                p.grad.view(-1)[0] = float("inf")
+        return {**record, "loss": float("nan")} if what == "loss" else record
+    return poisoned
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_a_non_finite_step_is_rolled_back_and_retaken_at_half_the_learning_rate(toy, tmp_path, monkeypatch, method):
+    """Step 3 turns NaN once: the run takes it again from the state before it at half the learning
+    rate, and goes on exactly as a run whose learning rate was halved by hand before step 3."""
+    config, name = METHODS[method], method.replace("-averaged", "")
+    poison = _poison("weight")
+    with monkeypatch.context() as patch:
+        calls = _wrap_step(patch, name, lambda step, t, call: poison(step, t, step(t)) if call == 3 else step(t))
+        rolled = train(toy, config, tmp_path / "rolled", progress=False)
+
+    def halve_first(step, t, call):
+        if call == 3:
+            t.set_lr(t.optimizer.param_groups[0]["lr"] / 2)
+        return step(t)
+
+    _wrap_step(monkeypatch, name, halve_first)
+    halved = train(toy, config, tmp_path / "halved", progress=False)  # negative control: nothing rolled back
+    assert calls == [0, 1, 2, 2, 3]
+    assert [r.get("rollbacks") for r in rolled.history] == [None, None, 1, None]
+    assert all("rollbacks" not in r for r in halved.history)
+    assert rolled.history[2]["lr"] == halved.history[2].get("lr", config[name]["lr"] / 2) == config[name]["lr"] / 2
+    assert_same_history(rolled.history, halved.history, ignore=("rollbacks", "lr", "energy_evaluations"))
+    cost = rolled.history[2]["energy_evaluations"] - rolled.history[1]["energy_evaluations"]
+    assert cost == 2 * (halved.history[2]["energy_evaluations"] - halved.history[1]["energy_evaluations"])
+    for key, value in halved.generator.state_dict().items():
+        assert torch.equal(rolled.generator.state_dict()[key], value), key
+    checkpoint = torch.load(tmp_path / "rolled" / CHECKPOINT_FILE, weights_only=True)
+    assert all(torch.isfinite(v).all() for v in checkpoint["generator"].values())
+
+
+@pytest.mark.parametrize("what", ["weight", "gradient", "loss"])
+def test_a_step_that_stays_non_finite_ends_the_run_in_one_sentence(toy, tmp_path, monkeypatch, what):
+    poison = _poison(what)
+    calls = _wrap_step(monkeypatch, "cmt", lambda step, t, call: poison(step, t, step(t)) if call >= 2 else step(t))
+    folder = tmp_path / "run"
+    with pytest.raises(CMTInputError) as info:
+        train(toy, CMT, folder, progress=False)
+    assert calls == [0] + [1] * (MAX_ROLLBACKS + 1)
+    message = str(info.value)
+    assert message.startswith(f"training diverged: step 2 gave a non-finite {what} {MAX_ROLLBACKS + 1} times in a row")
+    assert f"the checkpoint in {folder} holds step 1" in message and "lower cmt.lr" in message
+    assert "\n" not in message and message.endswith(".") and ". " not in message
+    checkpoint = torch.load(folder / CHECKPOINT_FILE, weights_only=True)
+    assert checkpoint["step"] == 1 and all(torch.isfinite(v).all() for v in checkpoint["generator"].values())
+    assert not (folder / GENERATOR_FILE).exists() and len(load_history(folder)) == 1
+
+
+def test_a_non_finite_generator_is_never_written(toy, tmp_path, monkeypatch):
+    run = loop._run
+
+    def run_then_corrupt(trainer, *args):
+        reason = run(trainer, *args)
+        with torch.no_grad():
+            next(trainer.generator.parameters()).view(-1)[0] = float("nan")
+        return reason
+
+    monkeypatch.setattr(loop, "_run", run_then_corrupt)
+    with pytest.raises(RuntimeError, match="non-finite weights"):
+        train(toy, {**CMT, "max_steps": 1}, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / GENERATOR_FILE).exists()
