@@ -7,8 +7,11 @@ of torch operations (:class:`LeptonExpression`). Subexpressions that do not depe
 dynamic variables (parameters, global parameters at their defaults, constants, tabulated-
 function lookups on parameters) are evaluated once, in float64, at construction; the rest run
 on whatever tensors the caller passes, broadcasting as torch does (per-term parameters (P, 1)
-against variables (P, b), per-particle ones (n, 1, 1) and (1, n, 1) against (n, n, b)).
-Units are the caller's (OpenMM's MD units for every force here).
+against variables (P, b), per-particle ones (n, 1, 1) and (1, n, 1) against (n, n, b)); a
+static operand is a Python float for arithmetic and a 0-d tensor for every function (``select``
+on a global parameter, a table called with a constant). :func:`pair_symmetric` tells whether a
+pair expression is unchanged when particles 1 and 2 swap, for the forces whose pair order
+OpenMM leaves to the platform. Units are the caller's (OpenMM's MD units for every force here).
 
 The parser is our own rather than ``sympy.sympify``: Lepton's names (``or``, ``I``, ``E``,
 ``gamma``, ``beta``, ``lambda``) collide with Python keywords and sympy's constants and
