@@ -3,7 +3,8 @@
 :func:`make_energy` with ``backend="auto"`` builds the torch backend when every force of the
 System is supported and it agrees with OpenMM's Reference platform (verification at
 construction), times both on a batch of perturbed structures and keeps the faster; otherwise
-(an unsupported force, a failed check, any exception while building or verifying it) it uses
+(an unsupported force, a system whose torch chunks would not fit in memory even at one
+configuration each, a failed check, any exception while building or verifying it) it uses
 OpenMM and says why in one sentence.
 ``"torch"`` refuses instead of falling back; ``"openmm"`` always uses OpenMM. Which is faster
 depends on the system (benchmarks/torch_energy_throughput.py measures it): torch wins where

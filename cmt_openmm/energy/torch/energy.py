@@ -28,6 +28,7 @@ import torch
 
 from ...errors import CMTInputError
 from ..base import Energy
+from . import memory
 from .forces import compile_system
 from .geometry import PairGeometry
 from .term import ForceTerm, exception_summary
@@ -76,12 +77,16 @@ class TorchEnergy(Energy):
             :func:`~cmt_openmm.energy.select.make_energy` (``compile="auto"``) therefore turns it
             on only after :mod:`.compile_probe` has compiled and checked the same chunks in a
             subprocess.
-        chunk_size: configurations per chunk (default: from the size of the terms' tensors).
+        chunk_size: configurations per chunk (default: from the size of the terms' tensors and
+            the byte budget per chunk, :data:`.memory.CHUNK_BYTES` on CPUs, down to 1 configuration).
         n_threads: chunks evaluated at once by a pool of threads, each operation on one core
             (default: ``torch.get_num_threads()`` on CPU; GPUs run the chunks in order).
 
     Raises :class:`~cmt_openmm.energy.torch.term.UnsupportedForceError` (a
-    :class:`~cmt_openmm.errors.CMTInputError`) naming any force it cannot evaluate.
+    :class:`~cmt_openmm.errors.CMTInputError`) naming any force it cannot evaluate, and a
+    :class:`~cmt_openmm.errors.CMTInputError` when one configuration's tensors would exceed
+    ``CHUNK_BYTES_SAFETY`` x the byte budget or the memory available (:mod:`.memory`; checked
+    before verifying).
     Calling on a tensor that requires grad returns a differentiable u (gradient -F/kT, cast to
     the input's dtype); otherwise only energies are computed. A configuration with non-finite
     positions, energy or gradient gets u = +inf and zero gradient and is counted in
@@ -148,27 +153,46 @@ class TorchEnergy(Energy):
         self._reference_batch_last = self._reference.t()[:, :, None]  # (3, n, 1), the compiled chunks' layout
         self._dense = any(term.needs_dense for term in self.terms)
         self._centre = all(term.translation_invariant for term in self.terms)
-        # two groups: terms on the (n, n) distance matrix (with the pair-list terms that can read
-        # it, e.g. NonbondedForce) and the rest (bonded), each with chunks that keep its largest
-        # tensors near the budget, in multiples of 8 configurations (whole vector registers:
-        # odd chunks slow broadcasts down)
+        # refuse first when one configuration would not fit in memory; then two groups: terms on
+        # the (n, n) distance matrix (with the pair-list terms that can read it, e.g.
+        # NonbondedForce) and the rest (bonded), each with its own chunks (:meth:`_planned_size`)
+        self._chunk_bytes = memory.chunk_bytes(
+            self._bytes_per_configuration(self.terms), self.device, self.n_threads,
+            f"{getattr(self.target, 'name', 'the target')} ({self._n_atoms} atoms)",
+        )
         n2 = self._n_atoms**2
         budget = _ELEMENT_BUDGET if self.device.type == "cpu" else _DEVICE_ELEMENT_BUDGET
         dense_terms = [t for t in self.terms if t.needs_dense or (self._dense and t.uses_dense)]
         light_terms = [t for t in self.terms if t not in dense_terms]
-        width = max([term.width for term in light_terms], default=1)
-        self._groups = [  # bonded terms hold (3, width, b) tensors
-            (group, dense, self._chunk_size or _rounded(budget // w))
-            for group, dense, w in ((dense_terms, True, n2), (light_terms, False, 3 * width))
-            if group
+        self._groups = [
+            (group, dense, self._chunk_size or self._planned_size(group, dense)) for group, dense in
+            ((dense_terms, True), (light_terms, False)) if group
         ]
-        self.compiled_chunk_sizes = {  # keyed by ``gradient``
-            gradient: self._chunk_size or _compiled_chunk_size(n2, self.n_threads, gradient)
+        self.compiled_chunk_sizes = {  # keyed by ``gradient``; one compiled chunk holds every term
+            gradient: self._chunk_size
+            or min(_compiled_chunk_size(n2, self.n_threads, gradient), self._fitting(self.terms))
             for gradient in (True, False)
         }
         self._rows = max(8, budget // (3 * self._n_atoms))  # configurations per whole-batch slice
         self._compiled: Callable | None = None
         self._compiled_energy: Callable | None = None
+
+    def _bytes_per_configuration(self, terms: list[ForceTerm]) -> int:
+        """Estimated peak bytes of one configuration of ``terms`` in a chunk (:mod:`.memory`)."""
+        return memory.bytes_per_configuration(terms, self._n_atoms, self.dtype)
+
+    def _fitting(self, terms: list[ForceTerm]) -> int:
+        """Configurations of ``terms`` per chunk within ``_chunk_bytes`` (at least 1)."""
+        return max(1, self._chunk_bytes // self._bytes_per_configuration(terms))
+
+    def _planned_size(self, terms: list[ForceTerm], dense: bool) -> int:
+        """Configurations per eager chunk of ``terms``: the largest tensors near the element budget
+        (distance-matrix chunks: (n, n); others: (3, width)), in multiples of 8 configurations (whole
+        vector registers: odd chunks slow broadcasts down), and within the byte budget."""
+        budget = _ELEMENT_BUDGET if self.device.type == "cpu" else _DEVICE_ELEMENT_BUDGET
+        elements = self._n_atoms**2 if dense else 3 * max([t.width for t in terms], default=1)
+        size = min(_rounded(budget // elements), self._fitting(terms))
+        return size // 8 * 8 if size >= 8 else size
 
     # -- evaluation ---------------------------------------------------------------------------
     def _positions(self, x: Any) -> torch.Tensor:
@@ -193,10 +217,16 @@ class TorchEnergy(Energy):
     def _chunk(
         self, x: torch.Tensor, gradient: bool, terms: list[ForceTerm] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Energies (b,) kJ/mol and, if asked, dE/dx (b, n, 3) of one chunk (b, n, 3), eagerly."""
+        """Energies (B,) kJ/mol and, if asked, dE/dx (B, n, 3) of positions (B, n, 3), eagerly,
+        in this thread, in chunks planned for ``terms`` (or ``chunk_size``)."""
         terms = self.terms if terms is None else terms
+        dense = any(term.needs_dense for term in terms)
+        size = self._chunk_size or self._planned_size(terms, dense)
         with torch.no_grad():
-            return _evaluate_terms(x, terms, any(term.needs_dense for term in terms), gradient)
+            parts = [_evaluate_terms(x[s : s + size], terms, dense, gradient) for s in range(0, max(1, len(x)), size)]
+        if len(parts) == 1:
+            return parts[0]
+        return torch.cat([e for e, _ in parts]), (torch.cat([g for _, g in parts]) if gradient else None)
 
     def _map(self, run: Callable, jobs: list[tuple]) -> None:
         """Run ``run(*job)`` for every job (a chunk): on CPUs in a lasting pool of ``n_threads``
@@ -315,7 +345,11 @@ class TorchEnergy(Energy):
         failed = torch.cat([~torch.isfinite(x[s : s + rows]).flatten(1).all(-1) for s in range(0, n, rows)])
         if bool(failed.any()):
             x = torch.where(failed[:, None, None], self._reference, x)
-        groups = [(terms, any(t.needs_dense for t in terms), n)] if terms is not None else self._groups
+        if terms is not None:
+            dense = any(t.needs_dense for t in terms)
+            groups = [(terms, dense, self._chunk_size or self._planned_size(terms, dense))]
+        else:
+            groups = self._groups
         # each group writes its own outputs (no two threads add into the same rows), summed below
         outputs = [(x.new_empty(n), torch.empty_like(x) if gradient else None) for _ in groups]
         energy, grad = outputs[0] if groups else (x.new_zeros(n), torch.zeros_like(x) if gradient else None)
@@ -363,7 +397,10 @@ class TorchEnergy(Energy):
     # -- lifetime -----------------------------------------------------------------------------
     def __getstate__(self) -> dict:
         """Pickle/deepcopy the target and settings; the copy rebuilds its terms (and compiles its own)."""
-        skip = {"terms", "_reference", "_reference_batch_last", "_dense", "_centre", "_groups", "compiled_chunk_sizes"}
+        skip = {
+            "terms", "_reference", "_reference_batch_last", "_dense", "_centre", "_groups", "compiled_chunk_sizes",
+            "_chunk_bytes",
+        }
         return {key: value for key, value in super().__getstate__().items() if key not in skip}
 
     def __setstate__(self, state: dict) -> None:

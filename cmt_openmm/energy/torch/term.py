@@ -84,7 +84,13 @@ class ForceTerm:
     System; ``needs_dense`` asks for the (n, n) distance matrix, ``uses_dense`` says that the
     term reads its pair distances from it when the chunk has one (in the same chunks); ``width`` is the number of
     elements per configuration of its largest tensors (pairs, angles, ...; sets chunk sizes);
-    ``translation_invariant`` is false for terms of absolute positions (x, y, z in an expression).
+    ``translation_invariant`` is false for terms of absolute positions (x, y, z in an expression);
+    ``live_tensors`` is how many tensors of its largest size (``width`` elements per configuration,
+    n_atoms^2 with ``needs_dense``) are alive at once at the peak of an evaluation with gradients,
+    the chunk's shared ones (distance matrix, 1/r, pair weights) included: the chunk planner's
+    bytes per configuration (:class:`~.energy.TorchEnergy`). Measured as the peak resident memory
+    of one large chunk over the size of one such tensor: 33 for NonbondedTerm's pair lists on
+    alanine dipeptide in vacuum (pair distances, displacements (3, P, b), powers, gradients).
     ``Term(force, index, device, dtype, n_atoms)`` checks what every term needs (``n_atoms``,
     no periodic boundary conditions), then reads the force in the subclass's :meth:`_compile`.
     """
@@ -95,6 +101,7 @@ class ForceTerm:
     uses_dense = False
     width = 1
     translation_invariant = True
+    live_tensors = 36
 
     def __init__(
         self,

@@ -2,7 +2,8 @@
 
 :func:`verify_against_openmm` evaluates the torch terms and a Reference Context, force by force
 (each force in its own force group) and in total, on :func:`verification_structures` (the
-reference structure, small and large Gaussian perturbations, nm) and raises
+reference structure, small and large Gaussian perturbations, nm), in the energy's planned chunks
+(so that it needs no more memory than training will), and raises
 :class:`VerificationError` naming the worst force when a relative error exceeds its tolerance:
 |dE| / max(|E|, kT) for energies (kJ/mol) and max_atom |dF| / max(max_atom |F|, kT/nm) for forces
 (kJ/mol/nm). Tolerances: float64 1e-6 and 1e-5, float32 5e-4 and 1e-3. A term that raises
@@ -126,7 +127,7 @@ def verify_against_openmm(
     worst = ("the total", 0.0, "energy")
     name = getattr(target, "name", "the target")
     for t, term in enumerate(energy.terms):
-        try:  # term by term, so that an exception names its force
+        try:  # term by term, so that an exception names its force; in chunks planned for the term
             e, g = energy._chunk(energy._positions(xt), True, [term])
         except Exception as error:
             raise VerificationError(
