@@ -113,7 +113,8 @@ def run_one(args: argparse.Namespace, settings: dict, method: str, seed: int) ->
         "system": args.system, "temperature": args.temperature, "method": method, "seed": seed,
         "budget": budget, "max_steps": max_steps_for(method, settings[method], budget),
         "max_minutes": None if args.time_limit is None else args.time_limit / 60.0,
-        "flow": {"n_layers": args.n_layers, "hidden": args.hidden, "n_bins": args.n_bins},
+        "flow": {"n_layers": args.n_layers, "hidden": args.hidden, "n_bins": args.n_bins, "train_dtype": args.train_dtype},
+        "ema_decay": args.ema_decay,
         method: copy.deepcopy(settings[method]),
         "report": {"n_samples": args.samples, "n_draws": args.draws},
     }
@@ -154,6 +155,9 @@ def main(argv=None) -> int:
     p.add_argument("--n-layers", dest="n_layers", type=int, default=6)
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--n-bins", dest="n_bins", type=int, default=8)
+    p.add_argument("--train-dtype", dest="train_dtype", default="float32", choices=["float32", "bfloat16", "auto"],
+                   help="the conditioners' dtype while training (flow.train_dtype; every method)")
+    p.add_argument("--ema-decay", dest="ema_decay", type=float, help="the weights' moving average (every method)")
     p.add_argument("--buffer", type=int, default=4000, help="CMT / TA-BG samples per annealing step")
     p.add_argument("--fit-steps", dest="fit_steps", type=int, default=8, help="CMT / TA-BG Adam steps per annealing step")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (every method)")

@@ -17,7 +17,8 @@ Budget presets:
 - ``cpu-hour``: the wall time of the ``ala4-hour`` / ``ala6-2h`` / ``elil-2h`` presets per run (an
   hour for ALDP and ala4, two for ala6 and ELIL) with CMT's settings taken from those presets
   (entropy budget and learning-rate decay sized to the run's plan), and every method given the
-  same time limit and the evaluations CMT takes in it on 2 cores;
+  same time limit, the evaluations CMT takes in it on 2 cores, and the presets' bfloat16
+  conditioners and weight average;
 - ``paper``: the published budgets (1e8 evaluations for ALDP and ala4, 4e8 for ala6, 8e8 for
   ELIL; reverse KL 2.56e8) for a GPU machine.
 
@@ -71,7 +72,10 @@ def run_system(args: argparse.Namespace, system: str) -> list[dict]:
         system=system, temperature=300.0, budget=3000 if args.tiny else budget, time_limit=time_limit,
         reference=args.references.get(system), n_layers=2 if args.tiny else 6, hidden=16 if args.tiny else 64,
         n_bins=4 if args.tiny else 8, samples=200 if args.tiny else 10_000, draws=2 if args.tiny else 5,
-        jobs=1, out=str(args.out / system), tiny=args.tiny)
+        jobs=1, out=str(args.out / system), tiny=args.tiny, train_dtype="float32", ema_decay=None)
+    if args.preset == "cpu-hour" and not args.tiny:  # every method trains as the sized presets do
+        sized = get_preset(SIZED_PRESETS[system])
+        bench.train_dtype, bench.ema_decay = sized["flow"]["train_dtype"], sized["ema_decay"]
     settings = methods_bench.method_settings(int(bench.budget), args.tiny, 4000, 8, 1e-3, strata=True,
                                              reference=bench.reference)
     if args.preset == "cpu-hour" and not args.tiny:
