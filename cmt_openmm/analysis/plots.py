@@ -229,7 +229,8 @@ def plot_phi_free_energy(pooled: ReweightedEnsemble, path: Path, title: str = ""
         shown = np.isfinite(f) & np.isfinite(profile.error)
         ax.axvspan(*PHI_POSITIVE["phi>0"][0], color="0.92", label="φ > 0 basin")
         ax.plot(profile.centers, np.where(np.isfinite(f), f, np.nan), lw=1.5, label="flow, reweighted")
-        ax.fill_between(profile.centers, f - profile.error, f + profile.error, where=shown, alpha=0.3, lw=0)
+        low, high = (np.where(shown, f + sign * np.where(shown, profile.error, 0.0), np.nan) for sign in (-1.0, 1.0))
+        ax.fill_between(profile.centers, low, high, where=shown, alpha=0.3, lw=0)  # empty bins: no band, no warning
         if reference_angles is not None:
             ref = _histogram_free_energy(reference_angles[:, i, :1], [profile.edges])
             ax.plot(profile.centers, np.where(np.isfinite(ref), ref, np.nan), "k--", lw=1.2, label="reference MD")

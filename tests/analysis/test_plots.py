@@ -1,6 +1,7 @@
 """The report's peptide plots: every residue's Ramachandran surface and F(φ), labelled with its
 residue, with reference MD's surface and curve beside the flow's."""
 import numpy as np
+import pytest
 
 import cmt_openmm
 from cmt_openmm.analysis import plots
@@ -37,3 +38,12 @@ def test_every_residue_is_drawn_and_labelled_beside_the_reference(tmp_path, monk
         expected -= expected[np.isfinite(expected)].min()  # F(φ) = -ln p(φ) in kT, minimum 0; empty bins not drawn
         np.testing.assert_allclose(curve.get_ydata(), np.where(np.isfinite(expected), expected, np.nan))
     assert [line.get_label() for line in profiles.axes[0].get_lines()] == ["flow, reweighted", "reference MD"]
+
+
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+def test_empty_bins_draw_no_band_and_warn_nothing(tmp_path):
+    """Flow samples in one φ region only (the demo's case): the other bins are empty, F is
+    infinite there, and the error band is left out there without an invalid-value warning."""
+    rng = np.random.default_rng(1)
+    flow = np.stack([rng.normal(-1.5, 0.2, (2000, 1)), rng.normal(2.5, 0.2, (2000, 1))], axis=-1)
+    assert plots.make_plots(tmp_path, [], _ensemble(flow), "aldp") == ["ramachandran_fes.png", "phi_free_energy.png"]
