@@ -88,6 +88,18 @@ def test_select_on_a_global_parameter(aldp, restrain):
     assert (np.abs(e_ref) > 1.0).all()
 
 
+def test_min_and_max_treat_nan_as_lepton_does(aldp):
+    """Lepton's max(a, b) is a > b ? a : b (and min alike): a NaN first argument gives the second
+    (max(log(-1), r) = r), unlike IEEE maximum. (OpenMM's force for min(NaN, r) is 0 while its
+    energy is r, so only max is compared with a NaN.) Negative control, run once by hand: with
+    torch.maximum / torch.minimum every energy came out +inf (failed) where OpenMM's is finite."""
+    force = openmm.CustomBondForce("max(log(p), r) + min(r, 0.1)")
+    force.addGlobalParameter("p", -1.0)
+    for i, j in [(0, 1), (1, 4), (4, 6), (6, 8)]:
+        force.addBond(i, j, [])
+    assert np.isfinite(assert_matches(with_forces(aldp, force, name="nan-min-max"))).all()
+
+
 def test_a_table_called_with_a_constant(aldp):
     force = openmm.CustomNonbondedForce("tab(floor(r/0.2), 1) + tab(0, 1)*delta(floor(r/0.3))/r")
     force.addTabulatedFunction("tab", openmm.Discrete2DFunction(2, 2, [1.0, 0.5, 0.25, 2.0]))

@@ -255,6 +255,16 @@ def _select(c, a, b):
     return torch.where(c != 0, a, b)
 
 
+# Lepton's min and max are comparisons, not IEEE minimum/maximum: a NaN first argument gives the
+# second, a NaN second argument gives NaN (OpenMM Reference: max(log(-1), r) = r, max(r, log(-1)) = NaN)
+def _min(a, b):
+    return torch.where(a < b, a, b)
+
+
+def _max(a, b):
+    return torch.where(a > b, a, b)
+
+
 def _power(exponent: Any) -> Callable:
     """x^exponent for a static exponent: small integer powers by multiplication (as Lepton)."""
     if isinstance(exponent, float):
@@ -295,8 +305,8 @@ _OPS: dict[str, Callable] = {
     "square": lambda a: a * a,
     "cube": lambda a: a * a * a,
     "recip": torch.reciprocal,
-    "min": torch.minimum,
-    "max": torch.maximum,
+    "min": _min,
+    "max": _max,
     "atan2": torch.atan2,
     "select": _select,
 }
