@@ -29,16 +29,16 @@ PEPTIDE_CMT = {**ALDP_CMT, "eps_ent": "auto", "cool_fraction": 0.3, "lr": 2e-3, 
                "lr_decay_after_target": "auto", "steps_after_target": 1_000_000}
 
 
-# bfloat16 conditioners where the hardware has them (a faster step, the same ESS per step on ala4)
-# and the weights' moving average as the generator (ala4: reverse ESS 19.5 % against 14.4 % for
-# the last iterate of the same run); RESULTS.md, "Peptides sized to a wall-clock limit".
+# bfloat16 conditioners where the hardware has them (a faster step, the same ESS per step) and the
+# weights' moving average as the generator; benchmarks/RESULTS.md, "Peptides sized to a
+# wall-clock limit", has the measurements.
 PEPTIDE_FLOW = {**ALDP_FLOW, "train_dtype": "auto"}
 PEPTIDE_EMA_DECAY = 0.999
 
 
 def _sized_to(system: str, minutes: float) -> dict:
     """A CMT run of a built-in peptide that trains for ``minutes`` (the report follows), on up to
-    4 cores (an ala4 step is 1.5x faster on 2 threads than on 1)."""
+    4 cores (more steps per hour: the fit sets the pace, docs/cmt_settings.md)."""
     return {"system": system, "temperature": 300.0, "method": "cmt", "seed": 0, "budget": "auto",
             "max_minutes": minutes, "threads": "auto", "max_steps": 1_000_000, "ema_decay": PEPTIDE_EMA_DECAY,
             "flow": PEPTIDE_FLOW, "cmt": PEPTIDE_CMT, "report": ALDP_REPORT}

@@ -2,9 +2,8 @@
 
 Late in training the flow's weights jitter around a better flow: each Adam step follows a
 minibatch of one noisy buffer, and the importance weights amplify the noise. Averaging the
-iterates removes most of that jitter at no cost in energy evaluations (on ala4, an EMA had
-several times the reverse ESS of the last iterate at the same step; benchmarks/RESULTS.md,
-"Weight averaging"). Training itself samples and fits the raw flow, so CMT's buffers, dual
+iterates removes much of that jitter at no cost in energy evaluations (the ala4 runs in
+benchmarks/RESULTS.md, "Peptides sized to a wall-clock limit"). Training itself samples and fits the raw flow, so CMT's buffers, dual
 and trust region are unchanged; only the saved generator (and :class:`TrainResult`'s) is the
 average.
 

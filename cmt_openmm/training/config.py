@@ -69,7 +69,7 @@ TRAIN_DTYPES = ("float32", "bfloat16", "auto")  # flow.train_dtype
 class FlowConfig:
     """Size of the spline coupling flow (same architecture for every method), and train_dtype:
     the dtype of the conditioners' matmuls while training ("bfloat16": a faster step where the
-    hardware multiplies bfloat16 matrices, 1.34x on an ala4 step here; "auto": bfloat16 there,
+    hardware multiplies bfloat16 matrices; "auto": bfloat16 there,
     float32 elsewhere, :func:`native_bfloat16`). The generator handed out runs in float32
     (:func:`~cmt_openmm.flows.coupling.conditioner_matmuls`)."""
 
@@ -357,8 +357,8 @@ def _coerce(kind, value, key: str):
     return float(number)
 
 
-MAX_AUTO_THREADS = 4  # measured: 1.49x from 1 to 2 threads on an ala4 step; beyond 4 untested, and the
-# flows' small matmuls split over many threads spend more on synchronisation than they gain
+MAX_AUTO_THREADS = 4  # the flows' small matmuls split over many threads spend more on
+# synchronisation than they gain; 2 threads pay on an ala4 step (RESULTS.md), more are untested
 
 
 def resolve_threads(threads: int | str) -> int:

@@ -232,7 +232,7 @@ def _train(target, config: TrainConfig, run_dir: Path | None, resume: bool, prog
                 f"({cost:,} evaluations), so the run would train 0 steps; raise budget to at least {cost:,} "
                 f"or make one step cheaper (fewer samples per step in the {config.method} settings)."
             )
-        with conditioner_matmuls(generator, config.flow.conditioner_dtype()), StopSignals() as signals:
+        with conditioner_matmuls(generator, config.flow.conditioner_dtype(device)), StopSignals() as signals:
             stop_reason = _run(trainer, average, config, run_dir, state, progress, signals)
     finally:
         torch.set_num_threads(threads)
