@@ -18,7 +18,7 @@ from typing import Any, Mapping
 import yaml
 
 from ..errors import CMTInputError
-from ..files import atomic_write, atomic_writer, to_json
+from ..files import atomic_write, to_json
 from ..training.config import AUTO, RESUMABLE, TrainConfig, resume_conflicts
 from ..training.faults import training_lock
 from ..training.loop import CHECKPOINT_FILE, CONFIG_FILE, TARGET_DIR, load_history
@@ -228,7 +228,7 @@ class Run:
         if result.stop_reason == "interrupted":
             return {"run_dir": str(self.directory), "stop_reason": result.stop_reason, "signal": result.signal,
                     "steps": len(result.history)}
-        if not report:
+        if not report or not main:
             return {"run_dir": str(self.directory), "stop_reason": result.stop_reason}
         return self._report(result.history, result.stop_reason, progress=progress, name=REPORT)
 
@@ -247,37 +247,21 @@ class Run:
                       dcd: str | os.PathLike | None = None, weights: str | os.PathLike | None = None,
                       resample: int | None = None, seed: int = 0, batch_size: int = 1000,
                       temperature: float | None = None, progress: bool = True) -> dict:
-        """Draw :meth:`sample` and write it: ``out`` (.npz: positions nm, log_q, reduced_energy,
-        log_weights), optionally ``weights`` (.npy/.csv), ``dcd`` and ``pdb`` (the ``resample``
-        resampled frames when given, else every sample), and ``out`` with .json (the summary,
-        also returned; with ``resample``, how many frames are distinct and a sentence saying that
-        they repeat and that N_eff bounds their information)."""
+        """Draw :meth:`sample`'s samples and write them as they are drawn, in bounded memory
+        (:func:`~cmt_openmm.sampling.sample_files.write_samples`): ``out`` (.npz: positions nm,
+        log_q, reduced_energy, log_weights), optionally ``weights`` (.npy/.csv), ``dcd`` and ``pdb``
+        (the ``resample`` resampled frames when given, else every sample), and ``out`` with .json
+        (the summary, also returned; with ``resample``, how many frames are distinct and a sentence
+        saying that they repeat and that N_eff bounds their information). No file appears under
+        its final name before it is complete."""
+        from ..sampling.sample_files import write_samples
+
         out = Path(out)
         _check_sample_outputs(n, out, pdb, dcd, weights, resample)
-        ensemble = self.sample(n, batch_size=batch_size, seed=seed, temperature=temperature, progress=progress)
-        ensemble.save_npz(out)
-        summary = {"out": str(out), **ensemble.summary(), "generator_hash": ensemble.metadata.get("generator_hash")}
-        frames = None
-        if resample is not None:
-            frames = ensemble.resample_indices(resample, seed=seed)
-            _add_to_npz(out, resampled_indices=frames)
-            distinct = len(set(frames.tolist()))
-            summary.update(resampled=int(len(frames)), resampled_distinct=distinct, resampled_note=(
-                f"the {len(frames):,} resampled frames hold {distinct:,} distinct samples (resampling repeats samples "
-                f"in proportion to their weights) and carry no more information than the N_eff = "
-                f"{ensemble.n_effective:,.0f} effective samples of the {n:,} drawn."))
-        if weights:
-            ensemble.save_weights(weights)
-            summary["weights"] = str(weights)
-        if dcd or pdb:
-            trajectory = ensemble.to_mdtraj(frames)
-            if dcd:
-                trajectory.save_dcd(str(dcd))
-                summary["dcd"] = str(dcd)
-                summary["dcd_frames"] = "resampled, unweighted" if frames is not None else "all samples, weights in the npz"
-            if pdb:
-                trajectory[0].save_pdb(str(pdb))
-                summary["pdb"] = str(pdb)
+        with self.energy() as energy:
+            _, summary = write_samples(self.generator, self.target, n, out, pdb=pdb, dcd=dcd, weights=weights,
+                                       resample=resample, seed=seed, batch_size=batch_size, temperature=temperature,
+                                       energy=energy, progress=progress)
         atomic_write(out.with_suffix(".json"), to_json(summary))
         return summary
 
@@ -377,16 +361,6 @@ def _check_sample_outputs(n: int, out: Path, pdb, dcd, weights, resample) -> Non
     for path in (out, pdb, dcd, weights):
         if path is not None and not Path(path).resolve().parent.is_dir():
             raise CMTInputError(f"the folder of {path} does not exist; create it first.")
-
-
-def _add_to_npz(path: Path, **arrays) -> None:
-    import numpy as np
-
-    with np.load(path, allow_pickle=False) as data:
-        content = {k: data[k] for k in data.files}
-    content.update(arrays)
-    with atomic_writer(path) as handle:
-        np.savez(handle, **content)
 
 
 def _say(message: str, progress: bool) -> None:

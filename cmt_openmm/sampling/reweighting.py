@@ -8,6 +8,11 @@ profiles and surfaces along collective variables, systematic resampling to an un
 reweighting to another temperature or another System of the same topology without retraining, and
 export (mdtraj, DCD + PDB, weights as .npy/.csv, the ``cmt-openmm sample`` npz).
 
+Large draws are streamed (:mod:`.drawing`): ``reweight(..., out=path)`` writes positions into the
+npz as they are drawn and returns the ensemble with its positions memory-mapped from that file,
+and ``reweight(..., positions=False)`` keeps only the weights and, for peptides, the Ramachandran
+angles; an ensemble without positions says so in one sentence when a method needs them.
+
 Error bars (one standard error) are computed one of two ways, always stated by the ``error``
 argument: ``"bootstrap"`` (default; the standard deviation over ``n_bootstrap`` resamplings of
 the N samples with replacement, seeded) or ``"delta"`` (linearisation of the self-normalised
@@ -33,14 +38,16 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ..coordinates.backbone import ramachandran_angles
+from ..coordinates.backbone import is_peptide, ramachandran_angles
 from ..errors import CMTInputError
 from ..files import atomic_writer
 from ..importance import normalized_weights, reverse_ess
 from ..target import Target
 from ..units import as_float64, kelvin
+from .drawing import draw_chunks, provenance
 from .estimators import (MIN_EFFECTIVE_SAMPLES, Estimate, FreeEnergyProfile, FreeEnergySurface, binned_free_energy,
                          weighted_mean)
+from .npz_stream import NpzWriter, open_memmap
 
 __all__ = [
     "reweight",
@@ -50,6 +57,10 @@ __all__ = [
     "LowESSWarning",
     "warn_if_low_ess",
 ]
+
+ROWS_PER_BLOCK = 65_536
+"""Configurations per block where positions are read or converted in turn (angles, CSV rows):
+a few MB of temporaries for a peptide, whatever the ensemble's size."""
 
 
 class LowESSWarning(UserWarning):
@@ -82,10 +93,13 @@ class ReweightedEnsemble:
 
     Args:
         target: the Target whose Boltzmann distribution the weights point to.
-        positions: (N, n_atoms, 3) nm; log_q: (N,) generator log density (Cartesian convention);
+        positions: (N, n_atoms, 3) nm (an array or a memory map), or None for an ensemble whose
+            positions were streamed to a file (then methods that need them say so);
+        log_q: (N,) generator log density (Cartesian convention);
         reduced_energy: (N,) raw u = U / kT of ``target`` (+inf where evaluation failed);
         invalid: (N,) bool, samples to give weight 0 (e.g. flipped chirality); default none.
         metadata: JSON-able provenance (seed, generator hash, ...), saved with `save_npz`.
+        angles: (N, n_pairs, 2) Ramachandran angles (rad) when already computed (peptides).
 
     Attributes: ``positions``, ``log_q``, ``reduced_energy``, ``invalid``, ``log_weights`` (N,)
     = -u - log q, -inf where invalid, u not finite or log q not finite.
@@ -108,32 +122,45 @@ class ReweightedEnsemble:
         reduced_energy: Any,
         invalid: Any = None,
         metadata: dict | None = None,
+        angles: np.ndarray | None = None,
     ) -> None:
-        x = as_float64(positions)
-        if x.ndim != 3 or x.shape[1:] != (target.n_atoms, 3):
-            raise CMTInputError(f"positions have shape {x.shape}, expected (N, {target.n_atoms}, 3) in nm.")
-        n = x.shape[0]
         lq, u = as_float64(log_q).reshape(-1), as_float64(reduced_energy).reshape(-1)
+        x = None if positions is None else positions if isinstance(positions, np.memmap) else as_float64(positions)
+        if x is not None and (x.ndim != 3 or x.shape[1:] != (target.n_atoms, 3)):
+            raise CMTInputError(f"positions have shape {x.shape}, expected (N, {target.n_atoms}, 3) in nm.")
+        n = len(lq) if x is None else x.shape[0]
         bad = np.zeros(n, bool) if invalid is None else np.asarray(as_float64(invalid), bool).reshape(-1)
         if not (lq.shape == u.shape == bad.shape == (n,)):
             raise CMTInputError(f"log_q, reduced_energy and invalid must each have shape ({n},), one per configuration.")
         self.target = target
         self.positions, self.log_q, self.reduced_energy, self.invalid = x, lq, u, bad
         self.metadata = dict(metadata or {})
+        self._angles = angles
         with np.errstate(invalid="ignore"):
             lw = -u - lq
         self.log_weights = np.where(bad | ~np.isfinite(u) | ~np.isfinite(lq), -np.inf, lw)
 
     @classmethod
     def concatenate(cls, ensembles: Sequence[ReweightedEnsemble]) -> ReweightedEnsemble:
-        """One ensemble holding every sample of ``ensembles`` (same target; metadata dropped)."""
+        """One ensemble holding every sample of ``ensembles`` (same target; metadata dropped;
+        positions and angles where every part has them)."""
         target = ensembles[0].target
         cat = lambda name: np.concatenate([getattr(e, name) for e in ensembles])  # noqa: E731
-        return cls(target, cat("positions"), cat("log_q"), cat("reduced_energy"), cat("invalid"))
+        positions = None if any(e.positions is None for e in ensembles) else cat("positions")
+        angles = None if any(e._angles is None for e in ensembles) else cat("_angles")
+        return cls(target, positions, cat("log_q"), cat("reduced_energy"), cat("invalid"), angles=angles)
+
+    def _positions(self, what: str) -> np.ndarray:
+        """The positions, or a one-sentence refusal naming ``what`` needed them."""
+        if self.positions is None:
+            raise CMTInputError(f"{what} needs the samples' positions, which this ensemble does not keep (they were "
+                                "streamed to a file): load that file with ReweightedEnsemble.load_npz(path, target, "
+                                "mmap=True), or draw with positions kept.")
+        return self.positions
 
     # -- weights ---------------------------------------------------------------------------
     def __len__(self) -> int:
-        return self.positions.shape[0]
+        return len(self.log_q)
 
     @property
     def weights(self) -> np.ndarray:
@@ -196,7 +223,7 @@ class ReweightedEnsemble:
         parts = []
         for start in range(0, len(idx), max(step, 1)):
             rows = idx[start : start + step]
-            arg = self.to_mdtraj(rows) if trajectory else self.positions[rows]
+            arg = self.to_mdtraj(rows) if trajectory else self._positions("a callable observable")[rows]
             parts.append(as_float64(observable(arg)))
         values = np.concatenate(parts)
         if values.shape[:1] != (len(idx),):
@@ -227,8 +254,13 @@ class ReweightedEnsemble:
         return weighted_mean(values, w, error=error, n_bootstrap=n_bootstrap, seed=seed)
 
     def ramachandran_angles(self) -> np.ndarray:
-        """Backbone (φ, ψ) of every sample: (N, n_pairs, 2) radians in [-π, π)."""
-        return ramachandran_angles(self.target.topology, self.positions)
+        """Backbone (φ, ψ) of every sample: (N, n_pairs, 2) radians in [-π, π); computed once, in
+        blocks of :data:`ROWS_PER_BLOCK` configurations, then kept."""
+        if self._angles is None:
+            x = self._positions("ramachandran_angles()")
+            self._angles = np.concatenate([ramachandran_angles(self.target.topology, x[i : i + ROWS_PER_BLOCK])
+                                           for i in range(0, len(self), ROWS_PER_BLOCK)])
+        return self._angles
 
     # -- free energies ---------------------------------------------------------------------
     def _cv(self, cv: Callable | Any, dim: int, trajectory: bool) -> np.ndarray:
@@ -315,7 +347,7 @@ class ReweightedEnsemble:
 
     def resample(self, n: int | None = None, seed: int = 0) -> np.ndarray:
         """Unweighted configurations (n, n_atoms, 3) nm by systematic resampling (see `resample_indices`)."""
-        return self.positions[self.resample_indices(n, seed)].copy()
+        return np.array(self._positions("resample()")[self.resample_indices(n, seed)])
 
     # -- other targets ---------------------------------------------------------------------
     def reweight_to(
@@ -353,10 +385,11 @@ class ReweightedEnsemble:
         if same_system:
             u = self.reduced_energy * (self.target.kT / target.kT)
         else:
-            u = _energies(target, self.positions, energy, batch_size, progress)
+            u = _energies(target, self._positions("reweighting to another System"), energy, batch_size, progress)
         out = ReweightedEnsemble(
             target, self.positions, self.log_q, u, self.invalid,
             {**self.metadata, "reweighted_from": {"target": self.target.name, "temperature": self.target.temperature}},
+            angles=self._angles,
         )
         warn_if_low_ess(out, f"reweighting to {target.name} at {target.temperature:g} K", min_effective_samples,
                          ess_warning)
@@ -367,7 +400,8 @@ class ReweightedEnsemble:
         """An `mdtraj.Trajectory` of the samples (or of ``indices``), positions in nm."""
         import mdtraj
 
-        x = self.positions if indices is None else self.positions[np.asarray(indices)]
+        x = self._positions("to_mdtraj()")
+        x = x if indices is None else x[np.asarray(indices)]
         return mdtraj.Trajectory(x.astype(np.float32), mdtraj.Topology.from_openmm(self.target.topology))
 
     def save_dcd(self, path_dcd: str | os.PathLike, path_pdb: str | os.PathLike | None = None) -> None:
@@ -382,42 +416,52 @@ class ReweightedEnsemble:
             traj[0].save_pdb(str(path_pdb))
 
     def save_weights(self, path: str | os.PathLike) -> None:
-        """Normalised weights w̄ (N,) as ``.npy``, or ``.csv`` with columns index, log_weight, weight."""
+        """Normalised weights w̄ (N,) as ``.npy``, or ``.csv`` with columns index, log_weight, weight
+        (written atomically; the CSV a block of rows at a time)."""
         path = Path(path)
-        w = self.weights
-        if path.suffix == ".npy":
-            np.save(path, w)
-        elif path.suffix == ".csv":
-            rows = np.column_stack([np.arange(len(w)), self.log_weights, w])
-            np.savetxt(path, rows, delimiter=",", header="index,log_weight,weight", comments="",
-                       fmt=["%d", "%.17g", "%.17g"])
-        else:
+        if path.suffix not in (".npy", ".csv"):
             raise CMTInputError(f"weights file {path.name} must end in .npy or .csv.")
+        w = self.weights
+        with atomic_writer(path) as handle:
+            if path.suffix == ".npy":
+                np.save(handle, w)
+                return
+            handle.write(b"index,log_weight,weight\n")
+            for i in range(0, len(w), ROWS_PER_BLOCK):
+                rows = np.column_stack([np.arange(i, min(i + ROWS_PER_BLOCK, len(w))), self.log_weights[i : i + ROWS_PER_BLOCK],
+                                        w[i : i + ROWS_PER_BLOCK]])
+                np.savetxt(handle, rows, delimiter=",", fmt=["%d", "%.17g", "%.17g"])
 
-    def save_npz(self, path: str | os.PathLike) -> None:
-        """The ``cmt-openmm sample`` file: positions (N, n_atoms, 3) nm, log_q, reduced_energy
-        (raw, +inf where failed), log_weights (N,), invalid (N,) bool, temperature (K), and
-        ``metadata`` (JSON: target name, fingerprints, summary, provenance).
-        """
+    def npz_arrays(self) -> dict:
+        """The ``cmt-openmm sample`` file's arrays but the positions, in its order: log_q,
+        reduced_energy (raw, +inf where failed), log_weights (N,), invalid (N,) bool, temperature
+        (K), and ``metadata`` (JSON: target name, fingerprints, summary, provenance)."""
         meta = {
             **self.metadata,
             **self.summary(),
             "topology_fingerprint": self.target.topology_fingerprint(),
             "system_fingerprint": self.target.system_fingerprint(),
         }
+        return {"log_q": self.log_q, "reduced_energy": self.reduced_energy, "log_weights": self.log_weights,
+                "invalid": self.invalid, "temperature": np.float64(self.target.temperature),
+                "metadata": np.array(json.dumps(meta, default=float))}
+
+    def save_npz(self, path: str | os.PathLike) -> None:
+        """The ``cmt-openmm sample`` file: positions (N, n_atoms, 3) nm and `npz_arrays`."""
+        positions = self._positions("save_npz()")
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_writer(path) as handle:
-            np.savez(
-                handle, positions=self.positions, log_q=self.log_q, reduced_energy=self.reduced_energy,
-                log_weights=self.log_weights, invalid=self.invalid, temperature=np.float64(self.target.temperature),
-                metadata=np.array(json.dumps(meta, default=float)),
-            )
+            npz = NpzWriter(handle)
+            npz.add(positions=positions, **self.npz_arrays())
+            npz.close()
 
     @classmethod
-    def load_npz(cls, path: str | os.PathLike, target: Target) -> ReweightedEnsemble:
+    def load_npz(cls, path: str | os.PathLike, target: Target, mmap: bool = False) -> ReweightedEnsemble:
         """Read a `save_npz` file back for ``target`` (its topology must match; the file's
-        temperature is applied to ``target`` when it differs)."""
+        temperature is applied to ``target`` when it differs); ``mmap``: positions memory-mapped
+        from the file (read when used), for files larger than memory."""
+        positions = open_memmap(path, "positions") if mmap else None
         with np.load(Path(path), allow_pickle=False) as data:
             meta = json.loads(str(data["metadata"])) if "metadata" in data else {}
             fingerprint = meta.get("topology_fingerprint")
@@ -426,7 +470,8 @@ class ReweightedEnsemble:
             if "temperature" in data and not math.isclose(float(data["temperature"]), target.temperature):
                 target = target.with_temperature(float(data["temperature"]))
             invalid = data["invalid"] if "invalid" in data else None
-            return cls(target, data["positions"], data["log_q"], data["reduced_energy"], invalid, meta)
+            positions = data["positions"] if positions is None else positions
+            return cls(target, positions, data["log_q"], data["reduced_energy"], invalid, meta)
 
 
 def _energies(target: Target, positions: np.ndarray, energy: Callable | None, batch_size: int, progress: bool):
@@ -457,6 +502,8 @@ def reweight(
     energy: Callable | None = None,
     progress: bool = True,
     min_effective_samples: float = MIN_EFFECTIVE_SAMPLES,
+    out: str | os.PathLike | None = None,
+    positions: bool = True,
 ) -> ReweightedEnsemble:
     """Draw ``n`` samples from ``generator`` in batches and weight them towards ``target``.
 
@@ -468,33 +515,32 @@ def reweight(
     (`LowESSWarning`) when the effective number of samples N · ESS is below ``min_effective_samples``:
     the estimates and their error bars then rest on a few samples (see `ReweightedEnsemble.reliable`;
     0 turns the warning off, e.g. for draws that are pooled before use).
-    """
-    import torch
-    from tqdm.auto import tqdm
 
-    if int(n) < 1 or int(batch_size) < 1:
-        raise CMTInputError(f"n ({n}) and batch_size ({batch_size}) must be positive integers.")
-    fingerprint = getattr(generator, "topology_fingerprint", None)
-    if isinstance(fingerprint, str) and fingerprint != target.topology_fingerprint():
-        raise CMTInputError(f"the generator was trained on another topology than {target.name}: pass its own target.")
-    device = next(iter(generator.parameters()), torch.empty(0)).device if hasattr(generator, "parameters") else "cpu"
-    rng = torch.Generator(device=device).manual_seed(int(seed))  # where the generator samples
-    xs, lqs, flips = [], [], []
-    with torch.no_grad(), tqdm(total=int(n), disable=not progress, desc="sampling", unit="sample") as bar:
-        for start in range(0, int(n), int(batch_size)):
-            b = min(int(batch_size), int(n) - start)
-            x, log_q = generator.sample(b, generator=rng)
-            flipped = generator.chirality_flipped(x) if hasattr(generator, "chirality_flipped") else None
-            xs.append(as_float64(x))
-            lqs.append(as_float64(log_q).reshape(-1))
-            flips.append(np.zeros(b, bool) if flipped is None else np.asarray(as_float64(flipped), bool))
-            bar.update(b)
-    positions = np.concatenate(xs)
-    u = _energies(target, positions, energy, int(batch_size), progress=False)
-    metadata = {"seed": int(seed), "n": int(n)}
-    content_hash = getattr(generator, "content_hash", None)
-    if callable(content_hash):
-        metadata["generator_hash"] = content_hash()
-    out = ReweightedEnsemble(target, positions, np.concatenate(lqs), u, np.concatenate(flips), metadata)
-    warn_if_low_ess(out, f"reweighting {int(n)} generator samples to {target.name}", min_effective_samples)
-    return out
+    Memory: by default every position is kept (N × n_atoms × 24 bytes). ``out`` (an ``.npz``
+    path) writes the `save_npz` file as the batches come, atomically, and returns the ensemble
+    with its positions memory-mapped from it; ``positions=False`` keeps none, only the weights
+    and (peptides) the Ramachandran angles. Either way the samples and weights are those of the
+    in-memory draw with the same arguments (:mod:`.drawing`).
+    """
+    if out is not None:
+        from .sample_files import write_samples
+
+        write_samples(generator, target, n, out, batch_size=batch_size, seed=seed, energy=energy, progress=progress,
+                      min_effective_samples=min_effective_samples)
+        return ReweightedEnsemble.load_npz(out, target, mmap=True)
+    keep_angles = not positions and is_peptide(target)
+    x = angles = None
+    log_q, u, invalid = np.empty(int(n)), np.empty(int(n)), np.empty(int(n), bool)
+    for chunk in draw_chunks(generator, target, n, batch_size=batch_size, seed=seed, energy=energy, progress=progress):
+        rows = slice(chunk.start, chunk.start + len(chunk.log_q))
+        if positions:
+            x = np.empty((int(n),) + chunk.positions.shape[1:]) if x is None else x
+            x[rows] = chunk.positions
+        if keep_angles:
+            a = ramachandran_angles(target.topology, chunk.positions)
+            angles = np.empty((int(n),) + a.shape[1:]) if angles is None else angles
+            angles[rows] = a
+        log_q[rows], u[rows], invalid[rows] = chunk.log_q, chunk.reduced_energy, chunk.invalid
+    ensemble = ReweightedEnsemble(target, x, log_q, u, invalid, provenance(generator, seed, n), angles=angles)
+    warn_if_low_ess(ensemble, f"reweighting {int(n)} generator samples to {target.name}", min_effective_samples)
+    return ensemble
