@@ -2,14 +2,16 @@
 
 Metrics are computed in :mod:`cmt_openmm.analysis.metrics`, pictures drawn in
 :mod:`cmt_openmm.analysis.plots`; this module draws the samples, calls both and writes the
-files (atomically).
+files (atomically). A peptide's draws larger than :data:`KEEP_POSITIONS_BYTES` keep only their
+weights and Ramachandran angles (everything the report computes from them), so that
+``cmt-openmm evaluate --n 10000000`` runs in bounded memory with the same numbers.
 """
 from __future__ import annotations
 
 import os
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -18,6 +20,13 @@ from ..files import atomic_write, to_json
 from ..sampling.estimators import MIN_EFFECTIVE_SAMPLES
 from ..sampling.reweighting import ReweightedEnsemble, reweight, warn_if_low_ess
 from . import metrics, plots
+
+KEEP_POSITIONS_BYTES = 256 * 2**20
+"""Positions of all the report's draws (N × n_atoms × 24 bytes) above which a peptide's draws keep
+none; the torch energies are then re-checked against OpenMM on a redraw of the first draw's
+first :data:`RECHECK_DRAW` samples (the same samples: same seed and batches)."""
+
+RECHECK_DRAW = 1000
 
 ESS_WORDS = ((0.10, "good"), (0.01, "usable"), (0.001, "poor"))
 """The verdict's word for the reverse ESS of all the report's samples: "good" from 10 % (a few
@@ -45,7 +54,9 @@ def write_run_report(run_dir: str | os.PathLike, target, generator, history: Seq
     reduced-energy callable to use (the run's platform; default a Reference ``OpenMMEnergy``).
     """
     run_dir = Path(run_dir)
-    ensembles = draw_ensembles(generator, target, n_samples, n_draws, sample_seed, progress, energy=energy)
+    positions = not is_peptide(target) or n_draws * n_samples * target.n_atoms * 24 <= KEEP_POSITIONS_BYTES
+    ensembles = draw_ensembles(generator, target, n_samples, n_draws, sample_seed, progress, energy=energy,
+                               positions=positions)
     pooled = ReweightedEnsemble.concatenate(ensembles)
     warn_if_low_ess(pooled, f"the report's {n_draws} draws of {n_samples} samples", stacklevel=2)
     report = {
@@ -54,10 +65,13 @@ def write_run_report(run_dir: str | os.PathLike, target, generator, history: Seq
         "method": method,
         "seed": seed,
         "run_dir": str(run_dir.resolve()),
-        "training": metrics.training_summary(history, stop_reason),
+        "training": {**metrics.training_summary(history, stop_reason), **energy_restarts(history)},
         "samples": metrics.sample_metrics(ensembles),
     }
-    report["energy"] = energy_record(energy, target, pooled)
+    checked = pooled if positions else (lambda: reweight(generator, target, min(n_samples, RECHECK_DRAW),
+                                                         seed=sample_seed, progress=False, energy=energy,
+                                                         min_effective_samples=0))
+    report["energy"] = energy_record(energy, target, checked)
     reference_angles = None
     if reference_positions is not None:
         report["reference"] = metrics.reference_metrics(generator, target, reference_positions, pooled, energy=energy)
@@ -125,22 +139,32 @@ def _by_residue(php: dict) -> dict:
     return {"residue_1": php} if "value" in php else php
 
 
-def energy_record(energy, target, pooled: ReweightedEnsemble) -> dict:
+def energy_restarts(history: Sequence[dict]) -> dict:
+    """``{"energy_restarts": k}`` when training replaced its energy worker pool k > 0 times (the
+    records' cumulative ``energy_restarts``), else ``{}``."""
+    k = max((int(r.get("energy_restarts") or 0) for r in history), default=0)
+    return {"energy_restarts": k} if k else {}
+
+
+def energy_record(energy, target, pooled: ReweightedEnsemble | Callable[[], ReweightedEnsemble]) -> dict:
     """Which energies the report's weights rest on; for the torch path, its verification at
-    construction and a re-check of 64 of the report's samples against OpenMM."""
+    construction and a re-check of 64 of the report's samples against OpenMM (``pooled``: the
+    samples, or a function that draws them, called only then)."""
     backend = getattr(energy, "backend", "openmm")
     record = {"backend": backend, "selection": getattr(energy, "selection", None)}
     if backend == "torch":
         from ..energy.select import recheck_against_openmm
 
+        samples = pooled if isinstance(pooled, ReweightedEnsemble) else pooled()
         record["verification"] = getattr(energy, "verification", None)
-        record["recheck"] = recheck_against_openmm(target, pooled.positions, pooled.reduced_energy)
+        record["recheck"] = recheck_against_openmm(target, samples.positions, samples.reduced_energy)
     return record
 
 
 def draw_ensembles(generator, target, n_samples: int, n_draws: int, seed: int,
-                   progress: bool = True, energy=None) -> list[ReweightedEnsemble]:
-    """``n_draws`` independent reweighted draws of ``n_samples`` flow samples each (seeds seed+k).
+                   progress: bool = True, energy=None, positions: bool = True) -> list[ReweightedEnsemble]:
+    """``n_draws`` independent reweighted draws of ``n_samples`` flow samples each (seeds seed+k);
+    ``positions=False``: keep only weights and Ramachandran angles (`reweight`'s).
 
     A single draw's low ESS is not warned about: the report judges the pooled draws.
     """
@@ -149,7 +173,7 @@ def draw_ensembles(generator, target, n_samples: int, n_draws: int, seed: int,
     out = []
     for k in tqdm(range(n_draws), desc="report draws", disable=not progress, unit="draw"):
         out.append(reweight(generator, target, n_samples, seed=seed + k, progress=False, energy=energy,
-                            min_effective_samples=0))
+                            min_effective_samples=0, positions=positions))
     return out
 
 
@@ -214,6 +238,9 @@ def render_markdown(report: dict) -> str:
             f"- energy evaluations: {tr.get('energy_evaluations'):,} (failed: {tr.get('failed_evaluations', 0)})",
             f"- wall time: {tr.get('wall_time_s', 0.0):.1f} s (energies: {tr.get('energy_backend') or 'openmm'})",
         ]
+        if tr.get("energy_restarts"):
+            lines.append(f"- energy worker pools replaced: {tr['energy_restarts']} (a worker died; the step's energies "
+                         "were evaluated again on a fresh pool)")
         final = tr.get("final") or {}
         if final:
             lines.append("- last step: " + ", ".join(f"{k} = {v:.4g}" for k, v in final.items() if isinstance(v, (int, float))))

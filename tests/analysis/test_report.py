@@ -93,3 +93,94 @@ def test_every_residues_phi_positive_population_is_shown_beside_the_reference():
         assert row == (f"| residue {i + 1} | {counts[f'residue_{i + 1}']:,} | {f['value']:.4f} ± {f['error']:.4f} | "
                        f"{r['value']:.4f} ± {r['error']:.4f} |")
     assert rows[2].startswith("| residue 3 |") and rows[2].endswith("| 0 (no samples; N_eff = 2,000) |")
+
+
+def test_replaced_energy_worker_pools_are_reported_when_there_were_any():
+    """The records' cumulative energy_restarts (issue 25) reach report.json and report.md; none, no line."""
+    from cmt_openmm.analysis.report import energy_restarts
+
+    history = [{"step": 1, "wall_time": 1.0}, {"step": 2, "energy_restarts": 1, "wall_time": 2.0},
+               {"step": 3, "energy_restarts": 2, "wall_time": 3.0}]
+    report = {"system": "aldp-vacuum", "temperature": 300.0,
+              "training": {**training_summary(history, "max_steps"), **energy_restarts(history)}}
+    assert report["training"]["energy_restarts"] == 2
+    assert "- energy worker pools replaced: 2 (a worker died;" in render_markdown(report)
+    assert energy_restarts(history[:1]) == {} and energy_restarts([]) == {}
+    quiet = {**report, "training": training_summary(history[:1], "max_steps")}
+    assert "worker pools replaced" not in render_markdown(quiet)
+
+
+class _NoisyStart:
+    """A stand-in generator: Gaussian noise around the start positions, with its exact log density."""
+
+    def __init__(self, target, scale=0.003):
+        import torch
+
+        self.center, self.scale = torch.as_tensor(target.positions, dtype=torch.float64), scale
+
+    def sample(self, n, generator=None):
+        import torch
+
+        z = torch.randn((n,) + self.center.shape, generator=generator, dtype=torch.float64)
+        return self.center + self.scale * z, (-0.5 * z**2 - np.log(self.scale) - 0.9189385332046727).sum((1, 2))
+
+
+def test_a_report_over_the_memory_bound_keeps_angles_only_and_gives_the_same_numbers(tmp_path, monkeypatch):
+    """Draws above KEEP_POSITIONS_BYTES keep no positions (issue 25); the report is the same."""
+    import warnings
+
+    from cmt_openmm.analysis import report as report_module
+    from cmt_openmm.energy.select import make_energy
+    from cmt_openmm.systems import get_target
+
+    target = get_target("aldp-vacuum")
+    drawn = []
+    real = report_module.reweight
+    monkeypatch.setattr(report_module, "reweight", lambda *a, **k: drawn.append(real(*a, **k)) or drawn[-1])
+    results = []
+    with make_energy(target, "openmm") as openmm, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+
+        class Torch:  # flagged as the torch backend, so that the report re-checks its energies
+            backend, selection, verification = "torch", "test", None
+            __call__ = staticmethod(openmm)
+
+        for bound in (report_module.KEEP_POSITIONS_BYTES, 0):
+            monkeypatch.setattr(report_module, "KEEP_POSITIONS_BYTES", bound)
+            results.append(report_module.write_run_report(
+                tmp_path / str(bound), target, _NoisyStart(target), [], None, method="cmt", seed=0, n_samples=300,
+                n_draws=2, sample_seed=5, progress=False, energy=Torch()))
+    # kept: two draws; streamed: two draws without positions, then the first 300 redrawn for the re-check
+    assert [d.positions is None for d in drawn] == [False, False, True, True, False]
+    for k in (0, 1):
+        np.testing.assert_array_equal(drawn[k + 2].ramachandran_angles(), drawn[k].ramachandran_angles())
+        np.testing.assert_array_equal(drawn[k + 2].log_weights, drawn[k].log_weights)
+    np.testing.assert_array_equal(drawn[4].positions, drawn[0].positions)
+    kept, streamed = ({k: v for k, v in r.items() if k not in ("run_dir", "energy")} for r in results)
+    assert streamed == kept and kept["samples"]["phi_positive_samples"]["residue_1"] >= 0
+    assert results[0]["energy"]["recheck"]["passed"] and results[1]["energy"]["recheck"]["passed"]
+    assert "basin_populations" in kept["samples"] and kept["plots"] == ["ramachandran_fes.png", "phi_free_energy.png"]
+
+
+def test_the_torch_recheck_redraws_samples_only_when_needed():
+    from cmt_openmm.analysis.report import energy_record
+    from cmt_openmm.sampling.reweighting import ReweightedEnsemble
+    from cmt_openmm.systems.toys import double_well_3d
+
+    toy = double_well_3d(300.0)
+    x = np.random.default_rng(0).normal(0.0, 0.3, size=(100, 1, 3))
+    u = np.array([toy.reduced_potential(p) for p in x])
+    calls = []
+
+    def draw():
+        calls.append(1)
+        return ReweightedEnsemble(toy, x, np.zeros(100), u)
+
+    class Torch:
+        backend, selection, verification = "torch", "test", None
+
+    assert energy_record(object(), toy, draw)["backend"] == "openmm" and not calls
+    assert energy_record(Torch(), toy, draw())["recheck"]["n_checked"] == 64 and calls == [1]
+    calls.clear()
+    record = energy_record(Torch(), toy, draw)
+    assert calls == [1] and record["recheck"]["n_checked"] == 64 and record["recheck"]["passed"]
