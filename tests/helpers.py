@@ -36,8 +36,8 @@ def load_script(relative_path: str):
     return module
 
 
-def assert_same_history(a: list[dict], b: list[dict], ignore: tuple[str, ...] = ()) -> None:
-    """Two runs' per-step records are equal, floats to 1e-9, but for their wall time, their
+def assert_same_history(a: list[dict], b: list[dict], ignore: tuple[str, ...] = (), rel_tol: float = 1e-9) -> None:
+    """Two runs' per-step records are equal, floats to ``rel_tol``, but for their wall time, their
     plan (it follows the limits of the run a step was in) and the keys in ``ignore``."""
     assert len(a) == len(b)
     skip = ("wall_time", "planned_steps", *ignore)
@@ -47,7 +47,7 @@ def assert_same_history(a: list[dict], b: list[dict], ignore: tuple[str, ...] = 
             if k in skip:
                 continue
             if isinstance(ra[k], float):
-                assert math.isclose(ra[k], rb[k], rel_tol=1e-9, abs_tol=1e-12), (k, ra[k], rb[k])
+                assert math.isclose(ra[k], rb[k], rel_tol=rel_tol, abs_tol=1e-12), (k, ra[k], rb[k])
             else:
                 assert ra[k] == rb[k], k
 

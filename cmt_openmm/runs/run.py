@@ -20,6 +20,7 @@ import yaml
 from ..errors import CMTInputError
 from ..files import atomic_write, to_json
 from ..training.config import AUTO, RESUMABLE, TrainConfig, resume_conflicts
+from ..training.distributed import elastic_restart, launched
 from ..training.faults import training_lock
 from ..training.loop import CHECKPOINT_FILE, CONFIG_FILE, TARGET_DIR, load_history
 from .presets import get_preset
@@ -78,11 +79,14 @@ class Run:
         """
         directory = Path(directory).expanduser().resolve()
         has_run = (directory / CHECKPOINT_FILE).is_file()
+        resume = resume or (has_run and elastic_restart())  # torchrun restarted this rank after a failure
         if has_run != resume:  # before anything is written (a target is saved in the directory)
             raise CMTInputError(f"{directory} already holds a run; resume it (--resume, resume=True) or choose another "
                                 "directory." if has_run else
                                 f"{directory} holds no checkpoint to resume; start the run without resume.")
-        if directory.is_dir():  # refused while another process trains there: it would change its run's files
+        # refused while another process trains there (it would change its run's files); under torchrun
+        # rank 0 checks, as it alone takes the lock, which it may already hold while a peer starts
+        if directory.is_dir() and launched().main:
             with training_lock(directory, mark=False):
                 pass
         data, base = _run_mapping(config, overrides)
@@ -217,6 +221,8 @@ class Run:
 
         resume = self.trained
         stored = self.directory / f"{REPORT}.json"
+        main = launched().main  # under torchrun, rank 0 alone reports (the other ranks only train)
+        progress = progress and main
         if resume and self.finished and (stored.is_file() or not report):
             if not report:
                 return {"run_dir": str(self.directory), "stop_reason": self.stop_reason}

@@ -33,22 +33,27 @@ def reverse_kl_steps(t: Trainer, n_steps: int, batch_size: int, scale: float = 1
 
     scale = T/T_k tempers the target (1 at the target temperature); the regularisation
     threshold is ``config.energy.threshold``. Entropy and reverse ESS (raw energies, against
-    the target) are over all samples of the window, each weighted against its own flow.
+    the target) are over all samples of the window, each weighted against its own flow. With
+    several processes each draws its shards of every batch and the gradients are summed.
     """
+    layout = t.layout
     losses, log_w, log_qs = [], [], []
     for _ in range(n_steps):
-        x, log_q = t.generator.rsample(batch_size, generator=t.rng)
+        x, log_q = layout.draw(t.generator.rsample, batch_size)
         u = t.energy(x)
-        loss = (log_q + regularize_energy(u * scale, t.config.energy.threshold)).mean()
+        terms = log_q + regularize_energy(u * scale, t.config.energy.threshold)
+        loss = terms.sum() / batch_size if layout.sharded else terms.mean()
         t.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        loss = layout.reduce_gradients(t.parameters, loss.detach()) if layout.sharded else loss.detach()
         t.optimizer.step()
-        losses.append(float(loss.detach()))
+        losses.append(float(loss))
         log_w.append((-u.detach() - log_q.detach()).double())
         log_qs.append(log_q.detach().double())
-    log_w = torch.cat(log_w)
+    log_w = layout.gather(torch.cat(log_w), batch_size, n_steps)
+    log_qs = layout.gather(torch.cat(log_qs), batch_size, n_steps)
     return {
-        "entropy": -float(torch.cat(log_qs).mean()),
+        "entropy": -float(log_qs.mean()),
         **t.target_stats(log_w, torch.zeros_like(log_w)),
         "loss": float(np.mean(losses)),
     }
@@ -83,20 +88,27 @@ class ForwardKLTrainer(Trainer):
         return self.settings.eval_samples
 
     def step(self) -> dict:
-        s = self.settings
+        s, layout = self.settings, self.layout
+        lo, hi = layout.local_range(s.batch_size)  # this process's part of every minibatch
         losses = []
         for _ in range(s.steps_per_record):
             idx = torch.randint(self.data.shape[0], (s.batch_size,), generator=self.rng, device=self.data.device)
-            loss = -self.generator.log_prob(self.data[idx]).mean()
+            if layout.sharded:
+                loss = -self.generator.log_prob(self.data[idx[lo:hi]]).sum() / s.batch_size
+            else:
+                loss = -self.generator.log_prob(self.data[idx]).mean()
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            loss = layout.reduce_gradients(self.parameters, loss.detach()) if layout.sharded else loss.detach()
             self.optimizer.step()
-            losses.append(float(loss.detach()))
+            losses.append(float(loss))
         record = {"loss": float(np.mean(losses))}
         if s.eval_samples:
-            x, log_q = self.generator.sample(s.eval_samples, generator=self.rng)
+            x, log_q = layout.draw(self.generator.sample, s.eval_samples)
             with torch.no_grad():
-                record.update(entropy=-float(log_q.mean()), **self.target_stats(-self.energy(x), log_q))
+                log_p = layout.gather(-self.energy(x), s.eval_samples)
+            log_q = layout.gather(log_q.detach(), s.eval_samples)
+            record.update(entropy=-float(log_q.mean()), **self.target_stats(log_p, log_q))
         return record
 
 
@@ -198,15 +210,17 @@ class TemperatureAnnealingTrainer(Trainer):
         record = {"phase": phase, "temperature": t_k}
         if phase == "reverse_kl":
             return {**record, **reverse_kl_steps(self, n, self.settings.batch_size, scale)}
-        s = self.settings
-        x, log_q = self.generator.sample(s.n_samples, generator=self.rng)
+        s, layout = self.settings, self.layout
+        x, log_q_local = layout.draw(self.generator.sample, s.n_samples)
         with torch.no_grad():
-            u = self.energy(x)
+            u = layout.gather(self.energy(x), s.n_samples)
+        log_q = layout.gather(log_q_local.detach(), s.n_samples)
         log_w = (-u * scale - log_q).double().cpu().numpy()  # −inf where the energy failed
         if not np.any(np.isfinite(log_w)):
             raise CMTInputError("every energy of the buffer failed; check the system and the flow's samples.")
         log_w = log_w - np.logaddexp.reduce(log_w)
-        loss = fit_to_buffer(self.generator, self.optimizer, x, log_w, self.fit_steps, s.batch_size, s.resample, self.rng)
+        loss = fit_to_buffer(self.generator, self.optimizer, x, log_w, self.fit_steps, s.batch_size, s.resample, self.rng,
+                             layout)
         return {
             **record,
             "ess_step": float(1.0 / (log_w.size * np.sum(np.exp(2 * log_w)))),

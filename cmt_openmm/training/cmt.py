@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from .config import AUTO, register_method
+from .distributed import Layout
 from .dual import solve_dual
 from .loop import Trainer
 from .schedule import auto_eps_ent, auto_lr_decay
@@ -44,28 +45,47 @@ def fit_to_buffer(
     batch_size: int,
     resample: bool,
     rng: torch.Generator,
+    layout: Layout | None = None,
 ) -> float:
     """Importance-weighted maximum likelihood −Σ w̄ log q_θ(x) on a buffer; mean loss (nats).
 
-    x: (N, n_atoms, 3) nm; log_weights: (N,) normalised log w̄ (−inf = weight 0).
+    x: (N, n_atoms, 3) nm; log_weights: (N,) normalised log w̄ (−inf = weight 0). With a sharded
+    ``layout`` x holds only this rank's rows :meth:`~.distributed.Layout.local_range` of the N:
+    every rank draws the same global minibatch (``rng`` is the same stream on every rank), takes the
+    loss of its own rows, and the ranks' gradients are summed before each Adam step.
     """
     log_w = torch.as_tensor(np.asarray(log_weights), dtype=torch.float64, device=x.device)
     w = torch.exp(log_w - torch.logsumexp(log_w, 0))
-    n = x.shape[0]
+    n = w.shape[0]
+    sharded = layout is not None and layout.sharded
+    lo, hi = layout.local_range(n) if sharded else (0, n)
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
     losses = []
     for _ in range(n_steps):
         if resample:
             idx = torch.multinomial(w, batch_size, replacement=True, generator=rng)
-            loss = -generator.log_prob(x[idx]).mean()
+            weight = None
         else:
             idx = torch.randint(n, (batch_size,), generator=rng, device=x.device)
             # failed-energy samples (w = 0) stay out of the sum, even if log q were -inf
-            keep = w[idx] > 0
-            loss = -(n * w[idx][keep] * generator.log_prob(x[idx][keep])).sum() / batch_size
+            idx = idx[w[idx] > 0]
+            weight = n * w[idx]
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if sharded:
+            mine = (idx >= lo) & (idx < hi)
+            idx, weight = idx[mine] - lo, None if weight is None else weight[mine]
+        if idx.numel():
+            log_q = generator.log_prob(x[idx])
+            terms = log_q if weight is None else weight * log_q
+            loss = -(terms.mean() if weight is None and not sharded else terms.sum() / batch_size)
+            loss.backward()
+            loss = loss.detach()
+        else:  # this rank holds none of the minibatch: its gradient is 0
+            loss = 0.0
+        if sharded:
+            loss = layout.reduce_gradients(parameters, loss)
         optimizer.step()
-        losses.append(float(loss.detach()))
+        losses.append(float(loss))
     return float(np.mean(losses)) if losses else math.nan
 
 
@@ -115,21 +135,36 @@ class CMTTrainer(Trainer):
         return self.anneal(*self.draw_buffer())
 
     def draw_buffer(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """N flow samples x (N, n_atoms, 3) nm with log q_i(x) and log p̃(x) = −u(x) (N,), one evaluation each."""
-        x, log_q = self.generator.sample(self.settings.n_samples, generator=self.rng)
+        """N flow samples x (N, n_atoms, 3) nm with log q_i(x) and log p̃(x) = −u(x) (N,), one evaluation
+        each; with several processes, this process's rows of them (:mod:`.distributed`)."""
+        x, log_q = self.layout.draw(self.generator.sample, self.settings.n_samples)
         with torch.no_grad():
             log_p = -self.energy(x)
         return x, log_q, log_p
 
-    def fit_log_weights(self, sol, x: torch.Tensor) -> np.ndarray:
-        """Normalised log-weights (N,) the flow is fitted to: the dual's (q_{i+1}), stratified if configured."""
-        if self.strata_of is None:
+    def fit_log_weights(self, sol, labels: np.ndarray | None) -> np.ndarray:
+        """Normalised log-weights (N,) the flow is fitted to: the dual's (q_{i+1}), floored per stratum
+        when strata are configured (labels: (N,) the buffer's strata, else None)."""
+        if labels is None:
             return sol.log_weights
-        return floored_log_weights(sol.log_weights, self.strata_of(x.detach().cpu().numpy()), self.settings.strata_floor)
+        return floored_log_weights(sol.log_weights, labels, self.settings.strata_floor)
+
+    def gather_buffer(self, x: torch.Tensor, log_q: torch.Tensor, log_p: torch.Tensor):
+        """The whole buffer's log q, log p̃ (N,) and strata labels (N,) or None, from this process's rows."""
+        labels = None if self.strata_of is None else self.strata_of(x.detach().cpu().numpy())
+        if self.layout.world.size == 1:
+            return log_q, log_p, labels
+        columns = [log_q.detach().double(), log_p.double()]
+        if labels is not None:
+            columns.append(torch.as_tensor(labels, dtype=torch.float64, device=log_q.device))
+        both = self.layout.gather(torch.stack(columns, 1), self.settings.n_samples)
+        labels = None if labels is None else both[:, 2].long().cpu().numpy()
+        return both[:, 0], both[:, 1], labels
 
     def anneal(self, x: torch.Tensor, log_q: torch.Tensor, log_p: torch.Tensor) -> dict:
         """Dual, weights and weighted fit on one buffer (see :meth:`draw_buffer`); the step's record."""
         c = self.settings
+        log_q, log_p, labels = self.gather_buffer(x, log_q, log_p)
         decay = self.lr_decay()
         if decay != 1.0:
             self.set_lr(self.optimizer.param_groups[0]["lr"] * decay)
@@ -138,9 +173,10 @@ class CMTTrainer(Trainer):
             self.first_entropy = entropy
         eps_ent = self.entropy_budget(entropy)
         sol = solve_dual(log_q, log_p, c.eps_tr, eps_ent)
-        log_weights = self.fit_log_weights(sol, x)
+        log_weights = self.fit_log_weights(sol, labels)
         loss = fit_to_buffer(
-            self.generator, self.optimizer, x, log_weights, self.fit_steps, c.batch_size, c.resample, self.rng
+            self.generator, self.optimizer, x, log_weights, self.fit_steps, c.batch_size, c.resample, self.rng,
+            self.layout,
         )
         if sol.target_reached and self.reached_at is None:
             self.reached_at = self.steps_done + 1  # counted after this step

@@ -41,7 +41,12 @@ def register_method(name: str):
 def resume_conflicts(stored: typing.Mapping, new: typing.Mapping) -> list[str]:
     """Sorted names of the settings that differ between a run's stored and new config (dicts of
     :meth:`TrainConfig.to_dict`) and may not change on resume."""
-    return sorted(k for k in set(stored) | set(new) if stored.get(k) != new.get(k) and k not in RESUMABLE)
+    def differs(k):  # shards "auto" resumes with the stored count (absent in runs from before shards: 1)
+        if k == "shards" and new.get(k) == AUTO:
+            return False
+        return stored.get(k, 1 if k == "shards" else None) != new.get(k)
+
+    return sorted(k for k in set(stored) | set(new) if differs(k) and k not in RESUMABLE)
 
 
 def _positive(v) -> bool:
@@ -238,7 +243,11 @@ class TrainConfig:
     CPU threads while training (the CLI's --threads; 1 is fastest for the ALDP flows on few
     cores; "auto": :func:`resolve_threads`, for the larger peptides' steps);
     ema_decay: None, or average the flow's weights over training with this decay per Adam step
-    and hand out the average as the trained generator (:mod:`.averaging`; e.g. 0.999); device: "cpu", "cuda" or "auto" (cuda when available) for the flow, buffers and fit.
+    and hand out the average as the trained generator (:mod:`.averaging`; e.g. 0.999); device: "cpu", "cuda" or "auto" (cuda when available) for the flow, buffers and fit;
+    shards: the independent random streams each step's samples are drawn from
+    (:mod:`.distributed`): "auto" = one per process (1 without torchrun), kept on resume; a run
+    on R processes equals a one-process run with shards R, and resumes on any number of
+    processes that divides it.
 
     Example (missing keys take defaults; a wrong value is refused in one sentence):
         >>> import cmt_openmm
@@ -260,6 +269,7 @@ class TrainConfig:
     threads: typing.Union[int, str] = field(default=1, metadata=POSITIVE_OR_AUTO)
     ema_decay: typing.Optional[float] = field(default=None, metadata=_check(lambda v: 0 < v < 1, "a number in (0, 1)"))
     device: str = field(default="cpu", metadata=_check(lambda v: v in DEVICES, "one of " + ", ".join(DEVICES)))
+    shards: typing.Union[int, str] = field(default=AUTO, metadata=POSITIVE_OR_AUTO)
     flow: FlowConfig = field(default_factory=FlowConfig)
     energy: EnergyConfig = field(default_factory=EnergyConfig)
     cmt: CMTConfig = field(default_factory=CMTConfig)
@@ -361,13 +371,13 @@ MAX_AUTO_THREADS = 4  # the flows' small matmuls split over many threads spend m
 # synchronisation than they gain; 2 threads pay on an ala4 step (RESULTS.md), more are untested
 
 
-def resolve_threads(threads: int | str) -> int:
-    """torch threads of a ``threads`` setting: the number itself, or for "auto" the cores this
-    process may run on, at most MAX_AUTO_THREADS."""
+def resolve_threads(threads: int | str, processes: int = 1) -> int:
+    """torch threads of a ``threads`` setting: the number itself, or for "auto" this process's share
+    of the cores it may run on when ``processes`` train side by side on them, at most MAX_AUTO_THREADS."""
     if threads != AUTO:
         return int(threads)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(cores, MAX_AUTO_THREADS))
+    return max(1, min(cores // processes, MAX_AUTO_THREADS))
 
 
 def resolve_device(name: str):

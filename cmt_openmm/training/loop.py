@@ -29,6 +29,14 @@ a time trains a run directory.
 Randomness: one ``torch.Generator`` seeded from ``config.seed`` drives sampling and
 minibatches; the flow is initialised from the same seed. No global or numpy RNG is used.
 
+Processes (:mod:`.distributed`): under ``torchrun`` every rank runs this loop on its shards of each
+step's samples; rank 0 alone takes the lock, writes the run directory and shows progress, the
+energy counters are summed over the ranks, and the stop decisions (limits, signals) are taken on
+numbers every rank shares, so all ranks stop after the same step. A stop signal there ends the
+run after the step in progress (a rank cannot leave a step its peers are in); torchrun gives a
+step 30 s after its own SIGTERM before it kills the ranks, whose last checkpoint then resumes.
+A rank that torchrun restarts after a failure (``--max-restarts``) resumes from the checkpoint.
+
 Devices: ``config.device`` holds the flow, the buffers, the fit and the random stream; energies
 come back on the samples' device. Checkpoints hold CPU tensors only (weights, optimizer state,
 the random stream's state and its device type), so a run resumes on another device; the random
@@ -38,6 +46,7 @@ have different states).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -59,6 +68,7 @@ from ..generator import GENERATOR_FILE, BoltzmannGenerator
 from ..importance import CLIP_FRACTION, reverse_ess
 from .averaging import WeightAverage
 from .config import AUTO, RESUMABLE, TRAINERS, TrainConfig, resolve_device, resolve_threads, resume_conflicts
+from .distributed import Layout, World, broadcast_object, check_shards, elastic_restart, join, leave, on_main
 from .faults import MAX_ROLLBACKS, Interrupted, StopSignals, diverged, non_finite, roll_back, snapshot, training_lock
 from .schedule import MEASURED_STEPS, REPLAN_EVERY, plan_steps
 
@@ -98,6 +108,7 @@ class Trainer(ABC):
         self.optimizer = torch.optim.Adam(generator.parameters(), lr=lr, fused=True)
         self.steps_done = 0
         self.plan: int | None = None  # the steps the run will take (set by the loop, see .schedule)
+        self.layout = Layout(World(), 1, config.seed, rng)  # this process's shards (set by the loop)
 
     @abstractmethod
     def step_cost(self) -> int:
@@ -123,6 +134,11 @@ class Trainer(ABC):
         self.steps_done = int(state["steps_done"])
 
     # -- helpers shared by the methods -------------------------------------------------------
+    @property
+    def parameters(self) -> list[torch.Tensor]:
+        """The optimised parameters (whose gradients the ranks sum)."""
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -189,18 +205,30 @@ def train(
     """
     config = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
     run_dir = Path(run_dir) if run_dir is not None else None
-    with training_lock(run_dir) if run_dir is not None else contextlib.nullcontext():
-        return _train(target, config, run_dir, resume, progress, energy)
+    device = resolve_device(config.device)
+    world = join(device.type)
+    try:
+        with contextlib.ExitStack() as held:
+            def prepare():  # rank 0: the lock, the run directory, the checkpoint to resume
+                if run_dir is not None:
+                    held.enter_context(training_lock(run_dir))
+                checkpoint, resolved = _prepare_run_dir(run_dir, config, resume, world.size)
+                if run_dir is not None:  # the run directory describes itself: sample/evaluate need nothing else
+                    target.save(run_dir / TARGET_DIR)
+                return checkpoint, resolved
+
+            checkpoint, config = broadcast_object(world, on_main(world, prepare))
+            if device.type == "cuda" and world.size > 1:
+                device = torch.device("cuda", world.local_rank)
+            return _train(target, config, run_dir, checkpoint, progress and world.main, energy, world, device)
+    finally:
+        leave(world)
 
 
-def _train(target, config: TrainConfig, run_dir: Path | None, resume: bool, progress: bool, energy) -> TrainResult:
+def _train(target, config: TrainConfig, run_dir: Path | None, checkpoint: dict | None, progress: bool, energy,
+           world: World, device: torch.device) -> TrainResult:
     from ..energy.select import make_energy
 
-    checkpoint = _prepare_run_dir(run_dir, config, resume)
-    if run_dir is not None:  # the run directory describes itself: sample/evaluate/load need nothing else
-        target.save(run_dir / TARGET_DIR)
-
-    device = resolve_device(config.device)
     generator = BoltzmannGenerator.build(
         target,
         n_layers=config.flow.n_layers,
@@ -211,7 +239,7 @@ def _train(target, config: TrainConfig, run_dir: Path | None, resume: bool, prog
     ).to(device)
     rng = torch.Generator(device=device).manual_seed(config.seed)
     threads = torch.get_num_threads()
-    torch.set_num_threads(resolve_threads(config.threads))
+    torch.set_num_threads(resolve_threads(config.threads, world.local_size))
     own_energy = energy is None
     if own_energy:  # a resumed run keeps the backend it started with (a reproducible path)
         backend = checkpoint.get("energy_backend", config.energy.backend) if checkpoint else config.energy.backend
@@ -219,12 +247,14 @@ def _train(target, config: TrainConfig, run_dir: Path | None, resume: bool, prog
                              n_workers=config.energy.n_workers, compile=config.energy.compile)
     try:
         trainer = TRAINERS[config.method](target, generator, energy, config, rng)
+        trainer.layout = Layout(world, config.shards, config.seed, rng)
         average = WeightAverage(generator, trainer.optimizer, config.ema_decay) if config.ema_decay else None
-        state = {"step": 0, "evaluations": 0, "n_failed": 0, "wall_time": 0.0, "seconds_per_step": None,
-                 "history": []}
+        state = {"step": 0, "evaluations": 0, "n_failed": 0, "n_restarts": 0, "wall_time": 0.0,
+                 "seconds_per_step": None, "history": []}
         if checkpoint is not None:
             _restore(checkpoint, generator, trainer, average, rng, state)
-            _write_metrics(run_dir, state["history"])
+            if run_dir is not None and world.main:
+                _write_metrics(run_dir, state["history"])
         elif not trainer.done and config.budget != AUTO and trainer.step_cost() > config.budget:
             cost = trainer.step_cost()  # a fresh run that could not take a single step: refuse, don't report
             raise CMTInputError(
@@ -232,16 +262,19 @@ def _train(target, config: TrainConfig, run_dir: Path | None, resume: bool, prog
                 f"({cost:,} evaluations), so the run would train 0 steps; raise budget to at least {cost:,} "
                 f"or make one step cheaper (fewer samples per step in the {config.method} settings)."
             )
+        trainer.layout.broadcast_parameters(generator)
+        writes = run_dir if world.main else None
         with conditioner_matmuls(generator, config.flow.conditioner_dtype(device)), StopSignals() as signals:
-            stop_reason = _run(trainer, average, config, run_dir, state, progress, signals)
+            stop_reason = _run(trainer, average, config, writes, state, progress, signals)
     finally:
         torch.set_num_threads(threads)
         if own_energy:
             energy.close()
     trained = generator if average is None else average.module
-    if stop_reason == "interrupted":
-        return TrainResult(trained, state["history"], run_dir, stop_reason, signals.received.name)
-    if run_dir is not None:
+    if stop_reason == "interrupted":  # a rank the signal missed stops with its peers
+        name = signals.received.name if signals.received else "SIGTERM"
+        return TrainResult(trained, state["history"], run_dir, stop_reason, name)
+    if run_dir is not None and world.main:
         if non_finite({}, trained):  # the rollbacks keep this from happening; never write such a file
             raise RuntimeError(f"the generator to be written to {run_dir / GENERATOR_FILE} has non-finite weights.")
         trained.save(run_dir / GENERATOR_FILE)
@@ -289,7 +322,10 @@ def _say(message: str) -> None:
 
 def _run(trainer: Trainer, average: WeightAverage | None, config: TrainConfig, run_dir: Path | None, state: dict,
          progress: bool, signals: StopSignals) -> str:
+    """The steps; writes into ``run_dir`` (None on ranks other than 0)."""
     energy = trainer.energy
+    layout = trainer.layout
+    arm = signals.armed if layout.world.size == 1 else contextlib.nullcontext  # see the module docstring
     rollbacks = 0  # of the step being taken
     total, limit = _expected_steps(trainer, config, state)
     if progress:
@@ -308,7 +344,8 @@ def _run(trainer: Trainer, average: WeightAverage | None, config: TrainConfig, r
         file=sys.stderr,
     ) as bar:
         while True:
-            if signals.received:
+            received, state["wall_time"] = layout.max(signals.received is not None, state["wall_time"])
+            if received:
                 return "interrupted"
             if trainer.done:
                 return trainer.done
@@ -320,15 +357,18 @@ def _run(trainer: Trainer, average: WeightAverage | None, config: TrainConfig, r
                 return "max_minutes"
             _plan(trainer, config, state, progress)
             good = snapshot(trainer, average)
-            start, n_eval, n_failed = time.perf_counter(), energy.n_evaluations, energy.n_failed
+            start, counters = time.perf_counter(), _counters(energy)
+            layout.begin_step(trainer.steps_done)
             try:
-                with signals.armed():
+                with arm():
                     record = trainer.step()
             except Interrupted:
                 roll_back(good, trainer, average)
                 return "interrupted"
-            state["evaluations"] += energy.n_evaluations - n_eval  # a step rolled back has used them too
-            state["n_failed"] += energy.n_failed - n_failed
+            # a step rolled back has used its evaluations too; the counts are the ranks' sums
+            used = layout.sum(*(after - before for after, before in zip(_counters(energy), counters)))
+            for key, value in zip(("evaluations", "n_failed", "n_restarts"), used):
+                state[key] += int(value)
             state["wall_time"] += time.perf_counter() - start
             bad = non_finite(record, trainer.generator, *([] if average is None else [average.module]))
             if bad:
@@ -349,6 +389,7 @@ def _run(trainer: Trainer, average: WeightAverage | None, config: TrainConfig, r
                 **record,
                 "energy_evaluations": state["evaluations"],
                 "n_failed": state["n_failed"],
+                **({"energy_restarts": state["n_restarts"]} if state["n_restarts"] else {}),
                 "wall_time": state["wall_time"],
                 "planned_steps": trainer.plan,
                 "energy_backend": getattr(energy, "backend", None),
@@ -371,6 +412,11 @@ def _run(trainer: Trainer, average: WeightAverage | None, config: TrainConfig, r
                             refresh=False)
 
 
+def _counters(energy) -> tuple[int, int, int]:
+    """The energy's running counts: evaluations, failed evaluations, worker pools replaced."""
+    return energy.n_evaluations, energy.n_failed, getattr(energy, "n_restarts", 0)
+
+
 def _postfix(record: dict) -> dict:
     keys = ("lam", "eta", "temperature", "reverse_ess", "loss")
     return {k: f"{record[k]:.3g}" for k in keys if isinstance(record.get(k), (int, float))}
@@ -386,18 +432,24 @@ def _json_value(v):
 
 
 # -- run directory and checkpoints -----------------------------------------------------------
-def _prepare_run_dir(run_dir: Path | None, config: TrainConfig, resume: bool) -> dict | None:
-    """Create run_dir and write config.yaml; on resume return the loaded checkpoint."""
+def _prepare_run_dir(run_dir: Path | None, config: TrainConfig, resume: bool,
+                     processes: int) -> tuple[dict | None, TrainConfig]:
+    """Create run_dir and write config.yaml; return the checkpoint to resume (None for a new run)
+    and the config with ``shards: auto`` resolved (the stored count on resume, else ``processes``).
+    A process that torchrun restarts resumes whenever the checkpoint exists."""
     if run_dir is None:
         if resume:
             raise CMTInputError("resume=True needs the run_dir of the run to continue.")
-        return None
+        return None, _resolve_shards(config, processes)
     path = run_dir / CHECKPOINT_FILE
+    resume = resume or (elastic_restart() and path.exists())
     if resume:
         if not path.exists():
             raise CMTInputError(f"no checkpoint {path} to resume from; start the run without resume.")
         checkpoint = _load_checkpoint(path)
-        conflicts = resume_conflicts(json.loads(checkpoint["config"]), config.to_dict())
+        stored = json.loads(checkpoint["config"])
+        config = _resolve_shards(config, stored.get("shards", 1))
+        conflicts = resume_conflicts(stored, config.to_dict())
         if conflicts:
             raise CMTInputError(
                 f"the config differs from the run being resumed in {', '.join(conflicts)}; "
@@ -407,10 +459,17 @@ def _prepare_run_dir(run_dir: Path | None, config: TrainConfig, resume: bool) ->
         if path.exists():
             raise CMTInputError(f"{run_dir} already holds a run; pass resume=True or choose a new run_dir.")
         checkpoint = None
+        config = _resolve_shards(config, processes)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / METRICS_FILE).unlink(missing_ok=True)
+    check_shards(config.shards, processes)
     atomic_write(run_dir / CONFIG_FILE, config.to_yaml())
-    return checkpoint
+    return checkpoint, config
+
+
+def _resolve_shards(config: TrainConfig, shards: int) -> TrainConfig:
+    """``config`` with ``shards: auto`` replaced by ``shards``."""
+    return dataclasses.replace(config, shards=shards) if config.shards == AUTO else config
 
 
 def _save_checkpoint(run_dir: Path, trainer: Trainer, average: WeightAverage | None, config: TrainConfig,
@@ -428,6 +487,7 @@ def _save_checkpoint(run_dir: Path, trainer: Trainer, average: WeightAverage | N
         "step": state["step"],
         "evaluations": state["evaluations"],
         "n_failed": state["n_failed"],
+        "n_restarts": state["n_restarts"],
         "wall_time": state["wall_time"],
         "seconds_per_step": -1.0 if state["seconds_per_step"] is None else state["seconds_per_step"],
         "history": json.dumps(state["history"]),
@@ -474,6 +534,7 @@ def _restore(checkpoint: dict, generator, trainer: Trainer, average: WeightAvera
         step=int(checkpoint["step"]),
         evaluations=int(checkpoint["evaluations"]),
         n_failed=int(checkpoint["n_failed"]),
+        n_restarts=int(checkpoint.get("n_restarts", 0)),
         wall_time=float(checkpoint["wall_time"]),
         seconds_per_step=None if checkpoint.get("seconds_per_step", -1.0) < 0 else float(checkpoint["seconds_per_step"]),
         history=json.loads(checkpoint["history"]),

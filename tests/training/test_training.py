@@ -212,7 +212,8 @@ def test_run_dir_contents_and_refusals(double_well, tmp_path):
     result = train(double_well, {**_tiny_cmt(), "max_steps": 2}, run, progress=False)
     for name in (CONFIG, CHECKPOINT, METRICS, GENERATOR):
         assert (run / name).exists()
-    assert TrainConfig.from_yaml(run / CONFIG) == TrainConfig.from_dict({**_tiny_cmt(), "max_steps": 2})
+    # stored with shards resolved (auto: one per process), so that a resume keeps the same streams
+    assert TrainConfig.from_yaml(run / CONFIG) == TrainConfig.from_dict({**_tiny_cmt(), "max_steps": 2, "shards": 1})
     assert [json.loads(line)["step"] for line in (run / METRICS).read_text().splitlines()] == [1, 2]
     assert result.run_dir == run
     with pytest.raises(CMTInputError, match="already holds a run"):
