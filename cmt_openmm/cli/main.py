@@ -8,7 +8,11 @@ directory; ``reference-md`` writes MD reference frames; ``demo`` is the README's
 demo's summary) on stdout; library banners are kept off stdout. Bad input ends with one
 sentence on stderr and exit code 2, never a traceback. SIGTERM or SIGINT during training end
 ``train`` and ``demo`` at the last complete step with one sentence naming the command that
-continues the run, and exit code 128 + the signal's number (143, 130), as a shell reports it.
+continues the run, and exit code 128 + the signal's number (143, 130), as a shell reports it; a
+file that cannot be written during ``train`` (full disk, read-only folder) ends it with one sentence
+that names the path, why, and the exact command that continues the run. SIGTERM or SIGINT during
+``sample`` remove its half-written files (it writes as it draws), leaving no file under an output's
+name, and exit 143 or 130.
 argparse rather than click/typer: no extra dependency, and the standard library's behaviour.
 """
 from __future__ import annotations
@@ -25,7 +29,7 @@ from typing import Sequence
 import yaml
 
 from ..coordinates.backbone import is_peptide, ramachandran_angles
-from ..errors import CMTInputError
+from ..errors import CMTInputError, CMTWriteError
 from ..files import atomic_write, json_default, to_json
 from ..runs.presets import get_preset, list_presets
 from ..runs.run import Run
@@ -33,6 +37,8 @@ from ..runs.run_files import build_target, parse_run_config, read_yaml, resolve_
 from ..training.loop import CHECKPOINT_FILE
 
 EXIT_INPUT = 2
+TRAIN_OVERRIDES = ("max_steps", "budget", "seed", "threads", "device")
+"""``train`` options that override the run file's settings."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -41,7 +47,7 @@ EXIT_INPUT = 2
 def cmd_train(args: argparse.Namespace) -> int:
     if args.config and args.preset:
         raise CMTInputError("pass either a CONFIG file or --preset, not both.")
-    overrides = {key: getattr(args, key, None) for key in ("max_steps", "budget", "seed", "threads", "device")}
+    overrides = {key: getattr(args, key, None) for key in TRAIN_OVERRIDES}
     if args.config:
         config = args.config
     elif args.preset:
@@ -54,21 +60,37 @@ def cmd_train(args: argparse.Namespace) -> int:
     finished = run.finished  # train() then returns the stored report
     result = run.train(progress=not args.quiet)
     if result.get("stop_reason") == "interrupted":
-        command = ["cmt-openmm", "train", *([str(Path(args.config).resolve())] if args.config else []),
-                   *(["--preset", args.preset] if args.preset else []), "--out", str(run.directory),
-                   *(["--resume"] if result["steps"] else [])]  # no step taken: no checkpoint, start again
-        command += [f"--{key.replace('_', '-')}={value}" for key, value in overrides.items() if value is not None]
-        return _interrupted(result, shlex.join(command), args)
+        return _interrupted(result, _train_command(args), args)
     if finished or result["training"].get("verdict"):
         _say(finished or result["training"]["verdict"])
     _emit(result, args)
     return 0
 
 
+def _train_command(args: argparse.Namespace) -> str:
+    """The command that continues the ``train`` of ``args``: with ``--resume`` once a checkpoint
+    exists (none yet: the same command, to start again), and the command's overrides."""
+    out = Path(args.out).expanduser().resolve()
+    command = ["cmt-openmm", "train", *([str(Path(args.config).resolve())] if args.config else []),
+               *(["--preset", args.preset] if args.preset else []), "--out", str(out),
+               *(["--resume"] if (out / CHECKPOINT_FILE).is_file() else [])]
+    command += [f"--{key.replace('_', '-')}={getattr(args, key)}" for key in TRAIN_OVERRIDES
+                if getattr(args, key, None) is not None]
+    return shlex.join(command)
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
-    summary = Run.open(args.run_dir).write_samples(
-        args.n, args.out, pdb=args.pdb, dcd=args.dcd, weights=args.weights, resample=args.resample, seed=args.seed,
-        batch_size=args.batch_size, temperature=args.temperature, progress=not args.quiet)
+    with _signals_interrupt() as stopped:
+        try:
+            summary = Run.open(args.run_dir).write_samples(
+                args.n, args.out, pdb=args.pdb, dcd=args.dcd, weights=args.weights, resample=args.resample,
+                seed=args.seed, batch_size=args.batch_size, temperature=args.temperature, progress=not args.quiet)
+        except KeyboardInterrupt:
+            name = stopped.name or "SIGINT"
+            outputs = ", ".join(str(p) for p in (args.out, args.dcd, args.pdb) if p)
+            _say(f"{name} stopped sampling before its files were complete; nothing was written under {outputs} "
+                 "(previous files there are intact), so run the command again.")
+            return 128 + signal.Signals[name]
     if "resampled_note" in summary:
         _say(summary["resampled_note"])
     _emit(summary, args)
@@ -128,6 +150,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
                       weights=out / "weights.npy", resample=args.n, progress=not args.quiet)
     _emit(_demo_summary(result, out), args)
     return 0
+
+
+class _signals_interrupt(contextlib.AbstractContextManager):
+    """Inside the block SIGTERM raises KeyboardInterrupt as SIGINT does, so that the files being
+    written are removed as the exception unwinds; ``name`` is the signal's name once one came."""
+
+    def __enter__(self):
+        self.name = None
+        self._previous = signal.signal(signal.SIGTERM, self._raise)
+        return self
+
+    def _raise(self, signum, frame):
+        self.name = signal.Signals(signum).name
+        raise KeyboardInterrupt
+
+    def __exit__(self, *_):
+        signal.signal(signal.SIGTERM, self._previous)
 
 
 def _interrupted(result: dict, command: str, args: argparse.Namespace) -> int:
@@ -299,6 +338,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             torch.set_num_threads(args.threads or 1)  # train() then applies the run's own `threads`
         with contextlib.redirect_stdout(sys.stderr):
             return int(args.func(args) or 0)
+    except CMTWriteError as exc:
+        message = _one_sentence(exc)
+        if args.command == "train":
+            message = f"{message[:-1]}; then continue the run with: {_train_command(args)}"
     except CMTInputError as exc:
         message = _one_sentence(exc)
     except FileNotFoundError as exc:

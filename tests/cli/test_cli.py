@@ -288,3 +288,62 @@ def test_every_preset_is_a_valid_run_file():
     for name in list_presets():
         spec = parse_run_config(get_preset(name))
         assert spec.train.budget == "auto" or spec.train.budget >= spec.train.cmt.n_samples, name
+
+
+def test_a_full_disk_during_train_names_the_path_and_the_resume_command(tmp_path, capsys, monkeypatch):
+    """A checkpoint that cannot be written (ENOSPC, faked) ends `train` with one sentence: the path,
+    why, and the exact command that continues the run (issue 25)."""
+    import errno
+    import os
+
+    from cmt_openmm import files
+
+    config = tmp_path / "toy.yaml"
+    config.write_text(yaml.safe_dump({
+        "system": "toy-double-well", "method": "cmt", "seed": 3, "max_steps": 1,
+        "flow": {"n_layers": 1, "hidden": 8}, "cmt": {"n_samples": 200, "fit_steps": 2, "batch_size": 100},
+        "report": {"n_samples": 200, "n_draws": 2},
+    }))
+    out = tmp_path / "run"
+    assert run(capsys, "train", config, "--out", out, "--quiet")[0] == 0
+    before = (out / "checkpoint.pt").read_bytes()
+    replace = os.replace
+
+    def full_disk(source, target):
+        if str(target).endswith("checkpoint.pt"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(source))
+        return replace(source, target)
+
+    monkeypatch.setattr(files.os, "replace", full_disk)
+    rc, stdout, err = run(capsys, "train", config, "--out", out, "--resume", "--max-steps", 3, "--quiet")
+    assert rc == 2 and stdout == ""
+    assert err == (f"cmt-openmm train: error: cannot write {out / 'checkpoint.pt'}: no space left on device (errno 28); "
+                   "the previous file is intact; free space and write it again; then continue the run with: "
+                   f"cmt-openmm train {config} --out {out} --resume --max-steps=3\n")
+    assert (out / "checkpoint.pt").read_bytes() == before
+
+
+@pytest.mark.slow
+def test_sigterm_during_sample_leaves_no_output_file(toy_run, tmp_path):
+    """SIGTERM while `sample` writes: exit 143, one sentence, nothing under the output names and no
+    temporary files (they are removed as the interrupt unwinds), the previous file intact."""
+    import os
+    import signal
+    import time
+
+    out = tmp_path / "s.npz"
+    out.write_bytes(b"previous")
+    proc = subprocess.Popen([sys.executable, "-m", "cmt_openmm", "sample", str(toy_run), "--n", str(10**8), "--out",
+                             str(out), "--dcd", str(tmp_path / "s.dcd"), "--quiet"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not any(p.name.startswith(".s.tmp-") for p in tmp_path.iterdir()) and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143
+    assert err.strip().splitlines()[-1] == (
+        f"[cmt-openmm] SIGTERM stopped sampling before its files were complete; nothing was written under {out}, "
+        f"{tmp_path / 's.dcd'} (previous files there are intact), so run the command again.")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.npz"] and out.read_bytes() == b"previous"
