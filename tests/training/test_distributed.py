@@ -151,3 +151,24 @@ def test_auto_threads_share_the_cores_between_ranks(monkeypatch):
     assert resolve_threads("auto", processes=2) == 2
     assert resolve_threads("auto", processes=8) == 1
     assert resolve_threads(3, processes=2) == 3
+
+
+@pytest.mark.slow
+def test_two_nodes_on_one_machine_equal_one_process(tmp_path):
+    """The multi-node command (c10d rendezvous, one agent per node), with two local "nodes"."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    run_file, out = _run_file(tmp_path), tmp_path / "nodes"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
+               "--rdzv-backend=c10d", f"--rdzv-endpoint=localhost:{port}", "--rdzv-id=cmt-test",
+               "-m", "cmt_openmm", "train", run_file, "--out", str(out), "--quiet"]
+    nodes = [subprocess.Popen([*command[:5], f"--node-rank={rank}", *command[5:]], cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    for node in nodes:
+        _, err = node.communicate(timeout=180)
+        assert node.returncode == 0, err[-3000:]
+    alone = _one_process(run_file, tmp_path / "alone", shards=2)
+    assert_same_history(load_history(out), alone, rel_tol=TOLERANCE)
