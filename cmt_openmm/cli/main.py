@@ -34,6 +34,7 @@ from ..files import atomic_write, json_default, to_json
 from ..runs.presets import get_preset, list_presets
 from ..runs.run import Run
 from ..runs.run_files import build_target, parse_run_config, read_yaml, resolve_system
+from ..training.distributed import launched
 from ..training.loop import CHECKPOINT_FILE
 
 EXIT_INPUT = 2
@@ -59,7 +60,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     run = Run.create(args.out, config, overrides=overrides, resume=args.resume)
     finished = run.finished  # train() then returns the stored report
     result = run.train(progress=not args.quiet)
-    if result.get("stop_reason") == "interrupted":
+    interrupted = result.get("stop_reason") == "interrupted"
+    if not launched().main:  # under torchrun rank 0 alone speaks; the others only train
+        return 128 + signal.Signals[result["signal"]] if interrupted else 0
+    if interrupted:
         return _interrupted(result, _train_command(args), args)
     if finished or result["training"].get("verdict"):
         _say(finished or result["training"]["verdict"])
