@@ -6,9 +6,10 @@ ladder of :mod:`cmt_openmm.sampling.reference_md` and the λ ladder of
 :mod:`cmt_openmm.export.flow_bridged_remd` are both runs of it. It adds to the public sampler API:
 
 - netCDF storage through our own ``MultiStateReporter`` (checkpoint every iteration, closed
-  explicitly), created afresh or resumed with ``ReplicaExchangeSampler.from_storage``; the
-  caller's settings (a JSON dict) are stored in the metadata, and a resume with other settings
-  is refused, naming the settings that differ;
+  explicitly), created afresh or resumed with ``ReplicaExchangeSampler.from_storage``: a run
+  killed at any moment (SIGKILL included) continues from its last stored iteration. The caller's
+  settings (a JSON dict) are stored in the metadata, and a resume of storage written for another
+  system, with other settings, by something else or unreadable is refused in one sentence;
 - seeding: the run seeds NumPy's global generator (replica mixing; restored afterwards) and
   numba's (openmmtools' jitted swap-all mixing), and :class:`SeededLangevinMove` draws the
   integrator's and the velocities' seeds from it, so a fresh run is reproducible for a given
@@ -45,6 +46,9 @@ __all__ = ["run_replica_exchange", "ReplicaExchangeOptions", "ReplicaExchangeRun
 
 SETTINGS_KEY = "cmt_openmm_settings"
 """The metadata entry of the storage holding the run's settings (JSON)."""
+
+_FRESH = "pass resume=False (--restart) to start afresh or choose another storage path"
+"""What a refused resume says to do."""
 
 _SEED_MAX = 2**31 - 1
 
@@ -208,11 +212,15 @@ def stored_metadata(storage: str | os.PathLike) -> dict | None:
     logger = logging.getLogger("openmmtools.multistate")
     log_level = logger.level
     logger.setLevel(logging.ERROR)
-    reporter = MultiStateReporter(str(storage), open_mode="r")
     try:
-        return reporter.read_dict("metadata")
+        reporter = MultiStateReporter(str(storage), open_mode="r")
+        try:
+            return reporter.read_dict("metadata")
+        finally:
+            reporter.close()
+    except Exception as error:  # netCDF/HDF5 and openmmtools raise many kinds; none is ours to pass on
+        raise _unreadable(storage, error) from error
     finally:
-        reporter.close()
         logger.setLevel(log_level)
 
 
@@ -254,12 +262,8 @@ def run_replica_exchange(
     ReplicaExchangeSampler._global_citation_silence = not o.citations  # its citations go to stdout
     try:
         if storage.exists():
-            sampler = ReplicaExchangeSampler.from_storage(reporter)
-            stored = json.loads(sampler.metadata.get(SETTINGS_KEY, "{}"))
-            if stored != settings:
-                changed = sorted(k for k in settings if stored.get(k) != settings[k])
-                raise CMTInputError(f"storage {storage} was written with other settings ({', '.join(changed)}): "
-                                    "pass resume=False to start afresh or choose another storage path.")
+            sampler = _from_storage(reporter, storage)
+            _check_stored_settings(sampler.metadata, settings, storage)
             if sampler.number_of_iterations < n_iterations:
                 sampler.number_of_iterations = n_iterations
         else:
@@ -288,6 +292,36 @@ def run_replica_exchange(
         logger.setLevel(log_level)
     positions, u, acceptance = read_state0_frames(storage, checkpoint, int(o.n_equilibration) + 1, n_iterations)
     return ReplicaExchangeRun(positions, u, acceptance, int(final_iteration), int(n_replicas), moves, settings, o)
+
+
+def _from_storage(reporter: MultiStateReporter, storage: Path) -> ReplicaExchangeSampler:
+    """The sampler stored in ``storage``, or a one-sentence refusal when it cannot be read."""
+    try:
+        return ReplicaExchangeSampler.from_storage(reporter)
+    except Exception as error:  # netCDF/HDF5 and openmmtools raise many kinds; none is ours to pass on
+        raise _unreadable(storage, error) from error
+
+
+def _unreadable(storage: Path, error: Exception) -> CMTInputError:
+    reason = " ".join(str(error).split()) or type(error).__name__
+    return CMTInputError(f"storage {storage} cannot be read as replica-exchange storage ({reason[:200]}); {_FRESH}.")
+
+
+def _check_stored_settings(metadata: dict, settings: dict, storage: Path) -> None:
+    """Refuse storage written by something else, for another system, or with other settings (one sentence)."""
+    if SETTINGS_KEY not in metadata:
+        raise CMTInputError(f"storage {storage} was not written by cmt_openmm's replica exchange; {_FRESH}.")
+    stored = json.loads(metadata[SETTINGS_KEY])
+    if stored == settings:
+        return
+    system = [k for k in ("system_fingerprint", "topology_fingerprint") if k in settings and stored.get(k) != settings[k]]
+    if system:
+        what = " and ".join({"system_fingerprint": "System", "topology_fingerprint": "topology"}[k] for k in system)
+        raise CMTInputError(f"storage {storage} was written for another system ({stored.get('system', 'unnamed')}: "
+                            f"its {what} {'differ' if len(system) > 1 else 'differs'}) than "
+                            f"{settings.get('system', 'this one')}; {_FRESH}.")
+    changed = sorted(k for k in set(settings) | set(stored) if stored.get(k) != settings.get(k))
+    raise CMTInputError(f"storage {storage} was written with other settings ({', '.join(changed)}): {_FRESH}.")
 
 
 def read_state0_frames(storage: Path, checkpoint: Path, first: int, last: int, chunk: int = 2000):

@@ -145,3 +145,99 @@ def test_both_users_are_refused_a_resume_by_the_driver(toy, tmp_path):
     resumed = run_bridge_remd(generator, toy, tmp_path / "bridge.npz", n_iterations=3, **bridged)
     np.testing.assert_array_equal(resumed.positions[:2], run.positions)
     assert resumed.provenance["n_iterations_stored"] == 3
+
+
+def test_storage_of_another_system_or_unreadable_is_refused_in_one_sentence(toy, tmp_path):
+    """Issue 25: another system's storage (toy-gaussian-mixture resumed as the double well) is refused
+    naming the system; the same system resumes (the control); a file that is not storage is refused."""
+    from cmt_openmm.systems import get_target
+
+    tiny = dict(n_replicas=2, t_max=400.0, steps_per_iteration=5, seed=1, progress=False)
+    mixture = get_target("toy-gaussian-mixture")
+    run_reference_md(mixture, tmp_path / "ref.npz", n_iterations=2, **tiny)
+    with pytest.raises(CMTInputError) as refused:
+        run_reference_md(toy, tmp_path / "ref.npz", n_iterations=3, **tiny)
+    assert str(refused.value) == (f"storage {tmp_path / 'ref.nc'} was written for another system (toy-gaussian-mixture: "
+                                  "its System differs) than toy-double-well; pass resume=False (--restart) to start afresh "
+                                  "or choose another storage path.")
+    assert run_reference_md(mixture, tmp_path / "ref.npz", n_iterations=3, **tiny).positions.shape == (3, 1, 3)
+    (tmp_path / "junk.nc").write_bytes(b"not netCDF")
+    with pytest.raises(CMTInputError, match=r"^storage .*junk.nc cannot be read as replica-exchange storage \(.*\); "
+                                            r"pass resume=False \(--restart\) to start afresh or choose another "
+                                            r"storage path\.$"):
+        run_reference_md(toy, tmp_path / "junk.npz", n_iterations=2, **tiny)
+
+
+STOP = 4
+"""The killed runs die in iteration STOP + 1, with STOP iterations stored."""
+
+DIE_MID_ITERATION = (
+    "import os, signal\n"
+    "from openmmtools.multistate import ReplicaExchangeSampler\n"
+    "propagate = ReplicaExchangeSampler._propagate_replica\n"
+    "def dying(self, replica_id):  # SIGKILL between the replicas' MCMC moves of iteration STOP + 1\n"
+    f"    if self.iteration > {STOP} and replica_id == 1:\n"
+    "        os.kill(os.getpid(), signal.SIGKILL)\n"
+    "    return propagate(self, replica_id)\n"
+    "ReplicaExchangeSampler._propagate_replica = dying\n")
+
+
+def _killed(code: str, storage: Path) -> int:
+    """Run ``code`` (python, a run that never ends by itself) in a subprocess that SIGKILLs itself in
+    the middle of iteration STOP + 1; returns the last iteration its storage holds."""
+    import subprocess
+    import sys
+
+    import netCDF4
+    from helpers import ROOT
+
+    process = subprocess.run([sys.executable, "-c", DIE_MID_ITERATION + code], cwd=ROOT, capture_output=True,
+                             text=True, timeout=300)
+    assert process.returncode == -9, process.stderr
+    with netCDF4.Dataset(storage) as stored:
+        return int(stored.variables["last_iteration"][0])
+
+
+@pytest.mark.slow
+def test_reference_replica_exchange_killed_mid_run_resumes_where_it_stopped(toy, tmp_path):
+    """SIGKILL in the middle of an iteration of a long reference run; the same call continues from the last stored iteration:
+    its frames up to there are those of an uninterrupted run with the killed run's seed, then the rest."""
+    tiny = dict(n_replicas=2, t_max=400.0, steps_per_iteration=20, seed=3, progress=False)
+    code = ("from cmt_openmm.sampling.reference_md import run_reference_md\n"
+            "from cmt_openmm.systems.toys import double_well_3d\n"
+            f"run_reference_md(double_well_3d(300.0), {str(tmp_path / 'ref.npz')!r}, n_iterations=10**6, **{tiny!r})\n")
+    stopped = _killed(code, tmp_path / "ref.nc")
+    assert stopped == STOP
+    # the seed is no setting: another one proves the stored iterations are kept, not redrawn
+    resumed = run_reference_md(toy, tmp_path / "ref.npz", n_iterations=stopped + 3, **{**tiny, "seed": 4})
+    assert resumed.provenance["n_iterations_stored"] == stopped + 3 and resumed.positions.shape == (stopped + 3, 1, 3)
+    uninterrupted = run_reference_md(toy, tmp_path / "fresh.npz", n_iterations=stopped, **tiny)
+    np.testing.assert_array_equal(resumed.positions[:stopped], uninterrupted.positions)
+    assert np.all(np.isfinite(resumed.positions))
+
+
+@pytest.mark.slow
+def test_bridged_replica_exchange_killed_mid_run_resumes_where_it_stopped(toy, tmp_path):
+    """The same for the flow-bridged λ ladder (fixed λ's, no pilot)."""
+    from helpers import perturbed_generator
+
+    from cmt_openmm.export.flow_bridged_remd import run_bridge_remd
+    from cmt_openmm.generator import BoltzmannGenerator
+
+    perturbed_generator(toy, scale=0.1, seed=5, n_layers=2, hidden=8).save(tmp_path / "g.safetensors")
+    bridged = dict(n_replicas=3, lambdas=[1.0, 0.5, 0.0], steps_per_iteration=5, flow_proposals=2, seed=2,
+                   progress=False, minimize=False)
+    code = ("from cmt_openmm.export.flow_bridged_remd import run_bridge_remd\n"
+            "from cmt_openmm.generator import BoltzmannGenerator\n"
+            "from cmt_openmm.systems.toys import double_well_3d\n"
+            "toy = double_well_3d(300.0)\n"
+            f"generator = BoltzmannGenerator.load({str(tmp_path / 'g.safetensors')!r}, toy)\n"
+            f"run_bridge_remd(generator, toy, {str(tmp_path / 'b.npz')!r}, n_iterations=10**6, **{bridged!r})\n")
+    stopped = _killed(code, tmp_path / "b.nc")
+    assert stopped == STOP
+    generator = BoltzmannGenerator.load(tmp_path / "g.safetensors", toy)
+    # the seed is no setting: another one proves the stored iterations are kept, not redrawn
+    resumed = run_bridge_remd(generator, toy, tmp_path / "b.npz", n_iterations=stopped + 3, **{**bridged, "seed": 9})
+    assert resumed.provenance["n_iterations_stored"] == stopped + 3 and len(resumed.positions) == stopped + 3
+    uninterrupted = run_bridge_remd(generator, toy, tmp_path / "fresh.npz", n_iterations=stopped, **bridged)
+    np.testing.assert_array_equal(resumed.positions[:stopped], uninterrupted.positions)
