@@ -177,6 +177,12 @@ class BoltzmannGenerator(nn.Module):
         """Like :meth:`rsample`, without gradients."""
         return self.rsample(n, generator)
 
+    @torch.no_grad()
+    def skip(self, n: int, generator: torch.Generator) -> None:
+        """Advance ``generator`` as ``sample(n, generator)`` would, without the flow (only the prior
+        draws random numbers): a process that leaves n samples of a draw to another keeps in step."""
+        self.flow.prior.sample(int(n), generator)
+
     def log_prob(self, x) -> Tensor:
         """log q(x) (B,) float64 of x (B, n_atoms, 3) nm (array, tensor or Quantity), any orientation.
 

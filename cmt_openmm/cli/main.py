@@ -34,7 +34,7 @@ from ..files import atomic_write, json_default, to_json
 from ..runs.presets import get_preset, list_presets
 from ..runs.run import Run
 from ..runs.run_files import build_target, parse_run_config, read_yaml, resolve_system
-from ..training.distributed import launched
+from ..training.distributed import World, join, launched, leave
 from ..training.loop import CHECKPOINT_FILE
 
 EXIT_INPUT = 2
@@ -84,16 +84,29 @@ def _train_command(args: argparse.Namespace) -> str:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
+    run = Run.open(args.run_dir)
+    world = join("cpu") if launched().size > 1 else World()  # torchrun: share the draw (gloo: chunks go by the CPU)
+    try:
+        return _sample(run, args, world)
+    finally:
+        leave(world)
+
+
+def _sample(run: Run, args: argparse.Namespace, world: World) -> int:
     with _signals_interrupt() as stopped:
         try:
-            summary = Run.open(args.run_dir).write_samples(
+            summary = run.write_samples(
                 args.n, args.out, pdb=args.pdb, dcd=args.dcd, weights=args.weights, resample=args.resample,
-                seed=args.seed, batch_size=args.batch_size, temperature=args.temperature, progress=not args.quiet)
+                seed=args.seed, batch_size=args.batch_size, temperature=args.temperature, progress=not args.quiet,
+                world=world)
+            if not world.main:
+                return 0
         except KeyboardInterrupt:
             name = stopped.name or "SIGINT"
             outputs = ", ".join(str(p) for p in (args.out, args.dcd, args.pdb) if p)
-            _say(f"{name} stopped sampling before its files were complete; nothing was written under {outputs} "
-                 "(previous files there are intact), so run the command again.")
+            if world.main:
+                _say(f"{name} stopped sampling before its files were complete; nothing was written under {outputs} "
+                     "(previous files there are intact), so run the command again.")
             return 128 + signal.Signals[name]
     if "resampled_note" in summary:
         _say(summary["resampled_note"])
@@ -260,7 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sample", help="draw weighted samples from a trained generator")
     p.add_argument("run_dir")
-    p.add_argument("--n", type=int, required=True, help="number of samples")
+    p.add_argument("--n", "--samples", dest="n", type=int, required=True,
+                   help="number of samples (--samples under torchrun, which reads --n as its own --nnodes)")
     p.add_argument("--out", required=True, help="output .npz (positions nm, log_q, reduced_energy, log_weights)")
     p.add_argument("--pdb", help="also write a topology PDB (first frame)")
     p.add_argument("--dcd", help="also write a DCD trajectory (the resampled frames with --resample)")

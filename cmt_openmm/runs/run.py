@@ -20,7 +20,7 @@ import yaml
 from ..errors import CMTInputError
 from ..files import atomic_write, to_json
 from ..training.config import AUTO, RESUMABLE, TrainConfig, resume_conflicts
-from ..training.distributed import elastic_restart, launched
+from ..training.distributed import World, elastic_restart, launched
 from ..training.faults import training_lock
 from ..training.loop import CHECKPOINT_FILE, CONFIG_FILE, TARGET_DIR, load_history
 from .presets import get_preset
@@ -252,22 +252,35 @@ class Run:
     def write_samples(self, n: int, out: str | os.PathLike, *, pdb: str | os.PathLike | None = None,
                       dcd: str | os.PathLike | None = None, weights: str | os.PathLike | None = None,
                       resample: int | None = None, seed: int = 0, batch_size: int = 1000,
-                      temperature: float | None = None, progress: bool = True) -> dict:
+                      temperature: float | None = None, progress: bool = True, world=None) -> dict:
         """Draw :meth:`sample`'s samples and write them as they are drawn, in bounded memory
         (:func:`~cmt_openmm.sampling.sample_files.write_samples`): ``out`` (.npz: positions nm,
         log_q, reduced_energy, log_weights), optionally ``weights`` (.npy/.csv), ``dcd`` and ``pdb``
         (the ``resample`` resampled frames when given, else every sample), and ``out`` with .json
         (the summary, also returned; with ``resample``, how many frames are distinct and a sentence
         saying that they repeat and that N_eff bounds their information). No file appears under
-        its final name before it is complete."""
+        its final name before it is complete.
+
+        Under torchrun (``world``, a :class:`~cmt_openmm.training.distributed.World` joined by the
+        caller) every rank draws its share of the samples and rank 0 writes the files (the same
+        files as one process writes); the other ranks write nothing and return None.
+        """
+        from ..sampling.drawing import draw_chunks
         from ..sampling.sample_files import write_samples
+        from ..training.distributed import on_main
 
         out = Path(out)
-        _check_sample_outputs(n, out, pdb, dcd, weights, resample)
+        world = world or World()
+        on_main(world, lambda: _check_sample_outputs(n, out, pdb, dcd, weights, resample))
         with self.energy() as energy:
+            if not world.main:
+                for _ in draw_chunks(self.generator, self.target, n, batch_size=batch_size, seed=seed, energy=energy,
+                                     world=world):
+                    pass
+                return None
             _, summary = write_samples(self.generator, self.target, n, out, pdb=pdb, dcd=dcd, weights=weights,
                                        resample=resample, seed=seed, batch_size=batch_size, temperature=temperature,
-                                       energy=energy, progress=progress)
+                                       energy=energy, progress=progress, world=world)
         atomic_write(out.with_suffix(".json"), to_json(summary))
         return summary
 

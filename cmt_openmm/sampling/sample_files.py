@@ -31,11 +31,13 @@ def write_samples(generator: Any, target: Target, n: int, out: str | os.PathLike
                   pdb: str | os.PathLike | None = None, dcd: str | os.PathLike | None = None,
                   weights: str | os.PathLike | None = None, resample: int | None = None, seed: int = 0,
                   batch_size: int = 1000, temperature: float | None = None, energy: Callable | None = None,
-                  progress: bool = True, min_effective_samples: float = MIN_EFFECTIVE_SAMPLES) -> tuple[ReweightedEnsemble, dict]:
+                  progress: bool = True, min_effective_samples: float = MIN_EFFECTIVE_SAMPLES,
+                  world: Any = None) -> tuple[ReweightedEnsemble, dict]:
     """Draw ``n`` samples (:func:`~.drawing.draw_chunks`) and write them as they come: ``out`` (the
     `ReweightedEnsemble.save_npz` file; with ``resample``, also ``resampled_indices``), ``weights``
     (.npy/.csv), ``dcd`` (every sample, or the ``resample`` systematically resampled frames) and
-    ``pdb`` (its first frame). ``temperature`` (K) reweights to another temperature.
+    ``pdb`` (its first frame). ``temperature`` (K) reweights to another temperature. Under torchrun
+    (``world``), this is rank 0's part; the other ranks draw with :func:`~.drawing.draw_chunks`.
 
     Returns the ensemble (without positions: they are in ``out``) and the summary (n, ESS, failed
     samples, the files written; with ``resample``, how many frames are distinct).
@@ -51,7 +53,7 @@ def write_samples(generator: Any, target: Target, n: int, out: str | os.PathLike
         first = None
         with npz.stream("positions", (int(n), target.n_atoms, 3), np.float64) as positions:
             for chunk in draw_chunks(generator, target, n, batch_size=batch_size, seed=seed, energy=energy,
-                                     progress=progress):
+                                     progress=progress, world=world):
                 rows = slice(chunk.start, chunk.start + len(chunk.log_q))
                 positions.write(chunk.positions)
                 if every_frame is not None:

@@ -172,3 +172,36 @@ def test_two_nodes_on_one_machine_equal_one_process(tmp_path):
         assert node.returncode == 0, err[-3000:]
     alone = _one_process(run_file, tmp_path / "alone", shards=2)
     assert_same_history(load_history(out), alone, rel_tol=TOLERANCE)
+
+
+def test_sample_under_torchrun_writes_what_one_process_writes(tmp_path):
+    """``cmt-openmm sample`` on 2 ranks: each draws every other chunk, rank 0 writes the files, and
+    they hold the very samples, energies and weights one process draws (9 chunks: 5 and 4)."""
+    import numpy as np
+
+    run_dir = tmp_path / "run"
+    Run.create(run_dir, _run_file(tmp_path, max_steps=2)).train(progress=False, report=False)
+    common = ["--batch-size", "300", "--resample", "500", "--seed", "5", "--quiet"]
+    from cmt_openmm.cli import main
+
+    assert main(["sample", str(run_dir), "--n", "2500", "--out", str(tmp_path / "one.npz"), *common]) == 0
+    done = _torchrun("sample", str(run_dir), "--samples", "2500", "--out", str(tmp_path / "two.npz"), *common)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count('"resampled_distinct"') == 1  # one summary, from rank 0
+    with np.load(tmp_path / "one.npz") as one, np.load(tmp_path / "two.npz") as two:
+        assert sorted(one.files) == sorted(two.files)
+        for name in one.files:
+            np.testing.assert_array_equal(one[name], two[name], err_msg=name)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("two")) == ["two.json", "two.npz"]
+
+
+def test_skip_keeps_the_random_stream_in_step():
+    import cmt_openmm
+    from cmt_openmm.generator import BoltzmannGenerator
+
+    generator = BoltzmannGenerator.build(cmt_openmm.get_target("aldp-vacuum"), n_layers=2, hidden=8, seed=0)
+    drawn, skipped = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    generator.sample(7, generator=drawn)
+    generator.skip(7, generator=skipped)
+    torch.testing.assert_close(generator.sample(3, generator=drawn)[0], generator.sample(3, generator=skipped)[0],
+                               rtol=0, atol=0)
