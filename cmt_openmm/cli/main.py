@@ -38,6 +38,7 @@ from ..training.distributed import World, join, launched, leave
 from ..training.loop import CHECKPOINT_FILE
 
 EXIT_INPUT = 2
+SHARED_COMMANDS = ("train", "sample")  # the commands that run under torchrun, sharing their work
 TRAIN_OVERRIDES = ("max_steps", "budget", "seed", "threads", "device")
 """``train`` options that override the run file's settings."""
 
@@ -354,6 +355,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             import torch
 
             torch.set_num_threads(args.threads or 1)  # train() then applies the run's own `threads`
+        if launched().size > 1 and args.command not in SHARED_COMMANDS:
+            raise CMTInputError(f"cmt-openmm {args.command} runs in one process; run it without torchrun "
+                                f"({' and '.join(SHARED_COMMANDS)} share their work among torchrun's processes).")
         with contextlib.redirect_stdout(sys.stderr):
             return int(args.func(args) or 0)
     except CMTWriteError as exc:

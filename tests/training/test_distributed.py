@@ -205,3 +205,9 @@ def test_skip_keeps_the_random_stream_in_step():
     generator.skip(7, generator=skipped)
     torch.testing.assert_close(generator.sample(3, generator=drawn)[0], generator.sample(3, generator=skipped)[0],
                                rtol=0, atol=0)
+
+
+def test_commands_that_run_in_one_process_refuse_torchrun(tmp_path):
+    done = _torchrun("evaluate", str(tmp_path))
+    assert done.returncode != 0
+    assert "cmt-openmm evaluate runs in one process; run it without torchrun" in done.stderr
