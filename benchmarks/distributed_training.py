@@ -4,8 +4,9 @@ The same training run (a preset's settings, ``shards: 2``, a fixed number of ste
 users would run it: ``cmt-openmm train`` in one process with ``threads: 2`` (the baseline), and
 ``torchrun --standalone --nproc-per-node 2 -m cmt_openmm train`` with ``threads: 1`` per rank. Both
 draw the same samples and take the same Adam steps (shards 2: the histories agree to rounding,
-which the script checks), so the ratio is the speed of the layout alone. Timings are the runs'
-own: energy evaluations per second of training (``metrics.jsonl``: evaluations / wall time of the
+which the script checks), so the ratio is the speed of the layout alone. The layouts take turns,
+``--repeats`` times each, and each figure is the median of its turns (a changing load on the machine
+falls on both alike). Timings are the runs' own: energy evaluations per second of training (``metrics.jsonl``: evaluations / wall time of the
 steps) and the command's wall clock (start-up and the short report included).
 
 Also printed, on paper: the bytes each rank sends per step (the gather of the buffer's log q,
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -50,9 +52,9 @@ def run_file(system: str, steps: int, threads: int, folder: Path) -> Path:
     return path
 
 
-def train(system: str, steps: int, ranks: int, threads: int, folder: Path) -> dict:
+def train(system: str, steps: int, ranks: int, threads: int, folder: Path, turn: int) -> dict:
     """Run one layout; its evaluations/s of training, command wall clock and history."""
-    out = folder / f"{system}-{ranks}x{threads}"
+    out = folder / f"{system}-{ranks}x{threads}-{turn}"
     command = ["-m", "cmt_openmm", "train", str(run_file(system, steps, threads, folder)), "--out", str(out), "--quiet"]
     if ranks > 1:
         command = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}", *command]
@@ -65,6 +67,13 @@ def train(system: str, steps: int, ranks: int, threads: int, folder: Path) -> di
     last = history[-1]
     return {"evaluations_per_s": last["energy_evaluations"] / last["wall_time"], "train_s": last["wall_time"],
             "command_s": wall, "steps": len(history), "history": history, "backend": last.get("energy_backend")}
+
+
+def _median_run(runs: list[dict]) -> dict:
+    """The turns of one layout: the median of each timing, the first turn's history."""
+    return {**runs[0], **{key: statistics.median(run[key] for run in runs)
+                          for key in ("evaluations_per_s", "train_s", "command_s")},
+            "turns": [{key: run[key] for key in ("evaluations_per_s", "train_s", "command_s")} for run in runs]}
 
 
 def lam_differences(a: list[dict], b: list[dict]) -> list[float]:
@@ -105,19 +114,24 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--systems", nargs="+", default=["aldp", "ala4"], choices=sorted(PRESETS))
     parser.add_argument("--steps", nargs="+", type=int, default=[60, 12], help="steps per system (one each)")
+    parser.add_argument("--repeats", type=int, default=2, help="turns of each layout (medians are reported)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/distributed_training.json")
     args = parser.parse_args(argv)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for system, steps in zip(args.systems, args.steps):
-            runs = {name: train(system, steps, ranks, threads, Path(tmp)) for name, (ranks, threads) in LAYOUTS.items()}
+            turns = {name: [] for name in LAYOUTS}
+            for turn in range(args.repeats):
+                for name, (ranks, threads) in LAYOUTS.items():
+                    turns[name].append(train(system, steps, ranks, threads, Path(tmp), turn))
+            runs = {name: _median_run(runs) for name, runs in turns.items()}
             base, split = runs["1 process x 2 threads"], runs["2 ranks x 1 thread"]
             ratio = split["evaluations_per_s"] / base["evaluations_per_s"]
             comm = communication(system)
             rows.append({
                 "system": system, "preset": PRESETS[system], "steps": steps, "backend": base["backend"],
                 **{f"{name}: {key}": run[key] for name, run in runs.items()
-                   for key in ("evaluations_per_s", "train_s", "command_s")},
+                   for key in ("evaluations_per_s", "train_s", "command_s", "turns")},
                 "ratio": ratio, "command_ratio": base["command_s"] / split["command_s"],
                 "lam_rel_difference_by_step": lam_differences(base["history"], split["history"]),
                 "communication": comm,

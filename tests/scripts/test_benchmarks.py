@@ -123,3 +123,15 @@ def test_enhanced_sampling_judges_convergence_by_every_later_estimate():
     table = bench.convergence_summary(runs, bench.Estimate(0.026, 0.001), args)
     assert "| flow-bridged replica exchange | 0 | 25,000 | > 40.0x |" in table
     assert "| replica exchange (4 replicas) | 0 | > 1,000,000 (not converged) | – |" in table
+
+
+def test_distributed_projection_follows_amdahl_from_the_two_rank_speedup():
+    bench = load_script("benchmarks/distributed_training.py")
+    free = {"gather_bytes": 0, "allreduce_bytes": 0, "collectives": 0}
+    perfect = bench.projection(2.0, 1.0, free)
+    assert perfect["serial_fraction"] == 0.0
+    assert perfect["8 GPUs (NVLink)"] == pytest.approx(8.0) and perfect["4 nodes (InfiniBand)"] == pytest.approx(4.0)
+    none = bench.projection(1.0, 1.0, free)  # two ranks gained nothing: more gain nothing either
+    assert none["8 GPUs (NVLink)"] == pytest.approx(1.0)
+    talking = bench.projection(2.0, 1e-3, {"gather_bytes": 96_000, "allreduce_bytes": 10_000_000, "collectives": 11})
+    assert talking["4 nodes (InfiniBand)"] < talking["8 GPUs (NVLink)"] < 8.0  # the bytes cost, slower links more
