@@ -1,4 +1,4 @@
-"""Errors raised for bad input: one sentence saying what is wrong and what to do."""
+"""Errors that reach people: one sentence saying what is wrong and what to do."""
 
 
 class CMTInputError(ValueError):
@@ -9,3 +9,8 @@ class CMTWriteError(CMTInputError, OSError):
     """A file cannot be written where it was asked for (full disk, read-only or forbidden folder);
     the previous file is intact. Also an ``OSError``, so that code tolerating an unwritable cache
     still does; the original error is its ``__cause__``."""
+
+
+class CMTPeerLost(RuntimeError):
+    """A process of a run under torchrun lost contact with the others (one of them stopped); the
+    run's last checkpoint is intact."""

@@ -29,7 +29,7 @@ from typing import Sequence
 import yaml
 
 from ..coordinates.backbone import is_peptide, ramachandran_angles
-from ..errors import CMTInputError, CMTWriteError
+from ..errors import CMTInputError, CMTPeerLost, CMTWriteError
 from ..files import atomic_write, json_default, to_json
 from ..runs.presets import get_preset, list_presets
 from ..runs.run import Run
@@ -364,7 +364,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = _one_sentence(exc)
         if args.command == "train":
             message = f"{message[:-1]}; then continue the run with: {_train_command(args)}"
-    except CMTInputError as exc:
+    except (CMTInputError, CMTPeerLost) as exc:
         message = _one_sentence(exc)
     except FileNotFoundError as exc:
         message = f"file not found: {exc.filename or exc}; check the path."

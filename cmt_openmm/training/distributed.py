@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..errors import CMTInputError
+from ..errors import CMTInputError, CMTPeerLost
 
 TIMEOUT = datetime.timedelta(minutes=30)  # a collective waits this long for a rank (a slow step) before failing
 
@@ -103,6 +103,21 @@ def _attempt_store(world: World):
     shared = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), is_master=False, timeout=TIMEOUT)
     attempt = (shared.add("cmt_openmm/joined", 1) - 1) // world.size
     return dist.PrefixStore(f"cmt_openmm/attempt_{attempt}", shared)
+
+
+def peer_lost(world: World, exc: BaseException, run_dir) -> CMTPeerLost | None:
+    """The one-sentence error for a collective that failed because another rank stopped (its
+    connection closed or reset), or None for any other error."""
+    text = str(exc)
+    lost = isinstance(exc, getattr(dist, "DistNetworkError", ())) or any(
+        sign in text for sign in ("Connection closed by peer", "Connection reset by peer", "Broken pipe"))
+    if world.size == 1 or not lost:
+        return None
+    where = f"its last checkpoint in {run_dir} is intact: " if run_dir is not None else ""
+    return CMTPeerLost(
+        f"rank {world.rank} lost contact with the run's other processes (another rank stopped; its own output says "
+        f"why); {where}torchrun --max-restarts N restarts the ranks and they resume, or run the same command again "
+        f"with --resume.")
 
 
 def leave(world: World) -> None:

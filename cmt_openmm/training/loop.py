@@ -68,7 +68,8 @@ from ..generator import GENERATOR_FILE, BoltzmannGenerator
 from ..importance import CLIP_FRACTION, reverse_ess
 from .averaging import WeightAverage
 from .config import AUTO, RESUMABLE, TRAINERS, TrainConfig, resolve_device, resolve_threads, resume_conflicts
-from .distributed import Layout, World, broadcast_object, check_shards, elastic_restart, join, leave, on_main
+from .distributed import (Layout, World, broadcast_object, check_shards, elastic_restart, join, leave, on_main,
+                          peer_lost)
 from .faults import MAX_ROLLBACKS, Interrupted, StopSignals, diverged, non_finite, roll_back, snapshot, training_lock
 from .schedule import MEASURED_STEPS, REPLAN_EVERY, plan_steps
 
@@ -221,6 +222,11 @@ def train(
             if device.type == "cuda" and world.size > 1:
                 device = torch.device("cuda", world.local_rank)
             return _train(target, config, run_dir, checkpoint, progress and world.main, energy, world, device)
+    except RuntimeError as exc:
+        lost = peer_lost(world, exc, run_dir)
+        if lost is None:
+            raise
+        raise lost from exc
     finally:
         leave(world)
 

@@ -128,6 +128,8 @@ def test_a_rank_that_dies_is_restarted_and_the_run_resumes(tmp_path):
                      torchrun=("--max-restarts=1",))
     assert done.returncode == 0, done.stderr[-3000:]
     assert "(exitcode: 3) local_rank: 1" in done.stderr  # the rank did die, and the restart then succeeded
+    # its peer said so in one sentence, not a traceback
+    assert "cmt-openmm train: error: rank 0 lost contact with the run's other processes" in done.stderr
     straight = _one_process(run_file, tmp_path / "straight", shards=2)
     assert_same_history(load_history(out), straight, rel_tol=TOLERANCE)
     _assert_same_weights(_weights(out), _weights(tmp_path / "straight"))
