@@ -122,7 +122,7 @@ def diverged(bad: str, step: int, lr: float, method: str, n_failed: int, run_dir
     """The error that ends a run whose step ``step`` + 1 stayed non-finite (``bad``: what) after
     ``MAX_ROLLBACKS`` rollbacks, the last try at learning rate ``lr``."""
     kept = (f"the checkpoint in {run_dir} holds step {step}, but resuming would diverge again; "
-            if run_dir is not None else "")
+            if run_dir is not None and step > 0 else "")  # no step done: no checkpoint written
     return CMTInputError(f"training diverged: step {step + 1} gave a non-finite {bad} {MAX_ROLLBACKS + 1} times in a "
                          f"row, the last time at a learning rate of {lr:.3g}; {kept}start again with a lower "
                          f"{method}.lr, or check the energy ({n_failed:,} failed evaluations so far).")

@@ -291,3 +291,14 @@ def test_a_non_finite_generator_is_never_written(toy, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="non-finite weights"):
         train(toy, {**CMT, "max_steps": 1}, tmp_path / "run", progress=False)
     assert not (tmp_path / "run" / GENERATOR_FILE).exists()
+
+
+def test_a_first_step_that_stays_non_finite_names_no_checkpoint(toy, tmp_path, monkeypatch):
+    """No step was completed, so no checkpoint exists: the sentence must not point at one."""
+    poison = _poison("loss")
+    _wrap_step(monkeypatch, "cmt", lambda step, t, call: poison(step, t, step(t)))
+    folder = tmp_path / "run"
+    with pytest.raises(CMTInputError) as info:
+        train(toy, CMT, folder, progress=False)
+    assert str(info.value).startswith("training diverged: step 1 gave a non-finite loss")
+    assert "checkpoint" not in str(info.value) and not (folder / CHECKPOINT_FILE).exists()
