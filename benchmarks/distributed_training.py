@@ -107,6 +107,7 @@ def projection(speedup_2: float, step_s: float, comm: dict) -> dict:
         volume = comm["gather_bytes"] * (ranks - 1) / 2 + comm["allreduce_bytes"] * 2 * (ranks - 1) / ranks
         t_comm = volume / bandwidth + comm["collectives"] * latency * math.log2(ranks)
         out[name] = 1.0 / (serial + (1.0 - serial) / ranks + t_comm / step_s)
+        out[f"{name}: communication per step / step"] = t_comm / step_s
     return {"serial_fraction": serial, **out}
 
 
