@@ -5,7 +5,8 @@ System is supported and it agrees with OpenMM's Reference platform (verification
 construction), times both on a batch of perturbed structures and keeps the faster; otherwise
 (an unsupported force, a system whose torch chunks would not fit in memory even at one
 configuration each, a failed check, any exception while building or verifying it) it uses
-OpenMM and says why in one sentence.
+OpenMM and says why in one sentence (except for a System OpenMM would hang on,
+:class:`~.torch.term.OpenMMWouldHangError`, which is raised).
 ``"torch"`` refuses instead of falling back; ``"openmm"`` always uses OpenMM. Which is faster
 depends on the system (benchmarks/torch_energy_throughput.py measures it): torch wins where
 OpenMM evaluates forces through slow generic kernels (a CustomGBForce), OpenMM where its
@@ -70,7 +71,7 @@ def make_energy(target: "Target", backend: str = "auto", device: str | torch.dev
     """
     from .torch import compile_probe
     from .torch.energy import TorchEnergy
-    from .torch.term import exception_summary
+    from .torch.term import OpenMMWouldHangError, exception_summary
 
     if backend not in BACKENDS:
         raise CMTInputError(f"energy backend {backend!r} is unknown; use {', '.join(BACKENDS)}.")
@@ -84,7 +85,7 @@ def make_energy(target: "Target", backend: str = "auto", device: str | torch.dev
     try:  # with compile "auto", eager first: only a supported, verified energy is worth a probe
         torch_energy = TorchEnergy(target, device=device, dtype=dtype, verify=verify, compile=compile is True)
     except Exception as error:  # any failure to build or verify: OpenMM, never a crash
-        if backend == "torch":
+        if backend == "torch" or isinstance(error, OpenMMWouldHangError):  # (OpenMM would never return)
             raise
         cause = str(error).rstrip(".") if isinstance(error, CMTInputError) else exception_summary(error)
         warnings.warn(f"Energies of {name} come from OpenMM, not torch: {cause}.", stacklevel=2)

@@ -157,3 +157,63 @@ def test_asymmetric_pair_energies_without_an_order_are_refused(aldp):
     same = np.full(aldp.n_atoms, 1.5)  # equal parameters: symmetric on this force
     assert_matches(with_forces(aldp, per_particle_force("a1*exp(-r) + (a1-a2)^2", same, 0.9), name="same"))
     assert_matches(with_forces(aldp, per_particle_force("(a1-a2)^2*exp(-r)", a), name="squared"))
+
+
+# -- the slow fuzz (seeds 1-10): OpenMM simplifies, then differentiates, before it evaluates --------
+def bond_force(expression: str, **globals_: float) -> openmm.CustomBondForce:
+    force = openmm.CustomBondForce(expression)
+    for name, value in globals_.items():
+        force.addGlobalParameter(name, value)
+    for i, j in [(0, 1), (1, 4), (4, 6), (6, 8), (8, 14), (3, 10)]:
+        force.addBond(i, j, [])
+    return force
+
+
+def test_expressions_are_simplified_as_lepton_does(aldp):
+    """OpenMM optimizes an expression, with its global parameters as symbols, before evaluating
+    it: h/h is 1 at h = 0 (the fuzz's seed 2: select(square(g), h/h, sin(a2))), x - x and 0*x
+    are 0 for a non-finite x, square(sqrt(x)) is x for x < 0, and a literal max(1, NaN) folds
+    to 1 (std::max), not to NaN as its compiled code would evaluate it."""
+    force = bond_force(
+        "h/h*r^2 + 0*log(g) + (log(g) - log(g)) + square(sqrt(g - r)) + sqrt(square(r - 0.15)) + max(1, log(-1))",
+        h=0.0, g=-1.0,
+    )
+    assert np.isfinite(assert_matches(with_forces(aldp, force, name="simplified"))).all()
+
+
+def test_a_nan_constant_is_refused_as_openmm_would_hang(aldp):
+    """A constant part that is NaN never equals itself in Lepton's tree comparison, so OpenMM's
+    optimizer never finishes (a Context of the force hangs; the fuzz's seed 2: (0.713-1.779)^1.5):
+    refused in one sentence, and ``auto`` raises it rather than fall back to a hanging OpenMM."""
+    target = with_forces(aldp, bond_force("r + select(r, 1, (0.713 - 1.779)^1.5)"), name="nan")
+    with pytest.raises(UnsupportedForceError, match="constant part that is NaN") as caught:
+        TorchEnergy(target, verify=False)
+    assert "\n" not in str(caught.value) and str(caught.value).count(". ") == 0
+    with pytest.raises(UnsupportedForceError, match="OpenMM would hang"):
+        make_energy(target, compile=False)
+
+
+def test_forces_are_openmm_derivatives_not_autograd(aldp):
+    """OpenMM differentiates the expression symbolically: the branch not taken by max or select
+    contributes nothing even where its own derivative is infinite (max(sqrt(-r), c), max(acos(r),
+    c) beyond 1 nm), and min(NaN, c), whose energy is c, has the NaN branch's derivative (seeds
+    2-4: max(sqrt(-(r)), log(1.494^0.5)), min(max(r, acos(a1)), ...)); beyond a cutoff an
+    expression undefined there (acos(r)) gives no force."""
+    force = bond_force("max(sqrt(-r), 0.2) + min(max(r, acos(k)), 0.46) + select(step(r - 5), sqrt(0.1 - r), r)", k=2.0)
+    assert np.isfinite(assert_matches(with_forces(aldp, force, name="derivatives"))).all()
+    n = aldp.n_atoms
+    nonbonded = per_particle_force("max(acos(r), 3.85) + acos(r)", np.ones(n), cutoff=0.6)
+    assert np.isfinite(assert_matches(with_forces(aldp, nonbonded, name="cutoff"))).all()
+
+
+def test_tables_and_signed_zeros_as_openmm_evaluates_them(aldp):
+    """A Discrete table index that is NaN or +inf is C's (int) of it on x86, INT_MIN, so the first
+    entry (tab2(2*r, 1.75/h) at h = 0, seed 5); -(0) is +0 in OpenMM's compiled code (0 - x), so
+    atan2(-(delta(g)), -1.789) is pi, not -pi (seed 10)."""
+    force = openmm.CustomNonbondedForce("tab(2*r, 1.75/h) + tab(sqrt(g), 2) + r*atan2(-(delta(g)), -1.789)")
+    force.addTabulatedFunction("tab", openmm.Discrete2DFunction(3, 3, [1.0, 0.5, -0.5, 2.0, 0.0, 1.5, 3.0, -2.0, 0.7]))
+    force.addGlobalParameter("h", 0.0)
+    force.addGlobalParameter("g", -0.5)
+    for _ in range(aldp.n_atoms):
+        force.addParticle([])
+    assert np.isfinite(assert_matches(with_forces(aldp, force, name="tables"))).all()

@@ -6,7 +6,8 @@
 - :mod:`.forces`: maps each ``openmm.Force`` to its term; one module per force family
   (:mod:`.bonded`, :mod:`.nonbonded`, :mod:`.obc`, :mod:`.custom`, :mod:`.custom_gb`) on the
   shared :mod:`.term` base and :mod:`.geometry` of a chunk; :mod:`.lepton` compiles OpenMM's
-  custom expressions;
+  custom expressions as OpenMM evaluates them (parsed by :mod:`.lepton_parse`, simplified by
+  :mod:`.lepton_optimize`, differentiated by :mod:`.lepton_derivative`, Lepton's rules each);
 - :mod:`.verification`: the comparison with OpenMM's Reference platform at construction.
 - :mod:`.compile_probe`: whether compiled chunks are safe on this machine, checked once in a
   subprocess (a crash in compiled code cannot be caught in-process) and cached.

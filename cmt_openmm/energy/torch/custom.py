@@ -1,8 +1,10 @@
 """Custom bonded, external and nonbonded forces, from their Lepton energy expressions.
 
 Each is a Lepton energy expression (:mod:`.lepton`) of one internal variable per term (r nm,
-theta or phi rad; x, y, z nm for external forces), differentiated by autograd with respect to
-that variable only, then carried onto the atoms by the analytic geometry of :mod:`.geometry`.
+theta or phi rad; x, y, z nm for external forces), differentiated with respect to that variable
+as OpenMM differentiates it (symbolically, :mod:`.lepton_derivative`: autograd would turn a
+branch not taken with an infinite derivative into a NaN force), then carried onto the atoms by
+the analytic geometry of :mod:`.geometry`.
 
 Per-term parameters are (P, 1) columns against variables (P, b); energies kJ/mol; global
 parameters take their default values.
@@ -16,11 +18,22 @@ import numpy as np
 import openmm
 import torch
 
-from .geometry import Angles, Dihedrals, Incidence, PairGeometry, PairList, bond_lengths, internal_autograd
+from .geometry import Angles, Dihedrals, Incidence, PairGeometry, PairList, bond_lengths
 from .lepton import LeptonExpression, as_tensor_like, pair_symmetric, parse_lepton, tabulated_functions
 from .term import ForceTerm, UnsupportedForceError, global_defaults, md_value, per_particle_parameters
 
 __all__ = ["CustomBondedTerm", "CustomExternalTerm", "CustomNonbondedTerm"]
+
+
+def value_and_derivative(
+    expression: LeptonExpression, name: str, q: torch.Tensor, gradient: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-term energies e(q) (P, b) and, if asked, OpenMM's de/dq (``expression`` compiled
+    with ``derivatives=[name]``), both broadcast to q's shape."""
+    e = as_tensor_like(expression({name: q}), q).expand_as(q)
+    if not gradient:
+        return e, None
+    return e, as_tensor_like(expression.derivatives[name]({name: q}), q).expand_as(q)
 
 
 class CustomBondedTerm(ForceTerm):
@@ -59,6 +72,7 @@ class CustomBondedTerm(ForceTerm):
             dtype=self.dtype,
             device=self.device,
             label=self.label,
+            derivatives=[self.variable],
         )
 
     def __call__(self, geometry: PairGeometry, gradient: bool = False) -> torch.Tensor:
@@ -69,7 +83,7 @@ class CustomBondedTerm(ForceTerm):
         else:
             coords = (Angles if self.kind == "angle" else Dihedrals)(geometry.X, *self.atoms)
             q = coords.theta if self.kind == "angle" else coords.phi
-        e, de = internal_autograd(lambda v: self.expression({self.variable: v}), q, gradient)
+        e, de = value_and_derivative(self.expression, self.variable, q, gradient)
         if gradient:
             if self.kind == "bond":
                 geometry.add_pair_gradient(self.pairs, d, de / q)
@@ -102,21 +116,20 @@ class CustomExternalTerm(ForceTerm):
             dtype=self.dtype,
             device=self.device,
             label=self.label,
+            derivatives="xyz",
         )
 
     def __call__(self, geometry: PairGeometry, gradient: bool = False) -> torch.Tensor:
         if len(self.atoms) == 0:
             return geometry.zeros()
         p = geometry.X.index_select(1, self.atoms)  # (3, P, b)
-        with torch.enable_grad() if gradient else torch.no_grad():
-            leaf = p.detach().requires_grad_(gradient)
-            e = as_tensor_like(self.expression({"x": leaf[0], "y": leaf[1], "z": leaf[2]}), p).expand(p.shape[1:])
-            energy = e.sum(0)
-            if gradient:
-                (g,) = torch.autograd.grad(energy.sum(), leaf, allow_unused=True) if energy.requires_grad else (None,)
-        if gradient and g is not None:
+        values = {"x": p[0], "y": p[1], "z": p[2]}
+        energy = as_tensor_like(self.expression(values), p).expand(p.shape[1:]).sum(0)
+        if gradient:
+            derivatives = self.expression.derivatives
+            g = torch.stack([as_tensor_like(derivatives[v](values), p).expand(p.shape[1:]) for v in "xyz"])
             geometry.add_atoms(self.incidence, g)
-        return energy.detach()
+        return energy
 
 
 class CustomNonbondedTerm(ForceTerm):
@@ -187,22 +200,32 @@ class CustomNonbondedTerm(ForceTerm):
             dtype=self.dtype,
             device=self.device,
             label=self.label,
+            derivatives=["r"],
         )
 
-    def _pair_energy(self, r: torch.Tensor) -> torch.Tensor:
-        e = as_tensor_like(self.expression({"r": r}), r).expand_as(r)
+    def _pair_energy(self, r: torch.Tensor, gradient: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Pair energies (P, b) kJ/mol and, if asked, dE/dr: the expression's derivative times
+        OpenMM's switching function, plus the energy times the switch's derivative, as
+        ReferenceCustomNonbondedIxn; zero beyond the cutoff (masked after differentiation)."""
+        e, de = value_and_derivative(self.expression, "r", r, gradient)
         if self.cutoff is None:
-            return e
+            return e, de
         if self.switch is not None:
-            t = torch.clamp((r - self.switch) / (self.cutoff - self.switch), min=0.0)
+            width = self.cutoff - self.switch
+            t = torch.clamp((r - self.switch) / width, min=0.0)
+            if gradient:
+                de = de * (1.0 + t * t * t * (-10.0 + t * (15.0 - t * 6.0))) + e * (
+                    t * t * (-30.0 + t * (60.0 - t * 30.0)) / width
+                )
             e = e * (1.0 + t * t * t * (-10.0 + t * (15.0 - t * 6.0)))
-        return torch.where(r < self.cutoff, e, torch.zeros_like(e))
+        inside, zero = r < self.cutoff, torch.zeros((), dtype=r.dtype, device=r.device)
+        return torch.where(inside, e, zero), (torch.where(inside, de, zero) if gradient else None)
 
     def __call__(self, geometry: PairGeometry, gradient: bool = False) -> torch.Tensor:
         if len(self.pairs) == 0:
             return geometry.zeros()
         r, d = geometry.pairs(self.pairs)
-        e, de = internal_autograd(self._pair_energy, r, gradient)
+        e, de = self._pair_energy(r, gradient)
         if gradient:
             geometry.add_pair_gradient(self.pairs, d, de / r)
         return e.sum(0)

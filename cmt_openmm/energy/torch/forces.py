@@ -32,8 +32,10 @@ Any other force or option raises :class:`~.term.UnsupportedForceError` naming it
 sentence: CustomCompoundBondForce, CustomCentroidBondForce, CustomHbondForce,
 CustomManyParticleForce, CustomCVForce, TorchForce, PythonForce, the AMOEBA/Drude forces,
 periodic methods, Continuous1D/2D/3DFunction tables, CustomNonbondedForce computed values, CMAP
-maps of different sizes. Every force counts whatever its force group: OpenMM's default
-``getState(getEnergy=True)`` sums all 32 groups.
+maps of different sizes. An expression OpenMM cannot evaluate either (a NaN constant, on which
+its optimizer never finishes) raises :class:`~.term.OpenMMWouldHangError` instead, on its own.
+Every force counts whatever its force group: OpenMM's default ``getState(getEnergy=True)`` sums
+all 32 groups.
 
 Speed: a chunk is held batch-last, X (3, n_atoms, b) (:mod:`.geometry`), several
 times faster than (b, n, 3) on CPUs. With a GB force, the (n, n, b) distance matrix is computed
@@ -61,7 +63,7 @@ from .custom import CustomBondedTerm, CustomExternalTerm, CustomNonbondedTerm
 from .custom_gb import compile_custom_gb
 from .nonbonded import NonbondedTerm
 from .obc import GBSAOBCTerm
-from .term import ForceTerm, UnsupportedForceError, exception_summary, force_label
+from .term import ForceTerm, OpenMMWouldHangError, UnsupportedForceError, exception_summary, force_label
 
 __all__ = ["compile_force", "compile_system"]
 
@@ -126,6 +128,8 @@ def compile_system(
             continue
         try:
             term = compile_force(force, index, positions, device, dtype, n_atoms=system.getNumParticles())
+        except OpenMMWouldHangError:  # not a refusal: OpenMM cannot evaluate it either
+            raise
         except UnsupportedForceError as error:
             refused.append(str(error).rstrip("."))
             continue

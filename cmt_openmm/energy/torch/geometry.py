@@ -24,7 +24,6 @@ __all__ = [
     "PairGeometry",
     "PairList",
     "bond_lengths",
-    "internal_autograd",
     "upper_pairs",
 ]
 
@@ -245,21 +244,6 @@ def bond_lengths(geometry: PairGeometry, pairs: PairList) -> tuple[torch.Tensor,
     (never from the dense matrix: bonded pairs are few)."""
     d = geometry.X.index_select(1, pairs.j) - geometry.X.index_select(1, pairs.i)
     return torch.sqrt((d * d).sum(0)), d
-
-
-def internal_autograd(
-    expression: Callable[[torch.Tensor], Any], q: torch.Tensor, gradient: bool
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-term energies e(q) (P, b) and, if asked, de/dq by autograd over q alone."""
-    if not gradient:
-        return torch.as_tensor(expression(q), dtype=q.dtype, device=q.device).expand_as(q), None
-    with torch.enable_grad():
-        leaf = q.detach().requires_grad_()
-        e = torch.as_tensor(expression(leaf), dtype=q.dtype, device=q.device).expand_as(q)
-        if not e.requires_grad:
-            return e.detach(), torch.zeros_like(q)
-        (de,) = torch.autograd.grad(e.sum(), leaf)
-    return e.detach(), de
 
 
 def upper_pairs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -1,34 +1,32 @@
-"""OpenMM's custom energy expressions (Lepton) parsed and compiled to torch.
+"""OpenMM's custom energy expressions (Lepton) compiled to torch, evaluated as OpenMM does.
 
-Expressions are parsed as OpenMM's Lepton parser does (precedence, right-associative ``^``,
-``;``-separated definitions that may use definitions written after them) into a DAG of
-:class:`Expr` with common subexpressions shared (:func:`parse_lepton`), then compiled to a list
-of torch operations (:class:`LeptonExpression`). Subexpressions that do not depend on the
-dynamic variables (parameters, global parameters at their defaults, constants, tabulated-
-function lookups on parameters) are evaluated once, in float64, at construction; the rest run
-on whatever tensors the caller passes, broadcasting as torch does (per-term parameters (P, 1)
-against variables (P, b), per-particle ones (n, 1, 1) and (1, n, 1) against (n, n, b)); a
-static operand is a Python float for arithmetic and a 0-d tensor for every function (``select``
-on a global parameter, a table called with a constant). :func:`pair_symmetric` tells whether a
-pair expression is unchanged when particles 1 and 2 swap, for the forces whose pair order
-OpenMM leaves to the platform. Units are the caller's (OpenMM's MD units for every force here).
-
-The parser is our own rather than ``sympy.sympify``: Lepton's names (``or``, ``I``, ``E``,
-``gamma``, ``beta``, ``lambda``) collide with Python keywords and sympy's constants and
-functions, and Lepton lets a definition refer to definitions that follow it, which plain
-substitution order gets wrong.
+An expression parsed into a DAG of :class:`Expr` (:func:`parse_lepton`, :mod:`.lepton_parse`)
+is first simplified exactly as OpenMM's Lepton simplifies it before evaluating anything
+(:func:`~.lepton_optimize.optimize`, twice, as OpenMM's platforms do: ``h/h`` is 1 even where
+the global ``h`` is 0), then compiled to a list of torch operations (:class:`LeptonExpression`).
+Subexpressions that do not depend on the dynamic variables (parameters, global parameters at
+their defaults, constants, tabulated-function lookups on parameters) are evaluated once, in
+float64, at construction; the rest run on whatever tensors the caller passes, broadcasting as
+torch does (per-term parameters (P, 1) against variables (P, b), per-particle ones (n, 1, 1)
+and (1, n, 1) against (n, n, b)); a static operand is a Python float for arithmetic and a 0-d
+tensor for every function (``select`` on a global parameter, a table called with a constant).
+:func:`pair_symmetric` tells whether a pair expression is unchanged when particles 1 and 2
+swap, for the forces whose pair order OpenMM leaves to the platform. Units are the caller's
+(OpenMM's MD units for every force here).
 """
 
 from __future__ import annotations
 
-import re
 from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 import openmm
 import torch
 
-from .term import UnsupportedForceError
+from .lepton_derivative import differentiate
+from .lepton_optimize import NeverOptimizedError, optimize
+from .lepton_parse import Expr, _postorder, expression_variables, parse_lepton
+from .term import OpenMMWouldHangError, UnsupportedForceError
 
 __all__ = [
     "DiscreteTable",
@@ -42,171 +40,11 @@ __all__ = [
 ]
 
 
-class Expr:
-    """A node of an expression DAG: ``op`` is 'const', 'var', an operator or a function name.
-
-    Nodes are interned (see :func:`_node`): structurally equal subexpressions are the same
-    object, so a subexpression used twice is computed once.
-    """
-
-    __slots__ = ("op", "args", "value", "__weakref__")
-
-    def __init__(self, op: str, args: tuple, value: Any):
-        self.op, self.args, self.value = op, args, value
-
-    def __repr__(self) -> str:
-        if self.op == "const":
-            return repr(self.value)
-        if self.op == "var":
-            return str(self.value)
-        return f"{self.op}({', '.join(map(repr, self.args))})"
-
-
-def _node(table: dict, op: str, args: tuple = (), value: Any = None) -> Expr:
-    """The interned node (op, args, value) of ``table`` (one table per parsed expression)."""
-    key = (op, value if op != "const" else float(value).hex(), tuple(id(a) for a in args))
-    node = table.get(key)
-    if node is None:
-        node = table[key] = Expr(op, args, value)
-    return node
-
-
-# Lepton's built-in functions and their number of arguments.
-# fmt: off
-_FUNCTIONS = {
-    "sqrt": 1, "exp": 1, "log": 1, "sin": 1, "cos": 1, "sec": 1, "csc": 1, "tan": 1, "cot": 1,
-    "asin": 1, "acos": 1, "atan": 1, "atan2": 2, "sinh": 1, "cosh": 1, "tanh": 1, "erf": 1,
-    "erfc": 1, "step": 1, "delta": 1, "square": 1, "cube": 1, "recip": 1, "min": 2, "max": 2,
-    "abs": 1, "floor": 1, "ceil": 1, "select": 3,
-}
-# fmt: on
-_PRECEDENCE = {"+": 0, "-": 0, "*": 1, "/": 1, "^": 3}
-_TOKEN = re.compile(
-    r"\s*(?:(?P<num>(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)|(?P<fn>[^\s()+\-*/^,]+)\(|"
-    r"(?P<var>[^\s()+\-*/^,]+)|(?P<sym>[()+\-*/^,]))"
-)
-
-
-def _tokenize(text: str) -> list[tuple[str, str]]:
-    tokens, pos, text = [], 0, text.strip()
-    while pos < len(text):
-        match = _TOKEN.match(text, pos)
-        if match is None or match.end() == pos:
-            raise ValueError(f"cannot parse {text[pos:]!r}")
-        kind = match.lastgroup
-        tokens.append((kind, match.group(kind)))
-        pos = match.end()
-    return tokens
-
-
-class _Parser:
-    def __init__(
-        self, tokens: list[tuple[str, str]], definitions: dict[str, Expr], functions: Mapping[str, int], table: dict
-    ):
-        self.tokens, self.pos, self.definitions, self.functions, self.table = tokens, 0, definitions, functions, table
-
-    def parse(self) -> Expr:
-        expr = self.precedence(0)
-        if self.pos != len(self.tokens):
-            raise ValueError(f"unexpected {self.tokens[self.pos][1]!r}")
-        return expr
-
-    def precedence(self, level: int) -> Expr:
-        if self.pos == len(self.tokens):
-            raise ValueError("unexpected end of expression")
-        kind, text = self.tokens[self.pos]
-        self.pos += 1
-        if kind == "num":
-            result = _node(self.table, "const", value=float(text))
-        elif kind == "var":
-            result = self.definitions.get(text) or _node(self.table, "var", value=text)
-        elif kind == "sym" and text == "(":
-            result = self.precedence(0)
-            self.expect(")")
-        elif kind == "fn":
-            args = [self.precedence(0)]
-            while self.pos < len(self.tokens) and self.tokens[self.pos] == ("sym", ","):
-                self.pos += 1
-                args.append(self.precedence(0))
-            self.expect(")")
-            arity = _FUNCTIONS.get(text, self.functions.get(text))
-            if arity is None:
-                raise ValueError(f"unknown function {text!r}")
-            if arity != len(args):
-                raise ValueError(f"{text} takes {arity} arguments, got {len(args)}")
-            result = _node(self.table, text, tuple(args))
-        elif kind == "sym" and text == "-":
-            result = _node(self.table, "neg", (self.precedence(2),))
-        else:
-            raise ValueError(f"unexpected {text!r}")
-        while (
-            self.pos < len(self.tokens)
-            and self.tokens[self.pos][0] == "sym"
-            and self.tokens[self.pos][1] in _PRECEDENCE
-        ):
-            op = self.tokens[self.pos][1]
-            if _PRECEDENCE[op] < level:
-                break
-            self.pos += 1
-            right = self.precedence(_PRECEDENCE[op] + (op != "^"))
-            result = _node(self.table, op, (result, right))
-        return result
-
-    def expect(self, symbol: str) -> None:
-        if self.pos == len(self.tokens) or self.tokens[self.pos] != ("sym", symbol):
-            raise ValueError("unbalanced parentheses")
-        self.pos += 1
-
-
-def parse_lepton(text: str, functions: Mapping[str, int] | None = None) -> Expr:
-    """Parse an OpenMM (Lepton) energy expression into an :class:`Expr` DAG.
-
-    ``functions``: names and numbers of arguments of tabulated functions. Definitions after
-    ``;`` are parsed last first, each seeing those after it, as Lepton does.
-
-    >>> parse_lepton("0.5*k*(r-r0)^2")
-    *(*(0.5, k), ^(-(r, r0), 2.0))
-    """
-    functions = dict(functions or {})
-    parts = text.split(";")
-    definitions: dict[str, Expr] = {}
-    table: dict[tuple, Expr] = {}
-    try:
-        for part in reversed(parts[1:]):
-            if not part.strip():
-                continue
-            name, equals, body = part.partition("=")
-            if not equals or not name.strip():
-                raise ValueError(f"definition {part.strip()!r} does not name a variable")
-            definitions[name.strip()] = _Parser(_tokenize(body), definitions, functions, table).parse()
-        return _Parser(_tokenize(parts[0]), definitions, functions, table).parse()
-    except ValueError as error:
-        raise UnsupportedForceError(f"cannot parse the expression {text!r}: {error}.") from None
-
-
-def _postorder(root: Expr) -> list[Expr]:
-    order, seen, stack = [], set(), [(root, False)]
-    while stack:
-        node, expanded = stack.pop()
-        if id(node) in seen:
-            continue
-        if expanded:
-            seen.add(id(node))
-            order.append(node)
-        else:
-            stack.append((node, True))
-            stack.extend((a, False) for a in reversed(node.args) if id(a) not in seen)
-    return order
-
-
-def expression_variables(root: Expr) -> set[str]:
-    """Names of the free variables of an expression."""
-    return {node.value for node in _postorder(root) if node.op == "var"}
-
-
 class DiscreteTable:
     """An OpenMM Discrete1D/2D/3DFunction: ``values[i + nx*(j + ny*k)]`` at indices rounded
-    half away from zero and clamped to the table (as OpenMM's Reference platform); no gradient."""
+    half away from zero and clamped to the table, as OpenMM's Reference platform does with C's
+    ``(int) round(x)``: on x86 a NaN or an index beyond the int range (+inf) converts to INT_MIN,
+    so the table's first entry; no gradient."""
 
     def __init__(self, function: Any):
         if isinstance(function, openmm.Discrete1DFunction):
@@ -223,7 +61,9 @@ class DiscreteTable:
     def __call__(self, *args: torch.Tensor) -> torch.Tensor:
         flat, stride = None, 1
         for arg, size in zip(args, self.shape):
-            index = torch.where(arg >= 0, torch.floor(arg + 0.5), torch.ceil(arg - 0.5)).clamp(0, size - 1).long()
+            rounded = torch.where(arg >= 0, torch.floor(arg + 0.5), torch.ceil(arg - 0.5))
+            rounded = torch.where(rounded < 2.0**31, rounded, torch.zeros_like(rounded))  # NaN, >= 2^31: INT_MIN
+            index = rounded.clamp(0, size - 1).long()
             flat = index * stride if flat is None else flat + index * stride
             stride *= size
         key = (args[0].device, args[0].dtype)
@@ -285,6 +125,16 @@ def _power(exponent: Any) -> Callable:
     return lambda a, b: a**b
 
 
+def _constant_operation(node: Expr) -> Callable:
+    """Lepton's AddConstant, MultiplyConstant and PowerConstant (see :mod:`.lepton_optimize`)."""
+    c = node.value
+    if node.op == "addc":
+        return lambda a: a + c
+    if node.op == "mulc":
+        return lambda a: a * c
+    return lambda a: a**c
+
+
 # fmt: off
 _OPS: dict[str, Callable] = {
     "+": lambda a, b: a + b,
@@ -292,7 +142,7 @@ _OPS: dict[str, Callable] = {
     "*": lambda a, b: a * b,
     "/": lambda a, b: a / b,
     "^": lambda a, b: a**b,
-    "neg": lambda a: -a,
+    "neg": lambda a: 0.0 - a,  # as OpenMM's compiled code (0 - x): -(+0) is +0, so atan2(-(0), -1) = pi
     "sqrt": torch.sqrt, "exp": torch.exp, "log": torch.log, "sin": torch.sin, "cos": torch.cos,
     "tan": torch.tan, "asin": torch.asin, "acos": torch.acos, "atan": torch.atan,
     "sinh": torch.sinh, "cosh": torch.cosh, "tanh": torch.tanh, "erf": torch.erf,
@@ -315,6 +165,29 @@ _OPS: dict[str, Callable] = {
 _ARITHMETIC = frozenset(("+", "-", "*", "/", "^"))
 
 
+def _table_derivative(*args):
+    """A Discrete table's derivative in any argument (OpenMM's evaluateDerivative: 0)."""
+    return torch.zeros_like(torch.broadcast_tensors(*args)[0])
+
+
+# Lepton folds constants with std::min / std::max ((b < a) ? b : a, (a < b) ? b : a), where its
+# compiled code (and _min / _max) compares the other way round for a NaN, and negates with -x
+_FOLDED = {
+    "min": lambda a, b: torch.where(b < a, b, a),
+    "max": lambda a, b: torch.where(a < b, b, a),
+    "neg": lambda a: -a,
+}
+
+
+def _fold(node: Expr, args: tuple[float, ...]) -> float:
+    """A builtin operation on constants, in float64, as Lepton's constant folding evaluates it."""
+    if node.op in ("addc", "mulc", "powc"):
+        function = _constant_operation(node)
+    else:
+        function = _FOLDED.get(node.op, _OPS[node.op])
+    return float(function(*[torch.tensor(a, dtype=torch.float64) for a in args]))
+
+
 class LeptonExpression:
     """An expression compiled to torch for given static and dynamic variables.
 
@@ -323,10 +196,14 @@ class LeptonExpression:
     only on them is evaluated once, here, in float64. ``dynamic``: names supplied at each
     call as tensors. ``tables``: tabulated functions by name. A variable that is neither is
     refused with :class:`UnsupportedForceError` (``label`` names the force).
+    ``derivatives``: dynamic variables whose derivative OpenMM computes (its forces), each in
+    ``self.derivatives[name]``, a compiled expression of the same variables written as OpenMM
+    writes it (:mod:`.lepton_derivative`), not autograd's.
 
-    >>> e = LeptonExpression(parse_lepton("k*(r-r0)^2"), {"k": 2.0, "r0": 0.1}, ["r"])
-    >>> e({"r": torch.tensor([0.2], dtype=torch.float64)})
-    tensor([0.0200], dtype=torch.float64)
+    >>> e = LeptonExpression(parse_lepton("k*(r-r0)^2"), {"k": 2.0, "r0": 0.1}, ["r"], derivatives=["r"])
+    >>> r = torch.tensor([0.2], dtype=torch.float64)
+    >>> e({"r": r}), e.derivatives["r"]({"r": r})
+    (tensor([0.0200], dtype=torch.float64), tensor([0.4000], dtype=torch.float64))
     """
 
     def __init__(
@@ -339,9 +216,21 @@ class LeptonExpression:
         dtype: torch.dtype = torch.float64,
         device: torch.device | str = "cpu",
         label: str = "expression",
+        derivatives: Iterable[str] = (),
+        optimized: bool = False,
     ):
         tables = dict(tables or {})
         dynamic = set(dynamic)
+        try:  # as OpenMM: an energy is parse().optimize(), optimized once more to compile; its
+            # derivatives differentiate the first and are optimized once (``optimized``: done)
+            once = root if optimized else optimize(root, _fold)
+            root = optimize(once, _fold)
+        except NeverOptimizedError:
+            raise OpenMMWouldHangError(
+                f"{label} has an expression with a constant part that is NaN (such as log(-1), sqrt(-1) or "
+                "(-1)^1.5), on which OpenMM's expression optimizer never finishes, so OpenMM would hang creating a "
+                "Context with it (fix that part of the expression)."
+            ) from None
         self.dynamic_names = sorted(dynamic & expression_variables(root))
         slots: list[Any] = []
         slot_of: dict[int, int] = {}
@@ -370,6 +259,10 @@ class LeptonExpression:
                 continue
             if node.op in tables:
                 function: Callable = tables[node.op]
+            elif node.op in ("addc", "mulc", "powc"):
+                function = _constant_operation(node)
+            elif node.op == "tabd":  # a Discrete table's derivative: 0
+                function = _table_derivative
             elif node.op == "^" and id(node.args[1]) in static_value and id(node.args[0]) not in static_value:
                 function = _power(static_value[id(node.args[1])])
             else:
@@ -396,6 +289,13 @@ class LeptonExpression:
             slots.append(None)
             steps.append((function, tuple(arg_slots), slot_of[id(node)]))
         self._slots, self._steps, self._inputs = slots, steps, inputs
+        self.derivatives = {
+            name: LeptonExpression(
+                differentiate(once, name), static, dynamic, tables, dtype=dtype, device=device, label=label,
+                optimized=True,
+            )
+            for name in derivatives
+        }
         if id(root) in static_value:
             value = static_value[id(root)]
             self.constant = value.to(device=device, dtype=dtype) if isinstance(value, torch.Tensor) else value

@@ -41,6 +41,11 @@ class UnsupportedForceError(CMTInputError):
     """A force (or one of its options) that the torch backend does not implement."""
 
 
+class OpenMMWouldHangError(UnsupportedForceError):
+    """A force that OpenMM cannot evaluate either: creating a Context with it never finishes
+    (an expression Lepton's optimizer loops on), so no backend falls back to OpenMM."""
+
+
 def exception_summary(error: BaseException) -> str:
     """An unexpected exception in a few words for a one-sentence message: its type and the
     first line of its text (at most 200 characters, no final period)."""
