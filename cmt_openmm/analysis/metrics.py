@@ -24,6 +24,7 @@ treated, where angles wrap) are the documented ones.
 from __future__ import annotations
 
 import math
+import shlex
 from typing import Any, Sequence
 
 import numpy as np
@@ -142,8 +143,9 @@ def _finite(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def training_summary(history: Sequence[dict], stop_reason: str | None = None) -> dict:
-    """Steps, energy evaluations, wall time and the last record's main fields."""
+def training_summary(history: Sequence[dict], stop_reason: str | None = None, run_dir: Any = None) -> dict:
+    """Steps, energy evaluations, wall time and the last record's main fields; ``run_dir`` (the
+    run's folder) goes into the command that continues a run short of its target."""
     if not history:
         return {"steps": 0, "energy_evaluations": 0, "wall_time_s": 0.0, "stop_reason": stop_reason}
     last = history[-1]
@@ -157,16 +159,34 @@ def training_summary(history: Sequence[dict], stop_reason: str | None = None) ->
         "energy_backend": last.get("energy_backend"),
         "stop_reason": stop_reason,
         "final": {k: last[k] for k in keys if k in last},
-        **_target_verdict(last, stop_reason),
+        **_target_verdict(last, stop_reason, run_dir),
     }
 
 
 CONTINUE_TRAINING = ("continue it with `cmt-openmm train --out RUN_DIR --resume` and a larger budget, max_steps "
                      "or max_minutes")
-"""What to do with a run that stopped before its target (the training verdict and the report's)."""
+"""What to do with a run that stopped before its target, when neither its folder nor the limit
+that stopped it is known (:func:`continue_training` names both where they are)."""
 
 
-def _target_verdict(last: dict, stop_reason: str | None) -> dict:
+def continue_training(stop_reason: str | None = None, run_dir: Any = None) -> str:
+    """What to do with a run that stopped before its target (the training verdict and the
+    report's), as one clause: the limit that stopped it and the command that continues it in
+    ``run_dir`` (``RUN_DIR`` when not given). ``max_minutes`` has no command-line option: it is
+    raised in the run file and counts all the run's training time, earlier stretches included."""
+    out = shlex.quote(str(run_dir)) if run_dir else "RUN_DIR"
+    resume = f"cmt-openmm train --out {out} --resume"
+    if stop_reason == "max_minutes":
+        return (f"raise max_minutes in your run file (it counts all training so far) and continue it with "
+                f"`cmt-openmm train YOUR_RUN_FILE --out {out} --resume`")
+    if stop_reason == "max_steps":
+        return f"continue it with `{resume} --max-steps N`, N larger than the steps taken"
+    if stop_reason == "budget":
+        return f"continue it with `{resume} --budget N`, N larger than the energy evaluations spent"
+    return CONTINUE_TRAINING.replace("RUN_DIR", out)
+
+
+def _target_verdict(last: dict, stop_reason: str | None, run_dir: Any = None) -> dict:
     """For an annealing path (records with λ, η): whether it reached the target, and if not, what
     that means and what to do, in one sentence."""
     if "lam" not in last or last.get("lam") is None:
@@ -177,7 +197,7 @@ def _target_verdict(last: dict, stop_reason: str | None) -> dict:
     return {"target_reached": False, "verdict": (
         f"training stopped ({stop_reason or 'unknown'}) before the path reached the target (λ = {last['lam']:.3g} > 0): "
         "weights, estimates and flow moves stay exact, and more training would raise the ESS; "
-        f"{CONTINUE_TRAINING}.")}
+        f"{continue_training(stop_reason, run_dir)}.")}
 
 
 def sample_metrics(ensembles: Sequence[ReweightedEnsemble]) -> dict:

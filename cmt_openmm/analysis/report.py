@@ -65,7 +65,7 @@ def write_run_report(run_dir: str | os.PathLike, target, generator, history: Seq
         "method": method,
         "seed": seed,
         "run_dir": str(run_dir.resolve()),
-        "training": {**metrics.training_summary(history, stop_reason), **energy_restarts(history)},
+        "training": {**metrics.training_summary(history, stop_reason, run_dir.resolve()), **energy_restarts(history)},
         "samples": metrics.sample_metrics(ensembles),
     }
     checked = pooled if positions else (lambda: reweight(generator, target, min(n_samples, RECHECK_DRAW),
@@ -123,11 +123,12 @@ def verdict(report: dict) -> dict:
                      f"{len(visited) - len(lost)}" + (f", missing {names}" if lost else "") if visited else
                      "the reference visits no φ > 0 basin")
     usable = quality in ("good", "usable") and not lost
+    continue_training = metrics.continue_training(training.get("stop_reason"), report.get("run_dir"))
     if usable:
         out["next_step"] = USE_SAMPLES + ("" if out["target_reached"] is not False else
-                                          f"; or, for a higher ESS, {metrics.CONTINUE_TRAINING}")
+                                          f"; or, for a higher ESS, {continue_training}")
     elif out["target_reached"] is False and not lost:
-        out["next_step"] = metrics.CONTINUE_TRAINING
+        out["next_step"] = continue_training
     else:
         out["next_step"] = MCMC_ONLY
     out["summary"] = f"{'; '.join(parts)}; next step: {out['next_step']}."
@@ -250,9 +251,11 @@ def render_markdown(report: dict) -> str:
     energy = report.get("energy") or {}
     if energy.get("recheck"):
         check = energy["recheck"]
-        lines += [f"- report energies: torch ({energy.get('selection')}); {check['n_checked']} samples re-checked "
-                  f"against OpenMM: largest difference {check.get('max_abs_difference_kT', float('nan')):.2e} kT "
-                  f"({'agrees' if check.get('passed') else 'DISAGREES'})", ""]
+        lines += [f"- report energies: {energy.get('selection') or 'torch'}; {check['n_checked']} samples re-checked "
+                  f"against OpenMM: largest difference {check.get('max_abs_difference_kT', float('nan')):.2e} kT, "
+                  f"{check.get('max_relative_difference', float('nan')):.1e} of the energy "
+                  f"({'agrees: within 1e-6 relative' if check.get('passed') else 'DISAGREES: beyond 1e-6 relative'})",
+                  ""]
     s = report.get("samples") or {}
     if s:
         ess, essc = s["reverse_ess"], s["reverse_ess_clipped"]
@@ -298,9 +301,13 @@ def render_markdown(report: dict) -> str:
         lines += ["## Against reference samples", "", f"- reference frames: {ref['n_reference']}",
                   f"- forward ESS: {_pct(ref.get('forward_ess'))}",
                   f"- EUBO: {ref['eubo']:.3f} kT" if ref.get("eubo") is not None else "- EUBO: inf"]
+        if ref.get("reference_outside_flow_support"):
+            lines[-1] += (f" ({ref['reference_outside_flow_support']:,} of the {ref['n_reference']:,} reference frames lie "
+                          "where the generator has no density: it never proposes them)")
         ref_pops = ref.get("reference_populations") or {}
         if "ramachandran_tv" in ref:
-            lines += [f"- Ramachandran TV: {ref['ramachandran_tv']:.4f}", f"- Ramachandran KL: {ref['ramachandran_kl']:.4f}"]
+            lines += [f"- Ramachandran TV: {ref['ramachandran_tv']:.4f} (total variation of the φ/ψ histograms: 0 "
+                      "identical, 1 no overlap)", f"- Ramachandran KL: {ref['ramachandran_kl']:.4f}"]
         if ref_pops.get("error_method"):
             lines.append(f"- reference population errors: {ref_pops['error_method']}")
         if ref_pops.get("phi_positive_population"):

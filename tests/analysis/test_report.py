@@ -3,7 +3,7 @@ basins lost against a reference, the one next step) and every residue's φ > 0 p
 the reference's."""
 import numpy as np
 
-from cmt_openmm.analysis.metrics import CONTINUE_TRAINING, peptide_populations, training_summary
+from cmt_openmm.analysis.metrics import continue_training, peptide_populations, training_summary
 from cmt_openmm.analysis.report import MCMC_ONLY, USE_SAMPLES, render_markdown, verdict
 
 
@@ -26,15 +26,30 @@ def _php(*values):
 
 def test_a_run_short_of_its_target_is_told_to_continue():
     v = verdict(_report(lam=0.52, ess=0.005))
-    assert v["target_reached"] is False and v["quality"] == "unusable" and v["next_step"] == CONTINUE_TRAINING
+    assert v["target_reached"] is False and v["quality"] == "unusable" and v["next_step"] == continue_training("max_minutes")
     assert v["summary"].startswith("training did not reach its target (λ = 0.52, η = 0); reverse ESS 0.50 % of "
-                                   "all 10,000 samples (N_eff = 50): unusable; next step: continue it with")
+                                   "all 10,000 samples (N_eff = 50): unusable; next step: raise max_minutes in your "
+                                   "run file")
+
+
+def test_the_next_step_names_the_limit_that_stopped_the_run_and_its_folder():
+    report = {**_report(lam=0.52, ess=0.005), "run_dir": "/home/me/runs/my peptide"}
+    v = verdict(report)
+    assert v["next_step"] == ("raise max_minutes in your run file (it counts all training so far) and continue it "
+                              "with `cmt-openmm train YOUR_RUN_FILE --out '/home/me/runs/my peptide' --resume`")
+    assert "RUN_DIR" not in v["summary"]
+    report["training"] = training_summary([{"step": 9, "lam": 0.52, "eta": 0.0, "wall_time": 3.0}], "max_steps",
+                                          "/home/me/runs/mine")
+    assert verdict(report)["next_step"] == ("continue it with `cmt-openmm train --out '/home/me/runs/my peptide' "
+                                            "--resume --max-steps N`, N larger than the steps taken")
+    assert "`cmt-openmm train --out /home/me/runs/mine --resume --max-steps N`" in report["training"]["verdict"]
+    assert "`cmt-openmm train --out RUN_DIR --resume --budget N`" in continue_training("budget")
 
 
 def test_a_good_generator_short_of_its_target_is_used_and_may_be_continued():
     v = verdict(_report(lam=0.52, ess=0.2))
     assert v["target_reached"] is False and v["quality"] == "good"
-    assert v["next_step"] == f"{USE_SAMPLES}; or, for a higher ESS, {CONTINUE_TRAINING}"
+    assert v["next_step"] == f"{USE_SAMPLES}; or, for a higher ESS, {continue_training('max_minutes')}"
     lost = verdict(_report(lam=0.52, ess=0.2, flow_samples={"residue_1": 0}, reference={"value": 0.03}))
     assert lost["next_step"] == MCMC_ONLY  # a lost basin outweighs a good ESS, at the target or not
 
@@ -184,3 +199,18 @@ def test_the_torch_recheck_redraws_samples_only_when_needed():
     calls.clear()
     record = energy_record(Torch(), toy, draw)
     assert calls == [1] and record["recheck"]["n_checked"] == 64 and record["recheck"]["passed"]
+
+
+def test_the_markdown_explains_the_energy_recheck_and_a_reference_outside_the_generator():
+    md = render_markdown({"system": "x", "temperature": 300.0,
+                          "energy": {"backend": "torch", "selection": "torch (compiled, probed safe): faster here",
+                                     "recheck": {"n_checked": 64, "max_abs_difference_kT": 62.0,
+                                                 "max_relative_difference": 5e-15, "passed": True}},
+                          "reference": {"n_reference": 20, "forward_ess": 0.0, "eubo": None,
+                                        "reference_outside_flow_support": 20, "ramachandran_tv": 1.0,
+                                        "ramachandran_kl": 20.0}})
+    assert ("- report energies: torch (compiled, probed safe): faster here; 64 samples re-checked against OpenMM: "
+            "largest difference 6.20e+01 kT, 5.0e-15 of the energy (agrees: within 1e-6 relative)") in md
+    assert ("- EUBO: inf (20 of the 20 reference frames lie where the generator has no density: it never proposes "
+            "them)") in md
+    assert "- Ramachandran TV: 1.0000 (total variation of the φ/ψ histograms: 0 identical, 1 no overlap)" in md
