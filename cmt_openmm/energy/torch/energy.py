@@ -141,6 +141,7 @@ class TorchEnergy(Energy):
         self._chunk_size = int(chunk_size) if chunk_size else None
         self.n_threads = int(n_threads) if n_threads else (torch.get_num_threads() if self.device.type == "cpu" else 1)
         self._build()
+        self.fallback: Any = None  # an OpenMMEnergy once switch_to_openmm() was called
         self.verification: dict[str, Any] | None = None
         if verify:
             self.verification = verify_against_openmm(self)
@@ -296,6 +297,8 @@ class TorchEnergy(Energy):
         self, x: torch.Tensor, gradient: bool, terms: list[ForceTerm] | None = None, count: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Reduced energies u (B,) and du/dx (B, n, 3) (or None), with failures handled."""
+        if self.fallback is not None:
+            return self._evaluate_fallback(x, gradient, count)
         x = self._positions(x)
         n = x.shape[0]
         if n == 0:
@@ -314,6 +317,31 @@ class TorchEnergy(Energy):
         if count:
             self._count(n, int(failed.sum()))
         return u, grad
+
+    def switch_to_openmm(self, reason: str, platform: str = "Reference") -> None:
+        """From now on evaluate with OpenMM (an :class:`~cmt_openmm.energy.OpenMMEnergy` on
+        ``platform``, one worker) instead of torch: ``backend`` becomes "openmm" and
+        ``selection`` says ``reason``. Used by :func:`~.recheck.recheck` when torch disagrees
+        with OpenMM on a run's own samples; results keep this energy's dtype and device."""
+        from ..openmm.energy import OpenMMEnergy
+
+        self.close()
+        self.fallback = OpenMMEnergy(self.target, platform=platform, n_workers=1)
+        self.backend, self.compile = "openmm", False
+        self.selection = f"openmm: {reason}"
+
+    def _evaluate_fallback(
+        self, x: Any, gradient: bool, count: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        x = self._positions(x).to("cpu", torch.float64)
+        if gradient:
+            u, grad = self.fallback._energies_and_gradient(x)
+        else:
+            u, grad = self.fallback._energies(x), None
+        if count:
+            self._count(int(u.shape[0]), int((~torch.isfinite(u)).sum()))
+        u = u.to(self.device, self.dtype)
+        return u, (grad.to(self.device, self.dtype) if gradient else None)
 
     def _evaluate_compiled(
         self, x: torch.Tensor, gradient: bool
@@ -395,6 +423,12 @@ class TorchEnergy(Energy):
         return {term.label: self._chunk(x, False, [term])[0].to("cpu", torch.float64).numpy() for term in self.terms}
 
     # -- lifetime -----------------------------------------------------------------------------
+    def close(self) -> None:
+        """Drop the compiled functions and close OpenMM's Context if switched to it (which stays)."""
+        super().close()
+        if self.fallback is not None:
+            self.fallback.close()
+
     def __getstate__(self) -> dict:
         """Pickle/deepcopy the target and settings; the copy rebuilds its terms (and compiles its own)."""
         skip = {
