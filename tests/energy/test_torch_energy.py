@@ -409,7 +409,7 @@ def test_large_batches_run_in_chunks_and_agree_with_small_ones(aldp):
 def test_construction_verifies_and_records_the_result(aldp):
     energy = TorchEnergy(aldp, compile=False)
     record = energy.verification
-    assert record["passed"] and record["n_configurations"] == 33
+    assert record["passed"] and record["n_configurations"] == 45
     assert record["max_relative_energy_error"] < 1e-10 and record["max_relative_force_error"] < 1e-10
     assert set(record["per_force"]) == {t.label for t in energy.terms}
     json.dumps(record)  # reports can store it
@@ -421,7 +421,7 @@ def test_verification_refuses_a_wrong_term_and_names_it(aldp):
     p = nonbonded.main
     nonbonded.main = dataclasses.replace(p, qq=p.qq * 1.01)  # charge products off by 1 %
     with pytest.raises(
-        VerificationError, match=r"NonbondedForce #2 has a relative energy error of .* on 33 verification structures\.$"
+        VerificationError, match=r"NonbondedForce #2 has a relative energy error of .* on 45 verification structures\.$"
     ):
         verify_against_openmm(energy)
     assert energy.verification["passed"] is False and energy.verification["worst_force"] == "NonbondedForce #2"

@@ -74,10 +74,10 @@ def test_the_verification_is_evaluated_in_the_planned_chunks(target, monkeypatch
 
     monkeypatch.setattr(torch_energy_module, "_evaluate_terms", spy)
     energy = TorchEnergy(target, compile=False)  # verified against OpenMM at construction
-    assert energy.verification["passed"] and energy.verification["n_configurations"] == 33
+    assert energy.verification["passed"] and energy.verification["n_configurations"] == 45
     assert dense_chunk(energy) == 2
-    # every chunk, term by term and in total, within the byte budget: never the 33 structures at once
-    assert len(batches) > 33 and all(n * energy._bytes_per_configuration(terms) <= budget for n, terms in batches)
+    # every chunk, term by term and in total, within the byte budget: never the 45 structures at once
+    assert len(batches) > 45 and all(n * energy._bytes_per_configuration(terms) <= budget for n, terms in batches)
     assert max(n for n, terms in batches if any(t.needs_dense for t in terms)) == 2
 
 

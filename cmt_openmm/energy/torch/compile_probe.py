@@ -249,7 +249,9 @@ def probe(spec: dict[str, Any]) -> dict[str, Any]:
     compiled = TorchEnergy(target, compile=True, **options)
     size = max(compiled.compiled_chunk_sizes.values())
     n_high = 8
-    x = verification_structures(np.asarray(target.positions, float), 2 * size + size // 2 - n_high, n_high)
+    n_scaled = 4  # the compressed and stretched structures (no cutoff distances passed)
+    n_perturbed = max(0, 2 * size + size // 2 - n_high - n_scaled)
+    x = verification_structures(np.asarray(target.positions, float), n_perturbed, n_high, n_wide=0)
     x = np.concatenate([x, np.full((1, *x.shape[1:]), np.nan)])  # a failure, found inside the chunk
     kT = float(target.kT)
 

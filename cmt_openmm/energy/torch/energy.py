@@ -32,7 +32,15 @@ from . import memory
 from .forces import compile_system
 from .geometry import PairGeometry
 from .term import ForceTerm, exception_summary
-from .verification import verify_against_openmm
+from .verification import (
+    ENERGY_TOLERANCE,
+    FLOAT32_ENERGY_TOLERANCE,
+    FLOAT32_FORCE_TOLERANCE,
+    FORCE_TOLERANCE,
+    _relative_errors,
+    verification_structures,
+    verify_against_openmm,
+)
 
 if TYPE_CHECKING:
     from ...target import Target
@@ -72,8 +80,9 @@ class TorchEnergy(Energy):
             (tests, checks) stay eager; ``True`` on the first call; ``False`` (default) never.
             Off by default: an exception in compilation is caught (a warning, then eager), but
             a crash in compiled code cannot be (inductor has read a strided view out of bounds:
-            see :func:`~cmt_openmm.flows.splines.spline_forward`), and construction-time
-            verification checks the compiled path only with ``compile=True``.
+            see :func:`~cmt_openmm.flows.splines.spline_forward`). Each compiled function is
+            checked against the verified eager path when first built (``compiled_check``); one
+            that disagrees warns and the energy stays eager.
             :func:`~cmt_openmm.energy.select.make_energy` (``compile="auto"``) therefore turns it
             on only after :mod:`.compile_probe` has compiled and checked the same chunks in a
             subprocess.
@@ -142,6 +151,7 @@ class TorchEnergy(Energy):
         self.n_threads = int(n_threads) if n_threads else (torch.get_num_threads() if self.device.type == "cpu" else 1)
         self._build()
         self.fallback: Any = None  # an OpenMMEnergy once switch_to_openmm() was called
+        self.compiled_check: dict[str, Any] = {}  # compiled vs eager, by "gradient" / "energy"
         self.verification: dict[str, Any] | None = None
         if verify:
             self.verification = verify_against_openmm(self)
@@ -279,11 +289,46 @@ class TorchEnergy(Energy):
                     f"TorchEnergy stays eager: torch.compile failed ({exception_summary(error)}).", stacklevel=4
                 )
                 compiled, self.compile = None, False
+            mismatch = None if compiled is None else self._check_compiled(compiled, gradient)
+            if mismatch is not None:  # verified when first used: a wrong compiled path is never used
+                warnings.warn(f"TorchEnergy stays eager: its compiled path {mismatch}.", stacklevel=4)
+                compiled, self.compile = None, False
             if gradient:
                 self._compiled = compiled
             else:
                 self._compiled_energy = compiled
         return compiled
+
+    def _check_compiled(self, compiled: Callable, gradient: bool) -> str | None:
+        """Compare a freshly compiled chunk function with the eager path (itself verified against
+        OpenMM at construction) on the first of :func:`~.verification.verification_structures`
+        that fill one compiled chunk; the disagreement in words, or None. Recorded in
+        ``compiled_check``."""
+        size = self.compiled_chunk_sizes[gradient]
+        x = self._positions(verification_structures(np.asarray(self.target.positions, float))[:size])
+        X = x.permute(2, 1, 0)
+        if X.shape[2] < size:
+            X = torch.cat([X, self._reference_batch_last.expand(-1, -1, size - X.shape[2])], dim=2)
+        u, g, _ = compiled(X.contiguous())
+        e_ref, g_ref = self._chunk(x, gradient)
+        to64 = lambda t: t.detach().to("cpu", torch.float64).numpy()  # noqa: E731
+        m, kT = len(x), self._kT
+        f = -to64(g[..., :m].permute(2, 1, 0)) * kT if gradient else np.zeros(x.shape)
+        f_ref = -to64(g_ref) if gradient else np.zeros(x.shape)
+        e_err, f_err = _relative_errors(to64(u[:m]) * kT, f, to64(e_ref), f_ref, kT)
+        float32 = self.dtype == torch.float32
+        e_tol = FLOAT32_ENERGY_TOLERANCE if float32 else ENERGY_TOLERANCE
+        f_tol = FLOAT32_FORCE_TOLERANCE if float32 else FORCE_TOLERANCE
+        self.compiled_check["gradient" if gradient else "energy"] = {
+            "n_configurations": m, "max_relative_energy_error": float(e_err.max()),
+            "max_relative_force_error": float(f_err.max()),
+        }
+        if e_err.max() <= e_tol and f_err.max() <= f_tol:
+            return None
+        return (
+            f"disagrees with the verified eager one on {m} verification structures (relative energy error "
+            f"{e_err.max():.1e}, force {f_err.max():.1e}; tolerances {e_tol:.0e}, {f_tol:.0e})"
+        )
 
     def _use_compiled(self, n: int, gradient: bool) -> bool:
         if self.compile is False or n == 0:
