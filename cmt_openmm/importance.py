@@ -49,8 +49,10 @@ def normalized_weights(log_w: Any) -> np.ndarray:
     top = lw.max()
     if not np.isfinite(top):
         return np.zeros_like(lw)
-    w = np.exp(lw - top)
-    return w / w.sum()
+    w = np.subtract(lw, top)  # in place from here: one array of N floats (the values of exp(lw - top) / sum)
+    np.exp(w, out=w)
+    w /= w.sum()
+    return w
 
 
 def reverse_ess(log_w: Any, clip_fraction: float = 0.0) -> float:
@@ -66,17 +68,18 @@ def reverse_ess(log_w: Any, clip_fraction: float = 0.0) -> float:
     lw = _log_weights(log_w).copy()
     n = lw.size
     k = min(int(math.floor(clip_fraction * n)), n - 1)
-    if k > 0:
-        order = np.argsort(lw)
-        threshold = lw[order[n - 1 - k]]
-        lw[order[n - k:]] = threshold
+    if k > 0:  # the k largest set to the (k+1)-th largest: every value above it becomes it
+        np.minimum(lw, np.partition(lw, n - 1 - k)[n - 1 - k], out=lw)
     if np.isposinf(lw).any():
         return float(np.isposinf(lw).sum() / n)
     top = lw.max()
     if not np.isfinite(top):
         return 0.0
-    w = np.exp(lw - top)
-    return float(w.sum() ** 2 / (n * np.sum(w * w)))
+    lw -= top  # in place from here: N floats in all (24 bytes a sample before), the same values
+    np.exp(lw, out=lw)
+    total = lw.sum()
+    lw *= lw
+    return float(total ** 2 / (n * lw.sum()))
 
 
 def forward_ess(log_w_ref: Any) -> float:

@@ -31,8 +31,8 @@ import numpy as np
 
 from ..coordinates.backbone import is_peptide, ramachandran_angles
 from ..errors import CMTInputError
-from ..importance import CLIP_FRACTION, eubo, forward_ess
-from ..sampling.estimators import (ALDP_BASINS, MIN_EFFECTIVE_SAMPLES, PHI_POSITIVE, Estimate, as_weights,
+from ..importance import CLIP_FRACTION, eubo, forward_ess, reverse_ess
+from ..sampling.estimators import (ALDP_BASINS, BLOCK_ROWS, MIN_EFFECTIVE_SAMPLES, PHI_POSITIVE, Estimate, as_weights,
                                    basin_free_energies, basin_indicators, basin_populations, effective_samples,
                                    statistical_inefficiency)
 from ..sampling.reweighting import ReweightedEnsemble
@@ -200,25 +200,34 @@ def _target_verdict(last: dict, stop_reason: str | None, run_dir: Any = None) ->
         f"{continue_training(stop_reason, run_dir)}.")}
 
 
-def sample_metrics(ensembles: Sequence[ReweightedEnsemble]) -> dict:
+def sample_metrics(ensembles: Sequence[ReweightedEnsemble] | ReweightedEnsemble, n_draws: int = 1) -> dict:
     """ESS (median of draws with spread, clipped and not), failures, and state populations.
 
-    ``n_effective`` is N · ESS of the pooled draws and ``reliable`` whether it reaches
-    :data:`MIN_EFFECTIVE_SAMPLES`; the populations (and a toy's mode weights) inherit both.
-    Peptides also get ``phi_positive_samples``: by residue, how many of the pooled samples lie in
-    the φ > 0 basin (:data:`PHI_POSITIVE`), whatever their weights.
+    ``ensembles``: the draws, or all of them pooled in one ensemble whose ``n_draws`` equal
+    consecutive parts are the draws (what the report keeps of a large draw: log-weights and angles,
+    `ReweightedEnsemble.weights_only`; no copy is made). ``n_effective`` is N · ESS of the pooled
+    draws and ``reliable`` whether it reaches :data:`MIN_EFFECTIVE_SAMPLES`; the populations (and a
+    toy's mode weights) inherit both. Peptides also get ``phi_positive_samples``: by residue, how many
+    of the pooled samples lie in the φ > 0 basin (:data:`PHI_POSITIVE`), whatever their weights.
     """
-    pooled = ReweightedEnsemble.concatenate(ensembles)
+    if isinstance(ensembles, ReweightedEnsemble):
+        pooled, size = ensembles, len(ensembles) // int(n_draws)
+        if size * int(n_draws) != len(pooled) or size < 1:
+            raise CMTInputError(f"{len(pooled)} pooled samples do not split into {n_draws} equal draws.")
+        draws = [pooled.log_weights[k * size : (k + 1) * size] for k in range(int(n_draws))]
+    else:
+        pooled = ensembles[0] if len(ensembles) == 1 else ReweightedEnsemble.concatenate(ensembles)
+        draws, size = [e.log_weights for e in ensembles], len(ensembles[0])
     target = pooled.target
     n_eff = pooled.n_effective
     out = {
-        "n_draws": len(ensembles),
-        "n_samples_per_draw": len(ensembles[0]),
-        "reverse_ess": spread(e.ess for e in ensembles),
-        "reverse_ess_clipped": spread(e.ess_clipped(CLIP_FRACTION) for e in ensembles),
+        "n_draws": len(draws),
+        "n_samples_per_draw": size,
+        "reverse_ess": spread(reverse_ess(lw) for lw in draws),
+        "reverse_ess_clipped": spread(reverse_ess(lw, CLIP_FRACTION) for lw in draws),
         "clip_fraction": CLIP_FRACTION,
         "reverse_ess_pooled": pooled.ess,
-        "failed_energies": int(np.sum(~np.isfinite(pooled.reduced_energy))),
+        "failed_energies": pooled.failed_energies,
         "chirality_flips": int(pooled.invalid.sum()),
         "n_effective": float(n_eff),
         "min_effective_samples": MIN_EFFECTIVE_SAMPLES,
@@ -226,15 +235,23 @@ def sample_metrics(ensembles: Sequence[ReweightedEnsemble]) -> dict:
     }
     if is_peptide(target):
         angles = pooled.ramachandran_angles()
-        inside = [basin_indicators(angles[:, i], PHI_POSITIVE)["phi>0"] for i in range(angles.shape[1])]
-        out["phi_positive_samples"] = {f"residue_{i + 1}": int(x.sum()) for i, x in enumerate(inside)}
-    if not pooled.weights.any():
+        out["phi_positive_samples"] = {f"residue_{i + 1}": phi_positive_count(angles[:, i])
+                                       for i in range(angles.shape[1])}
+    weights = pooled.weights
+    if not weights.any():
         return out
     if is_peptide(target):
-        out.update(peptide_populations(angles, pooled.weights, target.kT))
+        out.update(peptide_populations(angles, weights, target.kT))
     elif hasattr(target, "mode_weights"):
         out["modes"] = {**toy_modes(pooled), "n_effective": float(n_eff), "reliable": out["reliable"]}
     return out
+
+
+def phi_positive_count(angles: np.ndarray) -> int:
+    """How many of the (φ, ψ) angles (N, 2) lie in the φ > 0 basin (:data:`PHI_POSITIVE`), counted a
+    block of samples at a time."""
+    return sum(int(basin_indicators(angles[i : i + BLOCK_ROWS], PHI_POSITIVE)["phi>0"].sum())
+               for i in range(0, len(angles), BLOCK_ROWS))
 
 
 ERROR_METHODS = {

@@ -18,12 +18,13 @@ import numpy as np
 from ..coordinates.backbone import is_peptide, ramachandran_angles
 from ..files import atomic_write, to_json
 from ..sampling.estimators import MIN_EFFECTIVE_SAMPLES
+from ..sampling.drawing import draw_chunks, provenance
 from ..sampling.reweighting import ReweightedEnsemble, reweight, warn_if_low_ess
 from . import metrics, plots
 
 KEEP_POSITIONS_BYTES = 256 * 2**20
 """Positions of all the report's draws (N × n_atoms × 24 bytes) above which a peptide's draws keep
-none; the torch energies are then re-checked against OpenMM on a redraw of the first draw's
+none, only their log-weights and angles (:func:`draw_pooled`); the torch energies are then re-checked against OpenMM on a redraw of the first draw's
 first :data:`RECHECK_DRAW` samples (the same samples: same seed and batches)."""
 
 RECHECK_DRAW = 1000
@@ -55,9 +56,11 @@ def write_run_report(run_dir: str | os.PathLike, target, generator, history: Seq
     """
     run_dir = Path(run_dir)
     positions = not is_peptide(target) or n_draws * n_samples * target.n_atoms * 24 <= KEEP_POSITIONS_BYTES
-    ensembles = draw_ensembles(generator, target, n_samples, n_draws, sample_seed, progress, energy=energy,
-                               positions=positions)
-    pooled = ReweightedEnsemble.concatenate(ensembles)
+    if positions:
+        pooled = ReweightedEnsemble.concatenate(draw_ensembles(generator, target, n_samples, n_draws, sample_seed,
+                                                               progress, energy=energy))
+    else:
+        pooled = draw_pooled(generator, target, n_samples, n_draws, sample_seed, progress, energy=energy)
     warn_if_low_ess(pooled, f"the report's {n_draws} draws of {n_samples} samples", stacklevel=2)
     report = {
         "system": target.name,
@@ -66,7 +69,7 @@ def write_run_report(run_dir: str | os.PathLike, target, generator, history: Seq
         "seed": seed,
         "run_dir": str(run_dir.resolve()),
         "training": {**metrics.training_summary(history, stop_reason, run_dir.resolve()), **energy_restarts(history)},
-        "samples": metrics.sample_metrics(ensembles),
+        "samples": metrics.sample_metrics(pooled, n_draws),
     }
     checked = pooled if positions else (lambda: reweight(generator, target, min(n_samples, RECHECK_DRAW),
                                                          seed=sample_seed, progress=False, energy=energy,
@@ -176,6 +179,30 @@ def draw_ensembles(generator, target, n_samples: int, n_draws: int, seed: int,
         out.append(reweight(generator, target, n_samples, seed=seed + k, progress=False, energy=energy,
                             min_effective_samples=0, positions=positions))
     return out
+
+
+def draw_pooled(generator, target, n_samples: int, n_draws: int, seed: int, progress: bool = True,
+                energy=None, batch_size: int = 1000) -> ReweightedEnsemble:
+    """The draws of :func:`draw_ensembles` (the same samples and weights), pooled in one ensemble
+    that keeps only what the report's metrics and plots use: the log-weights, the invalid flags,
+    the count of failed energies and, for peptides, the Ramachandran angles
+    (`ReweightedEnsemble.weights_only`: 25 bytes a sample for alanine dipeptide). Draw k is the
+    k-th block of ``n_samples``."""
+    from tqdm.auto import tqdm
+
+    total = int(n_samples) * int(n_draws)
+    log_w, invalid, angles, failed = np.empty(total), np.empty(total, bool), None, 0
+    for k in tqdm(range(n_draws), desc="report draws", disable=not progress, unit="draw"):
+        for chunk in draw_chunks(generator, target, n_samples, batch_size=batch_size, seed=seed + k, energy=energy):
+            rows = slice(k * n_samples + chunk.start, k * n_samples + chunk.start + len(chunk.log_q))
+            part = ReweightedEnsemble(target, None, chunk.log_q, chunk.reduced_energy, chunk.invalid)
+            log_w[rows], invalid[rows], failed = part.log_weights, part.invalid, failed + part.failed_energies
+            if is_peptide(target):
+                a = ramachandran_angles(target.topology, chunk.positions)
+                angles = np.empty((total,) + a.shape[1:]) if angles is None else angles
+                angles[rows] = a
+    return ReweightedEnsemble.weights_only(target, log_w, invalid, failed, provenance(generator, seed, total),
+                                           angles=angles)
 
 
 def write_report(run_dir: str | os.PathLike, report: dict, name: str = "report") -> tuple[Path, Path]:

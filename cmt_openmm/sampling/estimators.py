@@ -69,12 +69,20 @@ def as_weights(weights: Any, n: int) -> np.ndarray:
     """Weights (n,) normalised to sum 1 (None: uniform), checked finite and non-negative."""
     if weights is None:
         return np.full(n, 1.0 / n)
+    w, total = _checked_weights(weights, n)
+    return w / total
+
+
+def _checked_weights(weights: Any, n: int) -> tuple[np.ndarray, float]:
+    """Weights (n,) as given (not copied) and their sum, checked finite, non-negative and not all
+    zero: ``w / total`` are the normalised weights, which a blockwise estimate divides a block at a time."""
     w = as_float64(weights).reshape(-1)
     if w.shape != (n,):
         raise CMTInputError(f"weights have shape {w.shape}, expected ({n},) (one per sample).")
-    if not np.all(np.isfinite(w)) or (w < 0).any() or w.sum() <= 0:
+    total = w.sum()
+    if not np.isfinite(total) or w.min() < 0 or total <= 0:
         raise CMTInputError("weights must be finite, non-negative and not all zero.")
-    return w / w.sum()
+    return w, total
 
 
 # Boxes in degrees: {name: ((phi_lo, phi_hi), (psi_lo, psi_hi))}, each interval [lo, hi) on the
@@ -146,8 +154,8 @@ def effective_samples(weights: Any = None, n: int | None = None) -> float:
         if n is None:
             raise CMTInputError("effective_samples needs weights or the number of samples n.")
         return float(n)
-    w = as_weights(weights, np.asarray(weights).reshape(-1).shape[0])
-    return float(1.0 / np.sum(w * w))
+    w = as_weights(weights, np.asarray(weights).reshape(-1).shape[0])  # a new array: squared in place
+    return float(1.0 / np.sum(np.square(w, out=w)))
 
 
 def statistical_inefficiency(series: Any) -> float:
@@ -237,11 +245,52 @@ def basin_populations(
     ``basins`` a {name: ((φ_lo, φ_hi), (ψ_lo, ψ_hi))} mapping in radians (default `ALDP_BASINS`),
     ``error`` "delta", "bootstrap" (independent samples) or "correlated" (MD frames in time order).
     """
-    indicators = basin_indicators(angles, ALDP_BASINS if basins is None else basins)
+    basins = ALDP_BASINS if basins is None else basins
+    if error == "delta":  # a block of samples at a time: bounded memory for any N
+        a = _pair_angles(angles)
+        w = _block_weights(weights, a.shape[0])
+        p = _block_sum(a, w, lambda m, wb: wb @ m, basins)
+        var = _block_sum(a, w, lambda m, wb: (wb * wb) @ (m - p) ** 2, basins)
+        return {k: Estimate(float(p[i]), float(np.sqrt(var[i]))) for i, k in enumerate(basins)}
+    indicators = basin_indicators(angles, basins)
     names = list(indicators)
     matrix = np.stack([indicators[k] for k in names], axis=1).astype(np.float64)
     est = weighted_mean(matrix, weights, error=error, n_bootstrap=n_bootstrap, seed=seed)
     return {k: Estimate(float(est.value[i]), float(est.error[i])) for i, k in enumerate(names)}
+
+
+BLOCK_ROWS = 1 << 16
+"""Samples per block where the delta-method basin estimates run through the samples in turn: a
+few tens of MB of temporaries whatever N (they used to take ~200 bytes a sample)."""
+
+
+def _pair_angles(angles: Any) -> np.ndarray:
+    """(N, 2) (φ, ψ) of one backbone pair, a view of (N, 2) or (N, 1, 2) float64 angles."""
+    a = as_float64(angles)
+    a = a[:, 0] if a.ndim == 3 and a.shape[1] == 1 else a
+    if a.ndim != 2 or a.shape[1] != 2:
+        raise CMTInputError(f"angles have shape {a.shape}, expected (B, 2) (φ, ψ of one backbone pair).")
+    return a
+
+
+def _block_weights(weights: Any, n: int) -> tuple[np.ndarray | None, float]:
+    """(weights as given, their sum) for `_block_sum` (None: uniform), checked as `as_weights` does."""
+    return (None, float(n)) if weights is None else _checked_weights(weights, n)
+
+
+def _block_sum(a: np.ndarray, w: tuple[np.ndarray | None, float], term, basins: Mapping[str, Any]) -> np.ndarray:
+    """Σ over blocks of ``term(indicators, weights)``: indicators (b, n_basins) float64 of a block of
+    angles ``a`` (N, 2) in ``basins``, weights (b,) the block's normalised weights (``w``: raw weights
+    and their sum, from `_block_weights`); samples of weight 0 contribute nothing (as if left out)."""
+    raw, norm = w
+    total = None
+    for start in range(0, len(a), BLOCK_ROWS):
+        rows = slice(start, start + BLOCK_ROWS)
+        ind = basin_indicators(a[rows], basins)
+        wb = np.full(len(a[rows]), 1.0 / norm) if raw is None else raw[rows] / norm
+        part = term(np.stack(list(ind.values()), axis=1).astype(np.float64), wb)
+        total = part if total is None else total + part
+    return total
 
 
 def basin_free_energies(
@@ -271,6 +320,9 @@ def basin_free_energies(
     """
     if error not in ("delta", "bootstrap", "correlated"):
         raise CMTInputError(f"error must be 'delta', 'bootstrap' or 'correlated', got {error!r}.")
+    if error == "delta":
+        return _delta_free_energies(_pair_angles(angles), weights, ALDP_BASINS if basins is None else basins, kT,
+                                    reference)
     indicators = basin_indicators(angles, ALDP_BASINS if basins is None else basins)
     if not indicators:
         raise CMTInputError("basins is empty: name at least one (φ, ψ) box.")
@@ -279,12 +331,7 @@ def basin_free_energies(
     n = matrix.shape[0]
     w = as_weights(weights, n)
     p = w @ matrix
-    r = int(np.argmax(p)) if reference is None else (names.index(reference) if reference in names else -1)
-    if r < 0:
-        raise CMTInputError(f"reference basin {reference!r} is not one of {sorted(names)}.")
-    if p[r] <= 0:
-        raise CMTInputError(f"reference basin {names[r]!r} is empty: choose a populated reference basin.")
-    full = [b for b in range(len(names)) if b != r and p[b] > 0]
+    r, full = _reference_basin(names, p, reference)
     err = np.zeros(len(names))
     if full and error in ("delta", "correlated"):
         phi = matrix[:, full] / p[full] - matrix[:, [r]] / p[r]  # influence of ln p_b − ln p_ref
@@ -299,6 +346,40 @@ def basin_free_energies(
                 reps[k] = np.log(pb[r]) - np.log(pb[full])
         finite = np.isfinite(reps).all(axis=0) & (n_bootstrap > 1)  # a basin emptied by a resampling: unbounded
         err[full] = np.where(finite, np.where(finite, reps, 0.0).std(axis=0, ddof=min(1, n_bootstrap - 1)), np.inf)
+    return _free_energies(names, p, r, err, kT)
+
+
+def _reference_basin(names: list[str], p: np.ndarray, reference: str | None) -> tuple[int, list[int]]:
+    """The reference basin's index (default: the most populated) and the other populated basins'."""
+    r = int(np.argmax(p)) if reference is None else (names.index(reference) if reference in names else -1)
+    if r < 0:
+        raise CMTInputError(f"reference basin {reference!r} is not one of {sorted(names)}.")
+    if p[r] <= 0:
+        raise CMTInputError(f"reference basin {names[r]!r} is empty: choose a populated reference basin.")
+    return r, [b for b in range(len(names)) if b != r and p[b] > 0]
+
+
+def _delta_free_energies(a: np.ndarray, weights: Any, basins: Mapping[str, Any], kT: float,
+                         reference: str | None) -> dict[str, Estimate]:
+    """`basin_free_energies` with delta-method errors, a block of samples at a time (three passes:
+    populations, the influence function's mean, its variance)."""
+    if not basins:
+        raise CMTInputError("basins is empty: name at least one (φ, ψ) box.")
+    names = list(basins)
+    w = _block_weights(weights, a.shape[0])
+    p = _block_sum(a, w, lambda m, wb: wb @ m, basins)
+    r, full = _reference_basin(names, p, reference)
+    err = np.zeros(len(names))
+    if full:
+        # influence of ln p_b − ln p_ref, and its weighted mean and variance
+        phi = lambda m: m[:, full] / p[full] - m[:, [r]] / p[r]  # noqa: E731
+        mean = _block_sum(a, w, lambda m, wb: wb @ phi(m), basins)[: len(full)]
+        var = _block_sum(a, w, lambda m, wb: (wb * wb) @ (phi(m) - mean) ** 2, basins)[: len(full)]
+        err[full] = np.sqrt(var)
+    return _free_energies(names, p, r, err, kT)
+
+
+def _free_energies(names: list[str], p: np.ndarray, r: int, err: np.ndarray, kT: float) -> dict[str, Estimate]:
     out = {}
     for b, name in enumerate(names):
         if b == r:
@@ -392,10 +473,17 @@ def binned_free_energy(index: np.ndarray, n_bins: int, volumes: np.ndarray, w: n
     elif error == "bootstrap":
         rng = np.random.default_rng(seed)
         n = len(w)
-        reps = np.empty((n_bootstrap, n_bins))
+        reps = np.zeros((n_bootstrap, n_bins))
         for r in range(n_bootstrap):
-            cw = np.bincount(rng.integers(0, n, n), minlength=n) * w
-            reps[r] = np.bincount(index, weights=cw, minlength=n_bins + 1)[:n_bins] / max(cw.sum(), 1e-300)
+            # a resampling's bins: the weights of the samples drawn, summed a block of draws at a time
+            # (draws in blocks are the same stream as all at once; no N-long count array)
+            total = 0.0
+            for start in range(0, n, BLOCK_ROWS):
+                drawn = rng.integers(0, n, min(BLOCK_ROWS, n - start))
+                wd = w[drawn]
+                reps[r] += np.bincount(index[drawn], weights=wd, minlength=n_bins + 1)[:n_bins]
+                total += wd.sum()
+            reps[r] /= max(total, 1e-300)
         constrained = (p > 0) & np.all(reps > 0, axis=0)
         with np.errstate(divide="ignore", invalid="ignore"):
             f_reps = -np.log(np.where(constrained, reps, 1.0) / volumes)

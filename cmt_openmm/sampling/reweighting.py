@@ -29,6 +29,7 @@ of :mod:`.estimators`, with the project's conventions for failed samples and uni
 
 from __future__ import annotations
 
+import builtins
 import json
 import math
 import os
@@ -141,13 +142,48 @@ class ReweightedEnsemble:
         self.log_weights = np.where(bad | ~np.isfinite(u) | ~np.isfinite(lq), -np.inf, lw)
 
     @classmethod
+    def weights_only(cls, target: Target, log_weights: Any, invalid: Any = None, failed_energies: int = 0,
+                     metadata: dict | None = None, angles: np.ndarray | None = None) -> ReweightedEnsemble:
+        """An ensemble of log-weights (N,) alone (and, for peptides, ``angles``): no positions, log q or
+        energies (``log_q`` and ``reduced_energy`` are None), 8 bytes a sample plus the angles' 16 per
+        backbone pair. What the report keeps of a large draw; ``failed_energies`` counts the samples
+        whose energy failed, which the energies would have told. Methods that need the energies
+        (`reweight_to`, `npz_arrays`) say so in one sentence."""
+        lw = as_float64(log_weights).reshape(-1)
+        bad = np.zeros(len(lw), bool) if invalid is None else np.asarray(invalid, bool).reshape(-1)
+        if bad.shape != lw.shape:
+            raise CMTInputError(f"invalid must have shape ({len(lw)},), one per log-weight.")
+        self = cls.__new__(cls)
+        self.target, self.positions, self.log_q, self.reduced_energy = target, None, None, None
+        self.invalid, self.log_weights, self.metadata, self._angles = bad, lw, dict(metadata or {}), angles
+        self._failed_energies = int(failed_energies)
+        return self
+
+    @property
+    def failed_energies(self) -> int:
+        """Samples whose energy failed (u not finite)."""
+        if self.reduced_energy is None:
+            return self._failed_energies
+        return int(np.sum(~np.isfinite(self.reduced_energy)))
+
+    def _energies_kept(self, what: str) -> np.ndarray:
+        """The reduced energies, or a one-sentence refusal naming ``what`` needed them."""
+        if self.reduced_energy is None:
+            raise CMTInputError(f"{what} needs the samples' energies and log q, which this ensemble does not keep (it "
+                                "holds log-weights only): draw it with reweight(), which keeps them.")
+        return self.reduced_energy
+
+    @classmethod
     def concatenate(cls, ensembles: Sequence[ReweightedEnsemble]) -> ReweightedEnsemble:
         """One ensemble holding every sample of ``ensembles`` (same target; metadata dropped;
-        positions and angles where every part has them)."""
+        positions and angles where every part has them; log-weights only where a part has no energies)."""
         target = ensembles[0].target
         cat = lambda name: np.concatenate([getattr(e, name) for e in ensembles])  # noqa: E731
         positions = None if any(e.positions is None for e in ensembles) else cat("positions")
         angles = None if any(e._angles is None for e in ensembles) else cat("_angles")
+        if any(e.reduced_energy is None for e in ensembles):
+            return cls.weights_only(target, cat("log_weights"), cat("invalid"),
+                                    sum(e.failed_energies for e in ensembles), angles=angles)
         return cls(target, positions, cat("log_q"), cat("reduced_energy"), cat("invalid"), angles=angles)
 
     def _positions(self, what: str) -> np.ndarray:
@@ -160,7 +196,7 @@ class ReweightedEnsemble:
 
     # -- weights ---------------------------------------------------------------------------
     def __len__(self) -> int:
-        return len(self.log_q)
+        return len(self.log_weights)
 
     @property
     def weights(self) -> np.ndarray:
@@ -263,9 +299,16 @@ class ReweightedEnsemble:
         return self._angles
 
     # -- free energies ---------------------------------------------------------------------
-    def _cv(self, cv: Callable | Any, dim: int, trajectory: bool) -> np.ndarray:
-        w = self._require_weight()
-        values = self._evaluate(cv, trajectory, None, w > 0)
+    def _cv(self, cv: Callable | Any, dim: int, trajectory: bool, w: np.ndarray) -> np.ndarray:
+        """CV values (N,) or (N, 2): a callable's are computed for the samples of positive weight
+        ``w`` (0 elsewhere); given values are used as they are, without a copy (a sample of weight 0
+        adds nothing to any bin, whichever bin its value falls in)."""
+        if callable(cv):
+            values = self._evaluate(cv, trajectory, None, w > 0)
+        else:
+            values = as_float64(cv)
+            if values.shape[:1] != (len(self),):
+                raise CMTInputError(f"observable values have shape {values.shape}, expected ({len(self)}, ...).")
         values = values.reshape(len(self), -1) if dim == 2 else values.reshape(len(self))
         if dim == 2 and values.shape[1] != 2:
             raise CMTInputError(f"a 2-D free-energy surface needs two CV values per sample, got {values.shape[1]}.")
@@ -289,14 +332,19 @@ class ReweightedEnsemble:
         standard error of -ln p_bin; empty bins have F = +inf, and bins left empty by some
         bootstrap resampling (a few samples) an infinite error: unconstrained, not precise.
         """
-        s = self._cv(cv, 1, trajectory)
-        keep = self.weights > 0
-        edges = np.histogram_bin_edges(s[keep], bins=bins, range=range)
+        w = self._require_weight()
+        s = self._cv(cv, 1, trajectory, w)
+        edges = np.histogram_bin_edges(_edge_data(s, w, bins, range), bins=bins, range=range)
         n_bins = len(edges) - 1
-        index = np.clip(np.searchsorted(edges, s, side="right") - 1, 0, None)
-        index[s == edges[-1]] = n_bins - 1
-        index[(s < edges[0]) | (s > edges[-1]) | ~np.isfinite(s)] = n_bins
-        p, f, err = binned_free_energy(index, n_bins, np.diff(edges), self._require_weight(), error, n_bootstrap, seed)
+        index = np.empty(len(s), np.int64)
+        for start in builtins.range(0, len(s), ROWS_PER_BLOCK):  # in blocks: a few MB of temporaries
+            b = s[start : start + ROWS_PER_BLOCK]
+            i = np.clip(np.searchsorted(edges, b, side="right") - 1, 0, None)
+            i[b == edges[-1]] = n_bins - 1
+            i[(b < edges[0]) | (b > edges[-1]) | ~np.isfinite(b)] = n_bins
+            index[start : start + ROWS_PER_BLOCK] = i
+        del s
+        p, f, err = binned_free_energy(index, n_bins, np.diff(edges), w, error, n_bootstrap, seed)
         return FreeEnergyProfile(edges, 0.5 * (edges[1:] + edges[:-1]), p, f, err, self.target.kT, error)
 
     def free_energy_surface(
@@ -314,17 +362,23 @@ class ReweightedEnsemble:
         ``cv2``: values (N, 2) or a callable returning (B, 2); ``bins``/``range`` as for
         `numpy.histogram2d`; errors as in `free_energy_profile`.
         """
-        s = self._cv(cv2, 2, trajectory)
-        keep = self.weights > 0
-        _, e1, e2 = np.histogram2d(s[keep, 0], s[keep, 1], bins=bins, range=range)
-        idx = []
-        for k, e in enumerate((e1, e2)):
-            i = np.clip(np.searchsorted(e, s[:, k], side="right") - 1, 0, len(e) - 2)
-            idx.append((i, (s[:, k] < e[0]) | (s[:, k] > e[-1]) | ~np.isfinite(s[:, k])))
+        w = self._require_weight()
+        s = self._cv(cv2, 2, trajectory, w)
+        data = _edge_data(s, w, bins, range)
+        _, e1, e2 = np.histogram2d(data[:, 0], data[:, 1], bins=bins, range=range)
         n1, n2 = len(e1) - 1, len(e2) - 1
-        index = np.where(idx[0][1] | idx[1][1], n1 * n2, idx[0][0] * n2 + idx[1][0])
+        index = np.empty(len(s), np.int64)
+        for start in builtins.range(0, len(s), ROWS_PER_BLOCK):  # in blocks: a few MB of temporaries
+            b = s[start : start + ROWS_PER_BLOCK]
+            idx = []
+            for k, e in enumerate((e1, e2)):
+                i = np.clip(np.searchsorted(e, b[:, k], side="right") - 1, 0, len(e) - 2)
+                idx.append((i, (b[:, k] < e[0]) | (b[:, k] > e[-1]) | ~np.isfinite(b[:, k])))
+            index[start : start + ROWS_PER_BLOCK] = np.where(idx[0][1] | idx[1][1], n1 * n2,
+                                                             idx[0][0] * n2 + idx[1][0])
+        del s, data
         volumes = np.outer(np.diff(e1), np.diff(e2)).ravel()
-        p, f, err = binned_free_energy(index, n1 * n2, volumes, self._require_weight(), error, n_bootstrap, seed)
+        p, f, err = binned_free_energy(index, n1 * n2, volumes, w, error, n_bootstrap, seed)
         shape = (n1, n2)
         return FreeEnergySurface((e1, e2), p.reshape(shape), f.reshape(shape), err.reshape(shape), self.target.kT, error)
 
@@ -383,7 +437,7 @@ class ReweightedEnsemble:
             target = self.target.with_temperature(kelvin(new))
             same_system = True
         if same_system:
-            u = self.reduced_energy * (self.target.kT / target.kT)
+            u = self._energies_kept("reweight_to()") * (self.target.kT / target.kT)
         else:
             u = _energies(target, self._positions("reweighting to another System"), energy, batch_size, progress)
         out = ReweightedEnsemble(
@@ -436,6 +490,7 @@ class ReweightedEnsemble:
         """The ``cmt-openmm sample`` file's arrays but the positions, in its order: log_q,
         reduced_energy (raw, +inf where failed), log_weights (N,), invalid (N,) bool, temperature
         (K), and ``metadata`` (JSON: target name, fingerprints, summary, provenance)."""
+        self._energies_kept("npz_arrays()")
         meta = {
             **self.metadata,
             **self.summary(),
@@ -472,6 +527,14 @@ class ReweightedEnsemble:
             invalid = data["invalid"] if "invalid" in data else None
             positions = data["positions"] if positions is None else positions
             return cls(target, positions, data["log_q"], data["reduced_energy"], invalid, meta)
+
+
+def _edge_data(s: np.ndarray, w: np.ndarray, bins: Any, range: Any) -> np.ndarray:
+    """The CV values (of the samples of positive weight) that bin edges are computed from: none
+    when ``range`` and the number of bins (or the edges) fix them, so that no copy is made."""
+    if range is not None and not isinstance(bins, str):
+        return s[:0]
+    return s[w > 0]
 
 
 def _energies(target: Target, positions: np.ndarray, energy: Callable | None, batch_size: int, progress: bool):

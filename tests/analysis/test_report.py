@@ -149,9 +149,10 @@ def test_a_report_over_the_memory_bound_keeps_angles_only_and_gives_the_same_num
     from cmt_openmm.systems import get_target
 
     target = get_target("aldp-vacuum")
-    drawn = []
-    real = report_module.reweight
+    drawn, pooled = [], []
+    real, real_pooled = report_module.reweight, report_module.draw_pooled
     monkeypatch.setattr(report_module, "reweight", lambda *a, **k: drawn.append(real(*a, **k)) or drawn[-1])
+    monkeypatch.setattr(report_module, "draw_pooled", lambda *a, **k: pooled.append(real_pooled(*a, **k)) or pooled[-1])
     results = []
     with make_energy(target, "openmm") as openmm, warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -165,12 +166,15 @@ def test_a_report_over_the_memory_bound_keeps_angles_only_and_gives_the_same_num
             results.append(report_module.write_run_report(
                 tmp_path / str(bound), target, _NoisyStart(target), [], None, method="cmt", seed=0, n_samples=300,
                 n_draws=2, sample_seed=5, progress=False, energy=Torch()))
-    # kept: two draws; streamed: two draws without positions, then the first 300 redrawn for the re-check
-    assert [d.positions is None for d in drawn] == [False, False, True, True, False]
+    # kept: two draws; streamed: the two draws pooled as log-weights and angles only (25 bytes a
+    # sample), then the first 300 redrawn for the re-check
+    assert [d.positions is None for d in drawn] == [False, False, False] and len(pooled) == 1
+    lean = pooled[0]
+    assert lean.positions is None and lean.log_q is None and lean.reduced_energy is None and len(lean) == 600
     for k in (0, 1):
-        np.testing.assert_array_equal(drawn[k + 2].ramachandran_angles(), drawn[k].ramachandran_angles())
-        np.testing.assert_array_equal(drawn[k + 2].log_weights, drawn[k].log_weights)
-    np.testing.assert_array_equal(drawn[4].positions, drawn[0].positions)
+        np.testing.assert_array_equal(lean.ramachandran_angles()[300 * k : 300 * (k + 1)], drawn[k].ramachandran_angles())
+        np.testing.assert_array_equal(lean.log_weights[300 * k : 300 * (k + 1)], drawn[k].log_weights)
+    np.testing.assert_array_equal(drawn[2].positions, drawn[0].positions)
     kept, streamed = ({k: v for k, v in r.items() if k not in ("run_dir", "energy")} for r in results)
     assert streamed == kept and kept["samples"]["phi_positive_samples"]["residue_1"] >= 0
     assert results[0]["energy"]["recheck"]["passed"] and results[1]["energy"]["recheck"]["passed"]
