@@ -12,6 +12,15 @@ with interaction-group pairs taken lower index first again,
 test_interaction_groups_take_particle_1_from_set1 failed for both cutoffs (torch 639.9 kJ/mol
 against OpenMM's 567.4); with :func:`~cmt_openmm.energy.torch.lepton.pair_symmetric` always true,
 test_asymmetric_pair_energies_without_an_order_are_refused failed ("DID NOT RAISE").
+
+The slow fuzz's findings (seeds 1-10), negative controls run once by hand: without
+lepton_optimize (expressions evaluated as written), test_expressions_are_simplified_as_lepton_does
+failed (inf against OpenMM's -0.41 kJ/mol); with literal min/max folded as the compiled code
+compares (not std::min/max), it failed with OpenMMWouldHangError; with the NaN check of the
+optimizer off, test_a_nan_constant_is_refused_as_openmm_would_hang failed ("DID NOT RAISE");
+with forces by autograd again, test_forces_are_openmm_derivatives_not_autograd failed (inf
+against 5.13 kJ/mol); with table indices only clamped, test_tables_and_signed_zeros_as_openmm_
+evaluates_them failed (IndexError on a NaN index), and with -(x) as -x (591.6 kJ/mol off).
 """
 
 from __future__ import annotations

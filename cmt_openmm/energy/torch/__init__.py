@@ -8,7 +8,9 @@
   shared :mod:`.term` base and :mod:`.geometry` of a chunk; :mod:`.lepton` compiles OpenMM's
   custom expressions as OpenMM evaluates them (parsed by :mod:`.lepton_parse`, simplified by
   :mod:`.lepton_optimize`, differentiated by :mod:`.lepton_derivative`, Lepton's rules each);
-- :mod:`.verification`: the comparison with OpenMM's Reference platform at construction.
+- :mod:`.verification`: the comparison with OpenMM's Reference platform at construction, on
+  structures spread as training sees them; :mod:`.recheck`: a few of a run's own samples
+  against OpenMM, switching the energy to OpenMM on a mismatch.
 - :mod:`.compile_probe`: whether compiled chunks are safe on this machine, checked once in a
   subprocess (a crash in compiled code cannot be caught in-process) and cached.
 

@@ -12,7 +12,7 @@ atom gradients (3, n, b), scattered through an :class:`Incidence`, or as pair we
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
