@@ -16,7 +16,11 @@ and, at the end, ``generator.safetensors`` (with ``ema_decay`` set, the average 
 weights, :mod:`.averaging`). A killed run loses at most the step in progress; ``resume=True``
 reloads generator weights, optimizer state, the torch RNG state, the method's state, the step
 counter, the history and the energy counters, and continues to the same result as an
-uninterrupted run with the same seed. Checkpoints hold only tensors
+uninterrupted run with the same seed. The history is ``metrics.jsonl``'s (each step's record is
+appended before its checkpoint is written); the checkpoint keeps only the last
+``RECENT_RECORDS`` records, already serialised, for a tail of ``metrics.jsonl`` that a system crash
+loses, because serialising the whole history at every step costs a long run more than its fit
+(hundreds of ms a step after 8,000 steps). Checkpoints hold only tensors
 and plain Python values and are read with ``torch.load(weights_only=True)``: loading one
 cannot run code.
 
@@ -45,6 +49,7 @@ have different states).
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import json
@@ -78,6 +83,7 @@ METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.yaml"
 TARGET_DIR = "target"  # Target.save: system.xml, structure.pdb, target.json
 _FORMAT = "cmt_openmm.checkpoint/1"
+RECENT_RECORDS = 256  # records kept in the checkpoint: minutes of steps, more than a crash loses of metrics.jsonl
 
 @dataclass
 class TrainResult:
@@ -256,7 +262,7 @@ def _train(target, config: TrainConfig, run_dir: Path | None, checkpoint: dict |
         trainer.layout = Layout(world, config.shards, config.seed, rng)
         average = WeightAverage(generator, trainer.optimizer, config.ema_decay) if config.ema_decay else None
         state = {"step": 0, "evaluations": 0, "n_failed": 0, "n_restarts": 0, "wall_time": 0.0,
-                 "seconds_per_step": None, "history": []}
+                 "seconds_per_step": None, "history": [], "recent": collections.deque(maxlen=RECENT_RECORDS)}
         if checkpoint is not None:
             _restore(checkpoint, generator, trainer, average, rng, state)
             if run_dir is not None and world.main:
@@ -403,12 +409,14 @@ def _run(trainer: Trainer, average: WeightAverage | None, config: TrainConfig, r
             }
             rollbacks = 0
             record = {k: _json_value(v) for k, v in record.items()}
+            line = json.dumps(record)
             state["history"].append(record)
+            state["recent"].append(line)
             if run_dir is not None:
                 start = time.perf_counter()
+                with open(run_dir / METRICS_FILE, "a") as fh:  # first: the checkpoint's step always has its record
+                    fh.write(line + "\n")
                 _save_checkpoint(run_dir, trainer, average, config, state)
-                with open(run_dir / METRICS_FILE, "a") as fh:
-                    fh.write(json.dumps(record) + "\n")
                 # writing counts towards max_minutes (tens of ms a step: minutes over an hour's run)
                 state["wall_time"] += time.perf_counter() - start
             if not trainer.done:  # the limit ahead can move (a schedule's steps differ in cost)
@@ -453,6 +461,7 @@ def _prepare_run_dir(run_dir: Path | None, config: TrainConfig, resume: bool,
         if not path.exists():
             raise CMTInputError(f"no checkpoint {path} to resume from; start the run without resume.")
         checkpoint = _load_checkpoint(path)
+        checkpoint["records"] = _resumed_history(run_dir, checkpoint)
         stored = json.loads(checkpoint["config"])
         config = _resolve_shards(config, stored.get("shards", 1))
         conflicts = resume_conflicts(stored, config.to_dict())
@@ -496,7 +505,7 @@ def _save_checkpoint(run_dir: Path, trainer: Trainer, average: WeightAverage | N
         "n_restarts": state["n_restarts"],
         "wall_time": state["wall_time"],
         "seconds_per_step": -1.0 if state["seconds_per_step"] is None else state["seconds_per_step"],
-        "history": json.dumps(state["history"]),
+        "recent_history": "\n".join(state["recent"]),
     }
     with atomic_writer(run_dir / CHECKPOINT_FILE) as handle:
         torch.save(payload, handle)
@@ -543,8 +552,35 @@ def _restore(checkpoint: dict, generator, trainer: Trainer, average: WeightAvera
         n_restarts=int(checkpoint.get("n_restarts", 0)),
         wall_time=float(checkpoint["wall_time"]),
         seconds_per_step=None if checkpoint.get("seconds_per_step", -1.0) < 0 else float(checkpoint["seconds_per_step"]),
-        history=json.loads(checkpoint["history"]),
+        history=checkpoint["records"],
     )
+    state["recent"].extend(json.dumps(record) for record in state["history"][-RECENT_RECORDS:])
+
+
+def _resumed_history(run_dir: Path, checkpoint: dict) -> list[dict]:
+    """The records of steps 1 … step of the checkpoint: metrics.jsonl's, completed from the
+    checkpoint's recent records where a crash cut the file short (a torn last line is ignored).
+    Checkpoints that hold the whole history (``history``) give it."""
+    step = int(checkpoint["step"])
+    if "history" in checkpoint:
+        return json.loads(checkpoint["history"])
+    found: dict[int, dict] = {}
+    path = run_dir / METRICS_FILE
+    lines = path.read_text().splitlines() if path.exists() else []
+    for line in [*lines, *checkpoint.get("recent_history", "").splitlines()]:
+        try:
+            record = json.loads(line)
+        except ValueError:  # a line cut short by a crash
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and 1 <= record["step"] <= step:
+            found.setdefault(record["step"], record)
+    missing = [k for k in range(1, step + 1) if k not in found]
+    if missing:
+        raise CMTInputError(
+            f"{path} lacks the records of {len(missing)} of the {step} steps in the checkpoint (from step {missing[0]}), "
+            f"more than the checkpoint keeps; restore the file from a backup, or start the run afresh in another "
+            f"directory.")
+    return [found[k] for k in range(1, step + 1)]
 
 
 def _write_metrics(run_dir: Path, history: list[dict]) -> None:

@@ -426,3 +426,48 @@ def test_train_dtype_auto_picks_bfloat16_where_the_cpu_has_it(monkeypatch, flags
     assert flow.conditioner_dtype("cpu") is expected
     assert TrainConfig.from_dict({"flow": {"train_dtype": "float32"}}).flow.conditioner_dtype("cpu") is None
     assert TrainConfig.from_dict({"flow": {"train_dtype": "bfloat16"}}).flow.conditioner_dtype("cpu") is torch.bfloat16
+
+
+def test_checkpoints_keep_recent_records_and_resume_after_metrics_lose_their_tail(double_well, tmp_path, monkeypatch):
+    """The checkpoint holds the last RECENT_RECORDS records, not the whole history (serialising it
+    every step grew with the run); a metrics.jsonl cut short by a crash, with a torn last line, is
+    completed from them, and the resumed run is the uninterrupted one."""
+    from cmt_openmm.training import loop
+
+    monkeypatch.setattr(loop, "RECENT_RECORDS", 3)
+    config = {**_tiny_cmt(), "max_steps": 4}
+    straight = train(double_well, {**config, "max_steps": 6}, tmp_path / "straight", progress=False)
+    run = tmp_path / "run"
+    train(double_well, config, run, progress=False)
+    checkpoint = torch.load(run / CHECKPOINT, weights_only=True)
+    assert "history" not in checkpoint
+    assert [json.loads(line)["step"] for line in checkpoint["recent_history"].splitlines()] == [2, 3, 4]
+    lines = (run / METRICS).read_text().splitlines()
+    (run / METRICS).write_text("\n".join(lines[:2]) + "\n" + lines[2][:25])  # steps 3, 4 lost, step 3 torn
+    resumed = train(double_well, {**config, "max_steps": 6}, run, resume=True, progress=False)
+    assert_same_history(resumed.history, straight.history)
+    assert_same_history(load_history(run), straight.history)  # the file is whole again
+
+
+def test_resume_refuses_a_history_lost_beyond_the_checkpoints_records(double_well, tmp_path, monkeypatch):
+    from cmt_openmm.training import loop
+
+    monkeypatch.setattr(loop, "RECENT_RECORDS", 1)
+    run = tmp_path / "run"
+    train(double_well, {**_tiny_cmt(), "max_steps": 3}, run, progress=False)
+    (run / METRICS).write_text((run / METRICS).read_text().splitlines()[0] + "\n")  # steps 2 and 3 lost
+    with pytest.raises(CMTInputError, match=r"lacks the records of 1 of the 3 steps in the checkpoint \(from step 2\)"):
+        train(double_well, {**_tiny_cmt(), "max_steps": 4}, run, resume=True, progress=False)
+
+
+def test_checkpoints_holding_the_whole_history_still_resume(double_well, tmp_path):
+    run = tmp_path / "run"
+    config = {**_tiny_cmt(), "max_steps": 2}
+    first = train(double_well, config, run, progress=False)
+    checkpoint = torch.load(run / CHECKPOINT, weights_only=True)
+    del checkpoint["recent_history"]
+    checkpoint["history"] = json.dumps(first.history)  # as checkpoints were written before
+    torch.save(checkpoint, run / CHECKPOINT)
+    (run / METRICS).unlink()
+    resumed = train(double_well, {**config, "max_steps": 3}, run, resume=True, progress=False)
+    assert resumed.history[:2] == first.history and len(resumed.history) == 3
