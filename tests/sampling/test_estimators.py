@@ -126,3 +126,108 @@ def test_sparse_free_energy_bins_are_unconstrained():
     _, _, boot = binned_free_energy(index, n_bins, volumes, w, "bootstrap", 200, 0)
     _, _, delta = binned_free_energy(index, n_bins, volumes, w, "delta", 0, 0)
     np.testing.assert_allclose(boot, delta, rtol=0.2)
+
+
+# -- bounded memory (issue 25): blockwise estimates equal the whole-array ones ----------------------
+
+
+def _angles_and_weights(n, seed=0):
+    rng = np.random.default_rng(seed)
+    a = np.stack([rng.vonmises(-1.4, 1.0, n), rng.vonmises(1.0, 0.8, n)], axis=1)[:, None, :]
+    w = np.exp(rng.normal(0, 1.5, n))
+    w[rng.random(n) < 0.05] = 0.0
+    return a, w
+
+
+def test_blockwise_delta_basin_estimates_equal_the_whole_matrix_formulas(monkeypatch):
+    """The delta-method populations and free energies run a block of samples at a time (issue 25:
+    no N x n_basins float matrices); with blocks of 97 samples they equal the previous
+    implementation's whole-matrix formulas (weighted_mean on the indicator matrix) to rounding."""
+    from cmt_openmm.sampling import estimators as est
+
+    monkeypatch.setattr(est, "BLOCK_ROWS", 97)
+    a, w = _angles_and_weights(5000)
+    ind = est.basin_indicators(a, est.ALDP_BASINS)
+    names = list(ind)
+    matrix = np.stack([ind[k] for k in names], axis=1).astype(np.float64)
+    whole = est.weighted_mean(matrix, w, error="delta")
+    pops = est.basin_populations(a, w, error="delta")
+    np.testing.assert_allclose([pops[k].value for k in names], whole.value, rtol=1e-12, atol=0)
+    np.testing.assert_allclose([pops[k].error for k in names], whole.error, rtol=1e-12, atol=0)
+    wn = w / w.sum()
+    p = wn @ matrix
+    r = int(np.argmax(p))
+    full = [b for b in range(len(names)) if b != r and p[b] > 0]
+    phi = matrix[:, full] / p[full] - matrix[:, [r]] / p[r]
+    err = est.weighted_mean(phi, wn, error="delta").error
+    dF = est.basin_free_energies(a, w, kT=2.0, error="delta")
+    for j, b in enumerate(full):
+        assert dF[names[b]].value == pytest.approx(-2.0 * np.log(p[b] / p[r]), rel=1e-12)
+        assert dF[names[b]].error == pytest.approx(2.0 * err[j], rel=1e-12)
+    assert dF[names[r]] == (0.0, 0.0)
+
+
+def test_in_place_reverse_ess_and_weights_equal_the_previous_formulas_exactly():
+    """reverse_ess and normalized_weights work in place (one N-float array, issue 25) and give the
+    previous formulas' values bit for bit, ties and clipping included."""
+    import math
+
+    from cmt_openmm.importance import normalized_weights, reverse_ess
+
+    def previous_ess(lw, clip):
+        lw = np.array(lw, dtype=float)
+        n = lw.size
+        k = min(int(math.floor(clip * n)), n - 1)
+        if k > 0:
+            order = np.argsort(lw)
+            lw[order[n - k:]] = lw[order[n - 1 - k]]
+        top = lw.max()
+        w = np.exp(lw - top)
+        return float(w.sum() ** 2 / (n * np.sum(w * w)))
+
+    rng = np.random.default_rng(1)
+    for trial in range(40):
+        n = int(rng.integers(2, 20000))
+        lw = rng.normal(0, rng.uniform(0.1, 6), n)
+        lw[rng.random(n) < 0.02] = -np.inf
+        lw = np.round(lw, 1) if trial % 2 else lw  # ties at the clipping threshold
+        for clip in (0.0, 1e-4, 1e-2, 0.3):
+            assert reverse_ess(lw, clip) == previous_ess(lw, clip)
+        np.testing.assert_array_equal(normalized_weights(lw), np.exp(lw - lw.max()) / np.exp(lw - lw.max()).sum())
+
+
+def test_free_energy_surface_and_profile_in_blocks_equal_the_previous_implementation(monkeypatch):
+    """Bins in blocks and the bootstrap drawn a block of draws at a time (no N-long copies, issue
+    25): probabilities and F are the previous implementation's exactly, bootstrap errors to rounding."""
+    from cmt_openmm.sampling import estimators as est
+    from cmt_openmm.sampling import reweighting as rw
+    from cmt_openmm.systems import get_target
+
+    monkeypatch.setattr(est, "BLOCK_ROWS", 101)
+    monkeypatch.setattr(rw, "ROWS_PER_BLOCK", 89)
+    a, _ = _angles_and_weights(3000, seed=2)
+    rng = np.random.default_rng(3)
+    target = get_target("toy-double-well")
+    ens = rw.ReweightedEnsemble.weights_only(target, rng.normal(0, 1.5, 3000))
+    w = ens.weights
+    s = a[:, 0]
+    edges = np.linspace(-np.pi, np.pi, 31)
+    # the previous implementation: one index array over all samples, an N-long count array per resampling
+    i = [np.clip(np.searchsorted(edges, s[:, k], side="right") - 1, 0, 29) for k in (0, 1)]
+    index = i[0] * 30 + i[1]
+    gen = np.random.default_rng(7)
+    reps = np.empty((20, 900))
+    for r in range(20):
+        cw = np.bincount(gen.integers(0, 3000, 3000), minlength=3000) * w
+        reps[r] = np.bincount(index, weights=cw, minlength=901)[:900] / cw.sum()
+    p = np.bincount(index, weights=w, minlength=901)[:900]
+    constrained = (p > 0) & np.all(reps > 0, axis=0)
+    vol = np.outer(np.diff(edges), np.diff(edges)).ravel()
+    err = np.where(constrained, (-np.log(np.where(constrained, reps, 1.0) / vol)).std(axis=0, ddof=1), np.inf)
+    fes = ens.free_energy_surface(s, bins=30, range=[(-np.pi, np.pi)] * 2, n_bootstrap=20, seed=7)
+    np.testing.assert_array_equal(fes.probabilities.ravel(), p)
+    np.testing.assert_array_equal(np.isinf(fes.error.ravel()), np.isinf(err))
+    np.testing.assert_allclose(fes.error.ravel()[constrained], err[constrained], rtol=1e-9)
+    assert constrained.sum() > 100
+    prof = ens.free_energy_profile(s[:, 0], bins=30, range=(-np.pi, np.pi), error="delta")
+    np.testing.assert_array_equal(prof.probabilities, np.bincount(i[0], weights=w, minlength=30))
