@@ -343,11 +343,27 @@ def _one_sentence(exc: BaseException) -> str:
     return text if text.endswith((".", "?", "!")) else text + "."
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as the command's own one-line notes on stderr, without Python's file, line and source."""
+    print(f"cmt-openmm: warning: {_one_sentence(message)}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``cmt-openmm`` console script; returns the exit code."""
+    import warnings
+
     parser = build_parser()
     args = parser.parse_args(argv)
     args.stdout = sys.stdout  # results go here; library chatter (banners) is sent to stderr
+    shown, warnings.showwarning = warnings.showwarning, _one_line_warning
+    try:
+        return _run_command(args)
+    finally:
+        warnings.showwarning = shown
+
+
+def _run_command(args: argparse.Namespace) -> int:
+    """Run the parsed command; a bad input ends in one sentence and exit code 2."""
     try:
         if hasattr(args, "threads"):
             if args.threads is not None and args.threads < 1:

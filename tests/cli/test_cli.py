@@ -347,3 +347,23 @@ def test_sigterm_during_sample_leaves_no_output_file(toy_run, tmp_path):
         f"[cmt-openmm] SIGTERM stopped sampling before its files were complete; nothing was written under {out}, "
         f"{tmp_path / 's.dcd'} (previous files there are intact), so run the command again.")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.npz"] and out.read_bytes() == b"previous"
+
+
+def test_warnings_reach_the_user_as_one_line_notes(capsys, monkeypatch):
+    """A library warning during a command is one line of its own, not Python's file, line and source."""
+    import importlib
+    import warnings
+
+    cli = importlib.import_module("cmt_openmm.cli.main")
+
+    def warns(args):
+        warnings.warn("only 3 effective samples; draw more", UserWarning)
+        return 0
+
+    monkeypatch.setattr(cli, "cmd_presets", warns)  # the parser is built inside main, from the module's names
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        assert cli.main(["presets"]) == 0
+    err = capsys.readouterr().err
+    assert "cmt-openmm: warning: only 3 effective samples; draw more." in err
+    assert "UserWarning" not in err and "warnings.warn" not in err
