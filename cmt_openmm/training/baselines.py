@@ -37,10 +37,12 @@ def reverse_kl_steps(t: Trainer, n_steps: int, batch_size: int, scale: float = 1
     several processes each draws its shards of every batch and the gradients are summed.
     """
     layout = t.layout
-    losses, log_w, log_qs = [], [], []
+    losses, log_w, log_qs, checked = [], [], [], {}
     for _ in range(n_steps):
         x, log_q = layout.draw(t.generator.rsample, batch_size)
         u = t.energy(x)
+        if not losses:  # the first batch of the window stands for the step
+            checked = t.recheck_energy(x)
         terms = log_q + regularize_energy(u * scale, t.config.energy.threshold)
         loss = terms.sum() / batch_size if layout.sharded else terms.mean()
         t.optimizer.zero_grad(set_to_none=True)
@@ -53,6 +55,7 @@ def reverse_kl_steps(t: Trainer, n_steps: int, batch_size: int, scale: float = 1
     log_w = layout.gather(torch.cat(log_w), batch_size, n_steps)
     log_qs = layout.gather(torch.cat(log_qs), batch_size, n_steps)
     return {
+        **checked,
         "entropy": -float(log_qs.mean()),
         **t.target_stats(log_w, torch.zeros_like(log_w)),
         "loss": float(np.mean(losses)),
@@ -223,6 +226,7 @@ class TemperatureAnnealingTrainer(Trainer):
                              layout)
         return {
             **record,
+            **self.recheck_energy(x),
             "ess_step": float(1.0 / (log_w.size * np.sum(np.exp(2 * log_w)))),
             "entropy": -float(log_q.double().mean()),
             **self.target_stats(-u, log_q),

@@ -132,7 +132,8 @@ class CMTTrainer(Trainer):
         return auto_lr_decay(start, self.plan) if c.lr_decay_after_target == AUTO else c.lr_decay_after_target
 
     def step(self) -> dict:
-        return self.anneal(*self.draw_buffer())
+        x, log_q, log_p = self.draw_buffer()
+        return {**self.anneal(x, log_q, log_p), **self.recheck_energy(x)}
 
     def draw_buffer(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """N flow samples x (N, n_atoms, 3) nm with log q_i(x) and log p̃(x) = −u(x) (N,), one evaluation

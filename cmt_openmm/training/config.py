@@ -130,6 +130,10 @@ class EnergyConfig:
     against eager torch and OpenMM, once per System and machine, and its verdict is cached
     (:mod:`cmt_openmm.energy.torch.compile_probe`); true compiles without that probe; false
     never compiles nor probes (as does ``CMT_OPENMM_COMPILE=0`` in the environment).
+    recheck_every: every so many steps, a few of the step's own flow samples are evaluated by
+    OpenMM too and the torch energy switches itself to OpenMM if they disagree
+    (:func:`~cmt_openmm.energy.torch.recheck.recheck`; fields ``recheck_*`` in the step's record;
+    0: never).
     """
 
     backend: str = field(default="auto", metadata=_check(lambda v: v in ("auto", "torch", "openmm"),
@@ -138,6 +142,7 @@ class EnergyConfig:
     n_workers: int = field(default=1, metadata=POSITIVE)
     compile: typing.Union[bool, str] = field(default=AUTO, metadata={"auto": True})
     threshold: float = field(default=1e3, metadata=POSITIVE)
+    recheck_every: int = field(default=200, metadata=NON_NEGATIVE)
 
 
 @dataclass

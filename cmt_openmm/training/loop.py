@@ -83,6 +83,7 @@ METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.yaml"
 TARGET_DIR = "target"  # Target.save: system.xml, structure.pdb, target.json
 _FORMAT = "cmt_openmm.checkpoint/1"
+RECHECK_SAMPLES = 4  # flow samples of a step evaluated by OpenMM too, every energy.recheck_every steps
 RECENT_RECORDS = 256  # records kept in the checkpoint: minutes of steps, more than a crash loses of metrics.jsonl
 
 @dataclass
@@ -145,6 +146,18 @@ class Trainer(ABC):
     def parameters(self) -> list[torch.Tensor]:
         """The optimised parameters (whose gradients the ranks sum)."""
         return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    def recheck_energy(self, x: torch.Tensor) -> dict:
+        """Every ``energy.recheck_every`` steps, the re-check of the torch energy against OpenMM on a
+        few of this step's flow samples x (B, n_atoms, 3) nm: its record fields ({} otherwise, and
+        for energies that are not torch)."""
+        every = self.config.energy.recheck_every
+        if not every or self.steps_done % every:
+            return {}
+        from ..energy.torch.recheck import recheck
+
+        fields = recheck(self.energy, x.detach(), n=RECHECK_SAMPLES, seed=self.steps_done)
+        return fields if fields.get("recheck_n") else {}
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:

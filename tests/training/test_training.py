@@ -471,3 +471,28 @@ def test_checkpoints_holding_the_whole_history_still_resume(double_well, tmp_pat
     (run / METRICS).unlink()
     resumed = train(double_well, {**config, "max_steps": 3}, run, resume=True, progress=False)
     assert resumed.history[:2] == first.history and len(resumed.history) == 3
+
+
+def test_training_rechecks_the_torch_energy_and_switches_to_openmm_on_a_fault(tmp_path, monkeypatch):
+    """Every energy.recheck_every steps a few of the step's samples go to OpenMM too; a torch energy
+    off by 5 kJ/mol (a fault the verification at the reference did not see) is caught at the first
+    re-check, and the rest of the run uses OpenMM's energies, which the records say."""
+    from cmt_openmm.energy.torch.energy import TorchEnergy
+
+    aldp = get_target("aldp-vacuum")
+    energy = TorchEnergy(aldp, verify=False, compile=False)
+    term = energy.terms[0]
+    original = type(term).__call__
+    monkeypatch.setattr(type(term), "__call__", lambda self, geometry, gradient=False: original(
+        self, geometry, gradient) + 5.0)
+    config = {"method": "cmt", "seed": 0, "max_steps": 3, "budget": 100_000, "flow": TINY_FLOW,
+              "energy": {"recheck_every": 2},
+              "cmt": {"n_samples": 200, "batch_size": 100, "fit_steps": 1}}
+    with pytest.warns(UserWarning, match="come from OpenMM"):
+        result = train(aldp, config, tmp_path / "run", progress=False, energy=energy)
+    first, second, third = result.history
+    assert first["recheck_switched_to_openmm"] and first["recheck_passed"] is False  # step 1 (steps_done 0)
+    assert first["recheck_max_abs_energy_error_kT"] == pytest.approx(5.0 / aldp.kT)
+    assert "recheck_n" not in second  # not due at step 2
+    assert [r["energy_backend"] for r in result.history] == ["openmm"] * 3  # the record is written after the check
+    assert "recheck_n" not in third  # due again, but OpenMM's energies need no re-check
