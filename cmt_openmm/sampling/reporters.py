@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 from ..errors import CMTInputError
 from .moves import FlowIndependenceMove
+
+
+SILENT_PROPOSALS = 500  # proposals all rejected before the reporter warns
 
 
 class FlowMoveReporter:
@@ -17,7 +21,8 @@ class FlowMoveReporter:
 
     ``simulation.step(n)`` then attempts ``move.n_steps`` flow proposals after every
     ``report_interval`` MD steps. Each row: step, proposals and acceptances in the interval,
-    the cumulative acceptance rate. With ``apply_moves=False`` it only logs a move that the
+    the cumulative acceptance rate; once ``SILENT_PROPOSALS`` proposals have all been rejected, a
+    warning says so (the moves then cost time and change nothing). With ``apply_moves=False`` it only logs a move that the
     script applies itself (``move.apply_to_simulation(simulation)``). ``temperature`` as in
     :meth:`FlowIndependenceMove.apply_to_simulation`.
 
@@ -61,6 +66,7 @@ class FlowMoveReporter:
         self._own_file = isinstance(file, (str, os.PathLike))
         self._out = open(file, "w") if self._own_file else file
         self._last = (move.n_proposed, move.n_accepted)
+        self._warned = False
         print('#"Step","Flow proposals","Flow accepted","Acceptance rate (total)"',
               file=self._out, flush=True)
 
@@ -76,6 +82,12 @@ class FlowMoveReporter:
         print(f"{simulation.currentStep},{proposed - self._last[0]},{accepted - self._last[1]},"
               f"{rate:.4f}", file=self._out, flush=True)
         self._last = (proposed, accepted)
+        if accepted == 0 and proposed >= SILENT_PROPOSALS and not self._warned:
+            self._warned = True
+            warnings.warn(f"none of the {proposed:,} flow proposals so far was accepted: the generator does not "
+                          f"propose the states this simulation visits (a generator trained too briefly, or for "
+                          f"another system or temperature), so the moves cost time and change nothing; check it "
+                          f"with cmt-openmm evaluate and train it further.", stacklevel=2)
 
     def close(self) -> None:
         """Close the file when the reporter opened it."""

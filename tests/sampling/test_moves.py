@@ -515,3 +515,28 @@ def test_aldp_move_in_openmmtools_and_simulation(aldp, tmp_path):
     simulation.reporters.append(FlowMoveReporter(move, str(tmp_path / "flow.csv"), 5))
     simulation.step(20)
     assert move.n_proposed == 4 * 5
+
+
+def test_the_reporter_warns_once_when_every_flow_proposal_is_rejected():
+    """A generator that never proposes the simulation's states makes moves that change nothing: the
+    user hears it once, after SILENT_PROPOSALS proposals, and not while some are accepted."""
+    import io
+    import types
+    import warnings
+
+    from cmt_openmm.sampling.reporters import SILENT_PROPOSALS, FlowMoveReporter
+
+    def run(accepted_per_report):
+        move = types.SimpleNamespace(n_proposed=0, n_accepted=0)
+        reporter = FlowMoveReporter(move, io.StringIO(), 10, apply_moves=False)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for step in range(1, 2 * SILENT_PROPOSALS // 100 + 1):
+                move.n_proposed += 100
+                move.n_accepted += accepted_per_report
+                reporter.report(types.SimpleNamespace(currentStep=10 * step), None)
+        return [str(w.message) for w in caught]
+
+    rejected = run(0)
+    assert len(rejected) == 1 and rejected[0].startswith(f"none of the {SILENT_PROPOSALS:,} flow proposals")
+    assert run(1) == []
