@@ -7,13 +7,23 @@ chunk is drawn (:mod:`.drawing`, :mod:`.npz_stream`); only the per-sample number
 npz a block at a time. Every file is written under a temporary name beside its final one and
 moved there (``os.replace``) once complete (the npz, DCD and PDB together, when all three are), so
 a killed ``sample`` leaves no half-written file under a final name; an exception (SIGTERM or
-SIGINT turned into one by the command line) removes the temporary files too, SIGKILL leaves them
-(``.NAME.tmp-PID.npz`` beside the output; a new run does not resume them).
+SIGINT turned into one by the command line) removes the temporary files too. SIGKILL leaves them
+(``.NAME.tmp-PID.npz`` beside the output): the next ``sample`` writing to the same files removes
+those whose process is gone (:func:`remove_stale_temporaries`; never those of a live process, nor
+one whose file is still locked by its writer, e.g. on another host of a shared file system).
+
+It starts again rather than resuming: the per-sample log q, energies and flags are written only at
+the end (they are held in memory), the zip member of the positions has no size or CRC until it is
+closed, and the DCD is mdtraj's; keeping the killed run's chunks would mean re-reading the 5 GB of
+positions for their CRC and re-evaluating their energies, which is most of the cost of drawing them.
 """
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import glob
 import os
+import re
 from pathlib import Path
 from typing import Any, Callable
 
@@ -43,8 +53,9 @@ def write_samples(generator: Any, target: Target, n: int, out: str | os.PathLike
     samples, the files written; with ``resample``, how many frames are distinct).
     """
     out = Path(out)
+    removed = remove_stale_temporaries(out, dcd, pdb, weights)
     with contextlib.ExitStack() as files:  # each file moved to its final name as the block ends without error
-        temporary = lambda path: files.enter_context(atomic_writer(path))  # noqa: E731
+        temporary = lambda path: _locked(files.enter_context(atomic_writer(path)))  # noqa: E731
         npz = files.enter_context(NpzWriter(temporary(out)))
         every_frame = _DcdFrames(temporary(dcd).name) if dcd and resample is None else None
         if every_frame is not None:
@@ -65,6 +76,8 @@ def write_samples(generator: Any, target: Target, n: int, out: str | os.PathLike
         if temperature is not None:
             ensemble = ensemble.reweight_to(temperature)
         summary = {"out": str(out), **ensemble.summary(), "generator_hash": ensemble.metadata.get("generator_hash")}
+        if removed:
+            summary["removed_temporaries"] = [str(p) for p in removed]
         arrays = ensemble.npz_arrays()
         frames = None
         if resample is not None:
@@ -89,6 +102,62 @@ def write_samples(generator: Any, target: Target, n: int, out: str | os.PathLike
             _mdtraj(first, target).save_pdb(temporary(pdb).name)
             summary["pdb"] = str(pdb)
     return ensemble, summary
+
+
+def remove_stale_temporaries(*paths: str | os.PathLike | None) -> list[Path]:
+    """Remove the temporaries ``.NAME.tmp-PID.EXT`` of ``paths`` (those of
+    :func:`~cmt_openmm.files.atomic_writer`) that a killed writer left; returns those removed.
+
+    One is removed only when its process ``PID`` no longer runs on this host and no process holds
+    the lock its writer takes (:func:`_locked`; released when the writer dies), so a live
+    ``sample`` writing the same output, here or on another host sharing the file system, keeps its file.
+    """
+    removed = []
+    for path in paths:
+        if path is None:
+            continue
+        path = Path(path)
+        name = re.compile(rf"\.{re.escape(path.stem)}\.tmp-(\d+){re.escape(path.suffix)}")
+        for entry in path.parent.glob(f".{glob.escape(path.stem)}.tmp-*{glob.escape(path.suffix)}"):
+            match = name.fullmatch(entry.name)
+            if match and not _running(int(match.group(1))) and not _held(entry):
+                with contextlib.suppress(FileNotFoundError):
+                    entry.unlink()
+                    removed.append(entry)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host (ours, another user's, or a zombie)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _locked(handle):
+    """Take an exclusive ``flock`` on a temporary file's ``handle`` (held until it is closed, or its
+    process dies), so that no other ``sample`` takes the file for stale; returns ``handle``."""
+    with contextlib.suppress(OSError):  # a file system without locks: the PID check alone
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return handle
+
+
+def _held(path: Path) -> bool:
+    """Whether another process holds the lock of :func:`_locked` on ``path``."""
+    try:
+        with open(path, "rb") as handle:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    return False
 
 
 def _mdtraj(x: np.ndarray, target: Target):

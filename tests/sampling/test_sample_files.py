@@ -181,6 +181,57 @@ def test_sigkill_during_sample_leaves_no_file_under_its_final_name(tmp_path):
     names = {p.name for p in tmp_path.iterdir()}
     assert not {"s.npz", "s.dcd"} & names
     assert {f".s.tmp-{proc.pid}.npz", f".s.tmp-{proc.pid}.dcd"} <= names
+    # the next sample to the same files removes the killed one's temporaries and writes them whole
+    toy = double_well_3d(300.0)
+    with make_energy(toy, "auto") as energy:
+        _, summary = write_samples(NoisyStart(toy), toy, N, tmp_path / "s.npz", dcd=tmp_path / "s.dcd", seed=SEED,
+                                   batch_size=BATCH, energy=energy, progress=False)
+        clean = tmp_path / "clean"
+        clean.mkdir()
+        write_samples(NoisyStart(toy), toy, N, clean / "s.npz", seed=SEED, batch_size=BATCH, energy=energy,
+                      progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clean", "s.dcd", "s.npz"]
+    assert sorted(summary["removed_temporaries"]) == sorted(str(tmp_path / f".s.tmp-{proc.pid}.{e}") for e in ("dcd", "npz"))
+    with np.load(tmp_path / "s.npz") as again, np.load(clean / "s.npz") as reference:
+        for key in ("positions", "log_weights", "reduced_energy"):
+            np.testing.assert_array_equal(again[key], reference[key])
+    assert md.load_dcd(str(tmp_path / "s.dcd"), top=md.Topology.from_openmm(toy.topology)).n_frames == N
+
+
+def _dead_pid() -> int:
+    """The PID of a process that has ended (and been reaped)."""
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def test_sample_removes_a_dead_writers_temporaries_and_never_a_live_ones(toy, energy, tmp_path):
+    """Temporaries ``.s.tmp-PID.*`` of the same outputs whose process is gone are removed by the next
+    sample; those of a live process (here: a sleeping child), of other outputs, or of a dead PID
+    whose file a live writer still holds locked (another host sharing the file system) are kept."""
+    dead, stranger = _dead_pid(), tmp_path / ".other.tmp-1.npz"
+    live = subprocess.Popen(["sleep", "60"])
+    try:
+        stale = [tmp_path / f".s.tmp-{dead}.{e}" for e in ("npz", "dcd", "npy")]
+        kept = [tmp_path / f".s.tmp-{live.pid}.npz", tmp_path / f".s.tmp-{os.getppid()}.dcd", stranger,
+                tmp_path / f".s.tmp-{dead}x.npz"]
+        for path in stale + kept:
+            path.write_bytes(b"half written")
+        held = tmp_path / f".s.tmp-{_dead_pid()}.npz"
+        held.write_bytes(b"locked by a writer elsewhere")
+        with open(held, "rb") as lock:
+            sample_files._locked(lock)
+            _, summary = write_samples(NoisyStart(toy), toy, N, tmp_path / "s.npz", dcd=tmp_path / "s.dcd",
+                                       weights=tmp_path / "s.npy", seed=SEED, batch_size=BATCH, energy=energy,
+                                       progress=False)
+        assert sorted(summary["removed_temporaries"]) == sorted(str(p) for p in stale)
+        assert not any(p.exists() for p in stale)
+        assert all(p.read_bytes() == b"half written" for p in kept) and held.exists()
+        with np.load(tmp_path / "s.npz") as data:
+            assert data["positions"].shape[0] == N
+    finally:
+        live.kill()
+        live.wait()
 
 
 # -- npz members in blocks ---------------------------------------------------------------------
