@@ -2,8 +2,9 @@
 
 Issue 25: 1e7 alanine-dipeptide samples are 5.3 GB of float64 positions, which ``sample`` used to
 hold whole. Now positions are written as they are drawn and only ~33 bytes a sample stay in
-memory, so the peak resident memory at 1e7 samples should be within 1.5x of that at 1e5 (the
-process's own ~1.2 GB: torch, OpenMM, the energy). Each command runs in a fresh process on a
+memory (``sample``), and ``evaluate`` keeps the log-weights and angles of its draws (25 bytes a
+sample) with its estimates computed a block of samples at a time, so the peak resident memory at
+1e7 samples should be within 1.5x of that at 1e5 (the process's own ~1.2 GB: torch, OpenMM, the energy). Each command runs in a fresh process on a
 tiny trained ALDP run (2 CMT steps, trained here unless ``--run-dir`` names one); its peak RSS is
 the largest resident set of the command or any process it started (``ru_maxrss`` of a wrapper
 that runs only it), and the process tree's summed RSS is polled every 0.2 s as well.
