@@ -286,3 +286,24 @@ def test_default_energy_is_chosen_as_on_the_command_line(toy, monkeypatch):
     np.testing.assert_array_equal(chosen.positions, reference.positions)
     np.testing.assert_allclose(chosen.reduced_energy, reference.reduced_energy, rtol=1e-9, atol=1e-9)
     np.testing.assert_allclose(chosen.weights, reference.weights, rtol=1e-6, atol=1e-12)
+
+
+def test_a_weights_only_ensemble_gives_weights_and_refuses_what_needs_energies():
+    """What the report keeps of a large draw (issue 25): log-weights (and angles) only; its ESS and
+    weights are those of the full ensemble, and reweight_to / npz_arrays refuse in one sentence."""
+    from cmt_openmm.errors import CMTInputError
+    from cmt_openmm.sampling.reweighting import ReweightedEnsemble
+    from cmt_openmm.systems import get_target
+
+    toy = get_target("toy-double-well")
+    rng = np.random.default_rng(0)
+    full = ReweightedEnsemble(toy, None, rng.normal(size=500), np.append(rng.normal(size=499), np.inf),
+                              rng.random(500) < 0.1)
+    lean = ReweightedEnsemble.weights_only(toy, full.log_weights, full.invalid, full.failed_energies)
+    assert len(lean) == 500 and lean.failed_energies == full.failed_energies == 1 and lean.ess == full.ess
+    np.testing.assert_array_equal(lean.weights, full.weights)
+    pooled = ReweightedEnsemble.concatenate([lean, full])
+    assert pooled.reduced_energy is None and pooled.failed_energies == 2 and len(pooled) == 1000
+    for call in (lambda: lean.reweight_to(600.0), lean.npz_arrays):
+        with pytest.raises(CMTInputError, match="does not keep"):
+            call()
