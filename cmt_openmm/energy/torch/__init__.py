@@ -1,7 +1,8 @@
 """The torch backend: :class:`~.energy.TorchEnergy`, OpenMM Systems compiled to batched PyTorch.
 
 - :mod:`.energy`: :class:`~.energy.TorchEnergy`, chunks of configurations evaluated in threads
-  (CPU) or in order (GPU), optionally ``torch.compile``-d; :mod:`.memory`: the bytes a chunk
+  (CPU) or in order (GPU), optionally ``torch.compile``-d; :mod:`.chunks`: the chunk sizes,
+  the thread pool and the terms summed on one chunk; :mod:`.memory`: the bytes a chunk
   may hold and the refusal when one configuration would not fit;
 - :mod:`.forces`: maps each ``openmm.Force`` to its term; one module per force family
   (:mod:`.bonded`, :mod:`.nonbonded`, :mod:`.obc`, :mod:`.custom`, :mod:`.custom_gb`) on the

@@ -4,8 +4,8 @@
 :class:`~cmt_openmm.energy.base.Energy`: call on (B, n_atoms, 3) nm -> u (B,), gradient -F/kT,
 +inf for failures, ``n_evaluations``, ``n_failed``, ``energy_and_forces``, ``regularized``,
 ``close``, ``with``) but evaluates the System's forces as batched torch code (:mod:`.forces`):
-whole chunks of configurations at once, no worker processes, on any torch device. At
-construction it checks itself against OpenMM's Reference platform
+whole chunks of configurations at once (sized and run by :mod:`.chunks`), no worker processes,
+on any torch device. At construction it checks itself against OpenMM's Reference platform
 (:func:`~.verification.verify_against_openmm`) and refuses to exist when it disagrees, so a
 silently wrong energy never reaches training or importance weights. Each configuration is
 centred on its mean position (in float64) before the cast to the compute dtype (unless a term
@@ -15,12 +15,8 @@ reads absolute positions), so float32 accuracy does not depend on where the mole
 
 from __future__ import annotations
 
-import math
-import os
-import threading
 import warnings
-from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import openmm.unit as unit
@@ -29,8 +25,16 @@ import torch
 from ...errors import CMTInputError
 from ..base import Energy
 from . import memory
+from .chunks import (  # re-exported: tests import _compiled_chunk_size, _pool, _evaluate_terms from here
+    _DEVICE_ELEMENT_BUDGET,
+    _ELEMENT_BUDGET,
+    _compiled_chunk_size,
+    _evaluate_batch_last,
+    _evaluate_terms,
+    _pool,
+    _rounded,
+)
 from .forces import compile_system
-from .geometry import PairGeometry
 from .term import ForceTerm, exception_summary
 from .verification import (
     ENERGY_TOLERANCE,
@@ -47,18 +51,6 @@ if TYPE_CHECKING:
 
 __all__ = ["TorchEnergy"]
 
-# Elements per configuration x configurations per chunk. torch runs an elementwise operation on
-# one thread below 32768 elements (its grain size); chunks stay below it and threads take whole
-# chunks, which keeps every core busy without OpenMP's spinning threads (which slow small
-# operations down by orders of magnitude when other processes share the cores). Tensors of a
-# chunk stay near 256 KB: larger ones cost page faults on every allocation.
-_ELEMENT_BUDGET = 32768
-# GPUs run one chunk at a time and need many configurations per kernel to fill the device: chunks of
-# 2**24 elements per tensor (for aldp's 22 atoms ~34,600 configurations, 134 MB per float64 (n, n)
-# tensor); benchmarks/gpu_check.py measures the throughput it gives.
-_DEVICE_ELEMENT_BUDGET = 2**24
-_COMPILED_ELEMENT_BUDGET = 4 * 32768  # with gradients; twice that for energies only
-_FULL_BATCH = 1024  # the smallest batch whose compiled chunks should keep every thread busy
 COMPILE_MIN_BATCH = 2048  # compile="auto" compiles on the first call with at least this many configurations
 
 
@@ -489,88 +481,3 @@ class TorchEnergy(Energy):
     def __repr__(self) -> str:
         dtype = str(self.dtype).replace("torch.", "")
         return f"TorchEnergy({getattr(self.target, 'name', 'target')!r}, {self.device}, {dtype})"
-
-
-_POOLS: dict[int, ThreadPoolExecutor] = {}
-_POOLS_LOCK = threading.Lock()
-
-
-def _forget_pools() -> None:  # a forked child has none of its parent's threads: start its own
-    global _POOLS_LOCK
-    _POOLS.clear()
-    _POOLS_LOCK = threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_pools)
-
-
-def _pool(n_threads: int) -> ThreadPoolExecutor:
-    """A lasting pool of ``n_threads`` threads whose torch operations run on one core each.
-    Threads are kept: a fresh thread starts with a cold malloc arena, and its first chunks
-    page-fault their memory in. When the pool has one thread per CPU this process may use, each
-    thread is bound to its own CPU (:func:`_bind_to_cpu`)."""
-    n_threads = max(1, n_threads)
-    with _POOLS_LOCK:
-        if n_threads not in _POOLS:
-            cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-            cpus = iter(cpus if len(cpus) == n_threads > 1 else [None] * n_threads)
-            _POOLS[n_threads] = ThreadPoolExecutor(
-                n_threads, thread_name_prefix="TorchEnergy", initializer=_bind_to_cpu, initargs=(cpus, threading.Lock())
-            )
-        return _POOLS[n_threads]
-
-
-def _bind_to_cpu(cpus: Iterator[int | None], lock: threading.Lock) -> None:
-    """Pool thread initializer: one torch thread, and the next CPU of ``cpus`` (None: unbound).
-
-    Unbound, threads woken together after an idle spell are placed on the waking thread's CPU and
-    share it for milliseconds before the scheduler spreads them. A thread is bound only when every
-    CPU gets one, so no other CPU is left idle beside a busy one.
-    """
-    torch.set_num_threads(1)
-    with lock:
-        cpu = next(cpus)
-    if cpu is not None:
-        os.sched_setaffinity(0, {cpu})  # Linux: 0 is the calling thread
-
-
-def _compiled_chunk_size(n_squared: int, n_threads: int, gradient: bool) -> int:
-    """Configurations per compiled chunk (one shape, compiled once) for n_squared = n_atoms^2.
-
-    A power of two (at least 16: whole AVX-512 registers of float64), so batches of 1k, 4k, 16k
-    split into whole chunks with no padded configurations; the one nearest the element budget
-    (twice as large without gradients, whose kernels keep fewer intermediates), and at most
-    ``_FULL_BATCH / n_threads``, so a batch of 1,024 gives every thread a chunk. Fewer, larger
-    chunks save calls: each costs Python time under the GIL (guards, wrappers) for which the
-    pool threads queue; with gradients, chunks larger than the budget were slower once other
-    work had evicted the caches.
-    """
-    budget = _COMPILED_ELEMENT_BUDGET * (1 if gradient else 2)
-    fits = max(16.0, budget / max(1, n_squared))
-    widest = max(16, _FULL_BATCH // max(1, n_threads))
-    return max(16, min(2 ** round(math.log2(fits)), 2 ** int(math.log2(widest))))
-
-
-def _rounded(size: int) -> int:
-    """A chunk size: ``size`` rounded down to a multiple of 8 (at least 8)."""
-    return max(8, size // 8 * 8)
-
-
-def _evaluate_terms(
-    x: torch.Tensor, terms: list[ForceTerm], dense: bool, gradient: bool
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Sum of the terms' energies (b,) on positions x (b, n, 3) and, if asked, dE/dx (b, n, 3)."""
-    energy, grad = _evaluate_batch_last(x.permute(2, 1, 0).contiguous(), terms, dense, gradient)
-    return energy, (grad.permute(2, 1, 0) if gradient else None)
-
-
-def _evaluate_batch_last(
-    X: torch.Tensor, terms: list[ForceTerm], dense: bool, gradient: bool
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """:func:`_evaluate_terms` on positions X (3, n, b), batch last; dE/dX (3, n, b)."""
-    geometry = PairGeometry(X, dense)
-    energy = geometry.zeros()
-    for term in terms:
-        energy += term(geometry, gradient)
-    return energy, (geometry.gradient() if gradient else None)
