@@ -35,7 +35,7 @@ from ..runs.presets import get_preset, list_presets
 from ..runs.run import Run
 from ..runs.run_files import build_target, parse_run_config, read_yaml, resolve_system
 from ..training.distributed import World, join, launched, leave
-from ..training.loop import CHECKPOINT_FILE
+from ..training.checkpoints import CHECKPOINT_FILE
 
 EXIT_INPUT = 2
 SHARED_COMMANDS = ("train", "sample")  # the commands that run under torchrun, sharing their work

@@ -22,7 +22,7 @@ from ..files import atomic_write, to_json
 from ..training.config import AUTO, RESUMABLE, TrainConfig, resume_conflicts
 from ..training.distributed import World, elastic_restart, launched
 from ..training.faults import training_lock
-from ..training.loop import CHECKPOINT_FILE, CONFIG_FILE, TARGET_DIR, load_history
+from ..training.checkpoints import CHECKPOINT_FILE, CONFIG_FILE, TARGET_DIR, load_history
 from .presets import get_preset
 from .run_files import RUN_FILE, RunSpec, build_target, parse_run_config, read_yaml, run_from_api, saved_target_entry
 

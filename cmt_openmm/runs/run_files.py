@@ -149,7 +149,7 @@ def run_from_api(run_dir: Path) -> tuple[RunSpec, Any]:
     """A run trained through ``cmt_openmm.train(target, config, run_dir)``: no run file, but its
     ``config.yaml`` and the saved ``target/`` (:func:`saved_target_entry` names it)."""
     from ..target import Target
-    from ..training.loop import CONFIG_FILE, TARGET_DIR
+    from ..training.checkpoints import CONFIG_FILE, TARGET_DIR
 
     run_dir = Path(run_dir).resolve()
     if not (run_dir / CONFIG_FILE).is_file() or not (run_dir / TARGET_DIR / "target.json").is_file():

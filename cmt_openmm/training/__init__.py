@@ -14,7 +14,8 @@ True
 from . import baselines, cmt  # noqa: F401  (register the methods)
 from .config import TRAINERS, TrainConfig, register_method
 from .dual import DualSolution, solve_dual
-from .loop import TrainResult, Trainer, load_history, train
+from .checkpoints import load_history
+from .loop import TrainResult, Trainer, train
 
 __all__ = ["TRAINERS", "DualSolution", "TrainConfig", "TrainResult", "Trainer", "load_history", "register_method",
            "solve_dual", "train"]

@@ -8,21 +8,13 @@ annealing step for CMT and the temperature ladder, ``steps_per_record`` Adam ste
 gradient methods) and says how many energy evaluations its next step will use, so a step
 that would overrun the budget is never started.
 
-Run directory (``run_dir``): ``config.yaml`` (the :class:`TrainConfig`), ``target/`` (the
-Target: System XML, PDB, temperature; :meth:`~cmt_openmm.target.Target.save`), ``checkpoint.pt``
-(written atomically after every step: tmp file + ``os.replace``), ``metrics.jsonl`` (one record
-per step), ``train.lock`` (held while a process trains there: :func:`~.faults.training_lock`)
-and, at the end, ``generator.safetensors`` (with ``ema_decay`` set, the average of the flow's
-weights, :mod:`.averaging`). A killed run loses at most the step in progress; ``resume=True``
-reloads generator weights, optimizer state, the torch RNG state, the method's state, the step
-counter, the history and the energy counters, and continues to the same result as an
-uninterrupted run with the same seed. The history is ``metrics.jsonl``'s (each step's record is
-appended before its checkpoint is written); the checkpoint keeps only the last
-``RECENT_RECORDS`` records, already serialised, for a tail of ``metrics.jsonl`` that a system crash
-loses, because serialising the whole history at every step costs a long run more than its fit
-(hundreds of ms a step after 8,000 steps). Checkpoints hold only tensors
-and plain Python values and are read with ``torch.load(weights_only=True)``: loading one
-cannot run code.
+Run directory (``run_dir``, :mod:`.checkpoints`): ``config.yaml``, ``target/``, ``checkpoint.pt``
+(after every step), ``metrics.jsonl`` (one record per step), ``train.lock`` (held while a process
+trains there: :func:`~.faults.training_lock`) and, at the end, ``generator.safetensors`` (with
+``ema_decay`` set, the average of the flow's weights, :mod:`.averaging`). A killed run loses at
+most the step in progress; ``resume=True`` reloads generator weights, optimizer state, the torch
+RNG state, the method's state, the step counter, the history and the energy counters, and
+continues to the same result as an uninterrupted run with the same seed.
 
 Faults (:mod:`.faults`): SIGTERM and SIGINT abandon the step in progress and end the run at the
 last complete step (stop reason "interrupted"); a step whose loss, gradients or weights are not
@@ -49,9 +41,7 @@ have different states).
 """
 from __future__ import annotations
 
-import collections
 import contextlib
-import dataclasses
 import json
 import math
 import os
@@ -67,24 +57,18 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import CMTInputError
-from ..files import atomic_write, atomic_writer
 from ..flows.coupling import conditioner_matmuls
 from ..generator import GENERATOR_FILE, BoltzmannGenerator
 from ..importance import CLIP_FRACTION, reverse_ess
 from .averaging import WeightAverage
-from .config import AUTO, RESUMABLE, TRAINERS, TrainConfig, resolve_device, resolve_threads, resume_conflicts
-from .distributed import (Layout, World, broadcast_object, check_shards, elastic_restart, join, leave, on_main,
-                          peer_lost)
+from .config import AUTO, TRAINERS, TrainConfig, resolve_device, resolve_threads
+from .checkpoints import (METRICS_FILE, TARGET_DIR, prepare_run_dir,
+                          recent_records, restore, save_checkpoint, write_metrics)
+from .distributed import Layout, World, broadcast_object, join, leave, on_main, peer_lost
 from .faults import MAX_ROLLBACKS, Interrupted, StopSignals, diverged, non_finite, roll_back, snapshot, training_lock
 from .schedule import MEASURED_STEPS, REPLAN_EVERY, plan_steps
 
-CHECKPOINT_FILE = "checkpoint.pt"
-METRICS_FILE = "metrics.jsonl"
-CONFIG_FILE = "config.yaml"
-TARGET_DIR = "target"  # Target.save: system.xml, structure.pdb, target.json
-_FORMAT = "cmt_openmm.checkpoint/1"
 RECHECK_SAMPLES = 4  # flow samples of a step evaluated by OpenMM too, every energy.recheck_every steps
-RECENT_RECORDS = 256  # records kept in the checkpoint: minutes of steps, more than a crash loses of metrics.jsonl
 
 @dataclass
 class TrainResult:
@@ -232,7 +216,7 @@ def train(
             def prepare():  # rank 0: the lock, the run directory, the checkpoint to resume
                 if run_dir is not None:
                     held.enter_context(training_lock(run_dir))
-                checkpoint, resolved = _prepare_run_dir(run_dir, config, resume, world.size)
+                checkpoint, resolved = prepare_run_dir(run_dir, config, resume, world.size)
                 if run_dir is not None:  # the run directory describes itself: sample/evaluate need nothing else
                     target.save(run_dir / TARGET_DIR)
                 return checkpoint, resolved
@@ -275,11 +259,11 @@ def _train(target, config: TrainConfig, run_dir: Path | None, checkpoint: dict |
         trainer.layout = Layout(world, config.shards, config.seed, rng)
         average = WeightAverage(generator, trainer.optimizer, config.ema_decay) if config.ema_decay else None
         state = {"step": 0, "evaluations": 0, "n_failed": 0, "n_restarts": 0, "wall_time": 0.0,
-                 "seconds_per_step": None, "history": [], "recent": collections.deque(maxlen=RECENT_RECORDS)}
+                 "seconds_per_step": None, "history": [], "recent": recent_records()}
         if checkpoint is not None:
-            _restore(checkpoint, generator, trainer, average, rng, state)
+            restore(checkpoint, generator, trainer, average, rng, state)
             if run_dir is not None and world.main:
-                _write_metrics(run_dir, state["history"])
+                write_metrics(run_dir, state["history"])
         elif not trainer.done and config.budget != AUTO and trainer.step_cost() > config.budget:
             cost = trainer.step_cost()  # a fresh run that could not take a single step: refuse, don't report
             raise CMTInputError(
@@ -429,7 +413,7 @@ def _run(trainer: Trainer, average: WeightAverage | None, config: TrainConfig, r
                 start = time.perf_counter()
                 with open(run_dir / METRICS_FILE, "a") as fh:  # first: the checkpoint's step always has its record
                     fh.write(line + "\n")
-                _save_checkpoint(run_dir, trainer, average, config, state)
+                save_checkpoint(run_dir, trainer, average, config, state)
                 # writing counts towards max_minutes (tens of ms a step: minutes over an hour's run)
                 state["wall_time"] += time.perf_counter() - start
             if not trainer.done:  # the limit ahead can move (a schedule's steps differ in cost)
@@ -456,154 +440,3 @@ def _json_value(v):
     if isinstance(v, float) and not math.isfinite(v):
         return None
     return v
-
-
-# -- run directory and checkpoints -----------------------------------------------------------
-def _prepare_run_dir(run_dir: Path | None, config: TrainConfig, resume: bool,
-                     processes: int) -> tuple[dict | None, TrainConfig]:
-    """Create run_dir and write config.yaml; return the checkpoint to resume (None for a new run)
-    and the config with ``shards: auto`` resolved (the stored count on resume, else ``processes``).
-    A process that torchrun restarts resumes whenever the checkpoint exists."""
-    if run_dir is None:
-        if resume:
-            raise CMTInputError("resume=True needs the run_dir of the run to continue.")
-        return None, _resolve_shards(config, processes)
-    path = run_dir / CHECKPOINT_FILE
-    resume = resume or (elastic_restart() and path.exists())
-    if resume:
-        if not path.exists():
-            raise CMTInputError(f"no checkpoint {path} to resume from; start the run without resume.")
-        checkpoint = _load_checkpoint(path)
-        checkpoint["records"] = _resumed_history(run_dir, checkpoint)
-        stored = json.loads(checkpoint["config"])
-        config = _resolve_shards(config, stored.get("shards", 1))
-        conflicts = resume_conflicts(stored, config.to_dict())
-        if conflicts:
-            raise CMTInputError(
-                f"the config differs from the run being resumed in {', '.join(conflicts)}; "
-                f"only {' and '.join(RESUMABLE)} may change on resume."
-            )
-    else:
-        if path.exists():
-            raise CMTInputError(f"{run_dir} already holds a run; pass resume=True or choose a new run_dir.")
-        checkpoint = None
-        config = _resolve_shards(config, processes)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / METRICS_FILE).unlink(missing_ok=True)
-    check_shards(config.shards, processes)
-    atomic_write(run_dir / CONFIG_FILE, config.to_yaml())
-    return checkpoint, config
-
-
-def _resolve_shards(config: TrainConfig, shards: int) -> TrainConfig:
-    """``config`` with ``shards: auto`` replaced by ``shards``."""
-    return dataclasses.replace(config, shards=shards) if config.shards == AUTO else config
-
-
-def _save_checkpoint(run_dir: Path, trainer: Trainer, average: WeightAverage | None, config: TrainConfig,
-                     state: dict) -> None:
-    payload = {
-        "format": _FORMAT,
-        "config": json.dumps(config.to_dict()),
-        "generator": _to_cpu(trainer.generator.state_dict()),
-        "average": {} if average is None else _to_cpu(average.state_dict()),
-        "optimizer": _to_cpu(trainer.optimizer.state_dict()),
-        "rng": trainer.rng.get_state(),
-        "rng_device": trainer.rng.device.type,
-        "energy_backend": getattr(trainer.energy, "backend", "openmm"),
-        "trainer": trainer.state_dict(),
-        "step": state["step"],
-        "evaluations": state["evaluations"],
-        "n_failed": state["n_failed"],
-        "n_restarts": state["n_restarts"],
-        "wall_time": state["wall_time"],
-        "seconds_per_step": -1.0 if state["seconds_per_step"] is None else state["seconds_per_step"],
-        "recent_history": "\n".join(state["recent"]),
-    }
-    with atomic_writer(run_dir / CHECKPOINT_FILE) as handle:
-        torch.save(payload, handle)
-
-
-def _load_checkpoint(path: Path) -> dict:
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt file, or one holding objects we refuse to unpickle
-        raise CMTInputError(f"cannot read checkpoint {path} ({type(exc).__name__}): it is damaged or not a cmt_openmm "
-                            "checkpoint (checkpoints are replaced atomically, so it was changed from outside); "
-                            "start the run afresh in another directory, or restore the file from a backup.") from None
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != _FORMAT:
-        raise CMTInputError(f"{path} is not a cmt_openmm training checkpoint ({_FORMAT}).")
-    return checkpoint
-
-
-def _to_cpu(value):
-    """A copy of a (nested) state dict with every tensor on the CPU."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().cpu()
-    if isinstance(value, dict):
-        return {k: _to_cpu(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_to_cpu(v) for v in value)
-    return value
-
-
-def _restore(checkpoint: dict, generator, trainer: Trainer, average: WeightAverage | None, rng: torch.Generator,
-             state: dict) -> None:
-    generator.load_state_dict(checkpoint["generator"])
-    if average is not None:  # ema_decay cannot change on resume, so the checkpoint holds the average
-        average.load_state_dict(checkpoint["average"])
-    trainer.optimizer.load_state_dict(checkpoint["optimizer"])  # Adam moves its state to the parameters' device
-    trainer.load_state_dict(checkpoint["trainer"])
-    if checkpoint.get("rng_device", "cpu") == rng.device.type:
-        rng.set_state(checkpoint["rng"])
-    else:  # another device: its generator state does not fit; continue with a derived stream
-        rng.manual_seed(int(np.random.SeedSequence([trainer.config.seed, int(checkpoint["step"])]).generate_state(1)[0]))
-    state.update(
-        step=int(checkpoint["step"]),
-        evaluations=int(checkpoint["evaluations"]),
-        n_failed=int(checkpoint["n_failed"]),
-        n_restarts=int(checkpoint.get("n_restarts", 0)),
-        wall_time=float(checkpoint["wall_time"]),
-        seconds_per_step=None if checkpoint.get("seconds_per_step", -1.0) < 0 else float(checkpoint["seconds_per_step"]),
-        history=checkpoint["records"],
-    )
-    state["recent"].extend(json.dumps(record) for record in state["history"][-RECENT_RECORDS:])
-
-
-def _resumed_history(run_dir: Path, checkpoint: dict) -> list[dict]:
-    """The records of steps 1 … step of the checkpoint: metrics.jsonl's, completed from the
-    checkpoint's recent records where a crash cut the file short (a torn last line is ignored).
-    Checkpoints that hold the whole history (``history``) give it."""
-    step = int(checkpoint["step"])
-    if "history" in checkpoint:
-        return json.loads(checkpoint["history"])
-    found: dict[int, dict] = {}
-    path = run_dir / METRICS_FILE
-    lines = path.read_text().splitlines() if path.exists() else []
-    for line in [*lines, *checkpoint.get("recent_history", "").splitlines()]:
-        try:
-            record = json.loads(line)
-        except ValueError:  # a line cut short by a crash
-            continue
-        if isinstance(record, dict) and isinstance(record.get("step"), int) and 1 <= record["step"] <= step:
-            found.setdefault(record["step"], record)
-    missing = [k for k in range(1, step + 1) if k not in found]
-    if missing:
-        raise CMTInputError(
-            f"{path} lacks the records of {len(missing)} of the {step} steps in the checkpoint (from step {missing[0]}), "
-            f"more than the checkpoint keeps; restore the file from a backup, or start the run afresh in another "
-            f"directory.")
-    return [found[k] for k in range(1, step + 1)]
-
-
-def _write_metrics(run_dir: Path, history: list[dict]) -> None:
-    """Rewrite metrics.jsonl from the checkpoint's history (drops a record written after it)."""
-    atomic_write(run_dir / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in history))
-
-
-def load_history(run_dir: str | os.PathLike) -> list[dict]:
-    """The per-step records of a run directory's ``metrics.jsonl``."""
-    path = Path(run_dir) / METRICS_FILE
-    if not path.exists():
-        raise CMTInputError(f"{path} does not exist; is {run_dir} a training run directory?")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

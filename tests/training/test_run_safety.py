@@ -25,7 +25,7 @@ from cmt_openmm.systems import get_target
 from cmt_openmm.training import TRAINERS, load_history, train
 from cmt_openmm.training import faults, loop
 from cmt_openmm.training.faults import LOCK_FILE, MAX_ROLLBACKS
-from cmt_openmm.training.loop import CHECKPOINT_FILE
+from cmt_openmm.training.checkpoints import CHECKPOINT_FILE
 from helpers import ROOT, assert_same_history
 
 FLOW = {"n_layers": 2, "hidden": 8, "n_bins": 4}
@@ -91,14 +91,14 @@ def test_a_signal_ends_the_run_at_the_last_complete_step(toy, tmp_path, monkeypa
             _wrap_step(patch, "cmt", _signal_in_call(3))
             signum = signal.SIGTERM
         else:  # SIGINT while step 2's checkpoint is written: it is finished, then the run stops
-            save = loop._save_checkpoint
+            save = loop.save_checkpoint
 
             def save_then_signal(run_dir, trainer, average, config, state):
                 save(run_dir, trainer, average, config, state)
                 if state["step"] == 2:
                     os.kill(os.getpid(), signal.SIGINT)
 
-            patch.setattr(loop, "_save_checkpoint", save_then_signal)
+            patch.setattr(loop, "save_checkpoint", save_then_signal)
             signum = signal.SIGINT
         result = train(toy, CMT, split, progress=False)
     assert (result.stop_reason, result.signal, len(result.history)) == ("interrupted", signum.name, 2)

@@ -141,13 +141,13 @@ def test_max_minutes_counts_the_time_spent_writing_checkpoints(tmp_path, monkeyp
 
     import cmt_openmm.training.loop as loop
 
-    save = loop._save_checkpoint
+    save = loop.save_checkpoint
 
     def slow_save(*args, **kwargs):
         time.sleep(0.1)
         return save(*args, **kwargs)
 
-    monkeypatch.setattr(loop, "_save_checkpoint", slow_save)
+    monkeypatch.setattr(loop, "save_checkpoint", slow_save)
     config = {**TINY, "budget": "auto", "max_minutes": 0.005, "max_steps": 1000}  # 0.3 s
     result = train(get_target("toy-double-well"), config, tmp_path / "run", progress=False)
     assert result.stop_reason == "max_minutes" and len(result.history) <= 4

@@ -13,7 +13,7 @@ from cmt_openmm.importance import reverse_ess
 from cmt_openmm.systems import get_target
 from cmt_openmm.training import TrainConfig, load_history, train
 from cmt_openmm.generator import GENERATOR_FILE as GENERATOR
-from cmt_openmm.training.loop import CHECKPOINT_FILE as CHECKPOINT, CONFIG_FILE as CONFIG, METRICS_FILE as METRICS
+from cmt_openmm.training.checkpoints import CHECKPOINT_FILE as CHECKPOINT, CONFIG_FILE as CONFIG, METRICS_FILE as METRICS
 from helpers import assert_same_history
 
 TINY_FLOW = {"n_layers": 2, "hidden": 16, "n_bins": 6}
@@ -432,9 +432,9 @@ def test_checkpoints_keep_recent_records_and_resume_after_metrics_lose_their_tai
     """The checkpoint holds the last RECENT_RECORDS records, not the whole history (serialising it
     every step grew with the run); a metrics.jsonl cut short by a crash, with a torn last line, is
     completed from them, and the resumed run is the uninterrupted one."""
-    from cmt_openmm.training import loop
+    from cmt_openmm.training import checkpoints
 
-    monkeypatch.setattr(loop, "RECENT_RECORDS", 3)
+    monkeypatch.setattr(checkpoints, "RECENT_RECORDS", 3)
     config = {**_tiny_cmt(), "max_steps": 4}
     straight = train(double_well, {**config, "max_steps": 6}, tmp_path / "straight", progress=False)
     run = tmp_path / "run"
@@ -450,9 +450,9 @@ def test_checkpoints_keep_recent_records_and_resume_after_metrics_lose_their_tai
 
 
 def test_resume_refuses_a_history_lost_beyond_the_checkpoints_records(double_well, tmp_path, monkeypatch):
-    from cmt_openmm.training import loop
+    from cmt_openmm.training import checkpoints
 
-    monkeypatch.setattr(loop, "RECENT_RECORDS", 1)
+    monkeypatch.setattr(checkpoints, "RECENT_RECORDS", 1)
     run = tmp_path / "run"
     train(double_well, {**_tiny_cmt(), "max_steps": 3}, run, progress=False)
     (run / METRICS).write_text((run / METRICS).read_text().splitlines()[0] + "\n")  # steps 2 and 3 lost
