@@ -1,6 +1,8 @@
 """Using a trained generator: reweighted ensembles, their estimators, MCMC moves, reference MD.
 
 - :mod:`.reweighting`: :func:`reweight` and :class:`ReweightedEnsemble` (weights, export);
+- :mod:`.ensemble_weights`: what the log-weights alone give (ESS, reliability, resampling indices,
+  weights-only ensembles) and :class:`LowESSWarning`, the base class of :class:`ReweightedEnsemble`;
 - :mod:`.estimators`: expectations with error bars, basin populations and free energies, FES;
 - :mod:`.moves`: :class:`FlowIndependenceMove` for openmmtools samplers and ``Simulation`` s;
 - :mod:`.reporters`: :class:`FlowMoveReporter`, flow moves inside ``simulation.step``;

@@ -25,6 +25,10 @@ Both error bars are meaningless when a handful of samples carry the weight: `rew
 N · ESS falls below ``min_effective_samples`` (default :data:`~.estimators.MIN_EFFECTIVE_SAMPLES`,
 100), and the report marks such estimates unreliable. Hand-written: a few lines of NumPy on top
 of :mod:`.estimators`, with the project's conventions for failed samples and units.
+
+What the log-weights alone give (weights, ESS, `reliable`, `summary`, `resample_indices`,
+`ReweightedEnsemble.weights_only`) and the low-ESS warning live in :mod:`.ensemble_weights`, the
+base class `EnsembleWeights`; ``LowESSWarning`` and ``warn_if_low_ess`` are importable from here too.
 """
 
 from __future__ import annotations
@@ -33,7 +37,6 @@ import builtins
 import json
 import math
 import os
-import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -42,10 +45,10 @@ import numpy as np
 from ..coordinates.backbone import is_peptide, ramachandran_angles
 from ..errors import CMTInputError
 from ..files import atomic_writer
-from ..importance import normalized_weights, reverse_ess
 from ..target import Target
 from ..units import as_float64, kelvin
 from .drawing import draw_chunks, provenance
+from .ensemble_weights import EnsembleWeights, LowESSWarning, warn_if_low_ess
 from .estimators import (MIN_EFFECTIVE_SAMPLES, Estimate, FreeEnergyProfile, FreeEnergySurface, binned_free_energy,
                          weighted_mean)
 from .npz_stream import NpzWriter, open_memmap
@@ -64,32 +67,7 @@ ROWS_PER_BLOCK = 65_536
 a few MB of temporaries for a peptide, whatever the ensemble's size."""
 
 
-class LowESSWarning(UserWarning):
-    """The effective sample size collapsed: the reweighted estimates are unreliable."""
-
-
-def warn_if_low_ess(ens: "ReweightedEnsemble", what: str, min_effective_samples: float = MIN_EFFECTIVE_SAMPLES,
-                    ess_fraction: float = 0.0, stacklevel: int = 3) -> None:
-    """Warn (`LowESSWarning`) when N · ESS < ``min_effective_samples`` or ESS < ``ess_fraction``.
-
-    The one check behind `reweight`, `ReweightedEnsemble.reweight_to` and the report; ``what``
-    names the ensemble in the message; ``stacklevel`` as for `warnings.warn` (3: the caller of
-    the function that calls this one).
-    """
-    n_eff = ens.n_effective
-    reasons = ([f"fewer than {min_effective_samples:g} effective samples"] if n_eff < min_effective_samples else []) + (
-        [f"an ESS below {ess_fraction:.0%}"] if ens.ess < ess_fraction else [])
-    if reasons:
-        warnings.warn(
-            f"{what}: ESS {ens.ess:.2%}, N·ESS = {n_eff:.1f} effective of {len(ens)} samples "
-            f"({' and '.join(reasons)}); estimates and their error bars rest on a few samples and are unreliable, "
-            f"so draw more samples, use a better generator or sample closer to that state.",
-            LowESSWarning,
-            stacklevel=stacklevel,
-        )
-
-
-class ReweightedEnsemble:
+class ReweightedEnsemble(EnsembleWeights):
     """N configurations with log q, raw reduced energies and importance log-weights towards ``target``.
 
     Args:
@@ -142,38 +120,6 @@ class ReweightedEnsemble:
         self.log_weights = np.where(bad | ~np.isfinite(u) | ~np.isfinite(lq), -np.inf, lw)
 
     @classmethod
-    def weights_only(cls, target: Target, log_weights: Any, invalid: Any = None, failed_energies: int = 0,
-                     metadata: dict | None = None, angles: np.ndarray | None = None) -> ReweightedEnsemble:
-        """An ensemble of log-weights (N,) alone (and, for peptides, ``angles``): no positions, log q or
-        energies (``log_q`` and ``reduced_energy`` are None), 8 bytes a sample plus the angles' 16 per
-        backbone pair. What the report keeps of a large draw; ``failed_energies`` counts the samples
-        whose energy failed, which the energies would have told. Methods that need the energies
-        (`reweight_to`, `npz_arrays`) say so in one sentence."""
-        lw = as_float64(log_weights).reshape(-1)
-        bad = np.zeros(len(lw), bool) if invalid is None else np.asarray(invalid, bool).reshape(-1)
-        if bad.shape != lw.shape:
-            raise CMTInputError(f"invalid must have shape ({len(lw)},), one per log-weight.")
-        self = cls.__new__(cls)
-        self.target, self.positions, self.log_q, self.reduced_energy = target, None, None, None
-        self.invalid, self.log_weights, self.metadata, self._angles = bad, lw, dict(metadata or {}), angles
-        self._failed_energies = int(failed_energies)
-        return self
-
-    @property
-    def failed_energies(self) -> int:
-        """Samples whose energy failed (u not finite)."""
-        if self.reduced_energy is None:
-            return self._failed_energies
-        return int(np.sum(~np.isfinite(self.reduced_energy)))
-
-    def _energies_kept(self, what: str) -> np.ndarray:
-        """The reduced energies, or a one-sentence refusal naming ``what`` needed them."""
-        if self.reduced_energy is None:
-            raise CMTInputError(f"{what} needs the samples' energies and log q, which this ensemble does not keep (it "
-                                "holds log-weights only): draw it with reweight(), which keeps them.")
-        return self.reduced_energy
-
-    @classmethod
     def concatenate(cls, ensembles: Sequence[ReweightedEnsemble]) -> ReweightedEnsemble:
         """One ensemble holding every sample of ``ensembles`` (same target; metadata dropped;
         positions and angles where every part has them; log-weights only where a part has no energies)."""
@@ -193,57 +139,6 @@ class ReweightedEnsemble:
                                 "streamed to a file): load that file with ReweightedEnsemble.load_npz(path, target, "
                                 "mmap=True), or draw with positions kept.")
         return self.positions
-
-    # -- weights ---------------------------------------------------------------------------
-    def __len__(self) -> int:
-        return len(self.log_weights)
-
-    @property
-    def weights(self) -> np.ndarray:
-        """Self-normalised weights w̄ (N,), summing to 1 (all 0 when no sample has a positive weight)."""
-        return normalized_weights(self.log_weights)
-
-    @property
-    def ess(self) -> float:
-        """Normalised reverse ESS (Σw)² / (N Σw²) in [0, 1]."""
-        return reverse_ess(self.log_weights)
-
-    @property
-    def n_effective(self) -> float:
-        """Effective number of samples N · ESS = (Σw)² / Σw² (Kish); 0 when no weight is positive."""
-        return len(self) * self.ess
-
-    @property
-    def reliable(self) -> bool:
-        """Whether N · ESS reaches :data:`~cmt_openmm.sampling.estimators.MIN_EFFECTIVE_SAMPLES`."""
-        return self.n_effective >= MIN_EFFECTIVE_SAMPLES
-
-    def ess_clipped(self, clip_fraction: float = 1e-4) -> float:
-        """Reverse ESS with the largest ``clip_fraction`` of log-weights clipped (TA-BG's report)."""
-        return reverse_ess(self.log_weights, clip_fraction)
-
-    @property
-    def n_failed(self) -> int:
-        """Samples with weight 0 by construction (failed energy, invalid, non-finite log q)."""
-        return int(np.isneginf(self.log_weights).sum())
-
-    def summary(self) -> dict:
-        """JSON-able numbers: n, ESS (raw and clipped at 1e-4), failed samples, temperature."""
-        return {
-            "n": len(self),
-            "ess": self.ess,
-            "ess_clipped_1e-4": self.ess_clipped(1e-4),
-            "n_failed": self.n_failed,
-            "n_invalid": int(self.invalid.sum()),
-            "temperature": self.target.temperature,
-            "target": self.target.name,
-        }
-
-    def _require_weight(self) -> np.ndarray:
-        w = self.weights
-        if not w.any():
-            raise CMTInputError("no sample has a positive weight (all energies failed?): draw more or better samples.")
-        return w
 
     # -- observables -----------------------------------------------------------------------
     def _evaluate(self, observable: Callable | Any, trajectory: bool, batch_size: int | None, mask: np.ndarray):
@@ -383,22 +278,6 @@ class ReweightedEnsemble:
         return FreeEnergySurface((e1, e2), p.reshape(shape), f.reshape(shape), err.reshape(shape), self.target.kT, error)
 
     # -- resampling ------------------------------------------------------------------------
-    def resample_indices(self, n: int | None = None, seed: int = 0) -> np.ndarray:
-        """Systematic resampling: n indices (default N) drawn in proportion to the weights.
-
-        One uniform offset u ~ U[0, 1) from ``numpy.random.default_rng(seed)``; sample i is taken
-        ⌊n w̄_i⌋ or ⌊n w̄_i⌋ + 1 times: unbiased for weighted means, with less resampling noise
-        than multinomial resampling.
-        """
-        w = self._require_weight()
-        n = len(self) if n is None else int(n)
-        if n < 1:
-            raise CMTInputError(f"n must be at least 1, got {n}.")
-        u = (np.random.default_rng(seed).random() + np.arange(n)) / n
-        cdf = np.cumsum(w)
-        cdf[-1] = 1.0
-        return np.searchsorted(cdf, u, side="right")
-
     def resample(self, n: int | None = None, seed: int = 0) -> np.ndarray:
         """Unweighted configurations (n, n_atoms, 3) nm by systematic resampling (see `resample_indices`)."""
         return np.array(self._positions("resample()")[self.resample_indices(n, seed)])
