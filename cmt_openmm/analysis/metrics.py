@@ -172,13 +172,13 @@ that stopped it is known (:func:`continue_training` names both where they are)."
 def continue_training(stop_reason: str | None = None, run_dir: Any = None) -> str:
     """What to do with a run that stopped before its target (the training verdict and the
     report's), as one clause: the limit that stopped it and the command that continues it in
-    ``run_dir`` (``RUN_DIR`` when not given). ``max_minutes`` has no command-line option: it is
-    raised in the run file and counts all the run's training time, earlier stretches included."""
+    ``run_dir`` (``RUN_DIR`` when not given). ``max_minutes`` counts all the run's training time,
+    earlier stretches included."""
     out = shlex.quote(str(run_dir)) if run_dir else "RUN_DIR"
     resume = f"cmt-openmm train --out {out} --resume"
     if stop_reason == "max_minutes":
-        return (f"raise max_minutes in your run file (it counts all training so far) and continue it with "
-                f"`cmt-openmm train YOUR_RUN_FILE --out {out} --resume`")
+        return (f"continue it with `{resume} --max-minutes M`, M larger than the minutes trained so far "
+                f"(max_minutes counts all of the run's training)")
     if stop_reason == "max_steps":
         return f"continue it with `{resume} --max-steps N`, N larger than the steps taken"
     if stop_reason == "budget":

@@ -39,7 +39,7 @@ from ..training.checkpoints import CHECKPOINT_FILE
 
 EXIT_INPUT = 2
 SHARED_COMMANDS = ("train", "sample")  # the commands that run under torchrun, sharing their work
-TRAIN_OVERRIDES = ("max_steps", "budget", "seed", "threads", "device")
+TRAIN_OVERRIDES = ("max_steps", "budget", "max_minutes", "seed", "threads", "device")
 """``train`` options that override the run file's settings."""
 
 
@@ -267,6 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--max-steps", dest="max_steps", type=int, help="override max_steps (may change on resume)")
     p.add_argument("--budget", type=float, help="override the energy-evaluation budget (may change on resume)")
+    p.add_argument("--max-minutes", dest="max_minutes", type=float,
+                   help="override max_minutes, the training time over all stretches of the run (may change on resume)")
     p.add_argument("--seed", type=int, help="override the seed")
     p.add_argument("--device", choices=("cpu", "cuda", "auto"), help="override the device (may change on resume)")
     common(p)

@@ -188,8 +188,7 @@ class Run:
         if reason in ("target reached", "schedule finished"):
             return f"{done} ({reason}), so there is nothing left to train; sample or evaluate it."
         limits = {"max_steps": ("{:,} steps", "--max-steps"), "budget": ("{:,.0f} energy evaluations", "--budget"),
-                  "max_minutes": ("{:g} minutes",
-                                  "in the run file, then `cmt-openmm train RUN_FILE --out DIR --resume`")}
+                  "max_minutes": ("{:g} minutes", "--max-minutes")}
         if reason not in limits:
             return None
         stored, new = getattr(TrainConfig.from_yaml(self.directory / CONFIG_FILE), reason), getattr(self.config, reason)

@@ -28,15 +28,16 @@ def test_a_run_short_of_its_target_is_told_to_continue():
     v = verdict(_report(lam=0.52, ess=0.005))
     assert v["target_reached"] is False and v["quality"] == "unusable" and v["next_step"] == continue_training("max_minutes")
     assert v["summary"].startswith("training did not reach its target (λ = 0.52, η = 0); reverse ESS 0.50 % of "
-                                   "all 10,000 samples (N_eff = 50): unusable; next step: raise max_minutes in your "
-                                   "run file")
+                                   "all 10,000 samples (N_eff = 50): unusable; next step: continue it with "
+                                   "`cmt-openmm train --out RUN_DIR --resume --max-minutes M`")
 
 
 def test_the_next_step_names_the_limit_that_stopped_the_run_and_its_folder():
     report = {**_report(lam=0.52, ess=0.005), "run_dir": "/home/me/runs/my peptide"}
     v = verdict(report)
-    assert v["next_step"] == ("raise max_minutes in your run file (it counts all training so far) and continue it "
-                              "with `cmt-openmm train YOUR_RUN_FILE --out '/home/me/runs/my peptide' --resume`")
+    assert v["next_step"] == ("continue it with `cmt-openmm train --out '/home/me/runs/my peptide' --resume "
+                              "--max-minutes M`, M larger than the minutes trained so far (max_minutes counts all "
+                              "of the run's training)")
     assert "RUN_DIR" not in v["summary"]
     report["training"] = training_summary([{"step": 9, "lam": 0.52, "eta": 0.0, "wall_time": 3.0}], "max_steps",
                                           "/home/me/runs/mine")

@@ -367,3 +367,19 @@ def test_warnings_reach_the_user_as_one_line_notes(capsys, monkeypatch):
     err = capsys.readouterr().err
     assert "cmt-openmm: warning: only 3 effective samples; draw more." in err
     assert "UserWarning" not in err and "warnings.warn" not in err
+
+
+def test_a_run_stopped_by_max_minutes_continues_with_the_command_its_verdict_gives(tmp_path, capsys):
+    """`--max-minutes` raises the run's training time on resume, as the verdict says, also for a preset run."""
+    from cmt_openmm.training import load_history
+
+    out = tmp_path / "run"
+    code = main(["train", "--preset", "toy-quick", "--out", str(out), "--max-minutes", "0.0003", "--quiet"])
+    assert code == 0
+    first = load_history(out)
+    assert len(first) < 6 and yaml.safe_load((out / "config.yaml").read_text())["max_minutes"] == 0.0003
+    err = capsys.readouterr().err
+    assert f"`cmt-openmm train --out {out.resolve()} --resume --max-minutes M`" in err
+    assert main(["train", "--out", str(out), "--resume", "--max-minutes", "1", "--quiet"]) == 0
+    assert len(load_history(out)) > len(first)  # trained on (to its target or the preset's max_steps)
+    assert json.loads((out / "report.json").read_text())["training"]["stop_reason"] != "max_minutes"
