@@ -108,7 +108,8 @@ class _Relay:
 
     def __init__(self, n_atoms: int):
         self.n_atoms = n_atoms
-        self.pending = None
+        self.pending = None  # the send in flight, and its tensor (kept alive until the send completes)
+        self.buffer = None
 
     def send(self, chunk: Chunk) -> None:
         import torch
@@ -117,7 +118,7 @@ class _Relay:
         packed = np.concatenate([chunk.positions.reshape(len(chunk.log_q), -1), chunk.log_q[:, None],
                                  chunk.reduced_energy[:, None], chunk.invalid[:, None].astype(np.float64)], axis=1)
         self.finish()
-        self.buffer = torch.from_numpy(packed)  # kept alive until the send completes
+        self.buffer = torch.from_numpy(packed)
         self.pending = dist.isend(self.buffer, dst=0)
 
     def receive(self, start: int, b: int, owner: int) -> Chunk:
