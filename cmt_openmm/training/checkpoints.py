@@ -6,8 +6,7 @@ every step: tmp file + ``os.replace``) and ``metrics.jsonl`` (one record per ste
 the step's checkpoint). A checkpoint holds the generator's and the optimiser's state, the weight
 average, the random stream, the method's state, the counters and the last ``RECENT_RECORDS``
 records, already serialised; the history itself is ``metrics.jsonl``'s, because serialising the
-whole history at every step costs a long run more than its fit (hundreds of ms a step after 8,000
-steps). Checkpoints hold only tensors and plain Python values and are read with
+whole history at every step costs a time that grows with the run (figures in benchmarks/RESULTS.md). Checkpoints hold only tensors and plain Python values and are read with
 ``torch.load(weights_only=True)``: loading one cannot run code. The loop (:mod:`.loop`) calls
 these; readers (:func:`load_history`) never lock.
 """
