@@ -78,7 +78,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--storage", help="netCDF storage (default: OUT with .nc)")
     p.add_argument("--restart", action="store_true", help="discard existing storage instead of resuming")
-    p.add_argument("--platform", default="Reference")
+    p.add_argument("--platform", default="auto",
+                   help="OpenMM platform (default auto: the faster of Reference and CPU for this System)")
     p.add_argument("--backend", choices=BACKENDS, default="auto", help="the flow force: TorchForce or PythonForce")
     p.add_argument("--no-minimize", dest="no_minimize", action="store_true",
                    help="start from the run's structure without minimising")

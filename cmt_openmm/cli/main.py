@@ -313,7 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--storage", help="netCDF storage (default: OUT with .nc)")
     p.add_argument("--restart", action="store_true", help="discard existing storage instead of resuming")
-    p.add_argument("--platform", default="Reference")
+    p.add_argument("--platform", default="auto",
+                   help="OpenMM platform (default auto: the faster of Reference and CPU for this System)")
     common(p)
     p.set_defaults(func=cmd_reference_md)
 

@@ -45,6 +45,7 @@ import openmm
 import openmm.unit as unit
 from openmmtools import mcmc, states
 
+from ..energy.openmm.platforms import resolve_md_platform
 from ..errors import CMTInputError
 from ..sampling.moves import FlowIndependenceMove
 from ..sampling.replica_exchange import (SETTINGS_KEY, ReplicaExchangeOptions, ReplicaExchangeRun, SeededLangevinMove,
@@ -158,7 +159,7 @@ def run_bridge_remd(
     generator, target, out_path: str | os.PathLike | None, n_replicas: int = 4, n_iterations: int = 1000,
     lambdas: Any = "auto", steps_per_iteration: int = 500, flow_proposals: int = 10, timestep: Any = None,
     collision_rate: Any = 1.0, seed: int = 0, storage: str | os.PathLike | None = None, resume: bool = True,
-    progress: bool = True, n_equilibration: int = 0, platform: str = "Reference", backend: str = "auto",
+    progress: bool = True, n_equilibration: int = 0, platform: str = "auto", backend: str = "auto",
     pilot_iterations: int = 50, minimize: bool = True, wall: float = 10.0,
 ) -> BridgeRun:
     """Flow-bridged replica exchange between ``generator`` (λ = 0) and ``target`` (λ = 1).
@@ -178,7 +179,8 @@ def run_bridge_remd(
         storage: netCDF file (default ``out_path`` with ``.nc``); resume: continue it when it exists
             (its settings must match), False deletes it (and its pilot) first.
         n_equilibration: initial iterations left out of the npz.
-        platform: OpenMM platform; backend: of the flow force (``"auto"``, ``"python"``, ``"torch"``).
+        platform: OpenMM platform, or ``"auto"``: the faster of Reference and CPU for the target's System
+            (:mod:`cmt_openmm.energy.openmm.platforms`); backend: of the flow force (``"auto"``, ``"python"``, ``"torch"``).
         pilot_iterations: iterations of the pilot for ``lambdas="auto"``.
         minimize: minimise every replica at its state before a fresh run.
         wall: the flow force's restraint outside the flow's domain (kT per scaled unit²).
@@ -208,6 +210,7 @@ def run_bridge_remd(
                                  "timestep")
     rate = positive_value(collision_rate, unit.picosecond**-1, "collision_rate")
     backend = resolve_backend(backend)
+    platform = resolve_md_platform(platform, target.system, target.positions)
     if backend == "torch" and not torchforce_copies_are_safe():
         raise CMTInputError("openmmtools copies Systems, which crashes with a TorchForce in this installation; "
                             "use backend='python' or 'auto'.")

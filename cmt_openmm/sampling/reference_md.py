@@ -27,6 +27,7 @@ import numpy as np
 import openmm.unit as unit
 from openmmtools import states
 
+from ..energy.openmm.platforms import resolve_md_platform
 from ..errors import CMTInputError
 from ..files import c_stdout_silenced
 from ..target import Target
@@ -89,7 +90,7 @@ def run_reference_md(
     progress: bool = True,
     n_equilibration: int = 0,
     collision_rate: Any = 1.0,
-    platform: str = "Reference",
+    platform: str = "auto",
     minimize: bool = True,
 ) -> ReferenceMD:
     """Temperature replica exchange for ``target``; writes the target-temperature frames to ``out_path``.
@@ -108,7 +109,8 @@ def run_reference_md(
             `CMTInputError`); False deletes it and starts afresh.
         progress: show a tqdm bar over iterations.
         n_equilibration: initial iterations left out of the npz (still stored in the netCDF).
-        platform: OpenMM platform name (Reference is the fastest for small molecules on CPUs).
+        platform: OpenMM platform name, or ``"auto"``: the faster of Reference and CPU for this System,
+            timed on a few steps (:mod:`cmt_openmm.energy.openmm.platforms`; recorded in the provenance).
         minimize: minimise the starting structure of every replica before a fresh run.
 
     Example (two replicas of a toy for 50 short iterations; reference data takes thousands):
@@ -134,6 +136,7 @@ def run_reference_md(
     rate = positive_value(collision_rate, unit.picosecond**-1, "collision_rate")
     temperatures = temperature_ladder(target.temperature, kelvin(t_max), int(n_replicas))
     out_path = Path(out_path)
+    platform = resolve_md_platform(platform, target.system, target.positions)
     settings = _settings(target, temperatures, steps_per_iteration, timestep_fs, rate, minimize)
     options = ReplicaExchangeOptions(
         n_iterations=n_iterations, storage=Path(storage) if storage is not None else out_path.with_suffix(".nc"),

@@ -4,12 +4,14 @@ import json
 import numpy as np
 import pytest
 
+from cmt_openmm import get_target
 from cmt_openmm.errors import CMTInputError
 from cmt_openmm.sampling.reference_md import load_reference, run_reference_md, temperature_ladder
 from cmt_openmm.target import Target
 from cmt_openmm.systems.toys import double_well_3d
 
-TINY = dict(n_replicas=3, t_max=600.0, steps_per_iteration=20, progress=False)
+# a named platform: "auto" times the platforms, and a fresh run repeats bit for bit only on one platform
+TINY = dict(n_replicas=3, t_max=600.0, steps_per_iteration=20, progress=False, platform="Reference")
 
 
 @pytest.fixture(scope="module")
@@ -65,11 +67,30 @@ def test_aldp_vacuum_tiny_run(tmp_path):
     assert ref.provenance["n_equilibration"] == 1
 
 
+def test_auto_platform_takes_the_faster_of_reference_and_cpu(monkeypatch):
+    from cmt_openmm.energy.openmm import platforms
+
+    target = get_target("aldp-vacuum")
+    seconds = platforms.md_seconds_per_step(target.system, target.positions, "Reference", n_steps=5)
+    assert 0 < seconds < 1
+    for timings, expected in (({"Reference": 2e-4, "CPU": 1e-4}, "CPU"), ({"Reference": 1e-4, "CPU": 2e-4}, "Reference")):
+        monkeypatch.setattr(platforms, "md_seconds_per_step", lambda system, x, name, n=40, t=timings: t[name])
+        assert platforms.resolve_md_platform("auto", target.system, target.positions) == expected
+        assert platforms.resolve_md_platform("CPU", target.system, target.positions) == "CPU"  # a named one is kept
+
+
+def test_auto_platform_run_records_the_platform_it_chose(tmp_path):
+    target = get_target("aldp-vacuum")
+    ref = run_reference_md(target, tmp_path / "aldp.npz", n_replicas=2, t_max=400.0, n_iterations=2,
+                           steps_per_iteration=5, progress=False)
+    assert ref.provenance["platform"] in ("Reference", "CPU")
+
+
 def test_bad_inputs(toy, tmp_path):
     with pytest.raises(CMTInputError):
         run_reference_md(toy, tmp_path / "x.npz", n_iterations=0, **TINY)
     with pytest.raises(CMTInputError):
-        run_reference_md(toy, tmp_path / "x.npz", n_iterations=2, platform="NoSuchPlatform", **TINY)
+        run_reference_md(toy, tmp_path / "x.npz", n_iterations=2, **{**TINY, "platform": "NoSuchPlatform"})
     with pytest.raises(CMTInputError):
         load_reference(tmp_path / "missing.npz")
 
@@ -77,7 +98,7 @@ def test_bad_inputs(toy, tmp_path):
 def test_toy_frames_follow_the_exact_distribution(toy, tmp_path):
     # 200 iterations x 200 steps (0.2 ps, ~independent frames); seed fixed so the test is deterministic
     ref = run_reference_md(toy, tmp_path / "dw.npz", n_replicas=3, t_max=1200.0, n_iterations=200,
-                           steps_per_iteration=200, seed=3, progress=False)
+                           steps_per_iteration=200, seed=3, progress=False, platform="Reference")
     n = len(ref.positions)
     left = np.mean(np.asarray(toy.mode_of(ref.positions)) == 0)
     p = toy.mode_weights()[0]

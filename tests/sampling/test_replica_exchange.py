@@ -124,7 +124,7 @@ def test_both_users_are_refused_a_resume_by_the_driver(toy, tmp_path):
     from cmt_openmm.export.flow_bridged_remd import run_bridge_remd
     from cmt_openmm.generator import BoltzmannGenerator
 
-    tiny = dict(n_replicas=2, t_max=400.0, steps_per_iteration=5, seed=1, progress=False)
+    tiny = dict(n_replicas=2, t_max=400.0, steps_per_iteration=5, seed=1, progress=False, platform="Reference")
     reference = run_reference_md(toy, tmp_path / "ref.npz", n_iterations=2, **tiny)
     assert reference.positions.shape == (2, 1, 3)
     with pytest.raises(CMTInputError, match=r"other settings \(steps_per_iteration\)") as refused:
@@ -134,7 +134,7 @@ def test_both_users_are_refused_a_resume_by_the_driver(toy, tmp_path):
     perturbed_generator(toy, scale=0.1, seed=5, n_layers=2, hidden=8).save(tmp_path / "g.safetensors")
     generator = BoltzmannGenerator.load(tmp_path / "g.safetensors", toy)
     bridged = dict(n_replicas=3, lambdas=[1.0, 0.5, 0.0], steps_per_iteration=2, flow_proposals=2, seed=2,
-                   progress=False, minimize=False)
+                   progress=False, minimize=False, platform="Reference")
     run = run_bridge_remd(generator, toy, tmp_path / "bridge.npz", n_iterations=2, **bridged)
     assert run.positions.shape == (2, 1, 3) and run.provenance["n_replicas"] == 3
     again = run_bridge_remd(generator, toy, tmp_path / "again.npz", n_iterations=2, **bridged)
@@ -152,7 +152,7 @@ def test_storage_of_another_system_or_unreadable_is_refused_in_one_sentence(toy,
     naming the system; the same system resumes (the control); a file that is not storage is refused."""
     from cmt_openmm.systems import get_target
 
-    tiny = dict(n_replicas=2, t_max=400.0, steps_per_iteration=5, seed=1, progress=False)
+    tiny = dict(n_replicas=2, t_max=400.0, steps_per_iteration=5, seed=1, progress=False, platform="Reference")
     mixture = get_target("toy-gaussian-mixture")
     run_reference_md(mixture, tmp_path / "ref.npz", n_iterations=2, **tiny)
     with pytest.raises(CMTInputError) as refused:
@@ -202,7 +202,7 @@ def _killed(code: str, storage: Path) -> int:
 def test_reference_replica_exchange_killed_mid_run_resumes_where_it_stopped(toy, tmp_path):
     """SIGKILL in the middle of an iteration of a long reference run; the same call continues from the last stored iteration:
     its frames up to there are those of an uninterrupted run with the killed run's seed, then the rest."""
-    tiny = dict(n_replicas=2, t_max=400.0, steps_per_iteration=20, seed=3, progress=False)
+    tiny = dict(n_replicas=2, t_max=400.0, steps_per_iteration=20, seed=3, progress=False, platform="Reference")
     code = ("from cmt_openmm.sampling.reference_md import run_reference_md\n"
             "from cmt_openmm.systems.toys import double_well_3d\n"
             f"run_reference_md(double_well_3d(300.0), {str(tmp_path / 'ref.npz')!r}, n_iterations=10**6, **{tiny!r})\n")
