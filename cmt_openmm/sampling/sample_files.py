@@ -85,7 +85,8 @@ def write_samples(generator: Any, target: Target, n: int, out: str | os.PathLike
             arrays["resampled_indices"] = frames
             distinct = len(np.unique(frames))
             summary.update(resampled=int(len(frames)), resampled_distinct=distinct, resampled_note=(
-                f"the {len(frames):,} resampled frames hold {distinct:,} distinct samples (resampling repeats samples "
+                f"the {len(frames):,} resampled frames hold {distinct:,} distinct sample{'s' * (distinct != 1)} (resampling "
+                f"repeats samples "
                 f"in proportion to their weights) and carry no more information than the N_eff = "
                 f"{ensemble.n_effective:,.0f} effective samples of the {int(n):,} drawn."))
         npz.add(**arrays)
