@@ -21,6 +21,14 @@ inline T softplus(T v) {  // torch.nn.functional.softplus (beta 1, threshold 20)
   return v > T(20) ? v : std::log1p(std::exp(v));
 }
 
+// d softplus / d v = sigmoid(v), from exp(-|v|) <= 1: 1 / (1 + exp(-v)) overflows to 1 / inf for
+// v < -88 in float32, which -ffast-math (no infinities assumed) turns into NaN instead of 0.
+template <typename T>
+inline T sigmoid(T v) {
+  const T e = std::exp(-std::abs(v));
+  return (v >= T(0) ? T(1) : e) / (T(1) + e);
+}
+
 // One element's spline in its bin: the quantities both passes use (names as in splines.py).
 template <typename T>
 struct Element {
@@ -226,8 +234,8 @@ void row_block(const Args<T>& a, int64_t j, int64_t b0, int64_t n, T* __restrict
     gk[1][b] = g_y0 * its1;
     gsize_p[0][b] = g_w * p0;
     gsize_p[1][b] = g_h * p1;
-    gs0[b] = g_d0 / (T(1) + std::exp(-r0[b]));  // d softplus / d raw = sigmoid(raw)
-    gs1[b] = g_d1 / (T(1) + std::exp(-r1[b]));
+    gs0[b] = g_d0 * sigmoid(r0[b]);  // d softplus / d raw
+    gs1[b] = g_d1 * sigmoid(r1[b]);
   }
   for (int64_t k = 0; k < K; ++k) {
     for (int w = 0; w < 2; ++w) {

@@ -275,6 +275,29 @@ def test_spline_kernel_float32_error_is_float32_rounding(inverse):
         assert error <= max(3.0 * torch_error, 2e-5 * scale)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("inverse", [False, True])
+def test_spline_kernel_gradients_stay_finite_for_extreme_knot_derivatives(dtype, inverse):
+    """Unconstrained knot derivatives far below zero (softplus ~ 0, its slope exp(raw) underflowing):
+    the kernel's gradients are finite and equal the torch operations' to rounding. A reverse-KL
+    run on ala4 reached raw derivatives of -90, where the slope written as 1 / (1 + exp(-raw))
+    divided by an overflowed exp and, compiled with -ffast-math, gave NaN."""
+    x, bins, derivatives, grad_out, grad_logdet = _spline_case(8, 4, 100, torch.float64, seed=3)
+    # exp(-raw) overflows float32 below -88 and float64 below -709
+    extreme = torch.tensor([-800.0, -200.0, -120.0, -90.0, -60.0, -30.0, 0.0, 5.0], dtype=torch.float64)
+    knots = torch.arange(derivatives.shape[0]).view(-1, 1, 1)
+    derivatives[:, :, :8] = extreme[(knots + torch.arange(8)) % 8].expand(-1, derivatives.shape[1], 8)  # 8 columns
+    exact = _both_splines(x, bins, derivatives, grad_out, grad_logdet, inverse)[1]  # float64 torch operations
+    kernel, reference = _both_splines(*(t.to(dtype) for t in (x, bins, derivatives, grad_out, grad_logdet)), inverse)
+    for name, new, old, truth in zip(("out", "logdet", "x", "bins", "derivatives"), kernel, reference, exact):
+        assert torch.isfinite(new).all(), f"the kernel's {name} is not finite"
+        error, torch_error = float((new.double() - truth).abs().max()), float((old.double() - truth).abs().max())
+        # near-zero slopes make float32 ill-conditioned (the inverse's log-det: ~1e-3 of its scale either
+        # way, the operations' order differing); a wrong formula is off by O(1)
+        factor, floor = (10.0, 1e-3) if dtype == torch.float32 else (3.0, 1e-9)
+        assert error <= max(factor * torch_error, floor * float(truth.abs().max())), name
+
+
 def test_coupling_layers_run_the_kernel_with_and_without_gradients(monkeypatch):
     """The kernel is used wherever it applies: sampling, log q and both backward passes."""
     assert spline_kernel.library() is not None, "the spline kernel did not build (it needs a C++ compiler)"
