@@ -148,8 +148,12 @@ class Trainer(ABC):
             group["lr"] = lr
 
     def target_stats(self, log_p: torch.Tensor, log_q: torch.Tensor) -> dict:
-        """Reverse ESS of flow samples against the target (raw energies; −inf → weight 0)."""
+        """Reverse ESS of flow samples against the target (raw energies; −inf → weight 0).
+
+        A NaN log-weight (a flow whose weights went non-finite within the step) counts as a
+        failed sample here, so that the step ends and the loop rolls it back (:mod:`.faults`)."""
         log_w = (log_p.detach().double() - log_q.detach().double()).cpu().numpy()
+        log_w[np.isnan(log_w)] = -np.inf
         return {
             "reverse_ess": reverse_ess(log_w),
             "reverse_ess_clipped": reverse_ess(log_w, CLIP_FRACTION),

@@ -262,6 +262,27 @@ def test_a_non_finite_step_is_rolled_back_and_retaken_at_half_the_learning_rate(
     assert all(torch.isfinite(v).all() for v in checkpoint["generator"].values())
 
 
+def test_a_flow_gone_non_finite_within_a_step_is_rolled_back(toy, tmp_path, monkeypatch):
+    """Reverse KL takes several Adam steps per step: a weight turned NaN after the first of them
+    makes the later samples' log q NaN, and the step is still rolled back and taken again."""
+    def poison_after_first_adam_step(step, trainer, call):
+        if call != 2:
+            return step(trainer)
+
+        def poison(*_):
+            with torch.no_grad():
+                next(trainer.generator.parameters()).view(-1)[0] = float("nan")
+            handle.remove()
+        handle = trainer.optimizer.register_step_post_hook(poison)
+        return step(trainer)
+
+    _wrap_step(monkeypatch, "reverse_kl", poison_after_first_adam_step)
+    result = train(toy, METHODS["reverse_kl"], tmp_path / "run", progress=False)
+    assert result.stop_reason == "max_steps"
+    assert [r.get("rollbacks") for r in result.history] == [None, 1, None, None]
+    assert all(torch.isfinite(v).all() for v in result.generator.state_dict().values())
+
+
 @pytest.mark.parametrize("what", ["weight", "gradient", "loss"])
 def test_a_step_that_stays_non_finite_ends_the_run_in_one_sentence(toy, tmp_path, monkeypatch, what):
     poison = _poison(what)
