@@ -45,6 +45,31 @@ def backbone_dihedrals(topology: Any) -> list[tuple[tuple[int, int, int, int], t
     return pairs
 
 
+def backbone_phis(topology: Any) -> list[tuple[int, int, int, int]]:
+    """Atom quadruples C(i-1)-N(i)-CA(i)-C(i) of every backbone φ, in chain order: those of
+    :func:`backbone_dihedrals` and also a C-terminal residue's, which has no ψ (an uncapped
+    peptide's last residue)."""
+    if hasattr(topology, "to_openmm"):  # mdtraj.Topology
+        topology = topology.to_openmm()
+    bonds = {frozenset((a.index, b.index)) for a, b in topology.bonds()}
+    quads = []
+    for chain in topology.chains():
+        names = [{atom.name: atom.index for atom in residue.atoms()} for residue in chain.residues()]
+        for k in range(1, len(names)):
+            prev_c, n, ca, c = names[k - 1].get("C"), names[k].get("N"), names[k].get("CA"), names[k].get("C")
+            if None not in (prev_c, n, ca, c) and (not bonds or frozenset((prev_c, n)) in bonds):
+                quads.append((prev_c, n, ca, c))
+    return quads
+
+
+def phi_angles(topology: Any, x: Any) -> np.ndarray:
+    """Every backbone φ (:func:`backbone_phis`): x (B, n_atoms, 3) nm -> (B, n_phi) radians in [-π, π)."""
+    quads = backbone_phis(topology)
+    if not quads:
+        raise CMTInputError("the topology has no backbone φ: φ-sign strata need a peptide.")
+    return dihedral_angles(x, quads)
+
+
 def ramachandran_angles(topology: Any, x: Any) -> np.ndarray:
     """(φ, ψ) of every backbone pair: x (B, n_atoms, 3) nm -> (B, n_pairs, 2) radians in [-π, π)."""
     pairs = backbone_dihedrals(topology)

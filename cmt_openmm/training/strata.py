@@ -31,7 +31,7 @@ import math
 import numpy as np
 from scipy.special import logsumexp
 
-from ..coordinates.backbone import backbone_dihedrals, ramachandran_angles
+from ..coordinates.backbone import backbone_phis, phi_angles
 from ..errors import CMTInputError
 
 STRATA = ("none", "phi-sign")
@@ -41,7 +41,7 @@ def stratifier(name: str, topology):
     """The labelling function x (B, n_atoms, 3) nm -> (B,) int of strata ``name``; None for "none"."""
     if name == "none":
         return None
-    if not backbone_dihedrals(topology):
+    if not backbone_phis(topology):
         raise CMTInputError(
             "cmt.strata 'phi-sign' needs a peptide with backbone φ angles and this target has none; "
             "set cmt.strata to 'none'."
@@ -50,8 +50,9 @@ def stratifier(name: str, topology):
 
 
 def phi_sign_labels(topology, x) -> np.ndarray:
-    """(B,) int labels Σ_j 2^j [φ_j ≥ 0] of configurations x (B, n_atoms, 3) nm."""
-    phi = ramachandran_angles(topology, np.asarray(x))[..., 0]
+    """(B,) int labels Σ_j 2^j [φ_j ≥ 0] of configurations x (B, n_atoms, 3) nm, over every backbone φ
+    (an uncapped peptide's C-terminal residue included)."""
+    phi = phi_angles(topology, np.asarray(x))
     return ((phi >= 0.0) * (1 << np.arange(phi.shape[1]))).sum(axis=1)
 
 

@@ -106,6 +106,23 @@ def test_cmt_trainer_fits_to_the_floored_weights(monkeypatch):
         assert record["strata_tv"] == pytest.approx(0.5 * np.abs(np.exp(fitted) - np.exp(sol.log_weights)).sum())
 
 
+def test_phi_sign_strata_cover_the_c_terminal_phi_of_an_uncapped_peptide(tmp_path, monkeypatch):
+    """ELIL (zwitterion, no caps): its last residue has a φ but no ψ; the strata label its sign too,
+    bit by bit as mdtraj's φ (a basin there is otherwise left to the trust region's drain)."""
+    import mdtraj
+    import torch
+
+    from cmt_openmm.generator import BoltzmannGenerator
+
+    monkeypatch.setenv("CMT_OPENMM_CACHE", str(tmp_path))
+    target = get_target("elil")
+    x, _ = BoltzmannGenerator.build(target, n_layers=1, hidden=4).sample(500, torch.Generator().manual_seed(0))
+    labels = stratifier("phi-sign", target.topology)(x.numpy())
+    _, phi = mdtraj.compute_phi(mdtraj.Trajectory(x.numpy(), mdtraj.Topology.from_openmm(target.topology)))
+    assert phi.shape[1] == 3 and ramachandran_angles(target.topology, x.numpy()).shape[1] == 2
+    assert np.array_equal(labels, ((phi >= 0) * (1 << np.arange(3))).sum(axis=1))
+
+
 def test_phi_sign_strata_of_a_longer_peptide_and_the_floor_over_many_labels(tmp_path, monkeypatch):
     """ala4 (3 backbone φ): labels agree with mdtraj's φ signs bit by bit, and with 2^3 labels the
     floor still gives every label present at least floor / K of the fit, K the labels present."""
