@@ -14,6 +14,28 @@ from ..errors import CMTInputError
 from ..units import dihedral_angles
 
 
+def _backbone_residues(topology: Any):
+    """(C(i-1), N(i), CA(i), C(i), N(i+1)) atom indices of every residue with ``N``, ``CA`` and ``C``,
+    in chain order; a neighbour's atom is None where it is missing or, when the topology has
+    bonds, not bonded to this residue by a peptide bond."""
+    if hasattr(topology, "to_openmm"):  # mdtraj.Topology
+        topology = topology.to_openmm()
+    bonds = {frozenset((a.index, b.index)) for a, b in topology.bonds()}
+
+    def linked(i: int | None, j: int | None) -> bool:
+        return i is not None and j is not None and (not bonds or frozenset((i, j)) in bonds)
+
+    for chain in topology.chains():
+        names = [{atom.name: atom.index for atom in residue.atoms()} for residue in chain.residues()]
+        for k, atoms in enumerate(names):
+            n, ca, c = atoms.get("N"), atoms.get("CA"), atoms.get("C")
+            if n is None or ca is None or c is None:
+                continue
+            prev_c = names[k - 1].get("C") if k > 0 else None
+            next_n = names[k + 1].get("N") if k + 1 < len(names) else None
+            yield (prev_c if linked(prev_c, n) else None), n, ca, c, (next_n if linked(c, next_n) else None)
+
+
 def backbone_dihedrals(topology: Any) -> list[tuple[tuple[int, int, int, int], tuple[int, int, int, int]]]:
     """Backbone (φ, ψ) atom quadruples of every residue that has both, in chain order.
 
@@ -23,50 +45,22 @@ def backbone_dihedrals(topology: Any) -> list[tuple[tuple[int, int, int, int], t
     the outer C / N, so alanine dipeptide gives one pair. Accepts an `openmm.app.Topology` or
     an `mdtraj.Topology`.
     """
-    if hasattr(topology, "to_openmm"):  # mdtraj.Topology
-        topology = topology.to_openmm()
-    bonds = {frozenset((a.index, b.index)) for a, b in topology.bonds()}
-
-    def linked(i: int | None, j: int | None) -> bool:
-        return i is not None and j is not None and (not bonds or frozenset((i, j)) in bonds)
-
-    pairs = []
-    for chain in topology.chains():
-        residues = list(chain.residues())
-        names = [{atom.name: atom.index for atom in residue.atoms()} for residue in residues]
-        for k, atoms in enumerate(names):
-            n, ca, c = atoms.get("N"), atoms.get("CA"), atoms.get("C")
-            if n is None or ca is None or c is None:
-                continue
-            prev_c = names[k - 1].get("C") if k > 0 else None
-            next_n = names[k + 1].get("N") if k + 1 < len(names) else None
-            if linked(prev_c, n) and linked(c, next_n):
-                pairs.append(((prev_c, n, ca, c), (n, ca, c, next_n)))
-    return pairs
+    return [((prev_c, n, ca, c), (n, ca, c, next_n)) for prev_c, n, ca, c, next_n in _backbone_residues(topology)
+            if prev_c is not None and next_n is not None]
 
 
 def backbone_phis(topology: Any) -> list[tuple[int, int, int, int]]:
     """Atom quadruples C(i-1)-N(i)-CA(i)-C(i) of every backbone φ, in chain order: those of
     :func:`backbone_dihedrals` and also a C-terminal residue's, which has no ψ (an uncapped
     peptide's last residue)."""
-    if hasattr(topology, "to_openmm"):  # mdtraj.Topology
-        topology = topology.to_openmm()
-    bonds = {frozenset((a.index, b.index)) for a, b in topology.bonds()}
-    quads = []
-    for chain in topology.chains():
-        names = [{atom.name: atom.index for atom in residue.atoms()} for residue in chain.residues()]
-        for k in range(1, len(names)):
-            prev_c, n, ca, c = names[k - 1].get("C"), names[k].get("N"), names[k].get("CA"), names[k].get("C")
-            if None not in (prev_c, n, ca, c) and (not bonds or frozenset((prev_c, n)) in bonds):
-                quads.append((prev_c, n, ca, c))
-    return quads
+    return [(prev_c, n, ca, c) for prev_c, n, ca, c, _ in _backbone_residues(topology) if prev_c is not None]
 
 
 def phi_angles(topology: Any, x: Any) -> np.ndarray:
     """Every backbone φ (:func:`backbone_phis`): x (B, n_atoms, 3) nm -> (B, n_phi) radians in [-π, π)."""
     quads = backbone_phis(topology)
     if not quads:
-        raise CMTInputError("the topology has no backbone φ: φ-sign strata need a peptide.")
+        raise CMTInputError("the topology has no backbone φ: φ angles need a peptide.")
     return dihedral_angles(x, quads)
 
 

@@ -85,10 +85,9 @@ def write_samples(generator: Any, target: Target, n: int, out: str | os.PathLike
             arrays["resampled_indices"] = frames
             distinct = len(np.unique(frames))
             summary.update(resampled=int(len(frames)), resampled_distinct=distinct, resampled_note=(
-                f"the {len(frames):,} resampled frames hold {distinct:,} distinct sample{'s' * (distinct != 1)} (resampling "
-                f"repeats samples "
-                f"in proportion to their weights) and carry no more information than the N_eff = "
-                f"{ensemble.n_effective:,.0f} effective samples of the {int(n):,} drawn."))
+                f"the {len(frames):,} resampled frames hold {distinct:,} distinct sample{'s' * (distinct != 1)} "
+                f"(resampling repeats samples in proportion to their weights) and carry no more information than "
+                f"the N_eff = {ensemble.n_effective:,.0f} effective samples of the {int(n):,} drawn."))
         npz.add(**arrays)
         npz.close()
         if frames is not None and (dcd or pdb):

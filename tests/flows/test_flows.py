@@ -279,9 +279,9 @@ def test_spline_kernel_float32_error_is_float32_rounding(inverse):
 @pytest.mark.parametrize("inverse", [False, True])
 def test_spline_kernel_gradients_stay_finite_for_extreme_knot_derivatives(dtype, inverse):
     """Unconstrained knot derivatives far below zero (softplus ~ 0, its slope exp(raw) underflowing):
-    the kernel's gradients are finite and equal the torch operations' to rounding. A reverse-KL
-    run on ala4 reached raw derivatives of -90, where the slope written as 1 / (1 + exp(-raw))
-    divided by an overflowed exp and, compiled with -ffast-math, gave NaN."""
+    the kernel's gradients are finite and equal the torch operations' to rounding. Training reaches
+    such values; there the slope written as 1 / (1 + exp(-raw)) divides by an overflowed exp, which
+    -ffast-math turns into NaN."""
     x, bins, derivatives, grad_out, grad_logdet = _spline_case(8, 4, 100, torch.float64, seed=3)
     # exp(-raw) overflows float32 below -88 and float64 below -709
     extreme = torch.tensor([-800.0, -200.0, -120.0, -90.0, -60.0, -30.0, 0.0, 5.0], dtype=torch.float64)
