@@ -96,7 +96,7 @@ def with_preset(data: dict) -> dict:
     """The run mapping with its ``preset`` (a built-in run configuration) filled in: the preset's
     settings, then the mapping's own on top, section by section (``cmt``, ``flow``, ...). Lets a
     user train their own molecule with tuned settings: ``system: {pdb: ...}`` and
-    ``preset: peptide-hour``."""
+    ``preset: ala4-hour``."""
     from .presets import get_preset
 
     data = dict(data)

@@ -129,7 +129,7 @@ class CMTTrainer(Trainer):
         start = self.reached_at if c.lr_decay_from == "target" else self.cooled_at
         if start is None:
             return 1.0
-        return auto_lr_decay(start, self.plan) if c.lr_decay_after_target == AUTO else c.lr_decay_after_target
+        return auto_lr_decay(start, self.plan, c.lr_final_fraction) if c.lr_decay_after_target == AUTO else c.lr_decay_after_target
 
     def step(self) -> dict:
         x, log_q, log_p = self.draw_buffer()

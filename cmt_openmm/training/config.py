@@ -165,8 +165,8 @@ class CMTConfig:
     (peptides); with strata, each of the K strata in the buffer is fitted with at least mass
     strata_floor / K, the dual's weights kept inside each (:mod:`cmt_openmm.training.strata`).
     eps_ent: auto sizes the entropy budget per step so that the path cools at cool_fraction of the
-    run's planned steps; lr_decay_after_target: auto decays the learning rate to a few percent of
-    lr by the planned last step (:mod:`cmt_openmm.training.schedule`).
+    run's planned steps; lr_decay_after_target: auto decays the learning rate to lr_final_fraction
+    of lr by the planned last step (:mod:`cmt_openmm.training.schedule`).
     """
 
     eps_tr: float = field(default=0.5, metadata=POSITIVE)
@@ -186,6 +186,7 @@ class CMTConfig:
     strata: str = field(default="none", metadata=_check(lambda v: v in STRATA, "one of " + ", ".join(STRATA)))
     strata_floor: float = field(default=0.1, metadata=_check(lambda v: 0 < v < 1, "a number in (0, 1)"))
     cool_fraction: float = field(default=0.5, metadata=_check(lambda v: 0 < v < 1, "a number in (0, 1)"))
+    lr_final_fraction: float = field(default=0.04, metadata=_check(lambda v: 0 < v <= 1, "a number in (0, 1]"))
 
 
 @dataclass

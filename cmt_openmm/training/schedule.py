@@ -24,7 +24,7 @@ Two CMT settings use the plan (:mod:`.cmt`):
   by cooling on both), so ε_ent then grows as the cooling point nears: a path that has not
   cooled by then is let cool.
 - ``lr_decay_after_target: auto``: from the step the decay starts (``lr_decay_from``) the learning
-  rate shrinks by a constant factor per step that reaches :data:`FINAL_LR_FRACTION` of its value
+  rate shrinks by a constant factor per step that reaches ``lr_final_fraction`` of its value
   at the planned last step; a fixed factor instead freezes a long run's flow long before its
   end, or never settles a short one.
 
@@ -39,7 +39,6 @@ REPLAN_EVERY = 100
 ENTROPY_PER_COORDINATE = 5.8  # nats per flow coordinate (see the module docstring)
 EPS_ENT_RANGE = (0.2, 4.0)  # nats per annealing step
 EPS_ENT_BEFORE_PLAN = 0.5
-FINAL_LR_FRACTION = 0.04
 
 
 def plan_steps(max_steps: int, budget: int | str, step_cost: int, max_minutes: float | None,
@@ -70,9 +69,10 @@ def auto_eps_ent(n_coordinates: int, entropy_shed: float, step: int, plan: int |
     return min(max(left / steps_left, low), high)
 
 
-def auto_lr_decay(start_step: int, plan: int | None) -> float:
-    """The per-step learning-rate factor that reaches FINAL_LR_FRACTION at step ``plan`` when the
-    decay starts at ``start_step`` (1: no decay when no plan is known or no step is left)."""
+def auto_lr_decay(start_step: int, plan: int | None, final_fraction: float) -> float:
+    """The per-step learning-rate factor that reaches ``final_fraction`` of the learning rate at
+    step ``plan`` when the decay starts at ``start_step`` (1: no decay when no plan is known or
+    no step is left)."""
     if plan is None or plan <= start_step:
         return 1.0
-    return math.exp(math.log(FINAL_LR_FRACTION) / (plan - start_step))
+    return math.exp(math.log(final_fraction) / (plan - start_step))

@@ -6,7 +6,7 @@ import pytest
 from cmt_openmm.errors import CMTInputError
 from cmt_openmm.systems import get_target
 from cmt_openmm.training import TrainConfig, load_history, train
-from cmt_openmm.training.schedule import (ENTROPY_PER_COORDINATE, EPS_ENT_RANGE, FINAL_LR_FRACTION, MEASURED_STEPS,
+from cmt_openmm.training.schedule import (ENTROPY_PER_COORDINATE, EPS_ENT_RANGE, MEASURED_STEPS,
                                           auto_eps_ent, auto_lr_decay, plan_steps)
 
 TINY = {"method": "cmt", "seed": 1, "flow": {"n_layers": 2, "hidden": 8, "n_bins": 4},
@@ -34,9 +34,9 @@ def test_auto_eps_ent_spreads_the_entropy_left_over_the_steps_to_the_cooling_poi
 
 
 def test_auto_lr_decay_reaches_its_final_fraction_at_the_planned_end():
-    factor = auto_lr_decay(400, 1440)
-    assert factor ** (1440 - 400) == pytest.approx(FINAL_LR_FRACTION)
-    assert auto_lr_decay(400, None) == 1.0 and auto_lr_decay(1440, 1440) == 1.0
+    factor = auto_lr_decay(400, 1440, 0.04)
+    assert factor ** (1440 - 400) == pytest.approx(0.04)
+    assert auto_lr_decay(400, None, 0.04) == 1.0 and auto_lr_decay(1440, 1440, 0.04) == 1.0
 
 
 def test_budget_auto_needs_max_minutes():
@@ -81,7 +81,8 @@ def test_cmt_sizes_eps_ent_and_the_lr_decay_to_the_plan():
 
     target = get_target("aldp-vacuum")
     config = TrainConfig.from_dict({**TINY, "cmt": {**TINY["cmt"], "eps_ent": "auto", "cool_fraction": 0.4,
-                                                    "lr_decay_from": "cooled", "lr_decay_after_target": "auto"}})
+                                                    "lr_decay_from": "cooled", "lr_decay_after_target": "auto",
+                                                    "lr_final_fraction": 0.01}})
     generator = BoltzmannGenerator.build(target, n_layers=2, hidden=8, n_bins=4, seed=0)
     with OpenMMEnergy(target) as energy:
         trainer = CMTTrainer(target, generator, energy, config, torch.Generator().manual_seed(0))
@@ -98,7 +99,7 @@ def test_cmt_sizes_eps_ent_and_the_lr_decay_to_the_plan():
         left = ENTROPY_PER_COORDINATE * 60 - (records[0]["entropy"] - r["entropy"])
         assert EPS_ENT_RANGE[0] < r["eps_ent"] < EPS_ENT_RANGE[1]
         assert r["eps_ent"] == pytest.approx(left / (0.4 * 300 - step), rel=1e-9)
-    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(lr * FINAL_LR_FRACTION ** (1 / (300 - 4)))
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(lr * 0.01 ** (1 / (300 - 4)))
 
 
 def test_fixed_settings_take_no_plan_into_account(tmp_path):
