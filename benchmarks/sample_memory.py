@@ -2,7 +2,7 @@
 
 Issue 25: 1e7 alanine-dipeptide samples are 5.3 GB of float64 positions, which ``sample`` used to
 hold whole. Now positions are written as they are drawn and only ~33 bytes a sample stay in
-memory (``sample``), and ``evaluate`` keeps the log-weights and angles of its draws (25 bytes a
+memory (``sample``), and ``evaluate`` keeps the log-weights and angles of its draws (33 bytes a
 sample) with its estimates computed a block of samples at a time, so the peak resident memory at
 1e7 samples should be within 1.5x of that at 1e5 (the process's own ~1.2 GB: torch, OpenMM, the energy). Each command runs in a fresh process on a
 tiny trained ALDP run (2 CMT steps, trained here unless ``--run-dir`` names one); its peak RSS is

@@ -29,7 +29,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..coordinates.backbone import is_peptide, ramachandran_angles
+from ..coordinates.backbone import BackboneAngles, is_peptide, ramachandran_angles
 from ..errors import CMTInputError
 from ..importance import CLIP_FRACTION, eubo, forward_ess, reverse_ess
 from ..sampling.estimators import (ALDP_BASINS, BLOCK_ROWS, MIN_EFFECTIVE_SAMPLES, PHI_POSITIVE, Estimate, as_weights,
@@ -207,8 +207,9 @@ def sample_metrics(ensembles: Sequence[ReweightedEnsemble] | ReweightedEnsemble,
     consecutive parts are the draws (what the report keeps of a large draw: log-weights and angles,
     `ReweightedEnsemble.weights_only`; no copy is made). ``n_effective`` is N · ESS of the pooled
     draws and ``reliable`` whether it reaches :data:`MIN_EFFECTIVE_SAMPLES`; the populations (and a
-    toy's mode weights) inherit both. Peptides also get ``phi_positive_samples``: by residue, how many
-    of the pooled samples lie in the φ > 0 basin (:data:`PHI_POSITIVE`), whatever their weights.
+    toy's mode weights) inherit both. Peptides also get ``phi_positive_samples``: by residue (every
+    backbone φ, in chain order), how many of the pooled samples lie in the φ > 0 basin
+    (:data:`PHI_POSITIVE`), whatever their weights.
     """
     if isinstance(ensembles, ReweightedEnsemble):
         pooled, size = ensembles, len(ensembles) // int(n_draws)
@@ -234,24 +235,30 @@ def sample_metrics(ensembles: Sequence[ReweightedEnsemble] | ReweightedEnsemble,
         "reliable": bool(n_eff >= MIN_EFFECTIVE_SAMPLES),
     }
     if is_peptide(target):
-        angles = pooled.ramachandran_angles()
-        out["phi_positive_samples"] = {f"residue_{i + 1}": phi_positive_count(angles[:, i])
-                                       for i in range(angles.shape[1])}
+        angles = pooled.backbone_angles()
+        out["phi_positive_samples"] = {f"residue_{i + 1}": phi_positive_count(angles.phi[:, i])
+                                       for i in range(angles.phi.shape[1])}
     weights = pooled.weights
     if not weights.any():
         return out
     if is_peptide(target):
-        out.update(peptide_populations(angles, weights, target.kT))
+        out.update(peptide_populations(angles.pairs, weights, target.kT, phi=angles.phi))
     elif hasattr(target, "mode_weights"):
         out["modes"] = {**toy_modes(pooled), "n_effective": float(n_eff), "reliable": out["reliable"]}
     return out
 
 
-def phi_positive_count(angles: np.ndarray) -> int:
-    """How many of the (φ, ψ) angles (N, 2) lie in the φ > 0 basin (:data:`PHI_POSITIVE`), counted a
-    block of samples at a time."""
-    return sum(int(basin_indicators(angles[i : i + BLOCK_ROWS], PHI_POSITIVE)["phi>0"].sum())
-               for i in range(0, len(angles), BLOCK_ROWS))
+def phi_positive_count(phi: np.ndarray) -> int:
+    """How many of the angles φ (N,) lie in the φ > 0 basin (:data:`PHI_POSITIVE`), counted a block
+    of samples at a time."""
+    return sum(int(basin_indicators(_any_psi(phi[i : i + BLOCK_ROWS]), PHI_POSITIVE)["phi>0"].sum())
+               for i in range(0, len(phi), BLOCK_ROWS))
+
+
+def _any_psi(phi: np.ndarray) -> np.ndarray:
+    """φ (N,) as (φ, ψ) pairs (N, 2) with ψ = 0, for boxes whose ψ interval is the full circle
+    (:data:`PHI_POSITIVE`): a C-terminal residue has a φ but no ψ."""
+    return np.stack([phi, np.zeros_like(phi)], axis=-1)
 
 
 ERROR_METHODS = {
@@ -262,9 +269,13 @@ ERROR_METHODS = {
 """How `peptide_populations` computes its error bars, as written into report.json / report.md."""
 
 
-def peptide_populations(angles: np.ndarray, weights: np.ndarray | None, kT: float, error: str | None = None) -> dict:
-    """Basin populations and free energies with their errors: the ALDP boxes and the φ > 0 basin
-    (:data:`PHI_POSITIVE`) for one backbone pair, the φ > 0 basin per residue for longer peptides.
+def peptide_populations(angles: np.ndarray, weights: np.ndarray | None, kT: float, error: str | None = None,
+                        phi: np.ndarray | None = None) -> dict:
+    """Basin populations and free energies with their errors: the ALDP boxes for one backbone pair
+    (``angles`` (N, n_pairs, 2)), and the φ > 0 basin (:data:`PHI_POSITIVE`) of every backbone φ
+    (``phi`` (N, n_phi), which includes an uncapped peptide's C-terminal residue; None: the pairs'
+    φ), one estimate for a single φ and by residue otherwise (``residue_k``: the k-th residue with a φ,
+    in chain order).
 
     ``weights`` (N,): independent importance-weighted samples, delta-method errors (``error``
     default "delta"). ``weights=None``: MD frames in time order (reference MD: one replica-exchange
@@ -289,23 +300,27 @@ def peptide_populations(angles: np.ndarray, weights: np.ndarray | None, kT: floa
 
     out: dict[str, Any] = {"error_method": ERROR_METHODS[error]}
     if angles.shape[1] == 1:
-        boxes = {**ALDP_BASINS, **PHI_POSITIVE}
-        pops = basin_populations(angles[:, 0], w, boxes, error=error)
-        n_eff = n_effective(angles[:, 0], boxes)
-        basins = {k: v for k, v in pops.items() if k in ALDP_BASINS}
-        out["basin_populations"] = {k: _population(v, n_eff[k]) for k, v in basins.items()}
-        out["phi_positive_population"] = _population(pops["phi>0"], n_eff["phi>0"])
-        if any(v.value > 0 for v in basins.values()):
-            ref = max(basins, key=lambda k: basins[k].value)
+        pops = basin_populations(angles[:, 0], w, ALDP_BASINS, error=error)
+        n_eff = n_effective(angles[:, 0], ALDP_BASINS)
+        out["basin_populations"] = {k: _population(v, n_eff[k]) for k, v in pops.items()}
+        if any(v.value > 0 for v in pops.values()):
+            ref = max(pops, key=lambda k: pops[k].value)
             dF = basin_free_energies(angles[:, 0], w, ALDP_BASINS, kT=1.0, reference=ref, error=error)
             out["basin_free_energies_kT"] = {k: _estimate(v, min(n_eff[k], n_eff[ref])) for k, v in dF.items()}
-    else:
-        out["phi_positive_population"] = {}
-        for i in range(angles.shape[1]):
-            est = basin_populations(angles[:, i], w, PHI_POSITIVE, error=error)["phi>0"]
-            n_eff = n_effective(angles[:, i], PHI_POSITIVE)["phi>0"]
-            out["phi_positive_population"][f"residue_{i + 1}"] = _population(est, n_eff)
+    phi = angles[..., 0] if phi is None else phi
+    phi_positive = {}
+    for i in range(phi.shape[1]):
+        a = _any_psi(phi[:, i])
+        est = basin_populations(a, w, PHI_POSITIVE, error=error)["phi>0"]
+        phi_positive[f"residue_{i + 1}"] = _population(est, n_effective(a, PHI_POSITIVE)["phi>0"])
+    out["phi_positive_population"] = phi_positive["residue_1"] if len(phi_positive) == 1 else phi_positive
     return out
+
+
+def md_populations(target, positions: np.ndarray) -> dict:
+    """`peptide_populations` of MD frames (N, n_atoms, 3) nm in time order (correlated errors)."""
+    angles = BackboneAngles.of(target.topology, positions)
+    return peptide_populations(angles.pairs, None, target.kT, phi=angles.phi)
 
 
 def toy_modes(pooled: ReweightedEnsemble) -> dict:
@@ -362,7 +377,7 @@ def reference_metrics(generator, target, reference_positions: np.ndarray, pooled
     }
     if is_peptide(target):
         ref_angles = ramachandran_angles(target.topology, ref)
-        out["reference_populations"] = peptide_populations(ref_angles, None, target.kT)
+        out["reference_populations"] = md_populations(target, ref)
         if pooled is not None and pooled.weights.any():
             model_angles = pooled.ramachandran_angles()
             out["ramachandran_tv"] = ramachandran_tv(model_angles, ref_angles, pooled.weights)

@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ..coordinates.backbone import is_peptide, ramachandran_angles
+from ..coordinates.backbone import BackboneAngles, is_peptide, ramachandran_angles
 from ..files import atomic_write, to_json
 from ..sampling.estimators import MIN_EFFECTIVE_SAMPLES
 from ..sampling.drawing import draw_chunks, provenance
@@ -185,8 +185,8 @@ def draw_pooled(generator, target, n_samples: int, n_draws: int, seed: int, prog
                 energy=None, batch_size: int = 1000) -> ReweightedEnsemble:
     """The draws of :func:`draw_ensembles` (the same samples and weights), pooled in one ensemble
     that keeps only what the report's metrics and plots use: the log-weights, the invalid flags,
-    the count of failed energies and, for peptides, the Ramachandran angles
-    (`ReweightedEnsemble.weights_only`: 25 bytes a sample for alanine dipeptide). Draw k is the
+    the count of failed energies and, for peptides, the backbone angles
+    (`ReweightedEnsemble.weights_only`: 33 bytes a sample for alanine dipeptide). Draw k is the
     k-th block of ``n_samples``."""
     from tqdm.auto import tqdm
 
@@ -198,9 +198,9 @@ def draw_pooled(generator, target, n_samples: int, n_draws: int, seed: int, prog
             part = ReweightedEnsemble(target, None, chunk.log_q, chunk.reduced_energy, chunk.invalid)
             log_w[rows], invalid[rows], failed = part.log_weights, part.invalid, failed + part.failed_energies
             if is_peptide(target):
-                a = ramachandran_angles(target.topology, chunk.positions)
-                angles = np.empty((total,) + a.shape[1:]) if angles is None else angles
-                angles[rows] = a
+                a = BackboneAngles.of(target.topology, chunk.positions)
+                angles = BackboneAngles.empty(total, a) if angles is None else angles
+                angles.put(rows, a)
     return ReweightedEnsemble.weights_only(target, log_w, invalid, failed, provenance(generator, seed, total),
                                            angles=angles)
 

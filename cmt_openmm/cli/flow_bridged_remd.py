@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..coordinates.backbone import is_peptide, ramachandran_angles
+from ..coordinates.backbone import is_peptide
 from ..errors import CMTInputError
 from ..files import atomic_write, json_default, to_json
 from ..runs.run import Run
@@ -45,10 +45,9 @@ def cmd_bridge_remd(args: argparse.Namespace) -> int:
     )
     summary = {"out": str(result.path), "n_frames": int(result.positions.shape[0]), **result.provenance}
     if is_peptide(target) and len(result.positions):
-        from ..analysis.metrics import peptide_populations
+        from ..analysis.metrics import md_populations
 
-        summary["populations"] = peptide_populations(
-            ramachandran_angles(target.topology, result.positions), None, target.kT)
+        summary["populations"] = md_populations(target, result.positions)
     atomic_write(Path(args.out).with_suffix(".json"), to_json(summary))
     print(json.dumps(summary, indent=2, default=json_default), file=getattr(args, "stdout", None) or sys.stdout,
           flush=True)

@@ -28,7 +28,7 @@ from typing import Sequence
 
 import yaml
 
-from ..coordinates.backbone import is_peptide, ramachandran_angles
+from ..coordinates.backbone import is_peptide
 from ..errors import CMTInputError, CMTPeerLost, CMTWriteError
 from ..files import atomic_write, json_default, to_json
 from ..runs.presets import get_preset, list_presets
@@ -145,10 +145,9 @@ def cmd_reference_md(args: argparse.Namespace) -> int:
     )
     summary = {"out": str(result.path), "n_frames": int(result.positions.shape[0]), **result.provenance}
     if is_peptide(target):
-        from ..analysis.metrics import peptide_populations
+        from ..analysis.metrics import md_populations
 
-        summary["populations"] = peptide_populations(
-            ramachandran_angles(target.topology, result.positions), None, target.kT)
+        summary["populations"] = md_populations(target, result.positions)
     atomic_write(Path(args.out).with_suffix(".json"), to_json(summary))
     _emit(summary, args)
     return 0

@@ -6,7 +6,8 @@ basin populations, Ramachandran metrics and plots. The angles agree with mdtraj'
 """
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -72,6 +73,37 @@ def ramachandran_angles(topology: Any, x: Any) -> np.ndarray:
     quads = [quad for pair in pairs for quad in pair]
     angles = dihedral_angles(x, quads)
     return angles.reshape(angles.shape[0], len(pairs), 2)
+
+
+@dataclass(frozen=True)
+class BackboneAngles:
+    """A peptide's backbone angles in N configurations, radians in [-π, π): ``pairs`` (N, n_pairs, 2),
+    the (φ, ψ) of :func:`ramachandran_angles`, and ``phi`` (N, n_phi), every φ of
+    :func:`phi_angles` (an uncapped peptide's C-terminal residue has a φ but no ψ). What an ensemble
+    keeps of its samples for basin populations and Ramachandran metrics once positions are gone."""
+
+    pairs: np.ndarray
+    phi: np.ndarray
+
+    @classmethod
+    def of(cls, topology: Any, x: Any) -> BackboneAngles:
+        """The angles of configurations x (B, n_atoms, 3) nm."""
+        return cls(ramachandran_angles(topology, x), phi_angles(topology, x))
+
+    @classmethod
+    def concatenate(cls, parts: Sequence[BackboneAngles]) -> BackboneAngles:
+        """The configurations of ``parts``, in order."""
+        return cls(np.concatenate([p.pairs for p in parts]), np.concatenate([p.phi for p in parts]))
+
+    @classmethod
+    def empty(cls, n: int, like: BackboneAngles) -> BackboneAngles:
+        """Room for n configurations of ``like``'s peptide, filled a block at a time with :meth:`put`
+        (a large draw's angles are never held twice)."""
+        return cls(np.empty((int(n),) + like.pairs.shape[1:]), np.empty((int(n),) + like.phi.shape[1:]))
+
+    def put(self, rows: slice, part: BackboneAngles) -> None:
+        """Write ``part``'s configurations into ``rows``."""
+        self.pairs[rows], self.phi[rows] = part.pairs, part.phi
 
 
 def is_peptide(target) -> bool:

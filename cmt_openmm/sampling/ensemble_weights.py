@@ -63,10 +63,11 @@ class EnsembleWeights:
 
     @classmethod
     def weights_only(cls, target: Target, log_weights: Any, invalid: Any = None, failed_energies: int = 0,
-                     metadata: dict | None = None, angles: np.ndarray | None = None) -> EnsembleWeights:
-        """An ensemble of log-weights (N,) alone (and, for peptides, ``angles``): no positions, log q or
-        energies (``log_q`` and ``reduced_energy`` are None), 8 bytes a sample plus the angles' 16 per
-        backbone pair. What the report keeps of a large draw; ``failed_energies`` counts the samples
+                     metadata: dict | None = None, angles: Any = None) -> EnsembleWeights:
+        """An ensemble of log-weights (N,) alone (and, for peptides, ``angles``, their
+        `~cmt_openmm.coordinates.backbone.BackboneAngles`): no positions, log q or energies
+        (``log_q`` and ``reduced_energy`` are None), 8 bytes a sample plus the angles' 8 per backbone
+        dihedral. What the report keeps of a large draw; ``failed_energies`` counts the samples
         whose energy failed, which the energies would have told. Methods that need the energies
         (`reweight_to`, `npz_arrays`) say so in one sentence."""
         lw = as_float64(log_weights).reshape(-1)

@@ -10,7 +10,7 @@ export (mdtraj, DCD + PDB, weights as .npy/.csv, the ``cmt-openmm sample`` npz).
 
 Large draws are streamed (:mod:`.drawing`): ``reweight(..., out=path)`` writes positions into the
 npz as they are drawn and returns the ensemble with its positions memory-mapped from that file,
-and ``reweight(..., positions=False)`` keeps only the weights and, for peptides, the Ramachandran
+and ``reweight(..., positions=False)`` keeps only the weights and, for peptides, the backbone
 angles; an ensemble without positions says so in one sentence when a method needs them.
 
 Error bars (one standard error) are computed one of two ways, always stated by the ``error``
@@ -42,7 +42,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ..coordinates.backbone import is_peptide, ramachandran_angles
+from ..coordinates.backbone import BackboneAngles, is_peptide
 from ..errors import CMTInputError
 from ..files import atomic_writer
 from ..target import Target
@@ -78,7 +78,7 @@ class ReweightedEnsemble(EnsembleWeights):
         reduced_energy: (N,) raw u = U / kT of ``target`` (+inf where evaluation failed);
         invalid: (N,) bool, samples to give weight 0 (e.g. flipped chirality); default none.
         metadata: JSON-able provenance (seed, generator hash, ...), saved with `save_npz`.
-        angles: (N, n_pairs, 2) Ramachandran angles (rad) when already computed (peptides).
+        angles: the samples' `BackboneAngles` when already computed (peptides).
 
     Attributes: ``positions``, ``log_q``, ``reduced_energy``, ``invalid``, ``log_weights`` (N,)
     = -u - log q, -inf where invalid, u not finite or log q not finite.
@@ -101,7 +101,7 @@ class ReweightedEnsemble(EnsembleWeights):
         reduced_energy: Any,
         invalid: Any = None,
         metadata: dict | None = None,
-        angles: np.ndarray | None = None,
+        angles: BackboneAngles | None = None,
     ) -> None:
         lq, u = as_float64(log_q).reshape(-1), as_float64(reduced_energy).reshape(-1)
         x = None if positions is None else positions if isinstance(positions, np.memmap) else as_float64(positions)
@@ -126,7 +126,8 @@ class ReweightedEnsemble(EnsembleWeights):
         target = ensembles[0].target
         cat = lambda name: np.concatenate([getattr(e, name) for e in ensembles])  # noqa: E731
         positions = None if any(e.positions is None for e in ensembles) else cat("positions")
-        angles = None if any(e._angles is None for e in ensembles) else cat("_angles")
+        angles = (None if any(e._angles is None for e in ensembles)
+                  else BackboneAngles.concatenate([e._angles for e in ensembles]))
         if any(e.reduced_energy is None for e in ensembles):
             return cls.weights_only(target, cat("log_weights"), cat("invalid"),
                                     sum(e.failed_energies for e in ensembles), angles=angles)
@@ -185,12 +186,20 @@ class ReweightedEnsemble(EnsembleWeights):
         return weighted_mean(values, w, error=error, n_bootstrap=n_bootstrap, seed=seed)
 
     def ramachandran_angles(self) -> np.ndarray:
-        """Backbone (φ, ψ) of every sample: (N, n_pairs, 2) radians in [-π, π); computed once, in
-        blocks of :data:`ROWS_PER_BLOCK` configurations, then kept."""
+        """Backbone (φ, ψ) of every sample: (N, n_pairs, 2) radians in [-π, π) (`backbone_angles`)."""
+        return self.backbone_angles("ramachandran_angles()").pairs
+
+    def phi_angles(self) -> np.ndarray:
+        """Every backbone φ of every sample, a C-terminal one included: (N, n_phi) radians in [-π, π)."""
+        return self.backbone_angles("phi_angles()").phi
+
+    def backbone_angles(self, what: str = "backbone_angles()") -> BackboneAngles:
+        """The samples' `BackboneAngles`: computed once, in blocks of :data:`ROWS_PER_BLOCK`
+        configurations, then kept (``what`` names the caller when positions are missing)."""
         if self._angles is None:
-            x = self._positions("ramachandran_angles()")
-            self._angles = np.concatenate([ramachandran_angles(self.target.topology, x[i : i + ROWS_PER_BLOCK])
-                                           for i in range(0, len(self), ROWS_PER_BLOCK)])
+            x = self._positions(what)
+            self._angles = BackboneAngles.concatenate([BackboneAngles.of(self.target.topology, x[i : i + ROWS_PER_BLOCK])
+                                                       for i in range(0, len(self), ROWS_PER_BLOCK)])
         return self._angles
 
     # -- free energies ---------------------------------------------------------------------
@@ -461,7 +470,7 @@ def reweight(
     Memory: by default every position is kept (N × n_atoms × 24 bytes). ``out`` (an ``.npz``
     path) writes the `save_npz` file as the batches come, atomically, and returns the ensemble
     with its positions memory-mapped from it; ``positions=False`` keeps none, only the weights
-    and (peptides) the Ramachandran angles. Either way the samples and weights are those of the
+    and (peptides) the backbone angles. Either way the samples and weights are those of the
     in-memory draw with the same arguments (:mod:`.drawing`).
     """
     if out is not None:
@@ -479,9 +488,9 @@ def reweight(
             x = np.empty((int(n),) + chunk.positions.shape[1:]) if x is None else x
             x[rows] = chunk.positions
         if keep_angles:
-            a = ramachandran_angles(target.topology, chunk.positions)
-            angles = np.empty((int(n),) + a.shape[1:]) if angles is None else angles
-            angles[rows] = a
+            a = BackboneAngles.of(target.topology, chunk.positions)
+            angles = BackboneAngles.empty(n, a) if angles is None else angles
+            angles.put(rows, a)
         log_q[rows], u[rows], invalid[rows] = chunk.log_q, chunk.reduced_energy, chunk.invalid
     ensemble = ReweightedEnsemble(target, x, log_q, u, invalid, provenance(generator, seed, n), angles=angles)
     warn_if_low_ess(ensemble, f"reweighting {int(n)} generator samples to {target.name}", min_effective_samples)

@@ -326,3 +326,28 @@ def test_a_run_that_did_not_reach_its_target_says_so_and_what_to_do():
     assert done["target_reached"] is True and "verdict" not in done
     assert "not finished" not in render_markdown({"system": "ala4", "temperature": 300.0, "training": done})
     assert "target_reached" not in training_summary([{"step": 3, "loss": 1.0, "wall_time": 1.0}], "budget")
+
+
+def test_an_uncapped_peptides_c_terminal_phi_is_counted_and_reweighted(tmp_path, monkeypatch):
+    """ELIL (zwitterion, no caps) has three backbone φ but two (φ, ψ) pairs: the report's φ > 0 counts
+    cover all three, its C-terminal leucine's (no ψ) included, equal to mdtraj's φ, both from an
+    ensemble with positions and from the weights-only draw the report keeps; MD frames' populations
+    cover it too."""
+    from cmt_openmm import BoltzmannGenerator, get_target, reweight
+    from cmt_openmm.analysis.metrics import md_populations, sample_metrics
+
+    monkeypatch.setenv("CMT_OPENMM_CACHE", str(tmp_path))
+    target = get_target("elil")
+    bg = BoltzmannGenerator.build(target, n_layers=1, hidden=4, seed=0)
+    draw = dict(seed=0, batch_size=150, progress=False, min_effective_samples=0)  # 3 blocks of angles
+    full, lean = reweight(bg, target, 400, **draw), reweight(bg, target, 400, positions=False, **draw)
+    _, phi = md.compute_phi(md.Trajectory(full.positions, md.Topology.from_openmm(target.topology)))
+    in_basin = (phi >= 0) & (phi < 2 * np.pi / 3)
+    assert phi.shape[1] == 3 and full.ramachandran_angles().shape[1] == 2
+    assert 0 < in_basin[:, 2].sum() < len(phi)  # the untrained flow puts samples on both sides
+    expected = {f"residue_{i + 1}": int(n) for i, n in enumerate(in_basin.sum(axis=0))}
+    assert sample_metrics(full)["phi_positive_samples"] == expected
+    assert sample_metrics(lean)["phi_positive_samples"] == expected
+    frames = md_populations(target, full.positions)["phi_positive_population"]
+    assert list(frames) == list(expected)
+    assert [frames[k]["value"] for k in frames] == pytest.approx(in_basin.mean(axis=0).tolist(), abs=1e-12)
