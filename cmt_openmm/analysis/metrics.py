@@ -29,7 +29,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..coordinates.backbone import BackboneAngles, is_peptide, ramachandran_angles
+from ..coordinates.backbone import BackboneAngles, is_peptide, phi_residue_names, ramachandran_angles
 from ..errors import CMTInputError
 from ..importance import CLIP_FRACTION, eubo, forward_ess, reverse_ess
 from ..sampling.estimators import (ALDP_BASINS, BLOCK_ROWS, MIN_EFFECTIVE_SAMPLES, PHI_POSITIVE, Estimate, as_weights,
@@ -208,8 +208,8 @@ def sample_metrics(ensembles: Sequence[ReweightedEnsemble] | ReweightedEnsemble,
     `ReweightedEnsemble.weights_only`; no copy is made). ``n_effective`` is N · ESS of the pooled
     draws and ``reliable`` whether it reaches :data:`MIN_EFFECTIVE_SAMPLES`; the populations (and a
     toy's mode weights) inherit both. Peptides also get ``phi_positive_samples``: by residue (every
-    backbone φ, in chain order), how many of the pooled samples lie in the φ > 0 basin
-    (:data:`PHI_POSITIVE`), whatever their weights.
+    backbone φ, in chain order; ``phi_residues`` names them), how many of the pooled samples lie in
+    the φ > 0 basin (:data:`PHI_POSITIVE`), whatever their weights.
     """
     if isinstance(ensembles, ReweightedEnsemble):
         pooled, size = ensembles, len(ensembles) // int(n_draws)
@@ -236,6 +236,7 @@ def sample_metrics(ensembles: Sequence[ReweightedEnsemble] | ReweightedEnsemble,
     }
     if is_peptide(target):
         angles = pooled.backbone_angles()
+        out["phi_residues"] = phi_residue_names(target.topology)
         out["phi_positive_samples"] = {f"residue_{i + 1}": phi_positive_count(angles.phi[:, i])
                                        for i in range(angles.phi.shape[1])}
     weights = pooled.weights

@@ -143,6 +143,12 @@ def _by_residue(php: dict) -> dict:
     return {"residue_1": php} if "value" in php else php
 
 
+def _residue(key: str, names: Sequence[str] | None) -> str:
+    """``residue_2`` as "residue 2 (ILE3)": the k-th residue with a backbone φ and its name."""
+    k = int(key.rsplit("_", 1)[1])
+    return f"residue {k}" + (f" ({names[k - 1]})" if names and k <= len(names) else "")
+
+
 def energy_restarts(history: Sequence[dict]) -> dict:
     """``{"energy_restarts": k}`` when training replaced its energy worker pool k > 0 times (the
     records' cumulative ``energy_restarts``), else ``{}``."""
@@ -309,7 +315,8 @@ def render_markdown(report: dict) -> str:
             if "value" in php:
                 lines.append(f"- φ > 0 basin (αL ∪ C7ax, 0° ≤ φ < 120°) population, reweighted: {_pm(php)}")
             else:
-                lines += [f"- φ > 0 population, {k}: {_pm(v)}" for k, v in php.items()]
+                names = s.get("phi_residues")
+                lines += [f"- φ > 0 population, {_residue(k, names)}: {_pm(v)}" for k, v in php.items()]
         if "basin_populations" in s:
             ref = ((report.get("reference") or {}).get("reference_populations") or {}).get("basin_populations", {})
             dF = s.get("basin_free_energies_kT", {})
@@ -345,7 +352,8 @@ def render_markdown(report: dict) -> str:
                       "|---|---|---|---|"]
             for k, e in _by_residue(ref_pops["phi_positive_population"]).items():
                 count = f"{seen[k]:,}" if k in seen else "n/a"
-                lines.append(f"| {k.replace('_', ' ')} | {count} | {_pm(flow.get(k))} | {_pm(e, reference=True)} |")
+                lines.append(f"| {_residue(k, samples.get('phi_residues'))} | {count} | {_pm(flow.get(k))} | "
+                             f"{_pm(e, reference=True)} |")
         lines.append("")
     if report.get("plots"):
         lines += ["## Plots", ""] + [f"![{p}]({p})" for p in report["plots"]] + [""]

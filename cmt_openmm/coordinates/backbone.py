@@ -17,8 +17,8 @@ from ..units import dihedral_angles
 
 def _backbone_residues(topology: Any):
     """(C(i-1), N(i), CA(i), C(i), N(i+1)) atom indices of every residue with ``N``, ``CA`` and ``C``,
-    in chain order; a neighbour's atom is None where it is missing or, when the topology has
-    bonds, not bonded to this residue by a peptide bond."""
+    in chain order, then the residue's name and id (``LEU4``); a neighbour's atom is None where it is
+    missing or, when the topology has bonds, not bonded to this residue by a peptide bond."""
     if hasattr(topology, "to_openmm"):  # mdtraj.Topology
         topology = topology.to_openmm()
     bonds = {frozenset((a.index, b.index)) for a, b in topology.bonds()}
@@ -27,14 +27,16 @@ def _backbone_residues(topology: Any):
         return i is not None and j is not None and (not bonds or frozenset((i, j)) in bonds)
 
     for chain in topology.chains():
-        names = [{atom.name: atom.index for atom in residue.atoms()} for residue in chain.residues()]
+        residues = list(chain.residues())
+        names = [{atom.name: atom.index for atom in residue.atoms()} for residue in residues]
         for k, atoms in enumerate(names):
             n, ca, c = atoms.get("N"), atoms.get("CA"), atoms.get("C")
             if n is None or ca is None or c is None:
                 continue
             prev_c = names[k - 1].get("C") if k > 0 else None
             next_n = names[k + 1].get("N") if k + 1 < len(names) else None
-            yield (prev_c if linked(prev_c, n) else None), n, ca, c, (next_n if linked(c, next_n) else None)
+            yield ((prev_c if linked(prev_c, n) else None), n, ca, c, (next_n if linked(c, next_n) else None),
+                   f"{residues[k].name}{residues[k].id}")
 
 
 def backbone_dihedrals(topology: Any) -> list[tuple[tuple[int, int, int, int], tuple[int, int, int, int]]]:
@@ -46,7 +48,7 @@ def backbone_dihedrals(topology: Any) -> list[tuple[tuple[int, int, int, int], t
     the outer C / N, so alanine dipeptide gives one pair. Accepts an `openmm.app.Topology` or
     an `mdtraj.Topology`.
     """
-    return [((prev_c, n, ca, c), (n, ca, c, next_n)) for prev_c, n, ca, c, next_n in _backbone_residues(topology)
+    return [((prev_c, n, ca, c), (n, ca, c, next_n)) for prev_c, n, ca, c, next_n, _ in _backbone_residues(topology)
             if prev_c is not None and next_n is not None]
 
 
@@ -54,7 +56,12 @@ def backbone_phis(topology: Any) -> list[tuple[int, int, int, int]]:
     """Atom quadruples C(i-1)-N(i)-CA(i)-C(i) of every backbone φ, in chain order: those of
     :func:`backbone_dihedrals` and also a C-terminal residue's, which has no ψ (an uncapped
     peptide's last residue)."""
-    return [(prev_c, n, ca, c) for prev_c, n, ca, c, _ in _backbone_residues(topology) if prev_c is not None]
+    return [(prev_c, n, ca, c) for prev_c, n, ca, c, _, _ in _backbone_residues(topology) if prev_c is not None]
+
+
+def phi_residue_names(topology: Any) -> list[str]:
+    """The residue of each :func:`backbone_phis` entry, as name and id (``["LEU2", "ILE3", "LEU4"]``)."""
+    return [name for prev_c, *_, name in _backbone_residues(topology) if prev_c is not None]
 
 
 def phi_angles(topology: Any, x: Any) -> np.ndarray:

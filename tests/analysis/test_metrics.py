@@ -348,6 +348,7 @@ def test_an_uncapped_peptides_c_terminal_phi_is_counted_and_reweighted(tmp_path,
     expected = {f"residue_{i + 1}": int(n) for i, n in enumerate(in_basin.sum(axis=0))}
     assert sample_metrics(full)["phi_positive_samples"] == expected
     assert sample_metrics(lean)["phi_positive_samples"] == expected
+    assert sample_metrics(lean)["phi_residues"] == ["LEU2", "ILE3", "LEU4"]
     frames = md_populations(target, full.positions)["phi_positive_population"]
     assert list(frames) == list(expected)
     assert [frames[k]["value"] for k in frames] == pytest.approx(in_basin.mean(axis=0).tolist(), abs=1e-12)

@@ -85,8 +85,8 @@ def test_the_markdown_opens_with_the_verdict():
 
 
 def test_every_residues_phi_positive_population_is_shown_beside_the_reference():
-    """One row per residue: flow samples in the basin, the reweighted population and the reference
-    MD's, each with its error bar (the reference's from its correlated frames)."""
+    """One row per residue, named: flow samples in the basin, the reweighted population and the
+    reference MD's, each with its error bar (the reference's from its correlated frames)."""
     rng = np.random.default_rng(3)
     flow_angles = rng.uniform(-np.pi, np.pi, (4000, 3, 2))
     ref_angles = rng.uniform(-np.pi, np.pi, (2000, 3, 2))
@@ -97,7 +97,8 @@ def test_every_residues_phi_positive_population_is_shown_beside_the_reference():
     ess = {"median": 1.0, "min": 1.0, "max": 1.0, "draws": [1.0]}
     samples = {"n_draws": 1, "n_samples_per_draw": 4000, "reverse_ess": ess, "reverse_ess_clipped": ess,
                "clip_fraction": 1e-4, "failed_energies": 0, "chirality_flips": 0, "n_effective": 4000.0,
-               "min_effective_samples": 100.0, "reliable": True, "phi_positive_samples": counts, **flow}
+               "min_effective_samples": 100.0, "reliable": True, "phi_positive_samples": counts,
+               "phi_residues": ["ALA2", "ALA3", "ALA4"], **flow}
     md = render_markdown({"system": "ala4", "temperature": 300.0, "samples": samples,
                           "reference": {"n_reference": 2000, "forward_ess": 0.5, "eubo": 1.0,
                                         "reference_populations": ref}})
@@ -106,9 +107,9 @@ def test_every_residues_phi_positive_population_is_shown_beside_the_reference():
     for i, row in enumerate(rows[:2]):
         f, r = flow["phi_positive_population"][f"residue_{i + 1}"], ref["phi_positive_population"][f"residue_{i + 1}"]
         assert r["reliable"] and r["error"] > 0
-        assert row == (f"| residue {i + 1} | {counts[f'residue_{i + 1}']:,} | {f['value']:.4f} ± {f['error']:.4f} | "
+        assert row == (f"| residue {i + 1} (ALA{i + 2}) | {counts[f'residue_{i + 1}']:,} | {f['value']:.4f} ± {f['error']:.4f} | "
                        f"{r['value']:.4f} ± {r['error']:.4f} |")
-    assert rows[2].startswith("| residue 3 |") and rows[2].endswith("| 0 (no samples; N_eff = 2,000) |")
+    assert rows[2].startswith("| residue 3 (ALA4) |") and rows[2].endswith("| 0 (no samples; N_eff = 2,000) |")
 
 
 def test_replaced_energy_worker_pools_are_reported_when_there_were_any():
