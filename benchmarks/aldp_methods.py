@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from cmt_openmm import Run
+from cmt_openmm.errors import CMTTrainingDiverged
 from cmt_openmm.files import atomic_write
 from cmt_openmm.runs.presets import get_preset
 from cmt_openmm.runs.run_files import build_target
@@ -105,7 +106,8 @@ def max_steps_for(method: str, section: dict, budget: int) -> int:
 
 def run_one(args: argparse.Namespace, settings: dict, method: str, seed: int) -> dict:
     """Train one (method, seed) from scratch, write its report (against ``args.reference`` when
-    given), return its table row."""
+    given), return its table row (:func:`diverged_row` where training diverged: a baseline that
+    fails is a result of the table, not the end of it)."""
     torch.set_num_threads(1)
     budget = int(args.budget)
     run_dir = Path(args.out) / f"{method}-seed{seed}"
@@ -124,12 +126,16 @@ def run_one(args: argparse.Namespace, settings: dict, method: str, seed: int) ->
     print(f"=== {LABEL[method]} seed {seed}: started ===", flush=True)
     start = time.perf_counter()
     progress = args.jobs == 1
-    if args.reference is None:
-        report = run.train(progress=progress)
-    else:  # the report compares with the MD frames: one report, written after training
-        run.train(progress=progress, report=False)
-        report = run.evaluate(args.reference, progress=progress, name="report")
-    row = row_of(method, seed, report, time.perf_counter() - start)
+    try:
+        if args.reference is None:
+            report = run.train(progress=progress)
+        else:  # the report compares with the MD frames: one report, written after training
+            run.train(progress=progress, report=False)
+            report = run.evaluate(args.reference, progress=progress, name="report")
+    except CMTTrainingDiverged as error:
+        row = diverged_row(method, seed, run.history, error, time.perf_counter() - start)
+    else:
+        row = row_of(method, seed, report, time.perf_counter() - start)
     row["group"] = group_of(method, settings[method])
     print(format_row(row), flush=True)
     return row
@@ -259,6 +265,17 @@ def row_of(method: str, seed: int, report: dict, total_wall: float) -> dict:
     return row
 
 
+def diverged_row(method: str, seed: int, history: list[dict], error: CMTTrainingDiverged, total_wall: float) -> dict:
+    """The row of a run whose training diverged: no generator was written, so nothing can be drawn:
+    ESS 0 and every basin lost; its cost is that of its last finite step (``history``'s last record)."""
+    last = history[-1] if history else {}
+    return {"method": method, "seed": seed, "ess": 0.0, "ess_min": 0.0, "ess_max": 0.0, "ess_clipped": 0.0,
+            "evaluations": last.get("energy_evaluations", 0), "steps": len(history),
+            "stop_reason": f"diverged after step {error.step}", "train_wall_s": last.get("wall_time", 0.0),
+            "total_wall_s": total_wall, "phi_positive": None, "phi_positive_error": None, "basins": {},
+            "lost_basins": ["all (training diverged)"], "chirality_flips": 0, "reliable": False, "diverged": str(error)}
+
+
 def _mean_std(values):
     v = [x for x in values if x is not None and math.isfinite(x)]
     if not v:
@@ -276,7 +293,8 @@ def aggregate(rows: list[dict]) -> dict:
         out[group]["n_runs"] = len(rs)
         out[group]["lost_basins"] = sorted({b for r in rs for b in r["lost_basins"]})
         out[group]["runs_keeping_every_basin"] = sum(not r["lost_basins"] for r in rs)
-        out[group]["unreliable_runs"] = sum(not r.get("reliable", True) for r in rs)
+        out[group]["diverged_runs"] = sum(bool(r.get("diverged")) for r in rs)
+        out[group]["unreliable_runs"] = sum(not r.get("reliable", True) and not r.get("diverged") for r in rs)
     return out
 
 

@@ -110,6 +110,7 @@ def table(rows_by_system: dict[str, list[dict]], preset: str, references: dict[s
                 f"| {fmt(s['ess_clipped'], 100)} | {fmt(s['ram_tv'], fmt='{:.2e}')} | {fmt(s['train_wall_s'], fmt='{:.0f}')} "
                 f"| {s['runs_keeping_every_basin']}/{s['n_runs']}"
                 + (f" ({s['unreliable_runs']} unreliable: too few effective samples)" if s["unreliable_runs"] else "")
+                + (f" ({s['diverged_runs']} diverged)" if s["diverged_runs"] else "")
                 + " | "
                 + (f"{pub[0]} | {pub[1]} | {pub[2]:.3g} |" if pub else "– | – | – |"))
     for system, path in sorted((references or {}).items()):

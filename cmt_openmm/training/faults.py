@@ -37,7 +37,7 @@ except ImportError:  # Windows: run directories are not locked
     fcntl = None
 import torch
 
-from ..errors import CMTInputError
+from ..errors import CMTInputError, CMTTrainingDiverged
 
 LOCK_FILE = "train.lock"
 MAX_ROLLBACKS = 3  # non-finite steps rolled back in a row before the run stops
@@ -118,14 +118,14 @@ def non_finite(record: dict, *modules: torch.nn.Module) -> str | None:
     return None
 
 
-def diverged(bad: str, step: int, lr: float, method: str, n_failed: int, run_dir: Path | None) -> CMTInputError:
+def diverged(bad: str, step: int, lr: float, method: str, n_failed: int, run_dir: Path | None) -> CMTTrainingDiverged:
     """The error that ends a run whose step ``step`` + 1 stayed non-finite (``bad``: what) after
     ``MAX_ROLLBACKS`` rollbacks, the last try at learning rate ``lr``."""
     kept = (f"the checkpoint in {run_dir} holds step {step}, but resuming would diverge again; "
             if run_dir is not None and step > 0 else "")  # no step done: no checkpoint written
-    return CMTInputError(f"training diverged: step {step + 1} gave a non-finite {bad} {MAX_ROLLBACKS + 1} times in a "
-                         f"row, the last time at a learning rate of {lr:.3g}; {kept}start again with a lower "
-                         f"{method}.lr, or check the energy ({n_failed:,} failed evaluations so far).")
+    return CMTTrainingDiverged(f"training diverged: step {step + 1} gave a non-finite {bad} {MAX_ROLLBACKS + 1} times "
+                               f"in a row, the last time at a learning rate of {lr:.3g}; {kept}start again with a "
+                               f"lower {method}.lr, or check the energy ({n_failed:,} failed evaluations so far).", step)
 
 
 @contextlib.contextmanager

@@ -89,6 +89,32 @@ def test_paper_table_runs_resumes_and_prints_the_published_numbers(tmp_path, mon
     assert "Ram TV floor of the ala4 reference (its two halves, 20 frames):" in (tmp_path / "t" / "table.md").read_text()
 
 
+def test_a_baseline_that_diverges_is_a_row_of_the_table_not_its_end(tmp_path, monkeypatch):
+    """A run whose training diverges (TA-BG on ala4 at cpu-hour did: its fit collapsed onto single
+    samples) has no generator: its row says so, with ESS 0, every basin lost and the cost up to its
+    last finite step, and the table counts it as diverged."""
+    from cmt_openmm.training import TRAINERS
+
+    trainer, step, calls = TRAINERS["temperature_annealing"], TRAINERS["temperature_annealing"].step, []
+
+    def nan_from_the_second_step(self):
+        calls.append(self.steps_done)
+        record = step(self)
+        return {**record, "loss": float("nan")} if self.steps_done >= 1 else record
+
+    monkeypatch.setattr(trainer, "step", nan_from_the_second_step)
+    monkeypatch.setenv("CMT_OPENMM_CACHE", str(tmp_path / "cache"))
+    bench = load_script("benchmarks/paper_table.py")
+    out = tmp_path / "t"
+    assert bench.main(["--tiny", "--systems", "ala4", "--methods", "temperature_annealing", "--out", str(out)]) == 0
+    row = json.loads((out / "ala4" / "temperature_annealing-seed0" / "row.json").read_text())
+    assert row["diverged"].startswith("training diverged: step 2 gave a non-finite loss")
+    assert calls[0] == 0 and set(calls[1:]) == {1}  # step 2 retried after each rollback, then given up
+    assert row["steps"] == 1 and row["evaluations"] > 0 and row["ess"] == 0.0
+    assert row["stop_reason"] == "diverged after step 1" and row["lost_basins"] == ["all (training diverged)"]
+    assert "| 0/1 (1 diverged) |" in (out / "table.md").read_text()
+
+
 def test_enhanced_sampling_never_prints_a_zero_error_bar():
     """A chain that never reached φ > 0, or never crossed, says so instead of 0.0000 ± 0.0000."""
     bench = load_script("benchmarks/enhanced_sampling.py")

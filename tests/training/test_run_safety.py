@@ -19,7 +19,7 @@ import yaml
 
 from cmt_openmm import Run
 from cmt_openmm.cli import main
-from cmt_openmm.errors import CMTInputError
+from cmt_openmm.errors import CMTInputError, CMTTrainingDiverged
 from cmt_openmm.generator import GENERATOR_FILE
 from cmt_openmm.systems import get_target
 from cmt_openmm.training import TRAINERS, load_history, train
@@ -291,6 +291,7 @@ def test_a_step_that_stays_non_finite_ends_the_run_in_one_sentence(toy, tmp_path
     with pytest.raises(CMTInputError) as info:
         train(toy, CMT, folder, progress=False)
     assert calls == [0] + [1] * (MAX_ROLLBACKS + 1)
+    assert isinstance(info.value, CMTTrainingDiverged) and info.value.step == 1
     message = str(info.value)
     assert message.startswith(f"training diverged: step 2 gave a non-finite {what} {MAX_ROLLBACKS + 1} times in a row")
     assert f"the checkpoint in {folder} holds step 1" in message and "lower cmt.lr" in message
