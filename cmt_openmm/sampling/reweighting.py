@@ -189,10 +189,6 @@ class ReweightedEnsemble(EnsembleWeights):
         """Backbone (φ, ψ) of every sample: (N, n_pairs, 2) radians in [-π, π) (`backbone_angles`)."""
         return self.backbone_angles("ramachandran_angles()").pairs
 
-    def phi_angles(self) -> np.ndarray:
-        """Every backbone φ of every sample, a C-terminal one included: (N, n_phi) radians in [-π, π)."""
-        return self.backbone_angles("phi_angles()").phi
-
     def backbone_angles(self, what: str = "backbone_angles()") -> BackboneAngles:
         """The samples' `BackboneAngles`: computed once, in blocks of :data:`ROWS_PER_BLOCK`
         configurations, then kept (``what`` names the caller when positions are missing)."""
