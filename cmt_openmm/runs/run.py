@@ -80,15 +80,16 @@ class Run:
         directory = Path(directory).expanduser().resolve()
         has_run = (directory / CHECKPOINT_FILE).is_file()
         resume = resume or (has_run and elastic_restart())  # torchrun restarted this rank after a failure
+        # refused while another process trains there (it would change its run's files; it may not have
+        # written its first checkpoint yet); under torchrun rank 0 checks, as it alone takes the lock,
+        # which it may already hold while a peer starts
+        if directory.is_dir() and launched().main:
+            with training_lock(directory, mark=False):
+                pass
         if has_run != resume:  # before anything is written (a target is saved in the directory)
             raise CMTInputError(f"{directory} already holds a run; resume it (--resume, resume=True) or choose another "
                                 "directory." if has_run else
                                 f"{directory} holds no checkpoint to resume; start the run without resume.")
-        # refused while another process trains there (it would change its run's files); under torchrun
-        # rank 0 checks, as it alone takes the lock, which it may already hold while a peer starts
-        if directory.is_dir() and launched().main:
-            with training_lock(directory, mark=False):
-                pass
         data, base = _run_mapping(config, overrides)
         if target is not None:
             data = {**data, "system": _save_target(target, directory), "temperature": _temperature(data, target)}

@@ -1,9 +1,10 @@
 """A training run's directory: its config, checkpoints and records, written so that a run resumes exactly.
 
 Files (``run_dir``): ``config.yaml`` (the :class:`~.config.TrainConfig`, ``shards`` resolved),
-``target/`` (:meth:`~cmt_openmm.target.Target.save`), ``checkpoint.pt`` (written atomically after
-every step: tmp file + ``os.replace``) and ``metrics.jsonl`` (one record per step, appended before
-the step's checkpoint). A checkpoint holds the generator's and the optimiser's state, the weight
+``target/`` (:meth:`~cmt_openmm.target.Target.save`), ``checkpoint.pt`` (written atomically, tmp
+file + ``os.replace``, by a :class:`CheckpointWriter`: every ``checkpoint_minutes`` and when the run
+stops) and ``metrics.jsonl`` (one record per step, appended after each step; records of steps after
+the checkpoint are dropped on resume). A checkpoint holds the generator's and the optimiser's state, the weight
 average, the random stream, the method's state, the counters and the last ``RECENT_RECORDS``
 records, already serialised; the history itself is ``metrics.jsonl``'s, because serialising the
 whole history at every step costs a time that grows with the run (figures in benchmarks/RESULTS.md). Checkpoints hold only tensors and plain Python values and are read with
@@ -16,6 +17,7 @@ import collections
 import dataclasses
 import json
 import os
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -107,6 +109,29 @@ def save_checkpoint(run_dir: Path, trainer: Trainer, average: WeightAverage | No
     }
     with atomic_writer(run_dir / CHECKPOINT_FILE) as handle:
         torch.save(payload, handle)
+
+
+class CheckpointWriter:
+    """Writes the checkpoint of a run's last complete step: :meth:`write` when the run stops or
+    fails, ``write(when_due=True)`` after each step, which writes only once
+    ``config.checkpoint_minutes`` of wall time have passed since the last checkpoint (0: every
+    step). The seconds spent writing count towards the run's training time (``state["wall_time"]``,
+    which ``max_minutes`` limits). Nothing is written without a ``run_dir``."""
+
+    def __init__(self, run_dir: Path | None, trainer: Trainer, average: WeightAverage | None, config: TrainConfig,
+                 state: dict) -> None:
+        self.run_dir, self.trainer, self.average, self.config, self.state = run_dir, trainer, average, config, state
+        self.step, self.at = state["step"], time.monotonic()  # the step on disk (a resumed run's, or 0) and when
+
+    def write(self, when_due: bool = False) -> None:
+        if self.run_dir is None or self.state["step"] == self.step:
+            return
+        if when_due and time.monotonic() - self.at < 60.0 * self.config.checkpoint_minutes:
+            return
+        start = time.perf_counter()
+        save_checkpoint(self.run_dir, self.trainer, self.average, self.config, self.state)
+        self.state["wall_time"] += time.perf_counter() - start
+        self.step, self.at = self.state["step"], time.monotonic()
 
 
 def load_checkpoint(path: Path) -> dict:

@@ -23,7 +23,7 @@ from .strata import STRATA
 
 TRAINERS: dict[str, type] = {}
 """The trainer class of each method name (``TrainConfig.method``), filled by :func:`register_method`."""
-RESUMABLE = ("budget", "max_steps", "max_minutes", "threads", "device")
+RESUMABLE = ("budget", "max_steps", "max_minutes", "checkpoint_minutes", "threads", "device")
 """Training settings a resumed run may change."""
 DEVICES = ("cpu", "cuda", "auto")
 
@@ -245,7 +245,9 @@ class TrainConfig:
     exceed it is not started), or "auto" with max_minutes: as many as fit in that time;
     max_steps: maximum number of steps (annealing steps for CMT and the ladder, records of
     steps_per_record Adam steps for the gradient methods); max_minutes:
-    training wall time after which no new step starts (None: no limit); threads: torch
+    training wall time after which no new step starts (None: no limit); checkpoint_minutes: the
+    longest time between two checkpoints (0: after every step); the run also writes one when it
+    stops, is interrupted or fails, so only a hard kill loses up to that much training; threads: torch
     CPU threads while training (the CLI's --threads; 1 is fastest for the ALDP flows on few
     cores; "auto": :func:`resolve_threads`, for the larger peptides' steps);
     ema_decay: None, or average the flow's weights over training with this decay per Adam step
@@ -272,6 +274,7 @@ class TrainConfig:
     budget: typing.Union[int, str] = field(default=1_000_000, metadata=POSITIVE_OR_AUTO)
     max_steps: int = field(default=1000, metadata=POSITIVE)
     max_minutes: typing.Optional[float] = field(default=None, metadata=POSITIVE)
+    checkpoint_minutes: float = field(default=1.0, metadata=NON_NEGATIVE)
     threads: typing.Union[int, str] = field(default=1, metadata=POSITIVE_OR_AUTO)
     ema_decay: typing.Optional[float] = field(default=None, metadata=_check(lambda v: 0 < v < 1, "a number in (0, 1)"))
     device: str = field(default="cpu", metadata=_check(lambda v: v in DEVICES, "one of " + ", ".join(DEVICES)))

@@ -23,7 +23,7 @@ from cmt_openmm.errors import CMTInputError, CMTTrainingDiverged
 from cmt_openmm.generator import GENERATOR_FILE
 from cmt_openmm.systems import get_target
 from cmt_openmm.training import TRAINERS, load_history, train
-from cmt_openmm.training import faults, loop
+from cmt_openmm.training import checkpoints, faults, loop
 from cmt_openmm.training.faults import LOCK_FILE, MAX_ROLLBACKS
 from cmt_openmm.training.checkpoints import CHECKPOINT_FILE
 from helpers import ROOT, assert_same_history
@@ -92,16 +92,16 @@ def test_a_signal_ends_the_run_at_the_last_complete_step(toy, tmp_path, monkeypa
             _wrap_step(patch, "cmt", _signal_in_call(3))
             signum = signal.SIGTERM
         else:  # SIGINT while step 2's checkpoint is written: it is finished, then the run stops
-            save = loop.save_checkpoint
+            save = checkpoints.save_checkpoint
 
             def save_then_signal(run_dir, trainer, average, config, state):
                 save(run_dir, trainer, average, config, state)
                 if state["step"] == 2:
                     os.kill(os.getpid(), signal.SIGINT)
 
-            patch.setattr(loop, "save_checkpoint", save_then_signal)
+            patch.setattr(checkpoints, "save_checkpoint", save_then_signal)
             signum = signal.SIGINT
-        result = train(toy, CMT, split, progress=False)
+        result = train(toy, {**CMT, "checkpoint_minutes": 0}, split, progress=False)  # a checkpoint every step
     assert (result.stop_reason, result.signal, len(result.history)) == ("interrupted", signum.name, 2)
     assert signal.getsignal(signal.SIGTERM) is sigterm_guard  # the handlers are put back
     assert signal.getsignal(signal.SIGINT) is sigint_before
@@ -325,3 +325,70 @@ def test_a_first_step_that_stays_non_finite_names_no_checkpoint(toy, tmp_path, m
         train(toy, CMT, folder, progress=False)
     assert str(info.value).startswith("training diverged: step 1 gave a non-finite loss")
     assert "checkpoint" not in str(info.value) and not (folder / CHECKPOINT_FILE).exists()
+
+
+# -- when checkpoints are written ------------------------------------------------------------
+def _count_saves(monkeypatch) -> list[int]:
+    """Make checkpoints.save_checkpoint note the step of every checkpoint it writes."""
+    steps, save = [], checkpoints.save_checkpoint
+
+    def noted(run_dir, trainer, average, config, state):
+        steps.append(state["step"])
+        save(run_dir, trainer, average, config, state)
+
+    monkeypatch.setattr(checkpoints, "save_checkpoint", noted)
+    return steps
+
+
+@pytest.mark.parametrize("minutes, written", [(0, [1, 2, 3, 4]), (1e-9, [1, 2, 3, 4]), (60, [4])])
+def test_checkpoints_are_written_every_checkpoint_minutes_and_when_the_run_stops(toy, tmp_path, monkeypatch, minutes,
+                                                                                 written):
+    saves = _count_saves(monkeypatch)
+    result = train(toy, {**CMT, "checkpoint_minutes": minutes}, tmp_path / "run", progress=False)
+    assert saves == written and len(result.history) == 4
+    assert torch.load(tmp_path / "run" / CHECKPOINT_FILE, weights_only=True)["step"] == 4
+
+
+def test_a_run_killed_outright_resumes_from_its_last_checkpoint_and_drops_the_later_records(toy, tmp_path,
+                                                                                            monkeypatch):
+    """A process that ends without running the loop's handlers (SystemExit inside step 5 stands in for
+    SIGKILL) leaves the checkpoint of step 2, the last one written, and the records of steps 3 and 4;
+    resuming continues from step 2 to the history of an uninterrupted run."""
+    full = train(toy, {**CMT, "max_steps": 6}, tmp_path / "full", progress=False)
+    run = tmp_path / "run"
+    train(toy, {**CMT, "max_steps": 2}, run, progress=False)
+    with monkeypatch.context() as patch:
+        def exit_in_call_3(step, trainer, call):
+            if call == 3:
+                raise SystemExit(137)
+            return step(trainer)
+
+        _wrap_step(patch, "cmt", exit_in_call_3)
+        with pytest.raises(SystemExit):
+            train(toy, {**CMT, "max_steps": 6, "checkpoint_minutes": 60}, run, resume=True, progress=False)
+    assert torch.load(run / CHECKPOINT_FILE, weights_only=True)["step"] == 2 and len(load_history(run)) == 4
+    resumed = train(toy, {**CMT, "max_steps": 6}, run, resume=True, progress=False)
+    assert_same_history(resumed.history, full.history)
+    for name, value in full.generator.state_dict().items():
+        torch.testing.assert_close(resumed.generator.state_dict()[name], value, rtol=1e-6, atol=1e-7)
+
+
+def test_a_step_that_fails_leaves_the_checkpoint_of_the_step_before(toy, tmp_path, monkeypatch):
+    """An error inside step 3 (after its fit changed the weights) rolls the step back and writes the
+    checkpoint of step 2 before the error goes on, however long until the next checkpoint was due."""
+    run = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        def fail_after_call_3(step, trainer, call):
+            record = step(trainer)
+            if call == 3:
+                raise RuntimeError("energy server lost")
+            return record
+
+        _wrap_step(patch, "cmt", fail_after_call_3)
+        with pytest.raises(RuntimeError, match="energy server lost"):
+            train(toy, {**CMT, "checkpoint_minutes": 60}, run, progress=False)
+    two = train(toy, {**CMT, "max_steps": 2}, tmp_path / "two", progress=False)
+    checkpoint = torch.load(run / CHECKPOINT_FILE, weights_only=True)
+    assert checkpoint["step"] == 2
+    for name, value in two.generator.state_dict().items():  # step 3's fit was rolled back
+        assert torch.equal(checkpoint["generator"][name], value), name

@@ -137,19 +137,19 @@ def test_the_plan_follows_the_measured_speed_as_it_changes(monkeypatch):
 
 
 def test_max_minutes_counts_the_time_spent_writing_checkpoints(tmp_path, monkeypatch):
-    """Checkpoints are written every step; over an hour they add minutes, so max_minutes counts them."""
+    """Checkpoints written at every step (checkpoint_minutes: 0) add up, so max_minutes counts them."""
     import time
 
-    import cmt_openmm.training.loop as loop
+    import cmt_openmm.training.checkpoints as checkpoints
 
-    save = loop.save_checkpoint
+    save = checkpoints.save_checkpoint
 
     def slow_save(*args, **kwargs):
         time.sleep(0.1)
         return save(*args, **kwargs)
 
-    monkeypatch.setattr(loop, "save_checkpoint", slow_save)
-    config = {**TINY, "budget": "auto", "max_minutes": 0.005, "max_steps": 1000}  # 0.3 s
+    monkeypatch.setattr(checkpoints, "save_checkpoint", slow_save)
+    config = {**TINY, "budget": "auto", "max_minutes": 0.005, "max_steps": 1000, "checkpoint_minutes": 0}  # 0.3 s
     result = train(get_target("toy-double-well"), config, tmp_path / "run", progress=False)
     assert result.stop_reason == "max_minutes" and len(result.history) <= 4
     assert result.history[-1]["wall_time"] >= 0.1 * (len(result.history) - 1)
