@@ -4,10 +4,11 @@
 Each row trains the system's preset (its flow, CMT settings and threads; seed 0) for ``--steps``
 steps into a fresh run directory, through :func:`cmt_openmm.training.train` as users run it
 (snapshots for roll-back, records, checkpoints), on one energy object built once (the compiled
-torch energies compile once), after a discarded 3-step warm-up run. The two settings take turns, ``--repeats`` times each, so a
-changing load on the machine falls on both alike. Seconds per step: the run's own training time
-(``wall_time``, which counts the writing) over its steps after the first; CPU seconds: this
-process's (all its threads), which another process's load inflates less. Prints a table and writes JSON::
+torch energies compile once), after a discarded 3-step warm-up run. The two settings take
+turns, ``--repeats`` times each, so a changing load on the machine falls on both alike. Seconds
+per step: the run's own training time (``wall_time``, which counts the writing) over its steps
+after the first; CPU seconds: this process's (all its threads), which another process's load
+inflates less. Prints a table and writes JSON::
 
     .ci/with-env python -m benchmarks.checkpoint_cost --systems aldp-vacuum:aldp-quick ala4:ala4-hour \\
         --steps 40 --out benchmarks/results/checkpoint_cost.json
