@@ -4,10 +4,11 @@ Files (``run_dir``): ``config.yaml`` (the :class:`~.config.TrainConfig`, ``shard
 ``target/`` (:meth:`~cmt_openmm.target.Target.save`), ``checkpoint.pt`` (written atomically, tmp
 file + ``os.replace``, by a :class:`CheckpointWriter`: every ``checkpoint_minutes`` and when the run
 stops) and ``metrics.jsonl`` (one record per step, appended after each step; records of steps after
-the checkpoint are dropped on resume). A checkpoint holds the generator's and the optimiser's state, the weight
-average, the random stream, the method's state, the counters and the last ``RECENT_RECORDS``
-records, already serialised; the history itself is ``metrics.jsonl``'s, because serialising the
-whole history at every step costs a time that grows with the run (figures in benchmarks/RESULTS.md). Checkpoints hold only tensors and plain Python values and are read with
+the checkpoint are dropped on resume). A checkpoint holds the generator's and the optimiser's
+state, the weight average, the random stream, the method's state, the counters and the last
+``RECENT_RECORDS`` records, already serialised; the history itself is ``metrics.jsonl``'s, because
+serialising the whole history at every step costs a time that grows with the run (figures in
+benchmarks/RESULTS.md). Checkpoints hold only tensors and plain Python values and are read with
 ``torch.load(weights_only=True)``: loading one cannot run code. The loop (:mod:`.loop`) calls
 these; readers (:func:`load_history`) never lock.
 """
