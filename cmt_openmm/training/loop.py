@@ -14,11 +14,12 @@ Run directory (``run_dir``, :mod:`.checkpoints`): ``config.yaml``, ``target/``, 
 the average of the flow's weights, :mod:`.averaging`). The checkpoint is written at least every
 ``checkpoint_minutes`` of wall time and whenever the run stops, is interrupted or a step fails
 (after rolling the step back), not after every step: serialising weights, Adam's state and the
-average (10 MB for the ala4 flow) cost ~5 % of a step. So a run that is killed outright (SIGKILL,
-a lost machine) loses at most that much training, any other stop only the step in progress;
-``resume=True`` reloads generator weights, optimizer state, the torch RNG state, the method's
-state, the step counter, the history (dropping the records of steps after the checkpoint) and the
-energy counters, and continues to the same result as an uninterrupted run with the same seed.
+average is a measurable part of a peptide flow's step (``benchmarks/checkpoint_cost.py``). So a
+run that is killed outright (SIGKILL, a lost machine) loses at most that much training, any other
+stop only the step in progress; ``resume=True`` reloads generator weights, optimizer state, the
+torch RNG state, the method's state, the step counter, the history (dropping the records of steps
+after the checkpoint) and the energy counters, and continues to the same result as an
+uninterrupted run with the same seed.
 
 Faults (:mod:`.faults`): SIGTERM and SIGINT abandon the step in progress and end the run at the
 last complete step (stop reason "interrupted"); a step whose loss, gradients or weights are not
