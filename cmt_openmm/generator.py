@@ -110,6 +110,7 @@ class BoltzmannGenerator(nn.Module):
             coordinates.circular_mask, coordinates.kinds, coordinates.reference_z, coordinates.valid_bounds,
             n_layers=s["n_layers"], hidden=s["hidden"], depth=s["depth"], n_bins=s["n_bins"], mask=s["mask"],
             seed=s["seed"], bound=s["bound"], scales=s["scales"], margin=s["margin"], dtype=_DTYPES[s["dtype"]],
+            linear_bins=s.get("linear_bins"),
         )
         self.settings = dict(settings)
         self.topology_fingerprint = topology_fingerprint
@@ -137,10 +138,12 @@ class BoltzmannGenerator(nn.Module):
         bound: float = 6.0,
         scales: dict[str, float] | None = None,
         margin: float = 1e-4,
+        linear_bins: int | None = None,
     ) -> BoltzmannGenerator:
         """A new generator for ``target``, the identity flow on its prior (weights from ``seed``).
 
-        ``n_layers`` coupling layers of RQ splines with ``n_bins`` bins, conditioners with
+        ``n_layers`` coupling layers of RQ splines with ``n_bins`` bins (``linear_bins`` on the
+        non-circular coordinates, bonds and angles, where given), conditioners with
         ``depth`` hidden layers of width ``hidden``; ``mask``, ``bound``, ``scales``, ``margin``:
         see :mod:`cmt_openmm.flows`. ``dtype``: torch.float32 or torch.float64 for the flow.
         """
@@ -152,6 +155,8 @@ class BoltzmannGenerator(nn.Module):
                         scales={k: float(v) for k, v in {**DEFAULT_SCALES, **(scales or {})}.items()},
                         margin=float(margin),
                         dtype=names[dtype])
+        if linear_bins is not None and int(linear_bins) != int(n_bins):  # files of one n_bins stay as they were
+            settings["linear_bins"] = int(linear_bins)
         return cls(coordinates_for(target), settings, target.topology_fingerprint(), target.system_fingerprint(),
                    target.name, target.positions, target.temperature, target.to_dict())
 

@@ -45,6 +45,7 @@ from safetensors.torch import save as save_tensors
 from torch import Tensor, nn
 
 from ..errors import CMTInputError
+from ..flows.coupling import bin_layout
 from ..units import kT as thermal_energy
 
 FORMAT = "cmt_openmm.FlowEnergy/1"
@@ -149,7 +150,8 @@ def _rq_spline_inverse(y: Tensor, bins: Tensor, derivatives: Tensor, periodic: T
 class _InverseCoupling(nn.Module):
     """The inverse of one ``SplineCoupling`` layer (same stored tensors and parameter layout)."""
 
-    def __init__(self, tensors: dict[str, Tensor], prefix: str, n_bins: int, dtype: torch.dtype) -> None:
+    def __init__(self, tensors: dict[str, Tensor], prefix: str, n_bins: int, linear_bins: int,
+                 dtype: torch.dtype) -> None:
         super().__init__()
         for key in _LAYER_KEYS:
             value = tensors[f"{prefix}{key}"].clone()
@@ -171,8 +173,9 @@ class _InverseCoupling(nn.Module):
         self.net = nn.Sequential(*layers)
         for parameter in self.net.parameters():
             parameter.requires_grad_(False)
-        self.n_bins = n_bins
-        self.n_transformed = int(self.transformed.numel())
+        # (first row, last row + 1, first output, K) of each part (flows.coupling.bin_layout)
+        self.parts = [(rows.start, rows.stop, cols.start, k)
+                      for rows, cols, k in bin_layout(self.periodic.bool(), n_bins, linear_bins)]
         self.has_conditioning = int(self.cond_circular.numel() + self.cond_linear.numel()) > 0
 
     def forward(self, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -182,12 +185,18 @@ class _InverseCoupling(nn.Module):
         else:
             features = torch.ones_like(y[:, :1])
         params = self.net(features)
-        n, k = self.n_transformed, self.n_bins
-        bins = params[:, : n * 2 * k].reshape(-1, n, 2, k)
-        derivatives = params[:, n * 2 * k :].reshape(-1, n, k + 1)
         u = (y[:, self.transformed] - self.lower) / self.width + self.shift
         u = torch.where(self.periodic, u - torch.floor(u), u)
-        v, logdet = _rq_spline_inverse(u, bins, derivatives, self.periodic)
+        vs: list[Tensor] = []
+        logdets: list[Tensor] = []
+        for start, stop, first, k in self.parts:
+            n = stop - start
+            bins = params[:, first : first + n * 2 * k].reshape(-1, n, 2, k)
+            derivatives = params[:, first + n * 2 * k : first + n * (3 * k + 1)].reshape(-1, n, k + 1)
+            v_part, logdet_part = _rq_spline_inverse(u[:, start:stop], bins, derivatives, self.periodic[start:stop])
+            vs.append(v_part)
+            logdets.append(logdet_part)
+        v, logdet = torch.cat(vs, dim=-1), torch.cat(logdets, dim=-1)
         v = v - self.shift
         v = torch.where(self.periodic, v - torch.floor(v), v)
         return y.index_copy(1, self.transformed, self.lower + v * self.width), logdet.sum(-1)
@@ -218,7 +227,9 @@ class FlowEnergy(nn.Module):
         self.measure = _InternalMeasure(tensors, self.n_atoms) if self.internal else _CartesianMeasure()
         for key in ("circular", "center", "scale", "lower", "upper", "log_det", "prior_log_norm"):
             self.register_buffer(key, tensors[key].clone())
-        self.layers = nn.ModuleList([_InverseCoupling(tensors, f"layer{i}.", int(config["n_bins"]), dtype)
+        n_bins = int(config["n_bins"])
+        linear_bins = int(config.get("linear_bins", n_bins))
+        self.layers = nn.ModuleList([_InverseCoupling(tensors, f"layer{i}.", n_bins, linear_bins, dtype)
                                      for i in range(int(config["n_layers"]))])  # in inverse order
         self.kT = float(config["kT"])
         self.wall = float(config["wall"])
@@ -317,13 +328,14 @@ def _collect(generator, temperature, wall: float, dtype) -> tuple[dict[str, Tens
         tensors[key] = cpu(getattr(s, key))
     tensors["prior_log_norm"] = cpu(flow.prior.log_norm.double())
     layers = list(flow.couplings.layers)
-    n_bins = {int(layer.n_bins) for layer in layers}
+    n_bins = {(int(layer.n_bins), int(layer.linear_bins)) for layer in layers}
     for i, layer in enumerate(reversed(layers)):  # stored in the order the inverse applies them
         for key, value in layer.state_dict().items():
             if key in _LAYER_KEYS or key.startswith("net."):
                 tensors[f"layer{i}.{key}"] = cpu(value)
-    config = {"format": FORMAT, "coordinates": kind, "n_atoms": int(coordinates.n_atoms), "n_bins": n_bins.pop(),
-              "n_layers": len(layers), "dtype": names[dtype], "kT": thermal_energy(float(temperature)),
+    n_bins, linear_bins = n_bins.pop()
+    config = {"format": FORMAT, "coordinates": kind, "n_atoms": int(coordinates.n_atoms), "n_bins": n_bins,
+              **({"linear_bins": linear_bins} if linear_bins != n_bins else {}), "n_layers": len(layers), "dtype": names[dtype], "kT": thermal_energy(float(temperature)),
               "temperature": float(temperature), "wall": float(wall)}
     return tensors, config
 

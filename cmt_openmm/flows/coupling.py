@@ -54,12 +54,12 @@ def _coupling_forward(x: Tensor, raw: Tensor, constants: tuple, inverse: bool, k
     return torch.addcmul(lower, v, width), logdet.sum(0), saved
 
 
-def _coupling_backward(saved, constants: tuple, raw_shape, grad_out: Tensor, grad_logdet: Tensor, inverse: bool):
-    """Gradients (x (Dt, B), raw (Dt (3K + 1), B)) of :func:`_coupling_forward` (new x, summed log|det|)."""
+def _coupling_backward(saved, constants: tuple, g_raw: Tensor, grad_out: Tensor, grad_logdet: Tensor, inverse: bool):
+    """The gradient of x (Dt, B) of :func:`_coupling_forward` (new x, summed log|det|); that of raw
+    is written into ``g_raw`` (Dt (3K + 1), B)."""
     _, width, inv_width, _, _, mode, k, circular_rows = constants
     theta = saved[0]
     d, b = theta.shape
-    g_raw = theta.new_empty(raw_shape)
     g_bins, g_derivatives = _views(g_raw, d, k)
     g_u, _, _ = spline_backward(saved, grad_out * width, grad_logdet.expand(d, b), inverse, g_bins, g_derivatives)
     if mode == "all":  # the derivative at 1 of circular coordinates is their derivative at 0
@@ -68,7 +68,23 @@ def _coupling_backward(saved, constants: tuple, raw_shape, grad_out: Tensor, gra
     elif mode == "some":
         g_derivatives[0].index_add_(0, circular_rows, g_derivatives[k].index_select(0, circular_rows))
         g_derivatives[k].index_fill_(0, circular_rows, 0.0)
-    return g_u.mul_(inv_width), g_raw
+    return g_u.mul_(inv_width)
+
+
+def _apply_parts(layer: SplineCoupling, x: Tensor, raw: Tensor, inverse: bool, keep: bool):
+    """:func:`_coupling_forward` on each part of the layer's transformed rows (:func:`bin_layout`):
+    new x (Dt, B), log|det| (B,) and the saved tensors of each part (a list, empty unless ``keep``)."""
+    parts = layer._parts()
+    if len(parts) == 1:
+        new, logdet, saved = _coupling_forward(x, raw, parts[0][2], inverse, keep)
+        return new, logdet, [saved] if keep else []
+    news, logdet, saved_parts = [], None, []
+    for rows, cols, constants in parts:
+        new, part_logdet, saved = _coupling_forward(x[rows], raw[cols], constants, inverse, keep)
+        news.append(new)
+        logdet = part_logdet if logdet is None else logdet.add_(part_logdet)
+        saved_parts.append(saved)
+    return torch.cat(news), logdet, saved_parts if keep else []
 
 
 class _CouplingLayer(torch.autograd.Function):
@@ -84,10 +100,11 @@ class _CouplingLayer(torch.autograd.Function):
     def forward(ctx, y_t: Tensor, layer: SplineCoupling, inverse: bool, *params: Tensor):
         raw, inputs, pre_activations = layer._mlp(y_t, keep=True)
         x = y_t.index_select(0, layer.transformed)
-        new, logdet, saved = _coupling_forward(x, raw, layer._constants(), inverse, keep=True)
+        new, logdet, saved_parts = _apply_parts(layer, x, raw, inverse, keep=True)
         ctx.layer, ctx.inverse, ctx.raw_shape, ctx.y_shape = layer, inverse, raw.shape, y_t.shape
-        ctx.counts = (len(saved), len(inputs), len(pre_activations))
-        ctx.save_for_backward(*saved, *inputs, *pre_activations, *params)
+        ctx.part_counts = [len(saved) for saved in saved_parts]
+        ctx.counts = (sum(ctx.part_counts), len(inputs), len(pre_activations))
+        ctx.save_for_backward(*(t for saved in saved_parts for t in saved), *inputs, *pre_activations, *params)
         return y_t.index_copy(0, layer.transformed, new), logdet
 
     @staticmethod
@@ -101,10 +118,15 @@ class _CouplingLayer(torch.autograd.Function):
         pre_activations = tensors[n_saved + n_inputs : n_saved + n_inputs + n_pre]
         params = tensors[n_saved + n_inputs + n_pre :]
         theta = saved[0]
-        b = theta.shape[1]
-        g_new = theta.new_zeros(theta.shape) if grad_y is None else grad_y.index_select(0, layer.transformed)
+        d, b = len(layer.transformed), theta.shape[1]
+        g_new = theta.new_zeros((d, b)) if grad_y is None else grad_y.index_select(0, layer.transformed)
         g_logdet = theta.new_zeros(b) if grad_logdet is None else grad_logdet
-        g_x, g = _coupling_backward(saved, layer._constants(), ctx.raw_shape, g_new, g_logdet, ctx.inverse)
+        g = theta.new_empty(ctx.raw_shape)
+        parts, g_x_parts, start = layer._parts(), [], 0
+        for (rows, cols, constants), count in zip(parts, ctx.part_counts):
+            part_saved, start = saved[start : start + count], start + count
+            g_x_parts.append(_coupling_backward(part_saved, constants, g[cols], g_new[rows], g_logdet, ctx.inverse))
+        g_x = g_x_parts[0] if len(g_x_parts) == 1 else torch.cat(g_x_parts)
         need_input, need_params = ctx.needs_input_grad[0], ctx.needs_input_grad[3:]
         g_params: list[Tensor | None] = [None] * len(params)
         g = g.to(inputs[0].dtype)  # the conditioner's matmul dtype (bfloat16 or the flow's)
@@ -154,6 +176,25 @@ def conditioner_matmuls(module: nn.Module, dtype: torch.dtype | None):
             layer.matmul_dtype = value
 
 
+def bin_layout(periodic: Tensor, n_bins: int, linear_bins: int) -> list[tuple[slice, slice, int]]:
+    """The parts of a coupling layer's transformed rows and of its conditioner's output, with
+    their number of bins: [(rows, output rows, K)].
+
+    periodic: (Dt,) bool, True for the circular rows. Circular rows have ``n_bins`` bins, the
+    others ``linear_bins``. Where both kinds are transformed with different numbers of bins, the
+    circular rows come first (the layer orders them so) and each part has its own block of output
+    rows, laid out as :func:`_views` says; otherwise there is one part.
+    """
+    d = len(periodic)
+    n_circular = int(periodic.sum())
+    if 0 < n_circular < d and n_bins != linear_bins:
+        cut = n_circular * (3 * n_bins + 1)
+        return [(slice(0, n_circular), slice(0, cut), n_bins),
+                (slice(n_circular, d), slice(cut, cut + (d - n_circular) * (3 * linear_bins + 1)), linear_bins)]
+    k = n_bins if n_circular else linear_bins
+    return [(slice(0, d), slice(0, d * (3 * k + 1)), k)]
+
+
 def _rederive(module: SplineCoupling, incompatible_keys) -> None:
     """load_state_dict post-hook: the derived constants follow the loaded buffers."""
     module._derive()
@@ -167,11 +208,16 @@ class SplineCoupling(nn.Module):
         circular: (dim,) bool, True for coordinates on [-pi, pi).
         lower, upper: (dim,) interval of every coordinate (circular: -pi, pi).
         hidden, depth: MLP width and number of hidden layers.
-        n_bins: spline bins K.
+        n_bins: spline bins K of circular coordinates.
         shift: (Dt,) rotation of circular inputs as a fraction of the circle (0 elsewhere).
+        linear_bins: spline bins of the other coordinates (None: ``n_bins``). Bonds and angles
+            are nearly Gaussian; fewer bins there shrink their share of the last Linear, most
+            of a layer's arithmetic.
 
     Parameters (``net``: Linear, SiLU, ..., Linear; the last Linear has ``Dt (3K + 1)`` outputs,
-    the (Dt, 2, K) bin widths and heights, then the (Dt, K + 1) knot derivatives) and buffers are
+    the (Dt, 2, K) bin widths and heights, then the (Dt, K + 1) knot derivatives; with two numbers
+    of bins, one such block for the circular rows, which come first, then one for the others,
+    :func:`bin_layout`) and buffers are
     those generator files store; everything else (``_``-prefixed, not in the state dict) is
     derived from them, again after ``load_state_dict``. The layer runs *coordinates first*
     (:meth:`forward_t` maps y.T (dim, B) to (dim, B)): the MLP is computed as ``W @ h`` on columns,
@@ -194,10 +240,15 @@ class SplineCoupling(nn.Module):
         depth: int,
         n_bins: int,
         shift: Tensor,
+        linear_bins: int | None = None,
     ) -> None:
         super().__init__()
         self.n_bins = n_bins
+        self.linear_bins = n_bins if linear_bins is None else linear_bins
         self.matmul_dtype: torch.dtype | None = None
+        if self.linear_bins != n_bins:  # circular rows first (bin_layout)
+            order = torch.argsort((~circular[transformed]).to(torch.int8), stable=True)
+            transformed, shift = transformed[order], shift[order]
         self.register_buffer("transformed", transformed.long().clone())  # own storage: safetensors refuses shared
         self.register_buffer("cond_circular", conditioning[circular[conditioning]].long())
         self.register_buffer("cond_linear", conditioning[~circular[conditioning]].long())
@@ -209,11 +260,13 @@ class SplineCoupling(nn.Module):
         layers: list[nn.Module] = []
         for i in range(depth):
             layers += [nn.Linear(n_features if i == 0 else hidden, hidden), nn.SiLU()]
-        last = nn.Linear(hidden if depth > 0 else n_features, len(transformed) * (3 * n_bins + 1))
+        layout = bin_layout(self.periodic, self.n_bins, self.linear_bins)
+        last = nn.Linear(hidden if depth > 0 else n_features, layout[-1][1].stop)
         nn.init.zeros_(last.weight)
         nn.init.zeros_(last.bias)
         with torch.no_grad():  # identity spline: equal bins, unit slopes
-            last.bias[len(transformed) * 2 * n_bins :] = IDENTITY_DERIVATIVE
+            for rows, cols, k in layout:
+                last.bias[cols.start + (rows.stop - rows.start) * 2 * k : cols.stop] = IDENTITY_DERIVATIVE
         self.net = nn.Sequential(*layers, last)
         self._derive()
         self.register_load_state_dict_post_hook(_rederive)
@@ -230,11 +283,18 @@ class SplineCoupling(nn.Module):
         self.register_buffer("_inv_width", 1.0 / self.width[:, None], persistent=False)
         self.register_buffer("_shift", self.shift[:, None].clone(), persistent=False)
         self.register_buffer("_periodic", self.periodic[:, None].to(self.lower.dtype), persistent=False)
-        self._wrap = "all" if bool(periodic.all()) else ("some" if bool(periodic.any()) else "none")
+        self._layout = [(rows, cols, k, self._wrap_mode(periodic[rows]))
+                        for rows, cols, k in bin_layout(periodic, self.n_bins, self.linear_bins)]
 
-    def _constants(self) -> tuple:
-        return (self._lower, self._width, self._inv_width, self._shift, self._periodic, self._wrap, self.n_bins,
-                self._circular_rows)
+    @staticmethod
+    def _wrap_mode(periodic: Tensor) -> str:
+        return "all" if bool(periodic.all()) else ("some" if bool(periodic.any()) else "none")
+
+    def _parts(self) -> list[tuple[slice, slice, tuple]]:
+        """[(rows, output rows, constants of :func:`_coupling_forward`)] per part (:func:`bin_layout`)."""
+        return [(rows, cols, (self._lower[rows], self._width[rows], self._inv_width[rows], self._shift[rows],
+                              self._periodic[rows], mode, k, self._circular_rows))
+                for rows, cols, k, mode in self._layout]
 
     def _mlp(self, y_t: Tensor, keep: bool = False) -> tuple[Tensor, list[Tensor], list[Tensor]]:
         """The spline parameters raw (Dt (3K + 1), B) (see :func:`_views`) of y.T (dim, B); with
@@ -269,7 +329,7 @@ class SplineCoupling(nn.Module):
             return _CouplingLayer.apply(y_t, self, inverse, *params)
         raw = self._mlp(y_t)[0]
         x = y_t.index_select(0, self.transformed)
-        new, logdet, _ = _coupling_forward(x, raw, self._constants(), inverse, keep=False)
+        new, logdet, _ = _apply_parts(self, x, raw, inverse, keep=False)
         return y_t.index_copy(0, self.transformed, new), logdet
 
     def forward(self, y: Tensor, inverse: bool = False) -> tuple[Tensor, Tensor]:
@@ -301,7 +361,8 @@ class CouplingFlow(nn.Module):
     cost the same CPU as ``"random"`` at 9 vs 6 layers and did not keep that basin more often
     (benchmarks/cmt_settings_study.py, ``tors9_*``). Without circular coordinates
     (Cartesian toys), or with nothing else, it falls back to ``"random"``. Circular seam offsets
-    are drawn at random per layer. All from ``seed``.
+    are drawn at random per layer. All from ``seed``. ``linear_bins``: bins of the splines on
+    non-circular coordinates (None: ``n_bins``, which then sets only the circular ones').
     """
 
     def __init__(
@@ -315,12 +376,15 @@ class CouplingFlow(nn.Module):
         n_bins: int = 8,
         mask: str = "random",
         seed: int = 0,
+        linear_bins: int | None = None,
     ) -> None:
         super().__init__()
         if mask not in MASKS:
             raise CMTInputError(f"mask must be one of {', '.join(MASKS)}, not {mask!r}.")
         if n_layers < 1 or hidden < 1 or depth < 0 or not 2 <= n_bins <= 256:
             raise CMTInputError("The flow needs n_layers >= 1, hidden >= 1, depth >= 0 and 2 <= n_bins <= 256.")
+        if linear_bins is not None and not 2 <= linear_bins <= 256:
+            raise CMTInputError(f"linear_bins must be between 2 and 256 (or left out: n_bins), not {linear_bins}.")
         dim = len(circular)
         gen = torch.Generator().manual_seed(seed)
         if mask == "torsions" and (bool(circular.all()) or not bool(circular.any())):
@@ -347,7 +411,8 @@ class CouplingFlow(nn.Module):
             conditioning = torch.arange(dim)[~is_transformed]
             shift = torch.rand(len(transformed), generator=gen, dtype=lower.dtype)
             layers.append(
-                SplineCoupling(transformed, conditioning, circular, lower, upper, hidden, depth, n_bins, shift)
+                SplineCoupling(transformed, conditioning, circular, lower, upper, hidden, depth, n_bins, shift,
+                               linear_bins)
             )
         self.layers = nn.ModuleList(layers)
 

@@ -17,7 +17,7 @@ class SplineFlow(nn.Module):
 
     Args:
         circular, kinds, reference_z, valid_bounds: as on a ``CoordinateTransform``.
-        n_layers, hidden, depth, n_bins, mask, seed: :class:`CouplingFlow` settings (the
+        n_layers, hidden, depth, n_bins, mask, seed, linear_bins: :class:`CouplingFlow` settings (the
             weights are initialised from ``seed``; global RNG state is left untouched).
         bound, scales, margin: :class:`CoordinateScaling` settings.
         dtype: dtype of the coupling layers.
@@ -61,6 +61,7 @@ class SplineFlow(nn.Module):
         scales: Mapping[str, float] | None = None,
         margin: float = 1e-4,
         dtype: torch.dtype = torch.float32,
+        linear_bins: int | None = None,
     ) -> None:
         super().__init__()
         self.scaling = CoordinateScaling(circular, kinds, reference_z, valid_bounds, bound, scales, margin)
@@ -69,7 +70,8 @@ class SplineFlow(nn.Module):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.couplings = CouplingFlow(
-                s.circular, s.lower.to(dtype), s.upper.to(dtype), n_layers, hidden, depth, n_bins, mask, seed
+                s.circular, s.lower.to(dtype), s.upper.to(dtype), n_layers, hidden, depth, n_bins, mask, seed,
+                linear_bins,
             ).to(dtype)
 
     @property

@@ -40,7 +40,12 @@ def register_method(name: str):
 
 def resume_conflicts(stored: typing.Mapping, new: typing.Mapping) -> list[str]:
     """Sorted names of the settings that differ between a run's stored and new config (dicts of
-    :meth:`TrainConfig.to_dict`) and may not change on resume."""
+    :meth:`TrainConfig.to_dict`) and may not change on resume. A setting added to a section
+    (``flow``, ``cmt``, ...) after the run was stored counts as its default there."""
+    defaults = dataclasses.asdict(TrainConfig())
+    stored = {k: {**defaults[k], **v} if isinstance(v, typing.Mapping) and isinstance(defaults.get(k), dict) else v
+              for k, v in stored.items()}
+
     def differs(k):  # shards "auto" resumes with the stored count (absent in runs from before shards: 1)
         if k == "shards" and new.get(k) == AUTO:
             return False
@@ -72,7 +77,8 @@ TRAIN_DTYPES = ("float32", "bfloat16", "auto")  # flow.train_dtype
 
 @dataclass
 class FlowConfig:
-    """Size of the spline coupling flow (same architecture for every method), and train_dtype:
+    """Size of the spline coupling flow (same architecture for every method; linear_bins: bins of
+    the splines on bonds and angles, None: n_bins, which then sets the torsions'), and train_dtype:
     the dtype of the conditioners' matmuls while training ("bfloat16": a faster step where the
     hardware multiplies bfloat16 matrices; "auto": bfloat16 there,
     float32 elsewhere, :func:`native_bfloat16`). The generator handed out runs in float32
@@ -81,6 +87,7 @@ class FlowConfig:
     n_layers: int = field(default=8, metadata=POSITIVE)
     hidden: int = field(default=128, metadata=POSITIVE)
     n_bins: int = field(default=8, metadata=POSITIVE)
+    linear_bins: typing.Optional[int] = field(default=None, metadata=POSITIVE)
     mask: str = field(default="random", metadata=_check(lambda v: v in MASKS, "one of " + ", ".join(MASKS)))
     train_dtype: str = field(default="float32", metadata=_check(lambda v: v in TRAIN_DTYPES,
                                                                   "one of " + ", ".join(TRAIN_DTYPES)))

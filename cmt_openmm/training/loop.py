@@ -252,6 +252,7 @@ def _train(target, config: TrainConfig, run_dir: Path | None, checkpoint: dict |
         n_layers=config.flow.n_layers,
         hidden=config.flow.hidden,
         n_bins=config.flow.n_bins,
+        linear_bins=config.flow.linear_bins,
         mask=config.flow.mask,
         seed=config.seed,
     ).to(device)

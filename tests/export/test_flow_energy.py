@@ -35,6 +35,26 @@ def test_energy_is_minus_kT_log_q_for_float64_and_float32_flows(target, generato
     assert error.max() < 2e-3  # kJ/mol, float32 rounding of log q ~ 100 (measured ~5e-5)
 
 
+def test_fewer_bins_on_bonds_and_angles_export_and_save(target, tmp_path):
+    """A generator with linear_bins: its exported energy is -kT log q, its file reloads to the same
+    density, and a generator of one n_bins keeps files and payloads without the setting."""
+    from cmt_openmm.generator import BoltzmannGenerator
+
+    generator = perturbed_generator(target, scale=0.05, seed=4, n_layers=4, hidden=16, n_bins=6, linear_bins=3,
+                                    dtype=torch.float64)
+    assert generator.settings["linear_bins"] == 3
+    x = samples(generator, 40, seed=2)
+    exact = minus_kT_log_q(generator, x)
+    energy = FlowEnergy.from_generator(generator)
+    assert energy.config["linear_bins"] == 3
+    np.testing.assert_allclose(torch.jit.script(energy)(torch.as_tensor(x)).numpy(), exact, rtol=1e-11, atol=1e-9)
+    loaded = BoltzmannGenerator.load(generator.save(tmp_path / "g.safetensors"))
+    np.testing.assert_allclose(minus_kT_log_q(loaded, x), exact, rtol=0, atol=1e-9)
+    plain = BoltzmannGenerator.build(target, n_layers=2, hidden=8, n_bins=6, linear_bins=6)
+    assert "linear_bins" not in plain.settings
+    assert "linear_bins" not in FlowEnergy.from_generator(plain).config
+
+
 def test_energy_of_a_generator_on_cartesian_coordinates():
     toy = get_target("toy-double-well")
     generator = perturbed_generator(toy, scale=0.05, n_layers=2, hidden=8, dtype=torch.float64)

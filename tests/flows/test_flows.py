@@ -65,8 +65,9 @@ def test_rq_spline_identity_and_circular_ends():
     assert abs(logdet[0, 1].item() - logdet[1, 1].item()) > 1e-3  # interval spline: free end slopes
 
 
-def test_coupling_flow_inverse_logdet_and_seam():
-    flow = _toy_flow()
+@pytest.mark.parametrize("linear_bins", [None, 3])
+def test_coupling_flow_inverse_logdet_and_seam(linear_bins):
+    flow = _toy_flow(linear_bins=linear_bins)
     perturb_parameters(flow, 0.2)
     couplings = flow.couplings
     y0 = flow.prior.sample(64, torch.Generator().manual_seed(3))
@@ -112,6 +113,46 @@ def test_log_prob_matches_sample_and_support(dtype, tol):
     outside = z[:3].clone()
     outside[0, 4], outside[1, 3], outside[2, 1] = -0.1, math.pi + 0.01, 0.5
     assert bool(torch.isneginf(flow.log_prob(outside)).all())
+
+
+def test_fewer_bins_on_bonds_and_angles_give_the_layout_and_exact_gradients(spline_path):
+    """linear_bins: circular rows first, one output block per part, and the layer's hand-written
+    backward pass equals finite differences of log q in the parameters and in z."""
+    flow = _toy_flow(linear_bins=3, n_layers=6)
+    perturb_parameters(flow, 0.1)
+    circular = flow.scaling.circular
+    for layer in flow.couplings.layers:
+        kinds = circular[layer.transformed]
+        n_circular = int(kinds.sum())
+        assert bool(kinds[:n_circular].all()) and not bool(kinds[n_circular:].any())
+        outputs = n_circular * (3 * 6 + 1) + (len(kinds) - n_circular) * (3 * 3 + 1)
+        assert layer.net[-1].out_features == outputs
+    assert any(0 < int(circular[layer.transformed].sum()) < len(layer.transformed) for layer in flow.couplings.layers)
+    z, log_q = flow.sample(64, torch.Generator().manual_seed(11))
+    torch.testing.assert_close(flow.log_prob(z), log_q, atol=1e-9, rtol=0)
+    gen = torch.Generator().manual_seed(12)
+    params = list(flow.parameters())
+    directions = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]
+    z_direction = torch.randn(z.shape, generator=gen, dtype=z.dtype) * 1e-3  # small: z stays in its intervals
+    z = z.clone().requires_grad_(True)
+    total = flow.log_prob(z).sum()
+    grads = torch.autograd.grad(total, [*params, z])
+    analytic = sum((g * v).sum() for g, v in zip(grads[:-1], directions)).item()
+    analytic_z = (grads[-1] * z_direction).sum().item()
+    eps = 1e-6
+    with torch.no_grad():
+        def shifted(sign):
+            for p, v in zip(params, directions):
+                p.add_(sign * eps * v)
+            value = flow.log_prob(z).sum().item()
+            for p, v in zip(params, directions):
+                p.sub_(sign * eps * v)
+            return value
+        numeric = (shifted(1.0) - shifted(-1.0)) / (2 * eps)
+        numeric_z = (flow.log_prob(z + z_direction * eps / 1e-3).sum() - flow.log_prob(z - z_direction * eps / 1e-3)
+                     .sum()).item() / (2 * eps / 1e-3)
+    assert analytic == pytest.approx(numeric, rel=1e-6, abs=1e-6)
+    assert analytic_z == pytest.approx(numeric_z, rel=1e-6, abs=1e-6)
 
 
 def test_density_integrates_to_one_2d():

@@ -76,6 +76,24 @@ def test_config_round_trip(tmp_path):
     assert TrainConfig.from_yaml(path) == cfg
 
 
+def test_a_setting_added_after_a_run_was_stored_resumes_at_its_default():
+    from cmt_openmm.training.config import resume_conflicts
+
+    new = TrainConfig.from_dict({"flow": TINY_FLOW}).to_dict()
+    stored = {**new, "flow": {k: v for k, v in new["flow"].items() if k != "linear_bins"}}
+    assert resume_conflicts(stored, new) == []
+    assert resume_conflicts(stored, {**new, "flow": {**new["flow"], "linear_bins": 3}}) == ["flow"]
+    assert resume_conflicts({**stored, "max_minutes": 5}, new) == []  # resumable
+
+
+def test_flow_linear_bins_reaches_the_generator(double_well):
+    result = train(double_well, {**_tiny_cmt(), "max_steps": 1, "flow": {**TINY_FLOW, "linear_bins": 3}},
+                   progress=False)
+    assert result.generator.settings["linear_bins"] == 3
+    last = result.generator.flow.couplings.layers[0].net[-1]  # the toy's coordinates are all Cartesian
+    assert last.out_features == len(result.generator.flow.couplings.layers[0].transformed) * (3 * 3 + 1)
+
+
 # -- CMT ------------------------------------------------------------------------------------
 def test_cmt_constraints_hold_on_real_steps(double_well):
     eps_tr, eps_ent = 0.5, 0.2
