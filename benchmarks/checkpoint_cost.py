@@ -2,13 +2,10 @@
 (``checkpoint_minutes: 0``) against the default interval (``checkpoint_minutes: 1``).
 
 Each row trains the system's preset (its flow, CMT settings and threads; seed 0) for ``--steps``
-steps into a fresh run directory, through :func:`cmt_openmm.training.train` as users run it
-(snapshots for roll-back, records, checkpoints), on one energy object built once (the compiled
+steps (:func:`benchmarks.common.time_preset_run`), on one energy object built once (the compiled
 torch energies compile once), after a discarded 3-step warm-up run. The two settings take
-turns, ``--repeats`` times each, so a changing load on the machine falls on both alike. Seconds
-per step: the run's own training time (``wall_time``, which counts the writing) over its steps
-after the first; CPU seconds: this process's (all its threads), which another process's load
-inflates less. Prints a table and writes JSON::
+turns, ``--repeats`` times each, so a changing load on the machine falls on both alike.
+Prints a table and writes JSON::
 
     .ci/with-env python -m benchmarks.checkpoint_cost --systems aldp-vacuum:aldp-quick ala4:ala4-hour \\
         --steps 40 --out benchmarks/results/checkpoint_cost.json
@@ -18,28 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import tempfile
-import time
 from pathlib import Path
 
 import cmt_openmm
+from benchmarks.common import time_preset_run
 from cmt_openmm.energy import make_energy
-from cmt_openmm.runs.presets import get_preset
-from cmt_openmm.training import TrainConfig, train
 
 SETTINGS = {"every step": 0.0, "every minute": 1.0}  # checkpoint_minutes; the first is the baseline
-
-
-def time_run(target, preset: str, checkpoint_minutes: float, steps: int, energy) -> tuple[float, float]:
-    """(seconds of training time per step, CPU seconds per step) of one run of ``steps`` steps."""
-    data = {k: v for k, v in get_preset(preset).items() if k not in ("system", "temperature", "report")}
-    data.update(budget=10**12, max_minutes=None, max_steps=steps, checkpoint_minutes=checkpoint_minutes)
-    config = TrainConfig.from_dict(data)
-    with tempfile.TemporaryDirectory() as folder:
-        cpu = time.process_time()
-        history = train(target, config, Path(folder) / "run", progress=False, energy=energy).history
-        cpu = time.process_time() - cpu
-    return (history[-1]["wall_time"] - history[0]["wall_time"]) / (steps - 1), cpu / steps
 
 
 def main(argv=None) -> list[dict]:
@@ -55,11 +37,11 @@ def main(argv=None) -> list[dict]:
         system, preset = pair.split(":")
         target = cmt_openmm.get_target(system)
         with make_energy(target, "auto") as energy:
-            time_run(target, preset, 0.0, 3, energy)  # warm-up: the first steps in a process are slower
+            time_preset_run(target, preset, 3, energy, checkpoint_minutes=0.0)  # warm-up: first steps are slower
             times = {name: [] for name in SETTINGS}
             for _ in range(args.repeats):
                 for name, minutes in SETTINGS.items():
-                    times[name].append(time_run(target, preset, minutes, args.steps, energy))
+                    times[name].append(time_preset_run(target, preset, args.steps, energy, checkpoint_minutes=minutes))
         base = statistics.median(t for t, _ in times["every step"])
         for name, runs in times.items():
             step = statistics.median(t for t, _ in runs)

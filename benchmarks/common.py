@@ -1,15 +1,19 @@
-"""What the throughput benchmarks share: CPU time with worker processes, the machine, the JSON record."""
+"""What the throughput benchmarks share: CPU time with worker processes, the machine, the JSON record,
+a timed training run of a preset."""
 from __future__ import annotations
 
 import json
 import os
 import platform as host
+import tempfile
 import time
 from pathlib import Path
 
 import openmm
 
 from cmt_openmm.files import atomic_write
+from cmt_openmm.runs.presets import get_preset
+from cmt_openmm.training import TrainConfig, train
 
 
 def cpu_seconds(pids: list[int]) -> float:
@@ -33,3 +37,23 @@ def write_record(path: Path, record: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, json.dumps(record, indent=2))
     print(f"wrote {path}")
+
+
+def time_preset_run(target, preset: str, steps: int, energy, **settings) -> tuple[float, float]:
+    """(seconds of training time per step, CPU seconds per step) of one run of ``steps`` steps of
+    ``preset`` (its flow, method settings and threads) on ``target``, through
+    :func:`cmt_openmm.training.train` as users run it (roll-back snapshots, records, checkpoints),
+    in a fresh run directory. ``settings`` replace the preset's, section by section as in a run
+    file (``flow={"linear_bins": 4}`` changes one flow setting). Seconds per step: the run's own
+    training time (``wall_time``) over its steps after the first; CPU seconds: this process's
+    (all its threads), which another process's load inflates less."""
+    data = {k: v for k, v in get_preset(preset).items() if k not in ("system", "temperature", "report")}
+    data.update(budget=10**12, max_minutes=None, max_steps=steps)
+    for key, value in settings.items():
+        data[key] = {**data[key], **value} if isinstance(data.get(key), dict) else value
+    config = TrainConfig.from_dict(data)
+    with tempfile.TemporaryDirectory() as folder:
+        cpu = time.process_time()
+        history = train(target, config, Path(folder) / "run", progress=False, energy=energy).history
+        cpu = time.process_time() - cpu
+    return (history[-1]["wall_time"] - history[0]["wall_time"]) / (steps - 1), cpu / steps

@@ -161,3 +161,22 @@ def test_distributed_projection_follows_amdahl_from_the_two_rank_speedup():
     assert none["8 GPUs (NVLink)"] == pytest.approx(1.0)
     talking = bench.projection(2.0, 1e-3, {"gather_bytes": 96_000, "allreduce_bytes": 10_000_000, "collectives": 11})
     assert talking["4 nodes (InfiniBand)"] < talking["8 GPUs (NVLink)"] < 8.0  # the bytes cost, slower links more
+
+
+def test_linear_bins_cost_times_the_preset_and_its_variant_through_train(tmp_path, monkeypatch):
+    import benchmarks.common as common
+
+    bench = load_script("benchmarks/linear_bins_cost.py")
+    flows = []
+    real_train = common.train
+
+    def recording_train(target, config, *args, **kwargs):
+        flows.append((config.flow.n_bins, config.flow.linear_bins, config.flow.n_layers))
+        return real_train(target, config, *args, **kwargs)
+
+    monkeypatch.setattr(common, "train", recording_train)
+    rows = bench.main(["--systems", "toy-double-well:toy-quick", "--linear-bins", "3", "--steps", "2",
+                       "--repeats", "1", "--out", str(tmp_path / "cost.json")])
+    assert flows == [(8, None, 2), (8, None, 2), (8, 3, 2)]  # warm-up, the preset, the variant (its other settings kept)
+    assert [(r["n_bins"], r["linear_bins"]) for r in rows] == [(8, 8), (8, 3)]
+    assert all(r["seconds_per_step"] > 0 for r in rows) and rows[0]["speedup_vs_preset"] == 1.0
