@@ -335,7 +335,8 @@ def _collect(generator, temperature, wall: float, dtype) -> tuple[dict[str, Tens
                 tensors[f"layer{i}.{key}"] = cpu(value)
     n_bins, linear_bins = n_bins.pop()
     config = {"format": FORMAT, "coordinates": kind, "n_atoms": int(coordinates.n_atoms), "n_bins": n_bins,
-              **({"linear_bins": linear_bins} if linear_bins != n_bins else {}), "n_layers": len(layers), "dtype": names[dtype], "kT": thermal_energy(float(temperature)),
+              **({"linear_bins": linear_bins} if linear_bins != n_bins else {}), "n_layers": len(layers),
+              "dtype": names[dtype], "kT": thermal_energy(float(temperature)),
               "temperature": float(temperature), "wall": float(wall)}
     return tensors, config
 

@@ -177,6 +177,6 @@ def test_linear_bins_cost_times_the_preset_and_its_variant_through_train(tmp_pat
     monkeypatch.setattr(common, "train", recording_train)
     rows = bench.main(["--systems", "toy-double-well:toy-quick", "--linear-bins", "3", "--steps", "2",
                        "--repeats", "1", "--out", str(tmp_path / "cost.json")])
-    assert flows == [(8, None, 2), (8, None, 2), (8, 3, 2)]  # warm-up, the preset, the variant (its other settings kept)
+    assert flows == [(8, None, 2), (8, None, 2), (8, 3, 2)]  # warm-up, preset, variant (other settings kept)
     assert [(r["n_bins"], r["linear_bins"]) for r in rows] == [(8, 8), (8, 3)]
     assert all(r["seconds_per_step"] > 0 for r in rows) and rows[0]["speedup_vs_preset"] == 1.0
