@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 import os
 import platform as host
+import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import openmm
 
+import cmt_openmm
+from cmt_openmm.energy import make_energy
 from cmt_openmm.files import atomic_write
 from cmt_openmm.runs.presets import get_preset
 from cmt_openmm.training import TrainConfig, train
@@ -32,7 +35,16 @@ def machine(**extra) -> dict:
             "openmm": openmm.__version__, **extra}
 
 
-def write_record(path: Path, record: dict) -> None:
+def print_table(rows: list[dict], columns: dict[str, str]) -> None:
+    """Print ``rows`` as a Markdown table: ``columns`` maps each header to a format string of a
+    row's keys (``"{seconds_per_step:.3f}"``); columns after the first two are right-aligned."""
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "|".join("---" if i < 2 else "---:" for i in range(len(columns))) + "|")
+    for row in rows:
+        print("| " + " | ".join(f.format(**row) for f in columns.values()) + " |")
+
+
+def write_record(path: Path, record: dict | list) -> None:
     """Write a benchmark's JSON record to ``path`` (atomically, creating its folder) and say so."""
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, json.dumps(record, indent=2))
@@ -57,3 +69,20 @@ def time_preset_run(target, preset: str, steps: int, energy, **settings) -> tupl
         history = train(target, config, Path(folder) / "run", progress=False, energy=energy).history
         cpu = time.process_time() - cpu
     return (history[-1]["wall_time"] - history[0]["wall_time"]) / (steps - 1), cpu / steps
+
+
+def time_preset_settings(system: str, preset: str, settings: dict[str, dict], steps: int,
+                         repeats: int) -> dict[str, tuple[float, float]]:
+    """Median (seconds per step, CPU seconds per step) of :func:`time_preset_run` for each named
+    ``settings`` entry (keyword settings of one run), on one energy object built once (compiled
+    torch energies compile once), after a discarded 3-step warm-up run with the first entry; the
+    entries take turns, ``repeats`` times each, so a changing load on the machine falls on all alike."""
+    target = cmt_openmm.get_target(system)
+    with make_energy(target, "auto") as energy:
+        time_preset_run(target, preset, 3, energy, **next(iter(settings.values())))  # first steps are slower
+        times = {name: [] for name in settings}
+        for _ in range(repeats):
+            for name, setting in settings.items():
+                times[name].append(time_preset_run(target, preset, steps, energy, **setting))
+    return {name: (statistics.median(t for t, _ in runs), statistics.median(c for _, c in runs))
+            for name, runs in times.items()}

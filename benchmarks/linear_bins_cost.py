@@ -4,10 +4,9 @@ non-circular ones.
 
 Most of a coupling layer's arithmetic is the conditioner's last Linear, 3K + 1 outputs per
 transformed coordinate; bonds and angles are two thirds of a peptide's coordinates. Each row
-trains the system's preset (seed 0) for ``--steps`` steps (:func:`benchmarks.common.time_preset_run`:
-the whole step as users run it, sampling, energies, dual and fit), on one energy object built
-once, after a discarded 3-step warm-up run; the settings take turns, ``--repeats`` times each, so
-a changing load on the machine falls on all alike. What the cheaper step does to the generator's
+trains the system's preset (seed 0) for ``--steps`` steps, the whole step as users run it
+(sampling, energies, dual and fit), the settings taking turns ``--repeats`` times each
+(:func:`benchmarks.common.time_preset_settings`). What the cheaper step does to the generator's
 ESS per hour is measured by whole runs (benchmarks/RESULTS.md). Prints a table and writes JSON::
 
     .ci/with-env python -m benchmarks.linear_bins_cost --systems ala4:ala4-hour aldp-vacuum:aldp-quick \\
@@ -16,13 +15,9 @@ ESS per hour is measured by whole runs (benchmarks/RESULTS.md). Prints a table a
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
 from pathlib import Path
 
-import cmt_openmm
-from benchmarks.common import time_preset_run
-from cmt_openmm.energy import make_energy
+from benchmarks.common import print_table, time_preset_settings, write_record
 from cmt_openmm.runs.presets import get_preset
 
 
@@ -40,27 +35,16 @@ def main(argv=None) -> list[dict]:
         system, preset = pair.split(":")
         n_bins = get_preset(preset)["flow"]["n_bins"]
         settings = {n_bins: {}, **{k: {"flow": {"linear_bins": k}} for k in args.linear_bins}}  # the preset first
-        target = cmt_openmm.get_target(system)
-        with make_energy(target, "auto") as energy:
-            time_preset_run(target, preset, 3, energy)  # warm-up: the first steps in a process are slower
-            times = {k: [] for k in settings}
-            for _ in range(args.repeats):
-                for k, setting in settings.items():
-                    times[k].append(time_preset_run(target, preset, args.steps, energy, **setting))
-        base = statistics.median(t for t, _ in times[n_bins])
-        for k, runs in times.items():
-            step = statistics.median(t for t, _ in runs)
+        times = time_preset_settings(system, preset, settings, args.steps, args.repeats)
+        base = times[n_bins][0]
+        for k, (step, cpu) in times.items():
             rows.append({"system": system, "preset": preset, "n_bins": n_bins, "linear_bins": k, "steps": args.steps,
-                         "seconds_per_step": step, "cpu_seconds_per_step": statistics.median(c for _, c in runs),
-                         "speedup_vs_preset": base / step})
-    print("| system | bins (torsions / bonds, angles) | s per step | CPU s per step | vs the preset |")
-    print("|---|---|---:|---:|---:|")
-    for r in rows:
-        print(f"| {r['system']} | {r['n_bins']} / {r['linear_bins']} | {r['seconds_per_step']:.3f} "
-              f"| {r['cpu_seconds_per_step']:.3f} | {r['speedup_vs_preset']:.2f}× |")
+                         "seconds_per_step": step, "cpu_seconds_per_step": cpu, "speedup_vs_preset": base / step})
+    print_table(rows, {"system": "{system}", "bins (torsions / bonds, angles)": "{n_bins} / {linear_bins}",
+                       "s per step": "{seconds_per_step:.3f}", "CPU s per step": "{cpu_seconds_per_step:.3f}",
+                       "vs the preset": "{speedup_vs_preset:.2f}×"})
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(rows, indent=1))
+        write_record(args.out, rows)
     return rows
 
 
