@@ -115,7 +115,8 @@ def run_one(args: argparse.Namespace, settings: dict, method: str, seed: int) ->
         "system": args.system, "temperature": args.temperature, "method": method, "seed": seed,
         "budget": budget, "max_steps": max_steps_for(method, settings[method], budget),
         "max_minutes": None if args.time_limit is None else args.time_limit / 60.0,
-        "flow": {"n_layers": args.n_layers, "hidden": args.hidden, "n_bins": args.n_bins, "train_dtype": args.train_dtype},
+        "flow": {"n_layers": args.n_layers, "hidden": args.hidden, "n_bins": args.n_bins,
+                 "linear_bins": args.linear_bins, "train_dtype": args.train_dtype},
         "ema_decay": args.ema_decay,
         method: copy.deepcopy(settings[method]),
         "report": {"n_samples": args.samples, "n_draws": args.draws},
@@ -161,6 +162,8 @@ def main(argv=None) -> int:
     p.add_argument("--n-layers", dest="n_layers", type=int, default=6)
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--n-bins", dest="n_bins", type=int, default=8)
+    p.add_argument("--linear-bins", dest="linear_bins", type=int,
+                   help="spline bins on bonds and angles (flow.linear_bins; default: --n-bins)")
     p.add_argument("--train-dtype", dest="train_dtype", default="float32", choices=["float32", "bfloat16", "auto"],
                    help="the conditioners' dtype while training (flow.train_dtype; every method)")
     p.add_argument("--ema-decay", dest="ema_decay", type=float, help="the weights' moving average (every method)")

@@ -73,10 +73,11 @@ def run_system(args: argparse.Namespace, system: str) -> list[dict]:
         system=system, temperature=300.0, budget=3000 if args.tiny else budget, time_limit=time_limit,
         reference=args.references.get(system), n_layers=2 if args.tiny else 6, hidden=16 if args.tiny else 64,
         n_bins=4 if args.tiny else 8, samples=200 if args.tiny else 10_000, draws=2 if args.tiny else 5,
-        jobs=1, out=str(args.out / system), tiny=args.tiny, train_dtype="float32", ema_decay=None)
+        jobs=1, out=str(args.out / system), tiny=args.tiny, train_dtype="float32", ema_decay=None, linear_bins=None)
     if args.preset == "cpu-hour" and not args.tiny:  # every method trains as the sized presets do
         sized = get_preset(SIZED_PRESETS[system])
         bench.train_dtype, bench.ema_decay = sized["flow"]["train_dtype"], sized["ema_decay"]
+        bench.linear_bins = sized["flow"].get("linear_bins")
     settings = methods_bench.method_settings(int(bench.budget), args.tiny, 4000, 8, 1e-3, strata=True,
                                              reference=bench.reference)
     if args.preset == "cpu-hour" and not args.tiny:
