@@ -12,20 +12,15 @@ Prints a table and writes JSON::
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from benchmarks.common import print_table, time_preset_settings, write_record
+from benchmarks.common import add_preset_timing_arguments, print_table, time_preset_settings, write_record
 
 SETTINGS = {"every step": 0.0, "every minute": 1.0}  # checkpoint_minutes; the first is the baseline
 
 
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--systems", nargs="+", default=["aldp-vacuum:aldp-quick", "ala4:ala4-hour"],
-                        help="SYSTEM:PRESET pairs")
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--out", type=Path)
+    add_preset_timing_arguments(parser, ["aldp-vacuum:aldp-quick", "ala4:ala4-hour"], steps=40)
     args = parser.parse_args(argv)
     rows = []
     for pair in args.systems:

@@ -71,6 +71,15 @@ def time_preset_run(target, preset: str, steps: int, energy, **settings) -> tupl
     return (history[-1]["wall_time"] - history[0]["wall_time"]) / (steps - 1), cpu / steps
 
 
+def add_preset_timing_arguments(parser, systems: list[str], steps: int) -> None:
+    """The options of a benchmark built on :func:`time_preset_settings`: ``--systems`` (SYSTEM:PRESET
+    pairs), ``--steps``, ``--repeats`` and ``--out`` (the JSON record)."""
+    parser.add_argument("--systems", nargs="+", default=systems, help="SYSTEM:PRESET pairs")
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--out", type=Path)
+
+
 def time_preset_settings(system: str, preset: str, settings: dict[str, dict], steps: int,
                          repeats: int) -> dict[str, tuple[float, float]]:
     """Median (seconds per step, CPU seconds per step) of :func:`time_preset_run` for each named

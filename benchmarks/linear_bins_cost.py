@@ -15,20 +15,15 @@ ESS per hour is measured by whole runs (benchmarks/RESULTS.md). Prints a table a
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from benchmarks.common import print_table, time_preset_settings, write_record
+from benchmarks.common import add_preset_timing_arguments, print_table, time_preset_settings, write_record
 from cmt_openmm.runs.presets import get_preset
 
 
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--systems", nargs="+", default=["ala4:ala4-hour", "aldp-vacuum:aldp-quick"],
-                        help="SYSTEM:PRESET pairs")
+    add_preset_timing_arguments(parser, ["ala4:ala4-hour", "aldp-vacuum:aldp-quick"], steps=30)
     parser.add_argument("--linear-bins", nargs="+", type=int, default=[4])
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     rows = []
     for pair in args.systems:
