@@ -32,7 +32,8 @@ def main(argv=None) -> list[dict]:
             rows.append({"system": system, "preset": preset, "checkpoint": name, "steps": args.steps,
                          "seconds_per_step": step, "cpu_seconds_per_step": cpu, "speedup_vs_every_step": base / step})
     print_table(rows, {"system": "{system}", "checkpoint": "{checkpoint}", "s per step": "{seconds_per_step:.3f}",
-                       "CPU s per step": "{cpu_seconds_per_step:.3f}", "vs every step": "{speedup_vs_every_step:.2f}×"})
+                       "CPU s per step": "{cpu_seconds_per_step:.3f}",
+                       "vs every step": "{speedup_vs_every_step:.2f}×"})
     if args.out:
         write_record(args.out, rows)
     return rows
