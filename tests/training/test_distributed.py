@@ -3,6 +3,8 @@
 ranks, and survives a rank that dies (torchrun --max-restarts). Every launch here is a real
 ``torchrun`` of the ``cmt-openmm`` command with the gloo backend on CPUs."""
 import json
+import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -13,6 +15,7 @@ import yaml
 from safetensors.torch import load_file
 
 from cmt_openmm import Run
+from cmt_openmm.cli.main import EXIT_INPUT
 from cmt_openmm.errors import CMTInputError
 from cmt_openmm.generator import GENERATOR_FILE
 from cmt_openmm.training import load_history
@@ -103,9 +106,8 @@ def test_shards_that_ranks_cannot_split_are_refused():
         check_shards(2, 3)
 
 
-def test_a_rank_that_dies_is_restarted_and_the_run_resumes(tmp_path):
-    """Rank 1 exits in step 3 of the first attempt; torchrun restarts both ranks, which resume from
-    the checkpoint of step 2 and end with the run an uninterrupted one gives."""
+def _dying_rank_script(tmp_path) -> str:
+    """The CLI, with rank 1 exiting in step 3 of a run's first attempt (as the OOM killer would: no clean-up)."""
     script = tmp_path / "dying_rank.py"
     script.write_text(textwrap.dedent("""
         import os, sys
@@ -115,25 +117,51 @@ def test_a_rank_that_dies_is_restarted_and_the_run_resumes(tmp_path):
         step = CMTTrainer.step
 
         def dying_step(self):
-            if os.environ["RANK"] == "1" and os.environ["TORCHELASTIC_RESTART_COUNT"] == "0" and self.steps_done == 2:
-                os._exit(3)  # as the OOM killer would: no clean-up
+            first = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+            if os.environ["RANK"] == "1" and first and self.steps_done == 2:
+                os._exit(3)
             return step(self)
 
         CMTTrainer.step = dying_step
         sys.exit(main(sys.argv[1:]))
     """))
+    return str(script)
+
+
+def test_a_rank_that_dies_is_restarted_and_the_run_resumes(tmp_path):
+    """Rank 1 exits in step 3 of the first attempt; torchrun restarts both ranks, which resume from
+    the checkpoint of step 2 and end with the run an uninterrupted one gives."""
     run_file = _run_file(tmp_path)
     out = tmp_path / "run"
-    done = _torchrun("train", run_file, "--out", str(out), "--quiet", script=str(script),
+    done = _torchrun("train", run_file, "--out", str(out), "--quiet", script=_dying_rank_script(tmp_path),
                      torchrun=("--max-restarts=1",))
     assert done.returncode == 0, done.stderr[-3000:]
     assert "(exitcode: 3) local_rank: 1" in done.stderr  # the rank did die, and the restart then succeeded
-    # its peer said so in one sentence, not a traceback
-    assert "cmt-openmm train: error: rank 0 lost contact with the run's other processes" in done.stderr
     straight = _one_process(run_file, tmp_path / "straight", shards=2)
     assert_same_history(load_history(out), straight, rel_tol=TOLERANCE)
     _assert_same_weights(_weights(out), _weights(tmp_path / "straight"))
     assert not list(out.glob("*.tmp*"))  # no half-written file
+
+
+def test_the_rank_whose_peer_died_says_so_in_one_sentence(tmp_path):
+    """Two ranks started by hand (torchrun's environment, no agent to stop the survivor first): rank 1
+    exits in step 3, and rank 0's next collective ends in one sentence, not a traceback."""
+    with socket.socket() as probe:  # a free port for the ranks' rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    run_file, script = _run_file(tmp_path), _dying_rank_script(tmp_path)
+    ranks = []
+    for rank in (0, 1):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        ranks.append(subprocess.Popen([sys.executable, script, "train", run_file, "--out", str(tmp_path / "run"),
+                                       "--quiet"], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True))
+    stderr = [process.communicate(timeout=180)[1] for process in ranks]
+    assert ranks[1].returncode == 3, stderr[1][-3000:]
+    assert ranks[0].returncode == EXIT_INPUT, stderr[0][-3000:]
+    assert "cmt-openmm train: error: rank 0 lost contact with the run's other processes" in stderr[0]
+    assert "Traceback" not in stderr[0]
+    assert load_history(tmp_path / "run")[-1]["step"] == 2  # its checkpoint of step 2 is intact
 
 
 def test_the_layout_splits_draws_by_shard():
