@@ -180,3 +180,57 @@ def test_linear_bins_cost_times_the_preset_and_its_variant_through_train(tmp_pat
     assert flows == [(8, None, 2), (8, None, 2), (8, 3, 2)]  # warm-up, preset, variant (other settings kept)
     assert [(r["n_bins"], r["linear_bins"]) for r in rows] == [(8, 8), (8, 3)]
     assert all(r["seconds_per_step"] > 0 for r in rows) and rows[0]["speedup_vs_preset"] == 1.0
+
+
+def test_weight_breakdown_splits_the_weight_variance_over_states():
+    bench = load_script("benchmarks/weight_breakdown.py")
+    weights = np.array([0.1, 0.1, 0.2, 0.6])
+    rows = bench.breakdown({"a": np.array([True, True, False, False]), "b": np.array([False, False, True, True])},
+                           weights)
+    a, b = rows
+    assert (a["raw"], b["raw"]) == (0.5, 0.5)
+    assert a["reweighted"] == pytest.approx(0.2) and b["reweighted"] == pytest.approx(0.8)
+    assert b["ratio"] == pytest.approx(1.6)  # the generator gives b half its samples, the target 80 %
+    assert a["square_share"] == pytest.approx(0.02 / 0.42) and b["square_share"] == pytest.approx(0.40 / 0.42)
+    assert a["ess_within"] == pytest.approx(1.0) and b["ess_within"] == pytest.approx(0.64 / 0.40 / 2)
+    assert b["error"] == pytest.approx(np.sqrt(weights**2 @ (np.array([0, 0, 1, 1]) - 0.8) ** 2))
+
+
+def test_weight_breakdown_finds_the_turn_hydrogen_bonds_and_phi_signs_of_ala4():
+    bench = load_script("benchmarks/weight_breakdown.py")
+    from cmt_openmm.coordinates.backbone import phi_angles
+
+    target = get_target("ala4")
+    pairs = bench.turn_hydrogen_bonds(target.topology)
+    names = [name for _, _, name in pairs]
+    assert names == ["ACE1 O → ALA4 H", "ACE1 O → NME5 H", "ALA2 O → NME5 H"]  # i → i+3 and i → i+4 only
+    o, h, _ = pairs[1]
+    x = np.repeat(target.positions[None], 3, axis=0)
+    x[1, h] = x[1, o] + np.array([0.0, 0.0, 0.2])  # the α-turn contact, in the second configuration only
+    x[2, h] = x[2, o] + np.array([0.0, 0.0, 0.3])  # beyond the cutoff
+    turns = bench.peptide_states(target.topology, x)["turn hydrogen bonds"]
+    reference = np.linalg.norm(target.positions[o] - target.positions[h]) < bench.HBOND_CUTOFF
+    assert turns["ACE1 O → NME5 H"].tolist() == [reference, True, False]
+    assert turns["no turn"].tolist() == list(~np.any([turns[n] for n in names], axis=0))
+    signs = bench.peptide_states(target.topology, x)["phi-sign"]
+    pattern = "".join("+" if s else "-" for s in phi_angles(target.topology, x[:1])[0] >= 0)
+    assert list(signs) == [pattern] and signs[pattern].all()
+
+
+def test_weight_breakdown_runs_on_a_trained_run(tmp_path, capsys):
+    from cmt_openmm import Run
+
+    bench = load_script("benchmarks/weight_breakdown.py")
+    run = Run.create(tmp_path / "run", {"system": "aldp-vacuum", "method": "cmt", "max_steps": 2, "budget": 10**6,
+                                        "flow": {"n_layers": 2, "hidden": 8},
+                                        "cmt": {"n_samples": 200, "batch_size": 100, "fit_steps": 2}})
+    run.train(progress=False, report=False)
+    record = bench.main([str(tmp_path / "run"), "--n", "300", "--out", str(tmp_path / "breakdown.json")])
+    assert record == json.loads((tmp_path / "breakdown.json").read_text())
+    rows = record["states"]["phi-sign"]
+    assert {r["state"] for r in rows} <= {"+", "-"} and sum(r["raw"] for r in rows) == pytest.approx(1.0)
+    assert sum(r["reweighted"] for r in rows) == pytest.approx(1.0)
+    assert sum(r["square_share"] for r in rows) == pytest.approx(1.0)
+    assert record["states"]["turn hydrogen bonds"] == []  # no residue pair three apart in Ace-Ala-Nme
+    assert record["n_effective"] == pytest.approx(300 * record["reverse_ess"])
+    assert not record["reliable"] and "are unreliable" in capsys.readouterr().out  # two steps of training
