@@ -12,8 +12,9 @@ header says "unreliable" and the record has ``"reliable": false``. The states:
 - the φ-sign patterns of the backbone (the training strata; "-+-": residue 2 at φ > 0);
 - the turn hydrogen bonds: carbonyl O of residue i and amide H of residue i + 3 (3₁₀ turn) or
   i + 4 (α turn) closer than 0.25 nm (caps count as residues), each a state of its own (a
-  helical turn can hold two, so these overlap), and "no turn" (none of them). The contact depends on every backbone torsion between the two
-  residues at once, which is what a flow on internal coordinates finds hardest.
+  helical turn can hold two, so these overlap), and "no turn" (none of them). The contact
+  depends on every backbone torsion between the two residues at once, which is what a flow on
+  internal coordinates finds hardest.
 
 Prints two tables and writes JSON::
 
@@ -109,8 +110,9 @@ def main(argv=None) -> dict:
         record["states"][kind] = rows
         if rows:
             print(f"\n{kind}:")
-            print_table([{**r, "raw_pct": 100 * r["raw"], "reweighted_pct": 100 * r["reweighted"],
-                          "error_pct": 100 * r["error"], "ess_within_pct": 100 * r["ess_within"]} for r in rows], columns)
+            percent = {"raw_pct": "raw", "reweighted_pct": "reweighted", "error_pct": "error",
+                       "ess_within_pct": "ess_within"}
+            print_table([{**r, **{k: 100 * r[v] for k, v in percent.items()}} for r in rows], columns)
     if args.out:
         write_record(args.out, record)
     return record
