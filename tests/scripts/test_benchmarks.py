@@ -163,23 +163,29 @@ def test_distributed_projection_follows_amdahl_from_the_two_rank_speedup():
     assert talking["4 nodes (InfiniBand)"] < talking["8 GPUs (NVLink)"] < 8.0  # the bytes cost, slower links more
 
 
-def test_linear_bins_cost_times_the_preset_and_its_variant_through_train(tmp_path, monkeypatch):
+def test_flow_settings_cost_times_the_preset_and_its_variants_through_train(tmp_path, monkeypatch):
     import benchmarks.common as common
 
-    bench = load_script("benchmarks/linear_bins_cost.py")
+    bench = load_script("benchmarks/flow_settings_cost.py")
     flows = []
     real_train = common.train
 
     def recording_train(target, config, *args, **kwargs):
-        flows.append((config.flow.n_bins, config.flow.linear_bins, config.flow.n_layers))
+        flows.append((config.flow.hidden, config.flow.n_bins, config.flow.linear_bins, config.flow.n_layers))
         return real_train(target, config, *args, **kwargs)
 
     monkeypatch.setattr(common, "train", recording_train)
-    rows = bench.main(["--systems", "toy-double-well:toy-quick", "--linear-bins", "3", "--steps", "2",
-                       "--repeats", "1", "--out", str(tmp_path / "cost.json")])
-    assert flows == [(8, None, 2), (8, None, 2), (8, 3, 2)]  # warm-up, preset, variant (other settings kept)
-    assert [(r["n_bins"], r["linear_bins"]) for r in rows] == [(8, 8), (8, 3)]
+    rows = bench.main(["--systems", "toy-double-well:toy-quick", "--variants", "linear_bins=3", "hidden=8,n_bins=4",
+                       "--steps", "2", "--repeats", "1", "--out", str(tmp_path / "cost.json")])
+    # warm-up, the preset, then each variant with the preset's other settings kept
+    assert flows == [(16, 8, None, 2), (16, 8, None, 2), (16, 8, 3, 2), (8, 4, None, 2)]
+    assert [(r["variant"], r["flow"]) for r in rows] == [
+        ("the preset", "hidden 16, n_layers 2, bins 8 / 8"), ("linear_bins=3", "hidden 16, n_layers 2, bins 8 / 3"),
+        ("hidden=8,n_bins=4", "hidden 8, n_layers 2, bins 4 / 4")]
     assert all(r["seconds_per_step"] > 0 for r in rows) and rows[0]["speedup_vs_preset"] == 1.0
+    assert json.loads((tmp_path / "cost.json").read_text()) == rows
+    with pytest.raises(SystemExit):
+        bench.main(["--variants", "hidden:128"])
 
 
 def test_weight_breakdown_splits_the_weight_variance_over_states():
