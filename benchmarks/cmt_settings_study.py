@@ -234,10 +234,10 @@ class StudyCMTTrainer(CMTTrainer):
         self.times = {"t_sample": t1 - t0, "t_energy": time.perf_counter() - t1}
         return x, log_q, log_p
 
-    def fit_log_weights(self, sol, labels):
+    def fit_log_weights(self, sol, labels, log_q, log_p):
         self.t_dual_end = time.perf_counter()
         self.solution = sol  # for the diagnostics of step()
-        self.fitted = super().fit_log_weights(sol, labels)
+        self.fitted = super().fit_log_weights(sol, labels, log_q, log_p)
         self.fit_weights = self.fitted
         if self.defensive:
             # defensive mixture (prototype): fit (1 − α) q_{i+1} + α q_i, i.e. w̄ → (1 − α) w̄ + α / N

@@ -10,8 +10,9 @@ short. With fewer than 100 effective samples in all, every figure rests on a few
 header says "unreliable" and the record has ``"reliable": false``. The states:
 
 - the φ-sign patterns of the backbone (the training strata; "-+-": residue 2 at φ > 0);
-- the turn hydrogen bonds: carbonyl O of residue i and amide H of residue i + 3 (3₁₀ turn) or
-  i + 4 (α turn) closer than 0.25 nm (caps count as residues), each a state of its own (a
+- the turn hydrogen bonds (:func:`~cmt_openmm.coordinates.backbone.turn_hydrogen_bonds`): carbonyl O
+  of residue i and amide H of residue i + 3 (3₁₀ turn) or i + 4 (α turn) closer than 0.25 nm
+  (caps count as residues), each a state of its own (a
   helical turn can hold two, so these overlap), and "no turn" (none of them). The contact
   depends on every backbone torsion between the two residues at once, which is what a flow on
   internal coordinates finds hardest.
@@ -29,28 +30,9 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import print_table, write_record
-from cmt_openmm.coordinates.backbone import phi_angles, phi_residue_names
+from cmt_openmm.coordinates.backbone import phi_angles, phi_residue_names, turn_contacts, turn_hydrogen_bonds
 from cmt_openmm.runs import Run
 from cmt_openmm.sampling.estimators import MIN_EFFECTIVE_SAMPLES, weighted_mean
-
-HBOND_CUTOFF = 0.25  # nm, hydrogen to acceptor
-TURN_SPANS = (3, 4)  # residues between acceptor and donor: 3₁₀ and α turns
-
-
-def turn_hydrogen_bonds(topology) -> list[tuple[int, int, str]]:
-    """(carbonyl O index, amide H index, name) of every residue pair i, i + 3 or i + 4 of one chain
-    that has an ``O`` and an ``H`` (``ACE1 O → ALA4 H``); ``topology`` an OpenMM Topology."""
-    pairs = []
-    for chain in topology.chains():
-        residues = list(chain.residues())
-        atoms = [{atom.name: atom.index for atom in residue.atoms()} for residue in residues]
-        for i, acceptor in enumerate(atoms):
-            for span in TURN_SPANS:
-                if i + span < len(atoms) and "O" in acceptor and "H" in atoms[i + span]:
-                    donor = residues[i + span]
-                    pairs.append((acceptor["O"], atoms[i + span]["H"],
-                                  f"{residues[i].name}{residues[i].id} O → {donor.name}{donor.id} H"))
-    return pairs
 
 
 def peptide_states(topology, positions: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
@@ -59,9 +41,8 @@ def peptide_states(topology, positions: np.ndarray) -> dict[str, dict[str, np.nd
     signs = phi_angles(topology, positions) >= 0.0
     patterns = np.array(["".join("+" if s else "-" for s in row) for row in signs])
     phi_sign = {pattern: patterns == pattern for pattern in sorted(set(patterns))}
-    turns = {}
-    for o, h, name in turn_hydrogen_bonds(topology):
-        turns[name] = np.linalg.norm(positions[:, o] - positions[:, h], axis=-1) < HBOND_CUTOFF
+    contacts = turn_contacts(topology, positions)
+    turns = {name: contacts[:, k] for k, (_, _, name) in enumerate(turn_hydrogen_bonds(topology))}
     if turns:
         turns["no turn"] = ~np.any(list(turns.values()), axis=0)
     return {"phi-sign": phi_sign, "turn hydrogen bonds": turns}

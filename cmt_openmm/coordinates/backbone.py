@@ -113,6 +113,41 @@ class BackboneAngles:
         self.pairs[rows], self.phi[rows] = part.pairs, part.phi
 
 
+TURN_HBOND_CUTOFF = 0.25
+"""nm: a turn's hydrogen bond, amide H to carbonyl O closer than this."""
+TURN_SPANS = (3, 4)
+"""Residues from acceptor to donor: 3₁₀ (i → i + 3) and α (i → i + 4) turns."""
+
+
+def turn_hydrogen_bonds(topology: Any) -> list[tuple[int, int, str]]:
+    """(carbonyl O index, amide H index, name) of every residue pair i, i + 3 or i + 4 of one chain
+    that has an ``O`` and an ``H``, caps counted as residues (``"ACE1 O → ALA4 H"``). Their contacts
+    hold a helical turn; each depends on every backbone torsion between the two residues at once."""
+    if hasattr(topology, "to_openmm"):  # mdtraj.Topology
+        topology = topology.to_openmm()
+    pairs = []
+    for chain in topology.chains():
+        residues = list(chain.residues())
+        atoms = [{atom.name: atom.index for atom in residue.atoms()} for residue in residues]
+        for i, acceptor in enumerate(atoms):
+            for span in TURN_SPANS:
+                if i + span < len(atoms) and "O" in acceptor and "H" in atoms[i + span]:
+                    donor = residues[i + span]
+                    pairs.append((acceptor["O"], atoms[i + span]["H"],
+                                  f"{residues[i].name}{residues[i].id} O → {donor.name}{donor.id} H"))
+    return pairs
+
+
+def turn_contacts(topology: Any, x: Any) -> np.ndarray:
+    """(B, n_pairs) bool: which :func:`turn_hydrogen_bonds` configurations x (B, n_atoms, 3) nm form."""
+    x = np.asarray(x)
+    pairs = turn_hydrogen_bonds(topology)
+    if not pairs:
+        return np.zeros((x.shape[0], 0), bool)
+    o, h = (np.array(column) for column in zip(*[(o, h) for o, h, _ in pairs]))
+    return np.linalg.norm(x[:, o] - x[:, h], axis=-1) < TURN_HBOND_CUTOFF
+
+
 def is_peptide(target) -> bool:
     """True when the topology has at least one backbone (φ, ψ) pair."""
     return target.has_molecule and bool(backbone_dihedrals(target.topology))

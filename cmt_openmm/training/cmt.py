@@ -33,7 +33,7 @@ from .distributed import Layout
 from .dual import solve_dual
 from .loop import Trainer
 from .schedule import auto_eps_ent, auto_lr_decay
-from .strata import floored_log_weights, stratifier
+from .strata import floored_log_weights, holder_log_weights, stratifier
 
 
 def fit_to_buffer(
@@ -143,12 +143,17 @@ class CMTTrainer(Trainer):
             log_p = -self.energy(x)
         return x, log_q, log_p
 
-    def fit_log_weights(self, sol, labels: np.ndarray | None) -> np.ndarray:
-        """Normalised log-weights (N,) the flow is fitted to: the dual's (q_{i+1}), floored per stratum
-        when strata are configured (labels: (N,) the buffer's strata, else None)."""
+    def fit_log_weights(self, sol, labels: np.ndarray | None, log_q: torch.Tensor,
+                        log_p: torch.Tensor) -> np.ndarray:
+        """Normalised log-weights (N,) the flow is fitted to: the dual's (q_{i+1}); with strata
+        (labels: (N,) the buffer's, else None) each stratum's mass set by ``strata_mass`` and floored."""
         if labels is None:
             return sol.log_weights
-        return floored_log_weights(sol.log_weights, labels, self.settings.strata_floor)
+        log_weights = sol.log_weights
+        if self.settings.strata_mass == "holder":
+            log_weights = holder_log_weights(log_weights, labels, log_q.detach().double().cpu().numpy(),
+                                             log_p.detach().double().cpu().numpy(), sol.lam, sol.eta)
+        return floored_log_weights(log_weights, labels, self.settings.strata_floor)
 
     def gather_buffer(self, x: torch.Tensor, log_q: torch.Tensor, log_p: torch.Tensor):
         """The whole buffer's log q, log p̃ (N,) and strata labels (N,) or None, from this process's rows."""
@@ -174,7 +179,7 @@ class CMTTrainer(Trainer):
             self.first_entropy = entropy
         eps_ent = self.entropy_budget(entropy)
         sol = solve_dual(log_q, log_p, c.eps_tr, eps_ent)
-        log_weights = self.fit_log_weights(sol, labels)
+        log_weights = self.fit_log_weights(sol, labels, log_q, log_p)
         loss = fit_to_buffer(
             self.generator, self.optimizer, x, log_weights, self.fit_steps, c.batch_size, c.resample, self.rng,
             self.layout,

@@ -19,7 +19,7 @@ import yaml
 
 from ..errors import CMTInputError
 from ..flows import MASKS
-from .strata import STRATA
+from .strata import STRATA, STRATA_MASSES
 
 TRAINERS: dict[str, type] = {}
 """The trainer class of each method name (``TrainConfig.method``), filled by :func:`register_method`."""
@@ -168,9 +168,11 @@ class CMTConfig:
     docs/cmt_settings.md). eps_ent_warmup, warmup_steps: a two-phase
     entropy constraint, ε_ent = eps_ent_warmup for the first warmup_steps annealing steps (None:
     eps_ent throughout); a tight value keeps the path hot (η > 0) while the flow learns the shape
-    of every basin, then eps_ent lets it cool (docs/cmt_settings.md). strata: "none" or "phi-sign"
-    (peptides); with strata, each of the K strata in the buffer is fitted with at least mass
-    strata_floor / K, the dual's weights kept inside each (:mod:`cmt_openmm.training.strata`).
+    of every basin, then eps_ent lets it cool (docs/cmt_settings.md). strata: "none", "phi-sign"
+    or "phi-sign-turns" (peptides); with strata, each of the K strata in the buffer is fitted with
+    at least mass strata_floor / K, the dual's weights kept inside each; strata_mass: each
+    stratum's mass before the floor, "dual" (the dual's) or "holder" (the Hölder bound: the mass
+    the step would give it if the flow's shape inside it were right; :mod:`cmt_openmm.training.strata`).
     eps_ent: auto sizes the entropy budget per step so that the path cools at cool_fraction of the
     run's planned steps; lr_decay_after_target: auto decays the learning rate to lr_final_fraction
     of lr by the planned last step (:mod:`cmt_openmm.training.schedule`).
@@ -192,6 +194,8 @@ class CMTConfig:
                                                                   "one of target, cooled"))
     strata: str = field(default="none", metadata=_check(lambda v: v in STRATA, "one of " + ", ".join(STRATA)))
     strata_floor: float = field(default=0.1, metadata=_check(lambda v: 0 < v < 1, "a number in (0, 1)"))
+    strata_mass: str = field(default="dual", metadata=_check(lambda v: v in STRATA_MASSES,
+                                                             "one of " + ", ".join(STRATA_MASSES)))
     cool_fraction: float = field(default=0.5, metadata=_check(lambda v: 0 < v < 1, "a number in (0, 1)"))
     lr_final_fraction: float = field(default=0.04, metadata=_check(lambda v: 0 < v <= 1, "a number in (0, 1]"))
 

@@ -16,13 +16,21 @@ over-dispersed proposal: importance weights stay exact, and at the level of stra
 falls by at most a factor 1 − ρ (Σ_S p_S² / q_S ≤ 1 / (1 − ρ)). A stratum with no buffer sample
 keeps weight 0: the floor keeps basins, it cannot find new ones.
 
-Moving the strata's masses by the Hölder bound itself (no shape penalty, no floor) kept ALDP's
-φ > 0 samples through the hot phase but not the basin's shape, and added nothing to the floor, so
-only the floor is here (docs/cmt_settings.md; figures in benchmarks/RESULTS.md).
+The same gap makes a state the flow holds but has not shaped yet fall behind the path: on ala4
+the hydrogen-bonded helical turns carry most of the weight variance and get a third to a half of
+their mass (benchmarks/weight_breakdown.py). ``strata_mass: holder`` gives each stratum the
+Hölder bound itself, M_S ∝ q_i(S)^a (∫_S p̃^γ)^{1−a} (γ = 1/(1+η); q_i(S) and ∫_S p̃^γ estimated
+from the buffer by counting and importance sampling): the mass the step target would give S if
+the flow's shape inside it were right, so the strata's masses follow the tempered path while
+the shapes inside them follow the trust region. Where the shapes are right it equals the dual's
+masses. Alone (no floor) on ALDP it kept the φ > 0 samples through the hot phase but not the
+basin's shape, and added nothing to the floor there (docs/cmt_settings.md); the floor applies
+after it.
 
 Strata are labels of configurations. ``phi-sign`` labels a peptide by the signs of its
 backbone φ angles (the slow, left-handed αL/C7ax states sit at φ > 0), up to 2^R labels for R
-residues.
+residues; ``phi-sign-turns`` also by which turn hydrogen bonds (i → i + 3, i → i + 4) it forms
+(:func:`~cmt_openmm.coordinates.backbone.turn_hydrogen_bonds`), up to 2^(R + T) labels.
 """
 from __future__ import annotations
 
@@ -31,10 +39,11 @@ import math
 import numpy as np
 from scipy.special import logsumexp
 
-from ..coordinates.backbone import backbone_phis, phi_angles
+from ..coordinates.backbone import backbone_phis, phi_angles, turn_contacts
 from ..errors import CMTInputError
 
-STRATA = ("none", "phi-sign")
+STRATA = ("none", "phi-sign", "phi-sign-turns")
+STRATA_MASSES = ("dual", "holder")
 
 
 def stratifier(name: str, topology):
@@ -43,9 +52,11 @@ def stratifier(name: str, topology):
         return None
     if not backbone_phis(topology):
         raise CMTInputError(
-            "cmt.strata 'phi-sign' needs a peptide with backbone φ angles and this target has none; "
+            f"cmt.strata {name!r} needs a peptide with backbone φ angles and this target has none; "
             "set cmt.strata to 'none'."
         )
+    if name == "phi-sign-turns":
+        return lambda x: phi_sign_turn_labels(topology, x)
     return lambda x: phi_sign_labels(topology, x)
 
 
@@ -54,6 +65,38 @@ def phi_sign_labels(topology, x) -> np.ndarray:
     (an uncapped peptide's C-terminal residue included)."""
     phi = phi_angles(topology, np.asarray(x))
     return ((phi >= 0.0) * (1 << np.arange(phi.shape[1]))).sum(axis=1)
+
+
+def phi_sign_turn_labels(topology, x) -> np.ndarray:
+    """(B,) int labels: :func:`phi_sign_labels` + 2^R Σ_k 2^k [turn k formed] (R backbone φ, turns of
+    :func:`~cmt_openmm.coordinates.backbone.turn_contacts`), x (B, n_atoms, 3) nm."""
+    x = np.asarray(x)
+    phi = phi_sign_labels(topology, x)
+    turns = turn_contacts(topology, x)
+    n_phi = len(backbone_phis(topology))
+    return phi + ((turns * (1 << np.arange(turns.shape[1]))).sum(axis=1) << n_phi)
+
+
+def holder_log_weights(log_weights, labels, log_q, log_p, lam: float, eta: float) -> np.ndarray:
+    """Normalised log w̄ (N,) with each stratum's mass moved to its Hölder bound, the ratios inside
+    it kept: M_S ∝ N_S^a (Σ_{n∈S} p̃_n^γ / q_n)^{1−a}, a = λ/(1+λ+η), γ = 1/(1+η).
+
+    log_weights: (N,) the dual's log w̄ (−inf: weight 0, kept); labels: (N,) strata; log_q, log_p:
+    (N,) the buffer's log q_i and log p̃ (p̃ unnormalised); lam, eta: the dual's multipliers.
+    """
+    log_w = np.asarray(log_weights, np.float64)
+    labels = np.asarray(labels)
+    log_ratio = np.asarray(log_p, np.float64) / (1.0 + eta) - np.asarray(log_q, np.float64)
+    a = lam / (1.0 + lam + eta)
+    ok = np.isfinite(log_w)
+    out = np.full_like(log_w, -np.inf)
+    strata = np.unique(labels[ok])
+    masses = np.empty(len(strata))
+    for k, s in enumerate(strata):
+        inside = (labels == s) & ok
+        masses[k] = a * math.log(inside.sum()) + (1.0 - a) * logsumexp(log_ratio[inside])
+        out[inside] = log_w[inside] - logsumexp(log_w[inside]) + masses[k]
+    return out - logsumexp(masses)
 
 
 def floored_log_weights(log_weights, labels, floor: float) -> np.ndarray:

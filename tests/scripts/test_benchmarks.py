@@ -207,7 +207,9 @@ def test_weight_breakdown_finds_the_turn_hydrogen_bonds_and_phi_signs_of_ala4():
     from cmt_openmm.coordinates.backbone import phi_angles
 
     target = get_target("ala4")
-    pairs = bench.turn_hydrogen_bonds(target.topology)
+    from cmt_openmm.coordinates.backbone import TURN_HBOND_CUTOFF, turn_hydrogen_bonds
+
+    pairs = turn_hydrogen_bonds(target.topology)
     names = [name for _, _, name in pairs]
     assert names == ["ACE1 O → ALA4 H", "ACE1 O → NME5 H", "ALA2 O → NME5 H"]  # i → i+3 and i → i+4 only
     o, h, _ = pairs[1]
@@ -215,7 +217,7 @@ def test_weight_breakdown_finds_the_turn_hydrogen_bonds_and_phi_signs_of_ala4():
     x[1, h] = x[1, o] + np.array([0.0, 0.0, 0.2])  # the α-turn contact, in the second configuration only
     x[2, h] = x[2, o] + np.array([0.0, 0.0, 0.3])  # beyond the cutoff
     turns = bench.peptide_states(target.topology, x)["turn hydrogen bonds"]
-    reference = np.linalg.norm(target.positions[o] - target.positions[h]) < bench.HBOND_CUTOFF
+    reference = np.linalg.norm(target.positions[o] - target.positions[h]) < TURN_HBOND_CUTOFF
     assert turns["ACE1 O → NME5 H"].tolist() == [reference, True, False]
     assert turns["no turn"].tolist() == list(~np.any([turns[n] for n in names], axis=0))
     signs = bench.peptide_states(target.topology, x)["phi-sign"]

@@ -8,7 +8,9 @@ from cmt_openmm.coordinates.backbone import ramachandran_angles
 from cmt_openmm.systems import get_target
 from cmt_openmm.systems.toys import double_well_3d
 from cmt_openmm.training.config import TrainConfig
-from cmt_openmm.training.strata import floored_log_weights, phi_sign_labels, stratifier
+from cmt_openmm.training.dual import solve_dual
+from cmt_openmm.training.strata import (floored_log_weights, holder_log_weights, phi_sign_labels,
+                                       phi_sign_turn_labels, stratifier)
 
 
 def _random_log_weights(n, rng):
@@ -70,40 +72,135 @@ def test_strata_need_a_peptide_and_a_known_name():
     with pytest.raises(CMTInputError, match="needs a peptide"):
         stratifier("phi-sign", toy.topology)
     assert stratifier("none", toy.topology) is None
-    with pytest.raises(CMTInputError, match="one of none, phi-sign"):
+    with pytest.raises(CMTInputError, match="needs a peptide"):
+        stratifier("phi-sign-turns", toy.topology)
+    with pytest.raises(CMTInputError, match="one of none, phi-sign, phi-sign-turns"):
         TrainConfig.from_dict({"cmt": {"strata": "rmsd"}})
+    with pytest.raises(CMTInputError, match="one of dual, holder"):
+        TrainConfig.from_dict({"cmt": {"strata": "phi-sign", "strata_mass": "bound"}})
     for bad in (0.0, 1.0):
         with pytest.raises(CMTInputError, match=r"in \(0, 1\)"):
             TrainConfig.from_dict({"cmt": {"strata": "phi-sign", "strata_floor": bad}})
 
 
-def test_cmt_trainer_fits_to_the_floored_weights(monkeypatch):
+@pytest.mark.parametrize("strata_mass", ["dual", "holder"])
+def test_cmt_trainer_fits_to_the_floored_weights(monkeypatch, strata_mass):
     from cmt_openmm.training import cmt as cmt_module
     from cmt_openmm.training import train
 
     seen, fit_to_buffer = [], cmt_module.fit_to_buffer
-    solved, solve_dual = [], cmt_module.solve_dual
+    solved, solve = [], cmt_module.solve_dual
 
     def spy_fit(generator, optimizer, x, log_weights, *args):
         seen.append((x.detach().numpy().copy(), np.asarray(log_weights)))
         return fit_to_buffer(generator, optimizer, x, log_weights, *args)
 
     monkeypatch.setattr(cmt_module, "fit_to_buffer", spy_fit)
-    monkeypatch.setattr(cmt_module, "solve_dual", lambda *a: solved.append(solve_dual(*a)) or solved[-1])
+    monkeypatch.setattr(cmt_module, "solve_dual", lambda *a: solved.append((solve(*a), a)) or solved[-1][0])
     target = get_target("aldp-vacuum", 300.0)
     config = TrainConfig.from_dict({
         "method": "cmt", "seed": 0, "max_steps": 2, "flow": {"n_layers": 2, "hidden": 16},
-        "cmt": {"n_samples": 400, "fit_steps": 2, "strata": "phi-sign", "strata_floor": 0.3},
+        "cmt": {"n_samples": 400, "fit_steps": 2, "strata": "phi-sign", "strata_floor": 0.3,
+                "strata_mass": strata_mass},
     })
     result = train(target, config, None, progress=False)
     assert len(seen) == len(solved) == 2
-    for (x, fitted), sol, record in zip(seen, solved, result.history):
+    for (x, fitted), (sol, (log_q, log_p, *_)), record in zip(seen, solved, result.history):
         labels = phi_sign_labels(target.topology, x)
         assert set(labels) == {0, 1}  # the untrained flow samples both φ halves
-        expected = floored_log_weights(sol.log_weights, labels, 0.3)
+        masses = sol.log_weights
+        if strata_mass == "holder":
+            masses = holder_log_weights(masses, labels, log_q.double().numpy(), log_p.double().numpy(), sol.lam,
+                                        sol.eta)
+            assert not np.allclose(masses, sol.log_weights)  # an untrained flow's shapes are wrong
+        expected = floored_log_weights(masses, labels, 0.3)
         np.testing.assert_array_equal(fitted, expected)
         assert min(np.exp(fitted[labels == s]).sum() for s in (0, 1)) >= 0.15 - 1e-12
         assert record["strata_tv"] == pytest.approx(0.5 * np.abs(np.exp(fitted) - np.exp(sol.log_weights)).sum())
+
+
+def _buffer(rng, n=4000):
+    """log q, log p̃ (n,) of a buffer and its labels (3 strata)."""
+    log_q = rng.normal(scale=2.0, size=n)
+    return log_q, log_q + rng.normal(scale=1.5, size=n), rng.choice(3, size=n, p=[0.7, 0.25, 0.05])
+
+
+def test_holder_masses_are_the_bound_and_keep_each_stratum_shape():
+    rng = np.random.default_rng(5)
+    log_q, log_p, labels = _buffer(rng)
+    sol = solve_dual(log_q, log_p, 0.5, 1e9)  # no entropy constraint: η = 0, γ = 1
+    assert sol.eta == 0.0 and sol.lam > 0.0
+    out = holder_log_weights(sol.log_weights, labels, log_q, log_p, sol.lam, sol.eta)
+    assert logsumexp(out) == pytest.approx(0.0, abs=1e-12)
+    a = sol.lam / (1 + sol.lam)
+    bound = np.array([(labels == s).sum() ** a * np.exp(log_p - log_q)[labels == s].sum() ** (1 - a)
+                      for s in range(3)])
+    for s in range(3):
+        inside = labels == s
+        assert np.exp(out[inside]).sum() == pytest.approx(bound[s] / bound.sum(), rel=1e-9)
+        np.testing.assert_allclose(out[inside] - sol.log_weights[inside], (out - sol.log_weights)[inside][0],
+                                   atol=1e-10)  # the dual's shape inside the stratum, shifted
+    # Hölder: Σ_S r^(1−a) ≤ N_S^a (Σ_S r)^(1−a), r = p̃ / q: the dual's unnormalised mass is at most the bound
+    dual = np.array([np.exp((1 - a) * (log_p - log_q)[labels == s]).sum() for s in range(3)])
+    assert np.all(dual <= bound * (1 + 1e-9)) and np.all(dual < 0.99 * bound)  # the shapes here are wrong
+
+
+def _dual_log_weights(log_q, log_p, lam, eta):
+    """The dual's normalised log w̄ at given multipliers (method.md)."""
+    log_w = (log_p - (1 + eta) * log_q) / (1 + lam + eta)
+    return log_w - logsumexp(log_w)
+
+
+@pytest.mark.parametrize("lam, eta", [(0.7, 0.0), (0.7, 0.4), (3.0, 1.5)])
+def test_holder_masses_equal_the_duals_where_the_flow_has_each_strata_shape(lam, eta):
+    """p̃^γ / q constant inside each stratum (the flow's shape right, only the masses off): the bound is
+    attained and the Hölder masses are the dual's."""
+    rng = np.random.default_rng(6)
+    log_q, _, labels = _buffer(rng)
+    log_p = (1 + eta) * (log_q + np.array([0.0, 1.3, -2.0])[labels])
+    log_w = _dual_log_weights(log_q, log_p, lam, eta)
+    np.testing.assert_allclose(holder_log_weights(log_w, labels, log_q, log_p, lam, eta), log_w, atol=1e-9)
+
+
+def test_holder_masses_raise_a_stratum_the_flow_has_not_shaped():
+    """Stratum 1's p̃ / q spreads widely (its shape is wrong), stratum 0's is flat: the dual drains
+    stratum 1 by the Hölder gap; its bound gives it more."""
+    rng = np.random.default_rng(7)
+    n = 4000
+    labels = (rng.random(n) < 0.2).astype(int)
+    log_q = rng.normal(size=n)
+    log_p = log_q + np.where(labels == 1, rng.normal(scale=2.0, size=n), 0.0)
+    sol = solve_dual(log_q, log_p, 0.5, 1e9)
+    out = holder_log_weights(sol.log_weights, labels, log_q, log_p, sol.lam, sol.eta)
+    assert np.exp(out[labels == 1]).sum() > 1.2 * np.exp(sol.log_weights[labels == 1]).sum()
+
+
+def test_holder_masses_keep_weight_zero():
+    rng = np.random.default_rng(8)
+    log_q, log_p, labels = _buffer(rng, 500)
+    log_p[:5] = -np.inf  # failed energies
+    sol = solve_dual(log_q, log_p, 0.5, 1e9)
+    out = holder_log_weights(sol.log_weights, labels, log_q, log_p, sol.lam, sol.eta)
+    assert np.all(out[:5] == -np.inf) and np.all(np.isfinite(out[5:]))
+    assert logsumexp(out) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_phi_sign_turn_labels_add_a_bit_per_turn_hydrogen_bond():
+    from cmt_openmm.coordinates.backbone import turn_hydrogen_bonds
+
+    target = get_target("ala4")
+    pairs = turn_hydrogen_bonds(target.topology)
+    x = np.repeat(np.asarray(target.positions)[None], 4, axis=0)
+    for k, (o, h, _) in enumerate(pairs):  # configuration k + 1 forms turn k (and perhaps what the first forms)
+        x[k + 1, h] = x[k + 1, o] + np.array([0.0, 0.0, 0.2])
+    labels = phi_sign_turn_labels(target.topology, x)
+    phi = phi_sign_labels(target.topology, x)
+    np.testing.assert_array_equal(labels % 8, phi)  # 3 backbone φ: the low 3 bits
+    turns = labels >> 3
+    for k in range(len(pairs)):
+        assert turns[k + 1] & (1 << k)
+    assert len(np.unique(turns)) == 4
+    np.testing.assert_array_equal(stratifier("phi-sign-turns", target.topology)(x), labels)
 
 
 def test_phi_sign_strata_cover_the_c_terminal_phi_of_an_uncapped_peptide(tmp_path, monkeypatch):
