@@ -66,18 +66,27 @@ def run_dir(out: Path, system: str, method: str, seed: int) -> Path:
     return out / system / f"{method}-seed{seed}"
 
 
-def run_system(args: argparse.Namespace, system: str) -> list[dict]:
-    """The rows of one system: finished runs are read back, missing ones are trained."""
+def bench_settings(args: argparse.Namespace, system: str) -> argparse.Namespace:
+    """The settings of ``benchmarks/aldp_methods.py`` for one system's runs: at ``cpu-hour`` every method
+    trains the sized preset's flow (size, bins, conditioner dtype) and weight average."""
     budget, time_limit = PRESETS[args.preset][system]
     bench = argparse.Namespace(
         system=system, temperature=300.0, budget=3000 if args.tiny else budget, time_limit=time_limit,
         reference=args.references.get(system), n_layers=2 if args.tiny else 6, hidden=16 if args.tiny else 64,
         n_bins=4 if args.tiny else 8, samples=200 if args.tiny else 10_000, draws=2 if args.tiny else 5,
         jobs=1, out=str(args.out / system), tiny=args.tiny, train_dtype="float32", ema_decay=None, linear_bins=None)
-    if args.preset == "cpu-hour" and not args.tiny:  # every method trains as the sized presets do
+    if args.preset == "cpu-hour" and not args.tiny:
         sized = get_preset(SIZED_PRESETS[system])
-        bench.train_dtype, bench.ema_decay = sized["flow"]["train_dtype"], sized["ema_decay"]
-        bench.linear_bins = sized["flow"].get("linear_bins")
+        flow = sized["flow"]
+        bench.n_layers, bench.hidden, bench.n_bins = flow["n_layers"], flow["hidden"], flow["n_bins"]
+        bench.train_dtype, bench.linear_bins, bench.ema_decay = flow["train_dtype"], flow.get("linear_bins"), \
+            sized["ema_decay"]
+    return bench
+
+
+def run_system(args: argparse.Namespace, system: str) -> list[dict]:
+    """The rows of one system: finished runs are read back, missing ones are trained."""
+    bench = bench_settings(args, system)
     settings = methods_bench.method_settings(int(bench.budget), args.tiny, 4000, 8, 1e-3, strata=True,
                                              reference=bench.reference)
     if args.preset == "cpu-hour" and not args.tiny:

@@ -89,6 +89,19 @@ def test_paper_table_runs_resumes_and_prints_the_published_numbers(tmp_path, mon
     assert "Ram TV floor of the ala4 reference (its two halves, 20 frames):" in (tmp_path / "t" / "table.md").read_text()
 
 
+def test_paper_table_cpu_hour_trains_the_sized_presets_flow(tmp_path, monkeypatch):
+    import argparse
+
+    bench = load_script("benchmarks/paper_table.py")
+    preset = bench.get_preset("ala4-hour")
+    preset["flow"] = {**preset["flow"], "n_layers": 5, "hidden": 96, "n_bins": 6, "linear_bins": 3}
+    monkeypatch.setattr(bench, "get_preset", lambda name: preset if name == "ala4-hour" else None)
+    args = argparse.Namespace(preset="cpu-hour", tiny=False, references={}, out=tmp_path)
+    settings = bench.bench_settings(args, "ala4")
+    assert (settings.n_layers, settings.hidden, settings.n_bins, settings.linear_bins) == (5, 96, 6, 3)
+    assert (settings.train_dtype, settings.ema_decay) == (preset["flow"]["train_dtype"], preset["ema_decay"])
+
+
 def test_a_baseline_that_diverges_is_a_row_of_the_table_not_its_end(tmp_path, monkeypatch):
     """A run whose training diverges (TA-BG on ala4 at cpu-hour did: its fit collapsed onto single
     samples) has no generator: its row says so, with ESS 0, every basin lost and the cost up to its
