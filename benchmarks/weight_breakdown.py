@@ -50,18 +50,20 @@ def peptide_states(topology, positions: np.ndarray) -> dict[str, dict[str, np.nd
 
 def breakdown(masks: dict[str, np.ndarray], weights: np.ndarray) -> list[dict]:
     """One row per state of ``masks`` (name -> (N,) bool): its raw share, reweighted population and
-    error, their ratio, its share of Σ w̄² and the ESS within it (fractions); ``weights`` (N,)
-    normalised importance weights."""
+    error, their ratio, its share of Σ w̄² and the ESS within it (fractions; 0 for a state whose
+    samples all have weight 0); ``weights`` (N,) normalised importance weights."""
     n, total_square = len(weights), float(weights @ weights)
     rows = []
     for name, mask in masks.items():
         raw = float(mask.mean())
         population = weighted_mean(mask.astype(float), weights)
         inside = weights[mask]
+        top = inside.max(initial=0.0)
+        scaled = inside / top if top > 0 else inside  # squares of tiny weights underflow; their ratios do not
         rows.append({"state": name, "raw": raw, "reweighted": float(population.value),
                      "error": float(population.error), "ratio": float(population.value) / raw if raw else np.nan,
                      "square_share": float(inside @ inside) / total_square,
-                     "ess_within": float(inside.sum() ** 2 / (inside @ inside) / mask.sum()) if inside.any() else 0.0})
+                     "ess_within": float(scaled.sum() ** 2 / (scaled @ scaled) / mask.sum()) if top > 0 else 0.0})
     return rows
 
 
@@ -83,7 +85,7 @@ def main(argv=None) -> dict:
                                               "and are unreliable)")
     print(f"{args.run_dir}: reverse ESS {100 * record['reverse_ess']:.2f} % of {args.n:,} samples{verdict}; "
           f"φ signs of {', '.join(record['residues'])}")
-    columns = {"state": "{state}", "raw %": "{raw_pct:.2f}", "reweighted %": "{reweighted_pct:.2f} ± {error_pct:.2f}",
+    columns = {"state": "{state}", "raw %": "{raw_pct:.2f}", "reweighted %": "{reweighted_pct:.3g} ± {error_pct:.2g}",
                "reweighted / raw": "{ratio:.2f}", "share of Σ w̄²": "{square_share:.3f}",
                "ESS within %": "{ess_within_pct:.2f}"}
     for kind, masks in peptide_states(run.target.topology, np.asarray(ensemble.positions)).items():

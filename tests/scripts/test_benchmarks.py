@@ -213,6 +213,11 @@ def test_weight_breakdown_splits_the_weight_variance_over_states():
     assert a["square_share"] == pytest.approx(0.02 / 0.42) and b["square_share"] == pytest.approx(0.40 / 0.42)
     assert a["ess_within"] == pytest.approx(1.0) and b["ess_within"] == pytest.approx(0.64 / 0.40 / 2)
     assert b["error"] == pytest.approx(np.sqrt(weights**2 @ (np.array([0, 0, 1, 1]) - 0.8) ** 2))
+    mask = {"c": np.array([True, True, False, False])}
+    empty, = bench.breakdown(mask, np.array([0.0, 0.0, 0.5, 0.5]))
+    assert empty["reweighted"] == 0.0 and empty["ess_within"] == 0.0  # weights all 0 there: no effective sample
+    tiny, = bench.breakdown(mask, np.array([1e-200, 1e-200, 0.5, 0.5]))  # their squares underflow
+    assert tiny["ess_within"] == pytest.approx(1.0)
 
 
 def test_weight_breakdown_finds_the_turn_hydrogen_bonds_and_phi_signs_of_ala4():
