@@ -306,6 +306,9 @@ class TrainConfig:
                                 "(e.g. max_minutes: 60), or give budget as a number of energy evaluations.")
         if config.method == "forward_kl" and not config.forward_kl.data:
             raise CMTInputError("method forward_kl needs forward_kl.data, an .npz file with `positions` in nm.")
+        if config.cmt.strata_mass != "dual" and config.cmt.strata == "none":
+            raise CMTInputError(f"cmt.strata_mass {config.cmt.strata_mass} sets the masses of strata, and cmt.strata "
+                                "is none; set cmt.strata (phi-sign or phi-sign-turns) or leave strata_mass out.")
         return config
 
     @classmethod

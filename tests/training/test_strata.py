@@ -76,6 +76,8 @@ def test_strata_need_a_peptide_and_a_known_name():
         stratifier("phi-sign-turns", toy.topology)
     with pytest.raises(CMTInputError, match="one of none, phi-sign, phi-sign-turns"):
         TrainConfig.from_dict({"cmt": {"strata": "rmsd"}})
+    with pytest.raises(CMTInputError, match="cmt.strata_mass holder sets the masses of strata, and cmt.strata is none"):
+        TrainConfig.from_dict({"cmt": {"strata_mass": "holder"}})
     with pytest.raises(CMTInputError, match="one of dual, holder"):
         TrainConfig.from_dict({"cmt": {"strata": "phi-sign", "strata_mass": "bound"}})
     for bad in (0.0, 1.0):
