@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-from benchmarks.common import add_preset_timing_arguments, print_table, time_preset_settings, write_record
+from benchmarks.common import add_preset_timing_arguments, report_rows, time_preset_settings
 
 SETTINGS = {"every step": 0.0, "every minute": 1.0}  # checkpoint_minutes; the first is the baseline
 
@@ -31,12 +31,10 @@ def main(argv=None) -> list[dict]:
         for name, (step, cpu) in times.items():
             rows.append({"system": system, "preset": preset, "checkpoint": name, "steps": args.steps,
                          "seconds_per_step": step, "cpu_seconds_per_step": cpu, "speedup_vs_every_step": base / step})
-    print_table(rows, {"system": "{system}", "checkpoint": "{checkpoint}", "s per step": "{seconds_per_step:.3f}",
-                       "CPU s per step": "{cpu_seconds_per_step:.3f}",
-                       "vs every step": "{speedup_vs_every_step:.2f}×"})
-    if args.out:
-        write_record(args.out, rows)
-    return rows
+    return report_rows(rows, {"system": "{system}", "checkpoint": "{checkpoint}",
+                              "s per step": "{seconds_per_step:.3f}",
+                              "CPU s per step": "{cpu_seconds_per_step:.3f}",
+                              "vs every step": "{speedup_vs_every_step:.2f}×"}, args.out)
 
 
 if __name__ == "__main__":

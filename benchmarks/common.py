@@ -44,6 +44,14 @@ def print_table(rows: list[dict], columns: dict[str, str]) -> None:
         print("| " + " | ".join(f.format(**row) for f in columns.values()) + " |")
 
 
+def report_rows(rows: list[dict], columns: dict[str, str], out: Path | None) -> list[dict]:
+    """Print ``rows`` as a table (:func:`print_table`), write them to ``out`` when given, return them."""
+    print_table(rows, columns)
+    if out:
+        write_record(out, rows)
+    return rows
+
+
 def write_record(path: Path, record: dict | list) -> None:
     """Write a benchmark's JSON record to ``path`` (atomically, creating its folder) and say so."""
     path.parent.mkdir(parents=True, exist_ok=True)

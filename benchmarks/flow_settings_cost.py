@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 
-from benchmarks.common import add_preset_timing_arguments, print_table, time_preset_settings, write_record
+from benchmarks.common import add_preset_timing_arguments, report_rows, time_preset_settings
 from cmt_openmm.runs.presets import get_preset
 
 
@@ -52,14 +52,13 @@ def main(argv=None) -> list[dict]:
         base = times["the preset"][0]
         for name, (step, cpu) in times.items():
             rows.append({"system": system, "preset": preset, "variant": name,
-                         "flow": describe({**flow, **variants[name]}), "steps": args.steps, "seconds_per_step": step, "cpu_seconds_per_step": cpu,
+                         "flow": describe({**flow, **variants[name]}), "steps": args.steps,
+                         "seconds_per_step": step, "cpu_seconds_per_step": cpu,
                          "speedup_vs_preset": base / step})
-    print_table(rows, {"system": "{system}", "variant": "{variant}", "flow (bins: torsions / bonds, angles)": "{flow}",
-                       "s per step": "{seconds_per_step:.3f}", "CPU s per step": "{cpu_seconds_per_step:.3f}",
-                       "vs the preset": "{speedup_vs_preset:.2f}×"})
-    if args.out:
-        write_record(args.out, rows)
-    return rows
+    return report_rows(rows, {"system": "{system}", "variant": "{variant}",
+                              "flow (bins: torsions / bonds, angles)": "{flow}",
+                              "s per step": "{seconds_per_step:.3f}", "CPU s per step": "{cpu_seconds_per_step:.3f}",
+                              "vs the preset": "{speedup_vs_preset:.2f}×"}, args.out)
 
 
 if __name__ == "__main__":
