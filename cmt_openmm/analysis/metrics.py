@@ -9,9 +9,11 @@ Two kinds, both following docs/method.md, "Metrics":
   free energies (peptides) or exact-vs-model mode weights (toys); forward ESS, EUBO and
   Ramachandran TV/KL against reference MD frames.
 
-Every population and free energy carries ``n_effective`` and ``reliable``: reweighted estimates
-rest on N · ESS effective samples (Kish), reference-MD estimates on N / g (g the statistical
-inefficiency of the frames, which are a correlated time series); below
+Every population and free energy carries ``n_effective`` and ``reliable``: a reweighted
+population rests on the smaller of the Kish counts of the weights inside and outside its basin
+(`state_effective_samples`: a rare basin's weight can sit on a few samples however large N · ESS
+is), reference-MD estimates on N / g (g the statistical inefficiency of the frames, which are a
+correlated time series); below
 :data:`~cmt_openmm.sampling.estimators.MIN_EFFECTIVE_SAMPLES` (100) the estimate and its error
 bar are marked unreliable (``"reliable": false``) and the report prints "unreliable" instead
 of a precise-looking number.
@@ -206,8 +208,8 @@ def sample_metrics(ensembles: Sequence[ReweightedEnsemble] | ReweightedEnsemble,
     ``ensembles``: the draws, or all of them pooled in one ensemble whose ``n_draws`` equal
     consecutive parts are the draws (what the report keeps of a large draw: log-weights and angles,
     `ReweightedEnsemble.weights_only`; no copy is made). ``n_effective`` is N · ESS of the pooled
-    draws and ``reliable`` whether it reaches :data:`MIN_EFFECTIVE_SAMPLES`; the populations (and a
-    toy's mode weights) inherit both. Peptides also get ``phi_positive_samples``: by residue (every
+    draws and ``reliable`` whether it reaches :data:`MIN_EFFECTIVE_SAMPLES`; a toy's mode weights
+    inherit both, and each peptide population has its own (`state_effective_samples`). Peptides also get ``phi_positive_samples``: by residue (every
     backbone φ, in chain order; ``phi_residues`` names them), how many of the pooled samples lie in
     the φ > 0 basin (:data:`PHI_POSITIVE`), whatever their weights.
     """
@@ -263,11 +265,27 @@ def _any_psi(phi: np.ndarray) -> np.ndarray:
 
 
 ERROR_METHODS = {
-    "delta": "delta method on independent importance-weighted samples; N_eff = N·ESS (Kish)",
+    "delta": ("delta method on independent importance-weighted samples; N_eff = the smaller Kish count "
+              "(Σw)²/Σw² of the weights inside and outside the basin"),
     "correlated": ("delta method × statistical inefficiency g of each estimate's series (frames in time "
                    "order; pymbar.timeseries.statistical_inefficiency); N_eff = N / g"),
 }
 """How `peptide_populations` computes its error bars, as written into report.json / report.md."""
+
+
+def state_effective_samples(weights: np.ndarray, inside: np.ndarray) -> float:
+    """Effective samples a reweighted state's population rests on: the smaller of the Kish counts
+    (Σw)² / Σw² of the weights (N,) inside the state (``inside`` (N,) bool) and outside it.
+
+    The population's numerator is a sum over the state's samples and its complement's over the
+    others; where either is carried by a few samples, so are the estimate and its delta-method
+    error, whatever N · ESS of the whole draw. A state that holds no weight (or all of it) has no
+    such sum: its count is the whole draw's, the evidence that the state is empty (or everything).
+    """
+    w_in, w_out = weights[inside], weights[~inside]
+    if not w_in.any() or not w_out.any():
+        return effective_samples(weights)
+    return min(effective_samples(w_in), effective_samples(w_out))
 
 
 def peptide_populations(angles: np.ndarray, weights: np.ndarray | None, kT: float, error: str | None = None,
@@ -283,8 +301,9 @@ def peptide_populations(angles: np.ndarray, weights: np.ndarray | None, kT: floa
     state per iteration), which are strongly correlated, so ``error`` defaults to "correlated":
     the standard error is sqrt(var · g / N) with g the statistical inefficiency of each basin's
     indicator series (pymbar's ``timeseries.statistical_inefficiency``), not the i.i.d. sqrt(var / N).
-    Every estimate has ``n_effective`` (N·ESS, or N / g per estimate for "correlated"; for ΔF the
-    smaller of the two basins') and ``reliable``; ``error_method`` says which errors were used.
+    Every estimate has ``n_effective`` (`state_effective_samples` of its basin, or N / g per
+    estimate for "correlated"; for ΔF the smaller of the two basins') and ``reliable``;
+    ``error_method`` says which errors were used.
     """
     error = error or ("correlated" if weights is None else "delta")
     if error not in ERROR_METHODS:
@@ -294,9 +313,9 @@ def peptide_populations(angles: np.ndarray, weights: np.ndarray | None, kT: floa
     kish = effective_samples(w)
 
     def n_effective(angles2: np.ndarray, basins: dict) -> dict[str, float]:
-        if error != "correlated":
-            return {k: kish for k in basins}
         ind = basin_indicators(angles2, basins)
+        if error != "correlated":
+            return {k: state_effective_samples(w, v) for k, v in ind.items()}
         return {k: kish / statistical_inefficiency(w * (v - w @ v)) for k, v in ind.items()}
 
     out: dict[str, Any] = {"error_method": ERROR_METHODS[error]}

@@ -306,7 +306,8 @@ def render_markdown(report: dict) -> str:
         ]
         if "n_effective" in s:
             lines.append(f"- effective samples N·ESS (all draws pooled): {_n_eff(s['n_effective'])}; estimates resting on "
-                         f"fewer than {s['min_effective_samples']:g} are marked unreliable (their error bars are meaningless)")
+                         f"fewer than {s['min_effective_samples']:g} are marked unreliable (their error bars are meaningless); "
+                         "a basin's population rests on the fewer of those inside and outside the basin")
             if not s["reliable"]:
                 lines.append(f"- **the reweighted estimates below are unreliable**: N_eff = {_n_eff(s['n_effective'])} "
                              f"< {s['min_effective_samples']:g}; a handful of samples carry the weight")

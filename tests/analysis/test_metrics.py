@@ -257,8 +257,40 @@ def test_reference_populations_use_correlated_errors():
     assert all("reliable" in v for v in ref["basin_free_energies_kT"].values())
     weighted = peptide_populations(angles, np.ones(20_000), kT=2.494)
     assert weighted["basin_populations"]["C7eq"]["error"] == pytest.approx(iid.error)
-    assert weighted["basin_populations"]["C7eq"]["n_effective"] == pytest.approx(20_000)
+    inside = basin_indicators(angles[:, 0], ALDP_BASINS)["C7eq"]
+    assert weighted["basin_populations"]["C7eq"]["n_effective"] == pytest.approx(min(inside.sum(), (~inside).sum()))
     assert "Kish" in weighted["error_method"]
+
+
+def test_a_rare_state_carried_by_few_samples_is_unreliable_whatever_the_draw_s_ess():
+    """q = N(0, 1) towards p = 0.97 N(0, 1) + 0.03 N(4, 0.6²): the bulk's weights are even
+    (N·ESS in the thousands) but the tail state x > 2 ("φ > 0" here) holds p's 3 % on a few
+    samples of huge weight. Its 1σ delta-method intervals cover the truth far less than 68 %, and
+    its population is marked unreliable with the state's own effective count, not the draw's."""
+    from scipy.stats import norm
+
+    from cmt_openmm.analysis.metrics import peptide_populations, state_effective_samples
+    from cmt_openmm.sampling.estimators import effective_samples
+
+    rng = np.random.default_rng(21)
+    truth = 0.97 * norm.sf(2.0) + 0.03 * norm.sf(2.0, 4.0, 0.6)
+    n, covered, flags, n_state, n_draw = 4000, [], [], [], []
+    for _ in range(200):
+        x = rng.normal(size=n)
+        w = (0.97 * norm.pdf(x) + 0.03 * norm.pdf(x, 4.0, 0.6)) / norm.pdf(x)
+        angles = np.stack([np.where(x > 2.0, 1.0, -1.0), np.zeros(n)], axis=1)[:, None]
+        php = peptide_populations(angles, w, kT=1.0)["phi_positive_population"]
+        covered.append(abs(php["value"] - truth) <= php["error"])
+        flags.append(php["reliable"])
+        n_state.append(php["n_effective"])
+        n_draw.append(effective_samples(w))
+    assert np.median(n_draw) > 1000 and np.median(n_state) < 40
+    assert np.mean(covered) < 0.45  # the error bar does not hold: the flag is needed
+    assert np.mean(flags) < 0.05
+    assert n_state[-1] == pytest.approx(state_effective_samples(w / w.sum(), x > 2.0))
+    # even weights: each side's count is its number of samples
+    even = np.full(10, 0.1)
+    assert state_effective_samples(even, np.arange(10) < 3) == pytest.approx(3.0)
 
 
 def test_low_ess_estimates_are_reported_as_unreliable():
