@@ -207,7 +207,7 @@ def _demo_summary(result: dict, out: Path) -> str:
     ]
     if "phi_positive_population" in s and "value" in s["phi_positive_population"]:
         p = s["phi_positive_population"]
-        if p.get("reliable") is False:  # N·ESS too small: the delta-method error is meaningless
+        if p.get("reliable") is False:  # too few effective samples in or out of the basin: the error is meaningless
             n_eff = p.get("n_effective", 0.0)
             lines.append(f"  phi > 0 basin population (reweighted): unreliable (N_eff = {n_eff:.1f} effective samples)")
         else:
