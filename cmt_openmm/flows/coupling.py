@@ -338,13 +338,13 @@ class SplineCoupling(nn.Module):
         return y_t.t().contiguous(), logdet
 
 
-MASKS = ("random", "alternating", "torsions")
+MASKS = ("random", "alternating", "torsions", "quarters")
 
 
-def _half(perm: Tensor, first: bool) -> Tensor:
-    """The first (larger) or second half of the indices ``perm``, sorted."""
-    cut = (len(perm) + 1) // 2
-    return (perm[:cut] if first else perm[cut:]).sort()[0]
+def _part(perm: Tensor, k: int, parts: int) -> Tensor:
+    """The k-th of ``parts`` near-equal consecutive chunks of the indices ``perm`` (the first ones
+    the larger), sorted."""
+    return torch.tensor_split(perm, parts)[k].sort()[0]
 
 
 class CouplingFlow(nn.Module):
@@ -359,8 +359,14 @@ class CouplingFlow(nn.Module):
     dipeptide's backbone angles shift by about one standard deviation between the φ < 0 and
     φ > 0 basins; with random halves some angles never see φ); in the ALDP settings study it
     cost the same CPU as ``"random"`` at 9 vs 6 layers and did not keep that basin more often
-    (benchmarks/cmt_settings_study.py, ``tors9_*``). Without circular coordinates
-    (Cartesian toys), or with nothing else, it falls back to ``"random"``. Circular seam offsets
+    (benchmarks/cmt_settings_study.py, ``tors9_*``); without circular coordinates (Cartesian
+    toys), or with nothing else, it falls back to ``"random"``. ``"quarters"`` draws, for every
+    cycle of four layers, a random quarter of the coordinates for each layer: each coordinate is
+    transformed once per cycle with three quarters of the others as inputs (half with
+    ``"random"``). A conditioner's cost grows mostly with the coordinates it transforms (its
+    last Linear), so 4k quarter layers cost about what 2k random ones do while every transform
+    sees more of the molecule (a peptide's helical turns are states of torsions several residues
+    apart). Circular seam offsets
     are drawn at random per layer. All from ``seed``. ``linear_bins``: bins of the splines on
     non-circular coordinates (None: ``n_bins``, which then sets only the circular ones').
     """
@@ -397,15 +403,20 @@ class CouplingFlow(nn.Module):
             elif mask == "torsions":  # parts 1 and 2 of the cycle: the two halves of the others
                 if i % 3 == 1:
                     perm = others[torch.randperm(len(others), generator=gen)]
-                transformed = _half(perm, first=i % 3 == 1)
+                transformed = _part(perm, i % 3 - 1, 2)
             elif dim == 1:
                 transformed = torch.tensor([0])
             elif mask == "alternating":
                 transformed = torch.arange(i % 2, dim, 2)
+            elif mask == "quarters":
+                parts = min(4, dim)
+                if i % parts == 0:
+                    perm = torch.randperm(dim, generator=gen)
+                transformed = _part(perm, i % parts, parts)
             else:
                 if i % 2 == 0:
                     perm = torch.randperm(dim, generator=gen)
-                transformed = _half(perm, first=i % 2 == 0)
+                transformed = _part(perm, i % 2, 2)
             is_transformed = torch.zeros(dim, dtype=torch.bool)
             is_transformed[transformed] = True
             conditioning = torch.arange(dim)[~is_transformed]

@@ -220,6 +220,28 @@ def test_torsions_mask_conditions_every_other_coordinate_on_all_torsions():
     assert [la.transformed.tolist() for la in a.layers] == [lb.transformed.tolist() for lb in b.layers]
 
 
+def test_quarters_mask_transforms_each_coordinate_once_per_cycle_of_four():
+    """Every cycle of four layers splits the coordinates into four random quarters, one per layer,
+    so each transform has three quarters of the others as inputs; a new split every cycle."""
+    circular = torch.tensor([i % 3 == 1 for i in range(10)])
+    flow = CouplingFlow(circular, -torch.ones(10), torch.ones(10), n_layers=8, hidden=4, mask="quarters")
+    cycles = [[layer.transformed.tolist() for layer in flow.layers[c : c + 4]] for c in (0, 4)]
+    for cycle in cycles:
+        assert sorted(sum(cycle, [])) == list(range(10))
+        assert sorted(map(len, cycle)) == [2, 2, 3, 3]
+    for layer in flow.layers:
+        inputs = set(layer.cond_circular.tolist()) | set(layer.cond_linear.tolist())
+        assert inputs == set(range(10)) - set(layer.transformed.tolist()) and len(inputs) >= 7
+    assert cycles[0] != cycles[1]
+    # the random mask's halves are unchanged by the shared splitting helper
+    halves = CouplingFlow(circular, -torch.ones(10), torch.ones(10), n_layers=2, hidden=4, mask="random", seed=3)
+    perm = torch.randperm(10, generator=torch.Generator().manual_seed(3))
+    assert halves.layers[0].transformed.tolist() == sorted(perm[:5].tolist())
+    # fewer coordinates than quarters: every layer still transforms one
+    tiny = CouplingFlow(torch.tensor([False, True]), -torch.ones(2), torch.ones(2), n_layers=4, hidden=4, mask="quarters")
+    assert [len(layer.transformed) for layer in tiny.layers] == [1, 1, 1, 1]
+
+
 def test_bad_settings_refused():
     with pytest.raises(CMTInputError):
         _toy_flow(mask="checkerboard")
@@ -402,7 +424,7 @@ def _agree(new_flow, old_flow, z, atol):
     torch.testing.assert_close(new[finite], old[finite], atol=atol, rtol=0)
 
 
-@pytest.mark.parametrize("mask", ["random", "alternating", "torsions"])
+@pytest.mark.parametrize("mask", ["random", "alternating", "torsions", "quarters"])
 @pytest.mark.parametrize("depth", [0, 1, 2])
 def test_toy_flow_matches_the_reference(spline_path, mask, depth):
     flow = _toy_flow(mask=mask, depth=depth, n_layers=6)
