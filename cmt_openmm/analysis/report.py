@@ -8,6 +8,7 @@ weights and Ramachandran angles (everything the report computes from them), so t
 """
 from __future__ import annotations
 
+import math
 import os
 import time
 from pathlib import Path
@@ -257,6 +258,27 @@ def _pm(e: dict | None, scale: float = 1.0, fmt: str = "{:.4f}", population: boo
     return f"{text} (unreliable: N_eff = {_n_eff(e.get('n_effective', 0.0))})" if unreliable else text
 
 
+def _thin_basins(s: dict, run_dir: str) -> list[str]:
+    """A line for populations marked unreliable although the whole draw is reliable: their basin's
+    weight (or its complement's) sits on fewer than the minimum of effective samples, and how
+    many times the samples would lift the fewest to it (effective counts grow with N)."""
+    if not s.get("reliable"):
+        return []
+    pops = {**_by_residue(s.get("phi_positive_population") or {}), **(s.get("basin_populations") or {})}
+    thin = [e["n_effective"] for e in pops.values()
+            if e.get("reliable") is False and "seen_in" not in e and "n_effective" in e]
+    if not thin:
+        return []
+    need, fewest = s["min_effective_samples"], min(thin)
+    factor = math.ceil(need / max(fewest, 1e-9))
+    more = (f"about {factor}× the samples would lift the fewest to {need:g} (`cmt-openmm evaluate {run_dir} "
+            f"--n {factor * s['n_samples_per_draw']}`)" if factor <= 20 else
+            "more samples alone would take too many: train longer, or use the generator inside MCMC moves")
+    return [f"- {len(thin)} population(s) rest on fewer than {need:g} effective samples inside or outside their "
+            f"basin (fewest: {_n_eff(fewest)}) although the whole draw has {_n_eff(s['n_effective'])}: "
+            f"the flow puts few samples where that weight is; {more}"]
+
+
 def render_markdown(report: dict) -> str:
     """Human-readable summary of a report dictionary."""
     lines = [f"# cmt-openmm report: {report.get('system', '?')} at {report.get('temperature', '?')} K", ""]
@@ -318,6 +340,7 @@ def render_markdown(report: dict) -> str:
             else:
                 names = s.get("phi_residues")
                 lines += [f"- φ > 0 population, {_residue(k, names)}: {_pm(v)}" for k, v in php.items()]
+        lines += _thin_basins(s, report.get("run_dir") or "RUN")
         if "basin_populations" in s:
             ref = ((report.get("reference") or {}).get("reference_populations") or {}).get("basin_populations", {})
             dF = s.get("basin_free_energies_kT", {})

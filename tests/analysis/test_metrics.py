@@ -293,6 +293,29 @@ def test_a_rare_state_carried_by_few_samples_is_unreliable_whatever_the_draw_s_e
     assert state_effective_samples(even, np.arange(10) < 3) == pytest.approx(3.0)
 
 
+def test_report_says_which_populations_are_thin_and_how_many_samples_would_lift_them():
+    """A reliable draw with a population resting on ~10 effective samples gets one line saying so
+    and the `evaluate --n` that would lift it to 100 (effective counts grow with N)."""
+    from cmt_openmm.analysis.report import render_markdown
+
+    ess = {"median": 0.5, "min": 0.5, "max": 0.5, "draws": [0.5]}
+    thin = {"value": 0.02, "error": 0.01, "n_effective": 12.5, "reliable": False}
+    samples = {"n_draws": 5, "n_samples_per_draw": 5000, "reverse_ess": ess, "reverse_ess_clipped": ess,
+               "clip_fraction": 1e-4, "failed_energies": 0, "chirality_flips": 0, "n_effective": 12_500.0,
+               "min_effective_samples": 100.0, "reliable": True,
+               "phi_positive_population": {"residue_1": thin, "residue_2": {**thin, "n_effective": 400.0, "reliable": True},
+                                           "residue_3": {"value": 0.0, "error": None, "n_effective": 12_500.0,
+                                                         "reliable": False, "seen_in": "none"}}}
+    md = render_markdown({"system": "ala4", "temperature": 300.0, "run_dir": "runs/a4", "samples": samples})
+    assert ("- 1 population(s) rest on fewer than 100 effective samples inside or outside their basin (fewest: 12) "
+            "although the whole draw has 12,500") in md
+    assert "about 8× the samples would lift the fewest to 100 (`cmt-openmm evaluate runs/a4 --n 40000`)" in md
+    samples["phi_positive_population"]["residue_1"] = {**thin, "n_effective": 0.5}
+    assert "train longer, or use the generator inside MCMC moves" in render_markdown({"samples": samples})
+    samples["phi_positive_population"]["residue_1"] = {**thin, "n_effective": 400.0, "reliable": True}
+    assert "population(s) rest on" not in render_markdown({"samples": samples})  # nothing thin: no line
+
+
 def test_low_ess_estimates_are_reported_as_unreliable():
     """A population resting on ~1.5 effective samples is "unreliable (N_eff = 1.5)" in report.md,
     with "reliable": false and the effective count in report.json, never "0.0000 ± 0.0000"."""
