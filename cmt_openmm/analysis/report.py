@@ -116,6 +116,10 @@ def verdict(report: dict) -> dict:
                  f"(λ = {final['lam']:.3g}, η = {final.get('eta') or 0:.3g})"]
     n = samples["n_draws"] * samples["n_samples_per_draw"]
     parts.append(f"reverse ESS {_pct(ess)} of all {n:,} samples (N_eff = {_n_eff(n_eff)}): {quality}")
+    thin = _thin_populations(samples)
+    if thin:
+        parts.append(f"{len(thin)} basin population(s) rest on fewer than {MIN_EFFECTIVE_SAMPLES:g} effective samples "
+                     f"(fewest: {_n_eff(min(thin))}; see Samples)")
     lost = []
     reference = ((report.get("reference") or {}).get("reference_populations") or {}).get("phi_positive_population")
     if reference:
@@ -258,15 +262,20 @@ def _pm(e: dict | None, scale: float = 1.0, fmt: str = "{:.4f}", population: boo
     return f"{text} (unreliable: N_eff = {_n_eff(e.get('n_effective', 0.0))})" if unreliable else text
 
 
-def _thin_basins(s: dict, run_dir: str) -> list[str]:
-    """A line for populations marked unreliable although the whole draw is reliable: their basin's
-    weight (or its complement's) sits on fewer than the minimum of effective samples, and how
-    many times the samples would lift the fewest to it (effective counts grow with N)."""
+def _thin_populations(s: dict) -> list[float]:
+    """Effective counts of the populations marked unreliable although the whole draw is reliable:
+    their basin's weight (or its complement's) sits on fewer than the minimum of effective samples."""
     if not s.get("reliable"):
         return []
     pops = {**_by_residue(s.get("phi_positive_population") or {}), **(s.get("basin_populations") or {})}
-    thin = [e["n_effective"] for e in pops.values()
+    return [e["n_effective"] for e in pops.values()
             if e.get("reliable") is False and "seen_in" not in e and "n_effective" in e]
+
+
+def _thin_basins(s: dict, run_dir: str) -> list[str]:
+    """A line for `_thin_populations` and how many times the samples would lift the fewest to the
+    minimum (effective counts grow with N)."""
+    thin = _thin_populations(s)
     if not thin:
         return []
     need, fewest = s["min_effective_samples"], min(thin)

@@ -310,6 +310,9 @@ def test_report_says_which_populations_are_thin_and_how_many_samples_would_lift_
     assert ("- 1 population(s) rest on fewer than 100 effective samples inside or outside their basin (fewest: 12) "
             "although the whole draw has 12,500") in md
     assert "about 8× the samples would lift the fewest to 100 (`cmt-openmm evaluate runs/a4 --n 40000`)" in md
+    from cmt_openmm.analysis.report import verdict
+    assert "1 basin population(s) rest on fewer than 100 effective samples (fewest: 12; see Samples)" in verdict(
+        {"samples": {**samples, "reverse_ess_pooled": 0.5}})["summary"]
     samples["phi_positive_population"]["residue_1"] = {**thin, "n_effective": 0.5}
     assert "train longer, or use the generator inside MCMC moves" in render_markdown({"samples": samples})
     samples["phi_positive_population"]["residue_1"] = {**thin, "n_effective": 400.0, "reliable": True}
