@@ -209,9 +209,10 @@ def sample_metrics(ensembles: Sequence[ReweightedEnsemble] | ReweightedEnsemble,
     consecutive parts are the draws (what the report keeps of a large draw: log-weights and angles,
     `ReweightedEnsemble.weights_only`; no copy is made). ``n_effective`` is N · ESS of the pooled
     draws and ``reliable`` whether it reaches :data:`MIN_EFFECTIVE_SAMPLES`; a toy's mode weights
-    inherit both, and each peptide population has its own (`state_effective_samples`). Peptides also get ``phi_positive_samples``: by residue (every
-    backbone φ, in chain order; ``phi_residues`` names them), how many of the pooled samples lie in
-    the φ > 0 basin (:data:`PHI_POSITIVE`), whatever their weights.
+    inherit both, and each peptide population has its own (`state_effective_samples`). Peptides
+    also get ``phi_positive_samples``: by residue (every backbone φ, in chain order;
+    ``phi_residues`` names them), how many of the pooled samples lie in the φ > 0 basin
+    (:data:`PHI_POSITIVE`), whatever their weights.
     """
     if isinstance(ensembles, ReweightedEnsemble):
         pooled, size = ensembles, len(ensembles) // int(n_draws)

@@ -364,10 +364,10 @@ class CouplingFlow(nn.Module):
     cycle of four layers, a random quarter of the coordinates for each layer: each coordinate is
     transformed once per cycle with three quarters of the others as inputs (half with
     ``"random"``). A conditioner's cost grows mostly with the coordinates it transforms (its
-    last Linear), so 4k quarter layers cost about what 2k random ones do while every transform
-    sees more of the molecule (a peptide's helical turns are states of torsions several residues
-    apart). Circular seam offsets
-    are drawn at random per layer. All from ``seed``. ``linear_bins``: bins of the splines on
+    last Linear), so 4k quarter layers transform each coordinate as often as 2k random ones at a
+    little more cost (twice the hidden layers), while every transform sees more of the molecule
+    (a peptide's helical turns are states of torsions several residues apart). Circular seam
+    offsets are drawn at random per layer. All from ``seed``. ``linear_bins``: bins of the splines on
     non-circular coordinates (None: ``n_bins``, which then sets only the circular ones').
     """
 
