@@ -32,7 +32,7 @@ import numpy as np
 from benchmarks.common import print_table, write_record
 from cmt_openmm.coordinates.backbone import phi_angles, phi_residue_names, turn_contacts, turn_hydrogen_bonds
 from cmt_openmm.runs import Run
-from cmt_openmm.sampling.estimators import MIN_EFFECTIVE_SAMPLES, weighted_mean
+from cmt_openmm.sampling.estimators import MIN_EFFECTIVE_SAMPLES, effective_samples, weighted_mean
 
 
 def peptide_states(topology, positions: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
@@ -58,12 +58,11 @@ def breakdown(masks: dict[str, np.ndarray], weights: np.ndarray) -> list[dict]:
         raw = float(mask.mean())
         population = weighted_mean(mask.astype(float), weights)
         inside = weights[mask]
-        top = inside.max(initial=0.0)
-        scaled = inside / top if top > 0 else inside  # squares of tiny weights underflow; their ratios do not
         rows.append({"state": name, "raw": raw, "reweighted": float(population.value),
                      "error": float(population.error), "ratio": float(population.value) / raw if raw else np.nan,
                      "square_share": float(inside @ inside) / total_square,
-                     "ess_within": float(scaled.sum() ** 2 / (scaled @ scaled) / mask.sum()) if top > 0 else 0.0})
+                     # Kish count of the renormalised weights: tiny weights' squares do not underflow
+                     "ess_within": effective_samples(inside) / mask.sum() if inside.any() else 0.0})
     return rows
 
 
