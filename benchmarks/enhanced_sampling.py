@@ -1,6 +1,7 @@
-"""Enhanced sampling with a Boltzmann generator: φ transitions of alanine dipeptide per energy evaluation.
+"""Enhanced sampling with a Boltzmann generator: φ transitions of a peptide per energy evaluation.
 
-Four samplers of ALDP at 300 K get the same number of OpenMM energy evaluations:
+Four samplers of a peptide (default ALDP; any run's own system with ``--generator RUN_DIR``) at
+300 K get the same number of OpenMM energy evaluations:
 
 - Langevin MD alone (``LangevinMiddleIntegrator``, Reference platform): one evaluation per step;
 - Langevin MD + flow moves (:class:`cmt_openmm.FlowIndependenceMove` applied to the
@@ -19,21 +20,23 @@ Four samplers of ALDP at 300 K get the same number of OpenMM energy evaluations:
   evaluations of U (and as many of U_q: the flow's network, which on ALDP in vacuum costs far
   more wall time than U); the λ = 1 frames are analysed.
 
-For each: transitions between the φ < 0 and φ > 0 basins per 1e6 evaluations and per wall
-second, and the φ > 0 basin population (αL ∪ C7ax, 0° ≤ φ < 120°) with a block-averaging
-standard error (20 blocks). Transitions are counted between cores with a buffer, so that
+For each, residue by residue (every backbone φ; one for ALDP): transitions between the φ < 0 and
+φ > 0 basins per 1e6 evaluations and per wall second (summed over residues), and the φ > 0 basin
+population (αL ∪ C7ax, 0° ≤ φ < 120°) with a block-averaging standard error (20 blocks). Transitions are counted between cores with a buffer, so that
 recrossings of the boundary are not counted: φ > 0 core 20°..100°, φ < 0 core φ ≤ -20° or
 φ ≥ 140° (the C5 region wraps across ±180°). The reweighted generator's own estimate of the
 population (independent samples, delta-method error) is printed beside them. For the replica
 exchanges: round trips per replica (state 0 -> last state -> state 0) and the exchange
 acceptance of every neighbour pair; for all: the φ > 0 population against the evaluations spent
 (at 1/10, 1/4, 1/2 and all of the budget) and the evaluations each needed to converge: the first
-budget fraction from which every later estimate lies within 1σ (its block error and the
-reference's error in quadrature) of the reference population (``--reference VALUE ERROR`` from
-a long run; default the reweighted generator's estimate), with the ratio against temperature
-replica exchange (a lower bound where replica exchange never converged). Prints the tables, writes ``results.json``.
+budget fraction from which every later estimate of every residue lies within 1σ (its block error
+and the reference's error in quadrature) of the reference population (``--reference VALUE ERROR
+[VALUE ERROR ...]``, one pair per residue, from a long run; default the reweighted generator's
+estimates), with the ratio against temperature replica exchange (a lower bound where replica
+exchange never converged). Prints the tables, writes ``results.json``.
 
     python -m benchmarks.enhanced_sampling --generator runs/demo --evaluations 1e6
+    python -m benchmarks.enhanced_sampling --generator runs/ala4 --samplers md md+flow remd --evaluations 1e6
     python -m benchmarks.enhanced_sampling --generator runs/demo --samplers bridge --remd-steps 10 --evaluations 1e5
     python -m benchmarks.enhanced_sampling --tiny      # trains a tiny generator; a smoke run
     python -m benchmarks.enhanced_sampling --tiny --generator g.safetensors --samplers bridge --evaluations 600
@@ -47,6 +50,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import openmm
@@ -55,9 +59,10 @@ import openmm.unit as unit
 import torch
 
 from cmt_openmm import Run
-from cmt_openmm.coordinates.backbone import ramachandran_angles
+from cmt_openmm.coordinates.backbone import phi_angles
 from cmt_openmm.runs.run_files import build_target
-from cmt_openmm.sampling.estimators import PHI_POSITIVE, Estimate, weighted_mean
+from cmt_openmm.analysis.metrics import state_effective_samples
+from cmt_openmm.sampling.estimators import MIN_EFFECTIVE_SAMPLES, PHI_POSITIVE, Estimate, weighted_mean
 
 PHI_POS_CORE = (math.radians(20.0), math.radians(100.0))
 PHI_NEG_CORE = (math.radians(-20.0), math.radians(140.0))  # φ <= -20° or φ >= 140°
@@ -66,51 +71,59 @@ CONVERGENCE_FRACTIONS = (0.1, 0.25, 0.5, 1.0)  # 0.1: the target is convergence 
 
 
 def phi_of(target, positions: np.ndarray) -> np.ndarray:
-    """φ (radians) of configurations (B, n_atoms, 3) nm."""
-    return ramachandran_angles(target.topology, positions)[:, 0, 0]
+    """Every backbone φ (radians) of configurations (B, n_atoms, 3) nm: (B, n_phi)."""
+    return phi_angles(target.topology, positions)
 
 
-def count_transitions(phi: np.ndarray) -> int:
-    """Core-to-core transitions between the φ < 0 and φ > 0 basins of a time series."""
-    state = np.full(phi.shape, -1)
-    state[(phi >= PHI_POS_CORE[0]) & (phi <= PHI_POS_CORE[1])] = 1
-    state[(phi <= PHI_NEG_CORE[0]) | (phi >= PHI_NEG_CORE[1])] = 0
-    visited = state[state >= 0]
-    return int(np.count_nonzero(np.diff(visited))) if visited.size else 0
+def count_transitions(phi: np.ndarray) -> list[int]:
+    """Core-to-core transitions between the φ < 0 and φ > 0 basins of a time series, per residue
+    (``phi`` (T,) or (T, n_phi))."""
+    counts = []
+    for series in np.asarray(phi).reshape(len(phi), -1).T:
+        state = np.full(series.shape, -1)
+        state[(series >= PHI_POS_CORE[0]) & (series <= PHI_POS_CORE[1])] = 1
+        state[(series <= PHI_NEG_CORE[0]) | (series >= PHI_NEG_CORE[1])] = 0
+        visited = state[state >= 0]
+        counts.append(int(np.count_nonzero(np.diff(visited))) if visited.size else 0)
+    return counts
 
 
-def population(phi: np.ndarray) -> tuple[float, float]:
-    """φ > 0 basin population of a time series with its block-averaging standard error."""
+def population(phi: np.ndarray) -> tuple[list[float], list[float]]:
+    """φ > 0 basin population of a time series, per residue (``phi`` (T,) or (T, n_phi)), with its
+    block-averaging standard error."""
     lo, hi = PHI_POSITIVE["phi>0"][0]
-    inside = ((phi >= lo) & (phi < hi)).astype(float)
-    blocks = np.array_split(inside, N_BLOCKS) if inside.size >= N_BLOCKS else [inside]
-    means = np.array([b.mean() for b in blocks])
-    error = float(means.std(ddof=1) / math.sqrt(len(means))) if len(means) > 1 else float("nan")
-    return float(inside.mean()), error
+    inside = ((phi >= lo) & (phi < hi)).astype(float).reshape(len(phi), -1)
+    blocks = np.array_split(inside, N_BLOCKS) if len(inside) >= N_BLOCKS else [inside]
+    means = np.stack([b.mean(axis=0) for b in blocks])
+    errors = means.std(axis=0, ddof=1) / math.sqrt(len(means)) if len(means) > 1 else np.full(means.shape[1], np.nan)
+    return inside.mean(axis=0).tolist(), errors.tolist()
 
 
 def convergence(phi: np.ndarray, spent: np.ndarray, budget: float) -> list[dict]:
-    """φ > 0 population (± block error) of the frames recorded within each fraction of the budget
-    (``spent``: evaluations spent when each frame was recorded)."""
+    """φ > 0 populations (± block error, per residue) of the frames recorded within each fraction
+    of the budget (``spent``: evaluations spent when each frame was recorded)."""
     rows = []
+    n_phi = np.asarray(phi).reshape(len(phi), -1).shape[1]
     for fraction in CONVERGENCE_FRACTIONS:
         keep = spent <= fraction * budget + 1e-9
-        pop, err = population(phi[keep]) if keep.any() else (float("nan"), float("nan"))
+        pop, err = population(phi[keep]) if keep.any() else ([float("nan")] * n_phi, [float("nan")] * n_phi)
         rows.append({"fraction": fraction, "evaluations": int(spent[keep].max()) if keep.any() else 0,
                      "frames": int(keep.sum()), "phi_positive": pop, "phi_positive_error": err})
     return rows
 
 
-def evaluations_to_converge(convergence_rows: list[dict], reference: Estimate) -> int | None:
-    """Evaluations after which the φ > 0 estimate stays within 1σ of ``reference`` (σ: the standard
-    error of the difference, the estimate's block error and the reference's in quadrature): those
-    of the first budget fraction from which every later one agrees (None: it never did).
-    A fraction without a usable error bar (no visit, no frames) does not agree."""
+def evaluations_to_converge(convergence_rows: list[dict], reference: list[Estimate]) -> int | None:
+    """Evaluations after which every residue's φ > 0 estimate stays within 1σ of its ``reference``
+    (σ: the standard error of the difference, the estimate's block error and the reference's in
+    quadrature): those of the first budget fraction from which every later one agrees (None: it
+    never did). A fraction without a usable error bar (no visit, no frames) does not agree."""
     converged_from = None
     for row in convergence_rows:
-        value, error = row["phi_positive"], row["phi_positive_error"]
-        agrees = (math.isfinite(value) and math.isfinite(error) and value > 0
-                  and abs(value - reference.value) <= math.hypot(error, reference.error))
+        agrees = all(
+            math.isfinite(value) and math.isfinite(error) and value > 0
+            and abs(value - ref.value) <= math.hypot(error, ref.error)
+            for value, error, ref in zip(np.atleast_1d(row["phi_positive"]), np.atleast_1d(row["phi_positive_error"]),
+                                         reference, strict=True))
         if not agrees:
             converged_from = None
         elif converged_from is None:
@@ -119,12 +132,13 @@ def evaluations_to_converge(convergence_rows: list[dict], reference: Estimate) -
 
 
 def leg_result(name: str, target, phi: np.ndarray, evaluations: int, wall: float, spent=None, **extra) -> dict:
-    transitions = count_transitions(phi)
+    by_residue = count_transitions(phi)
+    transitions = sum(by_residue)
     pop, err = population(phi)
-    spent = np.linspace(evaluations / max(phi.size, 1), evaluations, phi.size) if spent is None else np.asarray(spent)
+    spent = np.linspace(evaluations / max(len(phi), 1), evaluations, len(phi)) if spent is None else np.asarray(spent)
     return {
-        "sampler": name, "evaluations": int(evaluations), "wall_s": wall, "frames": int(phi.size),
-        "transitions": transitions,
+        "sampler": name, "evaluations": int(evaluations), "wall_s": wall, "frames": len(phi),
+        "transitions": transitions, "transitions_by_residue": by_residue,
         "transitions_per_1e6_evaluations": transitions / evaluations * 1e6,
         "transitions_per_wall_s": transitions / wall if wall > 0 else None,
         "phi_positive": pop, "phi_positive_error": err,
@@ -196,7 +210,7 @@ def run_remd(target, args, seed: int, workdir: Path) -> dict:
     phi = phi_of(target, result.positions)
     exchange = exchange_statistics(result.provenance["storage"], iterations)
     name = f"replica exchange ({args.replicas} replicas, {target.temperature:g}-{args.t_max:g} K)"
-    return leg_result(name, target, phi, iterations * per_iteration, wall, per_iteration * np.arange(1, phi.size + 1),
+    return leg_result(name, target, phi, iterations * per_iteration, wall, per_iteration * np.arange(1, len(phi) + 1),
                       iterations=iterations,
                       exchange_acceptance=result.provenance.get("exchange_acceptance"),
                       pair_acceptance=exchange["pair_acceptance"], round_trips=exchange["round_trips"],
@@ -220,7 +234,7 @@ def run_bridge(target, generator, args, seed: int, workdir: Path) -> dict:
     wall = time.perf_counter() - start
     p = result.provenance
     phi = phi_of(target, result.positions)
-    spent = p["pilot"]["energy_evaluations"] + (p["energy_evaluations"] / iterations) * np.arange(1, phi.size + 1)
+    spent = p["pilot"]["energy_evaluations"] + (p["energy_evaluations"] / iterations) * np.arange(1, len(phi) + 1)
     flows = p["flow_moves"]
     return leg_result(f"flow-bridged replica exchange ({k} replicas, λ = 1..0)", target, phi,
                       p["energy_evaluations_with_pilot"], wall, spent, iterations=iterations, pilot_iterations=pilot,
@@ -273,9 +287,9 @@ def main(argv=None) -> int:
                    help="independent generator samples reweighted (default 20000; --tiny 1000)")
     p.add_argument("--samplers", nargs="+", default=["md", "md+flow", "remd", "bridge"],
                    help="md, md+flow, remd (temperatures), bridge (flow-bridged λ ladder)")
-    p.add_argument("--reference", nargs=2, type=float, metavar=("VALUE", "ERROR"),
-                   help="φ > 0 population of a long run and its error, to judge convergence against "
-                        "(default: the reweighted generator's estimate)")
+    p.add_argument("--reference", nargs="+", type=float, metavar="VALUE ERROR",
+                   help="φ > 0 population of a long run and its error, one pair per residue with a φ, to judge "
+                        "convergence against (default: the reweighted generator's estimates)")
     p.add_argument("--out", default="runs/bench_enhanced_sampling")
     p.add_argument("--tiny", action="store_true", help="smoke run: tiny generator, 2e4 evaluations "
                                                        "(an explicit --evaluations or --reweight-samples wins)")
@@ -290,17 +304,16 @@ def main(argv=None) -> int:
             args.evaluations = 2e4
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    target = build_target(args.system, args.temperature)
+    run_dir = Path(args.generator) if args.generator and Path(args.generator).is_dir() else None
+    target = Run.open(run_dir).target if run_dir else build_target(args.system, args.temperature)
+    args.system = target.name if run_dir else args.system
     generator, source = get_generator(args, target, out)
 
     from cmt_openmm import FlowIndependenceMove, reweight
 
     ens = reweight(generator, target, args.reweight_samples, seed=12345)
-    lo, hi = PHI_POSITIVE["phi>0"][0]
-    phi_gen = phi_of(target, ens.positions)
-    flow_pop = weighted_mean(((phi_gen >= lo) & (phi_gen < hi)).astype(float), ens.weights) \
-        if ens.weights.any() else Estimate(float("nan"), float("nan"))
-    reference = Estimate(*args.reference) if args.reference else flow_pop
+    flow_pop = generator_populations(phi_of(target, ens.positions), ens.weights)
+    reference = reference_estimates(args.reference, len(flow_pop)) if args.reference else flow_pop
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:
@@ -324,14 +337,58 @@ def main(argv=None) -> int:
     table = format_table(rows, flow_pop, ens.ess, args, source, reference)
     print("\n" + table)
     results = {"settings": vars(args), "generator": source, "generator_reweighted": {
-        "n": len(ens), "ess": ens.ess, "phi_positive": flow_pop.value, "phi_positive_error": flow_pop.error},
-        "reference": {"phi_positive": reference.value, "phi_positive_error": reference.error,
+        "n": len(ens), "ess": ens.ess, "phi_positive": [e.value for e in flow_pop],
+        "phi_positive_error": [e.error for e in flow_pop], "effective_samples": [e.n_effective for e in flow_pop]},
+        "reference": {"phi_positive": [e.value for e in reference], "phi_positive_error": [e.error for e in reference],
                       "source": reference_source(args)},
         "runs": rows}
     (out / "results.json").write_text(json.dumps(results, indent=2, default=float) + "\n")
     (out / "table.md").write_text(table + "\n")
     print(f"\nwrote {out / 'results.json'} and {out / 'table.md'}")
     return 0
+
+
+class ReweightedPopulation(NamedTuple):
+    """A reweighted φ > 0 population, its delta-method error and the effective samples it rests on."""
+
+    value: float
+    error: float
+    n_effective: float
+
+
+def generator_populations(phi: np.ndarray, weights: np.ndarray) -> list[ReweightedPopulation]:
+    """The reweighted generator's φ > 0 population of every residue (``phi`` (N, n_phi), ``weights``
+    (N,)), with the effective samples of its basin (`state_effective_samples`)."""
+    lo, hi = PHI_POSITIVE["phi>0"][0]
+    if not weights.any():
+        return [ReweightedPopulation(float("nan"), float("nan"), 0.0)] * phi.shape[1]
+    populations = []
+    for series in phi.T:
+        inside = (series >= lo) & (series < hi)
+        e = weighted_mean(inside.astype(float), weights)
+        populations.append(ReweightedPopulation(e.value, e.error, state_effective_samples(weights, inside)))
+    return populations
+
+
+def reference_estimates(values: list[float], n_phi: int) -> list[Estimate]:
+    """``--reference V1 E1 V2 E2 ...`` as one Estimate per residue."""
+    if len(values) != 2 * n_phi:
+        raise SystemExit(f"--reference needs a population and its error for each of the {n_phi} residue(s) "
+                         f"with a φ ({2 * n_phi} numbers), got {len(values)}.")
+    return [Estimate(values[2 * k], values[2 * k + 1]) for k in range(n_phi)]
+
+
+def population_cells(values, errors, transitions=None) -> str:
+    """`population_cell` of every residue, joined with " / "."""
+    transitions = [None] * len(values) if transitions is None else transitions
+    return " / ".join(population_cell(v, e, t) for v, e, t in zip(values, errors, transitions, strict=True))
+
+
+def generator_cell(population: ReweightedPopulation) -> str:
+    """A reweighted population, marked unreliable when its basin rests on few effective samples."""
+    cell = f"{population.value:.4f} ± {population.error:.4f}"
+    n = population.n_effective
+    return cell if n >= MIN_EFFECTIVE_SAMPLES else f"{cell} (unreliable: {n:.0f} effective samples)"
 
 
 def population_cell(value: float, error: float, transitions: int | None = None) -> str:
@@ -346,8 +403,8 @@ def population_cell(value: float, error: float, transitions: int | None = None) 
 
 
 def format_table(rows, flow_pop, ess, args, source, reference) -> str:
-    lines = [f"ALDP ({args.system}, {args.temperature:g} K), {int(args.evaluations):,} energy evaluations per sampler; "
-             f"generator {source}",
+    lines = [f"{args.system} ({args.temperature:g} K), {int(args.evaluations):,} energy evaluations per sampler; "
+             f"generator {source}; φ > 0 of each residue with a φ, in chain order",
              "",
              "| sampler | seed | evaluations | wall (s) | φ transitions | per 1e6 evals | per wall s | φ>0 population | acceptance |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -355,10 +412,10 @@ def format_table(rows, flow_pop, ess, args, source, reference) -> str:
         acc = r.get("flow_acceptance", r.get("exchange_acceptance"))
         lines.append(f"| {r['sampler']} | {r['seed']} | {r['evaluations']:,} | {r['wall_s']:.1f} | {r['transitions']} "
                      f"| {r['transitions_per_1e6_evaluations']:.1f} | {r['transitions_per_wall_s']:.3g} "
-                     f"| {population_cell(r['phi_positive'], r['phi_positive_error'], r['transitions'])} "
+                     f"| {population_cells(r['phi_positive'], r['phi_positive_error'], r['transitions_by_residue'])} "
                      f"| {'–' if acc is None else f'{acc:.3f}'} |")
     lines.append(f"| generator, reweighted ({args.reweight_samples:,} independent samples, ESS {100 * ess:.2f} %) | | | | | | "
-                 f"| {flow_pop.value:.4f} ± {flow_pop.error:.4f} | |")
+                 f"| {' / '.join(generator_cell(e) for e in flow_pop)} | |")
     exchanges = [r for r in rows if "round_trips" in r]
     if exchanges:
         lines += ["", "| replica exchange | seed | round trips / replica | neighbour exchange acceptance (state 0 = target) |"
@@ -372,7 +429,7 @@ def format_table(rows, flow_pop, ess, args, source, reference) -> str:
               "| sampler | seed | " + " | ".join(f"{f:g}" for f in CONVERGENCE_FRACTIONS) + " |",
               "|---|---|" + "---|" * len(CONVERGENCE_FRACTIONS)]
     for r in rows:
-        cells = " | ".join(f"{population_cell(c['phi_positive'], c['phi_positive_error'])} ({c['evaluations']:,})"
+        cells = " | ".join(f"{population_cells(c['phi_positive'], c['phi_positive_error'])} ({c['evaluations']:,})"
                            for c in r["convergence"])
         lines.append(f"| {r['sampler']} | {r['seed']} | {cells} |")
     lines += ["", convergence_summary(rows, reference, args)]
@@ -394,8 +451,9 @@ def reference_source(args) -> str:
 def convergence_summary(rows, reference, args) -> str:
     """Evaluations each sampler needed to converge, and how many times fewer than temperature
     replica exchange of the same seed (``>``: a lower bound, replica exchange never converged)."""
-    lines = [f"Evaluations to converge (every later φ > 0 estimate within 1σ of {reference.value:.4f} ± "
-             f"{reference.error:.4f}, {reference_source(args)}; σ of the difference):", "",
+    within = " / ".join(f"{e.value:.4f} ± {e.error:.4f}" for e in reference)
+    lines = [f"Evaluations to converge (every later φ > 0 estimate of every residue within 1σ of {within}, "
+             f"{reference_source(args)}; σ of the difference):", "",
              "| sampler | seed | evaluations to converge | x fewer than T-REMD |", "|---|---|---|---|"]
     remd = {r["seed"]: r for r in rows if r["sampler"].startswith("replica exchange")}
     for r in rows:

@@ -139,7 +139,7 @@ def test_enhanced_sampling_never_prints_a_zero_error_bar():
 
 def test_enhanced_sampling_judges_convergence_by_every_later_estimate():
     bench = load_script("benchmarks/enhanced_sampling.py")
-    ref = bench.Estimate(0.026, 0.0)
+    ref = [bench.Estimate(0.026, 0.0)]
 
     def rows(*cells):
         return [{"evaluations": n, "phi_positive": v, "phi_positive_error": e} for n, v, e in cells]
@@ -152,16 +152,70 @@ def test_enhanced_sampling_judges_convergence_by_every_later_estimate():
     assert bench.evaluations_to_converge(rows((100, 0.0, 0.0), (1000, 0.0, 0.0)), ref) is None  # never visited
     assert bench.evaluations_to_converge(rows((1000, 0.02, 0.001)), ref) is None
     # 0.0266 ± 0.0009 against 0.0256 ± 0.0005: 0.0010 apart, within the σ of the difference (0.00103)
-    assert bench.evaluations_to_converge(rows((1000, 0.0266, 0.0009)), bench.Estimate(0.0256, 0.0005)) == 1000
-    assert bench.evaluations_to_converge(rows((1000, 0.0268, 0.0009)), bench.Estimate(0.0256, 0.0005)) is None
+    assert bench.evaluations_to_converge(rows((1000, 0.0266, 0.0009)), [bench.Estimate(0.0256, 0.0005)]) == 1000
+    assert bench.evaluations_to_converge(rows((1000, 0.0268, 0.0009)), [bench.Estimate(0.0256, 0.0005)]) is None
     args = type("Args", (), {"reference": None})()
     runs = [{"sampler": "replica exchange (4 replicas)", "seed": 0, "evaluations": 1_000_000,
              "evaluations_to_converge": None},
             {"sampler": "flow-bridged replica exchange", "seed": 0, "evaluations": 100_000,
              "evaluations_to_converge": 25_000}]
-    table = bench.convergence_summary(runs, bench.Estimate(0.026, 0.001), args)
+    table = bench.convergence_summary(runs, [bench.Estimate(0.026, 0.001)], args)
     assert "| flow-bridged replica exchange | 0 | 25,000 | > 40.0x |" in table
     assert "| replica exchange (4 replicas) | 0 | > 1,000,000 (not converged) | – |" in table
+
+
+def test_enhanced_sampling_counts_each_residue_of_a_peptide():
+    """Transitions, block populations and convergence residue by residue: a peptide converges only
+    when every residue does, and the reweighted generator's estimate says when its basin is thin."""
+    bench = load_script("benchmarks/enhanced_sampling.py")
+    neg, pos = -1.2, 1.0  # radians: inside the φ < 0 and φ > 0 cores
+    phi = np.full((40, 2), neg)
+    phi[10:15, 0] = pos  # residue 1: one visit (2 transitions); residue 2: never
+    phi[20:30, 1] = pos
+    phi[32, 1] = 0.1  # between the cores: no transition counted
+    assert bench.count_transitions(phi) == [2, 2]
+    assert bench.count_transitions(phi[:, 0]) == [2]
+    values, errors = bench.population(phi)
+    assert values == pytest.approx([5 / 40, 11 / 40]) and len(errors) == 2 and all(e > 0 for e in errors)
+    refs = [bench.Estimate(0.02, 0.001), bench.Estimate(0.03, 0.001)]
+    one_off = [{"evaluations": 100, "phi_positive": [0.02, 0.1], "phi_positive_error": [0.001, 0.001]}]
+    assert bench.evaluations_to_converge(one_off, refs) is None  # residue 2 is off by 70σ
+    both = [{"evaluations": 100, "phi_positive": [0.02, 0.0305], "phi_positive_error": [0.001, 0.001]}]
+    assert bench.evaluations_to_converge(both, refs) == 100
+    assert [tuple(e) for e in bench.reference_estimates([0.02, 0.001, 0.03, 0.002], 2)] == [(0.02, 0.001), (0.03, 0.002)]
+    with pytest.raises(SystemExit, match="for each of the 3 residue"):
+        bench.reference_estimates([0.02, 0.001], 3)
+    assert bench.population_cells([0.02, 0.0], [0.001, 0.0], [4, 0]) == "0.0200 ± 0.0010 / never visited (unconverged)"
+    # one heavy sample inside the φ > 0 basins: their populations rest on ~1 effective sample
+    angles = np.full((1000, 2), neg)
+    angles[:50, 0] = pos
+    angles[::5, 1] = pos
+    heavy = np.ones(1000)
+    heavy[0] = 1e4
+    thin = bench.generator_populations(angles, heavy)
+    assert all(p.n_effective < 2 for p in thin) and "(unreliable: 1 effective samples)" in bench.generator_cell(thin[0])
+    first, second = bench.generator_populations(angles, np.ones(1000))  # even weights: each basin's own count
+    assert (first.n_effective, second.n_effective) == pytest.approx((50, 200))
+    assert first.value == pytest.approx(0.05) and "(unreliable: 50 effective samples)" in bench.generator_cell(first)
+    assert bench.generator_cell(second) == f"{second.value:.4f} ± {second.error:.4f}"
+
+
+@pytest.mark.filterwarnings("ignore:reweighting")  # a tiny generator's reweighting is poor, and says so
+def test_enhanced_sampling_runs_md_with_flow_moves_on_a_tetrapeptide(tmp_path):
+    """The real path on ala4 at a tiny size: a generator trained against OpenMM energies, its
+    reweighted estimate, Langevin MD with flow moves, one φ series per residue."""
+    bench = load_script("benchmarks/enhanced_sampling.py")
+    assert bench.main(["--tiny", "--system", "ala4", "--samplers", "md+flow", "--evaluations", "300",
+                       "--stride", "5", "--flow-interval", "10", "--reweight-samples", "64", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    (row,) = results["runs"]
+    assert row["sampler"] == "Langevin MD + flow moves" and row["flow_proposals"] > 0
+    assert 300 <= row["evaluations"] <= 310 and row["frames"] >= 40
+    assert len(row["transitions_by_residue"]) == 3 and len(row["phi_positive"]) == 3
+    assert all(len(c["phi_positive"]) == 3 for c in row["convergence"])
+    assert len(results["generator_reweighted"]["effective_samples"]) == 3
+    table = (tmp_path / "table.md").read_text()
+    assert table.startswith("ala4 (300 K)") and table.count(" / ") >= 2
 
 
 def test_distributed_projection_follows_amdahl_from_the_two_rank_speedup():
