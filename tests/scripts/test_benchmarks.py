@@ -216,6 +216,12 @@ def test_enhanced_sampling_runs_md_with_flow_moves_on_a_tetrapeptide(tmp_path):
     assert len(results["generator_reweighted"]["effective_samples"]) == 3
     table = (tmp_path / "table.md").read_text()
     assert table.startswith("ala4 (300 K)") and table.count(" / ") >= 2
+    # the run directory it trained brings its own system: no --system needed
+    again = tmp_path / "again"
+    assert bench.main(["--generator", str(tmp_path / "generator_run"), "--samplers", "md", "--evaluations", "100",
+                       "--reweight-samples", "64", "--out", str(again)]) == 0
+    rerun = json.loads((again / "results.json").read_text())
+    assert rerun["settings"]["system"] == "ala4" and len(rerun["runs"][0]["phi_positive"]) == 3
 
 
 def test_distributed_projection_follows_amdahl_from_the_two_rank_speedup():
