@@ -22,9 +22,10 @@ Four samplers of a peptide (default ALDP; any run's own system with ``--generato
 
 For each, residue by residue (every backbone φ; one for ALDP): transitions between the φ < 0 and
 φ > 0 basins per 1e6 evaluations and per wall second (summed over residues), and the φ > 0 basin
-population (αL ∪ C7ax, 0° ≤ φ < 120°) with a block-averaging standard error (20 blocks). Transitions are counted between cores with a buffer, so that
-recrossings of the boundary are not counted: φ > 0 core 20°..100°, φ < 0 core φ ≤ -20° or
-φ ≥ 140° (the C5 region wraps across ±180°). The reweighted generator's own estimate of the
+population (αL ∪ C7ax, 0° ≤ φ < 120°) with a block-averaging standard error (20 blocks).
+Transitions are counted between cores with a buffer, so that recrossings of the boundary are not
+counted: φ > 0 core 20°..100°, φ < 0 core φ ≤ -20° or φ ≥ 140° (the C5 region wraps across
+±180°). The reweighted generator's own estimate of the
 population (independent samples, delta-method error) is printed beside them. For the replica
 exchanges: round trips per replica (state 0 -> last state -> state 0) and the exchange
 acceptance of every neighbour pair; for all: the φ > 0 population against the evaluations spent
@@ -59,9 +60,9 @@ import openmm.unit as unit
 import torch
 
 from cmt_openmm import Run
+from cmt_openmm.analysis.metrics import state_effective_samples
 from cmt_openmm.coordinates.backbone import phi_angles
 from cmt_openmm.runs.run_files import build_target
-from cmt_openmm.analysis.metrics import state_effective_samples
 from cmt_openmm.sampling.estimators import MIN_EFFECTIVE_SAMPLES, PHI_POSITIVE, Estimate, weighted_mean
 
 PHI_POS_CORE = (math.radians(20.0), math.radians(100.0))
