@@ -307,7 +307,8 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     run_dir = Path(args.generator) if args.generator and Path(args.generator).is_dir() else None
     target = Run.open(run_dir).target if run_dir else build_target(args.system, args.temperature)
-    args.system = target.name if run_dir else args.system
+    if run_dir:  # the table and results.json name the run's own system and temperature
+        args.system, args.temperature = target.name, float(target.temperature)
     generator, source = get_generator(args, target, out)
 
     from cmt_openmm import FlowIndependenceMove, reweight

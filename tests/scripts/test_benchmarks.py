@@ -219,9 +219,10 @@ def test_enhanced_sampling_runs_md_with_flow_moves_on_a_tetrapeptide(tmp_path):
     # the run directory it trained brings its own system: no --system needed
     again = tmp_path / "again"
     assert bench.main(["--generator", str(tmp_path / "generator_run"), "--samplers", "md", "--evaluations", "100",
-                       "--reweight-samples", "64", "--out", str(again)]) == 0
+                       "--temperature", "350", "--reweight-samples", "64", "--out", str(again)]) == 0
     rerun = json.loads((again / "results.json").read_text())
-    assert rerun["settings"]["system"] == "ala4" and len(rerun["runs"][0]["phi_positive"]) == 3
+    assert rerun["settings"]["system"] == "ala4" and rerun["settings"]["temperature"] == 300.0
+    assert len(rerun["runs"][0]["phi_positive"]) == 3
 
 
 def test_distributed_projection_follows_amdahl_from_the_two_rank_speedup():
