@@ -62,6 +62,7 @@ import torch
 from cmt_openmm import Run
 from cmt_openmm.analysis.metrics import state_effective_samples
 from cmt_openmm.coordinates.backbone import phi_angles
+from cmt_openmm.errors import CMTInputError
 from cmt_openmm.runs.run_files import build_target
 from cmt_openmm.sampling.estimators import MIN_EFFECTIVE_SAMPLES, PHI_POSITIVE, Estimate, weighted_mean
 
@@ -306,7 +307,10 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     run_dir = Path(args.generator) if args.generator and Path(args.generator).is_dir() else None
-    target = Run.open(run_dir).target if run_dir else build_target(args.system, args.temperature)
+    try:
+        target = Run.open(run_dir).target if run_dir else build_target(args.system, args.temperature)
+    except CMTInputError as error:  # not a run directory, an unknown system: one sentence, no traceback
+        raise SystemExit(str(error)) from None
     if run_dir:  # the table and results.json name the run's own system and temperature
         args.system, args.temperature = target.name, float(target.temperature)
     generator, source = get_generator(args, target, out)

@@ -223,6 +223,9 @@ def test_enhanced_sampling_runs_md_with_flow_moves_on_a_tetrapeptide(tmp_path):
     rerun = json.loads((again / "results.json").read_text())
     assert rerun["settings"]["system"] == "ala4" and rerun["settings"]["temperature"] == 300.0
     assert len(rerun["runs"][0]["phi_positive"]) == 3
+    (tmp_path / "not_a_run").mkdir()
+    with pytest.raises(SystemExit, match="holds neither run.yaml"):  # a folder that is not a run: one sentence
+        bench.main(["--generator", str(tmp_path / "not_a_run"), "--out", str(tmp_path / "bad")])
 
 
 def test_distributed_projection_follows_amdahl_from_the_two_rank_speedup():
