@@ -24,8 +24,7 @@ For each, residue by residue (every backbone φ; one for ALDP): transitions betw
 φ > 0 basins per 1e6 evaluations and per wall second (summed over residues), and the φ > 0 basin
 population (αL ∪ C7ax, 0° ≤ φ < 120°) with a block-averaging standard error (20 blocks).
 Transitions are counted between cores with a buffer, so that recrossings of the boundary are not
-counted: φ > 0 core 20°..100°, φ < 0 core φ ≤ -20° or φ ≥ 140° (the C5 region wraps across
-±180°). The reweighted generator's own estimate of the
+counted (``cmt_openmm.analysis.metrics.phi_transitions``). The reweighted generator's own estimate of the
 population (independent samples, delta-method error) is printed beside them. For the replica
 exchanges: round trips per replica (state 0 -> last state -> state 0) and the exchange
 acceptance of every neighbour pair; for all: the φ > 0 population against the evaluations spent
@@ -60,14 +59,12 @@ import openmm.unit as unit
 import torch
 
 from cmt_openmm import Run
-from cmt_openmm.analysis.metrics import state_effective_samples
+from cmt_openmm.analysis.metrics import phi_transitions, state_effective_samples
 from cmt_openmm.coordinates.backbone import phi_angles
 from cmt_openmm.errors import CMTInputError
 from cmt_openmm.runs.run_files import build_target
 from cmt_openmm.sampling.estimators import MIN_EFFECTIVE_SAMPLES, PHI_POSITIVE, Estimate, weighted_mean
 
-PHI_POS_CORE = (math.radians(20.0), math.radians(100.0))
-PHI_NEG_CORE = (math.radians(-20.0), math.radians(140.0))  # φ <= -20° or φ >= 140°
 N_BLOCKS = 20
 CONVERGENCE_FRACTIONS = (0.1, 0.25, 0.5, 1.0)  # 0.1: the target is convergence with 1/10 of T-REMD
 
@@ -75,19 +72,6 @@ CONVERGENCE_FRACTIONS = (0.1, 0.25, 0.5, 1.0)  # 0.1: the target is convergence 
 def phi_of(target, positions: np.ndarray) -> np.ndarray:
     """Every backbone φ (radians) of configurations (B, n_atoms, 3) nm: (B, n_phi)."""
     return phi_angles(target.topology, positions)
-
-
-def count_transitions(phi: np.ndarray) -> list[int]:
-    """Core-to-core transitions between the φ < 0 and φ > 0 basins of a time series, per residue
-    (``phi`` (T,) or (T, n_phi))."""
-    counts = []
-    for series in np.asarray(phi).reshape(len(phi), -1).T:
-        state = np.full(series.shape, -1)
-        state[(series >= PHI_POS_CORE[0]) & (series <= PHI_POS_CORE[1])] = 1
-        state[(series <= PHI_NEG_CORE[0]) | (series >= PHI_NEG_CORE[1])] = 0
-        visited = state[state >= 0]
-        counts.append(int(np.count_nonzero(np.diff(visited))) if visited.size else 0)
-    return counts
 
 
 def population(phi: np.ndarray) -> tuple[list[float], list[float]]:
@@ -134,7 +118,7 @@ def evaluations_to_converge(convergence_rows: list[dict], reference: list[Estima
 
 
 def leg_result(name: str, target, phi: np.ndarray, evaluations: int, wall: float, spent=None, **extra) -> dict:
-    by_residue = count_transitions(phi)
+    by_residue = phi_transitions(phi)
     transitions = sum(by_residue)
     pop, err = population(phi)
     spent = np.linspace(evaluations / max(len(phi), 1), evaluations, len(phi)) if spent is None else np.asarray(spent)

@@ -259,6 +259,25 @@ def phi_positive_count(phi: np.ndarray) -> int:
                for i in range(0, len(phi), BLOCK_ROWS))
 
 
+PHI_POSITIVE_CORE = (math.radians(20.0), math.radians(100.0))
+PHI_NEGATIVE_CORE = (math.radians(-20.0), math.radians(140.0))
+"""Cores of the φ > 0 basin (20°..100°) and the φ < 0 one (φ ≤ -20° or φ ≥ 140°: C5 wraps across ±180°)
+between which `phi_transitions` counts, leaving a buffer so that recrossings of φ = 0 are not counted."""
+
+
+def phi_transitions(phi: np.ndarray) -> list[int]:
+    """Core-to-core transitions between the φ < 0 and φ > 0 basins of a time series (``phi`` (T,) or
+    (T, n_phi) radians, frames in time order), one count per residue."""
+    counts = []
+    for series in np.asarray(phi).reshape(len(phi), -1).T:
+        state = np.full(series.shape, -1)
+        state[(series >= PHI_POSITIVE_CORE[0]) & (series <= PHI_POSITIVE_CORE[1])] = 1
+        state[(series <= PHI_NEGATIVE_CORE[0]) | (series >= PHI_NEGATIVE_CORE[1])] = 0
+        visited = state[state >= 0]
+        counts.append(int(np.count_nonzero(np.diff(visited))) if visited.size else 0)
+    return counts
+
+
 def _any_psi(phi: np.ndarray) -> np.ndarray:
     """φ (N,) as (φ, ψ) pairs (N, 2) with ψ = 0, for boxes whose ψ interval is the full circle
     (:data:`PHI_POSITIVE`): a C-terminal residue has a φ but no ψ."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import shlex
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -38,10 +39,16 @@ estimates are unreliable (a single sample carrying the weight gives ESS = 1/N, h
 generator)."""
 
 USE_SAMPLES = "use its reweighted samples (`cmt-openmm sample`) for estimates with error bars"
-MCMC_ONLY = ("use the generator only inside MCMC moves (FlowIndependenceMove between MD steps, or "
-             "`cmt-openmm bridge-remd`), where its proposals stay exact and a low ESS or a missed basin costs "
-             "acceptance, not correctness")
-"""The next step for a generator whose reweighted samples cannot be trusted on their own."""
+MCMC_ONLY = ("use the generator only inside MCMC moves (`cmt-openmm mcmc RUN_DIR --out chain.npz`: MD with its "
+             "proposals as exact moves; FlowIndependenceMove in your own script; or `cmt-openmm bridge-remd`), where "
+             "a low ESS or a missed basin costs acceptance, not correctness")
+"""The next step for a generator whose reweighted samples cannot be trusted on their own
+(`mcmc_only` names the run's folder)."""
+
+
+def mcmc_only(run_dir: str | None = None) -> str:
+    """:data:`MCMC_ONLY` with the run's folder in its command (``RUN_DIR`` when not given)."""
+    return MCMC_ONLY.replace("RUN_DIR", shlex.quote(str(run_dir))) if run_dir else MCMC_ONLY
 
 
 def write_run_report(run_dir: str | os.PathLike, target, generator, history: Sequence[dict],
@@ -138,7 +145,7 @@ def verdict(report: dict) -> dict:
     elif out["target_reached"] is False and not lost:
         out["next_step"] = continue_training
     else:
-        out["next_step"] = MCMC_ONLY
+        out["next_step"] = mcmc_only(report.get("run_dir"))
     out["summary"] = f"{'; '.join(parts)}; next step: {out['next_step']}."
     return out
 
@@ -260,6 +267,12 @@ def _pm(e: dict | None, scale: float = 1.0, fmt: str = "{:.4f}", population: boo
         value = _num(scale * e["value"], fmt)
         text = f"{value} ± {_num(scale * err, fmt)}" if err is not None else value
     return f"{text} (unreliable: N_eff = {_n_eff(e.get('n_effective', 0.0))})" if unreliable else text
+
+
+def md_population_text(e: dict | None) -> str:
+    """An MD or MCMC population (``peptide_populations`` of frames in time order) as text: "value ±
+    error", marked "(unreliable: N_eff = …)" when its correlated error rests on too few effective frames."""
+    return _pm(e, reference=True)
 
 
 def _thin_populations(s: dict) -> list[float]:

@@ -1,11 +1,12 @@
-"""The ``cmt-openmm`` command line: train, sample, evaluate, reference-md, bridge-remd, demo, presets.
+"""The ``cmt-openmm`` command line: train, sample, evaluate, mcmc, reference-md, bridge-remd, demo, presets.
 
 Each command parses its arguments, drives a :class:`cmt_openmm.runs.Run` (or the reference-MD
 and bridged replica-exchange drivers) and prints: ``train RUN.yaml --out DIR`` (run files:
 :mod:`cmt_openmm.runs.run_files`) or ``--preset NAME`` (:mod:`cmt_openmm.runs.presets`) trains
 into a run directory and writes its report and plots; ``sample`` and ``evaluate`` work on that
-directory; ``reference-md`` writes MD reference frames; ``demo`` is the README's main job. Commands print progress on stderr and their result (JSON, or the
-demo's summary) on stdout; library banners are kept off stdout. Bad input ends with one
+directory; ``mcmc`` runs MD with the trained generator's exact flow moves (the same driver as
+``reference-md``, which writes replica-exchange reference frames); ``demo`` is the README's main
+job. Commands print progress on stderr and their result (JSON, or the demo's summary) on stdout; library banners are kept off stdout. Bad input ends with one
 sentence on stderr and exit code 2, never a traceback. SIGTERM or SIGINT during training end
 ``train`` and ``demo`` at the last complete step with one sentence naming the command that
 continues the run, and exit code 128 + the signal's number (143, 130), as a shell reports it; a
@@ -126,8 +127,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_reference_md(args: argparse.Namespace) -> int:
-    from ..sampling.reference_md import run_reference_md
-
     if Path(args.system).suffix in (".yaml", ".yml"):
         spec = parse_run_config(read_yaml(args.system), Path(args.system).resolve().parent)
         system, temperature = spec.system, args.temperature or spec.temperature
@@ -136,21 +135,66 @@ def cmd_reference_md(args: argparse.Namespace) -> int:
         system, temperature = spec.system, args.temperature or spec.temperature
     else:
         system, temperature = resolve_system(args.system, Path.cwd()), args.temperature or 300.0
-    target = build_target(system, temperature)
+    summary = _replica_exchange(build_target(system, temperature), args)
+    _emit(summary, args)
+    return 0
+
+
+def cmd_mcmc(args: argparse.Namespace) -> int:
+    run = Run.open(args.run_dir)
+    if not run.trained:
+        raise CMTInputError(f"{run.directory} holds no trained generator yet; train it first "
+                            f"(cmt-openmm train ... --out {run.directory}).")
+    target = run.target if args.temperature is None else build_target(run.spec.system, args.temperature)
+    summary = _replica_exchange(target, args, generator=run.generator, flow_attempts=args.flow_attempts)
+    _say(_mcmc_verdict(summary, args))
+    _emit(summary, args)
+    return 0
+
+
+def _replica_exchange(target, args: argparse.Namespace, generator=None, flow_attempts: int = 20) -> dict:
+    """Run `run_reference_md` with the command's options (``flow_attempts`` flow moves with ``generator``); write and
+    return the summary: the frames' provenance and, for a peptide, the φ > 0 populations of the
+    target-temperature frames (correlated errors) and their φ transitions by residue."""
+    from ..sampling.reference_md import run_reference_md
+
     result = run_reference_md(
         target, args.out, n_replicas=args.replicas, t_max=args.t_max, n_iterations=args.iterations,
         steps_per_iteration=args.steps_per_iteration, timestep=args.timestep, seed=args.seed,
         storage=args.storage, resume=not args.restart, progress=not args.quiet,
-        n_equilibration=args.equilibration, platform=args.platform,
+        n_equilibration=args.equilibration, platform=args.platform, generator=generator,
+        flow_attempts=flow_attempts,
     )
     summary = {"out": str(result.path), "n_frames": int(result.positions.shape[0]), **result.provenance}
     if is_peptide(target):
-        from ..analysis.metrics import md_populations
+        from ..analysis.metrics import md_populations, phi_transitions
+        from ..coordinates.backbone import phi_angles
 
         summary["populations"] = md_populations(target, result.positions)
+        summary["phi_transitions"] = phi_transitions(phi_angles(target.topology, result.positions))
     atomic_write(Path(args.out).with_suffix(".json"), to_json(summary))
-    _emit(summary, args)
-    return 0
+    return summary
+
+
+def _mcmc_verdict(summary: dict, args: argparse.Namespace) -> str:
+    """One sentence on an MCMC run: frames, flow-move acceptance at the target temperature and, for a
+    peptide, each residue's φ > 0 population with its error and transitions, or how to get more."""
+    from ..analysis.report import md_population_text
+
+    flow = summary["flow_moves"][0]
+    text = (f"{summary['n_frames']:,} frames at {summary['temperature']:g} K; flow moves accepted "
+            f"{100 * flow['acceptance']:.1f} % of {flow['n_proposed']:,} proposals")
+    if "populations" not in summary:
+        return text + "."
+    php = summary["populations"]["phi_positive_population"]
+    by_residue = {"residue_1": php} if "value" in php else php
+    cells = [f"{md_population_text(e)} ({n} transitions)"
+             for e, n in zip(by_residue.values(), summary["phi_transitions"], strict=True)]
+    text += f"; φ > 0 population by residue: {' / '.join(cells)}"
+    if any(e.get("reliable") is False for e in by_residue.values()):
+        text += (f"; an error bar resting on fewer than 100 effective frames is unreliable: run longer (the same "
+                 f"command with --iterations {2 * args.iterations} resumes this run)")
+    return text + "."
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -299,23 +343,36 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.set_defaults(func=cmd_evaluate)
 
+    def replica_exchange(p, replicas: int):
+        p.add_argument("--out", required=True, help="output .npz (frames of the target temperature; "
+                                                     "a .json summary and the netCDF storage beside it)")
+        p.add_argument("--iterations", type=int, default=1000, help="iterations in all (a resumed run continues to this)")
+        p.add_argument("--steps-per-iteration", dest="steps_per_iteration", type=int, default=500,
+                       help="Langevin steps per iteration")
+        p.add_argument("--replicas", type=int, default=replicas, help="temperatures of the geometric ladder")
+        p.add_argument("--t-max", dest="t_max", type=float, default=600.0, help="the ladder's top temperature, K")
+        p.add_argument("--timestep", type=float, default=1.0, help="fs")
+        p.add_argument("--equilibration", type=int, default=0, help="iterations left out of the npz")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--storage", help="netCDF storage (default: OUT with .nc)")
+        p.add_argument("--restart", action="store_true", help="discard existing storage instead of resuming")
+        p.add_argument("--platform", default="auto",
+                       help="OpenMM platform (default auto: the faster of Reference and CPU for this System)")
+        common(p)
+
     p = sub.add_parser("reference-md", help="replica-exchange reference samples (openmmtools)")
     p.add_argument("system", help="built-in system name, run YAML file or run directory")
-    p.add_argument("--out", required=True, help="output .npz")
     p.add_argument("--temperature", type=float, help="target temperature in K (default 300 or the run file's)")
-    p.add_argument("--iterations", type=int, default=1000)
-    p.add_argument("--steps-per-iteration", dest="steps_per_iteration", type=int, default=500)
-    p.add_argument("--replicas", type=int, default=4)
-    p.add_argument("--t-max", dest="t_max", type=float, default=600.0)
-    p.add_argument("--timestep", type=float, default=1.0, help="fs")
-    p.add_argument("--equilibration", type=int, default=0, help="iterations left out of the npz")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--storage", help="netCDF storage (default: OUT with .nc)")
-    p.add_argument("--restart", action="store_true", help="discard existing storage instead of resuming")
-    p.add_argument("--platform", default="auto",
-                   help="OpenMM platform (default auto: the faster of Reference and CPU for this System)")
-    common(p)
+    replica_exchange(p, replicas=4)
     p.set_defaults(func=cmd_reference_md)
+
+    p = sub.add_parser("mcmc", help="MD with the trained generator's exact flow moves: populations with error bars")
+    p.add_argument("run_dir")
+    p.add_argument("--flow-attempts", dest="flow_attempts", type=int, default=20,
+                   help="flow proposals after each Langevin segment")
+    p.add_argument("--temperature", type=float, help="K (default the run's)")
+    replica_exchange(p, replicas=1)
+    p.set_defaults(func=cmd_mcmc)
 
     p = sub.add_parser("demo", help="the README's main job: train aldp-quick, sample, reweight, plot")
     p.add_argument("--out", default="runs/demo")

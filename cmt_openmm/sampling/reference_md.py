@@ -3,13 +3,19 @@
 `run_reference_md` runs a geometric temperature ladder with Langevin dynamics between exchange
 attempts through the shared driver :func:`~cmt_openmm.sampling.replica_exchange.run_replica_exchange`
 (netCDF storage, resume with a settings check, seeding, progress) and writes the frames of the
-target temperature (thermodynamic state 0) to an ``.npz``:
+target temperature (thermodynamic state 0) to an ``.npz``. Given a trained generator, each
+replica's Langevin segment is followed by independence Metropolis–Hastings moves with the
+generator as proposal (:class:`~cmt_openmm.sampling.moves.FlowIndependenceMove`, exact at every
+temperature of the ladder): ``cmt-openmm mcmc``, the way to use a generator whose reweighted
+samples cannot be trusted on their own. The npz holds:
 
 - ``positions`` (n_frames, n_atoms, 3) float64, nm — one frame per iteration after
   ``n_equilibration``;
 - ``reduced_energy`` (n_frames,) float64 — u = U / kT at the target temperature;
 - ``provenance`` — a JSON string (system, fingerprints, temperature, ladder, iterations, steps,
-  timestep, seed, exchange acceptance, openmm/openmmtools versions).
+  timestep, seed, exchange acceptance, openmm/openmmtools versions; with flow moves the
+  generator's content hash, the proposals per iteration and, per temperature, their counts and
+  acceptance in ``flow_moves``).
 
 A fresh run is reproducible for a given seed and platform; a resumed run is reseeded from
 (seed, iteration) (see :mod:`cmt_openmm.sampling.replica_exchange`).
@@ -25,13 +31,14 @@ from typing import Any
 
 import numpy as np
 import openmm.unit as unit
-from openmmtools import states
+from openmmtools import mcmc, states
 
 from ..energy.openmm.platforms import resolve_md_platform
 from ..errors import CMTInputError
 from ..files import c_stdout_silenced
 from ..target import Target
 from ..units import kelvin
+from .moves import FlowIndependenceMove
 # SeededLangevinMove is also importable from here: storage written before the driver existed
 # names this module for it, and openmmtools imports the move from the stored module name.
 from .replica_exchange import (ReplicaExchangeOptions, SeededLangevinMove, positive_value, run_replica_exchange,
@@ -61,8 +68,9 @@ class ReferenceMD:
     provenance: dict
 
 
-def _settings(target: Target, temperatures, steps_per_iteration, timestep_fs, collision_rate, minimize) -> dict:
-    return {
+def _settings(target: Target, temperatures, steps_per_iteration, timestep_fs, collision_rate, minimize,
+              flow: dict) -> dict:
+    return {**flow,
         "system": target.name,
         "system_fingerprint": target.system_fingerprint(),
         "topology_fingerprint": target.topology_fingerprint(),
@@ -92,6 +100,8 @@ def run_reference_md(
     collision_rate: Any = 1.0,
     platform: str = "auto",
     minimize: bool = True,
+    generator: Any = None,
+    flow_attempts: int = 20,
 ) -> ReferenceMD:
     """Temperature replica exchange for ``target``; writes the target-temperature frames to ``out_path``.
 
@@ -112,6 +122,10 @@ def run_reference_md(
         platform: OpenMM platform name, or ``"auto"``: the faster of Reference and CPU for this System,
             timed on a few steps (:mod:`cmt_openmm.energy.openmm.platforms`; recorded in the provenance).
         minimize: minimise the starting structure of every replica before a fresh run.
+        generator: a saved generator of ``target`` (e.g. ``Run.generator``): each replica's Langevin
+            segment is then followed by ``flow_attempts`` flow proposals (`FlowIndependenceMove`).
+            The storage refers to the generator's file and content hash; resuming with another
+            generator is refused.
 
     Example (two replicas of a toy for 50 short iterations; reference data takes thousands):
         >>> import cmt_openmm, os, tempfile, numpy as np
@@ -137,7 +151,10 @@ def run_reference_md(
     temperatures = temperature_ladder(target.temperature, kelvin(t_max), int(n_replicas))
     out_path = Path(out_path)
     platform = resolve_md_platform(platform, target.system, target.positions)
-    settings = _settings(target, temperatures, steps_per_iteration, timestep_fs, rate, minimize)
+    if generator is not None and int(flow_attempts) < 1:
+        raise CMTInputError(f"flow_attempts must be at least 1, got {flow_attempts}.")
+    flow = {} if generator is None else {"flow_generator": generator.content_hash(), "flow_attempts": int(flow_attempts)}
+    settings = _settings(target, temperatures, steps_per_iteration, timestep_fs, rate, minimize, flow)
     options = ReplicaExchangeOptions(
         n_iterations=n_iterations, storage=Path(storage) if storage is not None else out_path.with_suffix(".nc"),
         seed=seed, resume=resume, progress=progress, n_equilibration=n_equilibration, platform=platform,
@@ -147,13 +164,26 @@ def run_reference_md(
     def ladder():
         move = SeededLangevinMove(timestep=timestep_fs * unit.femtosecond, collision_rate=rate / unit.picosecond,
                                   n_steps=steps_per_iteration)
+        if generator is not None:
+            flow = FlowIndependenceMove(generator, n_steps=int(flow_attempts), seed=seed, target=target)
+            move = mcmc.SequenceMove([move, flow])
         return [states.ThermodynamicState(target.system, t * unit.kelvin) for t in temperatures], move
 
     run = run_replica_exchange(ladder=ladder, start=states.SamplerState(target.positions * unit.nanometer),
                                settings=settings, options=options)
-    provenance = run.provenance()
+    extra = {} if generator is None else {"flow_moves": _flow_statistics(run.mcmc_moves, temperatures)}
+    provenance = run.provenance(**extra)
     write_frames(out_path, run.positions, run.reduced_energy, provenance)
     return ReferenceMD(out_path, run.positions, run.reduced_energy, provenance)
+
+
+def _flow_statistics(moves: list, temperatures) -> list[dict]:
+    """Per thermodynamic state (state 0 first): its temperature (K), the flow move's counts and acceptance."""
+    out = []
+    for move, t in zip(moves, temperatures, strict=True):
+        stats = move.move_list[-1].statistics
+        out.append({"temperature": float(t), **stats, "acceptance": stats["n_accepted"] / max(stats["n_proposed"], 1)})
+    return out
 
 
 def load_reference(path: str | os.PathLike, topology: Any = None) -> tuple[np.ndarray, dict]:

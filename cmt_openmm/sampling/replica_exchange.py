@@ -160,7 +160,7 @@ class ReplicaExchangeOptions:
 @dataclass
 class ReplicaExchangeRun:
     """What :func:`run_replica_exchange` ran: state-0 frames (nm), their u = U/kT, the mean exchange
-    acceptance, the iterations stored, the number of replicas, the sampler's moves after the
+    acceptance (None for one replica), the iterations stored, the number of replicas, the sampler's moves after the
     run (their statistics), and the settings and options it ran with."""
 
     positions: np.ndarray
@@ -291,6 +291,7 @@ def run_replica_exchange(
         np.random.set_state(numpy_state)
         logger.setLevel(log_level)
     positions, u, acceptance = read_state0_frames(storage, checkpoint, int(o.n_equilibration) + 1, n_iterations)
+    acceptance = acceptance if n_replicas > 1 else None  # one replica has no exchanges (openmmtools counts self-swaps)
     return ReplicaExchangeRun(positions, u, acceptance, int(final_iteration), int(n_replicas), moves, settings, o)
 
 

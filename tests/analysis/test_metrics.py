@@ -7,7 +7,8 @@ import pytest
 import torch
 from openmmtools.testsystems import AlanineDipeptideVacuum
 
-from cmt_openmm.analysis.metrics import histogram_kl, histogram_tv, ramachandran_histogram, ramachandran_tv
+from cmt_openmm.analysis.metrics import (histogram_kl, histogram_tv, phi_transitions, ramachandran_histogram,
+                                        ramachandran_tv)
 from cmt_openmm.coordinates.backbone import backbone_dihedrals, ramachandran_angles
 from cmt_openmm.importance import eubo, forward_ess, reverse_ess
 from cmt_openmm.sampling.estimators import (ALDP_BASINS, ALDP_HALVES, aldp_basins, basin_free_energies,
@@ -129,6 +130,19 @@ def test_histograms_tv_kl():
     assert ramachandran_tv(a[:, None], a[:, None], bins=20) == 0.0
     with pytest.raises(CMTInputError):
         histogram_tv(np.zeros(3), np.zeros(4))
+
+
+def test_phi_transitions_count_core_to_core_crossings_per_residue():
+    neg, pos = -1.2, 1.0  # radians: inside the φ < 0 and φ > 0 cores
+    phi = np.full((40, 3), neg)
+    phi[10:15, 0] = pos  # residue 1: one visit to φ > 0, there and back
+    phi[20:30, 1] = pos
+    phi[32, 1] = 0.1  # residue 2: a step just past φ = 0, outside both cores, is no transition
+    phi[[5, 7], 2] = 0.3  # residue 3: recrossings inside the buffer...
+    phi[8:, 2] = 3.0  # ...and C5 across ±180° (in the φ < 0 core): none counted
+    assert phi_transitions(phi) == [2, 2, 0]
+    assert phi_transitions(phi[:, 0]) == [2]  # one series (T,)
+    assert phi_transitions(np.full((5, 2), 0.1)) == [0, 0]  # never in a core
 
 
 def test_basins_partition_and_populations():

@@ -1,10 +1,12 @@
 """The report: its opening verdict (target reached or not, the reverse ESS in a word, the φ > 0
 basins lost against a reference, the one next step) and every residue's φ > 0 population beside
 the reference's."""
+import json
+
 import numpy as np
 
 from cmt_openmm.analysis.metrics import continue_training, peptide_populations, training_summary
-from cmt_openmm.analysis.report import MCMC_ONLY, USE_SAMPLES, render_markdown, verdict
+from cmt_openmm.analysis.report import MCMC_ONLY, USE_SAMPLES, mcmc_only, render_markdown, verdict
 
 
 def _report(lam: float, ess: float, n: int = 10_000, flow_samples=None, reference=None) -> dict:
@@ -45,6 +47,9 @@ def test_the_next_step_names_the_limit_that_stopped_the_run_and_its_folder():
                                             "--resume --max-steps N`, N larger than the steps taken")
     assert "`cmt-openmm train --out /home/me/runs/mine --resume --max-steps N`" in report["training"]["verdict"]
     assert "`cmt-openmm train --out RUN_DIR --resume --budget N`" in continue_training("budget")
+    poor = verdict({**_report(lam=0.0, ess=0.005, n=100_000), "run_dir": "/home/me/runs/my peptide"})
+    assert poor["next_step"] == mcmc_only("/home/me/runs/my peptide") != MCMC_ONLY
+    assert "`cmt-openmm mcmc '/home/me/runs/my peptide' --out chain.npz`" in poor["next_step"]
 
 
 def test_a_good_generator_short_of_its_target_is_used_and_may_be_continued():
@@ -177,7 +182,8 @@ def test_a_report_over_the_memory_bound_keeps_angles_only_and_gives_the_same_num
         np.testing.assert_array_equal(lean.ramachandran_angles()[300 * k : 300 * (k + 1)], drawn[k].ramachandran_angles())
         np.testing.assert_array_equal(lean.log_weights[300 * k : 300 * (k + 1)], drawn[k].log_weights)
     np.testing.assert_array_equal(drawn[2].positions, drawn[0].positions)
-    kept, streamed = ({k: v for k, v in r.items() if k not in ("run_dir", "energy")} for r in results)
+    kept, streamed = (json.loads(json.dumps({k: v for k, v in r.items() if k not in ("run_dir", "energy")}, default=str)
+                                 .replace(str(r["run_dir"]), "RUN_DIR")) for r in results)  # the verdict names it
     assert streamed == kept and kept["samples"]["phi_positive_samples"]["residue_1"] >= 0
     assert results[0]["energy"]["recheck"]["passed"] and results[1]["energy"]["recheck"]["passed"]
     assert "basin_populations" in kept["samples"] and kept["plots"] == ["ramachandran_fes.png", "phi_free_energy.png"]

@@ -262,6 +262,30 @@ def test_aldp_openmm_cmt_samples_reweighting_end_to_end(tmp_path, capsys):
     with np.load(npz) as data:
         assert json.loads(stdout)["ess"] == pytest.approx(reverse_ess(data["log_weights"]), rel=1e-12)
 
+    # ... -> the generator as exact MCMC moves between Langevin segments on the same OpenMM System
+    chain = tmp_path / "chain.npz"
+    mcmc = ("mcmc", out, "--out", chain, "--steps-per-iteration", 10, "--flow-attempts", 5, "--quiet")
+    rc, stdout, err = run(capsys, *mcmc, "--iterations", 3)
+    assert rc == 0
+    summary = json.loads(stdout)
+    assert [m["n_proposed"] for m in summary["flow_moves"]] == [15] and summary["exchange_acceptance"] is None
+    assert summary["phi_transitions"] == [summary["phi_transitions"][0]] and summary["n_frames"] == 3
+    assert "value" in summary["populations"]["phi_positive_population"]
+    assert "3 frames at 300 K; flow moves accepted" in err and "φ > 0 population by residue" in err
+    from cmt_openmm import Run
+
+    target = Run.open(out).target
+    with np.load(chain) as data:
+        first, u = data["positions"], data["reduced_energy"]
+    assert u == pytest.approx([target.reduced_potential(x) for x in first], rel=1e-5)  # the run's own System
+    rc, stdout, _ = run(capsys, *mcmc, "--iterations", 5)  # continues the stored chain
+    with np.load(chain) as data:
+        assert rc == 0 and data["positions"].shape == (5, 22, 3)
+        np.testing.assert_array_equal(data["positions"][:3], first)
+    assert json.loads(stdout)["flow_moves"][0]["n_proposed"] == 25
+    rc, _, err = run(capsys, *mcmc, "--iterations", 6, "--flow-attempts", 6)
+    assert rc == 2 and "other settings (flow_attempts)" in err and len(err.strip().splitlines()) == 1
+
 
 def test_reference_md_command_writes_frames(tmp_path, capsys):
     out = tmp_path / "ref.npz"
@@ -272,6 +296,39 @@ def test_reference_md_command_writes_frames(tmp_path, capsys):
     with np.load(out) as data:
         assert data["positions"].shape == (summary["n_frames"], 1, 3) and summary["n_frames"] >= 2
     assert json.loads(out.with_suffix(".json").read_text())["n_frames"] == summary["n_frames"]
+
+
+def test_mcmc_with_flow_moves_samples_both_wells_where_md_alone_stays_in_one(toy_run, tmp_path, capsys):
+    """`cmt-openmm mcmc` on the toy double well: 200 Langevin segments of 50 fs, each followed by
+    20 flow proposals. MD alone never crosses the barrier at 300 K; with the generator's exact moves
+    the chain's left-well fraction matches the exact weight (1D quadrature of the toy)."""
+    from cmt_openmm import Run
+
+    toy = Run.open(toy_run).target
+    exact = toy.mode_weights()[0]
+    fractions = {}
+    for command in ("mcmc", "reference-md"):
+        out = tmp_path / f"{command}.npz"
+        rc, stdout, _ = run(capsys, command, toy_run, "--out", out, "--iterations", 200, "--steps-per-iteration", 50,
+                            "--replicas", 1, "--seed", 3, "--platform", "Reference", "--quiet")
+        assert rc == 0
+        with np.load(out) as data:
+            fractions[command] = np.mean(np.asarray(toy.mode_of(data["positions"])) == 0)
+    summary = json.loads((tmp_path / "mcmc.json").read_text())
+    assert summary["flow_moves"][0]["acceptance"] > 0.3 and summary["flow_generator"]
+    tolerance = 4 * np.sqrt(2 * exact * (1 - exact) / 200)  # x2 for correlation between frames
+    assert abs(fractions["mcmc"] - exact) < tolerance
+    assert abs(fractions["reference-md"] - exact) > tolerance  # the same test fails without the flow moves
+
+
+def test_mcmc_refuses_a_folder_without_a_trained_generator_in_one_sentence(tmp_path, capsys):
+    from cmt_openmm import Run
+
+    Run.from_preset(tmp_path / "untrained", "toy-quick")
+    expected = {tmp_path / "untrained": "holds no trained generator yet; train it first", tmp_path: "run.yaml"}
+    for folder, sentence in expected.items():
+        rc, _, err = run(capsys, "mcmc", folder, "--out", tmp_path / "chain.npz", "--quiet")
+        assert rc == 2 and len(err.strip().splitlines()) == 1 and sentence in err, err
 
 
 def test_resume_with_other_settings_is_refused_and_keeps_run_file(toy_run, tmp_path, capsys):
