@@ -37,6 +37,7 @@ from ..importance import CLIP_FRACTION, eubo, forward_ess, reverse_ess
 from ..sampling.estimators import (ALDP_BASINS, BLOCK_ROWS, MIN_EFFECTIVE_SAMPLES, PHI_POSITIVE, Estimate, as_weights,
                                    basin_free_energies, basin_indicators, basin_populations, effective_samples,
                                    statistical_inefficiency)
+from ..sampling.ensemble_weights import effective_samples_about
 from ..sampling.reweighting import ReweightedEnsemble
 from ..units import as_float64, wrap_angle
 
@@ -295,17 +296,11 @@ ERROR_METHODS = {
 
 def state_effective_samples(weights: np.ndarray, inside: np.ndarray) -> float:
     """Effective samples a reweighted state's population rests on: the smaller of the Kish counts
-    (Σw)² / Σw² of the weights (N,) inside the state (``inside`` (N,) bool) and outside it.
-
-    The population's numerator is a sum over the state's samples and its complement's over the
-    others; where either is carried by a few samples, so are the estimate and its delta-method
-    error, whatever N · ESS of the whole draw. A state that holds no weight (or all of it) has no
-    such sum: its count is the whole draw's, the evidence that the state is empty (or everything).
-    """
-    w_in, w_out = weights[inside], weights[~inside]
-    if not w_in.any() or not w_out.any():
-        return effective_samples(weights)
-    return min(effective_samples(w_in), effective_samples(w_out))
+    (Σw)² / Σw² of the weights (N,) inside the state (``inside`` (N,) bool) and outside it
+    (`effective_samples_about` of its indicator; the whole draw's count for a state that holds no
+    weight, or all of it: the evidence that the state is empty, or everything)."""
+    indicator = np.asarray(inside, dtype=float)
+    return float(effective_samples_about(weights, indicator, weights @ indicator / weights.sum()))
 
 
 def peptide_populations(angles: np.ndarray, weights: np.ndarray | None, kT: float, error: str | None = None,

@@ -24,9 +24,9 @@ from ..errors import CMTInputError
 from ..importance import normalized_weights, reverse_ess
 from ..target import Target
 from ..units import as_float64
-from .estimators import MIN_EFFECTIVE_SAMPLES
+from .estimators import MIN_EFFECTIVE_SAMPLES, effective_samples
 
-__all__ = ["EnsembleWeights", "LowESSWarning", "warn_if_low_ess"]
+__all__ = ["EnsembleWeights", "LowESSWarning", "warn_if_low_ess", "effective_samples_about", "warn_if_thin_estimate"]
 
 
 class LowESSWarning(UserWarning):
@@ -52,6 +52,36 @@ def warn_if_low_ess(ens: "EnsembleWeights", what: str, min_effective_samples: fl
             LowESSWarning,
             stacklevel=stacklevel,
         )
+
+
+def effective_samples_about(weights: np.ndarray, values: np.ndarray, mean: Any) -> np.ndarray:
+    """Effective samples a weighted mean rests on, per component (shape of ``mean``): the fewer of the
+    Kish counts (Σw)² / Σw² of the weights (N,) of the samples above ``mean`` and of those below it
+    (``values`` (N, ...)).
+
+    The estimate and its delta-method error are sums of w̄_i (f_i − μ) over both sides; where one
+    side's weight sits on a few samples, so do they, whatever N · ESS of the whole draw. For a
+    state's indicator this is the smaller of the counts inside and outside the state (the
+    report's rule); a component with no sample off its mean counts the whole draw's.
+    """
+    w = np.asarray(weights, dtype=float)
+    f = np.asarray(values, dtype=float).reshape(len(w), -1)
+    mu = np.broadcast_to(np.asarray(mean, dtype=float).reshape(-1), f.shape[1:])
+    counts = []
+    for j in range(f.shape[1]):
+        sides = [w[side] for side in (f[:, j] > mu[j], f[:, j] < mu[j]) if w[side].any()]
+        counts.append(min(map(effective_samples, sides)) if len(sides) == 2 else effective_samples(w))
+    return np.asarray(counts).reshape(np.shape(mean))
+
+
+def warn_if_thin_estimate(n_effective: np.ndarray, min_effective_samples: float, stacklevel: int = 3) -> None:
+    """Warn (`LowESSWarning`) when an estimate rests on fewer than ``min_effective_samples``
+    (`effective_samples_about`; the fewest component of an array)."""
+    fewest = float(np.min(n_effective))
+    if fewest < min_effective_samples:
+        warnings.warn(f"this estimate rests on {fewest:.1f} effective samples (the fewer of those above and below "
+                      f"its value), under {min_effective_samples:g}: its value and error bar are unreliable, so draw "
+                      "more samples or use a better generator.", LowESSWarning, stacklevel=stacklevel)
 
 
 class EnsembleWeights:

@@ -48,7 +48,8 @@ from ..files import atomic_writer
 from ..target import Target
 from ..units import as_float64, kelvin
 from .drawing import draw_chunks, provenance
-from .ensemble_weights import EnsembleWeights, LowESSWarning, warn_if_low_ess
+from .ensemble_weights import (EnsembleWeights, LowESSWarning, effective_samples_about, warn_if_low_ess,
+                               warn_if_thin_estimate)
 from .estimators import (MIN_EFFECTIVE_SAMPLES, Estimate, FreeEnergyProfile, FreeEnergySurface, binned_free_energy,
                          weighted_mean)
 from .npz_stream import NpzWriter, open_memmap
@@ -172,6 +173,7 @@ class ReweightedEnsemble(EnsembleWeights):
         seed: int = 0,
         trajectory: bool = False,
         batch_size: int | None = None,
+        min_effective_samples: float = MIN_EFFECTIVE_SAMPLES,
     ) -> Estimate:
         """Self-normalised estimate of E_p[f] with its standard error (see the module docstring).
 
@@ -179,11 +181,16 @@ class ReweightedEnsemble(EnsembleWeights):
         or, with ``trajectory=True``, on an `mdtraj.Trajectory` of B frames -> (B, ...); or
         precomputed values (N, ...). Only samples with a positive weight are evaluated, in
         batches of ``batch_size`` (None: all at once). Returns ``Estimate(value, error)``
-        (floats for a scalar observable, arrays of shape (...) otherwise).
+        (floats for a scalar observable, arrays of shape (...) otherwise). Warns (`LowESSWarning`)
+        when the estimate rests on fewer than ``min_effective_samples``: the fewer of the effective
+        samples above and below its value (`effective_samples_about`; a rare state's population can
+        rest on a few samples while the whole draw has thousands).
         """
         w = self._require_weight()
         values = self._evaluate(observable, trajectory, batch_size, w > 0)
-        return weighted_mean(values, w, error=error, n_bootstrap=n_bootstrap, seed=seed)
+        estimate = weighted_mean(values, w, error=error, n_bootstrap=n_bootstrap, seed=seed)
+        warn_if_thin_estimate(effective_samples_about(w, values, estimate.value), min_effective_samples)
+        return estimate
 
     def ramachandran_angles(self) -> np.ndarray:
         """Backbone (φ, ψ) of every sample: (N, n_pairs, 2) radians in [-π, π) (`backbone_angles`)."""

@@ -92,6 +92,45 @@ def test_expectation_matches_quadrature(ensemble, toy):
     assert abs(left.value - toy.mode_weights()[0]) < 4 * left.error
 
 
+def test_an_estimate_resting_on_a_few_samples_warns_though_the_draw_has_thousands(toy):
+    """The whole draw has N·ESS ≈ 4,000, but the rare state's weight sits on 3 samples: its population
+    (a precise-looking number) warns, the bulk's mean does not; a state's count is the smaller of the
+    Kish counts inside and outside it, as the report's."""
+    import warnings
+
+    from cmt_openmm.analysis.metrics import state_effective_samples
+    from cmt_openmm.sampling.ensemble_weights import effective_samples_about
+
+    rng = np.random.default_rng(1)
+    n = 4_000
+    log_w = np.zeros(n)
+    rare = np.zeros(n, bool)
+    rare[:40] = True  # 1 % of the samples in the rare state...
+    log_w[:40] = np.log(np.r_[[30.0, 20.0, 10.0], np.full(37, 1e-3)])  # ...whose weight three of them carry
+    x = np.zeros((n, 1, 3))
+    x[:, 0, 0] = np.where(rare, 0.5, rng.normal(-0.3, 0.05, n))
+    ens = ReweightedEnsemble(toy, x, np.zeros(n), -log_w)
+    assert ens.n_effective > 3_000
+    w = ens.weights
+    inside = effective_samples_about(w, rare.astype(float), w @ rare)
+    kish = lambda v: v.sum() ** 2 / (v @ v)
+    assert inside == pytest.approx(min(kish(w[rare]), kish(w[~rare]))) == pytest.approx(state_effective_samples(w, rare))
+    assert inside < 3
+    with pytest.warns(LowESSWarning, match=r"rests on 2\.\d effective samples"):
+        population = ens.expectation(rare.astype(float), error="delta")
+    assert 0 < population.error < population.value
+    bulk = ~rare
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LowESSWarning)
+        ens.expectation(np.where(bulk, x[:, 0, 0], -0.3), error="delta")  # thousands on each side of its mean
+        ens.expectation(rare.astype(float), error="delta", min_effective_samples=0)  # the check turned off
+    # unweighted, a continuous observable rests on about half the samples on each side
+    values = x[bulk, 0, 0]
+    flat = effective_samples_about(np.full(len(values), 1.0 / len(values)), values, values.mean())
+    assert flat == pytest.approx(len(values) / 2, rel=0.05)
+    assert effective_samples_about(w, np.ones(n), 1.0) == pytest.approx(ens.n_effective)  # no sample off the mean
+
+
 def _check_profile(profile, target, min_prob=5e-3):
     exact_p = target.marginal(0, profile.edges)
     ok = exact_p > min_prob
