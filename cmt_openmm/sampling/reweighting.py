@@ -23,8 +23,8 @@ left empty by some resampling, is unconstrained: F = +inf or an infinite error.
 Both error bars are meaningless when a handful of samples carry the weight: `reweight` and
 `ReweightedEnsemble.reweight_to` warn with `LowESSWarning` when the effective number of samples
 N · ESS falls below ``min_effective_samples`` (default :data:`~.estimators.MIN_EFFECTIVE_SAMPLES`,
-100), and the report marks such estimates unreliable. Hand-written: a few lines of NumPy on top
-of :mod:`.estimators`, with the project's conventions for failed samples and units.
+100), `expectation` when its own estimate rests on fewer (a rare state's population can), and the
+report marks such estimates unreliable. Hand-written: NumPy on top of :mod:`.estimators`.
 
 What the log-weights alone give (weights, ESS, `reliable`, `summary`, `resample_indices`,
 `ReweightedEnsemble.weights_only`) and the low-ESS warning live in :mod:`.ensemble_weights`, the
