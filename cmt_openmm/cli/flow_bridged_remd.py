@@ -18,6 +18,7 @@ from ..coordinates.backbone import is_peptide
 from ..errors import CMTInputError
 from ..files import atomic_write, json_default, to_json
 from ..runs.run import Run
+from .options import add_storage_options
 
 
 def _lambdas(text: str):
@@ -73,12 +74,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--timestep", type=float, help="fs (default: 2 where the System constrains every bond to "
                    "hydrogen, else 1)")
     p.add_argument("--collision-rate", dest="collision_rate", type=float, default=1.0, help="1/ps")
-    p.add_argument("--equilibration", type=int, default=0, help="iterations left out of the npz")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--storage", help="netCDF storage (default: OUT with .nc)")
-    p.add_argument("--restart", action="store_true", help="discard existing storage instead of resuming")
-    p.add_argument("--platform", default="auto",
-                   help="OpenMM platform (default auto: the faster of Reference and CPU for this System)")
+    add_storage_options(p)
     p.add_argument("--backend", choices=BACKENDS, default="auto", help="the flow force: TorchForce or PythonForce")
     p.add_argument("--no-minimize", dest="no_minimize", action="store_true",
                    help="start from the run's structure without minimising")

@@ -37,6 +37,7 @@ from ..runs.run import Run
 from ..runs.run_files import build_target, parse_run_config, read_yaml, resolve_system
 from ..training.distributed import World, join, launched, leave
 from ..training.checkpoints import CHECKPOINT_FILE
+from .options import add_storage_options
 
 EXIT_INPUT = 2
 SHARED_COMMANDS = ("train", "sample")  # the commands that run under torchrun, sharing their work
@@ -146,6 +147,10 @@ def cmd_mcmc(args: argparse.Namespace) -> int:
         raise CMTInputError(f"{run.directory} holds no trained generator yet; train it first "
                             f"(cmt-openmm train ... --out {run.directory}).")
     target = run.target if args.temperature is None else build_target(run.spec.system, args.temperature)
+    if args.timestep is None:
+        from ..export.flow_bridged_remd import default_timestep_fs
+
+        args.timestep = default_timestep_fs(target)
     summary = _replica_exchange(target, args, generator=run.generator, flow_attempts=args.flow_attempts)
     _say(_mcmc_verdict(summary, args))
     _emit(summary, args)
@@ -351,18 +356,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="Langevin steps per iteration")
         p.add_argument("--replicas", type=int, default=replicas, help="temperatures of the geometric ladder")
         p.add_argument("--t-max", dest="t_max", type=float, default=600.0, help="the ladder's top temperature, K")
-        p.add_argument("--timestep", type=float, default=1.0, help="fs")
-        p.add_argument("--equilibration", type=int, default=0, help="iterations left out of the npz")
-        p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--storage", help="netCDF storage (default: OUT with .nc)")
-        p.add_argument("--restart", action="store_true", help="discard existing storage instead of resuming")
-        p.add_argument("--platform", default="auto",
-                       help="OpenMM platform (default auto: the faster of Reference and CPU for this System)")
+        add_storage_options(p)
         common(p)
 
     p = sub.add_parser("reference-md", help="replica-exchange reference samples (openmmtools)")
     p.add_argument("system", help="built-in system name, run YAML file or run directory")
     p.add_argument("--temperature", type=float, help="target temperature in K (default 300 or the run file's)")
+    p.add_argument("--timestep", type=float, default=1.0, help="fs")
     replica_exchange(p, replicas=4)
     p.set_defaults(func=cmd_reference_md)
 
@@ -371,6 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--flow-attempts", dest="flow_attempts", type=int, default=20,
                    help="flow proposals after each Langevin segment")
     p.add_argument("--temperature", type=float, help="K (default the run's)")
+    p.add_argument("--timestep", type=float, help="fs (default: 2 where the System constrains every bond to "
+                   "hydrogen, else 1)")
     replica_exchange(p, replicas=1)
     p.set_defaults(func=cmd_mcmc)
 

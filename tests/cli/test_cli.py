@@ -269,6 +269,7 @@ def test_aldp_openmm_cmt_samples_reweighting_end_to_end(tmp_path, capsys):
     assert rc == 0
     summary = json.loads(stdout)
     assert [m["n_proposed"] for m in summary["flow_moves"]] == [15] and summary["exchange_acceptance"] is None
+    assert summary["timestep_fs"] == 1.0  # no constraints in this System: 1 fs (2 with HBonds)
     assert summary["phi_transitions"] == [summary["phi_transitions"][0]] and summary["n_frames"] == 3
     assert "value" in summary["populations"]["phi_positive_population"]
     assert "3 frames at 300 K; flow moves accepted" in err and "φ > 0 population by residue" in err
