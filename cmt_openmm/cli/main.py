@@ -6,8 +6,9 @@ and bridged replica-exchange drivers) and prints: ``train RUN.yaml --out DIR`` (
 into a run directory and writes its report and plots; ``sample`` and ``evaluate`` work on that
 directory; ``mcmc`` runs MD with the trained generator's exact flow moves (the same driver as
 ``reference-md``, which writes replica-exchange reference frames); ``demo`` is the README's main
-job. Commands print progress on stderr and their result (JSON, or the demo's summary) on stdout; library banners are kept off stdout. Bad input ends with one
-sentence on stderr and exit code 2, never a traceback. SIGTERM or SIGINT during training end
+job. Commands print progress on stderr and their result (JSON, or the demo's summary) on stdout;
+library banners are kept off stdout. Bad input ends with one sentence on stderr and exit code 2,
+never a traceback. SIGTERM or SIGINT during training end
 ``train`` and ``demo`` at the last complete step with one sentence naming the command that
 continues the run, and exit code 128 + the signal's number (143, 130), as a shell reports it; a
 file that cannot be written during ``train`` (full disk, read-only folder) ends it with one sentence
