@@ -190,6 +190,8 @@ def _mcmc_verdict(summary: dict, args: argparse.Namespace) -> str:
     flow = summary["flow_moves"][0]
     text = (f"{summary['n_frames']:,} frames at {summary['temperature']:g} K; flow moves accepted "
             f"{100 * flow['acceptance']:.1f} % of {flow['n_proposed']:,} proposals")
+    if flow["n_proposed"] and not flow["n_accepted"]:
+        text += " (none: this chain is MD alone, so train the generator further for moves that cross barriers)"
     if "populations" not in summary:
         return text + "."
     php = summary["populations"]["phi_positive_population"]

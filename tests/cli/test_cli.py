@@ -273,6 +273,7 @@ def test_aldp_openmm_cmt_samples_reweighting_end_to_end(tmp_path, capsys):
     assert summary["phi_transitions"] == [summary["phi_transitions"][0]] and summary["n_frames"] == 3
     assert "value" in summary["populations"]["phi_positive_population"]
     assert "3 frames at 300 K; flow moves accepted" in err and "φ > 0 population by residue" in err
+    assert ("this chain is MD alone" in err) == (summary["flow_moves"][0]["n_accepted"] == 0)
     from cmt_openmm import Run
 
     target = Run.open(out).target
