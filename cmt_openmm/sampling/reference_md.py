@@ -158,15 +158,15 @@ def run_reference_md(
     options = ReplicaExchangeOptions(
         n_iterations=n_iterations, storage=Path(storage) if storage is not None else out_path.with_suffix(".nc"),
         seed=seed, resume=resume, progress=progress, n_equilibration=n_equilibration, platform=platform,
-        minimize=minimize, context_cache_capacity=4, description=f"replica exchange {target.name}",
-        citations=progress)
+        minimize=minimize, context_cache_capacity=4, citations=progress,
+        description=f"{_sampler_name(len(temperatures), generator)} {target.name}")
 
     def ladder():
         move = SeededLangevinMove(timestep=timestep_fs * unit.femtosecond, collision_rate=rate / unit.picosecond,
                                   n_steps=steps_per_iteration)
         if generator is not None:
-            flow = FlowIndependenceMove(generator, n_steps=int(flow_attempts), seed=seed, target=target)
-            move = mcmc.SequenceMove([move, flow])
+            flow_move = FlowIndependenceMove(generator, n_steps=int(flow_attempts), seed=seed, target=target)
+            move = mcmc.SequenceMove([move, flow_move])
         return [states.ThermodynamicState(target.system, t * unit.kelvin) for t in temperatures], move
 
     run = run_replica_exchange(ladder=ladder, start=states.SamplerState(target.positions * unit.nanometer),
@@ -175,6 +175,11 @@ def run_reference_md(
     provenance = run.provenance(**extra)
     write_frames(out_path, run.positions, run.reduced_energy, provenance)
     return ReferenceMD(out_path, run.positions, run.reduced_energy, provenance)
+
+
+def _sampler_name(n_replicas: int, generator: Any) -> str:
+    """What the progress bar calls the run: MD or replica exchange, with or without flow moves."""
+    return ("MD" if n_replicas == 1 else "replica exchange") + ("" if generator is None else " + flow moves")
 
 
 def _flow_statistics(moves: list, temperatures) -> list[dict]:
