@@ -121,3 +121,25 @@ def test_reference_md_command_for_a_named_peptide_reports_every_residue(tmp_path
     summary = json.loads(capsys.readouterr().out)
     assert summary["n_frames"] == 4 and summary["system"] == "ala4"
     assert sorted(summary["populations"]["phi_positive_population"]) == ["residue_1", "residue_2", "residue_3"]
+
+
+def test_flow_moves_run_at_every_temperature_and_bind_the_storage_to_the_generator(toy, tmp_path):
+    from cmt_openmm import BoltzmannGenerator
+
+    generator = BoltzmannGenerator.build(toy, n_layers=2, hidden=8, bound=3.0)
+    generator.save(tmp_path / "g.safetensors")
+    loaded = BoltzmannGenerator.load(tmp_path / "g.safetensors")
+    out = tmp_path / "chain.npz"
+    chain = run_reference_md(toy, out, n_iterations=4, seed=1, generator=loaded, flow_attempts=5,
+                             **{**TINY, "n_replicas": 2})
+    moves = chain.provenance["flow_moves"]
+    assert [m["temperature"] for m in moves] == [300.0, 600.0] and [m["n_proposed"] for m in moves] == [20, 20]
+    assert all(0 < m["n_accepted"] <= 20 for m in moves) and chain.provenance["exchange_acceptance"] is not None
+    assert chain.provenance["flow_generator"] == loaded.content_hash() and chain.provenance["flow_attempts"] == 5
+    other = BoltzmannGenerator.build(toy, n_layers=2, hidden=8, bound=3.0, seed=5)
+    other.save(tmp_path / "other.safetensors")
+    with pytest.raises(CMTInputError, match="flow_generator"):
+        run_reference_md(toy, out, n_iterations=6, seed=1, generator=BoltzmannGenerator.load(tmp_path / "other.safetensors"),
+                         flow_attempts=5, **{**TINY, "n_replicas": 2})
+    with pytest.raises(CMTInputError, match="flow_attempts must be at least 1"):
+        run_reference_md(toy, tmp_path / "x.npz", n_iterations=2, generator=loaded, flow_attempts=0, **TINY)
