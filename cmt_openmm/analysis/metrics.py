@@ -352,10 +352,28 @@ def peptide_populations(angles: np.ndarray, weights: np.ndarray | None, kT: floa
     return out
 
 
+MIN_TRANSITIONS = 20
+"""φ transitions (`phi_transitions`) a chain needs before its φ > 0 population counts as reliable:
+a chain that crossed φ = 0 a few times has visited the basin a few times, whatever N / g says
+(g itself is then estimated from those few visits)."""
+
+
 def md_populations(target, positions: np.ndarray) -> dict:
-    """`peptide_populations` of MD frames (N, n_atoms, 3) nm in time order (correlated errors)."""
+    """`chain_populations` of MD frames (N, n_atoms, 3) nm in time order."""
     angles = BackboneAngles.of(target.topology, positions)
-    return peptide_populations(angles.pairs, None, target.kT, phi=angles.phi)
+    return chain_populations(angles.pairs, angles.phi, target.kT)
+
+
+def chain_populations(pairs: np.ndarray, phi: np.ndarray, kT: float) -> dict:
+    """`peptide_populations` of a chain's frames in time order (``pairs`` (N, n_pairs, 2), ``phi``
+    (N, n_phi) radians; correlated errors); each φ > 0 population also carries the chain's
+    ``transitions`` and is marked unreliable below :data:`MIN_TRANSITIONS`."""
+    out = peptide_populations(pairs, None, kT, phi=phi)
+    php = out["phi_positive_population"]
+    for estimate, n in zip([php] if "value" in php else php.values(), phi_transitions(phi), strict=True):
+        estimate["transitions"] = n
+        estimate["reliable"] = estimate["reliable"] and n >= MIN_TRANSITIONS
+    return out
 
 
 def toy_modes(pooled: ReweightedEnsemble) -> dict:

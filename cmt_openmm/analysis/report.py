@@ -252,9 +252,14 @@ def _pm(e: dict | None, scale: float = 1.0, fmt: str = "{:.4f}", population: boo
     """"value ± error", or for an estimate marked ``reliable: false`` "unreliable (N_eff = …)"
     (reweighted: the value rests on a handful of samples) or "value ± error (unreliable: N_eff = …)"
     (reference MD: the value stands, its correlated error bar is unreliable); "0 (no samples;
-    N_eff = …)" for a basin no sample visited (enough samples, but no error bar to give)."""
+    N_eff = …)" for a basin no sample visited (enough samples, but no error bar to give); for a
+    chain's population with fewer than ``MIN_TRANSITIONS`` φ transitions, its value (or "never
+    visited") and "(unreliable: k φ transitions)", without an error bar."""
     if not e or e.get("value") is None:
         return "n/a"
+    if e.get("transitions", metrics.MIN_TRANSITIONS) < metrics.MIN_TRANSITIONS:  # a chain's few visits
+        seen = _num(scale * e["value"], fmt) if e["value"] else "never visited"
+        return f"{seen} (unreliable: {e['transitions']} φ transitions)"
     unreliable = e.get("reliable") is False
     if e.get("seen_in") == "none" and e.get("n_effective", 0.0) >= MIN_EFFECTIVE_SAMPLES:
         return f"0 (no samples; N_eff = {_n_eff(e.get('n_effective', 0.0))})"

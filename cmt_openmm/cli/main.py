@@ -161,7 +161,7 @@ def cmd_mcmc(args: argparse.Namespace) -> int:
 def _replica_exchange(target, args: argparse.Namespace, generator=None, flow_attempts: int = 20) -> dict:
     """Run `run_reference_md` with the command's options (``flow_attempts`` flow moves with ``generator``); write and
     return the summary: the frames' provenance and, for a peptide, the φ > 0 populations of the
-    target-temperature frames (correlated errors) and their φ transitions by residue."""
+    target-temperature frames (correlated errors) with their φ transitions, by residue."""
     from ..sampling.reference_md import run_reference_md
 
     result = run_reference_md(
@@ -173,11 +173,9 @@ def _replica_exchange(target, args: argparse.Namespace, generator=None, flow_att
     )
     summary = {"out": str(result.path), "n_frames": int(result.positions.shape[0]), **result.provenance}
     if is_peptide(target):
-        from ..analysis.metrics import md_populations, phi_transitions
-        from ..coordinates.backbone import phi_angles
+        from ..analysis.metrics import md_populations
 
         summary["populations"] = md_populations(target, result.positions)
-        summary["phi_transitions"] = phi_transitions(phi_angles(target.topology, result.positions))
     atomic_write(Path(args.out).with_suffix(".json"), to_json(summary))
     return summary
 
@@ -185,6 +183,7 @@ def _replica_exchange(target, args: argparse.Namespace, generator=None, flow_att
 def _mcmc_verdict(summary: dict, args: argparse.Namespace) -> str:
     """One sentence on an MCMC run: frames, flow-move acceptance at the target temperature and, for a
     peptide, each residue's φ > 0 population with its error and transitions, or how to get more."""
+    from ..analysis.metrics import MIN_TRANSITIONS
     from ..analysis.report import md_population_text
 
     flow = summary["flow_moves"][0]
@@ -196,12 +195,12 @@ def _mcmc_verdict(summary: dict, args: argparse.Namespace) -> str:
         return text + "."
     php = summary["populations"]["phi_positive_population"]
     by_residue = {"residue_1": php} if "value" in php else php
-    cells = [f"{md_population_text(e)} ({n} transitions)"
-             for e, n in zip(by_residue.values(), summary["phi_transitions"], strict=True)]
+    cells = [md_population_text(e) + ("" if e["transitions"] < MIN_TRANSITIONS else f" ({e['transitions']} φ transitions)")
+             for e in by_residue.values()]  # below MIN_TRANSITIONS the text says how few there were
     text += f"; φ > 0 population by residue: {' / '.join(cells)}"
     if any(e.get("reliable") is False for e in by_residue.values()):
-        text += (f"; an error bar resting on fewer than 100 effective frames is unreliable: run longer (the same "
-                 f"command with --iterations {2 * args.iterations} resumes this run)")
+        text += (f"; a population resting on fewer than {MIN_TRANSITIONS} φ transitions or 100 effective frames is "
+                 f"unreliable: run longer (the same command with --iterations {2 * args.iterations} resumes this run)")
     return text + "."
 
 

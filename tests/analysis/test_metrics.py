@@ -145,6 +145,29 @@ def test_phi_transitions_count_core_to_core_crossings_per_residue():
     assert phi_transitions(np.full((5, 2), 0.1)) == [0, 0]  # never in a core
 
 
+def test_a_chain_population_needs_transitions_before_it_is_reliable():
+    """Two residues over 6,000 frames: one hops between φ cores every 50 frames (119 transitions),
+    the other visits φ > 0 once for 3 frames. N / g of the second is large (its indicator is almost
+    constant), but two transitions are one visit: unreliable, and rendered without an error bar."""
+    from cmt_openmm.analysis.metrics import MIN_TRANSITIONS, chain_populations
+    from cmt_openmm.analysis.report import md_population_text
+
+    n = 6_000
+    phi = np.full((n, 2), -1.2)
+    phi[(np.arange(n) // 50) % 2 == 1, 0] = 1.0
+    phi[3000:3003, 1] = 1.0
+    pairs = np.stack([phi, np.zeros_like(phi)], axis=-1)
+    php = chain_populations(pairs, phi, kT=1.0)["phi_positive_population"]
+    hopping, once = php["residue_1"], php["residue_2"]
+    assert (hopping["transitions"], once["transitions"]) == (119, 2) and MIN_TRANSITIONS == 20
+    assert hopping["reliable"] is True and hopping["value"] == pytest.approx(0.5)
+    assert once["n_effective"] > 100 and once["reliable"] is False  # N / g alone would call it reliable
+    assert md_population_text(once) == "0.0005 (unreliable: 2 φ transitions)"
+    never = chain_populations(pairs[:, 1:], phi[:, 1:2] * 0 - 1.2, kT=1.0)["phi_positive_population"]
+    assert md_population_text(never) == "never visited (unreliable: 0 φ transitions)"
+    assert " ± " in md_population_text(hopping) and "unreliable" not in md_population_text(hopping)
+
+
 def test_basins_partition_and_populations():
     rng = np.random.default_rng(4)
     a = rng.uniform(-np.pi, np.pi, size=(20000, 2))

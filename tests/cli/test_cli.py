@@ -270,8 +270,8 @@ def test_aldp_openmm_cmt_samples_reweighting_end_to_end(tmp_path, capsys):
     summary = json.loads(stdout)
     assert [m["n_proposed"] for m in summary["flow_moves"]] == [15] and summary["exchange_acceptance"] is None
     assert summary["timestep_fs"] == 1.0  # no constraints in this System: 1 fs (2 with HBonds)
-    assert summary["phi_transitions"] == [summary["phi_transitions"][0]] and summary["n_frames"] == 3
-    assert "value" in summary["populations"]["phi_positive_population"]
+    php = summary["populations"]["phi_positive_population"]
+    assert summary["n_frames"] == 3 and "value" in php and php["transitions"] < 20 and php["reliable"] is False
     assert "3 frames at 300 K; flow moves accepted" in err and "φ > 0 population by residue" in err
     assert ("this chain is MD alone" in err) == (summary["flow_moves"][0]["n_accepted"] == 0)
     from cmt_openmm import Run
