@@ -13,7 +13,8 @@ Every population and free energy carries ``n_effective`` and ``reliable``: a rew
 population rests on the smaller of the Kish counts of the weights inside and outside its basin
 (`state_effective_samples`: a rare basin's weight can sit on a few samples however large N · ESS
 is), reference-MD estimates on N / g (g the statistical inefficiency of the frames, which are a
-correlated time series); below
+correlated time series; a chain's φ > 0 population also needs :data:`MIN_TRANSITIONS` φ
+transitions, `chain_populations`); below
 :data:`~cmt_openmm.sampling.estimators.MIN_EFFECTIVE_SAMPLES` (100) the estimate and its error
 bar are marked unreliable (``"reliable": false``) and the report prints "unreliable" instead
 of a precise-looking number.
