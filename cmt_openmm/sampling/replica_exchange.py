@@ -160,8 +160,8 @@ class ReplicaExchangeOptions:
 @dataclass
 class ReplicaExchangeRun:
     """What :func:`run_replica_exchange` ran: state-0 frames (nm), their u = U/kT, the mean exchange
-    acceptance (None for one replica), the iterations stored, the number of replicas, the sampler's moves after the
-    run (their statistics), and the settings and options it ran with."""
+    acceptance (None for one replica), the iterations stored, the number of replicas, the
+    sampler's moves after the run (their statistics), and the settings and options it ran with."""
 
     positions: np.ndarray
     reduced_energy: np.ndarray
