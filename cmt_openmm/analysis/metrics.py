@@ -359,6 +359,12 @@ a chain that crossed φ = 0 a few times has visited the basin a few times, whate
 (g itself is then estimated from those few visits)."""
 
 
+def by_residue(php: dict) -> dict:
+    """φ > 0 populations by residue (``phi_positive_population``): one backbone pair's single
+    estimate becomes ``residue_1``."""
+    return {"residue_1": php} if "value" in php else php
+
+
 def md_populations(target, positions: np.ndarray) -> dict:
     """`chain_populations` of MD frames (N, n_atoms, 3) nm in time order."""
     angles = BackboneAngles.of(target.topology, positions)
@@ -371,7 +377,7 @@ def chain_populations(pairs: np.ndarray, phi: np.ndarray, kT: float) -> dict:
     ``transitions`` and is marked unreliable below :data:`MIN_TRANSITIONS`."""
     out = peptide_populations(pairs, None, kT, phi=phi)
     php = out["phi_positive_population"]
-    for estimate, n in zip([php] if "value" in php else php.values(), phi_transitions(phi), strict=True):
+    for estimate, n in zip(by_residue(php).values(), phi_transitions(phi), strict=True):
         estimate["transitions"] = n
         estimate["reliable"] = estimate["reliable"] and n >= MIN_TRANSITIONS
     return out

@@ -130,7 +130,7 @@ def verdict(report: dict) -> dict:
     lost = []
     reference = ((report.get("reference") or {}).get("reference_populations") or {}).get("phi_positive_population")
     if reference:
-        visited = [k for k, e in _by_residue(reference).items() if (e.get("value") or 0) > 0]
+        visited = [k for k, e in metrics.by_residue(reference).items() if (e.get("value") or 0) > 0]
         lost = [k for k in visited if not samples.get("phi_positive_samples", {}).get(k)]
         out["basins"] = {"in_reference": visited, "lost": lost}
         names = ", ".join(k.replace("_", " ") for k in lost)
@@ -148,11 +148,6 @@ def verdict(report: dict) -> dict:
         out["next_step"] = mcmc_only(report.get("run_dir"))
     out["summary"] = f"{'; '.join(parts)}; next step: {out['next_step']}."
     return out
-
-
-def _by_residue(php: dict) -> dict:
-    """φ > 0 populations by residue: one backbone pair's single estimate becomes ``residue_1``."""
-    return {"residue_1": php} if "value" in php else php
 
 
 def _residue(key: str, names: Sequence[str] | None) -> str:
@@ -285,7 +280,7 @@ def _thin_populations(s: dict) -> list[float]:
     their basin's weight (or its complement's) sits on fewer than the minimum of effective samples."""
     if not s.get("reliable"):
         return []
-    pops = {**_by_residue(s.get("phi_positive_population") or {}), **(s.get("basin_populations") or {})}
+    pops = {**metrics.by_residue(s.get("phi_positive_population") or {}), **(s.get("basin_populations") or {})}
     return [e["n_effective"] for e in pops.values()
             if e.get("reliable") is False and "seen_in" not in e and "n_effective" in e]
 
@@ -397,11 +392,11 @@ def render_markdown(report: dict) -> str:
             lines.append(f"- reference population errors: {ref_pops['error_method']}")
         if ref_pops.get("phi_positive_population"):
             samples = report.get("samples") or {}
-            flow = _by_residue(samples.get("phi_positive_population") or {})
+            flow = metrics.by_residue(samples.get("phi_positive_population") or {})
             seen = samples.get("phi_positive_samples", {})
             lines += ["", "| φ > 0 basin (0° ≤ φ < 120°) | flow samples in it | flow, reweighted | reference MD |",
                       "|---|---|---|---|"]
-            for k, e in _by_residue(ref_pops["phi_positive_population"]).items():
+            for k, e in metrics.by_residue(ref_pops["phi_positive_population"]).items():
                 count = f"{seen[k]:,}" if k in seen else "n/a"
                 lines.append(f"| {_residue(k, samples.get('phi_residues'))} | {count} | {_pm(flow.get(k))} | "
                              f"{_pm(e, reference=True)} |")

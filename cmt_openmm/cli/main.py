@@ -183,8 +183,9 @@ def _replica_exchange(target, args: argparse.Namespace, generator=None, flow_att
 def _mcmc_verdict(summary: dict, args: argparse.Namespace) -> str:
     """One sentence on an MCMC run: frames, flow-move acceptance at the target temperature and, for a
     peptide, each residue's φ > 0 population with its error and transitions, or how to get more."""
-    from ..analysis.metrics import MIN_TRANSITIONS
+    from ..analysis.metrics import MIN_TRANSITIONS, by_residue
     from ..analysis.report import md_population_text
+    from ..sampling.estimators import MIN_EFFECTIVE_SAMPLES
 
     flow = summary["flow_moves"][0]
     text = (f"{summary['n_frames']:,} frames at {summary['temperature']:g} K; flow moves accepted "
@@ -193,13 +194,13 @@ def _mcmc_verdict(summary: dict, args: argparse.Namespace) -> str:
         text += " (none: this chain is MD alone, so train the generator further for moves that cross barriers)"
     if "populations" not in summary:
         return text + "."
-    php = summary["populations"]["phi_positive_population"]
-    by_residue = {"residue_1": php} if "value" in php else php
+    residues = by_residue(summary["populations"]["phi_positive_population"]).values()
     cells = [md_population_text(e) + ("" if e["transitions"] < MIN_TRANSITIONS else f" ({e['transitions']} φ transitions)")
-             for e in by_residue.values()]  # below MIN_TRANSITIONS the text says how few there were
+             for e in residues]  # below MIN_TRANSITIONS the text says how few there were
     text += f"; φ > 0 population by residue: {' / '.join(cells)}"
-    if any(e.get("reliable") is False for e in by_residue.values()):
-        text += (f"; a population resting on fewer than {MIN_TRANSITIONS} φ transitions or 100 effective frames is "
+    if any(e.get("reliable") is False for e in residues):
+        text += (f"; a population resting on fewer than {MIN_TRANSITIONS} φ transitions or {MIN_EFFECTIVE_SAMPLES:g} "
+                 "effective frames is "
                  f"unreliable: run longer (the same command with --iterations {2 * args.iterations} resumes this run)")
     return text + "."
 
