@@ -11,7 +11,10 @@ Prints a table and writes JSON (``--out``):
     throughput (samples/s);
 (d) a CMT run on aldp-implicit (the paper's system: ff96 + OBC1, CustomGBForce) for a fixed
     wall clock (``--minutes``) on the device, with its reverse ESS on fresh samples (median of
-    5 draws) and its φ > 0 population.
+    5 draws) and its φ > 0 population;
+(e) the ``ala4-hour`` preset (the tetrapeptide) for ``--peptide-minutes`` on the device: the step
+    scale it picks there (``cmt.step_scale: auto``, with the time per sample at each scale), its
+    steps, λ, reverse ESS and φ > 0 populations, to set beside the CPU runs in RESULTS.md.
 
 On a machine without CUDA every check runs on the CPU (and (a) says it was skipped);
 ``--tiny`` shrinks everything to seconds so the test suite can run it. The GPU machines have
@@ -23,6 +26,8 @@ torch 2.11 without openmmtorch: nothing here needs it. Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import platform as host
 import sys
@@ -34,10 +39,12 @@ import numpy as np
 import openmm
 import torch
 
+from cmt_openmm.analysis.metrics import by_residue, sample_metrics
 from cmt_openmm.energy.openmm.energy import OpenMMEnergy
 from cmt_openmm.energy.torch.energy import TorchEnergy
 from cmt_openmm.errors import CMTInputError
 from cmt_openmm.generator import BoltzmannGenerator
+from cmt_openmm.runs.presets import get_preset
 from cmt_openmm.sampling.reweighting import reweight
 from cmt_openmm.systems import get_target
 from cmt_openmm.training import train
@@ -156,10 +163,39 @@ def check_cmt_run(device: str, minutes: float, n_samples: int, n_report: int) ->
             "n_effective_pooled": pooled.n_effective}
 
 
+def check_peptide_run(device: str, minutes: float, n_report: int, tiny: bool) -> dict:
+    """(e) The ala4-hour preset for ``minutes`` on the device (tiny: a small flow on OpenMM energies)."""
+    preset = get_preset("ala4-hour")
+    target = get_target(preset["system"])
+    config = {key: value for key, value in preset.items() if key not in ("system", "temperature", "report")}
+    config.update(max_minutes=minutes, device=device)
+    if tiny:
+        config.update(energy={"backend": "openmm"}, flow={"n_layers": 2, "hidden": 8},
+                      cmt={**config["cmt"], "n_samples": 100, "batch_size": 50})
+    said = io.StringIO()
+    with tempfile.TemporaryDirectory() as run_dir, contextlib.redirect_stderr(said):
+        start = time.perf_counter()
+        result = train(target, config, run_dir=Path(run_dir) / "run", progress=True)
+        wall = time.perf_counter() - start
+    draws = [reweight(result.generator, target, n_report, seed=k, progress=False, min_effective_samples=0)
+             for k in range(5)]
+    metrics = sample_metrics(draws)
+    last = result.history[-1]
+    return {"minutes": minutes, "wall_s": wall, "steps": len(result.history), "stop_reason": result.stop_reason,
+            "step_scale": last["n_samples"] // config["cmt"]["n_samples"], "n_samples": last["n_samples"],
+            "said": [line for line in said.getvalue().splitlines() if line.startswith("[cmt-openmm]")],
+            "energy_evaluations": last["energy_evaluations"], "energy_backend": last.get("energy_backend"),
+            "lam": last.get("lam"), "eta": last.get("eta"), "training_reverse_ess": last.get("reverse_ess"),
+            "reverse_ess": metrics["reverse_ess"], "reverse_ess_pooled": metrics["reverse_ess_pooled"],
+            "n_effective_pooled": metrics["n_effective"],
+            "phi_positive_by_residue": by_residue(metrics.get("phi_positive_population", {}))}
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="seconds on a CPU (for the test suite)")
-    parser.add_argument("--minutes", type=float, default=4.0, help="wall clock of the CMT run (d)")
+    parser.add_argument("--minutes", type=float, default=2.0, help="wall clock of the CMT run (d)")
+    parser.add_argument("--peptide-minutes", type=float, default=3.0, help="wall clock of the ala4 run (e)")
     parser.add_argument("--out", help="JSON file")
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -172,6 +208,8 @@ def main(argv=None) -> dict:
     result["c_throughput"] = check_throughput(device, (64,) if tiny else (1024, 4096, 16384), 32 if tiny else 512)
     result["d_cmt_aldp_implicit"] = check_cmt_run(device, 0.05 if tiny else args.minutes, 200 if tiny else 8000,
                                                   100 if tiny else 5000)
+    result["e_ala4_hour_preset"] = check_peptide_run(device, 0.05 if tiny else args.peptide_minutes,
+                                                     100 if tiny else 5000, tiny)
     result["total_wall_s"] = time.perf_counter() - start
     print(json.dumps(result, indent=1, default=float))
     if args.out:

@@ -25,8 +25,9 @@ ALDP_CMT_1440 = {**ALDP_CMT, "lr_decay_from": "cooled", "lr_decay_after_target":
 # max_minutes, the entropy budget spread so the path cools at cool_fraction of the planned steps,
 # the learning rate decaying from cooling to a few percent at the planned end.
 # On ala4, cooling at 0.3 of the plan with lr 2e-3 gave the best of the settings tried (RESULTS.md).
+# step_scale: auto: larger steps where the device runs them for little more time (a GPU), 1 on CPUs.
 PEPTIDE_CMT = {**ALDP_CMT, "eps_ent": "auto", "cool_fraction": 0.3, "lr": 2e-3, "lr_decay_from": "cooled",
-               "lr_decay_after_target": "auto", "steps_after_target": 1_000_000}
+               "lr_decay_after_target": "auto", "steps_after_target": 1_000_000, "step_scale": "auto"}
 
 
 # bfloat16 conditioners where the hardware has them (a faster step, the same ESS per step) and the

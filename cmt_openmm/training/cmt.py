@@ -13,7 +13,9 @@ not yet learned well is not drained step after step.
 Fit: ``fit_steps`` Adam steps (default: one pass over the buffer, ceil(N / batch_size) steps,
 which the calibration found better than fitting hard) on minibatches drawn ∝ w̄ with
 replacement (``resample=True``, loss −mean log q_θ) or uniformly with the weights in the loss
-(−Σ N w̄_b log q_θ(x_b) / B). The Adam state carries over between annealing steps.
+(−Σ N w̄_b log q_θ(x_b) / B). The Adam state carries over between annealing steps. ``step_scale``
+multiplies N and the minibatch (auto: measured on the device before the first step,
+:func:`~.schedule.pick_step_scale`).
 
 Stops when the dual returns λ = η = 0 (the next distribution is the target itself), after
 ``steps_after_target`` more steps; the shared loop also stops on max_steps or the budget. The
@@ -24,15 +26,16 @@ inactive (η = 0).
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 import torch
 
 from .config import AUTO, register_method
-from .distributed import Layout
+from .distributed import Layout, broadcast_object, on_main
 from .dual import solve_dual
 from .loop import Trainer
-from .schedule import auto_eps_ent, auto_lr_decay
+from .schedule import auto_eps_ent, auto_lr_decay, pick_step_scale
 from .strata import floored_log_weights, holder_log_weights, stratifier
 
 
@@ -102,9 +105,64 @@ class CMTTrainer(Trainer):
         self.cooled_at: int | None = None  # steps_done when, after the warm-up, the dual first gave η = 0
         self.first_entropy: float | None = None  # H(q_0) estimated on the first buffer (nats)
         self.strata_of = stratifier(c.strata, target.topology)
+        self.step_scale: int | None = None if c.step_scale == AUTO else int(c.step_scale)  # None: not measured yet
+
+    @property
+    def n_samples(self) -> int:
+        """Samples per annealing step: ``n_samples`` × the step scale."""
+        return self.settings.n_samples * (self.step_scale or 1)
+
+    @property
+    def batch_size(self) -> int:
+        """Samples per Adam step: ``batch_size`` × the step scale."""
+        return self.settings.batch_size * (self.step_scale or 1)
 
     def step_cost(self) -> int:
-        return self.settings.n_samples
+        return self.n_samples
+
+    def prepare(self) -> str | None:
+        """With ``step_scale: auto``, measure the step at growing scales (rank 0, on this device) and keep
+        the one :func:`~.schedule.pick_step_scale` picks; what was chosen, in one line."""
+        if self.step_scale is not None:
+            return None
+        world = self.layout.world
+        self.step_scale, timings = broadcast_object(world, on_main(world, lambda: pick_step_scale(self.seconds_at)))
+        per_sample = ", ".join(f"{scale}×: {1e6 * t / (scale * self.settings.n_samples):,.0f}"
+                               for scale, t in timings.items())
+        return (f"step scale {self.step_scale}: {self.n_samples:,} samples per annealing step, minibatches of "
+                f"{self.batch_size:,} (µs per sample of a step, by scale: {per_sample})")
+
+    def seconds_at(self, scale: int) -> float | None:
+        """Seconds of one step's work at ``scale``: the draw, its energies and ``fit_steps`` forward and
+        backward passes (the faster of two tries after a first that takes compilation and caches; no
+        Adam update, so the weights, Adam's state and the run's random stream stay as they were). None
+        where a scale above 1 runs out of device memory."""
+        n, batch = self.settings.n_samples * scale, self.settings.batch_size * scale
+        device = self.rng.device
+        stream = torch.Generator(device=device).manual_seed(self.config.seed)
+
+        def once() -> float:
+            start = time.perf_counter()
+            x, _ = self.generator.sample(n, generator=stream)
+            with torch.no_grad():
+                self.energy(x)
+            for _ in range(self.fit_steps):
+                idx = torch.randint(n, (batch,), generator=stream, device=device)
+                (-self.generator.log_prob(x[idx]).mean()).backward()
+            self.generator.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            return time.perf_counter() - start
+
+        try:
+            once()
+            return min(once(), once())
+        except torch.cuda.OutOfMemoryError:
+            if scale == 1:
+                raise
+            self.generator.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+            return None
 
     @property
     def done(self) -> str | None:
@@ -138,7 +196,7 @@ class CMTTrainer(Trainer):
     def draw_buffer(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """N flow samples x (N, n_atoms, 3) nm with log q_i(x) and log p̃(x) = −u(x) (N,), one evaluation
         each; with several processes, this process's rows of them (:mod:`.distributed`)."""
-        x, log_q = self.layout.draw(self.generator.sample, self.settings.n_samples)
+        x, log_q = self.layout.draw(self.generator.sample, self.n_samples)
         with torch.no_grad():
             log_p = -self.energy(x)
         return x, log_q, log_p
@@ -163,7 +221,7 @@ class CMTTrainer(Trainer):
         columns = [log_q.detach().double(), log_p.double()]
         if labels is not None:
             columns.append(torch.as_tensor(labels, dtype=torch.float64, device=log_q.device))
-        both = self.layout.gather(torch.stack(columns, 1), self.settings.n_samples)
+        both = self.layout.gather(torch.stack(columns, 1), self.n_samples)
         labels = None if labels is None else both[:, 2].long().cpu().numpy()
         return both[:, 0], both[:, 1], labels
 
@@ -181,7 +239,7 @@ class CMTTrainer(Trainer):
         sol = solve_dual(log_q, log_p, c.eps_tr, eps_ent)
         log_weights = self.fit_log_weights(sol, labels, log_q, log_p)
         loss = fit_to_buffer(
-            self.generator, self.optimizer, x, log_weights, self.fit_steps, c.batch_size, c.resample, self.rng,
+            self.generator, self.optimizer, x, log_weights, self.fit_steps, self.batch_size, c.resample, self.rng,
             self.layout,
         )
         if sol.target_reached and self.reached_at is None:
@@ -203,6 +261,7 @@ class CMTTrainer(Trainer):
             **self.target_stats(log_p, log_q),
             "loss": loss,
             "lr": self.optimizer.param_groups[0]["lr"],
+            "n_samples": self.n_samples,
         }
 
     _MARKS = ("reached_at", "cooled_at")  # step marks, stored as -1 when not (yet) reached
@@ -210,7 +269,8 @@ class CMTTrainer(Trainer):
     def state_dict(self) -> dict:
         marks = {name: getattr(self, name) for name in self._MARKS}
         return {**super().state_dict(), **{k: -1 if v is None else v for k, v in marks.items()},
-                "first_entropy": math.nan if self.first_entropy is None else self.first_entropy}
+                "first_entropy": math.nan if self.first_entropy is None else self.first_entropy,
+                "step_scale": self.step_scale or 1}
 
     def load_state_dict(self, state) -> None:
         super().load_state_dict(state)
@@ -219,3 +279,4 @@ class CMTTrainer(Trainer):
             setattr(self, name, None if value < 0 else value)
         first = float(state.get("first_entropy", math.nan))
         self.first_entropy = None if math.isnan(first) else first
+        self.step_scale = int(state.get("step_scale", 1))

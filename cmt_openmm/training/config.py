@@ -175,7 +175,11 @@ class CMTConfig:
     the step would give it if the flow's shape inside it were right; :mod:`cmt_openmm.training.strata`).
     eps_ent: auto sizes the entropy budget per step so that the path cools at cool_fraction of the
     run's planned steps; lr_decay_after_target: auto decays the learning rate to lr_final_fraction
-    of lr by the planned last step (:mod:`cmt_openmm.training.schedule`).
+    of lr by the planned last step (:mod:`cmt_openmm.training.schedule`). step_scale multiplies
+    n_samples and batch_size (the fit's Adam steps per annealing step stay fit_steps); auto measures
+    a step at scales 1, 2, 4, … on the run's device before a fresh run's first step and keeps
+    the largest that still made a sample cheaper (:func:`~cmt_openmm.training.schedule.pick_step_scale`:
+    1 on CPUs, larger on a GPU); a resumed run keeps the scale it started with.
     """
 
     eps_tr: float = field(default=0.5, metadata=POSITIVE)
@@ -198,6 +202,7 @@ class CMTConfig:
                                                              "one of " + ", ".join(STRATA_MASSES)))
     cool_fraction: float = field(default=0.5, metadata=_check(lambda v: 0 < v < 1, "a number in (0, 1)"))
     lr_final_fraction: float = field(default=0.04, metadata=_check(lambda v: 0 < v <= 1, "a number in (0, 1]"))
+    step_scale: typing.Union[int, str] = field(default=1, metadata=POSITIVE_OR_AUTO)
 
 
 @dataclass

@@ -124,6 +124,11 @@ class Trainer(ABC):
         """Steps the method's own schedule has in all (None: open-ended, e.g. CMT)."""
         return None
 
+    def prepare(self) -> str | None:
+        """What a fresh run measures once before its first step (a resumed run restores it with
+        :meth:`load_state_dict`); a line saying what it chose, or None."""
+        return None
+
     def state_dict(self) -> dict:
         return {"steps_done": self.steps_done}
 
@@ -274,16 +279,11 @@ def _train(target, config: TrainConfig, run_dir: Path | None, checkpoint: dict |
             restore(checkpoint, generator, trainer, average, rng, state)
             if run_dir is not None and world.main:
                 write_metrics(run_dir, state["history"])
-        elif not trainer.done and config.budget != AUTO and trainer.step_cost() > config.budget:
-            cost = trainer.step_cost()  # a fresh run that could not take a single step: refuse, don't report
-            raise CMTInputError(
-                f"the budget of {config.budget:,} energy evaluations is below the cost of one {config.method} step "
-                f"({cost:,} evaluations), so the run would train 0 steps; raise budget to at least {cost:,} "
-                f"or make one step cheaper (fewer samples per step in the {config.method} settings)."
-            )
-        trainer.layout.broadcast_parameters(generator)
         writes = run_dir if world.main else None
         with conditioner_matmuls(generator, config.flow.conditioner_dtype(device)), StopSignals() as signals:
+            if checkpoint is None:
+                _prepare(trainer, config, progress)
+            trainer.layout.broadcast_parameters(generator)
             stop_reason = _run(trainer, average, config, writes, state, progress, signals)
     finally:
         torch.set_num_threads(threads)
@@ -298,6 +298,21 @@ def _train(target, config: TrainConfig, run_dir: Path | None, checkpoint: dict |
             raise RuntimeError(f"the generator to be written to {run_dir / GENERATOR_FILE} has non-finite weights.")
         trained.save(run_dir / GENERATOR_FILE)
     return TrainResult(trained, state["history"], run_dir, stop_reason)
+
+
+def _prepare(trainer: Trainer, config: TrainConfig, progress: bool) -> None:
+    """A fresh run's one-off measurement (:meth:`Trainer.prepare`), then the refusal of a budget
+    below the cost of its first step (rather than a run of 0 steps and its report)."""
+    message = trainer.prepare()
+    if message and progress:
+        _say(message)
+    cost = trainer.step_cost()
+    if not trainer.done and config.budget != AUTO and cost > config.budget:
+        raise CMTInputError(
+            f"the budget of {config.budget:,} energy evaluations is below the cost of one {config.method} step "
+            f"({cost:,} evaluations), so the run would train 0 steps; raise budget to at least {cost:,} "
+            f"or make one step cheaper (fewer samples per step in the {config.method} settings)."
+        )
 
 
 def _expected_steps(trainer: Trainer, config: TrainConfig, state: dict) -> tuple[int, str]:

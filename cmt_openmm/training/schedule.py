@@ -29,16 +29,26 @@ Two CMT settings use the plan (:mod:`.cmt`):
   end, or never settles a short one.
 
 Before the plan is measured, ``eps_ent: auto`` uses :data:`EPS_ENT_BEFORE_PLAN`.
+
+A step's size is sized to the device (``cmt.step_scale: auto``, :func:`pick_step_scale`): the
+samples per annealing step and per Adam step are multiplied by the largest power of two up to
+which each doubling cut a step's time per sample by at least :data:`STEP_SCALE_GAIN`. On CPUs a
+step's time is proportional to its samples, and at equal time a twice larger step follows the
+same curve (benchmarks/RESULTS.md, "Session 14"), so the scale stays 1 there; a GPU runs a larger
+batch in little more time than a small one, so there the larger step is the one to take.
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 MEASURED_STEPS = 5
 REPLAN_EVERY = 100
 ENTROPY_PER_COORDINATE = 5.8  # nats per flow coordinate (see the module docstring)
 EPS_ENT_RANGE = (0.2, 4.0)  # nats per annealing step
 EPS_ENT_BEFORE_PLAN = 0.5
+MAX_STEP_SCALE = 16
+STEP_SCALE_GAIN = 0.75  # a doubling is taken when it brings the time per sample to at most this fraction
 
 
 def plan_steps(max_steps: int, budget: int | str, step_cost: int, max_minutes: float | None,
@@ -76,3 +86,24 @@ def auto_lr_decay(start_step: int, plan: int | None, final_fraction: float) -> f
     if plan is None or plan <= start_step:
         return 1.0
     return math.exp(math.log(final_fraction) / (plan - start_step))
+
+
+def pick_step_scale(seconds_at: Callable[[int], float | None],
+                    max_scale: int = MAX_STEP_SCALE) -> tuple[int, dict[int, float]]:
+    """The step scale to train at, and the seconds of one step measured at each scale tried.
+
+    ``seconds_at(scale)`` is the time of one step at that scale, or None where a step larger than
+    the run's own does not fit (memory). Starting at 1, the scale doubles while the doubled step
+    takes at most 2 × STEP_SCALE_GAIN times as long as the current one, up to ``max_scale``.
+    """
+    timings = {1: seconds_at(1)}
+    scale = 1
+    while 2 * scale <= max_scale:
+        seconds = seconds_at(2 * scale)
+        if seconds is None:
+            break
+        timings[2 * scale] = seconds
+        if seconds > 2 * STEP_SCALE_GAIN * timings[scale]:
+            break
+        scale *= 2
+    return scale, timings

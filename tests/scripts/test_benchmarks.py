@@ -57,6 +57,10 @@ def test_gpu_check_runs_every_check_in_tiny_mode_on_cpu(tmp_path):
     assert result["c_throughput"]["aldp-implicit"]["torch_configs_per_s@64"] > 0
     run = result["d_cmt_aldp_implicit"]
     assert run["stop_reason"] == "max_minutes" and run["steps"] >= 1 and run["energy_backend"] == "torch"
+    peptide = result["e_ala4_hour_preset"]
+    assert peptide["stop_reason"] == "max_minutes" and peptide["steps"] >= 1
+    assert peptide["step_scale"] >= 1 and any(line.startswith("[cmt-openmm] step scale") for line in peptide["said"])
+    assert set(peptide["phi_positive_by_residue"]) <= {"residue_1", "residue_2", "residue_3"}
 
 
 def test_paper_table_runs_resumes_and_prints_the_published_numbers(tmp_path, monkeypatch):

@@ -1,4 +1,5 @@
-"""Runs sized to their limits: the plan, budget: auto, eps_ent: auto and the auto learning-rate decay."""
+"""Runs sized to their limits: the plan, budget: auto, eps_ent: auto, the auto learning-rate decay and
+the step sized to the device (step_scale)."""
 import math
 
 import pytest
@@ -6,8 +7,8 @@ import pytest
 from cmt_openmm.errors import CMTInputError
 from cmt_openmm.systems import get_target
 from cmt_openmm.training import TrainConfig, load_history, train
-from cmt_openmm.training.schedule import (ENTROPY_PER_COORDINATE, EPS_ENT_RANGE, MEASURED_STEPS,
-                                          auto_eps_ent, auto_lr_decay, plan_steps)
+from cmt_openmm.training.schedule import (ENTROPY_PER_COORDINATE, EPS_ENT_RANGE, MAX_STEP_SCALE, MEASURED_STEPS,
+                                          auto_eps_ent, auto_lr_decay, pick_step_scale, plan_steps)
 
 TINY = {"method": "cmt", "seed": 1, "flow": {"n_layers": 2, "hidden": 8, "n_bins": 4},
         "cmt": {"n_samples": 200, "batch_size": 100, "fit_steps": 2}}
@@ -153,3 +154,96 @@ def test_max_minutes_counts_the_time_spent_writing_checkpoints(tmp_path, monkeyp
     result = train(get_target("toy-double-well"), config, tmp_path / "run", progress=False)
     assert result.stop_reason == "max_minutes" and len(result.history) <= 4
     assert result.history[-1]["wall_time"] >= 0.1 * (len(result.history) - 1)
+
+
+def test_step_scale_doubles_while_a_sample_gets_cheaper():
+    """A CPU's step costs in proportion to its samples: scale 1. A GPU's fixed cost per step is
+    amortised until the device is full: the scale grows to there, never past max_scale or into a
+    step that does not fit in memory; a doubling that saves less than a quarter per sample is not taken."""
+    def timings(seconds):
+        calls = []
+
+        def seconds_at(scale):
+            calls.append(scale)
+            return seconds(scale)
+        return seconds_at, calls
+
+    cpu, calls = timings(lambda s: 0.45 * s)
+    assert pick_step_scale(cpu) == (1, {1: 0.45, 2: 0.9}) and calls == [1, 2]
+    launch_bound, _ = timings(lambda s: 0.4 + 0.001 * s)
+    assert pick_step_scale(launch_bound)[0] == MAX_STEP_SCALE
+    assert pick_step_scale(launch_bound, max_scale=4)[0] == 4
+    saturating, _ = timings(lambda s: max(0.4, 0.1 * s))  # full from scale 4 on: 8 takes twice as long
+    assert pick_step_scale(saturating)[0] == 4
+    out_of_memory, calls = timings(lambda s: None if s >= 8 else 0.4)
+    assert pick_step_scale(out_of_memory)[0] == 4 and calls == [1, 2, 4, 8]
+    small_gain, _ = timings(lambda s: 1.0 if s == 1 else 1.6 * s / 2)  # 20 % cheaper per sample: not enough
+    assert pick_step_scale(small_gain)[0] == 1
+
+
+def _tiny_scaled(scale, **extra):
+    return {**TINY, "budget": 10**6, "max_steps": 3, "energy": {"backend": "openmm"},
+            "cmt": {**TINY["cmt"], "step_scale": scale}, **extra}
+
+
+def test_a_scaled_step_draws_and_fits_more_samples(monkeypatch):
+    """step_scale multiplies the samples per annealing step (evaluations, the record) and per Adam step."""
+    import cmt_openmm.training.cmt as cmt
+
+    batches = []
+    fit = cmt.fit_to_buffer
+
+    def spy(generator, optimizer, x, log_weights, n_steps, batch_size, *args, **kwargs):
+        batches.append((len(x), n_steps, batch_size))
+        return fit(generator, optimizer, x, log_weights, n_steps, batch_size, *args, **kwargs)
+
+    monkeypatch.setattr(cmt, "fit_to_buffer", spy)
+    result = train(get_target("toy-double-well"), _tiny_scaled(3), progress=False)
+    assert [r["energy_evaluations"] for r in result.history] == [600, 1200, 1800]
+    assert all(r["n_samples"] == 600 for r in result.history)
+    assert batches == [(600, 2, 300)] * 3  # fit_steps unchanged, each on a 3x minibatch
+    with pytest.raises(CMTInputError, match="step_scale"):
+        TrainConfig.from_dict({"cmt": {"step_scale": 0}})
+    with pytest.raises(CMTInputError, match="step_scale"):
+        TrainConfig.from_dict({"cmt": {"step_scale": 1.5}})
+
+
+def test_step_scale_auto_measures_once_says_so_and_a_resumed_run_keeps_it(tmp_path, monkeypatch, capsys):
+    import cmt_openmm.training.cmt as cmt
+
+    asked = []
+
+    def seconds_at(self, scale):  # a device whose steps cost the same up to scale 4
+        asked.append(scale)
+        return 0.5 if scale <= 4 else 2.0 * scale / 8
+
+    monkeypatch.setattr(cmt.CMTTrainer, "seconds_at", seconds_at)
+    target = get_target("toy-double-well")
+    result = train(target, _tiny_scaled("auto"), tmp_path / "run", progress=True)
+    assert asked == [1, 2, 4, 8]
+    assert all(r["n_samples"] == 800 for r in result.history)
+    assert "step scale 4: 800 samples per annealing step, minibatches of 400" in capsys.readouterr().err
+    asked.clear()
+    again = train(target, _tiny_scaled("auto", max_steps=5), tmp_path / "run", resume=True, progress=False)
+    assert asked == [] and [r["n_samples"] for r in again.history] == [800] * 5
+    assert again.history[-1]["energy_evaluations"] == 5 * 800
+
+
+def test_measuring_the_step_leaves_the_run_as_it_was(monkeypatch):
+    """The measurement's draws and backward passes change neither the weights, nor Adam's state, nor the
+    run's random stream: a run whose measurement keeps scale 1 is the run with step_scale 1, step by step."""
+    import cmt_openmm.training.cmt as cmt
+
+    measured = []
+
+    def measure_then_keep_one(seconds_at):
+        measured.extend(seconds_at(scale) for scale in (1, 2))
+        return 1, {}
+
+    monkeypatch.setattr(cmt, "pick_step_scale", measure_then_keep_one)
+    target = get_target("toy-double-well")
+    fixed = train(target, _tiny_scaled(1), progress=False).history
+    probed = train(target, _tiny_scaled("auto"), progress=False).history
+    assert len(measured) == 2 and all(t > 0 for t in measured)
+    keys = ("lam", "eta", "loss", "reverse_ess", "energy_evaluations")
+    assert [[r[k] for k in keys] for r in probed] == [[r[k] for k in keys] for r in fixed]
