@@ -214,6 +214,15 @@ class Target:
         """True when the topology has bonds and at least 3 atoms (internal coordinates apply)."""
         return self.n_atoms >= 3 and self.topology.getNumBonds() > 0
 
+    @property
+    def langevin_timestep_fs(self) -> float:
+        """The Langevin timestep (fs) MD of this System takes by default: 2 where it constrains every
+        bond to hydrogen (HBonds or more), else 1."""
+        constrained = {(min(i, j), max(i, j)) for i, j, _ in self.constraints}
+        to_hydrogen = [(min(a.index, b.index), max(a.index, b.index)) for a, b in self.topology.bonds()
+                       if "H" in (getattr(a.element, "symbol", None), getattr(b.element, "symbol", None))]
+        return 2.0 if to_hydrogen and all(bond in constrained for bond in to_hydrogen) else 1.0
+
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_context"] = None  # a Context cannot be pickled; rebuilt lazily

@@ -149,9 +149,7 @@ def cmd_mcmc(args: argparse.Namespace) -> int:
                             f"(cmt-openmm train ... --out {run.directory}).")
     target = run.target if args.temperature is None else build_target(run.spec.system, args.temperature)
     if args.timestep is None:
-        from ..export.flow_bridged_remd import default_timestep_fs
-
-        args.timestep = default_timestep_fs(target)
+        args.timestep = target.langevin_timestep_fs
     summary = _replica_exchange(target, args, generator=run.generator, flow_attempts=args.flow_attempts)
     _say(_mcmc_verdict(summary, args))
     _emit(summary, args)

@@ -206,7 +206,7 @@ def run_bridge_remd(
                             "and 0 <= n_equilibration < n_iterations.")
     if out_path is None and storage is None:
         raise CMTInputError("Pass out_path or storage: the run needs a netCDF storage file.")
-    timestep_fs = positive_value(default_timestep_fs(target) if timestep is None else timestep, unit.femtosecond,
+    timestep_fs = positive_value(target.langevin_timestep_fs if timestep is None else timestep, unit.femtosecond,
                                  "timestep")
     rate = positive_value(collision_rate, unit.picosecond**-1, "collision_rate")
     backend = resolve_backend(backend)
@@ -262,15 +262,6 @@ def run_bridge_remd(
     run = run_replica_exchange(ladder=bridged_ladder, start=states.SamplerState(target.positions * unit.nanometer),
                                settings=settings, options=options, metadata={_PILOT_KEY: json.dumps(pilot)})
     return _finish(run, out_path, ladder, steps, pilot)
-
-
-def default_timestep_fs(target) -> float:
-    """The Langevin timestep (fs) for ``target``: 2 where its System constrains every bond to
-    hydrogen (HBonds or more), else 1."""
-    constrained = {(min(i, j), max(i, j)) for i, j, _ in target.constraints}
-    to_hydrogen = [(min(a.index, b.index), max(a.index, b.index)) for a, b in target.topology.bonds()
-                   if "H" in (getattr(a.element, "symbol", None), getattr(b.element, "symbol", None))]
-    return 2.0 if to_hydrogen and all(bond in constrained for bond in to_hydrogen) else 1.0
 
 
 def _given_ladder(lambdas, n_replicas: int) -> np.ndarray:
