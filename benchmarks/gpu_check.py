@@ -194,8 +194,8 @@ def check_peptide_run(device: str, minutes: float, n_report: int, tiny: bool) ->
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="seconds on a CPU (for the test suite)")
-    parser.add_argument("--minutes", type=float, default=2.0, help="wall clock of the CMT run (d)")
-    parser.add_argument("--peptide-minutes", type=float, default=3.0, help="wall clock of the ala4 run (e)")
+    parser.add_argument("--minutes", type=float, default=1.5, help="wall clock of the CMT run (d)")
+    parser.add_argument("--peptide-minutes", type=float, default=2.5, help="wall clock of the ala4 run (e)")
     parser.add_argument("--out", help="JSON file")
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
