@@ -41,10 +41,13 @@ def register_method(name: str):
 def resume_conflicts(stored: typing.Mapping, new: typing.Mapping) -> list[str]:
     """Sorted names of the settings that differ between a run's stored and new config (dicts of
     :meth:`TrainConfig.to_dict`) and may not change on resume. A setting added to a section
-    (``flow``, ``cmt``, ...) after the run was stored counts as its default there."""
+    (``flow``, ``cmt``, ...) after the run was stored counts as its default there. ``shards`` and
+    ``cmt.step_scale`` given as "auto" resume with the stored value (the run keeps what it measured)."""
     defaults = dataclasses.asdict(TrainConfig())
     stored = {k: {**defaults[k], **v} if isinstance(v, typing.Mapping) and isinstance(defaults.get(k), dict) else v
               for k, v in stored.items()}
+    if isinstance(new.get("cmt"), typing.Mapping) and new["cmt"].get("step_scale") == AUTO:
+        new = {**new, "cmt": {**new["cmt"], "step_scale": stored.get("cmt", {}).get("step_scale", AUTO)}}
 
     def differs(k):  # shards "auto" resumes with the stored count (absent in runs from before shards: 1)
         if k == "shards" and new.get(k) == AUTO:

@@ -247,3 +247,16 @@ def test_measuring_the_step_leaves_the_run_as_it_was(monkeypatch):
     assert len(measured) == 2 and all(t > 0 for t in measured)
     keys = ("lam", "eta", "loss", "reverse_ess", "energy_evaluations")
     assert [[r[k] for k in keys] for r in probed] == [[r[k] for k in keys] for r in fixed]
+
+
+def test_a_run_stored_with_a_fixed_step_resumes_under_step_scale_auto():
+    """A preset run started before step_scale existed (or with a number) resumes when its run file now
+    says auto: auto takes the stored scale. A different number is a different run and is refused."""
+    from cmt_openmm.training.config import resume_conflicts
+
+    auto = TrainConfig.from_dict({"cmt": {"step_scale": "auto"}}).to_dict()
+    before = {**auto, "cmt": {k: v for k, v in auto["cmt"].items() if k != "step_scale"}}
+    assert resume_conflicts(before, auto) == []
+    assert resume_conflicts({**auto, "cmt": {**auto["cmt"], "step_scale": 4}}, auto) == []
+    assert resume_conflicts(before, {**auto, "cmt": {**auto["cmt"], "step_scale": 2}}) == ["cmt"]
+    assert resume_conflicts(before, {**auto, "cmt": {**auto["cmt"], "eps_tr": 1.0}}) == ["cmt"]
