@@ -133,19 +133,25 @@ class CMTTrainer(Trainer):
                 f"{self.batch_size:,} (µs per sample of a step, by scale: {per_sample})")
 
     def seconds_at(self, scale: int) -> float | None:
-        """Seconds of one step's work at ``scale``: the draw, its energies and ``fit_steps`` forward and
-        backward passes (the faster of two tries after a first that takes compilation and caches; no
-        Adam update, so the weights, Adam's state and the run's random stream stay as they were). None
-        where a scale above 1 runs out of device memory."""
-        n, batch = self.settings.n_samples * scale, self.settings.batch_size * scale
+        """Seconds of one step's work at ``scale``, in this process: the draw, its energies, the strata's
+        labels, the dual and the fit's weights, and ``fit_steps`` forward and backward passes (the faster
+        of two tries after a first that takes compilation and caches; no Adam update, so the weights,
+        Adam's state and the run's random stream stay as they were). None where a scale above 1 runs
+        out of device memory."""
+        c = self.settings
+        n, batch = c.n_samples * scale, c.batch_size * scale
         device = self.rng.device
         stream = torch.Generator(device=device).manual_seed(self.config.seed)
+        eps_ent = c.eps_ent if c.eps_ent != AUTO else c.eps_ent_warmup or 1.0
 
         def once() -> float:
             start = time.perf_counter()
-            x, _ = self.generator.sample(n, generator=stream)
+            x, log_q = self.generator.sample(n, generator=stream)
             with torch.no_grad():
-                self.energy(x)
+                log_p = -self.energy(x)
+            labels = None if self.strata_of is None else self.strata_of(x.cpu().numpy())
+            self.fit_log_weights(solve_dual(log_q, log_p, c.eps_tr, eps_ent), labels, log_q, log_p)
+            self.target_stats(log_p, log_q)
             for _ in range(self.fit_steps):
                 idx = torch.randint(n, (batch,), generator=stream, device=device)
                 (-self.generator.log_prob(x[idx]).mean()).backward()
