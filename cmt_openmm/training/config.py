@@ -181,8 +181,9 @@ class CMTConfig:
     of lr by the planned last step (:mod:`cmt_openmm.training.schedule`). step_scale multiplies
     n_samples and batch_size (the fit's Adam steps per annealing step stay fit_steps); auto measures
     a step at scales 1, 2, 4, … on the run's device before a fresh run's first step and keeps
-    the largest that still made a sample cheaper (:func:`~cmt_openmm.training.schedule.pick_step_scale`:
-    1 on CPUs, larger on a GPU); a resumed run keeps the scale it started with.
+    doubling while a sample gets at least a quarter cheaper
+    (:func:`~cmt_openmm.training.schedule.pick_step_scale`; 1 on the CPUs measured, where a step's
+    time grows with its samples); a resumed run keeps the scale it started with.
     """
 
     eps_tr: float = field(default=0.5, metadata=POSITIVE)
