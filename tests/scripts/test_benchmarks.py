@@ -251,8 +251,16 @@ def test_flow_settings_cost_times_the_preset_and_its_variants_through_train(tmp_
 
     def recording_train(target, config, *args, **kwargs):
         flows.append((config.flow.hidden, config.flow.n_bins, config.flow.linear_bins, config.flow.n_layers))
+        assert config.cmt.step_scale == 1  # the preset's auto is timed at the scale CPUs keep, without its measurement
         return real_train(target, config, *args, **kwargs)
 
+    real_preset = common.get_preset
+
+    def with_auto_step(name):  # as the peptide presets have it
+        preset = real_preset(name)
+        return {**preset, "cmt": {**preset["cmt"], "step_scale": "auto"}}
+
+    monkeypatch.setattr(common, "get_preset", with_auto_step)
     monkeypatch.setattr(common, "train", recording_train)
     rows = bench.main(["--systems", "toy-double-well:toy-quick", "--variants", "linear_bins=3", "hidden=8,n_bins=4",
                        "--steps", "2", "--repeats", "1", "--out", str(tmp_path / "cost.json")])
