@@ -30,12 +30,13 @@ Two CMT settings use the plan (:mod:`.cmt`):
 
 Before the plan is measured, ``eps_ent: auto`` uses :data:`EPS_ENT_BEFORE_PLAN`.
 
-A step's size is sized to the device (``cmt.step_scale: auto``, :func:`pick_step_scale`): the
-samples per annealing step and per Adam step are multiplied by the largest power of two up to
-which each doubling cut a step's time per sample by at least :data:`STEP_SCALE_GAIN`. On CPUs a
-step's time is proportional to its samples, and at equal time a twice larger step follows the
-same curve (benchmarks/RESULTS.md, "Session 14"), so the scale stays 1 there; a GPU runs a larger
-batch in little more time than a small one, so there the larger step is the one to take.
+A step is sized to the device (``cmt.step_scale: auto``, :func:`pick_step_scale`): the samples
+per annealing step and per Adam step are multiplied by the largest power of two up to which each
+doubling brought a step's time per sample to at most :data:`STEP_SCALE_GAIN` of what it was. On
+the CPUs measured a step's time grows with its samples, and at equal time a twice larger step
+follows the same curve (benchmarks/RESULTS.md, "Session 14", "Session 20"), so the scale stays 1
+there; a GPU should run a larger batch in little more time than a small one (not yet measured),
+and there the larger step is the one to take.
 """
 from __future__ import annotations
 
