@@ -139,6 +139,11 @@ def check_throughput(device: str, batches: tuple[int, ...], bridge_batch: int) -
     return out
 
 
+def five_draws(generator, target, n: int) -> list:
+    """Five independent reweighted draws of n flow samples (seeds 0-4), as the reports take them."""
+    return [reweight(generator, target, n, seed=k, progress=False, min_effective_samples=0) for k in range(5)]
+
+
 def check_cmt_run(device: str, minutes: float, n_samples: int, n_report: int) -> dict:
     """(d) CMT on aldp-implicit for a fixed wall clock; ESS on fresh samples (median of 5 draws)."""
     target = get_target("aldp-implicit")
@@ -150,8 +155,7 @@ def check_cmt_run(device: str, minutes: float, n_samples: int, n_report: int) ->
         start = time.perf_counter()
         result = train(target, config, run_dir=Path(run_dir) / "run", progress=False)
         wall = time.perf_counter() - start
-    draws = [reweight(result.generator, target, n_report, seed=k, progress=False, min_effective_samples=0)
-             for k in range(5)]
+    draws = five_draws(result.generator, target, n_report)
     pooled = type(draws[0]).concatenate(draws)
     phi = pooled.ramachandran_angles()[:, 0, 0]
     last = result.history[-1] if result.history else {}
@@ -177,8 +181,7 @@ def check_peptide_run(device: str, minutes: float, n_report: int, tiny: bool) ->
         start = time.perf_counter()
         result = train(target, config, run_dir=Path(run_dir) / "run", progress=True)
         wall = time.perf_counter() - start
-    draws = [reweight(result.generator, target, n_report, seed=k, progress=False, min_effective_samples=0)
-             for k in range(5)]
+    draws = five_draws(result.generator, target, n_report)
     metrics = sample_metrics(draws)
     last = result.history[-1]
     return {"minutes": minutes, "wall_s": wall, "steps": len(result.history), "stop_reason": result.stop_reason,
