@@ -71,8 +71,12 @@ class DualSolution:
 class _Buffer:
     """The buffer's numbers and the dual's quantities at a given (λ, η).
 
-    The solver evaluates :meth:`moments` ~30–150 times per step, so it works on the finite
-    entries only, with one exponential pass and dot products (float64 throughout)."""
+    The solver evaluates :meth:`moments` ~200–300 times per step, so it works on the finite
+    entries only, in two reused scratch arrays, with one exponential pass and two weighted sums
+    (float64 throughout). The sums are ``np.einsum`` rather than ``@``: numpy's ``@`` calls the
+    BLAS, whose dot product spreads over all cores above ~10,000 entries; with the cores busy
+    (the training's own threads, or other runs) its threads wait on each other, which made a
+    16,000-sample dual ~25× slower than these sums (benchmarks/RESULTS.md, "Session 21")."""
 
     def __init__(self, log_q: np.ndarray, log_p: np.ndarray):
         self.log_q = log_q
@@ -81,6 +85,8 @@ class _Buffer:
         self.n = log_q.shape[0]
         self.entropy = -float(np.mean(log_q))
         self._a, self._b = log_p[self.ok], log_q[self.ok]  # finite log p̃ and their log q
+        self._c = np.empty_like(self._a)  # scratch: log w − max log w
+        self._w = np.empty_like(self._a)  # scratch: w / max w
 
     def _log_w_ok(self, lam: float, eta: float) -> np.ndarray:
         """Unnormalised log w_n(λ, η) of the finite entries."""
@@ -93,16 +99,23 @@ class _Buffer:
         return out
 
     def moments(self, lam: float, eta: float) -> tuple[float, float, float]:
-        """(log Z, KL̂(q_{i+1}‖q_i), entropy drop) at (λ, η)."""
-        log_w = self._log_w_ok(lam, eta)
-        top = float(log_w.max())
-        w = np.exp(log_w - top)
+        """(log Z, KL̂(q_{i+1}‖q_i), entropy drop) at (λ, η).
+
+        With c = log w − max log w and w = e^c: log Z = max + log Σw − log N,
+        log(q_{i+1}/q_i) = log w − log Z = c − log Σw + log N, so
+        KL̂ = Σ w c / Σw − log Σw + log N and Ĥ(q_{i+1}) = −Σ w log q_i / Σw − KL̂."""
+        c, w = self._c, self._w
+        np.multiply(self._b, -(1.0 + eta), out=c)
+        c += self._a
+        c /= 1.0 + lam + eta
+        top = float(c.max())
+        c -= top
+        np.exp(c, out=w)
         total = float(w.sum())
-        wbar = w / total
-        log_z = top + math.log(total) - math.log(self.n)
-        log_ratio = log_w - log_z  # log q_{i+1} − log q_i on the buffer
-        kl = float(wbar @ log_ratio)
-        entropy_next = -float(wbar @ (self._b + log_ratio))
+        log_total = math.log(total)
+        log_z = top + log_total - math.log(self.n)
+        kl = float(np.einsum("i,i->", w, c)) / total - log_total + math.log(self.n)
+        entropy_next = -float(np.einsum("i,i->", w, self._b)) / total - kl
         return log_z, max(kl, 0.0), self.entropy - entropy_next
 
     def stats(self, lam: float, eta: float) -> tuple[np.ndarray, float, float, float]:

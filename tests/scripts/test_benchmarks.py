@@ -63,6 +63,18 @@ def test_gpu_check_runs_every_check_in_tiny_mode_on_cpu(tmp_path):
     assert set(peptide["phi_positive_by_residue"]) <= {"residue_1", "residue_2", "residue_3"}
 
 
+def test_dual_benchmark_times_the_nested_case_at_every_size(tmp_path):
+    """Its buffers keep both constraints active (the nested solves a peptide's early steps take),
+    whatever their size, and each row's ratio is against the first size of the same run."""
+    bench = load_script("benchmarks/dual_solve.py")
+    assert bench.main(["--sizes", "500", "2000", "--dim", "30", "--repeats", "1", "--out", str(tmp_path / "d.json")]) == 0
+    rows = json.loads((tmp_path / "d.json").read_text())["rows"]
+    assert [r["n_samples"] for r in rows] == [500, 2000]
+    assert all(r["lam"] > 0 and r["eta"] > 0 and r["seconds"] > 0 for r in rows)
+    assert rows[0]["per_sample_vs_first"] == 1.0
+    assert rows[1]["per_sample_vs_first"] == pytest.approx(rows[1]["us_per_sample"] / rows[0]["us_per_sample"])
+
+
 def test_paper_table_runs_resumes_and_prints_the_published_numbers(tmp_path, monkeypatch):
     monkeypatch.setenv("CMT_OPENMM_CACHE", str(tmp_path / "cache"))
     bench = load_script("benchmarks/paper_table.py")
