@@ -15,11 +15,12 @@ KL̂ = Σ w̄ (log w − log Z) and Ĥ(q_{i+1}) = −Σ w̄ log q_{i+1}, log q_{
 Solver (hand-written: a 2-D concave problem that needs exact boundary handling, not a library
 call). The maximisation is nested 1-D root finding. For fixed η, ∂g/∂λ decreases in λ (g is
 concave), so λ*(η) = 0 when the trust region already holds at λ = 0 and otherwise the root of
-KL̂(λ, η) = ε_tr (Brent). The profile h(η) = g(λ*(η), η) is concave with h'(η) = ∂g/∂η at
-(λ*(η), η) (envelope theorem), so η* = 0 when the entropy drop at η = 0 is within ε_ent and
-otherwise the root of drop = ε_ent (Brent). The boundary cases λ = 0, η = 0 and λ = η = 0
-("target reached") are thus decided explicitly, and an active constraint holds to solver
-tolerance rather than approximately. Everything is float64 and in log-space (logsumexp).
+KL̂(λ, η) = ε_tr (Brent, bracketed from the λ* of the η tried before). The profile
+h(η) = g(λ*(η), η) is concave with h'(η) = ∂g/∂η at (λ*(η), η) (envelope theorem), so η* = 0
+when the entropy drop at η = 0 is within ε_ent and otherwise the root of drop = ε_ent (Brent).
+The boundary cases λ = 0, η = 0 and λ = η = 0 ("target reached") are thus decided explicitly,
+and an active constraint holds to solver tolerance rather than approximately. Everything is
+float64 and in log-space (logsumexp).
 
 Failed energies (a_n = −inf) get weight 0 and enter only the entropy estimate of q_i (they
 are still samples of q_i).
@@ -36,6 +37,7 @@ from ..errors import CMTInputError
 
 _MAX_MULTIPLIER = 1e12  # λ, η beyond this are treated as "infinitely" constrained
 _XTOL = 1e-12
+_MIN_GUESS = 1e-9  # below this a bracket's lower end is 0
 
 
 @dataclass(frozen=True)
@@ -71,7 +73,7 @@ class DualSolution:
 class _Buffer:
     """The buffer's numbers and the dual's quantities at a given (λ, η).
 
-    The solver evaluates :meth:`moments` ~200–300 times per step, so it works on the finite
+    The solver evaluates :meth:`moments` ~130–200 times per step, so it works on the finite
     entries only, in two reused scratch arrays, with one exponential pass and two weighted sums
     (float64 throughout). The sums are ``np.einsum`` rather than ``@``: numpy's ``@`` calls the
     BLAS, whose dot product spreads over all cores above ~10,000 entries; with the cores busy
@@ -129,14 +131,26 @@ class _Buffer:
         return -(1.0 + lam + eta) * log_z - lam * eps_tr + eta * (self.entropy - eps_ent)
 
 
-def _decreasing_root(f, limit: float = _MAX_MULTIPLIER) -> float:
-    """Smallest root in (0, limit] of a non-increasing f with f(0) > 0; limit if none."""
-    hi = 1.0
-    while f(hi) > 0.0:
-        if hi >= limit:
-            return limit
-        hi = min(hi * 4.0, limit)
-    lo = 0.0 if hi == 1.0 else hi / 4.0
+def _decreasing_root(f, guess: float = 1.0, limit: float = _MAX_MULTIPLIER) -> float:
+    """Smallest root in (0, limit] of a non-increasing f with f(0) > 0; limit if none.
+
+    The bracket grows (or shrinks) by factors of 4 from ``guess``, so a guess near the root (the
+    root of a nearby solve) brackets it in one or two evaluations."""
+    hi = min(max(guess, _MIN_GUESS), limit)
+    if f(hi) > 0.0:
+        while True:
+            if hi >= limit:
+                return limit
+            lo, hi = hi, min(hi * 4.0, limit)
+            if f(hi) <= 0.0:
+                break
+    else:
+        lo = hi / 4.0
+        while f(lo) <= 0.0:
+            if lo < _MIN_GUESS:
+                lo = 0.0  # f(0) > 0
+                break
+            hi, lo = lo, lo / 4.0
     return float(brentq(f, lo, hi, xtol=_XTOL * max(1.0, lo), rtol=1e-14, maxiter=500))
 
 
@@ -179,11 +193,16 @@ def solve_dual(log_q, log_p, eps_tr: float, eps_ent: float) -> DualSolution:
 
     buf = _Buffer(log_q, log_p)
 
+    last_lam = [1.0]  # λ*(η) of the previous η the outer solve tried: the next one's bracket starts there
+
     def lam_star(eta: float) -> float:
         def slack(lam: float) -> float:
             return buf.moments(lam, eta)[1] - eps_tr
 
-        return 0.0 if slack(0.0) <= 0.0 else _decreasing_root(slack)
+        if slack(0.0) <= 0.0:
+            return 0.0
+        last_lam[0] = _decreasing_root(slack, last_lam[0])
+        return last_lam[0]
 
     def entropy_slack(eta: float) -> float:
         return buf.moments(lam_star(eta), eta)[2] - eps_ent

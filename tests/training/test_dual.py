@@ -117,3 +117,47 @@ def test_target_already_reached():
 def test_bad_inputs_refused(log_q, log_p, eps):
     with pytest.raises(CMTInputError):
         solve_dual(np.array(log_q), np.array(log_p), *eps)
+
+
+@pytest.mark.parametrize("guess", [1e-12, 1e-3, 1.0, 2.9e4, 3.1e4, 1e9, 1e12])
+def test_the_root_is_found_from_any_starting_guess(guess):
+    """A decreasing slack with its root at 3e4: the same root from guesses far below, near and
+    far above it; a guess near the root finds it in a few evaluations (what the warm start relies on)."""
+    from cmt_openmm.training.dual import _decreasing_root
+
+    calls = []
+
+    def f(lam):
+        calls.append(lam)
+        return 1.0 - lam / 3e4
+
+    assert _decreasing_root(f, guess) == pytest.approx(3e4, rel=1e-12)
+    assert all(c >= 0 for c in calls)
+    assert len(calls) <= (6 if 2.9e4 <= guess <= 3.1e4 else 40)
+
+
+def test_no_root_below_the_limit_gives_the_limit_and_a_root_near_zero_is_found():
+    from cmt_openmm.training.dual import _MAX_MULTIPLIER, _decreasing_root
+
+    assert _decreasing_root(lambda lam: 1.0, 5.0) == _MAX_MULTIPLIER
+    assert _decreasing_root(lambda lam: 1e-6 - lam, 100.0) == pytest.approx(1e-6, rel=1e-6)
+    assert _decreasing_root(lambda lam: 1e-6 - lam, 1e-12) == pytest.approx(1e-6, rel=1e-6)
+
+
+def test_a_solve_with_both_constraints_active_needs_few_inner_evaluations(monkeypatch):
+    """The inner λ*(η) solves start from the previous one's root: a solve with both constraints
+    active takes well under the ~250 evaluations that bracketing each from 1 took."""
+    from cmt_openmm.training import dual
+
+    log_q, log_p = _buffer(4000, 60, 3.0, 0.05, seed=3)
+    calls = [0]
+    moments = dual._Buffer.moments
+
+    def counted(self, lam, eta):
+        calls[0] += 1
+        return moments(self, lam, eta)
+
+    monkeypatch.setattr(dual._Buffer, "moments", counted)
+    sol = solve_dual(log_q, log_p, 0.5, 0.3)
+    assert sol.trust_active and sol.entropy_active and sol.lam > 100
+    assert calls[0] < 200  # 312 when each inner solve bracketed from 1
