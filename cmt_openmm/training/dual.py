@@ -77,8 +77,9 @@ class _Buffer:
     entries only, in two reused scratch arrays, with one exponential pass and two weighted sums
     (float64 throughout). The sums are ``np.einsum`` rather than ``@``: numpy's ``@`` calls the
     BLAS, whose dot product spreads over all cores above ~10,000 entries; with the cores busy
-    (the training's own threads, or other runs) its threads wait on each other, which made a
-    16,000-sample dual ~25× slower than these sums (benchmarks/RESULTS.md, "Session 21")."""
+    (the training's own threads, or other runs) its threads wait on each other, which made an
+    evaluation on 16,000 samples ~25× slower than with one BLAS thread (benchmarks/RESULTS.md,
+    "Session 21")."""
 
     def __init__(self, log_q: np.ndarray, log_p: np.ndarray):
         self.log_q = log_q
