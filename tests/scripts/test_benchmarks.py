@@ -75,6 +75,21 @@ def test_dual_benchmark_times_the_nested_case_at_every_size(tmp_path):
     assert rows[1]["per_sample_vs_first"] == pytest.approx(rows[1]["us_per_sample"] / rows[0]["us_per_sample"])
 
 
+def test_training_step_times_each_step_scale_against_the_first(tmp_path):
+    """--step-scales draws and fits the scaled step (the samples per annealing step and per Adam
+    step multiplied) and gives each scale's seconds per sample against the first scale's."""
+    bench = load_script("benchmarks/training_step.py")
+    out = tmp_path / "step.json"
+    assert bench.main(["--preset", "toy-quick", "--systems", "aldp-vacuum", "--threads", "1", "--backends", "torch",
+                       "--step-scales", "1", "2", "--steps", "1", "--warmup", "1", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["step_scale"], r["n_samples"], r["batch_size"]) for r in rows] == [(1, 1000, 250), (2, 2000, 500)]
+    assert all(r["preset"] == "toy-quick" and r["step_s"] > 0 and r["speedup_vs_torch"] == 1.0 for r in rows)
+    assert rows[0]["per_sample_vs_scale_1"] == 1.0
+    assert rows[1]["per_sample_vs_scale_1"] == pytest.approx(
+        (rows[1]["step_s"] / 2000) / (rows[0]["step_s"] / 1000))
+
+
 def test_paper_table_runs_resumes_and_prints_the_published_numbers(tmp_path, monkeypatch):
     monkeypatch.setenv("CMT_OPENMM_CACHE", str(tmp_path / "cache"))
     bench = load_script("benchmarks/paper_table.py")
