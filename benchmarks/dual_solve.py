@@ -61,6 +61,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5, help="timed solves per size (the fastest is kept)")
     p.add_argument("--out", default="benchmarks/results/dual_solve.json")
     args = p.parse_args(argv)
+    if min(args.sizes) < 1 or args.dim < 1 or args.repeats < 1:
+        p.error("--sizes, --dim and --repeats must be positive integers.")
     rows = [time_dual(n, args.dim, args.repeats) for n in args.sizes]
     for row in rows:
         row["per_sample_vs_first"] = row["us_per_sample"] / rows[0]["us_per_sample"]

@@ -100,6 +100,8 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (workers, compilation)")
     p.add_argument("--out", default="benchmarks/results/training_step.json")
     args = p.parse_args(argv)
+    if min(args.step_scales) < 1:
+        p.error("--step-scales must be positive integers (1: the preset's own step).")
     rows = []
     for system in args.systems:
         for threads in args.threads:

@@ -77,15 +77,15 @@ class _Buffer:
     entries only, in two reused scratch arrays, with one exponential pass and two weighted sums
     (float64 throughout). The sums are ``np.einsum`` rather than ``@``: numpy's ``@`` calls the
     BLAS, whose dot product spreads over all cores above ~10,000 entries; with the cores busy
-    (the training's own threads, or other runs) its threads wait on each other, which made an
-    evaluation on 16,000 samples ~25× slower than with one BLAS thread (benchmarks/RESULTS.md,
-    "Session 21")."""
+    (the training's own threads, or other runs) its threads wait on each other, and the dual of a
+    large step slowed down many times over (benchmarks/RESULTS.md, "Session 21")."""
 
     def __init__(self, log_q: np.ndarray, log_p: np.ndarray):
         self.log_q = log_q
         self.log_p = log_p
         self.ok = np.isfinite(log_p)
         self.n = log_q.shape[0]
+        self._log_n = math.log(self.n)
         self.entropy = -float(np.mean(log_q))
         self._a, self._b = log_p[self.ok], log_q[self.ok]  # finite log p̃ and their log q
         self._c = np.empty_like(self._a)  # scratch: log w − max log w
@@ -116,8 +116,8 @@ class _Buffer:
         np.exp(c, out=w)
         total = float(w.sum())
         log_total = math.log(total)
-        log_z = top + log_total - math.log(self.n)
-        kl = float(np.einsum("i,i->", w, c)) / total - log_total + math.log(self.n)
+        log_z = top + log_total - self._log_n
+        kl = float(np.einsum("i,i->", w, c)) / total - log_total + self._log_n
         entropy_next = -float(np.einsum("i,i->", w, self._b)) / total - kl
         return log_z, max(kl, 0.0), self.entropy - entropy_next
 
@@ -194,16 +194,18 @@ def solve_dual(log_q, log_p, eps_tr: float, eps_ent: float) -> DualSolution:
 
     buf = _Buffer(log_q, log_p)
 
-    last_lam = [1.0]  # λ*(η) of the previous η the outer solve tried: the next one's bracket starts there
+    last_lam = 1.0  # λ*(η) of the previous η the outer solve tried: the next one's bracket starts there
 
     def lam_star(eta: float) -> float:
+        nonlocal last_lam
+
         def slack(lam: float) -> float:
             return buf.moments(lam, eta)[1] - eps_tr
 
         if slack(0.0) <= 0.0:
             return 0.0
-        last_lam[0] = _decreasing_root(slack, last_lam[0])
-        return last_lam[0]
+        last_lam = _decreasing_root(slack, last_lam)
+        return last_lam
 
     def entropy_slack(eta: float) -> float:
         return buf.moments(lam_star(eta), eta)[2] - eps_ent

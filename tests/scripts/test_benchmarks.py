@@ -90,6 +90,14 @@ def test_training_step_times_each_step_scale_against_the_first(tmp_path):
         (rows[1]["step_s"] / 2000) / (rows[0]["step_s"] / 1000))
 
 
+def test_dual_and_training_step_benchmarks_refuse_non_positive_sizes_in_one_sentence(capsys):
+    for script, argv in (("benchmarks/dual_solve.py", ["--sizes", "0"]),
+                         ("benchmarks/training_step.py", ["--step-scales", "0"])):
+        with pytest.raises(SystemExit):
+            load_script(script).main(argv)
+        assert "must be positive integers" in capsys.readouterr().err
+
+
 def test_paper_table_runs_resumes_and_prints_the_published_numbers(tmp_path, monkeypatch):
     monkeypatch.setenv("CMT_OPENMM_CACHE", str(tmp_path / "cache"))
     bench = load_script("benchmarks/paper_table.py")
