@@ -69,7 +69,6 @@ def time_steps(system: str, backend: str, threads: int, n_steps: int, n_warmup: 
                 t2 = time.perf_counter()
                 trainer.anneal(x, log_q, log_p)
                 trainer.steps_done += 1
-                drawn = x.shape[0]
                 t3 = time.perf_counter()
             if i >= len(train_dtypes) * n_warmup:
                 for part, seconds in zip(PARTS, (t1 - t0, t2 - t1, t3 - t2)):
@@ -79,10 +78,10 @@ def time_steps(system: str, backend: str, threads: int, n_steps: int, n_warmup: 
         medians = {part: statistics.median(values) for part, values in parts.items()}
         step = sum(medians.values())
         rows.append({"system": system, "preset": preset, "backend": backend, "train_dtype": train_dtype,
-                     "threads": threads, "step_scale": step_scale, "n_samples": drawn,
+                     "threads": threads, "step_scale": step_scale, "n_samples": trainer.n_samples,
                      "batch_size": trainer.batch_size, "fit_steps": trainer.fit_steps, "dim": generator.dim,
                      **{f"{p}_s": medians[p] for p in PARTS}, "step_s": step,
-                     "evaluations_per_s": drawn / step})
+                     "evaluations_per_s": trainer.n_samples / step})
     return rows
 
 
