@@ -14,6 +14,10 @@ import numpy as np
 from ..errors import CMTInputError
 from ..units import dihedral_angles
 
+PHI_POSITIVE_BASIN = (0.0, 2.0 * np.pi / 3.0)
+"""The φ > 0 basin of a residue (αL ∪ C7ax) as a [lo, hi) interval of φ in radians: 0° ≤ φ < 120°.
+φ ∈ [120°, 180°) belongs to the β region that reaches across φ = ±180°."""
+
 
 def _backbone_residues(topology: Any):
     """(C(i-1), N(i), CA(i), C(i), N(i+1)) atom indices of every residue with ``N``, ``CA`` and ``C``,
@@ -70,6 +74,11 @@ def phi_angles(topology: Any, x: Any) -> np.ndarray:
     if not quads:
         raise CMTInputError("the topology has no backbone φ: φ angles need a peptide.")
     return dihedral_angles(x, quads)
+
+
+def in_phi_positive_basin(phi: np.ndarray) -> np.ndarray:
+    """Whether each φ (any shape, radians in [-π, π)) lies in :data:`PHI_POSITIVE_BASIN`."""
+    return (phi >= PHI_POSITIVE_BASIN[0]) & (phi < PHI_POSITIVE_BASIN[1])
 
 
 def ramachandran_angles(topology: Any, x: Any) -> np.ndarray:

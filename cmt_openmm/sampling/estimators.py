@@ -25,6 +25,7 @@ from typing import Any, Mapping, NamedTuple
 
 import numpy as np
 
+from ..coordinates.backbone import PHI_POSITIVE_BASIN
 from ..errors import CMTInputError
 from ..units import as_float64, wrap_angle
 
@@ -116,9 +117,9 @@ ALDP_HALVES: dict[str, tuple[tuple[float, float], tuple[float, float]]] = {
 """The literal φ < 0 ([-180°, 0°)) and φ ≥ 0 ([0°, 180°)) halves, in radians."""
 
 
-PHI_POSITIVE = {"phi>0": ((0.0, 2.0 * math.pi / 3.0), (-math.pi, math.pi))}
-"""The ALDP φ > 0 basin, αL ∪ C7ax: 0° ≤ φ < 120°, any ψ (radians; [lo, hi) intervals, ψ full
-circle). φ ∈ [120°, 180°) belongs to the C5/β region that reaches across φ = ±180°."""
+PHI_POSITIVE = {"phi>0": (PHI_POSITIVE_BASIN, (-math.pi, math.pi))}
+"""The φ > 0 basin, αL ∪ C7ax: φ in :data:`~cmt_openmm.coordinates.backbone.PHI_POSITIVE_BASIN`
+(0° ≤ φ < 120°), any ψ (radians; [lo, hi) intervals, ψ full circle)."""
 
 
 def aldp_basins(include_halves: bool = False) -> dict[str, tuple[tuple[float, float], tuple[float, float]]]:

@@ -171,8 +171,8 @@ class CMTConfig:
     docs/cmt_settings.md). eps_ent_warmup, warmup_steps: a two-phase
     entropy constraint, ε_ent = eps_ent_warmup for the first warmup_steps annealing steps (None:
     eps_ent throughout); a tight value keeps the path hot (η > 0) while the flow learns the shape
-    of every basin, then eps_ent lets it cool (docs/cmt_settings.md). strata: "none", "phi-sign"
-    or "phi-sign-turns" (peptides); with strata, each of the K strata in the buffer is fitted with
+    of every basin, then eps_ent lets it cool (docs/cmt_settings.md). strata: "none", "phi-sign",
+    "phi-sign-turns" or "phi-basin" (peptides); with strata, each of the K strata in the buffer is fitted with
     at least mass strata_floor / K, the dual's weights kept inside each; strata_mass: each
     stratum's mass before the floor, "dual" (the dual's) or "holder" (the Hölder bound: the mass
     the step would give it if the flow's shape inside it were right; :mod:`cmt_openmm.training.strata`).
@@ -317,7 +317,7 @@ class TrainConfig:
             raise CMTInputError("method forward_kl needs forward_kl.data, an .npz file with `positions` in nm.")
         if config.cmt.strata_mass != "dual" and config.cmt.strata == "none":
             raise CMTInputError(f"cmt.strata_mass {config.cmt.strata_mass} sets the masses of strata, and cmt.strata "
-                                "is none; set cmt.strata (phi-sign or phi-sign-turns) or leave strata_mass out.")
+                                "is none; set cmt.strata (phi-sign, phi-sign-turns or phi-basin) or leave strata_mass out.")
         return config
 
     @classmethod

@@ -31,6 +31,11 @@ Strata are labels of configurations. ``phi-sign`` labels a peptide by the signs 
 backbone φ angles (the slow, left-handed αL/C7ax states sit at φ > 0), up to 2^R labels for R
 residues; ``phi-sign-turns`` also by which turn hydrogen bonds (i → i + 3, i → i + 4) it forms
 (:func:`~cmt_openmm.coordinates.backbone.turn_hydrogen_bonds`), up to 2^(R + T) labels.
+``phi-basin`` labels by which φ lie in the φ > 0 basin itself, 0° ≤ φ < 120°
+(:data:`~cmt_openmm.coordinates.backbone.PHI_POSITIVE_BASIN`, the basin the reports judge):
+a φ ≥ 0 stratum also holds the edge of the β region (120° ≤ φ < 180°, which reaches across
+±180°), so under ``phi-sign`` the flow can meet the floor with β-edge samples and leave the basin
+itself thin; ``phi-basin`` puts the β edge with the rest of β and floors the basin.
 """
 from __future__ import annotations
 
@@ -39,10 +44,10 @@ import math
 import numpy as np
 from scipy.special import logsumexp
 
-from ..coordinates.backbone import backbone_phis, phi_angles, turn_contacts
+from ..coordinates.backbone import backbone_phis, in_phi_positive_basin, phi_angles, turn_contacts
 from ..errors import CMTInputError
 
-STRATA = ("none", "phi-sign", "phi-sign-turns")
+STRATA = ("none", "phi-sign", "phi-sign-turns", "phi-basin")
 STRATA_MASSES = ("dual", "holder")
 
 
@@ -57,6 +62,8 @@ def stratifier(name: str, topology):
         )
     if name == "phi-sign-turns":
         return lambda x: phi_sign_turn_labels(topology, x)
+    if name == "phi-basin":
+        return lambda x: phi_basin_labels(topology, x)
     return lambda x: phi_sign_labels(topology, x)
 
 
@@ -65,6 +72,13 @@ def phi_sign_labels(topology, x) -> np.ndarray:
     (an uncapped peptide's C-terminal residue included)."""
     phi = phi_angles(topology, np.asarray(x))
     return ((phi >= 0.0) * (1 << np.arange(phi.shape[1]))).sum(axis=1)
+
+
+def phi_basin_labels(topology, x) -> np.ndarray:
+    """(B,) int labels Σ_j 2^j [0° ≤ φ_j < 120°] of configurations x (B, n_atoms, 3) nm: which backbone
+    φ lie in the φ > 0 basin (:func:`~cmt_openmm.coordinates.backbone.in_phi_positive_basin`)."""
+    inside = in_phi_positive_basin(phi_angles(topology, np.asarray(x)))
+    return (inside * (1 << np.arange(inside.shape[1]))).sum(axis=1)
 
 
 def phi_sign_turn_labels(topology, x) -> np.ndarray:

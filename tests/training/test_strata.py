@@ -9,7 +9,7 @@ from cmt_openmm.systems import get_target
 from cmt_openmm.systems.toys import double_well_3d
 from cmt_openmm.training.config import TrainConfig
 from cmt_openmm.training.dual import solve_dual
-from cmt_openmm.training.strata import (floored_log_weights, holder_log_weights, phi_sign_labels,
+from cmt_openmm.training.strata import (floored_log_weights, holder_log_weights, phi_basin_labels, phi_sign_labels,
                                        phi_sign_turn_labels, stratifier)
 
 
@@ -72,8 +72,9 @@ def test_strata_need_a_peptide_and_a_known_name():
     with pytest.raises(CMTInputError, match="needs a peptide"):
         stratifier("phi-sign", toy.topology)
     assert stratifier("none", toy.topology) is None
-    with pytest.raises(CMTInputError, match="needs a peptide"):
-        stratifier("phi-sign-turns", toy.topology)
+    for name in ("phi-sign-turns", "phi-basin"):
+        with pytest.raises(CMTInputError, match="needs a peptide"):
+            stratifier(name, toy.topology)
     with pytest.raises(CMTInputError, match="one of none, phi-sign, phi-sign-turns"):
         TrainConfig.from_dict({"cmt": {"strata": "rmsd"}})
     with pytest.raises(CMTInputError, match="cmt.strata_mass holder sets the masses of strata, and cmt.strata is none"):
@@ -243,3 +244,36 @@ def test_phi_sign_strata_of_a_longer_peptide_and_the_floor_over_many_labels(tmp_
     assert w.sum() == pytest.approx(1.0)
     masses = np.bincount(labels, weights=w, minlength=8)
     assert masses.min() >= 0.1 / 8 * (1 - 1e-9) and masses[0] > 0.9
+
+
+def test_phi_basin_strata_label_the_basin_and_floor_it_where_phi_sign_strata_do_not(tmp_path, monkeypatch):
+    """ala4 (3 backbone φ): phi-basin labels agree bit by bit with mdtraj's φ in [0°, 120°), the
+    reports' φ > 0 basin, so the β edge (120° ≤ φ < 180°) is not in it; and where the dual puts a
+    φ ≥ 0 stratum's mass on the β edge, only phi-basin's floor gives the basin itself ≥ floor / K."""
+    import mdtraj
+    import torch
+
+    from cmt_openmm.generator import BoltzmannGenerator
+
+    monkeypatch.setenv("CMT_OPENMM_CACHE", str(tmp_path))
+    target = get_target("ala4")
+    x, _ = BoltzmannGenerator.build(target, n_layers=1, hidden=4).sample(2000, torch.Generator().manual_seed(0))
+    labels = stratifier("phi-basin", target.topology)(x.numpy())
+    _, phi = mdtraj.compute_phi(mdtraj.Trajectory(x.numpy(), mdtraj.Topology.from_openmm(target.topology)))
+    in_basin = (phi >= 0) & (phi < 2 * np.pi / 3)
+    assert np.array_equal(labels, (in_basin * (1 << np.arange(3))).sum(axis=1))
+    assert np.array_equal(labels, phi_basin_labels(target.topology, x.numpy()))
+    beta_edge = phi >= 2 * np.pi / 3
+    assert beta_edge.any(axis=0).all()  # the untrained flow's φ are uniform: every residue has a β edge
+
+    # the dual: the φ < 0 region and the β edge hold the weight, the basin samples nearly none
+    log_w = np.where(in_basin.any(axis=1), -12.0, 0.0)
+    floor, sign_labels = 0.1, phi_sign_labels(target.topology, x.numpy())
+    for name, strata_labels in (("phi-basin", labels), ("phi-sign", sign_labels)):
+        w = np.exp(floored_log_weights(log_w, strata_labels, floor))
+        k = len(np.unique(strata_labels))
+        basin_mass = [w[in_basin[:, j]].sum() for j in range(3)]
+        if name == "phi-basin":
+            assert min(basin_mass) >= floor / k * (1 - 1e-9)
+        else:  # φ ≥ 0 strata meet their floor with β-edge samples and leave the basin thin
+            assert max(basin_mass) < 0.1 * floor / k
