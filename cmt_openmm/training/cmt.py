@@ -36,7 +36,7 @@ from .distributed import Layout, broadcast_object, on_main
 from .dual import solve_dual
 from .loop import Trainer
 from .schedule import auto_eps_ent, auto_lr_decay, pick_step_scale
-from .strata import floored_log_weights, holder_log_weights, stratifier
+from .strata import floor_labels, floored_log_weights, holder_log_weights, stratifier
 
 
 def fit_to_buffer(
@@ -104,7 +104,7 @@ class CMTTrainer(Trainer):
         self.reached_at: int | None = None  # steps_done when the dual first gave λ = η = 0
         self.cooled_at: int | None = None  # steps_done when, after the warm-up, the dual first gave η = 0
         self.first_entropy: float | None = None  # H(q_0) estimated on the first buffer (nats)
-        self.strata_of = stratifier(c.strata, target.topology)
+        self.strata_of = stratifier(c.strata, target.topology, by_turns=c.strata_mass == "holder-turns")
         self.step_scale: int | None = None if c.step_scale == AUTO else int(c.step_scale)  # None: not measured yet
 
     @property
@@ -210,13 +210,16 @@ class CMTTrainer(Trainer):
     def fit_log_weights(self, sol, labels: np.ndarray | None, log_q: torch.Tensor,
                         log_p: torch.Tensor) -> np.ndarray:
         """Normalised log-weights (N,) the flow is fitted to: the dual's (q_{i+1}); with strata
-        (labels: (N,) the buffer's, else None) each stratum's mass set by ``strata_mass`` and floored."""
+        (labels: (N,) the buffer's, else None) each stratum's mass set by ``strata_mass`` and floored
+        (holder-turns: Hölder masses per stratum and turn pattern, the floor over the strata)."""
         if labels is None:
             return sol.log_weights
-        log_weights = sol.log_weights
-        if self.settings.strata_mass == "holder":
+        log_weights, mass = sol.log_weights, self.settings.strata_mass
+        if mass != "dual":
             log_weights = holder_log_weights(log_weights, labels, log_q.detach().double().cpu().numpy(),
                                              log_p.detach().double().cpu().numpy(), sol.lam, sol.eta)
+        if mass == "holder-turns":
+            labels = floor_labels(labels, self.target.topology)
         return floored_log_weights(log_weights, labels, self.settings.strata_floor)
 
     def gather_buffer(self, x: torch.Tensor, log_q: torch.Tensor, log_p: torch.Tensor):

@@ -174,8 +174,9 @@ class CMTConfig:
     of every basin, then eps_ent lets it cool (docs/cmt_settings.md). strata: "none", "phi-sign",
     "phi-sign-turns" or "phi-basin" (peptides); with strata, each of the K strata in the buffer is fitted with
     at least mass strata_floor / K, the dual's weights kept inside each; strata_mass: each
-    stratum's mass before the floor, "dual" (the dual's) or "holder" (the Hölder bound: the mass
-    the step would give it if the flow's shape inside it were right; :mod:`cmt_openmm.training.strata`).
+    stratum's mass before the floor, "dual" (the dual's), "holder" (the Hölder bound: the mass
+    the step would give it if the flow's shape inside it were right) or "holder-turns" (the bound
+    per stratum and turn pattern, the floor over the strata; :mod:`cmt_openmm.training.strata`).
     eps_ent: auto sizes the entropy budget per step so that the path cools at cool_fraction of the
     run's planned steps; lr_decay_after_target: auto decays the learning rate to lr_final_fraction
     of lr by the planned last step (:mod:`cmt_openmm.training.schedule`). step_scale multiplies
@@ -318,6 +319,10 @@ class TrainConfig:
         if config.cmt.strata_mass != "dual" and config.cmt.strata == "none":
             raise CMTInputError(f"cmt.strata_mass {config.cmt.strata_mass} sets the masses of strata, and cmt.strata "
                                 "is none; set cmt.strata (phi-sign, phi-sign-turns or phi-basin) or leave strata_mass out.")
+        if config.cmt.strata_mass == "holder-turns" and config.cmt.strata == "phi-sign-turns":
+            raise CMTInputError("cmt.strata_mass holder-turns cuts the strata by their turns, and cmt.strata "
+                                "phi-sign-turns already does; use strata_mass holder with it, or strata phi-sign "
+                                "or phi-basin with holder-turns.")
         return config
 
     @classmethod

@@ -36,6 +36,11 @@ residues; ``phi-sign-turns`` also by which turn hydrogen bonds (i → i + 3, i �
 a φ ≥ 0 stratum also holds the edge of the β region (120° ≤ φ < 180°, which reaches across
 ±180°), so under ``phi-sign`` the flow can meet the floor with β-edge samples and leave the basin
 itself thin; ``phi-basin`` puts the β edge with the rest of β and floors the basin.
+
+``strata_mass: holder-turns`` splits the Hölder masses finer than the floor: each stratum is cut
+by its turn pattern (which turn hydrogen bonds form) and each piece gets its Hölder bound, while
+the floor stays over the strata (φ labels). With ``phi-sign-turns`` the floor itself is shared
+among up to 2^(R + T) labels and thins to nothing per basin; here it stays at ρ / 2^R at most.
 """
 from __future__ import annotations
 
@@ -48,11 +53,13 @@ from ..coordinates.backbone import backbone_phis, in_phi_positive_basin, phi_ang
 from ..errors import CMTInputError
 
 STRATA = ("none", "phi-sign", "phi-sign-turns", "phi-basin")
-STRATA_MASSES = ("dual", "holder")
+STRATA_MASSES = ("dual", "holder", "holder-turns")
 
 
-def stratifier(name: str, topology):
-    """The labelling function x (B, n_atoms, 3) nm -> (B,) int of strata ``name``; None for "none"."""
+def stratifier(name: str, topology, by_turns: bool = False):
+    """The labelling function x (B, n_atoms, 3) nm -> (B,) int of strata ``name``; None for "none".
+    ``by_turns`` (strata_mass holder-turns): the labels also carry the turn pattern above the R φ bits
+    (:func:`floor_labels` strips it)."""
     if name == "none":
         return None
     if not backbone_phis(topology):
@@ -60,11 +67,16 @@ def stratifier(name: str, topology):
             f"cmt.strata {name!r} needs a peptide with backbone φ angles and this target has none; "
             "set cmt.strata to 'none'."
         )
-    if name == "phi-sign-turns":
-        return lambda x: phi_sign_turn_labels(topology, x)
-    if name == "phi-basin":
-        return lambda x: phi_basin_labels(topology, x)
-    return lambda x: phi_sign_labels(topology, x)
+    label = {"phi-sign-turns": phi_sign_turn_labels, "phi-basin": phi_basin_labels}.get(name, phi_sign_labels)
+    if not by_turns:
+        return lambda x: label(topology, x)
+    n_phi = len(backbone_phis(topology))
+    return lambda x: label(topology, x) + (turn_pattern(topology, x) << n_phi)
+
+
+def floor_labels(labels, topology) -> np.ndarray:
+    """The φ strata (B,) of labels (B,) that carry a turn pattern above their R φ bits."""
+    return np.asarray(labels) & ((1 << len(backbone_phis(topology))) - 1)
 
 
 def phi_sign_labels(topology, x) -> np.ndarray:
@@ -85,10 +97,14 @@ def phi_sign_turn_labels(topology, x) -> np.ndarray:
     """(B,) int labels: :func:`phi_sign_labels` + 2^R Σ_k 2^k [turn k formed] (R backbone φ, turns of
     :func:`~cmt_openmm.coordinates.backbone.turn_contacts`), x (B, n_atoms, 3) nm."""
     x = np.asarray(x)
-    phi = phi_sign_labels(topology, x)
-    turns = turn_contacts(topology, x)
-    n_phi = len(backbone_phis(topology))
-    return phi + ((turns * (1 << np.arange(turns.shape[1]))).sum(axis=1) << n_phi)
+    return phi_sign_labels(topology, x) + (turn_pattern(topology, x) << len(backbone_phis(topology)))
+
+
+def turn_pattern(topology, x) -> np.ndarray:
+    """(B,) int Σ_k 2^k [turn k formed] of configurations x (B, n_atoms, 3) nm, over the turns of
+    :func:`~cmt_openmm.coordinates.backbone.turn_contacts`."""
+    turns = turn_contacts(topology, np.asarray(x))
+    return (turns * (1 << np.arange(turns.shape[1]))).sum(axis=1)
 
 
 def holder_log_weights(log_weights, labels, log_q, log_p, lam: float, eta: float) -> np.ndarray:

@@ -277,3 +277,48 @@ def test_phi_basin_strata_label_the_basin_and_floor_it_where_phi_sign_strata_do_
             assert min(basin_mass) >= floor / k * (1 - 1e-9)
         else:  # φ ≥ 0 strata meet their floor with β-edge samples and leave the basin thin
             assert max(basin_mass) < 0.1 * floor / k
+
+
+def test_holder_turns_masses_per_turn_pattern_and_the_floor_over_the_phi_strata(monkeypatch, tmp_path):
+    """strata_mass holder-turns on ala4: the fit's weights are the Hölder masses of each φ-basin stratum
+    cut by its turn pattern, then the floor over the 2^3 φ strata alone (not over the finer labels)."""
+    from cmt_openmm.training import cmt as cmt_module
+    from cmt_openmm.training import train
+    from cmt_openmm.training.strata import turn_pattern
+
+    monkeypatch.setenv("CMT_OPENMM_CACHE", str(tmp_path))
+    seen, fit_to_buffer = [], cmt_module.fit_to_buffer
+    solved, solve = [], cmt_module.solve_dual
+
+    def spy_fit(generator, optimizer, x, log_weights, *args):
+        seen.append((x.detach().numpy().copy(), np.asarray(log_weights)))
+        return fit_to_buffer(generator, optimizer, x, log_weights, *args)
+
+    monkeypatch.setattr(cmt_module, "fit_to_buffer", spy_fit)
+    monkeypatch.setattr(cmt_module, "solve_dual", lambda *a: solved.append((solve(*a), a)) or solved[-1][0])
+    target = get_target("ala4")
+    config = TrainConfig.from_dict({
+        "method": "cmt", "seed": 0, "max_steps": 2, "flow": {"n_layers": 2, "hidden": 16},
+        "cmt": {"n_samples": 600, "fit_steps": 2, "strata": "phi-basin", "strata_floor": 0.3,
+                "strata_mass": "holder-turns"},
+    })
+    train(target, config, None, progress=False)
+    assert len(seen) == len(solved) == 2
+    for (x, fitted), (sol, (log_q, log_p, *_)) in zip(seen, solved):
+        strata, turns = phi_basin_labels(target.topology, x), turn_pattern(target.topology, x)
+        assert len(np.unique(turns)) > 1 and len(np.unique(strata)) == 8
+        log_q, log_p = log_q.double().numpy(), log_p.double().numpy()
+        masses = holder_log_weights(sol.log_weights, strata + (turns << 3), log_q, log_p, sol.lam, sol.eta)
+        np.testing.assert_allclose(fitted, floored_log_weights(masses, strata, 0.3), atol=1e-12)
+        assert min(np.exp(fitted[strata == s]).sum() for s in range(8)) >= 0.3 / 8 - 1e-12
+        # the Hölder masses per turn pattern differ from those per φ stratum alone
+        coarse = floored_log_weights(holder_log_weights(sol.log_weights, strata, log_q, log_p, sol.lam, sol.eta),
+                                     strata, 0.3)
+        assert not np.allclose(fitted, coarse)
+
+
+def test_holder_turns_is_refused_where_the_strata_already_hold_the_turns():
+    with pytest.raises(CMTInputError, match="phi-sign-turns already does"):
+        TrainConfig.from_dict({"cmt": {"strata": "phi-sign-turns", "strata_mass": "holder-turns"}})
+    with pytest.raises(CMTInputError, match="cmt.strata is none"):
+        TrainConfig.from_dict({"cmt": {"strata_mass": "holder-turns"}})
