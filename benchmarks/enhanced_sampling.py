@@ -60,10 +60,10 @@ import torch
 
 from cmt_openmm import Run
 from cmt_openmm.analysis.metrics import phi_transitions, state_effective_samples
-from cmt_openmm.coordinates.backbone import phi_angles
+from cmt_openmm.coordinates.backbone import in_phi_positive_basin, phi_angles
 from cmt_openmm.errors import CMTInputError
 from cmt_openmm.runs.run_files import build_target
-from cmt_openmm.sampling.estimators import MIN_EFFECTIVE_SAMPLES, PHI_POSITIVE, Estimate, weighted_mean
+from cmt_openmm.sampling.estimators import MIN_EFFECTIVE_SAMPLES, Estimate, weighted_mean
 
 N_BLOCKS = 20
 CONVERGENCE_FRACTIONS = (0.1, 0.25, 0.5, 1.0)  # 0.1: the target is convergence with 1/10 of T-REMD
@@ -77,8 +77,7 @@ def phi_of(target, positions: np.ndarray) -> np.ndarray:
 def population(phi: np.ndarray) -> tuple[list[float], list[float]]:
     """φ > 0 basin population of a time series, per residue (``phi`` (T,) or (T, n_phi)), with its
     block-averaging standard error."""
-    lo, hi = PHI_POSITIVE["phi>0"][0]
-    inside = ((phi >= lo) & (phi < hi)).astype(float).reshape(len(phi), -1)
+    inside = in_phi_positive_basin(phi).astype(float).reshape(len(phi), -1)
     blocks = np.array_split(inside, N_BLOCKS) if len(inside) >= N_BLOCKS else [inside]
     means = np.stack([b.mean(axis=0) for b in blocks])
     errors = means.std(axis=0, ddof=1) / math.sqrt(len(means)) if len(means) > 1 else np.full(means.shape[1], np.nan)
@@ -349,12 +348,11 @@ class ReweightedPopulation(NamedTuple):
 def generator_populations(phi: np.ndarray, weights: np.ndarray) -> list[ReweightedPopulation]:
     """The reweighted generator's φ > 0 population of every residue (``phi`` (N, n_phi), ``weights``
     (N,)), with the effective samples of its basin (`state_effective_samples`)."""
-    lo, hi = PHI_POSITIVE["phi>0"][0]
     if not weights.any():
         return [ReweightedPopulation(float("nan"), float("nan"), 0.0)] * phi.shape[1]
     populations = []
     for series in phi.T:
-        inside = (series >= lo) & (series < hi)
+        inside = in_phi_positive_basin(series)
         e = weighted_mean(inside.astype(float), weights)
         populations.append(ReweightedPopulation(e.value, e.error, state_effective_samples(weights, inside)))
     return populations

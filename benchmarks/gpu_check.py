@@ -40,6 +40,7 @@ import openmm
 import torch
 
 from cmt_openmm.analysis.metrics import by_residue, sample_metrics
+from cmt_openmm.coordinates.backbone import in_phi_positive_basin
 from cmt_openmm.energy.openmm.energy import OpenMMEnergy
 from cmt_openmm.energy.torch.energy import TorchEnergy
 from cmt_openmm.errors import CMTInputError
@@ -163,7 +164,7 @@ def check_cmt_run(device: str, minutes: float, n_samples: int, n_report: int) ->
             "energy_evaluations": last.get("energy_evaluations", 0), "energy_backend": last.get("energy_backend"),
             "lam": last.get("lam"), "eta": last.get("eta"),
             "ess_median": float(np.median([d.ess for d in draws])), "ess_draws": [d.ess for d in draws],
-            "phi_positive": float(np.sum(pooled.weights * ((phi >= 0) & (phi < 2 * np.pi / 3)))),
+            "phi_positive": float(np.sum(pooled.weights * in_phi_positive_basin(phi))),
             "n_effective_pooled": pooled.n_effective}
 
 
