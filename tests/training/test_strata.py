@@ -86,10 +86,9 @@ def test_strata_need_a_peptide_and_a_known_name():
             TrainConfig.from_dict({"cmt": {"strata": "phi-sign", "strata_floor": bad}})
 
 
-@pytest.mark.parametrize("strata_mass", ["dual", "holder"])
-def test_cmt_trainer_fits_to_the_floored_weights(monkeypatch, strata_mass):
+def _spy_on_the_fit(monkeypatch):
+    """Lists that fill, per CMT step, with (buffer x, fitted log-weights) and (dual solution, its arguments)."""
     from cmt_openmm.training import cmt as cmt_module
-    from cmt_openmm.training import train
 
     seen, fit_to_buffer = [], cmt_module.fit_to_buffer
     solved, solve = [], cmt_module.solve_dual
@@ -100,6 +99,14 @@ def test_cmt_trainer_fits_to_the_floored_weights(monkeypatch, strata_mass):
 
     monkeypatch.setattr(cmt_module, "fit_to_buffer", spy_fit)
     monkeypatch.setattr(cmt_module, "solve_dual", lambda *a: solved.append((solve(*a), a)) or solved[-1][0])
+    return seen, solved
+
+
+@pytest.mark.parametrize("strata_mass", ["dual", "holder"])
+def test_cmt_trainer_fits_to_the_floored_weights(monkeypatch, strata_mass):
+    from cmt_openmm.training import train
+
+    seen, solved = _spy_on_the_fit(monkeypatch)
     target = get_target("aldp-vacuum", 300.0)
     config = TrainConfig.from_dict({
         "method": "cmt", "seed": 0, "max_steps": 2, "flow": {"n_layers": 2, "hidden": 16},
@@ -282,20 +289,11 @@ def test_phi_basin_strata_label_the_basin_and_floor_it_where_phi_sign_strata_do_
 def test_holder_turns_masses_per_turn_pattern_and_the_floor_over_the_phi_strata(monkeypatch, tmp_path):
     """strata_mass holder-turns on ala4: the fit's weights are the Hölder masses of each φ-basin stratum
     cut by its turn pattern, then the floor over the 2^3 φ strata alone (not over the finer labels)."""
-    from cmt_openmm.training import cmt as cmt_module
     from cmt_openmm.training import train
     from cmt_openmm.training.strata import turn_pattern
 
     monkeypatch.setenv("CMT_OPENMM_CACHE", str(tmp_path))
-    seen, fit_to_buffer = [], cmt_module.fit_to_buffer
-    solved, solve = [], cmt_module.solve_dual
-
-    def spy_fit(generator, optimizer, x, log_weights, *args):
-        seen.append((x.detach().numpy().copy(), np.asarray(log_weights)))
-        return fit_to_buffer(generator, optimizer, x, log_weights, *args)
-
-    monkeypatch.setattr(cmt_module, "fit_to_buffer", spy_fit)
-    monkeypatch.setattr(cmt_module, "solve_dual", lambda *a: solved.append((solve(*a), a)) or solved[-1][0])
+    seen, solved = _spy_on_the_fit(monkeypatch)
     target = get_target("ala4")
     config = TrainConfig.from_dict({
         "method": "cmt", "seed": 0, "max_steps": 2, "flow": {"n_layers": 2, "hidden": 16},
