@@ -172,8 +172,8 @@ class CMTConfig:
     entropy constraint, ε_ent = eps_ent_warmup for the first warmup_steps annealing steps (None:
     eps_ent throughout); a tight value keeps the path hot (η > 0) while the flow learns the shape
     of every basin, then eps_ent lets it cool (docs/cmt_settings.md). strata: "none", "phi-sign",
-    "phi-sign-turns" or "phi-basin" (peptides); with strata, each of the K strata in the buffer is fitted with
-    at least mass strata_floor / K, the dual's weights kept inside each; strata_mass: each
+    "phi-sign-turns" or "phi-basin" (peptides); with strata, each of the K strata in the buffer is
+    fitted with at least mass strata_floor / K, the dual's weights kept inside each; strata_mass: each
     stratum's mass before the floor, "dual" (the dual's), "holder" (the Hölder bound: the mass
     the step would give it if the flow's shape inside it were right) or "holder-turns" (the bound
     per stratum and turn pattern, the floor over the strata; :mod:`cmt_openmm.training.strata`).
@@ -318,7 +318,8 @@ class TrainConfig:
             raise CMTInputError("method forward_kl needs forward_kl.data, an .npz file with `positions` in nm.")
         if config.cmt.strata_mass != "dual" and config.cmt.strata == "none":
             raise CMTInputError(f"cmt.strata_mass {config.cmt.strata_mass} sets the masses of strata, and cmt.strata "
-                                "is none; set cmt.strata (phi-sign, phi-sign-turns or phi-basin) or leave strata_mass out.")
+                                "is none; set cmt.strata (phi-sign, phi-sign-turns or phi-basin) or leave "
+                                "strata_mass out.")
         if config.cmt.strata_mass == "holder-turns" and config.cmt.strata == "phi-sign-turns":
             raise CMTInputError("cmt.strata_mass holder-turns cuts the strata by their turns, and cmt.strata "
                                 "phi-sign-turns already does; use strata_mass holder with it, or strata phi-sign "
