@@ -67,11 +67,12 @@ def stratifier(name: str, topology, by_turns: bool = False):
             f"cmt.strata {name!r} needs a peptide with backbone φ angles and this target has none; "
             "set cmt.strata to 'none'."
         )
-    label = {"phi-sign-turns": phi_sign_turn_labels, "phi-basin": phi_basin_labels}.get(name, phi_sign_labels)
+    if name == "phi-sign-turns":  # the φ signs with the turn pattern above them
+        name, by_turns = "phi-sign", True
+    label = phi_basin_labels if name == "phi-basin" else phi_sign_labels
     if not by_turns:
         return lambda x: label(topology, x)
-    n_phi = len(backbone_phis(topology))
-    return lambda x: label(topology, x) + (turn_pattern(topology, x) << n_phi)
+    return lambda x: with_turn_pattern(topology, x, label(topology, x))
 
 
 def floor_labels(labels, topology) -> np.ndarray:
@@ -79,32 +80,38 @@ def floor_labels(labels, topology) -> np.ndarray:
     return np.asarray(labels) & ((1 << len(backbone_phis(topology))) - 1)
 
 
+def _as_bits(flags: np.ndarray) -> np.ndarray:
+    """(B,) int Σ_j 2^j flags[:, j] of boolean flags (B, K)."""
+    return (flags * (1 << np.arange(flags.shape[1]))).sum(axis=1)
+
+
 def phi_sign_labels(topology, x) -> np.ndarray:
     """(B,) int labels Σ_j 2^j [φ_j ≥ 0] of configurations x (B, n_atoms, 3) nm, over every backbone φ
     (an uncapped peptide's C-terminal residue included)."""
-    phi = phi_angles(topology, np.asarray(x))
-    return ((phi >= 0.0) * (1 << np.arange(phi.shape[1]))).sum(axis=1)
+    return _as_bits(phi_angles(topology, np.asarray(x)) >= 0.0)
 
 
 def phi_basin_labels(topology, x) -> np.ndarray:
     """(B,) int labels Σ_j 2^j [0° ≤ φ_j < 120°] of configurations x (B, n_atoms, 3) nm: which backbone
     φ lie in the φ > 0 basin (:func:`~cmt_openmm.coordinates.backbone.in_phi_positive_basin`)."""
-    inside = in_phi_positive_basin(phi_angles(topology, np.asarray(x)))
-    return (inside * (1 << np.arange(inside.shape[1]))).sum(axis=1)
+    return _as_bits(in_phi_positive_basin(phi_angles(topology, np.asarray(x))))
 
 
 def phi_sign_turn_labels(topology, x) -> np.ndarray:
     """(B,) int labels: :func:`phi_sign_labels` + 2^R Σ_k 2^k [turn k formed] (R backbone φ, turns of
     :func:`~cmt_openmm.coordinates.backbone.turn_contacts`), x (B, n_atoms, 3) nm."""
-    x = np.asarray(x)
-    return phi_sign_labels(topology, x) + (turn_pattern(topology, x) << len(backbone_phis(topology)))
+    return with_turn_pattern(topology, x, phi_sign_labels(topology, x))
+
+
+def with_turn_pattern(topology, x, labels) -> np.ndarray:
+    """φ labels (B,) of configurations x (B, n_atoms, 3) nm + 2^R × their :func:`turn_pattern`."""
+    return np.asarray(labels) + (turn_pattern(topology, x) << len(backbone_phis(topology)))
 
 
 def turn_pattern(topology, x) -> np.ndarray:
     """(B,) int Σ_k 2^k [turn k formed] of configurations x (B, n_atoms, 3) nm, over the turns of
     :func:`~cmt_openmm.coordinates.backbone.turn_contacts`."""
-    turns = turn_contacts(topology, np.asarray(x))
-    return (turns * (1 << np.arange(turns.shape[1]))).sum(axis=1)
+    return _as_bits(turn_contacts(topology, np.asarray(x)))
 
 
 def holder_log_weights(log_weights, labels, log_q, log_p, lam: float, eta: float) -> np.ndarray:
